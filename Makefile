@@ -1,0 +1,46 @@
+# ddr — `make demo` and `make test` each install what is missing first (`make setup`).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# CPU wheel (taken from local disk on our dev/CI machines). On a CUDA host, e.g.:
+#   make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"
+TORCH_SPEC ?= torch==2.13.0
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo lint validate dev clean-data
+
+setup: $(VENV)/.ddr-installed
+
+$(VENV)/.ddr-installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[dev]"
+	@if $(PY) -c "import torchvision" 2>/dev/null; then \
+	  echo "torchvision is installed in $(VENV) and breaks transformers beside this torch: removing it"; \
+	  $(PY) -m pip uninstall -y -q torchvision; fi
+	@touch $@
+
+test: setup
+	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(PY) -m dagster_project.demo
+
+lint: setup
+	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
+
+validate: setup
+	$(VENV)/bin/dagster definitions validate -w workspace.yaml
+
+# The Dagster UI on http://127.0.0.1:3000 (loopback only; see README for remote access).
+dev: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+clean-data:
+	rm -rf data .dagster_home

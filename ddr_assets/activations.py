@@ -1,0 +1,112 @@
+"""``activations``: generate images for a prompt set and record every variant's activations.
+
+Partitioned by capture group (variants sharing model, layer and prompts): one generation pass records
+raw channels and every SAE of the group at once.
+"""
+
+
+import base64
+import io
+from pathlib import Path
+
+import dagster as dg
+
+from dagster_project.resources import ComputeResource, DdrStorage
+from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.lineage import lineage_metadata, path_metadata
+from ddr_assets.partitions import (
+    capture_partitions,
+    capture_to_model_mapping,
+    capture_to_prompts_mapping,
+    capture_to_sae_mapping,
+)
+from ddr_core.activations import CaptureConfig, capture_group
+from ddr_core.config import config_hash
+from ddr_core.records import make_record, read_record, write_record
+
+ACTIVATIONS_CODE_VERSION = "1"
+ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig")
+
+
+def upstream_versions(storage: DdrStorage, group: str, required_by: str) -> dict[str, str]:
+    """Content hashes of the model, SAEs and prompts a capture group uses (from their records)."""
+    cfg = storage.project
+    records_dir = storage.layout.provisioning_records_dir
+    model, _, prompts = cfg.capture_spec(group)
+    needed = [("models", model), ("prompt_datasets", prompts)]
+    needed += [("saes", cfg.variants[v].sae) for v in cfg.capture_groups()[group] if cfg.variants[v].sae]
+    return {f"{asset}/{key}": read_record(records_dir, asset, key, required_by=required_by)["data_version"]
+            for asset, key in needed}
+
+
+def image_preview(paths: list[Path], size: int = 96) -> dg.MetadataValue:
+    """A few images inline in the asset's metadata (markdown with data URLs)."""
+    from PIL import Image
+
+    cells = []
+    for path in paths:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            image.thumbnail((size, size))
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+        cells.append(f"![{path.name}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})")
+    return dg.MetadataValue.md(" ".join(cells) if cells else "_(no images)_")
+
+
+@dg.asset(
+    partitions_def=capture_partitions(),
+    deps=[
+        dg.AssetDep("models", partition_mapping=capture_to_model_mapping()),
+        dg.AssetDep("saes", partition_mapping=capture_to_sae_mapping()),
+        dg.AssetDep("prompt_datasets", partition_mapping=capture_to_prompts_mapping()),
+    ],
+    group_name="activations",
+    code_version=ACTIVATIONS_CODE_VERSION,
+    kinds={"pytorch", "parquet", "safetensors"},
+    pool="gpu",
+    description="Images for the prompt set and each variant's spatial-mean activation per channel and "
+                "timestep (conditional and unconditional CFG halves apart); resumable, shardable.",
+)
+def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, storage: DdrStorage,
+                compute: ComputeResource) -> dg.MaterializeResult:
+    group = context.partition_key
+    capture_config = to_core(config, CaptureConfig, asset="activations")
+    upstream = upstream_versions(storage, group, required_by=f"activations[{group}]")
+    layout = storage.layout
+    result = capture_group(storage.project, layout, group, capture_config, compute.torch_device(),
+                           log=context.log.info)
+    summary = result.summary
+    if not summary.get("complete"):
+        raise dg.Failure(
+            description=f"shard {capture_config.shard_index}/{capture_config.num_shards} finished its "
+                        f"batches; the capture of {group!r} completes when every shard has run "
+                        f"(re-run any shard afterwards to finalize)",
+            metadata={"batches_written": len(result.batches_done)},
+        )
+    run_config = capture_config.model_dump(mode="json")
+    data_version = config_hash({"plan": summary["plan"]["plan_hash"], "generations": summary["generations"],
+                                "channels": summary["channels"], "upstream": upstream})
+    write_record(layout.records_dir, make_record(
+        "activations", group, ACTIVATIONS_CODE_VERSION, run_config, upstream, data_version,
+        outputs={"root": layout.relative(result.root), "generations": summary["generations"],
+                 "timesteps": summary["timesteps"], "channels": summary["channels"]},
+    ))
+    images = sorted((result.root / "images").glob("*.png"))[:6]
+    return dg.MaterializeResult(
+        metadata={
+            "path": path_metadata(result.root),
+            "generations": summary["generations"],
+            "prompts": summary["n_prompts"],
+            "timesteps": len(summary["timesteps"]),
+            "channels_per_variant": dg.MetadataValue.json(summary["channels"]),
+            "bytes_written": summary["bytes"],
+            "batches_written_this_run": len(result.batches_done),
+            "batches_resumed": len(result.batches_skipped),
+            "seconds_per_image": round(result.seconds_per_image, 4) if result.images else 0.0,
+            "base_seed": summary["plan"]["base_seed"],
+            "preview": image_preview(images),
+            **lineage_metadata(run_config, upstream, ACTIVATIONS_CODE_VERSION),
+        },
+        data_version=dg.DataVersion(data_version),
+    )

@@ -1,0 +1,32 @@
+"""Dagster run-config classes generated from the typed configs of :mod:`ddr_core`.
+
+The compute layer owns each stage's parameters (a pydantic model with defaults, bounds and
+descriptions). Dagster needs a ``dagster.Config`` subclass to show them in the launchpad; this builds
+one with the same fields, so there is a single definition of every parameter. Validation of
+cross-field rules happens when the asset converts it back with :func:`to_core`.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import dagster as dg
+from pydantic import BaseModel, ValidationError, create_model
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def dagster_config_from(model: type[BaseModel], name: str) -> type[dg.Config]:
+    fields = {field_name: (info.annotation, info) for field_name, info in model.model_fields.items()}
+    config_cls = create_model(name, __base__=dg.Config, __doc__=model.__doc__, **fields)
+    config_cls.__module__ = __name__
+    return config_cls
+
+
+def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:
+    """Validate a Dagster config as the core model; errors name the asset and the field."""
+    try:
+        return model.model_validate(config.model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise dg.Failure(description=f"invalid config for {asset}: {problems}") from None

@@ -1,0 +1,45 @@
+"""Metadata that makes lineage mean something: config, its hash, upstream versions, code version."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from ddr_core.config import config_hash
+
+
+def lineage_metadata(config: dict[str, Any], upstream: dict[str, str], code_version: str) -> dict[str, Any]:
+    """Metadata entries recording how a partition was produced."""
+    return {
+        "code_version": code_version,
+        "config": dg.MetadataValue.json(config),
+        "config_hash": config_hash(config),
+        "upstream_versions": dg.MetadataValue.json(upstream),
+    }
+
+
+def path_metadata(path: Path) -> dg.MetadataValue:
+    return dg.MetadataValue.path(str(path))
+
+
+def table_preview(rows: list[dict[str, Any]], limit: int = 20) -> dg.MetadataValue:
+    """A markdown table of the first rows (Dagster renders it in the asset's metadata)."""
+    rows = rows[:limit]
+    if not rows:
+        return dg.MetadataValue.md("_(empty)_")
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for c in columns:
+            v = row.get(c)
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def json_md(payload: Any) -> dg.MetadataValue:
+    return dg.MetadataValue.md("```json\n" + json.dumps(payload, indent=2, default=str) + "\n```")

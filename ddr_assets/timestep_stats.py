@@ -1,0 +1,59 @@
+"""``timestep_stats``: per-variant statistics of when each channel is active (DuckDB/Polars over Parquet)."""
+
+
+import dagster as dg
+
+from dagster_project.resources import DdrStorage
+from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
+from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
+from ddr_core.activation_store import ActivationStore
+from ddr_core.records import make_record, read_record, write_record
+from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
+
+TIMESTEP_STATS_CODE_VERSION = "1"
+TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStatsRunConfig")
+
+
+@dg.asset(
+    partitions_def=variant_partitions(),
+    deps=[dg.AssetDep("activations", partition_mapping=variant_to_capture_mapping())],
+    group_name="statistics",
+    code_version=TIMESTEP_STATS_CODE_VERSION,
+    kinds={"duckdb", "polars", "parquet"},
+    description="Frequency in top-k, max activation, active timesteps, activity peaks and top dataset "
+                "examples per channel and timestep; Parquet + a stats.duckdb with views over them.",
+)
+def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunConfig,
+                   storage: DdrStorage) -> dg.MaterializeResult:
+    variant = context.partition_key
+    stats_config = to_core(config, TimestepStatsConfig, asset="timestep_stats")
+    layout = storage.layout
+    group = storage.project.capture_of(variant)
+    upstream_record = read_record(layout.records_dir, "activations", group,
+                                  required_by=f"timestep_stats[{variant}]")
+    upstream = {f"activations/{group}": upstream_record["data_version"]}
+    out_dir = layout.timestep_stats_dir(variant)
+    summary = compute_timestep_stats(ActivationStore(layout.activations_dir(group)), variant, out_dir,
+                                     stats_config, log=context.log.info)
+    run_config = stats_config.resolved()
+    data_version = summary.config_hash + "-" + upstream_record["data_version"]
+    write_record(layout.records_dir, make_record(
+        "timestep_stats", variant, TIMESTEP_STATS_CODE_VERSION, run_config, upstream, data_version,
+        outputs={"dir": layout.relative(out_dir), "active_channels": summary.active_channel_count,
+                 "width": summary.width},
+    ))
+    return dg.MaterializeResult(
+        metadata={
+            "path": path_metadata(out_dir),
+            "duckdb": path_metadata(out_dir / "stats.duckdb"),
+            "active_channel_count": summary.active_channel_count,
+            "channels": summary.width,
+            "generations": summary.n_generations,
+            "timesteps": len(summary.timesteps),
+            "peaks": summary.peak_count,
+            "most_active_channels": table_preview(summary.preview),
+            **lineage_metadata(run_config, upstream, TIMESTEP_STATS_CODE_VERSION),
+        },
+        data_version=dg.DataVersion(data_version),
+    )

@@ -1,0 +1,334 @@
+"""Capture: generate images for a prompt set and record every variant's activations at every timestep.
+
+One generation pass serves every variant of a capture group (raw channels and each SAE at once).
+The work is cut into fixed batches of generations; batch ``b`` holds generation ids
+``[b * batch_size, (b + 1) * batch_size)``. A generation's seed depends only on the capture's base
+seed and its generation id, so:
+
+- a killed run resumes at the first unfinished batch and gives the same result as an uninterrupted one;
+- the batches can be split over several jobs or GPUs (``shard_index`` / ``num_shards``: shard ``i``
+  takes the batches with ``b % num_shards == i``) with the same result as one job;
+- any generation can be regenerated exactly later from its recorded seed.
+
+The plan (prompts, seeds, sizes) is fixed in ``capture_plan.json`` by the first run; a later run with
+different parameters fails with a message instead of mixing two captures in one store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ddr_core.activation_store import ActivationStore, VariantBatch
+from ddr_core.atomic import atomic_path
+from ddr_core.config import config_hash
+
+LogFn = Callable[[str], None]
+PLAN_FILE = "capture_plan.json"
+
+
+class CaptureConfig(BaseModel):
+    """Parameters of one capture run (validated; errors name the field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_prompts: int | None = Field(default=None, ge=1, description="only the first N unique prompts")
+    num_images_per_prompt: int | None = Field(default=None, ge=1,
+                                              description="images per prompt; default 5 on GPU, 1 on CPU")
+    batch_size: int = Field(default=4, ge=1, description="generations per batch")
+    num_inference_steps: int = Field(default=50, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0.0)
+    height: int | None = Field(default=None, ge=8)
+    width: int | None = Field(default=None, ge=8)
+    seed: int | None = Field(default=None, ge=0, description="base seed; random (and recorded) when unset")
+    keep_unconditional: bool = Field(default=True, description="also store the unconditional CFG half")
+    capture_top_k: int = Field(default=64, ge=1, description="channels kept per (generation, timestep) "
+                                                             "in the top-k Parquet tables")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    shard_index: int = Field(default=0, ge=0)
+    num_shards: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _shard_in_range(self) -> CaptureConfig:
+        if self.shard_index >= self.num_shards:
+            raise ValueError(f"shard_index ({self.shard_index}) must be < num_shards ({self.num_shards})")
+        return self
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto``: float16 on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def generation_seed(base_seed: int, generation_id: int) -> int:
+    """The seed of one generation: a function of the base seed and the generation id only."""
+    state = np.random.SeedSequence([int(base_seed), int(generation_id)]).generate_state(1, dtype=np.uint32)
+    return int(state[0])
+
+
+@dataclass
+class CapturePlan:
+    """What a capture generates: fixed by the first run, checked by every later one."""
+
+    prompts: list[str]
+    num_images_per_prompt: int
+    batch_size: int
+    base_seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    variants: dict[str, dict[str, Any]]
+    model_version: str = ""
+
+    @property
+    def n_generations(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_generations // self.batch_size)
+
+    def batch_generations(self, batch_index: int) -> list[dict[str, Any]]:
+        """Rows (generation_id, prompt_index, prompt, image_index, seed) of one batch."""
+        first = batch_index * self.batch_size
+        last = min(first + self.batch_size, self.n_generations)
+        rows = []
+        for gid in range(first, last):
+            prompt_index, image_index = divmod(gid, self.num_images_per_prompt)
+            rows.append({
+                "generation_id": gid,
+                "prompt_index": prompt_index,
+                "prompt": self.prompts[prompt_index],
+                "image_index": image_index,
+                "seed": generation_seed(self.base_seed, gid),
+            })
+        return rows
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that must match for two runs to write into one store."""
+        data = self.__dict__.copy()
+        data["prompts_hash"] = config_hash(data.pop("prompts"))
+        return data
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__, plan_hash=config_hash(self.identity()))
+
+
+class CapturePlanMismatch(ValueError):
+    """A store already holds a capture made with other parameters."""
+
+
+def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
+    """Write the plan if the store has none; otherwise check that the existing one matches.
+
+    The base seed of a plan that was drawn at random is taken from the existing plan, so a resumed
+    or sharded run continues the same capture.
+    """
+    path = Path(root) / PLAN_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text(encoding="utf-8"))
+        existing.pop("plan_hash", None)
+        stored = CapturePlan(**existing)
+        mine = plan.identity()
+        theirs = stored.identity()
+        if plan.base_seed < 0:  # random seed requested: adopt the stored one
+            mine["base_seed"] = theirs["base_seed"]
+        diff = sorted(k for k in theirs if theirs[k] != mine.get(k))
+        if diff:
+            raise CapturePlanMismatch(
+                f"{root} already holds a capture with different {', '.join(diff)}; use another "
+                f"experiment name (DDR_EXPERIMENT), or delete {root} to start over"
+            )
+        return stored
+    if plan.base_seed < 0:
+        plan.base_seed = secrets.randbits(31)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:  # first writer wins, also between concurrent shards
+        with atomic_path(path.with_suffix(".candidate")) as tmp:
+            tmp.write_text(json.dumps(plan.to_json(), indent=2), encoding="utf-8")
+        os.link(path.with_suffix(".candidate"), path)
+    except FileExistsError:
+        return fix_plan(root, plan)
+    finally:
+        path.with_suffix(".candidate").unlink(missing_ok=True)
+    return plan
+
+
+@dataclass
+class CaptureResult:
+    root: Path
+    batches_done: list[int] = field(default_factory=list)
+    batches_skipped: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / self.images if self.images else float("nan")
+
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]  # (batch, positions, channels) -> (batch, features)
+
+
+def run_capture(
+    pipe: Any,
+    layer_name: str,
+    reducers: dict[str, Reducer],
+    prompts: Sequence[str],
+    root: Path,
+    data_root: Path,
+    config: CaptureConfig,
+    *,
+    variant_info: dict[str, dict[str, Any]] | None = None,
+    model_version: str = "",
+    log: LogFn | None = None,
+    stop_after_batches: int | None = None,
+) -> CaptureResult:
+    """Generate and record; resumable and shardable (see the module docstring).
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` (already on its device and dtype).
+        layer_name: dotted name of the UNet module to record.
+        reducers: variant -> function mapping layer tokens ``(batch, positions, channels)`` (float32)
+            to per-sample activations ``(batch, features)``.
+        prompts: the unique prompts, in order (``config.n_prompts`` takes the first N).
+        root: the capture group's store directory; ``data_root``: what image paths are relative to.
+        stop_after_batches: stop after writing this many batches (tests use it to simulate a kill).
+    """
+    from ddr_core.hooks import TimestepTracker, capture_activations
+    from ddr_core.pipeline import initial_latents, resolve_layer
+    from ddr_core.progress import Progress
+
+    root = Path(root)
+    device = pipe.unet.device
+    prompts = list(prompts)[: config.n_prompts] if config.n_prompts else list(prompts)
+    if not prompts:
+        raise ValueError("no prompts to capture: the prompt dataset is empty")
+    images_per_prompt = config.num_images_per_prompt or (5 if device.type == "cuda" else 1)
+    scale = pipe.vae_scale_factor
+    height = config.height or pipe.unet.config.sample_size * scale
+    width = config.width or pipe.unet.config.sample_size * scale
+    plan = fix_plan(root, CapturePlan(
+        prompts=prompts, num_images_per_prompt=images_per_prompt, batch_size=config.batch_size,
+        base_seed=config.seed if config.seed is not None else -1,
+        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+        height=height, width=width, variants=variant_info or {v: {} for v in reducers},
+        model_version=model_version,
+    ))
+    store = ActivationStore(root)
+    store.clean_unfinished()
+    finished = store.finished_batches()
+    mine = [b for b in range(plan.n_batches) if b % config.num_shards == config.shard_index]
+    todo = [b for b in mine if b not in finished]
+    result = CaptureResult(root=root, batches_skipped=[b for b in mine if b in finished])
+    if result.batches_skipped and log:
+        log(f"resuming: {len(result.batches_skipped)} of {len(mine)} batches already finished")
+
+    layer = resolve_layer(pipe.unet, layer_name)
+    cfg = plan.guidance_scale > 1.0
+    images_dir = root / "images"
+    images_dir.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    with Progress(len(mine), f"capture {root.name}", log=log, unit="batch",
+                  initial=len(result.batches_skipped)) as progress:
+        for batch_index in todo:
+            rows = plan.batch_generations(batch_index)
+            latents = initial_latents(pipe, [r["seed"] for r in rows], plan.height, plan.width,
+                                      dtype=pipe.unet.dtype, device=device)
+            with TimestepTracker(pipe.unet) as tracker, capture_activations(
+                layer, tracker, reducers, cfg=cfg, keep_unconditional=config.keep_unconditional
+            ) as recording, torch.inference_mode():
+                output = pipe(
+                    prompt=[r["prompt"] for r in rows], latents=latents, height=plan.height,
+                    width=plan.width, num_inference_steps=plan.num_inference_steps,
+                    guidance_scale=plan.guidance_scale, output_type="pil",
+                )
+            for row, image in zip(rows, output.images, strict=True):
+                image_path = images_dir / f"gen_{row['generation_id']:07d}.png"
+                with atomic_path(image_path) as tmp:
+                    image.save(tmp, format="PNG")
+                row["image_path"] = image_path.resolve().relative_to(Path(data_root).resolve()).as_posix()
+            per_variant = {}
+            for variant in reducers:
+                conditional = recording.conditional[variant].permute(1, 0, 2)  # (g, T, F)
+                unconditional = recording.unconditional.get(variant) if recording.unconditional else None
+                if unconditional is not None:
+                    unconditional = unconditional.permute(1, 0, 2)
+                per_variant[variant] = VariantBatch(conditional, unconditional)
+            store.write_batch(batch_index, rows, recording.timesteps, per_variant,
+                              capture_top_k=config.capture_top_k)
+            result.batches_done.append(batch_index)
+            result.images += len(rows)
+            progress.update()
+            if stop_after_batches is not None and len(result.batches_done) >= stop_after_batches:
+                break
+    result.seconds = time.monotonic() - start
+    all_done = store.finished_batches() >= set(range(plan.n_batches))
+    if all_done:
+        result.summary = store.finalize()
+    result.summary["complete"] = all_done
+    result.summary["plan"] = {k: v for k, v in plan.to_json().items() if k != "prompts"}
+    result.summary["n_prompts"] = len(plan.prompts)
+    return result
+
+
+# --- the stage: one capture group of the project configuration --------------------------------------
+
+def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, device: torch.device,
+                  log: LogFn | None = None, stop_after_batches: int | None = None) -> CaptureResult:
+    """Run the capture of one capture group of the project config (every variant of it at once).
+
+    Checks everything before generating: the model folder, the layer name, each variant's width, the
+    SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted and warned.
+    """
+    from ddr_core.hooks import sae_reducer, spatial_mean
+    from ddr_core.pipeline import layer_width, load_pipeline
+    from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
+    from ddr_core.sae import find_sae_folder, load_sae
+
+    model_name, layer_name, prompts_name = project.capture_spec(group)
+    variants = project.capture_groups()[group]
+    dataset = project.prompt_datasets[prompts_name]
+    prompt_set = load_prompts(layout.prompts_dir(prompts_name) / dataset.file, text_field=dataset.text_field)
+    if prompt_set.invalid and log:
+        log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
+    dtype = resolve_dtype(config.dtype, device)
+    pipe = load_pipeline(layout.model_dir(model_name), device=device, dtype=dtype)
+    width = layer_width(pipe.unet, layer_name)
+    prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts
+    too_long = check_prompt_lengths(prompts, pipe.tokenizer)
+    if too_long and log:
+        log(truncation_warning(len(too_long), len(prompts), pipe.tokenizer.model_max_length))
+
+    reducers: dict[str, Reducer] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        spec = project.variants[variant]
+        if spec.basis == "raw":
+            reducers[variant] = spatial_mean
+            actual = width
+        else:
+            folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
+            sae = load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32)
+            reducers[variant] = sae_reducer(sae)
+            actual = sae.num_latents
+        if actual != spec.width:
+            raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the "
+                             f"{spec.basis} basis has {actual}: set `width: {actual}`")
+        info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": actual}
+    return run_capture(pipe, layer_name, reducers, prompts, layout.activations_dir(group), layout.data_root,
+                       config, variant_info=info, log=log, stop_after_batches=stop_after_batches)

@@ -1,0 +1,90 @@
+"""Provision what the project configuration declares: models, SAEs and prompt datasets.
+
+Turns a :class:`~ddr_core.config.SourceConfig` into a download (HF hub, Google Drive), a local copy or
+a local build (the embedded tiny model, its SAE and prompts), always through
+:func:`ddr_core.provisioning.provision`, so every provisioned folder carries the same manifest
+(size and sha256 per file, one content hash) and the same skip / re-fetch behaviour.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from ddr_core.config import ProjectConfig, SourceConfig
+from ddr_core.paths import DataLayout
+from ddr_core.provisioning import (
+    GoogleDriveSource,
+    HubSource,
+    LocalSource,
+    ProvisionResult,
+    provision,
+)
+
+EntryKind = Literal["model", "sae", "prompts"]
+LogFn = Callable[[str], None]
+
+
+def _build_builtin(builder: str, out_dir: Path) -> None:
+    """Build an embedded asset into ``out_dir`` (deterministic, seeded)."""
+    from ddr_core import tiny_model
+
+    if builder == "tiny":
+        tiny_model.build_tiny_pipeline(out_dir)
+    elif builder == "tiny-sae":
+        tiny_model.build_tiny_sae(out_dir)
+    elif builder == "tiny-prompts":
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tiny_model.write_builtin_prompts(out_dir / "prompts.jsonl")
+    else:  # guarded by the config schema
+        raise ValueError(f"unknown builtin {builder!r}")
+
+
+def provision_source(source: SourceConfig, dest: Path, log: LogFn | None = None,
+                     verify: bool = True) -> ProvisionResult:
+    """Provision one source into ``dest`` (skipped when an intact copy is there)."""
+    dest = Path(dest)
+    if source.builtin:
+        staging_parent = dest.parent
+        staging_parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".build-{dest.name}-", dir=staging_parent) as tmp:
+            build_dir = Path(tmp) / "out"
+            _build_builtin(source.builtin, build_dir)
+            return provision(LocalSource(build_dir), dest, progress=log, verify=verify)
+    if source.hub:
+        hub = source.hub
+        return provision(HubSource(repo_id=hub.repo_id, revision=hub.revision,
+                                   allow_patterns=hub.allow_patterns, repo_type=hub.repo_type),
+                         dest, progress=log, verify=verify)
+    if source.gdrive:
+        gd = source.gdrive
+        return provision(GoogleDriveSource(file_id=gd.file_id, folder_id=gd.folder_id, filename=gd.filename),
+                         dest, progress=log, verify=verify)
+    assert source.local is not None
+    return provision(LocalSource(Path(source.local).expanduser()), dest, progress=log, verify=verify)
+
+
+def entry_source(project: ProjectConfig, kind: EntryKind, name: str) -> SourceConfig:
+    table = {"model": project.models, "sae": project.saes, "prompts": project.prompt_datasets}[kind]
+    if name not in table:
+        raise KeyError(f"unknown {kind} {name!r}; declared: {sorted(table)}")
+    return table[name].source
+
+
+def entry_dir(layout: DataLayout, kind: EntryKind, name: str) -> Path:
+    return {"model": layout.model_dir, "sae": layout.sae_dir, "prompts": layout.prompts_dir}[kind](name)
+
+
+def provision_entry(project: ProjectConfig, layout: DataLayout, kind: EntryKind, name: str,
+                    log: LogFn | None = None, verify: bool = True) -> ProvisionResult:
+    """Provision the model / SAE / prompt dataset ``name`` declared in the project configuration."""
+    return provision_source(entry_source(project, kind, name), entry_dir(layout, kind, name), log=log,
+                            verify=verify)
+
+
+def remove_entry(layout: DataLayout, kind: EntryKind, name: str) -> None:
+    """Delete a provisioned copy (the next provisioning fetches it again)."""
+    shutil.rmtree(entry_dir(layout, kind, name), ignore_errors=True)

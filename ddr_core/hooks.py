@@ -1,0 +1,397 @@
+"""Forward hooks on a diffusion UNet: timestep tracking, activation capture, steering, early exit.
+
+All hooks are context managers that remove themselves in ``finally``, also when the wrapped code
+raises. None of them monkeypatches a module.
+
+Classifier-free guidance. diffusers' ``StableDiffusionPipeline`` (checked on 0.42) concatenates
+``[negative_prompt_embeds, prompt_embeds]`` and ``[latents] * 2`` when ``guidance_scale > 1``, so
+a layer sees a batch of ``2 * batch`` whose first half is the *unconditional* (empty/negative
+prompt) branch and whose second half is the *conditional* one. :func:`capture_activations` and
+:func:`steer_layer` rely on that order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+"""Maps float32 tokens ``(batch, positions, channels)`` to per-image features ``(batch, features)``."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Output normalisation
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_output_tensor(output: Any) -> torch.Tensor:
+    """The activation tensor inside a layer output: a tensor, a tuple/list (first item) or a
+    diffusers ``BaseOutput`` with ``.sample``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    sample = getattr(output, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    raise TypeError(
+        f"Cannot find the activation tensor in a layer output of type {type(output).__name__}; "
+        "hook a module that returns a tensor, a tuple starting with one, or an object with .sample."
+    )
+
+
+def replace_layer_output(output: Any, tensor: torch.Tensor) -> Any:
+    """``output`` with its activation tensor replaced by ``tensor``, keeping the container type."""
+    if isinstance(output, torch.Tensor):
+        return tensor
+    if isinstance(output, tuple | list) and output and isinstance(output[0], torch.Tensor):
+        return type(output)([tensor, *output[1:]])
+    if isinstance(getattr(output, "sample", None), torch.Tensor):
+        output.sample = tensor
+        return output
+    raise TypeError(
+        f"Cannot replace the activation tensor in a layer output of type {type(output).__name__}."
+    )
+
+
+def activation_tokens(activation: torch.Tensor) -> torch.Tensor:
+    """Per-position tokens ``(batch, positions, channels)`` from ``(batch, channels, height, width)``
+    (positions in row-major order) or an already token-shaped ``(batch, positions, channels)``."""
+    if activation.ndim == 4:
+        return activation.flatten(2).transpose(1, 2)
+    if activation.ndim == 3:
+        return activation
+    raise ValueError(
+        f"Expected a (batch, channels, height, width) or (batch, positions, channels) activation, "
+        f"got shape {tuple(activation.shape)}."
+    )
+
+
+def _scalar_timestep(timestep: Any) -> int:
+    if isinstance(timestep, torch.Tensor):
+        values = timestep.detach().flatten()
+        if values.numel() == 0:
+            raise ValueError("The UNet was called with an empty timestep tensor.")
+        if values.numel() > 1 and not bool((values == values[0]).all()):
+            raise ValueError(
+                f"TimestepTracker needs one timestep per UNet call, got differing values {values.tolist()}."
+            )
+        return int(round(float(values[0])))
+    return int(round(float(timestep)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Timestep tracking
+# --------------------------------------------------------------------------------------------------
+
+
+class TimestepTracker:
+    """Records the integer timestep of every UNet call through a forward pre-hook.
+
+    Use as a context manager around the pipeline call; inner hooks read :attr:`current`.
+
+    Attributes:
+        current: Timestep of the UNet call in progress (or the last one); ``None`` before the first.
+        history: Timesteps of all UNet calls, in order.
+    """
+
+    def __init__(self, unet: nn.Module):
+        self.unet = unet
+        self.current: int | None = None
+        self.history: list[int] = []
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if "timestep" in kwargs:
+            timestep = kwargs["timestep"]
+        elif len(args) > 1:
+            timestep = args[1]
+        else:
+            raise ValueError("TimestepTracker: the UNet was called without a timestep argument.")
+        self.current = _scalar_timestep(timestep)
+        self.history.append(self.current)
+
+    def __enter__(self) -> TimestepTracker:
+        if self._handle is not None:
+            raise RuntimeError("TimestepTracker is already active; use one `with` block at a time.")
+        self._handle = self.unet.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def require_current(self) -> int:
+        """:attr:`current`, or a clear error when no UNet call has been seen."""
+        if self.current is None:
+            raise RuntimeError(
+                "No timestep recorded: wrap the pipeline/UNet call in `with TimestepTracker(unet):` "
+                "so hooks on inner layers know the current timestep."
+            )
+        return self.current
+
+
+# --------------------------------------------------------------------------------------------------
+# Activation capture
+# --------------------------------------------------------------------------------------------------
+
+
+def spatial_mean(tokens: torch.Tensor) -> torch.Tensor:
+    """Raw-channel reducer: mean over positions, ``(batch, positions, channels) -> (batch, channels)``."""
+    return tokens.mean(dim=1)
+
+
+def sae_reducer(sae: nn.Module) -> Reducer:
+    """Reducer giving the mean over positions of ``sae.feature_activations(tokens)``:
+    ``(batch, positions, d_in) -> (batch, num_latents)``. Tokens are moved to the SAE's device/dtype."""
+    parameter = next(sae.parameters())
+
+    def reduce(tokens: torch.Tensor) -> torch.Tensor:
+        features = sae.feature_activations(tokens.to(device=parameter.device, dtype=parameter.dtype))
+        return features.mean(dim=1)
+
+    return reduce
+
+
+@dataclass
+class ActivationRecording:
+    """Reduced activations of one layer over a denoising run.
+
+    Attributes:
+        timesteps: Timestep of each recorded layer call, ``steps`` entries.
+        conditional: Reducer name -> ``(steps, batch, features)`` float32 CPU tensor of the
+            conditional branch (the whole batch when there is no classifier-free guidance).
+        unconditional: Same for the unconditional branch, or ``None`` when not recorded
+            (no guidance, or ``keep_unconditional=False``).
+    """
+
+    reducer_names: tuple[str, ...]
+    keep_unconditional: bool
+    timesteps: list[int] = field(default_factory=list)
+    _conditional_steps: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+    _unconditional_steps: dict[str, list[torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in self.reducer_names:
+            self._conditional_steps.setdefault(name, [])
+            self._unconditional_steps.setdefault(name, [])
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @staticmethod
+    def _stack(steps: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {name: torch.stack(values) if values else torch.empty(0) for name, values in steps.items()}
+
+    @property
+    def conditional(self) -> dict[str, torch.Tensor]:
+        return self._stack(self._conditional_steps)
+
+    @property
+    def unconditional(self) -> dict[str, torch.Tensor] | None:
+        if not self.keep_unconditional or not any(self._unconditional_steps.values()):
+            return None
+        return self._stack(self._unconditional_steps)
+
+
+@contextmanager
+def capture_activations(
+    layer: nn.Module,
+    tracker: TimestepTracker,
+    reducers: Mapping[str, Reducer],
+    cfg: bool,
+    keep_unconditional: bool = True,
+) -> Iterator[ActivationRecording]:
+    """Record reduced activations of ``layer`` at every call (one call per denoising step).
+
+    Args:
+        layer: Module whose output is recorded (``(B, C, H, W)``, ``(B, HW, C)``, tuple or BaseOutput).
+        tracker: Active :class:`TimestepTracker` on the UNet (gives each call's timestep).
+        reducers: Name -> function from float32 tokens ``(B, N, C)`` to ``(B, F)``
+            (e.g. :func:`spatial_mean`, :func:`sae_reducer`).
+        cfg: Whether the layer's batch is ``[unconditional; conditional]`` (guidance on). Must match
+            the pipeline call (``guidance_scale > 1``).
+        keep_unconditional: Also store the unconditional half (ignored when ``cfg`` is False).
+
+    Yields:
+        An :class:`ActivationRecording`, filled while the block runs (detached, float32, CPU).
+    """
+    recording = ActivationRecording(
+        reducer_names=tuple(reducers), keep_unconditional=keep_unconditional and cfg
+    )
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        timestep = tracker.require_current()
+        with torch.no_grad():
+            tokens = activation_tokens(layer_output_tensor(output)).detach().float()
+            if cfg:
+                if tokens.shape[0] % 2:
+                    raise ValueError(
+                        f"capture_activations(cfg=True) got an odd layer batch of {tokens.shape[0]}; "
+                        "pass cfg=False when guidance_scale <= 1."
+                    )
+                unconditional_tokens, conditional_tokens = tokens.chunk(2)
+            else:
+                unconditional_tokens, conditional_tokens = None, tokens
+            for name, reduce in reducers.items():
+                recording._conditional_steps[name].append(reduce(conditional_tokens).float().cpu())
+                if unconditional_tokens is not None and recording.keep_unconditional:
+                    recording._unconditional_steps[name].append(reduce(unconditional_tokens).float().cpu())
+        recording.timesteps.append(timestep)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield recording
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Steering
+# --------------------------------------------------------------------------------------------------
+
+
+def channel_directions(channels: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
+    """One-hot directions ``(batch, width)`` float32: row ``b`` is 1 at ``channels[b]``."""
+    index = torch.as_tensor(channels, dtype=torch.long).flatten()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= width):
+        raise ValueError(f"Channels must lie in [0, {width}), got {index.tolist()}.")
+    directions = torch.zeros(index.numel(), width)
+    directions[torch.arange(index.numel()), index] = 1.0
+    return directions
+
+
+StrengthSchedule = torch.Tensor | Callable[[int], torch.Tensor]
+
+
+def _strengths_at(strengths: StrengthSchedule, timestep: int, batch: int) -> torch.Tensor:
+    if callable(strengths):
+        values = torch.as_tensor(strengths(timestep), dtype=torch.float32).flatten()
+    else:
+        if not 0 <= timestep < strengths.shape[1]:
+            raise ValueError(
+                f"Timestep {timestep} is outside the strength table of {strengths.shape[1]} timesteps."
+            )
+        values = strengths[:, timestep].float()
+    if values.numel() != batch:
+        raise ValueError(
+            f"Steering strengths give {values.numel()} values for a batch of {batch} directions."
+        )
+    return values
+
+
+@contextmanager
+def steer_layer(
+    layer: nn.Module,
+    tracker: TimestepTracker,
+    directions: torch.Tensor,
+    strengths: StrengthSchedule,
+) -> Iterator[None]:
+    """Add ``strengths[b](t) * directions[b]`` at every spatial position of batch element ``b``.
+
+    Each batch element can be pushed along its own direction (its own channel or SAE feature).
+    Under classifier-free guidance the layer batch is a multiple of ``B``; the same per-element
+    offsets are added to each ``B``-sized part (unconditional and conditional halves alike).
+    Elements with strength 0 at the current timestep are left bit-identical.
+
+    Args:
+        layer: Module to steer; output ``(L, C, H, W)`` or ``(L, HW, C)`` with ``L % B == 0``.
+        tracker: Active :class:`TimestepTracker` on the UNet.
+        directions: ``(B, C)`` directions (e.g. :func:`channel_directions` or SAE decoder rows).
+        strengths: ``(B, num_train_timesteps)`` table indexed by the current timestep, or a
+            callable ``timestep -> (B,)``.
+    """
+    if directions.ndim != 2:
+        raise ValueError(f"directions must be (batch, channels), got shape {tuple(directions.shape)}.")
+    if isinstance(strengths, torch.Tensor) and (
+        strengths.ndim != 2 or strengths.shape[0] != directions.shape[0]
+    ):
+        raise ValueError(
+            f"strengths must be (batch={directions.shape[0]}, num_train_timesteps), got {tuple(strengths.shape)}."
+        )
+    batch = directions.shape[0]
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+        values = _strengths_at(strengths, tracker.require_current(), batch)
+        if not bool((values != 0).any()):
+            return None
+        activation = layer_output_tensor(output)
+        layer_batch = activation.shape[0]
+        if layer_batch % batch:
+            raise ValueError(
+                f"Layer batch {layer_batch} is not a multiple of the {batch} steering directions."
+            )
+        offsets = (values[:, None] * directions.float()).repeat(layer_batch // batch, 1)
+        offsets = offsets.to(device=activation.device, dtype=activation.dtype)
+        channels = activation.shape[1] if activation.ndim == 4 else activation.shape[-1]
+        if offsets.shape[1] != channels:
+            raise ValueError(
+                f"Steering directions have {offsets.shape[1]} channels, the layer has {channels}."
+            )
+        if activation.ndim == 4:
+            steered = activation + offsets[:, :, None, None]
+        elif activation.ndim == 3:
+            steered = activation + offsets[:, None, :]
+        else:
+            raise ValueError(f"Cannot steer a layer output of shape {tuple(activation.shape)}.")
+        return replace_layer_output(output, steered)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# Early exit
+# --------------------------------------------------------------------------------------------------
+
+
+class StopForward(Exception):  # noqa: N818 - control-flow signal, not an error
+    """Raised by :func:`stop_after_layer` to abort a forward pass; ``.output`` is the layer output."""
+
+    def __init__(self, output: Any):
+        super().__init__("forward stopped after the hooked layer")
+        self.output = output
+
+
+@contextmanager
+def stop_after_layer(layer: nn.Module) -> Iterator[None]:
+    """Make ``layer`` raise :class:`StopForward` carrying its output, skipping the rest of the network."""
+
+    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        raise StopForward(output)
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def forward_to_layer(
+    unet: nn.Module,
+    layer: nn.Module,
+    sample: torch.Tensor,
+    timestep: torch.Tensor | int,
+    encoder_hidden_states: torch.Tensor,
+) -> torch.Tensor:
+    """Run ``unet`` only up to ``layer`` and return its output ``(B, C, H, W)`` (autograd intact).
+
+    Raises:
+        RuntimeError: if the forward pass finished without calling ``layer``.
+    """
+    with stop_after_layer(layer):
+        try:
+            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+        except StopForward as stop:
+            return layer_output_tensor(stop.output)
+    raise RuntimeError("forward_to_layer: the UNet forward pass never called the requested layer.")

@@ -1,0 +1,232 @@
+"""Loading a local Stable Diffusion folder and addressing its layers.
+
+Everything here works offline on a diffusers-format folder (``model_index.json`` plus one folder
+per component, weights as safetensors). Problems with the folder surface as
+:class:`ModelFolderError` naming the component or file and the fix, before diffusers gets to
+fail with a less helpful message.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "unet": ("config.json",),
+    "vae": ("config.json",),
+    "text_encoder": ("config.json",),
+    "tokenizer": (),
+    "scheduler": ("scheduler_config.json",),
+}
+"""Component folder -> files that must exist in it (weights are checked separately)."""
+
+_WEIGHTED_COMPONENTS = ("unet", "vae", "text_encoder")
+_REPROVISION_HINT = (
+    "Re-provision the model: download/copy the complete diffusers folder again "
+    "(or rebuild the embedded tiny model with ddr_core.tiny_model.build_tiny_pipeline)."
+)
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder is missing a component or file, or a weights file is corrupt."""
+
+
+class LayerNotFoundError(ValueError):
+    """A dotted layer name does not exist in a module; the message lists the closest valid names."""
+
+
+def _check_safetensors_file(path: Path, component: str) -> None:
+    """Validate a safetensors header and that the file holds every byte the header promises.
+
+    Reads only the header, so multi-GB checkpoints are checked in microseconds.
+    """
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (header_length,) = struct.unpack("<Q", prefix)
+            if header_length > size - 8:
+                raise ValueError(f"header claims {header_length} bytes but the file has {size}")
+            header = json.loads(handle.read(header_length))
+        data_end = max(
+            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
+            default=0,
+        )
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
+        raise ModelFolderError(
+            f"Weights file {path} of component {component!r} is corrupt ({error}). {_REPROVISION_HINT}"
+        ) from error
+    if 8 + header_length + data_end > size:
+        raise ModelFolderError(
+            f"Weights file {path} of component {component!r} is truncated: it has {size} bytes, the "
+            f"header needs {8 + header_length + data_end}. {_REPROVISION_HINT}"
+        )
+
+
+def check_model_folder(model_dir: str | Path) -> Path:
+    """Check that ``model_dir`` is a complete diffusers SD folder with intact safetensors weights.
+
+    Raises:
+        ModelFolderError: naming the missing component folder / file or the corrupt weights file.
+    """
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelFolderError(f"Model folder {root} does not exist. {_REPROVISION_HINT}")
+    if not (root / "model_index.json").is_file():
+        raise ModelFolderError(f"Model folder {root} has no model_index.json. {_REPROVISION_HINT}")
+    for component, required_files in REQUIRED_COMPONENTS.items():
+        folder = root / component
+        if not folder.is_dir():
+            raise ModelFolderError(
+                f"Model folder {root} is missing the component folder {component!r}. {_REPROVISION_HINT}"
+            )
+        for name in required_files:
+            if not (folder / name).is_file():
+                raise ModelFolderError(
+                    f"Component {component!r} of {root} is missing {name}. {_REPROVISION_HINT}"
+                )
+        if component == "tokenizer":
+            has_files = (folder / "tokenizer.json").is_file() or (
+                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+            )
+            if not has_files:
+                raise ModelFolderError(
+                    f"Component 'tokenizer' of {root} has neither tokenizer.json nor vocab.json + "
+                    f"merges.txt. {_REPROVISION_HINT}"
+                )
+        if component in _WEIGHTED_COMPONENTS:
+            weights = sorted(folder.glob("*.safetensors"))
+            if not weights:
+                pickled = sorted(p.name for p in folder.glob("*.bin"))
+                extra = (
+                    f" Only pickle weights ({', '.join(pickled)}) are present; ddr loads safetensors only, "
+                    "convert them or fetch the safetensors files."
+                    if pickled
+                    else ""
+                )
+                raise ModelFolderError(
+                    f"Component {component!r} of {root} has no *.safetensors weights.{extra} {_REPROVISION_HINT}"
+                )
+            for weights_file in weights:
+                _check_safetensors_file(weights_file, component)
+    return root
+
+
+def load_pipeline(
+    model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+):
+    """Load a local diffusers ``StableDiffusionPipeline`` (offline, safetensors only).
+
+    No safety checker and no feature extractor are loaded; the progress bar is disabled; all
+    modules are in eval mode on ``device`` with ``dtype``.
+
+    Raises:
+        ModelFolderError: for a missing component folder/file or a truncated/corrupt weights file.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
+
+    root = check_model_folder(model_dir)
+    # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns).
+    dtype_keyword = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            root,
+            **{dtype_keyword: dtype},
+            local_files_only=True,
+            low_cpu_mem_usage=False,
+            use_safetensors=True,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelFolderError(
+            f"Could not load the pipeline from {root}: {error}. {_REPROVISION_HINT}"
+        ) from error
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+        module.eval()
+    return pipe
+
+
+def resolve_layer(root_module: nn.Module, dotted_name: str) -> nn.Module:
+    """The submodule called ``dotted_name`` in ``root_module.named_modules()``.
+
+    Raises:
+        LayerNotFoundError: listing the closest valid names.
+    """
+    modules = dict(root_module.named_modules())
+    if dotted_name in modules and dotted_name != "":
+        return modules[dotted_name]
+    names = [name for name in modules if name]
+    close = difflib.get_close_matches(dotted_name, names, n=5, cutoff=0.6)
+    if not close:
+        prefix = dotted_name.split(".")[0]
+        close = [name for name in names if name.startswith(prefix) and name.count(".") <= 2][:5]
+    hint = f" Closest valid names: {', '.join(close)}." if close else ""
+    raise LayerNotFoundError(
+        f"Layer {dotted_name!r} does not exist in {type(root_module).__name__}.{hint} "
+        "Use a dotted name from named_modules(), e.g. 'up_blocks.1.attentions.1'."
+    )
+
+
+def _probe_inputs(unet: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    config = unet.config
+    parameter = next(unet.parameters())
+    side = 2 ** max(len(config.down_block_types) - 1, 0)
+    sample = torch.zeros(1, config.in_channels, side, side, device=parameter.device, dtype=parameter.dtype)
+    cross_dim = config.cross_attention_dim
+    cross_dim = cross_dim[0] if isinstance(cross_dim, list | tuple) else cross_dim
+    context = torch.zeros(1, 1, cross_dim, device=parameter.device, dtype=parameter.dtype)
+    timestep = torch.tensor([0], device=parameter.device)
+    return sample, timestep, context
+
+
+def layer_width(unet: nn.Module, layer_name: str) -> int:
+    """Channels of ``layer_name``'s output, from a probe forward on a minimal input.
+
+    The probe uses a ``2**(levels-1)``-pixel latent, so it costs a fraction of a real step.
+    """
+    from ddr_core.hooks import forward_to_layer
+
+    layer = resolve_layer(unet, layer_name)
+    sample, timestep, context = _probe_inputs(unet)
+    with torch.no_grad():
+        output = forward_to_layer(unet, layer, sample, timestep, context)
+    return int(output.shape[1])
+
+
+def initial_latents(
+    pipe,
+    seeds: Sequence[int],
+    height: int,
+    width: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """Initial noise ``(batch, latent_channels, height // s, width // s)`` with ``s`` the VAE scale factor.
+
+    Each row comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``, so an image depends
+    only on its seed (and prompt), never on the batch it was generated in or on the device. Pass the
+    result as ``pipe(..., latents=...)``; the pipeline multiplies by ``scheduler.init_noise_sigma``.
+    """
+    scale = pipe.vae_scale_factor
+    if height % scale or width % scale:
+        raise ValueError(
+            f"height and width must be multiples of the VAE scale factor {scale}, got {height}x{width}."
+        )
+    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
+    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds]
+    if not rows:
+        raise ValueError("initial_latents needs at least one seed.")
+    return torch.cat(rows).to(device=device, dtype=dtype)

@@ -1,0 +1,990 @@
+"""Provision model, SAE and dataset folders from the Hugging Face hub, Google Drive or a local path.
+
+Guarantees, whatever the source:
+
+* Every file is written to ``<name>.part`` and renamed into place only once it is complete and
+  verified (size, and the hub's sha256 / git blob hash where the source publishes one).
+* ``<dest>/.ddr_manifest.json`` (relative path -> size and sha256, a description of the source and a
+  ``content_hash`` = sha256 over the sorted ``(path, sha256)`` pairs) is written last and atomically,
+  so its presence means the copy was complete.
+* An intact copy (manifest for the same source, every file present with its size and, when
+  ``verify``, its sha256) is skipped without touching the network.
+* A partial or damaged copy (missing files, a leftover ``.part``, a wrong size, a file changed on
+  disk since it was provisioned) re-fetches only what is missing or wrong, and reports it.
+
+HTTP uses only :mod:`urllib.request`. A Hugging Face token is read from ``HF_TOKEN``, sent only to the
+hub's own host (never forwarded to a CDN on redirect) and never written to logs, errors or results.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from ddr_core.atomic import atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = ".ddr_manifest.json"
+MANIFEST_VERSION = 1
+PART_SUFFIX = ".part"
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+DEFAULT_DRIVE_BASE_URL = "https://drive.usercontent.google.com"
+DEFAULT_DRIVE_FOLDER_LIST_URL = "https://drive.google.com/embeddedfolderview"
+USER_AGENT = "ddr-provisioning/0.1 (python-urllib)"
+CHUNK_BYTES = 1 << 20
+DOWNLOAD_ATTEMPTS = 3
+RETRY_BACKOFF_S = 1.0
+HTTP_TIMEOUT_S = 60.0
+MAX_HTML_BYTES = 4 << 20
+MAX_DRIVE_FOLDER_DEPTH = 12
+
+ProgressFn = Callable[[str], None]
+
+
+class ProvisionError(Exception):
+    """Provisioning could not complete; the message names what failed and how to fix it."""
+
+
+class DownloadError(ProvisionError):
+    """A download failed (HTTP error, truncated or corrupt content) after all retries."""
+
+
+class SourceNotFoundError(ProvisionError, FileNotFoundError):
+    """A local source path does not exist."""
+
+
+# ---- sources -------------------------------------------------------------------------------------
+
+
+@dataclass
+class HubSource:
+    """A Hugging Face hub repository (model, dataset or space) at a revision.
+
+    ``allow_patterns`` are :mod:`fnmatch` patterns on repo paths (``"unet/*"``; a trailing ``/``
+    means the whole folder); ``None`` takes every file. ``endpoint`` defaults to ``$HF_ENDPOINT`` or
+    https://huggingface.co. The token comes from ``$HF_TOKEN`` and is deliberately not a field.
+    """
+
+    repo_id: str
+    revision: str = "main"
+    allow_patterns: list[str] | None = None
+    repo_type: str = "model"
+    endpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.repo_type not in ("model", "dataset", "space"):
+            raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {self.repo_type!r}.")
+        if not self.repo_id or self.repo_id.startswith("/") or ".." in self.repo_id.split("/"):
+            raise ValueError(f"invalid hub repo_id {self.repo_id!r}; expected 'owner/name'.")
+
+    def describe(self) -> dict[str, Any]:
+        """Identity of the content (the endpoint is left out: a mirror serves the same files)."""
+        return {
+            "kind": "hub",
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "repo_type": self.repo_type,
+            "allow_patterns": sorted(self.allow_patterns) if self.allow_patterns is not None else None,
+        }
+
+
+@dataclass
+class GoogleDriveSource:
+    """A publicly shared Google Drive file (``file_id``) or folder (``folder_id``, recursive).
+
+    ``filename`` names a single downloaded file (default: the name Drive sends). ``base_url`` and
+    ``folder_list_url`` exist so tests can point at a loopback server.
+    """
+
+    file_id: str | None = None
+    folder_id: str | None = None
+    filename: str | None = None
+    base_url: str = DEFAULT_DRIVE_BASE_URL
+    folder_list_url: str = DEFAULT_DRIVE_FOLDER_LIST_URL
+
+    def __post_init__(self) -> None:
+        if (self.file_id is None) == (self.folder_id is None):
+            raise ValueError("GoogleDriveSource needs exactly one of file_id or folder_id.")
+        if self.filename is not None and self.folder_id is not None:
+            raise ValueError("GoogleDriveSource.filename only applies to a single file (file_id).")
+        if self.filename is not None:
+            _safe_relative_path(self.filename)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "kind": "gdrive",
+            "file_id": self.file_id,
+            "folder_id": self.folder_id,
+            "filename": self.filename,
+        }
+
+
+@dataclass
+class LocalSource:
+    """A local file or directory tree copied into the destination."""
+
+    path: Path
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "path": str(self.path.expanduser().resolve())}
+
+
+Source = HubSource | GoogleDriveSource | LocalSource
+
+
+@dataclass
+class ProvisionResult:
+    """Outcome of :func:`provision`.
+
+    Attributes:
+        path: the destination folder.
+        n_files, n_bytes: files and bytes recorded in the manifest.
+        content_hash: sha256 over the sorted ``(path, sha256)`` pairs.
+        skipped: an intact copy was found; nothing was listed or fetched.
+        fetched: every file downloaded or copied in this run (relative paths).
+        refetched: the subset of ``fetched`` that replaced a damaged, partial or changed local file.
+    """
+
+    path: Path
+    n_files: int
+    n_bytes: int
+    content_hash: str
+    skipped: bool
+    fetched: list[str] = field(default_factory=list)
+    refetched: list[str] = field(default_factory=list)
+
+
+# ---- hashing and manifest ------------------------------------------------------------------------
+
+
+class _Hasher:
+    """sha256 and (when the final size is known) the git blob sha1 of a byte stream."""
+
+    def __init__(self, git_size: int | None = None):
+        self.sha256 = hashlib.sha256()
+        self.git_sha1 = hashlib.sha1(f"blob {git_size}\0".encode()) if git_size is not None else None
+        self.n_bytes = 0
+
+    def update(self, chunk: bytes) -> None:
+        self.sha256.update(chunk)
+        if self.git_sha1 is not None:
+            self.git_sha1.update(chunk)
+        self.n_bytes += len(chunk)
+
+
+def _hash_file(path: Path, with_git_sha1: bool = False) -> _Hasher:
+    hasher = _Hasher(path.stat().st_size if with_git_sha1 else None)
+    with path.open("rb") as handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return hasher
+
+
+def content_hash_of(files: dict[str, dict[str, Any]]) -> str:
+    """sha256 over the sorted ``(relative path, sha256)`` pairs of a manifest's ``files``."""
+    digest = hashlib.sha256()
+    for path in sorted(files):
+        digest.update(f"{path}\0{files[path]['sha256']}\n".encode())
+    return digest.hexdigest()
+
+
+def read_manifest(dest_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest of a provisioned folder, or ``None`` when absent or unreadable."""
+    path = Path(dest_dir) / MANIFEST_NAME
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        return None
+    return manifest
+
+
+def _safe_relative_path(name: str) -> str:
+    path = PurePosixPath(name.replace("\\", "/"))
+    if not name or path.is_absolute() or any(part in ("", ".", "..") for part in path.parts):
+        raise ProvisionError(f"refusing unsafe file path {name!r} from the source.")
+    return path.as_posix()
+
+
+def _sanitize_name(title: str) -> str:
+    """A Drive title as one safe path component."""
+    cleaned = re.sub(r"[/\\\x00-\x1f]", "_", title).strip()
+    return cleaned if cleaned not in ("", ".", "..") else "_"
+
+
+def _format_bytes(n: int | None) -> str:
+    if n is None:
+        return "unknown size"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+
+
+class _SameHostAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow redirects; keep ``Authorization`` only while the host stays the same."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
+        new_request = super().redirect_request(req, fp, code, msg, headers, newurl)
+        authorization = req.unredirected_hdrs.get("Authorization")
+        if new_request is not None and authorization:
+            old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new_request.full_url)
+            if (old.scheme, old.netloc) == (new.scheme, new.netloc):
+                new_request.add_unredirected_header("Authorization", authorization)
+        return new_request
+
+
+class _Http:
+    """Small urllib wrapper: user agent, optional bearer token for one host, timeouts."""
+
+    def __init__(self, token: str | None = None, timeout: float = HTTP_TIMEOUT_S):
+        self._token = token
+        self.timeout = timeout
+        self._opener = urllib.request.build_opener(_SameHostAuthRedirectHandler())
+
+    def open(self, url: str, what: str) -> http.client.HTTPResponse:
+        request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+        if self._token:
+            request.add_unredirected_header("Authorization", f"Bearer {self._token}")
+        try:
+            return self._opener.open(request, timeout=self.timeout)
+        except urllib.error.HTTPError as error:
+            error.close()
+            hint = ""
+            if error.code in (401, 403):
+                hint = (
+                    " (access denied: for a gated or private hub repo accept its licence and set HF_TOKEN)"
+                    if self._token is None
+                    else " (access denied with the HF_TOKEN that is set: check it grants read access)"
+                )
+            elif error.code == 404:
+                hint = " (not found: check the repo id / revision / file id)"
+            raise DownloadError(
+                f"{what}: HTTP {error.code} {error.reason} from {_redact(url)}{hint}"
+            ) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise DownloadError(
+                f"{what}: could not connect to {_redact(url)} ({reason}); check the network"
+            ) from None
+
+
+def _redact(url: str) -> str:
+    """The URL without its query string (signed CDN URLs carry credentials there)."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+
+
+def _content_length(response: http.client.HTTPResponse) -> int | None:
+    value = response.headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _stream_to(response: BinaryIO, handle: BinaryIO, hasher: _Hasher) -> str | None:
+    """Copy the body into ``handle``; returns a failure reason when the connection broke."""
+    while True:
+        try:
+            chunk = response.read(CHUNK_BYTES)
+        except (TimeoutError, http.client.HTTPException, OSError) as error:
+            return f"connection broke ({type(error).__name__})"
+        if not chunk:
+            return None
+        handle.write(chunk)
+        hasher.update(chunk)
+
+
+@dataclass
+class _Fetched:
+    name: str | None  # a file name chosen by the server (Drive), if any
+    size: int
+    sha256: str
+    git_sha1: str | None = None
+
+
+# ---- listings ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RemoteFile:
+    """One file of a source listing.
+
+    ``path`` is ``None`` when the server names the file at download time (a Drive file id without a
+    ``filename``). ``stamp`` is a cheap change marker stored in the manifest (local sources only).
+    """
+
+    path: str | None
+    size: int | None
+    sha256: str | None
+    git_sha1: str | None
+    fetch: Callable[[Path], _Fetched]
+    stamp: str | None = None
+    sha256_fn: Callable[[], str] | None = None
+    label: str = ""
+
+
+class _HubBackend:
+    def __init__(self, source: HubSource, http: _Http):
+        self.source = source
+        self.http = http
+        self.endpoint = (source.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+
+    def _tree_pages(self) -> Iterator[list[dict[str, Any]]]:
+        s = self.source
+        revision = urllib.parse.quote(s.revision, safe="")
+        url: str | None = f"{self.endpoint}/api/{s.repo_type}s/{s.repo_id}/tree/{revision}?recursive=true"
+        while url:
+            response = self.http.open(url, f"listing hub repo {s.repo_id}@{s.revision}")
+            with response:
+                try:
+                    page = json.loads(response.read())
+                except ValueError as error:
+                    raise DownloadError(
+                        f"listing hub repo {s.repo_id}: the tree API returned invalid JSON ({error})"
+                    ) from None
+                next_link = _next_link(response.headers.get("Link"))
+            if not isinstance(page, list):
+                raise DownloadError(
+                    f"listing hub repo {s.repo_id}: expected a JSON list from the tree API, got {type(page).__name__}"
+                )
+            yield page
+            url = urllib.parse.urljoin(url, next_link) if next_link else None
+
+    def list_files(self) -> list[_RemoteFile]:
+        s = self.source
+        patterns = [p + "*" if p.endswith("/") else p for p in (s.allow_patterns or [])]
+        files: list[_RemoteFile] = []
+        all_paths: list[str] = []
+        for page in self._tree_pages():
+            for entry in page:
+                if not isinstance(entry, dict) or entry.get("type") != "file":
+                    continue
+                path = _safe_relative_path(str(entry["path"]))
+                all_paths.append(path)
+                if s.allow_patterns is not None and not any(fnmatch.fnmatch(path, p) for p in patterns):
+                    continue
+                lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
+                size = (lfs or {}).get("size", entry.get("size"))
+                files.append(
+                    _RemoteFile(
+                        path=path,
+                        size=int(size) if size is not None else None,
+                        sha256=(lfs or {}).get("oid"),
+                        git_sha1=None if lfs else entry.get("oid"),
+                        fetch=self._fetcher(path, int(size) if size is not None else None, lfs is None),
+                        label=path,
+                    )
+                )
+        if not files:
+            shown = ", ".join(all_paths[:20]) or "no files"
+            raise DownloadError(
+                f"hub repo {s.repo_id}@{s.revision} has no file matching allow_patterns={s.allow_patterns}; it holds: {shown}"
+            )
+        return files
+
+    def _fetcher(self, path: str, size: int | None, git_hashed: bool) -> Callable[[Path], _Fetched]:
+        s = self.source
+        prefix = {"model": "", "dataset": "datasets/", "space": "spaces/"}[s.repo_type]
+        url = (
+            f"{self.endpoint}/{prefix}{s.repo_id}/resolve/{urllib.parse.quote(s.revision, safe='')}/"
+            f"{urllib.parse.quote(path)}"
+        )
+
+        def fetch(part: Path) -> _Fetched:
+            response = self.http.open(url, f"downloading {path} from {s.repo_id}")
+            return _download_body(
+                response, part, path, expected_size=size, git_size=size if git_hashed else None
+            )
+
+        return fetch
+
+
+def _next_link(header: str | None) -> str | None:
+    if not header:
+        return None
+    for part in header.split(","):
+        match = re.match(r"\s*<([^>]+)>\s*;(.*)", part)
+        if match and re.search(r'rel="?next"?', match.group(2)):
+            return match.group(1)
+    return None
+
+
+def _download_body(
+    response: http.client.HTTPResponse,
+    part: Path,
+    label: str,
+    expected_size: int | None,
+    git_size: int | None = None,
+    name: str | None = None,
+) -> _Fetched:
+    """Stream a response into ``part``; raise ``_Truncated`` on a short body."""
+    with response:
+        content_length = _content_length(response)
+        hasher = _Hasher(git_size)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        with part.open("wb") as handle:
+            broken = _stream_to(response, handle, hasher)
+    expected = content_length if content_length is not None else expected_size
+    if broken or (expected is not None and hasher.n_bytes != expected):
+        raise _Truncated(
+            f"{label}: received {hasher.n_bytes} of {_describe_expected(expected)} bytes"
+            + (f", {broken}" if broken else "")
+        )
+    if expected_size is not None and hasher.n_bytes != expected_size:
+        raise _Corrupt(f"{label}: received {hasher.n_bytes} bytes but the source lists {expected_size}")
+    return _Fetched(
+        name=name,
+        size=hasher.n_bytes,
+        sha256=hasher.sha256.hexdigest(),
+        git_sha1=hasher.git_sha1.hexdigest() if hasher.git_sha1 is not None else None,
+    )
+
+
+def _describe_expected(n: int | None) -> str:
+    return "an unknown number of" if n is None else str(n)
+
+
+class _Truncated(Exception):
+    """A body shorter than announced (retried)."""
+
+
+class _Corrupt(Exception):
+    """Content that does not match what the source lists (retried)."""
+
+
+# -- Google Drive
+
+
+class _DriveFolderParser(HTMLParser):
+    """Entries of ``embeddedfolderview``: links to ``/file/d/<id>`` or ``/drive/folders/<id>`` with a
+    ``flip-entry-title`` div holding the name."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.entries: list[tuple[str, str, str]] = []  # (kind, id, title)
+        self._link: tuple[str, str] | None = None
+        self._title_depth = 0
+        self._div_depth = 0
+        self._title: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        if tag == "a":
+            href = attributes.get("href", "")
+            if match := re.search(r"/file/d/([\w-]+)", href):
+                self._link = ("file", match.group(1))
+            elif match := re.search(r"/drive/(?:u/\d+/)?folders/([\w-]+)", href) or re.search(
+                r"folderview\?(?:.*&)?id=([\w-]+)", href
+            ):
+                self._link = ("folder", match.group(1))
+        elif tag == "div":
+            self._div_depth += 1
+            if "flip-entry-title" in attributes.get("class", "").split():
+                self._title_depth = self._div_depth
+                self._title = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "div":
+            if self._title_depth and self._div_depth == self._title_depth:
+                self._title_depth = 0
+                if self._link is not None:
+                    title = "".join(self._title).strip()
+                    if all(entry[1] != self._link[1] for entry in self.entries):
+                        self.entries.append((self._link[0], self._link[1], title))
+            self._div_depth -= 1
+        elif tag == "a":
+            self._link = None
+
+    def handle_data(self, data: str) -> None:
+        if self._title_depth:
+            self._title.append(data)
+
+
+class _FormParser(HTMLParser):
+    """The first download form of a Drive confirmation page: action and hidden inputs."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.action: str | None = None
+        self.inputs: list[tuple[str, str]] = []
+        self.title: list[str] = []
+        self._in_form = False
+        self._done = False
+        self._in_title = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = {key: value or "" for key, value in attrs}
+        if tag == "title":
+            self._in_title = True
+        if self._done:
+            return
+        if tag == "form" and self.action is None:
+            self._in_form = True
+            self.action = attributes.get("action", "")
+        elif tag == "input" and self._in_form and attributes.get("name"):
+            if attributes.get("type", "text").lower() not in ("submit", "button", "image", "reset"):
+                self.inputs.append((attributes["name"], attributes.get("value", "")))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "form" and self._in_form:
+            self._in_form = False
+            self._done = True
+        elif tag == "title":
+            self._in_title = False
+
+    def handle_data(self, data: str) -> None:
+        if self._in_title:
+            self.title.append(data)
+
+
+def _filename_from_disposition(header: str | None) -> str | None:
+    if not header:
+        return None
+    if match := re.search(r"filename\*\s*=\s*([^']*)'[^']*'([^;]+)", header):
+        return urllib.parse.unquote(match.group(2).strip().strip('"'), encoding=match.group(1) or "utf-8")
+    if match := re.search(r'filename\s*=\s*"([^"]*)"', header) or re.search(
+        r"filename\s*=\s*([^;]+)", header
+    ):
+        return match.group(1).strip()
+    return None
+
+
+class _DriveBackend:
+    def __init__(self, source: GoogleDriveSource, http: _Http):
+        self.source = source
+        self.http = http
+
+    def list_files(self) -> list[_RemoteFile]:
+        s = self.source
+        if s.file_id is not None:
+            return [
+                _RemoteFile(
+                    path=s.filename,
+                    size=None,
+                    sha256=None,
+                    git_sha1=None,
+                    fetch=self._fetcher(s.file_id, s.filename or s.file_id),
+                    label=s.filename or s.file_id,
+                )
+            ]
+        assert s.folder_id is not None
+        files: list[_RemoteFile] = []
+        self._walk_folder(s.folder_id, "", files, depth=0)
+        if not files:
+            raise DownloadError(
+                f"Google Drive folder {s.folder_id} lists no files; check that it is shared as 'anyone with the link'"
+            )
+        return files
+
+    def _walk_folder(self, folder_id: str, prefix: str, files: list[_RemoteFile], depth: int) -> None:
+        if depth > MAX_DRIVE_FOLDER_DEPTH:
+            raise DownloadError(
+                f"Google Drive folder {folder_id} nests deeper than {MAX_DRIVE_FOLDER_DEPTH} levels"
+            )
+        separator = "&" if "?" in self.source.folder_list_url else "?"
+        url = f"{self.source.folder_list_url}{separator}id={urllib.parse.quote(folder_id)}"
+        response = self.http.open(url, f"listing Google Drive folder {prefix or folder_id}")
+        with response:
+            charset = response.headers.get_content_charset() or "utf-8"
+            page = response.read(MAX_HTML_BYTES).decode(charset, errors="replace")
+        parser = _DriveFolderParser()
+        parser.feed(page)
+        for kind, entry_id, title in parser.entries:
+            name = prefix + _sanitize_name(title or entry_id)
+            if kind == "folder":
+                self._walk_folder(entry_id, name + "/", files, depth + 1)
+            else:
+                files.append(
+                    _RemoteFile(
+                        path=name,
+                        size=None,
+                        sha256=None,
+                        git_sha1=None,
+                        fetch=self._fetcher(entry_id, name),
+                        label=name,
+                    )
+                )
+
+    def _fetcher(self, file_id: str, label: str) -> Callable[[Path], _Fetched]:
+        base = self.source.base_url.rstrip("/")
+
+        def fetch(part: Path) -> _Fetched:
+            url = f"{base}/download?" + urllib.parse.urlencode(
+                {"id": file_id, "export": "download", "confirm": "t"}
+            )
+            for _ in range(3):
+                response = self.http.open(url, f"downloading {label} from Google Drive")
+                content_type = response.headers.get_content_type()
+                name = _filename_from_disposition(response.headers.get("Content-Disposition"))
+                if content_type != "text/html" or (name and name.lower().endswith((".html", ".htm"))):
+                    return _download_body(response, part, label, expected_size=None, name=name)
+                with response:
+                    page_url = response.geturl()
+                    page = response.read(MAX_HTML_BYTES).decode(
+                        response.headers.get_content_charset() or "utf-8", "replace"
+                    )
+                form = _FormParser()
+                form.feed(page)
+                if not form.action and not form.inputs:
+                    title = "".join(form.title).strip() or "no title"
+                    raise DownloadError(
+                        f"{label}: Google Drive returned an HTML page ({title!r}) instead of the file; "
+                        "check that it is shared as 'anyone with the link' and that its download quota is not exceeded"
+                    )
+                action = urllib.parse.urljoin(page_url, form.action or "")
+                query = urllib.parse.urlencode(form.inputs)
+                url = f"{action}{'&' if '?' in action else '?'}{query}" if query else action
+            raise DownloadError(f"{label}: Google Drive kept answering with confirmation pages")
+
+        return fetch
+
+
+class _LocalBackend:
+    def __init__(self, source: LocalSource):
+        self.source = source
+        self.root = source.path.expanduser()
+        if not self.root.exists():
+            raise SourceNotFoundError(
+                f"local source {self.root} does not exist; fix the path in the config or create it first"
+            )
+
+    def list_files(self) -> list[_RemoteFile]:
+        if self.root.is_file():
+            pairs = [(self.root.name, self.root)]
+        else:
+            pairs = []
+            for directory, dirnames, filenames in os.walk(self.root, followlinks=True):
+                dirnames.sort()
+                for filename in sorted(filenames):
+                    if filename == MANIFEST_NAME or filename.endswith(PART_SUFFIX):
+                        continue
+                    full = Path(directory) / filename
+                    pairs.append((full.relative_to(self.root).as_posix(), full))
+        files = []
+        for relative, full in pairs:
+            stat = full.stat()
+            files.append(
+                _RemoteFile(
+                    path=relative,
+                    size=stat.st_size,
+                    sha256=None,
+                    git_sha1=None,
+                    fetch=self._copier(full, relative),
+                    stamp=f"{stat.st_size}:{stat.st_mtime_ns}",
+                    sha256_fn=lambda full=full: _hash_file(full).sha256.hexdigest(),
+                    label=relative,
+                )
+            )
+        return files
+
+    @staticmethod
+    def _copier(full: Path, relative: str) -> Callable[[Path], _Fetched]:
+        def fetch(part: Path) -> _Fetched:
+            part.parent.mkdir(parents=True, exist_ok=True)
+            hasher = _Hasher()
+            with full.open("rb") as source, part.open("wb") as target:
+                while chunk := source.read(CHUNK_BYTES):
+                    target.write(chunk)
+                    hasher.update(chunk)
+            shutil.copystat(full, part, follow_symlinks=True)
+            return _Fetched(name=None, size=hasher.n_bytes, sha256=hasher.sha256.hexdigest())
+
+        return fetch
+
+
+def _backend(source: Source, http: _Http) -> _HubBackend | _DriveBackend | _LocalBackend:
+    if isinstance(source, HubSource):
+        return _HubBackend(source, http)
+    if isinstance(source, GoogleDriveSource):
+        return _DriveBackend(source, http)
+    if isinstance(source, LocalSource):
+        return _LocalBackend(source)
+    raise TypeError(f"unsupported source type {type(source).__name__}")
+
+
+# ---- the provisioning engine ---------------------------------------------------------------------
+
+
+def _intact_problems(dest: Path, manifest: dict[str, Any], verify: bool) -> dict[str, str]:
+    """Files of the manifest that are missing or differ from it: relative path -> reason."""
+    problems: dict[str, str] = {}
+    for relative, entry in manifest["files"].items():
+        local = dest / relative
+        if not local.is_file():
+            problems[relative] = "missing"
+        elif local.stat().st_size != entry.get("size"):
+            problems[relative] = (
+                f"size {local.stat().st_size} differs from the manifest's {entry.get('size')}"
+            )
+        elif (dest / (relative + PART_SUFFIX)).exists():
+            problems[relative] = "a leftover .part file"
+        elif verify and _hash_file(local).sha256.hexdigest() != entry.get("sha256"):
+            problems[relative] = "changed on disk since it was provisioned (sha256 differs from the manifest)"
+    return problems
+
+
+def provision(
+    source: Source,
+    dest_dir: str | Path,
+    *,
+    progress: ProgressFn | None = None,
+    verify: bool = True,
+    attempts: int = DOWNLOAD_ATTEMPTS,
+    timeout_s: float = HTTP_TIMEOUT_S,
+) -> ProvisionResult:
+    """Make ``dest_dir`` an intact copy of ``source`` (see the module docstring for the guarantees).
+
+    Args:
+        source: a :class:`HubSource`, :class:`GoogleDriveSource` or :class:`LocalSource`.
+        dest_dir: destination folder (created).
+        progress: called with one human-readable line per step (default: this module's logger).
+        verify: hash existing files against the manifest / source (off: sizes only).
+        attempts: tries per file before a truncated or corrupt download is an error.
+        timeout_s: socket timeout per HTTP request.
+
+    Raises:
+        SourceNotFoundError: a local source path does not exist.
+        DownloadError: listing failed, or files could not be fetched intact (every failing file is
+            named; the files that did arrive stay in place, so a re-run fetches only the rest).
+    """
+    report = progress or logger.info
+    dest = Path(dest_dir)
+    description = source.describe()
+    token = (os.environ.get("HF_TOKEN") or None) if isinstance(source, HubSource) else None
+    http = _Http(token=token, timeout=timeout_s)
+    backend = _backend(source, http)  # raises early for a missing local path
+
+    dest.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(dest)
+    same_source = manifest is not None and manifest.get("source") == description
+    listing: list[_RemoteFile] | None = None
+    if same_source:
+        assert manifest is not None
+        problems = _intact_problems(dest, manifest, verify)
+        if isinstance(backend, _LocalBackend):
+            listing = backend.list_files()
+            now = {f.path: f.stamp for f in listing}
+            recorded = {path: entry.get("stamp") for path, entry in manifest["files"].items()}
+            if now != recorded:
+                problems.setdefault("(source)", "the local source changed since it was copied")
+        if not problems:
+            report(
+                f"intact copy of {_describe(description)} at {dest}: {len(manifest['files'])} files, skipping"
+            )
+            return _result(dest, manifest["files"], skipped=True, fetched=[], refetched=[])
+        for relative, reason in sorted(problems.items()):
+            report(f"{relative}: {reason}")
+    elif manifest is not None:
+        report(
+            f"{dest} holds a copy of a different source ({_describe(manifest.get('source', {}))}); updating it"
+        )
+    previous_files: dict[str, dict[str, Any]] = manifest["files"] if same_source and manifest else {}
+
+    report(f"listing {_describe(description)}")
+    if listing is None:
+        listing = backend.list_files()
+    named = [remote.path for remote in listing if remote.path is not None]
+    duplicates = sorted({path for path in named if named.count(path) > 1})
+    if duplicates:
+        raise ProvisionError(
+            f"{_describe(description)} lists several files at the same path: {', '.join(duplicates)}"
+        )
+    (dest / MANIFEST_NAME).unlink(missing_ok=True)  # from here on the copy is not known to be complete
+
+    files: dict[str, dict[str, Any]] = {}
+    fetched: list[str] = []
+    refetched: list[str] = []
+    failures: list[str] = []
+    for remote in listing:
+        kept = _keep_existing(dest, remote, previous_files, verify)
+        if isinstance(kept, dict):
+            assert remote.path is not None
+            files[remote.path] = kept
+            continue
+        reason = kept
+        was_present = remote.path is not None and (
+            (dest / remote.path).exists() or (dest / (remote.path + PART_SUFFIX)).exists()
+        )
+        report(
+            f"fetching {remote.label} ({_format_bytes(remote.size)})" + (f": {reason}" if was_present else "")
+        )
+        try:
+            relative, entry = _fetch_one(dest, remote, attempts, report)
+        except DownloadError as error:
+            failures.append(str(error))
+            report(f"failed: {error}")
+            continue
+        files[relative] = entry
+        fetched.append(relative)
+        if was_present:
+            refetched.append(relative)
+
+    if failures:
+        raise DownloadError(
+            f"{len(failures)} of {len(listing)} file(s) of {_describe(description)} could not be fetched into {dest}: "
+            + "; ".join(failures)
+            + ". Files that arrived intact are kept; re-run provisioning to fetch only the rest."
+        )
+    new_manifest = {
+        "version": MANIFEST_VERSION,
+        "source": description,
+        "files": dict(sorted(files.items())),
+        "content_hash": content_hash_of(files),
+        "n_files": len(files),
+        "n_bytes": sum(entry["size"] for entry in files.values()),
+    }
+    for relative in files:
+        (dest / (relative + PART_SUFFIX)).unlink(missing_ok=True)
+    for leftover in dest.glob(f".download-*{PART_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+    atomic_write_json(dest / MANIFEST_NAME, new_manifest)
+    report(
+        f"provisioned {len(files)} files ({_format_bytes(new_manifest['n_bytes'])}) into {dest}; "
+        f"fetched {len(fetched)}, re-fetched {len(refetched)}"
+    )
+    return _result(dest, files, skipped=False, fetched=fetched, refetched=refetched)
+
+
+def _keep_existing(
+    dest: Path, remote: _RemoteFile, previous: dict[str, dict[str, Any]], verify: bool
+) -> dict[str, Any] | str:
+    """The manifest entry for a local file that can be kept, or the reason it must be fetched."""
+    if remote.path is None:
+        # Drive file named by the server: keep a single previous file that is still intact.
+        if len(previous) == 1:
+            ((name, entry),) = previous.items()
+            local = dest / name
+            if (
+                local.is_file()
+                and local.stat().st_size == entry["size"]
+                and (not verify or _hash_file(local).sha256.hexdigest() == entry["sha256"])
+            ):
+                remote.path = name
+                return dict(entry)
+        return "not present"
+    local = dest / remote.path
+    if (dest / (remote.path + PART_SUFFIX)).exists() and not local.exists():
+        return "an incomplete download (.part) was left over"
+    if not local.is_file():
+        return "missing"
+    size = local.stat().st_size
+    if remote.size is not None and size != remote.size:
+        return f"size {size} differs from the source's {remote.size}"
+    entry = previous.get(remote.path)
+    if entry is not None and size != entry.get("size"):
+        return f"size {size} differs from the manifest's {entry.get('size')}"
+    stamp = {"stamp": remote.stamp} if remote.stamp else {}
+    if not verify and entry is not None and entry.get("stamp") == remote.stamp:
+        return {"size": size, "sha256": entry["sha256"], **stamp}
+    hashed = _hash_file(local, with_git_sha1=remote.git_sha1 is not None)
+    sha256 = hashed.sha256.hexdigest()
+    if remote.sha256 is not None:
+        if sha256 != remote.sha256:
+            return "content differs from the source (sha256)"
+    elif remote.git_sha1 is not None:
+        if hashed.git_sha1 is None or hashed.git_sha1.hexdigest() != remote.git_sha1:
+            return "content differs from the source (git blob hash)"
+    elif remote.sha256_fn is not None:
+        if sha256 != remote.sha256_fn():
+            return "content differs from the source"
+    elif entry is not None and sha256 != entry.get("sha256"):
+        return "changed on disk since it was provisioned (sha256 differs from the manifest)"
+    return {"size": size, "sha256": sha256, **stamp}
+
+
+def _fetch_one(
+    dest: Path, remote: _RemoteFile, attempts: int, report: ProgressFn
+) -> tuple[str, dict[str, Any]]:
+    """Download ``remote`` into ``<path>.part``, verify, rename; retried on truncation/corruption."""
+    staging_name = remote.path or f".download-{hashlib.sha1(remote.label.encode()).hexdigest()[:12]}"
+    last_reason = ""
+    for attempt in range(1, max(1, attempts) + 1):
+        part = dest / (staging_name + PART_SUFFIX)
+        try:
+            result = remote.fetch(part)
+            if remote.sha256 is not None and result.sha256 != remote.sha256:
+                raise _Corrupt(
+                    f"{remote.label}: sha256 {result.sha256} differs from the source's {remote.sha256}"
+                )
+            if (
+                remote.git_sha1 is not None
+                and result.git_sha1 is not None
+                and result.git_sha1 != remote.git_sha1
+            ):
+                raise _Corrupt(
+                    f"{remote.label}: git blob hash {result.git_sha1} differs from the source's {remote.git_sha1}"
+                )
+        except (_Truncated, _Corrupt) as error:
+            part.unlink(missing_ok=True)
+            last_reason = str(error)
+            if attempt < attempts:
+                report(f"attempt {attempt}/{attempts} failed: {error}; retrying")
+                time.sleep(RETRY_BACKOFF_S * attempt)
+            continue
+        except BaseException:
+            part.unlink(missing_ok=True)
+            raise
+        relative = remote.path or _safe_relative_path(_sanitize_name(result.name or remote.label))
+        final = dest / relative
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(part, final)
+        entry: dict[str, Any] = {"size": result.size, "sha256": result.sha256}
+        if remote.stamp:
+            entry["stamp"] = remote.stamp
+        return relative, entry
+    raise DownloadError(f"{last_reason} after {attempts} attempt(s)")
+
+
+def _result(
+    dest: Path, files: dict[str, dict[str, Any]], *, skipped: bool, fetched: list[str], refetched: list[str]
+) -> ProvisionResult:
+    return ProvisionResult(
+        path=dest,
+        n_files=len(files),
+        n_bytes=sum(int(entry["size"]) for entry in files.values()),
+        content_hash=content_hash_of(files),
+        skipped=skipped,
+        fetched=fetched,
+        refetched=refetched,
+    )
+
+
+def _describe(description: dict[str, Any]) -> str:
+    kind = description.get("kind")
+    if kind == "hub":
+        patterns = f" {description['allow_patterns']}" if description.get("allow_patterns") else ""
+        return f"hub {description.get('repo_type')} {description.get('repo_id')}@{description.get('revision')}{patterns}"
+    if kind == "gdrive":
+        if description.get("folder_id"):
+            return f"Google Drive folder {description['folder_id']}"
+        return f"Google Drive file {description.get('file_id')}"
+    if kind == "local":
+        return f"local path {description.get('path')}"
+    return str(description)

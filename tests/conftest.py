@@ -1,0 +1,44 @@
+"""Shared fixtures: the embedded tiny Stable-Diffusion-shaped model and a random SAE for it.
+
+Built once per test session into a temporary folder (a few seconds on CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A diffusers ``StableDiffusionPipeline`` folder of the tiny model (default config)."""
+    from ddr_core.tiny_model import build_tiny_pipeline
+
+    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_model") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding ``unet.up_blocks.1.attentions.1/`` with a random SAE for the tiny model."""
+    from ddr_core.tiny_model import build_tiny_sae
+
+    root = tmp_path_factory.mktemp("tiny_saes")
+    build_tiny_sae(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_sae_dir(tiny_sae_root: Path) -> Path:
+    """The SAE folder ``<root>/unet.up_blocks.1.attentions.1`` (``cfg.json`` + ``sae.safetensors``)."""
+    from ddr_core.tiny_model import TINY_TARGET_LAYER
+
+    return tiny_sae_root / f"unet.{TINY_TARGET_LAYER}"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_model_dir: Path):
+    """The tiny pipeline loaded on CPU in float32 (shared: tests must not leave hooks or change weights)."""
+    from ddr_core.pipeline import load_pipeline
+
+    return load_pipeline(tiny_model_dir)

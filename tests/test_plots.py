@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from ddr_core.activation_store import ActivationStore, VariantBatch
+from ddr_core.plots import plot_channel_activity, render_channel_figure, save_activity_figure
+from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats, interpolate_profile
+
+TIMESTEPS = [950, 850, 750, 650, 550, 450, 350, 250, 150, 50]
+
+
+@pytest.fixture(scope="module")
+def stats(tmp_path_factory):
+    """Top-1 statistics of 4 generations, 3 channels. Channel 0 has four peaks, 974 (edge plateau),
+    750, 550, 350, of which the top 3 are kept; channel 1 wins wherever channel 0 does not; channel 2
+    is never in the top-1 (no peaks)."""
+    root = tmp_path_factory.mktemp("plots")
+    cond = np.zeros((4, len(TIMESTEPS), 3), dtype=np.float32)
+    cond[:, :, 1] = 1.0
+    cond[:, :, 2] = -5.0
+    for t, count in {950: 4, 750: 3, 550: 2, 350: 1}.items():
+        cond[:count, TIMESTEPS.index(t), 0] = 5.0
+    store = ActivationStore(root / "capture")
+    for batch_index in range(2):
+        rows = []
+        for g in range(batch_index * 2, batch_index * 2 + 2):
+            rows.append({"generation_id": g, "prompt_index": g, "prompt": f"a photo number {g}", "image_index": 0,
+                         "seed": g, "image_path": f"images/{g}.png"})
+            (root / "images").mkdir(exist_ok=True)
+            Image.new("RGB", (32, 32), (60 * g, 100, 200)).save(root / "images" / f"{g}.png")
+        store.write_batch(batch_index, rows, TIMESTEPS,
+                          {"raw": VariantBatch(cond[batch_index * 2: batch_index * 2 + 2])})
+    store.finalize()
+    out = root / "stats"
+    compute_timestep_stats(store, "raw", out, TimestepStatsConfig(top_k=1))
+    return root, out
+
+
+def test_plot_channel_with_no_peaks_returns_image():
+    profile = np.zeros(1000)
+    image = plot_channel_activity(
+        channel=7,
+        profile_points=(np.array([900, 500, 100]), np.zeros(3)),
+        interpolated=profile,
+        peaks=[],
+        max_activation_curve=(np.array([900, 500, 100]), np.array([0.1, 0.2, 0.0])),
+        current_peak=None,
+        example_image=None,
+        example_prompt=None,
+    )
+    assert image.mode == "RGB" and image.size[0] > 500 and image.size[1] > 300
+    assert len(np.unique(np.asarray(image).reshape(-1, 3), axis=0)) > 10  # something was drawn
+
+
+def test_plot_shows_example_image():
+    profile = interpolate_profile(np.array([900, 500, 100]), np.array([0.0, 1.0, 0.0]), 1000)
+    common = dict(channel=1, profile_points=(np.array([900, 500, 100]), np.array([0.0, 1.0, 0.0])),
+                  interpolated=profile, peaks=[(500, 1.0)],
+                  max_activation_curve=(np.array([900, 500, 100]), np.array([0.0, 3.0, 1.0])), current_peak=500)
+    red = Image.new("RGB", (64, 64), (255, 0, 0))
+    with_image = np.asarray(plot_channel_activity(**common, example_image=red, example_prompt="a red square"))
+    without = np.asarray(plot_channel_activity(**common, example_image=None, example_prompt="a red square"))
+    pure_red = lambda a: int(((a[..., 0] == 255) & (a[..., 1] == 0) & (a[..., 2] == 0)).sum())  # noqa: E731
+    assert pure_red(with_image) > 1000 and pure_red(without) < 100
+
+
+def test_render_one_frame_per_peak_and_save_gif(stats, tmp_path):
+    root, out = stats
+    frames = render_channel_figure(out, 0, image_root=root)
+    assert len(frames) == 3  # top_peak_count
+    path = save_activity_figure(frames, tmp_path / "channel_0000", duration_ms=1500)
+    assert path.name == "channel_0000.gif"
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.n_frames == 3
+        assert gif.info.get("loop") == 0 and gif.info.get("duration") == 1500
+
+
+def test_channel_without_peaks_saves_png(stats, tmp_path):
+    root, out = stats
+    frames = render_channel_figure(out, 2, image_root=root)
+    assert len(frames) == 1
+    path = save_activity_figure(frames, tmp_path / "channel_0002")
+    assert path.name == "channel_0002.png"
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.size == frames[0].size
+
+
+def test_missing_example_image_and_bad_channel(stats, tmp_path):
+    root, out = stats
+    frames = render_channel_figure(out, 0, image_root=tmp_path / "nowhere")  # images not found
+    assert len(frames) == 3
+    with pytest.raises(ValueError, match="outside 0..2"):
+        render_channel_figure(out, 3, image_root=root)
+    with pytest.raises(ValueError, match="no frames"):
+        save_activity_figure([], tmp_path / "x")
