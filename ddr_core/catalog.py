@@ -8,12 +8,14 @@ a local build (the embedded tiny model, its SAE and prompts), always through
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
+from ddr_core.atomic import atomic_write_json
 from ddr_core.config import ProjectConfig, SourceConfig
 from ddr_core.paths import DataLayout
 from ddr_core.provisioning import (
@@ -21,8 +23,13 @@ from ddr_core.provisioning import (
     HubSource,
     LocalSource,
     ProvisionResult,
+    check_intact,
     provision,
 )
+
+# Bump when a builtin builder's output changes: copies built by an older version are rebuilt.
+BUILTIN_VERSION = 1
+BUILTIN_MARKER = ".ddr_builtin.json"
 
 EntryKind = Literal["model", "sae", "prompts"]
 LogFn = Callable[[str], None]
@@ -48,12 +55,20 @@ def provision_source(source: SourceConfig, dest: Path, log: LogFn | None = None,
     """Provision one source into ``dest`` (skipped when an intact copy is there)."""
     dest = Path(dest)
     if source.builtin:
-        staging_parent = dest.parent
-        staging_parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".build-{dest.name}-", dir=staging_parent) as tmp:
+        marker = {"builtin": source.builtin, "version": BUILTIN_VERSION}
+        marker_path = dest / BUILTIN_MARKER
+        intact = check_intact(dest, verify=verify)
+        if intact is not None and marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
+            if log:
+                log(f"intact build of builtin {source.builtin!r} at {dest}: skipping")
+            return intact
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".build-{dest.name}-", dir=dest.parent) as tmp:
             build_dir = Path(tmp) / "out"
             _build_builtin(source.builtin, build_dir)
-            return provision(LocalSource(build_dir), dest, progress=log, verify=verify)
+            result = provision(LocalSource(build_dir), dest, progress=log, verify=verify)
+        atomic_write_json(marker_path, marker)
+        return result
     if source.hub:
         hub = source.hub
         return provision(HubSource(repo_id=hub.repo_id, revision=hub.revision,

@@ -750,6 +750,19 @@ def _intact_problems(dest: Path, manifest: dict[str, Any], verify: bool) -> dict
     return problems
 
 
+def check_intact(dest_dir: str | Path, verify: bool = True) -> ProvisionResult | None:
+    """The result of an intact provisioned copy at ``dest_dir`` (``skipped=True``), or ``None``.
+
+    Intact: a manifest is present and every file it lists is there with its size (and sha256 when
+    ``verify``), with no leftover partial download.
+    """
+    dest = Path(dest_dir)
+    manifest = read_manifest(dest)
+    if manifest is None or _intact_problems(dest, manifest, verify):
+        return None
+    return _result(dest, manifest["files"], skipped=True, fetched=[], refetched=[])
+
+
 def provision(
     source: Source,
     dest_dir: str | Path,

@@ -1,0 +1,147 @@
+"""Capture: resume after a kill, sharding, recorded seeds, plan checks (tiny model, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ddr_core.activation_store import ActivationStore
+from ddr_core.activations import CaptureConfig, CapturePlanMismatch, generation_seed, run_capture
+from ddr_core.hooks import sae_reducer, spatial_mean
+from ddr_core.sae import load_sae
+from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
+
+PROMPTS = list(TINY_PROMPTS[:5])
+
+
+@pytest.fixture(scope="module")
+def reducers(tiny_sae_dir):
+    sae = load_sae(tiny_sae_dir, expected_d_in=64)
+    return {"tiny-raw": spatial_mean, "tiny-sae": sae_reducer(sae)}
+
+
+def _config(**overrides) -> CaptureConfig:
+    base = dict(num_images_per_prompt=2, batch_size=4, num_inference_steps=6, seed=7)
+    return CaptureConfig(**{**base, **overrides})
+
+
+def _capture(pipe, reducers, root: Path, data_root: Path, **kwargs):
+    stop = kwargs.pop("stop_after_batches", None)
+    return run_capture(pipe, TINY_TARGET_LAYER, reducers, PROMPTS, root, data_root, _config(**kwargs),
+                       stop_after_batches=stop)
+
+
+def _dense(root: Path, variant: str, half: str = "conditional") -> tuple[np.ndarray, np.ndarray]:
+    parts = list(ActivationStore(root).iter_dense(variant, half))
+    ids = np.concatenate([p[0] for p in parts])
+    values = np.concatenate([p[2] for p in parts])
+    order = np.argsort(ids)
+    return ids[order], values[order]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipe, reducers, tmp_path_factory):
+    """One uninterrupted capture: 5 prompts x 2 images = 10 generations in 3 batches."""
+    data_root = tmp_path_factory.mktemp("ref")
+    result = _capture(tiny_pipe, reducers, data_root / "capture", data_root)
+    return data_root / "capture", result
+
+
+def test_uninterrupted_capture_records_everything(reference):
+    root, result = reference
+    summary = result.summary
+    assert summary["complete"] and summary["generations"] == 10 and summary["batches"] == 3
+    assert summary["channels"] == {"tiny-raw": 64, "tiny-sae": 256}
+    assert len(summary["timesteps"]) == 6
+    gens = pl.read_parquet(root / "generations.parquet")
+    assert gens["generation_id"].to_list() == list(range(10))
+    assert gens["prompt"].to_list() == [p for p in PROMPTS for _ in range(2)]
+    assert gens["seed"].to_list() == [generation_seed(7, g) for g in range(10)]
+    assert len(set(gens["seed"].to_list())) == 10
+    for path in gens["image_path"]:
+        assert (root.parent / path).is_file()
+    ids, cond = _dense(root, "tiny-raw")
+    _, uncond = _dense(root, "tiny-raw", "unconditional")
+    assert cond.shape == (10, 6, 64) and uncond.shape == (10, 6, 64)
+    assert not np.allclose(cond, uncond)  # the CFG halves are kept apart
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_pipe, reducers, reference, tmp_path):
+    ref_root, _ = reference
+    root = tmp_path / "capture"
+    first = _capture(tiny_pipe, reducers, root, tmp_path, stop_after_batches=1)
+    assert first.batches_done == [0] and not first.summary["complete"]
+    # a half-written batch from the killed run: temp files that must be ignored and cleaned
+    (root / "tiny-raw" / "batches" / ".batch_00001.safetensors.tmp-1-dead").write_bytes(b"partial")
+    second = _capture(tiny_pipe, reducers, root, tmp_path)
+    assert second.batches_skipped == [0] and second.batches_done == [1, 2]
+    assert second.summary["complete"] and second.summary["generations"] == 10
+    assert not list(root.rglob("*.tmp-*"))
+    for variant in ("tiny-raw", "tiny-sae"):
+        ids, values = _dense(root, variant)
+        ref_ids, ref_values = _dense(ref_root, variant)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(values, ref_values, rtol=1e-3, atol=1e-3)
+    gens = pl.read_parquet(root / "generations.parquet")
+    assert gens["generation_id"].n_unique() == gens.height == 10  # no duplicated rows
+
+
+def test_sharded_capture_equals_unsharded(tiny_pipe, reducers, reference, tmp_path):
+    ref_root, _ = reference
+    root = tmp_path / "capture"
+    a = _capture(tiny_pipe, reducers, root, tmp_path, shard_index=1, num_shards=2)
+    assert a.batches_done == [1] and not a.summary["complete"]
+    b = _capture(tiny_pipe, reducers, root, tmp_path, shard_index=0, num_shards=2)
+    assert b.batches_done == [0, 2] and b.summary["complete"]
+    for variant in ("tiny-raw", "tiny-sae"):
+        np.testing.assert_allclose(_dense(root, variant)[1], _dense(ref_root, variant)[1], rtol=1e-3, atol=1e-3)
+    ref = pl.read_parquet(ref_root / "generations.parquet").drop("image_path")
+    assert pl.read_parquet(root / "generations.parquet").drop("image_path").equals(ref)
+
+
+def test_a_generation_is_regenerated_exactly_from_its_seed(tiny_pipe, reducers, reference, tmp_path):
+    ref_root, _ = reference
+    gens = pl.read_parquet(ref_root / "generations.parquet")
+    row = gens.filter(pl.col("generation_id") == 7).to_dicts()[0]
+    # alone, in a batch of one, with its recorded seed: same activations as inside its batch
+    from ddr_core.hooks import TimestepTracker, capture_activations
+    from ddr_core.pipeline import initial_latents, resolve_layer
+
+    layer = resolve_layer(tiny_pipe.unet, TINY_TARGET_LAYER)
+    latents = initial_latents(tiny_pipe, [row["seed"]], 64, 64)
+    with TimestepTracker(tiny_pipe.unet) as tracker, capture_activations(
+        layer, tracker, {"raw": spatial_mean}, cfg=True
+    ) as recording:
+        tiny_pipe(prompt=[row["prompt"]], latents=latents, num_inference_steps=6, guidance_scale=7.5,
+                  output_type="latent")
+    alone = recording.conditional["raw"][:, 0, :].numpy()
+    _, values = _dense(ref_root, "tiny-raw")
+    np.testing.assert_allclose(alone, values[7], rtol=1e-2, atol=1e-2)
+
+
+def test_other_parameters_cannot_mix_into_an_existing_capture(tiny_pipe, reducers, reference):
+    root, _ = reference
+    with pytest.raises(CapturePlanMismatch, match="num_inference_steps"):
+        _capture(tiny_pipe, reducers, root, root.parent, num_inference_steps=7)
+
+
+def test_random_seed_is_drawn_once_and_reused_on_resume(tiny_pipe, tmp_path):
+    root = tmp_path / "capture"
+    cfg = CaptureConfig(num_images_per_prompt=1, batch_size=2, num_inference_steps=2, seed=None)
+    run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS[:4], root, tmp_path, cfg,
+                stop_after_batches=1)
+    seeds_first = pl.read_parquet(root / "generations" / "batch_00000.parquet")["seed"].to_list()
+    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS[:4], root, tmp_path, cfg)
+    base = result.summary["plan"]["base_seed"]
+    seeds = pl.read_parquet(root / "generations.parquet")["seed"].to_list()
+    assert seeds[:2] == seeds_first and seeds == [generation_seed(base, g) for g in range(4)]
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="shard_index"):
+        CaptureConfig(shard_index=2, num_shards=2)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        CaptureConfig(num_inference_steps=0)

@@ -1,0 +1,141 @@
+"""The Dagster graph end to end on the tiny model: provisioning -> activations -> stats -> plots."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import pytest
+
+from dagster_project.definitions import defs
+from dagster_project.resources import ComputeResource, DdrStorage
+from ddr_assets import ALL_ASSETS
+from ddr_assets.partitions import block_keys, parse_block_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _asset(name: str) -> dg.AssetsDefinition:
+    return next(a for a in ALL_ASSETS if a.key == dg.AssetKey(name))
+
+
+def _materialize(name: str, key: str, data_root: Path, instance: dg.DagsterInstance, config: dict | None = None):
+    return dg.materialize(
+        [_asset(name)], partition_key=key, instance=instance,
+        resources={"storage": DdrStorage(data_root=str(data_root)), "compute": ComputeResource(device="cpu")},
+        run_config={"ops": {name: {"config": config}}} if config else None, raise_on_error=False,
+    )
+
+
+def _metadata(result: dg.ExecuteInProcessResult, name: str) -> dict:
+    event = result.get_asset_materialization_events()[0]
+    assert event.asset_key == dg.AssetKey(name)
+    return {k: v.value for k, v in event.materialization.metadata.items()}
+
+
+def _error(result: dg.ExecuteInProcessResult) -> str:
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    return str(failure.event_specific_data.error)
+
+
+@pytest.fixture(scope="module")
+def graph_run(tmp_path_factory):
+    data_root = tmp_path_factory.mktemp("data")
+    instance = dg.DagsterInstance.ephemeral()
+    results = {}
+    for name, key, config in [
+        ("models", "tiny", None),
+        ("saes", "tiny-sae", None),
+        ("prompt_datasets", "tiny-prompts", None),
+        ("activations", "tiny", {"n_prompts": 6, "batch_size": 4, "num_inference_steps": 8, "seed": 1}),
+        ("timestep_stats", "tiny-raw", {"top_k": 5, "peak_separation": 50}),
+        ("timestep_stats", "tiny-sae", {"top_k": 10}),
+        ("activity_plots", "tiny-raw:0-15", None),
+    ]:
+        result = _materialize(name, key, data_root, instance, config)
+        assert result.success, _error(result)
+        results[(name, key)] = _metadata(result, name)
+    return data_root, instance, results
+
+
+def test_definitions_load_and_list_every_stage():
+    dg.Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots"} <= keys
+
+
+def test_dagster_cli_validates_the_definitions():
+    out = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_channel_blocks_cover_each_variant_exactly():
+    keys = block_keys()
+    assert "tiny-raw:0-15" in keys and "tiny-raw:48-63" in keys and "tiny-sae:192-255" in keys
+    assert not any(k.startswith("tiny-raw:64") for k in keys)  # no cells beyond a variant's width
+    assert sum(1 for k in keys if k.startswith("style50-sae:")) == 80
+    with pytest.raises(ValueError, match="not a channel-block partition key"):
+        parse_block_key("tiny-raw:0")
+
+
+def test_provisioning_records_size_count_hash_and_skips_intact_copies(graph_run):
+    data_root, instance, results = graph_run
+    model = results[("models", "tiny")]
+    assert model["file_count"] > 5 and model["size_bytes"] > 100_000 and len(model["content_hash"]) == 64
+    again = _metadata(_materialize("models", "tiny", data_root, instance), "models")
+    assert again["skipped_intact_copy"] is True and again["content_hash"] == model["content_hash"]
+    prompts = results[("prompt_datasets", "tiny-prompts")]
+    assert prompts["unique_prompts"] == 32 and prompts["invalid_lines"] == 0
+
+
+def test_activations_metadata_and_lineage(graph_run):
+    _, _, results = graph_run
+    meta = results[("activations", "tiny")]
+    assert meta["generations"] == 6 and meta["timesteps"] == 8
+    assert meta["channels_per_variant"] == {"tiny-raw": 64, "tiny-sae": 256}
+    assert meta["bytes_written"] > 0 and meta["seconds_per_image"] > 0
+    assert "data:image/png;base64" in meta["preview"]
+    assert set(meta["upstream_versions"]) == {"models/tiny", "saes/tiny-sae", "prompt_datasets/tiny-prompts"}
+    assert meta["config"]["num_inference_steps"] == 8 and len(meta["config_hash"]) == 16
+
+
+def test_statistics_tables_are_queryable_with_duckdb(graph_run):
+    data_root, _, results = graph_run
+    meta = results[("timestep_stats", "tiny-raw")]
+    assert meta["channels"] == 64 and meta["generations"] == 6
+    db = data_root / "outputs" / "default" / "timestep_stats" / "tiny-raw" / "stats.duckdb"
+    con = duckdb.connect(str(db), read_only=True)
+    # every generation has exactly top_k channels at every timestep
+    assert con.execute("select count(*) from topk").fetchone()[0] == 6 * 8 * 5
+    freq = con.execute("select max(frequency), min(frequency) from frequency").fetchone()
+    assert 0 < freq[1] <= freq[0] <= 1
+    assert con.execute("select count(distinct channel) from max_activation").fetchone()[0] == 64
+    for table in ("active_timesteps", "activity_peaks", "dataset_examples", "channels"):
+        assert con.execute(f"select count(*) from {table}").fetchone()[0] > 0, table
+    active = con.execute("select count(*) from channels where is_active").fetchone()[0]
+    assert active == meta["active_channel_count"]
+    con.close()
+
+
+def test_activity_plots_are_written_for_active_channels(graph_run):
+    data_root, _, results = graph_run
+    meta = results[("activity_plots", "tiny-raw:0-15")]
+    figures = list((data_root / "outputs" / "default" / "activity_plots" / "tiny-raw").glob("channel_*"))
+    assert meta["figures"] == len(figures) > 0
+    assert all(f.suffix in {".png", ".gif"} for f in figures)
+
+
+def test_downstream_before_upstream_names_the_asset_to_materialize(tmp_path):
+    result = _materialize("timestep_stats", "tiny-raw", tmp_path, dg.DagsterInstance.ephemeral())
+    assert not result.success
+    assert "materialize activations[tiny] first" in _error(result)
+
+
+def test_bad_config_is_rejected_with_the_field_named(graph_run):
+    data_root, instance, _ = graph_run
+    result = _materialize("timestep_stats", "tiny-raw", data_root, instance, {"top_k": 999})
+    assert not result.success and "top_k" in _error(result)
