@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from dagster_project.resources import DdrStorage
 from ddr_assets.activations import image_preview
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, path_metadata
+from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions, parse_block_key
 from ddr_core.plots import render_channel_figure, save_activity_figure
 from ddr_core.records import make_record, read_record, write_record
@@ -33,41 +33,45 @@ ActivityPlotsRunConfig = dagster_config_from(ActivityPlotsConfig, "ActivityPlots
     group_name="plots",
     code_version=ACTIVITY_PLOTS_CODE_VERSION,
     kinds={"matplotlib"},
+    backfill_policy=dg.BackfillPolicy.single_run(),
     description="Per active channel: activity profile with peaks, max-activation curve and the top "
                 "dataset example of each peak; a GIF cycling over the peaks, a PNG when there is one.",
 )
 def activity_plots(context: dg.AssetExecutionContext, config: ActivityPlotsRunConfig,
                    storage: DdrStorage) -> dg.MaterializeResult:
-    variant, first, last = parse_block_key(context.partition_key)
     plots_config = to_core(config, ActivityPlotsConfig, asset="activity_plots")
     layout = storage.layout
-    stats_record = read_record(layout.records_dir, "timestep_stats", variant,
-                               required_by=f"activity_plots[{context.partition_key}]")
-    stats_dir = layout.timestep_stats_dir(variant)
-    channels = pl.read_parquet(stats_dir / "channels.parquet").filter(
-        pl.col("channel").is_between(first, last))
-    if plots_config.only_active:
-        channels = channels.filter(pl.col("is_active"))
-    out_dir = layout.activity_plots_dir(variant)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for channel in channels["channel"].to_list():
-        frames = render_channel_figure(stats_dir, channel, layout.data_root, dpi=plots_config.dpi)
-        path = save_activity_figure(frames, out_dir / f"channel_{channel:05d}",
-                                    duration_ms=int(plots_config.frame_duration_s * 1000))
-        written.append(path)
-    context.log.info(f"{len(written)} figure(s) for channels {first}..{last} of {variant}")
-    upstream = {f"timestep_stats/{variant}": stats_record["data_version"]}
-    run_config = plots_config.model_dump()
-    write_record(layout.records_dir, make_record(
-        "activity_plots", context.partition_key, ACTIVITY_PLOTS_CODE_VERSION, run_config, upstream,
-        stats_record["data_version"], outputs={"figures": [layout.relative(p) for p in written]},
-    ))
+    written: list = []
+    upstream: dict[str, str] = {}
+    # A backfill over a channel range runs as one run (BackfillPolicy.single_run): every block in it.
+    for key in context.partition_keys:
+        variant, first, last = parse_block_key(key)
+        stats_record = read_record(layout.records_dir, "timestep_stats", variant,
+                                   required_by=f"activity_plots[{key}]")
+        stats_dir = layout.timestep_stats_dir(variant)
+        channels = pl.read_parquet(stats_dir / "channels.parquet").filter(
+            pl.col("channel").is_between(first, last))
+        if plots_config.only_active:
+            channels = channels.filter(pl.col("is_active"))
+        out_dir = layout.activity_plots_dir(variant)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        block_written = []
+        for channel in channels["channel"].to_list():
+            frames = render_channel_figure(stats_dir, channel, layout.data_root, dpi=plots_config.dpi)
+            block_written.append(save_activity_figure(frames, out_dir / f"channel_{channel:05d}",
+                                                      duration_ms=int(plots_config.frame_duration_s * 1000)))
+        context.log.info(f"{len(block_written)} figure(s) for channels {first}..{last} of {variant}")
+        block_upstream = {f"timestep_stats/{variant}": stats_record["data_version"]}
+        write_record(layout.records_dir, make_record(
+            "activity_plots", key, ACTIVITY_PLOTS_CODE_VERSION, plots_config.model_dump(), block_upstream,
+            stats_record["data_version"], outputs={"figures": [layout.relative(p) for p in block_written]},
+        ))
+        written += block_written
+        upstream.update(block_upstream)
     return dg.MaterializeResult(metadata={
-        "path": path_metadata(out_dir),
         "figures": len(written),
         "gifs": sum(p.suffix == ".gif" for p in written),
-        "channel_range": f"{first}-{last}",
+        "blocks": dg.MetadataValue.json(list(context.partition_keys)),
         "preview": image_preview(written[:3], size=320),
-        **lineage_metadata(run_config, upstream, ACTIVITY_PLOTS_CODE_VERSION),
+        **lineage_metadata(plots_config.model_dump(), upstream, ACTIVITY_PLOTS_CODE_VERSION),
     })
