@@ -24,6 +24,7 @@ $(VENV)/.ddr-installed: pyproject.toml
 	@touch $@
 
 test: setup
+	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
@@ -35,6 +36,7 @@ lint: setup
 	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
 
 validate: setup
+	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
 # The Dagster UI on http://127.0.0.1:3000 (loopback only; see README for remote access).

@@ -8,7 +8,7 @@ cross-field rules happens when the asset converts it back with :func:`to_core`.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import dagster as dg
 from pydantic import BaseModel, ValidationError, create_model
@@ -16,8 +16,11 @@ from pydantic import BaseModel, ValidationError, create_model
 M = TypeVar("M", bound=BaseModel)
 
 
-def dagster_config_from(model: type[BaseModel], name: str) -> type[dg.Config]:
+def dagster_config_from(model: type[BaseModel], name: str,
+                        extra: dict[str, tuple[Any, Any]] | None = None) -> type[dg.Config]:
+    """A ``dagster.Config`` with the fields of ``model`` (plus ``extra`` run-level fields)."""
     fields = {field_name: (info.annotation, info) for field_name, info in model.model_fields.items()}
+    fields.update(extra or {})
     config_cls = create_model(name, __base__=dg.Config, __doc__=model.__doc__, **fields)
     config_cls.__module__ = __name__
     return config_cls
@@ -26,7 +29,7 @@ def dagster_config_from(model: type[BaseModel], name: str) -> type[dg.Config]:
 def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:
     """Validate a Dagster config as the core model; errors name the asset and the field."""
     try:
-        return model.model_validate(config.model_dump())
+        return model.model_validate(config.model_dump(include=set(model.model_fields)))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise dg.Failure(description=f"invalid config for {asset}: {problems}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -67,9 +68,10 @@ def test_definitions_load_and_list_every_stage():
     assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots"} <= keys
 
 
-def test_dagster_cli_validates_the_definitions():
+def test_dagster_cli_validates_the_definitions(tmp_path):
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path)}
     out = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
