@@ -2,7 +2,8 @@
 
 from ddr_assets.activations import activations
 from ddr_assets.activity_plots import activity_plots
+from ddr_assets.priors import priors
 from ddr_assets.provisioning import PROVISIONING_ASSETS
 from ddr_assets.timestep_stats import timestep_stats
 
-ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, activity_plots]
+ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, activity_plots, priors]

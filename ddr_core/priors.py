@@ -1,0 +1,682 @@
+"""Priors: what the model draws, from an empty prompt, when one channel is pushed.
+
+For every channel of a variant (a raw channel of the target layer, or a feature of its SAE), the
+prior is ``n_results`` images generated from the **empty prompt** with ``guidance_scale=1`` (no
+classifier-free guidance), one per seed, while the channel is steered at the target layer:
+
+- raw basis: ``strength(t)`` is added to that channel at every spatial position (one-hot direction);
+- SAE basis: ``strength(t) * W_dec[feature]`` (the feature's decoder row) is added at every position.
+
+Steering schedule
+-----------------
+``strength(t) = max_activation(channel, t) * scale`` (``scale``: ``steer_strength_scale``, default 50
+raw / 500 SAE), applied only at the channel's *selected* timesteps. The timestep statistics record
+``max_activation`` at the capture's observed timesteps (e.g. the 50 DDIM steps ``981, 961, ..., 1``);
+the generation runs on its own scheduler timesteps. The mapping:
+
+1. ``max_activation`` is linearly interpolated onto every train timestep ``0..num_train_timesteps-1``
+   exactly like the activity profile (:func:`ddr_core.statistics.interpolate_profile`; ``np.interp``,
+   values beyond the observed range held). At an observed timestep it is the recorded value.
+2. The selected train timesteps are
+
+   - ``active_timesteps``: the channel's active timesteps (interpolated activity profile ``> 0``,
+     the rows of ``active_timesteps.parquet``);
+   - ``all_timesteps``: every train timestep;
+   - ``activity_peaks``: for each of the channel's peaks (``activity_peaks.parquet``, up to
+     ``top_peak_count``), the *scheduler* timestep nearest the peak (ties to the larger timestep).
+
+3. :func:`ddr_core.hooks.steer_layer` reads the table at the current scheduler timestep, so a
+   scheduler timestep is steered iff it is selected. With the capture's scheduler and step count
+   (the default) this is what the thesis did; with another step count the interpolation keeps the
+   strengths defined where the thesis would have failed a dictionary lookup.
+
+Differences from the thesis' prior stage (``stages/s04_prior.py``): it looked up ``max_activation``
+only at observed timesteps (generation had to use the capture's schedule), had no ``activity_peaks``
+mode, generated unsteered images for channels without active timesteps (we record them as skipped),
+drew noise with device generators (we use one CPU generator per seed, so results do not depend on the
+device or batch), ran one channel per pipeline call (we batch channel x seed), and min-max normalised
+the decoded images over each channel's whole batch (we use diffusers' per-image postprocessing).
+
+On-disk format (``out_dir/channel_<c:05d>/``, every file written atomically)
+-------------------------------------------------------------------------------
+``latents.safetensors``  ``latents`` ``(n_seeds, latent_channels, h, w)`` float32: the final denoised
+                         latents (before the VAE, as ``output_type="latent"`` returns them);
+                         ``seeds`` ``(n_seeds,)`` int64; string metadata: format, channel, basis,
+                         layer, timesteps_mode, steer_strength_scale, num_inference_steps, height,
+                         width, config_hash.
+``seed_<seed>.png``      the decoded image of each seed.
+``prior.json``           written **last**; a channel is finished iff it exists. Fields: format,
+                         channel, status (``"done"`` or ``"skipped"``), reason (``null``, or why it
+                         was skipped: ``"inactive"`` / ``"no_steered_timesteps"``), message, basis,
+                         layer, prompt (``""``), guidance_scale (1.0), timesteps_mode,
+                         steer_strength_scale, num_inference_steps, height, width, seeds,
+                         steered_timesteps (scheduler timesteps with nonzero strength, denoising
+                         order), strengths (one per steered timestep), strength_summary (n_steered,
+                         min, max, mean), images (paths relative to the data root, seed order),
+                         latents (relative path or ``null``), config_hash, stats_config_hash.
+
+A rerun skips finished channels; one whose ``prior.json`` has another ``config_hash`` (other seeds,
+mode, scale, steps, size, basis or layer) raises :class:`PriorsConfigMismatch` rather than mixing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
+from ddr_core.config import config_hash
+from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
+
+LogFn = Callable[[str], None]
+TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks"]
+
+FORMAT = "ddr.priors/1"
+PRIOR_FILE = "prior.json"
+LATENTS_FILE = "latents.safetensors"
+DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
+DEFAULT_STEER_STRENGTH_SCALE: dict[str, float] = {"raw": 50.0, "sae": 500.0}
+PRIOR_PROMPT = ""
+PRIOR_GUIDANCE_SCALE = 1.0
+
+
+class PriorsConfig(BaseModel):
+    """Parameters of the priors stage (validated; errors name the field)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_results: int = Field(default=5, ge=1, description="images per channel, one per seed")
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS),
+                             description="one seed per result; len(seeds) == n_results")
+    timesteps: TimestepSelection = Field(default="active_timesteps",
+                                         description="which timesteps of a channel are steered")
+    steer_strength_scale: float | None = Field(
+        default=None, allow_inf_nan=False,
+        description="strength = max activation x this; None: 50 (raw) / 500 (SAE)",
+    )
+    num_inference_steps: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=16, ge=1, description="generations (channel x seed) per forward batch")
+    height: int | None = Field(default=None, ge=8, description="image height; None: the model's default")
+    width: int | None = Field(default=None, ge=8, description="image width; None: the model's default")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_match_results(cls, seeds: list[int], info: ValidationInfo) -> list[int]:
+        n_results = info.data.get("n_results")
+        if n_results is not None and len(seeds) != n_results:
+            raise ValueError(
+                f"seeds has {len(seeds)} entries but n_results is {n_results}: give exactly one seed "
+                f"per result (or change n_results to {len(seeds)})"
+            )
+        if any(seed < 0 for seed in seeds):
+            raise ValueError(f"seeds must be >= 0, got {seeds}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct (one image file per seed), got {seeds}")
+        return seeds
+
+    def resolved_scale(self, basis: Literal["raw", "sae"]) -> float:
+        """``steer_strength_scale``, or the basis default (50 raw, 500 SAE) when unset."""
+        if self.steer_strength_scale is not None:
+            return float(self.steer_strength_scale)
+        return DEFAULT_STEER_STRENGTH_SCALE[basis]
+
+
+# --------------------------------------------------------------------------------------------------
+# Steering schedule from the timestep statistics
+# --------------------------------------------------------------------------------------------------
+
+
+def _channel_list(channels: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:
+    return [int(c) for c in torch.as_tensor(channels, dtype=torch.long).flatten().tolist()]
+
+
+def _stats_width(summary: dict[str, Any], stats_dir: Path, channels: list[int]) -> int:
+    width = int(summary["width"])
+    bad = [c for c in channels if not 0 <= c < width]
+    if bad:
+        raise ValueError(
+            f"channel(s) {bad} are out of range: the timestep statistics in {stats_dir} cover "
+            f"channels 0..{width - 1}"
+        )
+    return width
+
+
+def channel_is_active(stats_dir: str | Path, channels: Sequence[int]) -> np.ndarray:
+    """``(len(channels),)`` bool: whether each channel has any active timestep in the statistics."""
+    stats_dir = Path(stats_dir)
+    channels = _channel_list(channels)
+    _stats_width(read_summary(stats_dir), stats_dir, channels)
+    active = set(
+        pl.scan_parquet(stats_dir / "active_timesteps.parquet")
+        .filter(pl.col("channel").is_in(channels))
+        .select(pl.col("channel").unique())
+        .collect()["channel"]
+        .to_list()
+    )
+    return np.array([c in active for c in channels], dtype=bool)
+
+
+def steering_schedule(
+    stats_dir: str | Path,
+    channels: Sequence[int],
+    mode: TimestepSelection,
+    scale: float,
+    num_train_timesteps: int = 1000,
+    *,
+    scheduler_timesteps: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Steering strengths ``(len(channels), num_train_timesteps)`` float32 from the statistics tables.
+
+    Entry ``[i, t]`` is ``scale * max_activation(channels[i], t)`` (interpolated onto every train
+    timestep, see the module docstring) where ``t`` is selected by ``mode`` and 0 elsewhere. Only the
+    rows of ``channels`` are read from ``max_activation.parquet``, ``active_timesteps.parquet`` and
+    ``activity_peaks.parquet``.
+
+    Args:
+        stats_dir: a finished timestep statistics folder (``summary.json`` present).
+        channels: channel indices (raw channels or SAE features of the variant).
+        mode: ``"active_timesteps"``, ``"all_timesteps"`` or ``"activity_peaks"``.
+        scale: multiplier of the max activation.
+        num_train_timesteps: the scheduler's train timesteps; must equal the statistics' profile length.
+        scheduler_timesteps: the generation's scheduler timesteps, used by ``activity_peaks`` to pick
+            the one nearest each peak; ``None`` means the statistics' observed timesteps.
+
+    Raises:
+        ValueError: an unknown mode, a channel outside the statistics' width, or a profile length
+            other than ``num_train_timesteps``.
+    """
+    if mode not in ("active_timesteps", "all_timesteps", "activity_peaks"):
+        raise ValueError(
+            f"unknown timesteps mode {mode!r}; use 'active_timesteps', 'all_timesteps' or 'activity_peaks'"
+        )
+    stats_dir = Path(stats_dir)
+    summary = read_summary(stats_dir)
+    channels = _channel_list(channels)
+    _stats_width(summary, stats_dir, channels)
+    profile_length = int(summary["config"]["total_timesteps"])
+    if profile_length != num_train_timesteps:
+        raise ValueError(
+            f"the statistics in {stats_dir} were computed on {profile_length} timesteps but the scheduler "
+            f"has num_train_timesteps={num_train_timesteps}; recompute the statistics with "
+            f"total_timesteps={num_train_timesteps}"
+        )
+    observed = np.asarray(summary["timesteps"], dtype=np.int64)
+    row_of = {channel: row for row, channel in enumerate(channels)}
+    n_rows = len(channels)
+    if n_rows == 0:
+        return torch.zeros(0, num_train_timesteps)
+
+    maxima = (
+        pl.scan_parquet(stats_dir / "max_activation.parquet")
+        .filter(pl.col("channel").is_in(channels))
+        .select("channel", "timestep", "max_activation")
+        .collect()
+    )
+    column_of = {int(t): i for i, t in enumerate(observed)}
+    recorded = np.full((n_rows, observed.size), np.nan, dtype=np.float64)
+    for channel, timestep, value in maxima.iter_rows():
+        if int(timestep) in column_of:
+            recorded[row_of[int(channel)], column_of[int(timestep)]] = value
+    missing = sorted({channels[r] for r in np.nonzero(np.isnan(recorded).any(axis=1))[0]})
+    if missing:
+        raise ValueError(
+            f"max_activation.parquet in {stats_dir} lacks observed timesteps for channel(s) {missing[:10]}; "
+            "the statistics are incomplete, recompute them"
+        )
+    strengths = np.stack(
+        [interpolate_profile(observed, recorded[r], num_train_timesteps) for r in range(n_rows)]
+    ) * float(scale)
+
+    selected = np.zeros((n_rows, num_train_timesteps), dtype=bool)
+    if mode == "all_timesteps":
+        selected[:] = True
+    elif mode == "active_timesteps":
+        active = (
+            pl.scan_parquet(stats_dir / "active_timesteps.parquet")
+            .filter(pl.col("channel").is_in(channels))
+            .select("channel", "timestep")
+            .collect()
+        )
+        rows = np.array([row_of[int(c)] for c in active["channel"].to_list()], dtype=np.int64)
+        selected[rows, active["timestep"].to_numpy().astype(np.int64)] = True
+    else:
+        targets = np.asarray(
+            observed if scheduler_timesteps is None else list(scheduler_timesteps), dtype=np.int64
+        )
+        peaks = (
+            pl.scan_parquet(stats_dir / "activity_peaks.parquet")
+            .filter(pl.col("channel").is_in(channels))
+            .select("channel", "timestep")
+            .collect()
+        )
+        for channel, timestep in peaks.iter_rows():
+            selected[row_of[int(channel)], nearest_observed_timestep(targets, int(timestep))] = True
+    return torch.from_numpy(np.where(selected, strengths, 0.0).astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------
+
+
+def scheduler_timesteps(pipe: Any, num_inference_steps: int) -> list[int]:
+    """The generation's scheduler timesteps (denoising order), from a copy of the pipe's scheduler."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(num_inference_steps)
+    return [int(t) for t in scheduler.timesteps.tolist()]
+
+
+def _default_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return (height or side, width or side)
+
+
+def generate_priors(
+    pipe: Any,
+    layer_name: str,
+    directions: torch.Tensor,
+    schedule: torch.Tensor,
+    seeds: Sequence[int],
+    *,
+    num_inference_steps: int,
+    batch_size: int,
+    height: int | None = None,
+    width: int | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, list[list[Any]]]:
+    """Generate the steered empty-prompt images of several channels, channel x seed in batches.
+
+    The ``n_channels * n_seeds`` generations are ordered channel-major and cut into batches of
+    ``batch_size``; batch element ``b`` is steered along its own channel's direction with its own
+    strengths (:func:`ddr_core.hooks.steer_layer`). Initial noise comes from one CPU generator per
+    seed (:func:`ddr_core.pipeline.initial_latents`), so a result depends only on (channel, seed),
+    not on which batch it ran in (up to float rounding of batched kernels).
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
+        layer_name: dotted UNet module name to steer.
+        directions: ``(n_channels, layer_channels)`` steering directions (one-hot rows for raw
+            channels, SAE decoder rows for features).
+        schedule: ``(n_channels, num_train_timesteps)`` strengths (:func:`steering_schedule`).
+        seeds: the seeds, one image per seed and channel.
+        num_inference_steps: denoising steps.
+        batch_size: generations per pipeline call.
+        height, width: image size; default the model's (``sample_size * vae_scale_factor``).
+        on_batch: called with the number of generations after each batch (progress).
+
+    Returns:
+        ``(latents, images)``: final denoised latents ``(n_channels, n_seeds, latent_channels, h, w)``
+        float32 on CPU, and ``images[channel_row][seed_index]`` PIL images.
+    """
+    from ddr_core.hooks import TimestepTracker, steer_layer
+    from ddr_core.pipeline import initial_latents, resolve_layer
+
+    if directions.ndim != 2 or schedule.ndim != 2 or directions.shape[0] != schedule.shape[0]:
+        raise ValueError(
+            f"directions (n_channels, C) and schedule (n_channels, timesteps) must have the same number "
+            f"of rows, got {tuple(directions.shape)} and {tuple(schedule.shape)}"
+        )
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("generate_priors needs at least one seed")
+    n_channels, n_seeds = directions.shape[0], len(seeds)
+    height, width = _default_size(pipe, height, width)
+    device = pipe.unet.device
+    layer = resolve_layer(pipe.unet, layer_name)
+    directions = directions.detach().float().cpu()
+    schedule = schedule.detach().float().cpu()
+
+    scale = pipe.vae_scale_factor
+    latents = torch.empty(n_channels, n_seeds, pipe.unet.config.in_channels, height // scale, width // scale)
+    images: list[list[Any]] = [[None] * n_seeds for _ in range(n_channels)]
+    if n_channels == 0:
+        return latents, images
+    with torch.inference_mode():
+        empty_embeds, _ = pipe.encode_prompt(PRIOR_PROMPT, device, 1, False)
+    elements = [(row, seed_index) for row in range(n_channels) for seed_index in range(n_seeds)]
+    for start in range(0, len(elements), batch_size):
+        batch = elements[start:start + batch_size]
+        rows = [row for row, _ in batch]
+        noise = initial_latents(pipe, [seeds[s] for _, s in batch], height, width,
+                                dtype=pipe.unet.dtype, device=device)
+        with TimestepTracker(pipe.unet) as tracker, steer_layer(
+            layer, tracker, directions[rows], schedule[rows]
+        ), torch.inference_mode():
+            final = pipe(
+                prompt_embeds=empty_embeds.repeat(len(batch), 1, 1), latents=noise, height=height,
+                width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=PRIOR_GUIDANCE_SCALE, output_type="latent",
+            ).images
+            decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False)[0]
+            pil_images = pipe.image_processor.postprocess(
+                decoded, output_type="pil", do_denormalize=[True] * len(batch)
+            )
+        final = final.float().cpu()
+        for index, (row, seed_index) in enumerate(batch):
+            latents[row, seed_index] = final[index]
+            images[row][seed_index] = pil_images[index]
+        if on_batch is not None:
+            on_batch(len(batch))
+    return latents, images
+
+
+# --------------------------------------------------------------------------------------------------
+# Resumable per-channel runner
+# --------------------------------------------------------------------------------------------------
+
+
+class PriorsConfigMismatch(ValueError):
+    """A priors folder already holds channels made with other parameters."""
+
+
+@dataclass
+class PriorsResult:
+    """What :func:`run_priors` did.
+
+    Attributes:
+        out_dir: the priors folder.
+        done: channels generated by this run.
+        skipped: channels recorded as skipped by this run -> reason (``inactive``,
+            ``no_steered_timesteps``).
+        resumed: channels already finished before this run (left untouched).
+        seconds: wall time of this run; ``images``: images generated by it.
+    """
+
+    out_dir: Path
+    done: list[int] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+    resumed: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    images: int = 0
+
+    @property
+    def skipped_inactive(self) -> list[int]:
+        return [c for c, reason in self.skipped.items() if reason == "inactive"]
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else float("nan")
+
+    def counts(self) -> dict[str, Any]:
+        """Counts and throughput (for logs and asset metadata)."""
+        return {
+            "done": len(self.done),
+            "skipped": len(self.skipped),
+            "skipped_inactive": len(self.skipped_inactive),
+            "resumed": len(self.resumed),
+            "images": self.images,
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.images_per_second, 3) if self.images else None,
+        }
+
+
+def channel_dir(out_dir: str | Path, channel: int) -> Path:
+    """``out_dir/channel_<c:05d>``."""
+    return Path(out_dir) / f"channel_{int(channel):05d}"
+
+
+def read_prior(out_dir: str | Path, channel: int) -> dict[str, Any] | None:
+    """The ``prior.json`` of a finished channel, or ``None`` when it is not finished."""
+    path = channel_dir(out_dir, channel) / PRIOR_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def check_channels(channels: Sequence[int], n_features: int, what: str) -> list[int]:
+    """Channels as a list of ints (duplicates dropped, order kept), all in ``[0, n_features)``.
+
+    Raises:
+        IndexError: naming the channels out of range and the valid range.
+    """
+    channels = list(dict.fromkeys(_channel_list(channels)))
+    bad = [c for c in channels if not 0 <= c < n_features]
+    if bad:
+        raise IndexError(
+            f"channel index(es) {bad} out of range: {what} has {n_features} channels, "
+            f"valid indices are 0..{n_features - 1}"
+        )
+    return channels
+
+
+def _relative(path: Path, data_root: Path) -> str:
+    return path.resolve().relative_to(data_root).as_posix()
+
+
+def run_priors(
+    pipe: Any,
+    sae_or_none: Any,
+    layer_name: str,
+    stats_dir: str | Path,
+    channels: Sequence[int],
+    out_dir: str | Path,
+    config: PriorsConfig,
+    data_root: str | Path,
+    log: LogFn | None = None,
+    stop_after_channels: int | None = None,
+) -> PriorsResult:
+    """Generate the priors of ``channels`` into ``out_dir``; resumable (see the module docstring).
+
+    Args:
+        pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
+        sae_or_none: the variant's :class:`~ddr_core.sae.Sae` (SAE basis) or ``None`` (raw channels).
+        layer_name: dotted UNet module name that is steered (the SAE's layer).
+        stats_dir: the variant's finished timestep statistics.
+        channels: channel / feature indices to do.
+        out_dir: the priors folder (below ``data_root``).
+        config: stage parameters.
+        data_root: what the image paths in ``prior.json`` are relative to.
+        stop_after_channels: handle only this many unfinished channels (tests simulate a kill).
+
+    Raises:
+        IndexError: a channel outside the layer's width / the SAE's features.
+        PriorsConfigMismatch: ``out_dir`` holds channels made with other parameters.
+    """
+    from safetensors.torch import save_file
+
+    from ddr_core.hooks import channel_directions
+    from ddr_core.pipeline import layer_width
+    from ddr_core.progress import Progress
+
+    start = time.monotonic()
+    out_dir, stats_dir, data_root = Path(out_dir), Path(stats_dir), Path(data_root).resolve()
+    try:
+        out_dir.resolve().relative_to(data_root)
+    except ValueError:
+        raise ValueError(f"out_dir {out_dir} is not below data_root {data_root}; image paths are "
+                         "stored relative to the data root") from None
+    basis: Literal["raw", "sae"] = "raw" if sae_or_none is None else "sae"
+    width = layer_width(pipe.unet, layer_name)
+    if sae_or_none is not None:
+        if sae_or_none.d_in != width:
+            raise ValueError(f"the SAE reads d_in={sae_or_none.d_in} channels but layer {layer_name!r} "
+                             f"has {width}; use the SAE trained for this layer")
+        n_features, what = sae_or_none.num_latents, f"the SAE of layer {layer_name!r}"
+    else:
+        n_features, what = width, f"layer {layer_name!r}"
+    channels = check_channels(channels, n_features, what)
+    summary = read_summary(stats_dir)
+    if int(summary["width"]) != n_features:
+        raise ValueError(f"the statistics in {stats_dir} have width {summary['width']} but {what} has "
+                         f"{n_features} channels; they belong to another variant")
+
+    scale = config.resolved_scale(basis)
+    height, width_px = _default_size(pipe, config.height, config.width)
+    timesteps = scheduler_timesteps(pipe, config.num_inference_steps)
+    num_train = int(pipe.scheduler.config.num_train_timesteps)
+    settings = {
+        "format": FORMAT, "basis": basis, "layer": layer_name, "prompt": PRIOR_PROMPT,
+        "guidance_scale": PRIOR_GUIDANCE_SCALE, "timesteps_mode": config.timesteps,
+        "steer_strength_scale": scale, "num_inference_steps": config.num_inference_steps,
+        "height": height, "width": width_px, "seeds": list(config.seeds),
+    }
+    settings_hash = config_hash(settings)
+    base = {**settings, "config_hash": settings_hash, "stats_config_hash": summary.get("config_hash")}
+
+    result = PriorsResult(out_dir=out_dir)
+    todo: list[int] = []
+    for channel in channels:
+        existing = read_prior(out_dir, channel)
+        if existing is None:
+            todo.append(channel)
+        elif existing.get("config_hash") != settings_hash:
+            changed = sorted(k for k in settings if existing.get(k) != settings[k])
+            raise PriorsConfigMismatch(
+                f"{channel_dir(out_dir, channel)} was made with different {', '.join(changed) or 'settings'}; "
+                f"use another experiment name (DDR_EXPERIMENT) or delete {out_dir} to start over"
+            )
+        else:
+            result.resumed.append(channel)
+    if result.resumed and log:
+        log(f"priors: resuming, {len(result.resumed)} of {len(channels)} channels already finished")
+    if stop_after_channels is not None:
+        todo = todo[:stop_after_channels]
+
+    def finish(channel: int, record: dict[str, Any]) -> None:
+        folder = channel_dir(out_dir, channel)
+        atomic_write_json(folder / PRIOR_FILE, {**base, "channel": channel, **record})
+
+    def skip(channel: int, reason: str, message: str) -> None:
+        finish(channel, {"status": "skipped", "reason": reason, "message": message, "steered_timesteps": [],
+                         "strengths": [], "strength_summary": {"n_steered": 0}, "images": [], "latents": None})
+        result.skipped[channel] = reason
+
+    active = channel_is_active(stats_dir, todo) if todo else np.zeros(0, dtype=bool)
+    for channel in (c for c, is_active in zip(todo, active, strict=True) if not is_active):
+        skip(channel, "inactive", "the channel has no active timesteps in the timestep statistics")
+    candidates = [c for c, is_active in zip(todo, active, strict=True) if is_active]
+
+    schedule = steering_schedule(stats_dir, candidates, config.timesteps, scale, num_train,
+                                 scheduler_timesteps=timesteps)
+    steered_mask = schedule[:, timesteps] != 0 if candidates else torch.zeros(0, len(timesteps), dtype=torch.bool)
+    to_generate: list[int] = []
+    for row, channel in enumerate(candidates):
+        if bool(steered_mask[row].any()):
+            to_generate.append(channel)
+        else:
+            skip(channel, "no_steered_timesteps",
+                 f"none of the {len(timesteps)} scheduler timesteps gets a nonzero strength in mode "
+                 f"{config.timesteps!r} (selected timesteps fall between scheduler steps, or the max "
+                 "activation there is 0)")
+    row_of = {c: r for r, c in enumerate(candidates)}
+
+    if basis == "raw":
+        all_directions = channel_directions(to_generate, width)
+    else:
+        index = torch.as_tensor(to_generate, dtype=torch.long, device=sae_or_none.W_dec.device)
+        with torch.no_grad():
+            all_directions = sae_or_none.decoder_directions(index).detach().float().cpu()
+
+    # Channels per pipeline call: the fewest whose generations fill whole batches.
+    n_seeds = len(config.seeds)
+    chunk = max(1, config.batch_size // math.gcd(config.batch_size, n_seeds))
+    seeds_tensor = torch.tensor(config.seeds, dtype=torch.int64)
+    with Progress(len(to_generate) * n_seeds, f"priors {out_dir.name}", log=log, unit="image") as progress:
+        for first in range(0, len(to_generate), chunk):
+            group = to_generate[first:first + chunk]
+            rows = [row_of[c] for c in group]
+            latents, images = generate_priors(
+                pipe, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
+                num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
+                height=height, width=width_px, on_batch=progress.update,
+            )
+            for position, channel in enumerate(group):
+                folder = channel_dir(out_dir, channel)
+                folder.mkdir(parents=True, exist_ok=True)
+                remove_temp_files(folder, recursive=False)
+                metadata = {
+                    "format": FORMAT, "channel": str(channel), "basis": basis, "layer": layer_name,
+                    "timesteps_mode": config.timesteps, "steer_strength_scale": repr(scale),
+                    "num_inference_steps": str(config.num_inference_steps), "height": str(height),
+                    "width": str(width_px), "config_hash": settings_hash,
+                }
+                with atomic_path(folder / LATENTS_FILE) as tmp:
+                    save_file({"latents": latents[position].contiguous(), "seeds": seeds_tensor},
+                              str(tmp), metadata=metadata)
+                image_paths = []
+                for seed, image in zip(config.seeds, images[position], strict=True):
+                    path = folder / f"seed_{seed}.png"
+                    with atomic_path(path) as tmp:
+                        image.save(tmp, format="PNG")
+                    image_paths.append(_relative(path, data_root))
+                row = schedule[row_of[channel]]
+                steered = [t for t in timesteps if float(row[t]) != 0.0]
+                strengths = [float(row[t]) for t in steered]
+                finish(channel, {
+                    "status": "done", "reason": None, "message": None,
+                    "steered_timesteps": steered, "strengths": strengths,
+                    "strength_summary": {
+                        "n_steered": len(steered), "min": min(strengths), "max": max(strengths),
+                        "mean": sum(strengths) / len(strengths),
+                    },
+                    "images": image_paths, "latents": _relative(folder / LATENTS_FILE, data_root),
+                })
+                result.done.append(channel)
+                result.images += n_seeds
+    result.seconds = time.monotonic() - start
+    if log:
+        log(f"priors {out_dir.name}: {result.counts()}")
+    return result
+
+
+# --- the stage: one variant of the project configuration --------------------------------------------
+
+
+def priors_for_variant(
+    project: Any,
+    layout: Any,
+    variant: str,
+    channels: Sequence[int] | None,
+    config: PriorsConfig,
+    device: torch.device | str,
+    log: LogFn | None = None,
+    stop_after_channels: int | None = None,
+) -> PriorsResult:
+    """Generate the priors of ``channels`` (``None``: all) of one variant of the project config.
+
+    Loads the variant's model (and SAE for an SAE basis), checks the channel indices and the widths,
+    reads ``layout.timestep_stats_dir(variant)`` and writes ``layout.stage_dir("priors", variant)``.
+
+    Raises:
+        IndexError: a channel index ``>= width`` (checked before anything is loaded).
+        ValueError: the config's ``width`` disagrees with the model layer / SAE.
+    """
+    from ddr_core.activations import resolve_dtype
+    from ddr_core.pipeline import layer_width, load_pipeline
+    from ddr_core.sae import find_sae_folder, load_sae
+
+    if variant not in project.variants:
+        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
+    spec = project.variants[variant]
+    layer_name = project.layer_of(variant)
+    what = f"variant {variant!r} ({spec.basis} basis of layer {layer_name!r})"
+    selected = list(range(spec.width)) if channels is None else check_channels(channels, spec.width, what)
+    stats_dir = layout.timestep_stats_dir(variant)
+    read_summary(stats_dir)  # fail before loading the model when the statistics are missing
+
+    device = torch.device(device)
+    pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
+    width = layer_width(pipe.unet, layer_name)
+    sae = None
+    if spec.basis == "sae":
+        folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
+        sae = load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32)
+    actual = sae.num_latents if sae is not None else width
+    if actual != spec.width:
+        raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} "
+                         f"basis has {actual}: set `width: {actual}`")
+    return run_priors(pipe, sae, layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
+                      config, layout.data_root, log=log, stop_after_channels=stop_after_channels)
