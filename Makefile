@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -23,7 +23,17 @@ $(VENV)/.ddr-installed: pyproject.toml
 	  $(PY) -m pip uninstall -y -q torchvision; fi
 	@touch $@
 
-test: setup
+# Debian's Chromium + ChromeDriver for the real-browser tests (nothing downloads a browser of its own).
+# Installed when missing and apt-get is usable (root); otherwise those tests skip with a loud reason.
+browser-deps:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian chromium + chromium-driver for the browser tests"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	    || echo "WARNING: could not install chromium; browser tests will skip"; \
+	else echo "NOTE: chromium/chromedriver not installed and not root: browser tests will skip"; fi
+
+test: setup browser-deps
 	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -43,6 +53,10 @@ validate: setup
 dev: setup
 	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+
+# The inspector (Streamlit, loopback only) on the demo's data root.
+inspect: setup
+	$(VENV)/bin/ddr inspect --data-root $${DDR_DATA_ROOT:-data}
 
 clean-data:
 	rm -rf data .dagster_home

@@ -15,15 +15,22 @@ from pathlib import Path
 import dagster as dg
 
 from dagster_project.resources import ComputeResource, DdrStorage
-from ddr_assets.partitions import block_key, project
+from ddr_assets.partitions import block_key, parse_block_key, project
 
 # Run config of the demo: a fixed seed so two demos give the same pictures.
+# Lighter than the stage defaults so the whole demo stays within minutes on a laptop CPU.
 DEMO_RUN_CONFIG: dict[str, dict] = {
     "activations": {"seed": 0, "batch_size": 8},
+    "priors": {"num_inference_steps": 25},
+    "dreams": {"batch_size": 64, "num_steps": 40, "n_results": 2, "timesteps": ["activity_peaks"]},
 }
+# Plots, priors and dreams run on the first channel block of each variant (every block: --all-blocks),
+# priors and dreams on its first DEMO_CHANNELS channels.
+DEMO_BLOCKS = 1
+DEMO_CHANNELS = 16
 
 
-def demo_plan(variants: list[str]) -> list[tuple[str, list[str]]]:
+def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, list[str]]]:
     """(asset name, partition keys) in dependency order for the given variants."""
     cfg = project()
     models = sorted({cfg.variants[v].model for v in variants})
@@ -31,13 +38,19 @@ def demo_plan(variants: list[str]) -> list[tuple[str, list[str]]]:
     prompts = sorted({cfg.variants[v].prompts for v in variants})
     captures = list(dict.fromkeys(cfg.capture_of(v) for v in variants))
     blocks = [block_key(v, first, last) for v in variants for first, last in cfg.variants[v].channel_blocks()]
+    few = [block_key(v, first, last) for v in variants
+           for first, last in cfg.variants[v].channel_blocks()[: None if all_blocks else DEMO_BLOCKS]]
     return [
         ("models", models),
         ("saes", saes),
         ("prompt_datasets", prompts),
         ("activations", captures),
         ("timestep_stats", list(variants)),
-        ("activity_plots", blocks),
+        ("activity_plots", few),
+        ("priors", few),
+        ("dreams", few),
+        ("representation_shards", blocks),
+        ("html_export", list(variants)),
     ]
 
 
@@ -54,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variants", nargs="*", default=None,
                         help="variants to run (default: the config's default_variants)")
+    parser.add_argument("--all-blocks", action="store_true",
+                        help="plots, priors and dreams for every channel block (default: the first of each variant)")
     args = parser.parse_args(argv)
     variants = args.variants or project().default_variants
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
@@ -61,11 +76,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ddr demo: variants {variants}; data root {storage.layout.data_root}; "
           f"experiment {storage.layout.experiment}")
     start = time.monotonic()
-    for asset_name, keys in demo_plan(variants):
+    for asset_name, keys in demo_plan(variants, args.all_blocks):
         for key in keys:
             t0 = time.monotonic()
-            run_config = {"ops": {asset_name: {"config": DEMO_RUN_CONFIG[asset_name]}}} \
-                if asset_name in DEMO_RUN_CONFIG else None
+            op_config = dict(DEMO_RUN_CONFIG.get(asset_name, {}))
+            if asset_name in ("priors", "dreams") and not args.all_blocks:
+                _, first, last = parse_block_key(key)
+                op_config["channels"] = list(range(first, min(last + 1, first + DEMO_CHANNELS)))
+            run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
             result = dg.materialize([_asset_by_name(asset_name)], partition_key=key, instance=instance,
                                     resources={"storage": storage, "compute": ComputeResource()},
                                     run_config=run_config, raise_on_error=False)
@@ -76,9 +94,15 @@ def main(argv: list[str] | None = None) -> int:
                     if event.is_failure and event.event_specific_data is not None:
                         print(getattr(event.event_specific_data, "error", event.message), file=sys.stderr)
                 return 1
-    print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {storage.layout.data_root}.")
-    print(f"Browse it: DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME', '.dagster_home')).resolve()} "
-          f".venv/bin/dagster dev   (then open http://127.0.0.1:3000)")
+    layout = storage.layout
+    print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
+    print("Look at the results:")
+    print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"
+          f" --experiment {layout.experiment}; opens http://127.0.0.1:8501)")
+    for variant in variants:
+        print(f"  HTML report of {variant}: {layout.stage_dir('html_export', variant) / 'index.html'}")
+    print(f"  Dagster UI: make dev   (DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME', '.dagster_home')).resolve()};"
+          f" then open http://127.0.0.1:3000)")
     return 0
 
 

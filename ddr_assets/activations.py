@@ -75,7 +75,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     upstream = upstream_versions(storage, group, required_by=f"activations[{group}]")
     layout = storage.layout
     result = capture_group(storage.project, layout, group, capture_config, compute.torch_device(),
-                           log=context.log.info)
+                           log=context.log.info, lock_owner=f"dagster run {context.run_id}")
     summary = result.summary
     if not summary.get("complete"):
         raise dg.Failure(

@@ -33,3 +33,21 @@ def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
         raise dg.Failure(description=f"invalid config for {asset}: {problems}") from None
+
+
+def with_variant_overrides(config: dg.Config, model: type[M], overrides: dict[str, Any], *, asset: str) -> M:
+    """The core config with the variant's overrides (``variants.<v>.overrides.<stage>`` in the project
+    config) applied to every field the run left at its default; fields set in the run config win."""
+    defaults = model()
+    unknown = sorted(set(overrides) - set(model.model_fields))
+    if unknown:
+        raise dg.Failure(description=f"unknown {asset} override(s) {unknown} in the project config; "
+                                     f"known: {sorted(model.model_fields)}")
+    given = to_core(config, model, asset=asset)
+    merged = {name: (overrides[name] if name in overrides and getattr(given, name) == getattr(defaults, name)
+                     else getattr(given, name)) for name in model.model_fields}
+    try:
+        return model.model_validate(merged)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+        raise dg.Failure(description=f"invalid config for {asset}: {problems}") from None

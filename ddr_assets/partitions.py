@@ -114,3 +114,8 @@ def block_to_variant_mapping() -> dg.StaticPartitionMapping:
     for key in block_keys():
         mapping.setdefault(parse_block_key(key)[0], set()).add(key)
     return dg.StaticPartitionMapping(mapping)
+
+
+def variant_to_blocks_mapping() -> dg.StaticPartitionMapping:
+    """upstream channel block -> its variant (a per-variant asset reading every block)."""
+    return dg.StaticPartitionMapping({key: parse_block_key(key)[0] for key in block_keys()})

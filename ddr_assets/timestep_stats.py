@@ -35,7 +35,8 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
     upstream = {f"activations/{group}": upstream_record["data_version"]}
     out_dir = layout.timestep_stats_dir(variant)
     summary = compute_timestep_stats(ActivationStore(layout.activations_dir(group)), variant, out_dir,
-                                     stats_config, log=context.log.info)
+                                     stats_config, log=context.log.info,
+                                     lock_owner=f"dagster run {context.run_id}")
     run_config = stats_config.resolved()
     data_version = summary.config_hash + "-" + upstream_record["data_version"]
     write_record(layout.records_dir, make_record(

@@ -12,12 +12,29 @@ seed and its generation id, so:
 
 The plan (prompts, seeds, sizes) is fixed in ``capture_plan.json`` by the first run; a later run with
 different parameters fails with a message instead of mixing two captures in one store.
+
+Locking (:mod:`ddr_core.locks`), so that concurrent runs never interleave their writes:
+
+- ``<root>/.lock.shard-<i>-of-<n>``: held exclusively by the run of shard ``i`` of ``n`` for its whole
+  duration. A second run of the *same* shard (for an unsharded capture: a second run of the capture)
+  fails at once with :class:`~ddr_core.locks.PartitionLockedError` naming the running one, or waits
+  ``lock_wait`` seconds. Runs of *different* shards hold different locks and run side by side.
+- ``<root>/.lock``: held *shared* by every running shard while it writes batches. Housekeeping that
+  deletes files it does not own needs it *exclusively*: at start, a run that finds no other shard
+  running deletes every unfinished leftover (``clean_unfinished``); one that finds others running
+  deletes only the leftovers of its own batches. Finalizing (assembling ``generations.parquet``) takes
+  it exclusively once every batch is finished, after the other shards are done.
+- Concurrent shards must use the same ``num_shards`` (a run with ``num_shards=1`` beside a run with
+  ``num_shards=2`` would write the shared batches twice; the results are identical by construction,
+  but the work is wasted).
+- ``flock`` is released by the kernel when a process dies, so a ``kill -9`` leaves no stale lock.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -30,11 +47,38 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ddr_core.activation_store import ActivationStore, VariantBatch
-from ddr_core.atomic import atomic_path
+from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
+from ddr_core.locks import FileLock, PartitionLockedError, partition_lock
 
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
+GROUP_LOCK_FILE = ".lock"
+FINALIZE_LOCK_WAIT_S = 600.0
+_BATCH_FILE_RE = re.compile(r"^batch_(\d{5,})\.")
+
+
+def shard_lock_path(root: Path, shard_index: int, num_shards: int) -> Path:
+    """The lock file held by the run of one shard of the capture in ``root``."""
+    return Path(root) / f".lock.shard-{shard_index}-of-{num_shards}"
+
+
+def _remove_unfinished_batch_files(store: ActivationStore, batches: set[int]) -> list[Path]:
+    """Delete the files (temporaries included) of the unfinished batches among ``batches``.
+
+    What a killed run of this shard left behind; safe while other shards write *their* batches.
+    """
+    targets = batches - store.finished_batches()
+    removed: list[Path] = []
+    if not targets or not store.root.is_dir():
+        return removed
+    for path in store.root.rglob("*batch_*"):
+        name = path.name[1:].split(TEMP_MARKER)[0] if is_temp_name(path.name) else path.name
+        match = _BATCH_FILE_RE.match(name)
+        if match and int(match.group(1)) in targets and path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 class CaptureConfig(BaseModel):
@@ -197,6 +241,8 @@ def run_capture(
     model_version: str = "",
     log: LogFn | None = None,
     stop_after_batches: int | None = None,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> CaptureResult:
     """Generate and record; resumable and shardable (see the module docstring).
 
@@ -208,10 +254,13 @@ def run_capture(
         prompts: the unique prompts, in order (``config.n_prompts`` takes the first N).
         root: the capture group's store directory; ``data_root``: what image paths are relative to.
         stop_after_batches: stop after writing this many batches (tests use it to simulate a kill).
+        lock_wait: when another run of the same shard is running: ``False`` fails at once with
+            :class:`~ddr_core.locks.PartitionLockedError`, a number waits that many seconds, ``True``
+            waits without limit. ``lock_owner``: written into the lock file (e.g. the Dagster run id).
+
+    Everything is checked (prompts, layer name) before anything is written under ``root``.
     """
-    from ddr_core.hooks import TimestepTracker, capture_activations
-    from ddr_core.pipeline import initial_latents, resolve_layer
-    from ddr_core.progress import Progress
+    from ddr_core.pipeline import resolve_layer
 
     root = Path(root)
     device = pipe.unet.device
@@ -222,23 +271,63 @@ def run_capture(
     scale = pipe.vae_scale_factor
     height = config.height or pipe.unet.config.sample_size * scale
     width = config.width or pipe.unet.config.sample_size * scale
-    plan = fix_plan(root, CapturePlan(
-        prompts=prompts, num_images_per_prompt=images_per_prompt, batch_size=config.batch_size,
-        base_seed=config.seed if config.seed is not None else -1,
-        num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
-        height=height, width=width, variants=variant_info or {v: {} for v in reducers},
-        model_version=model_version,
-    ))
+    layer = resolve_layer(pipe.unet, layer_name)  # a wrong name fails here, before anything is written
+    owner = lock_owner or f"capture {root.name} shard {config.shard_index}/{config.num_shards}"
+    root.mkdir(parents=True, exist_ok=True)
+    with partition_lock(shard_lock_path(root, config.shard_index, config.num_shards), wait=lock_wait,
+                        owner=owner):
+        group_lock = FileLock(root / GROUP_LOCK_FILE, owner=owner)
+        try:
+            alone = True
+            try:
+                group_lock.acquire(wait=False)  # exclusive: no other shard is running
+            except PartitionLockedError:
+                alone = False
+            return _run_capture_locked(
+                pipe, layer, reducers, prompts, root, data_root, config, group_lock, alone,
+                CapturePlan(
+                    prompts=prompts, num_images_per_prompt=images_per_prompt, batch_size=config.batch_size,
+                    base_seed=config.seed if config.seed is not None else -1,
+                    num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                    height=height, width=width, variants=variant_info or {v: {} for v in reducers},
+                    model_version=model_version,
+                ),
+                log=log, stop_after_batches=stop_after_batches,
+            )
+        finally:
+            group_lock.release()
+
+
+def _run_capture_locked(
+    pipe: Any, layer: Any, reducers: dict[str, Reducer], prompts: list[str], root: Path, data_root: Path,
+    config: CaptureConfig, group_lock: FileLock, alone: bool, new_plan: CapturePlan, *,
+    log: LogFn | None, stop_after_batches: int | None,
+) -> CaptureResult:
+    """The body of :func:`run_capture`, run while this shard's lock is held.
+
+    ``group_lock`` is held exclusively when ``alone`` (no other shard running), else not held.
+    """
+    from ddr_core.hooks import TimestepTracker, capture_activations
+    from ddr_core.pipeline import initial_latents
+    from ddr_core.progress import Progress
+
+    device = pipe.unet.device
+    plan = fix_plan(root, new_plan)
     store = ActivationStore(root)
-    store.clean_unfinished()
-    finished = store.finished_batches()
     mine = [b for b in range(plan.n_batches) if b % config.num_shards == config.shard_index]
+    if alone:  # no other shard is writing: every leftover of a killed run can go
+        store.clean_unfinished()
+        group_lock.release()
+    else:  # others are writing their batches: remove only the leftovers of ours
+        _remove_unfinished_batch_files(store, set(mine))
+    group_lock.shared = True
+    group_lock.acquire(wait=FINALIZE_LOCK_WAIT_S)  # excludes finalize / full cleaning by others
+    finished = store.finished_batches()
     todo = [b for b in mine if b not in finished]
     result = CaptureResult(root=root, batches_skipped=[b for b in mine if b in finished])
     if result.batches_skipped and log:
         log(f"resuming: {len(result.batches_skipped)} of {len(mine)} batches already finished")
 
-    layer = resolve_layer(pipe.unet, layer_name)
     cfg = plan.guidance_scale > 1.0
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
@@ -277,8 +366,11 @@ def run_capture(
             if stop_after_batches is not None and len(result.batches_done) >= stop_after_batches:
                 break
     result.seconds = time.monotonic() - start
+    group_lock.release()
     all_done = store.finished_batches() >= set(range(plan.n_batches))
-    if all_done:
+    if all_done:  # exclusive: finalize deletes leftovers, so no shard may be writing
+        group_lock.shared = False
+        group_lock.acquire(wait=FINALIZE_LOCK_WAIT_S)
         result.summary = store.finalize()
     result.summary["complete"] = all_done
     result.summary["plan"] = {k: v for k, v in plan.to_json().items() if k != "prompts"}
@@ -289,11 +381,13 @@ def run_capture(
 # --- the stage: one capture group of the project configuration --------------------------------------
 
 def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, device: torch.device,
-                  log: LogFn | None = None, stop_after_batches: int | None = None) -> CaptureResult:
+                  log: LogFn | None = None, stop_after_batches: int | None = None, *,
+                  lock_wait: bool | float = False, lock_owner: str = "") -> CaptureResult:
     """Run the capture of one capture group of the project config (every variant of it at once).
 
-    Checks everything before generating: the model folder, the layer name, each variant's width, the
-    SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted and warned.
+    Checks everything before generating or writing: the model folder, the layer name, each variant's
+    width, the SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted
+    and warned. ``lock_wait`` / ``lock_owner``: see :func:`run_capture`.
     """
     from ddr_core.hooks import sae_reducer, spatial_mean
     from ddr_core.pipeline import layer_width, load_pipeline
@@ -331,4 +425,5 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
                              f"{spec.basis} basis has {actual}: set `width: {actual}`")
         info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": actual}
     return run_capture(pipe, layer_name, reducers, prompts, layout.activations_dir(group), layout.data_root,
-                       config, variant_info=info, log=log, stop_after_batches=stop_after_batches)
+                       config, variant_info=info, log=log, stop_after_batches=stop_after_batches,
+                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -41,6 +41,13 @@ Ranks (``rank``, ``peak_rank``) are 0-based: 0 is the largest. Outputs in ``out_
 
 Memory is bounded by one batch of dense activations plus ``F x T`` accumulators: top-k rows are
 written per batch and aggregated by DuckDB (which spills to disk), profiles are built per channel.
+
+Reliability: the inputs (variant, ``top_k`` against the width, timesteps) are checked before anything
+is written. One run at a time writes a given ``out_dir``: it holds the lock file
+``<out_dir's parent>/.<out_dir's name>.lock`` (:mod:`ddr_core.locks`; a second run fails at once
+naming the first, or waits ``lock_wait`` seconds). Everything is computed into a temporary sibling
+folder that replaces ``out_dir`` as a whole at the end (:func:`ddr_core.atomic.atomic_dir`), so a
+failure (a full disk, a kill) leaves the previous finished statistics in place and readable.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import find_peaks
 
 from ddr_core.activation_store import ActivationStore, topk_table
-from ddr_core.atomic import atomic_path, atomic_write_json
+from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json
+from ddr_core.locks import partition_lock
 
 LogFn = Callable[[str], None]
 
@@ -222,23 +230,24 @@ def compute_timestep_stats(
     config: TimestepStatsConfig | None = None,
     log: LogFn | None = None,
     duckdb_memory_limit: str | None = None,
+    *,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> StatsSummary:
     """Compute the timestep statistics of ``variant`` into ``out_dir`` (see the module docstring).
 
     Args:
         store: the capture group's store (finished batches only are read).
         variant: a variant of the store.
-        out_dir: output folder; existing tables are replaced, ``summary.json`` is written last.
+        out_dir: output folder; replaced as a whole once the new statistics are complete.
         config: parameters; defaults to ``TimestepStatsConfig()``.
         log: optional progress callback (e.g. Dagster's ``context.log.info``).
-        duckdb_memory_limit: e.g. ``"4GB"``; DuckDB spills to ``out_dir`` beyond it.
+        duckdb_memory_limit: e.g. ``"4GB"``; DuckDB spills to a temporary folder beside ``out_dir``.
+        lock_wait, lock_owner: see :func:`ddr_core.locks.partition_lock` (another run writing the
+            same ``out_dir``: fail at once, or wait that many seconds).
     """
     config = config or TimestepStatsConfig()
-    say = log or (lambda _message: None)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-
     width = store.width(variant)
     if config.top_k > width:
         raise ValueError(
@@ -251,10 +260,31 @@ def compute_timestep_stats(
             f"recorded timesteps span {observed.min()}..{observed.max()}, outside 0..{config.total_timesteps - 1}; "
             f"set total_timesteps to the scheduler's number of train timesteps"
         )
+    with partition_lock(stats_lock_path(out), wait=lock_wait,
+                        owner=lock_owner or f"timestep_stats {variant}"):
+        with atomic_dir(out) as staging:
+            summary = _compute_into(store, variant, out, staging, observed, width, config,
+                                    log or (lambda _message: None), duckdb_memory_limit)
+        write_stats_database(out, config)  # again: the views must name the final paths
+    return summary
+
+
+def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
+    """The lock file of a statistics folder: a sibling, since the folder itself is replaced whole."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.lock"
+
+
+def _compute_into(
+    store: ActivationStore, variant: str, out: Path, target: Path, observed: np.ndarray, width: int,
+    config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None,
+) -> StatsSummary:
+    """Write every table, ``stats.duckdb`` and ``summary.json`` into ``target`` (the staging folder
+    that becomes ``out``)."""
     timestep_column = {int(t): i for i, t in enumerate(observed)}
     n_examples = config.resolved_n_examples
 
-    work = Path(tempfile.mkdtemp(prefix=".stats-work.tmp-", dir=out))
+    work = Path(tempfile.mkdtemp(prefix=".stats-work.tmp-", dir=target))
     try:
         # 1. Per batch: top-k rows to Parquet parts, running maximum per (timestep, channel).
         parts: list[Path] = []
@@ -291,14 +321,14 @@ def compute_timestep_stats(
                 con,
                 "SELECT generation_id, timestep, rank, channel, activation FROM topk_parts "
                 "ORDER BY generation_id, timestep DESC, rank",
-                out / "topk.parquet",
+                target / "topk.parquet",
             )
             _copy_to_parquet(
                 con,
                 f"SELECT channel, timestep, count(*)::BIGINT AS count, "
                 f"count(*)::DOUBLE / {n_generations} AS frequency "
                 f"FROM topk_parts GROUP BY channel, timestep ORDER BY channel, timestep DESC",
-                out / "frequency.parquet",
+                target / "frequency.parquet",
             )
             _copy_to_parquet(
                 con,
@@ -315,12 +345,12 @@ def compute_timestep_stats(
                 LEFT JOIN read_parquet({_sql_path(generations_path)}) g USING (generation_id)
                 ORDER BY e.channel, e.timestep DESC, e.example_rank
                 """,
-                out / "dataset_examples.parquet",
+                target / "dataset_examples.parquet",
             )
             say(f"timestep stats {variant}: top-k, frequency and dataset examples written")
 
             frequency_rows = con.execute(
-                "SELECT channel, timestep, frequency FROM read_parquet(?)", [str(out / "frequency.parquet")]
+                "SELECT channel, timestep, frequency FROM read_parquet(?)", [str(target / "frequency.parquet")]
             ).fetchnumpy()
         finally:
             con.close()
@@ -331,7 +361,7 @@ def compute_timestep_stats(
         frequency[np.asarray(frequency_rows["channel"], dtype=np.int64), columns] = frequency_rows["frequency"]
 
         channels = np.arange(width, dtype=np.int32)
-        with atomic_path(out / "max_activation.parquet") as tmp:
+        with atomic_path(target / "max_activation.parquet") as tmp:
             pq.write_table(
                 pa.table(
                     {
@@ -345,12 +375,12 @@ def compute_timestep_stats(
             )
 
         # 4. Profiles, active timesteps and peaks, one channel at a time.
-        summary_columns = _profile_tables(out, observed, frequency, maximum, config)
+        summary_columns = _profile_tables(target, observed, frequency, maximum, config)
         say(f"timestep stats {variant}: profiles, active timesteps and peaks written")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    write_stats_database(out, config)
+    write_stats_database(target, config)
 
     active = summary_columns["is_active"]
     preview_order = np.lexsort((channels, -summary_columns["total_frequency"]))
@@ -376,10 +406,10 @@ def compute_timestep_stats(
         width=width,
         active_channel_count=int(active.sum()),
         peak_count=int(summary_columns["n_peaks"].sum()),
-        files={p.name: p.stat().st_size for p in sorted(out.iterdir()) if p.is_file() and not p.name.startswith(".")},
+        files={p.name: p.stat().st_size for p in sorted(target.iterdir()) if p.is_file() and not p.name.startswith(".")},
         preview=preview,
     )
-    atomic_write_json(out / "summary.json", {**summary.to_dict(), "store": str(store.root)})
+    atomic_write_json(target / "summary.json", {**summary.to_dict(), "store": str(store.root)})
     return summary
 
 

@@ -55,6 +55,12 @@ def graph_run(tmp_path_factory):
         ("timestep_stats", "tiny-raw", {"top_k": 5, "peak_separation": 50}),
         ("timestep_stats", "tiny-sae", {"top_k": 10}),
         ("activity_plots", "tiny-raw:0-15", None),
+        ("priors", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "seeds": [11, 12],
+                                     "num_inference_steps": 8}),
+        ("dreams", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "num_steps": 4,
+                                     "timesteps": ["0", "activity_peaks"], "snapshot_every": 2}),
+        ("representation_shards", "tiny-raw:0-15", None),
+        ("html_export", "tiny-raw", None),
     ]:
         result = _materialize(name, key, data_root, instance, config)
         assert result.success, _error(result)
@@ -65,7 +71,8 @@ def graph_run(tmp_path_factory):
 def test_definitions_load_and_list_every_stage():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots"} <= keys
+    assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots", "priors",
+            "dreams", "dreams_no_noise", "representation_shards", "html_export"} <= keys
 
 
 def test_dagster_cli_validates_the_definitions(tmp_path):
@@ -141,3 +148,54 @@ def test_bad_config_is_rejected_with_the_field_named(graph_run):
     data_root, instance, _ = graph_run
     result = _materialize("timestep_stats", "tiny-raw", data_root, instance, {"top_k": 999})
     assert not result.success and "top_k" in _error(result)
+
+
+def test_priors_and_dreams_for_explicit_channels(graph_run):
+    data_root, instance, results = graph_run
+    priors = results[("priors", "tiny-raw:0-15")]
+    assert priors["channels_done"] + priors["channels_skipped_inactive_or_unsteered"] == 3
+    assert priors["images"] == 2 * priors["channels_done"]
+    dreams = results[("dreams", "tiny-raw:0-15")]
+    assert dreams["channels_done"] + dreams["channels_without_timesteps_or_prior"] == 3
+    assert dreams["channels_done"] >= 1 and dreams["failed_dreams"] == 0
+    out = data_root / "outputs" / "default" / "dreams" / "tiny-raw"
+    assert sorted(p.parent.name for p in out.glob("channel_*/dream.json")) == [
+        "channel_00000", "channel_00001", "channel_00002"]
+    checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+        [dg.AssetCheckKey(dg.AssetKey("dreams"), "dream_quality")])
+    assert checks, "the dream_quality check ran with the materialization"
+
+
+def test_explicit_channels_outside_the_block_are_refused(graph_run):
+    data_root, instance, _ = graph_run
+    result = _materialize("priors", "tiny-raw:0-15", data_root, instance, {"channels": [40]})
+    assert not result.success and "not in the selected blocks" in _error(result)
+
+
+def test_representation_index_and_html_export(graph_run):
+    data_root, _, results = graph_run
+    shards = results[("representation_shards", "tiny-raw:0-15")]
+    assert shards["shards"] == 16 and shards["file_errors"] == 0
+    assert shards["with_dreams"] == results[("dreams", "tiny-raw:0-15")]["channels_done"]
+    index = data_root / "outputs" / "default" / "representation" / "tiny-raw" / "index.parquet"
+    con = duckdb.connect()
+    assert con.execute(f"select count(*) from read_parquet('{index}') where has_dreams").fetchone()[0] \
+        == shards["with_dreams"]
+    export = results[("html_export", "tiny-raw")]
+    assert export["channel_pages"] > 0 and Path(export["index_html"]).is_file()
+
+
+def test_variant_overrides_apply_unless_the_run_sets_the_field():
+    from ddr_assets.configs import with_variant_overrides
+    from ddr_assets.dreams import DreamsRunConfig
+    from ddr_core.dreams import DreamConfig
+
+    overrides = {"total_variation_weight": 0.0, "moment_penalty_weight": 0.5}
+    merged = with_variant_overrides(DreamsRunConfig(), DreamConfig, overrides, asset="dreams")
+    assert merged.total_variation_weight == 0.0 and merged.moment_penalty_weight == 0.5
+    assert merged.timesteps == [0, "activity_peaks"]
+    explicit = with_variant_overrides(DreamsRunConfig(total_variation_weight=0.2), DreamConfig, overrides,
+                                      asset="dreams")
+    assert explicit.total_variation_weight == 0.2
+    with pytest.raises(dg.Failure, match="unknown dreams override"):
+        with_variant_overrides(DreamsRunConfig(), DreamConfig, {"tv": 1}, asset="dreams")

@@ -1,0 +1,311 @@
+"""A static, self-contained HTML report of one variant's representation (opens from disk, no server).
+
+::
+
+    <out_dir>/
+      index.html                   sortable / filterable table of the active channels with thumbnails
+      channels/channel_<c:05d>.html  one page per channel: activity profile and max-activation charts
+                                   (inline SVG), peaks, dataset examples, dreams (both runs, every seed,
+                                   intermediate steps with their statistics) and priors
+      files/<path below the data root>   copies of every image shown (relative links)
+
+The pages need no JavaScript except the table sorting/filter of ``index.html`` (inline, vanilla).
+Images are copied through :func:`ddr_core.representation.resolve_file`: a path in a shard that is
+missing or escapes the data root is not copied and is shown as a placeholder naming it.
+"""
+
+from __future__ import annotations
+
+import html
+import shutil
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ddr_core.atomic import atomic_write_text
+from ddr_core.paths import DataLayout, resolve_inside
+from ddr_core.representation import (
+    DREAM_RUNS,
+    ShardFileError,
+    load_curves,
+    load_index,
+    load_shard,
+    resolve_file,
+)
+
+RUN_TITLES = {"noise": "with schedule noise", "no_noise": "without schedule noise"}
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:1.5rem;color:#222}
+table{border-collapse:collapse;font-size:.9rem}th,td{border-bottom:1px solid #ddd;padding:.3rem .5rem;text-align:left}
+th{cursor:pointer;background:#f4f4f4;position:sticky;top:0}th.sorted-asc::after{content:" \\25B2"}
+th.sorted-desc::after{content:" \\25BC"}img.thumb{width:64px;height:64px;object-fit:cover}
+.grid{display:flex;flex-wrap:wrap;gap:.8rem}.card{width:180px;font-size:.8rem}.card img{width:180px}
+.steps .card{width:110px}.steps .card img{width:110px}.missing{width:180px;height:60px;background:#fee;
+color:#a00;font-size:.75rem;padding:.3rem;overflow-wrap:anywhere}svg{background:#fff;border:1px solid #eee}
+nav a{margin-right:1rem}h3{margin-bottom:.3rem}.failed{color:#a00}
+"""
+_SORT_SCRIPT = """
+document.querySelectorAll('th[data-col]').forEach(function(th){th.addEventListener('click',function(){
+ var table=th.closest('table'),body=table.tBodies[0],col=+th.dataset.col,type=th.dataset.type;
+ var asc=!th.classList.contains('sorted-asc');
+ table.querySelectorAll('th').forEach(function(h){h.classList.remove('sorted-asc','sorted-desc');});
+ th.classList.add(asc?'sorted-asc':'sorted-desc');
+ var rows=Array.prototype.slice.call(body.rows);
+ rows.sort(function(a,b){var x=a.cells[col].dataset.value,y=b.cells[col].dataset.value;
+  if(type==='num'){x=x===''?-Infinity:+x;y=y===''?-Infinity:+y;}
+  return (x<y?-1:x>y?1:0)*(asc?1:-1);});
+ rows.forEach(function(r){body.appendChild(r);});});});
+document.getElementById('filter').addEventListener('input',function(e){var q=e.target.value.toLowerCase();
+ Array.prototype.forEach.call(document.querySelectorAll('#channels tbody tr'),function(r){
+  r.style.display=r.textContent.toLowerCase().indexOf(q)>=0?'':'none';});});
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not np.isfinite(value)) else f"{value:.{digits}f}"
+
+
+class _Files:
+    """Copies images from the data root into ``out_dir/files`` (path-checked) and makes links."""
+
+    def __init__(self, data_root: Path, out_dir: Path) -> None:
+        self.data_root, self.files_dir = data_root, out_dir / "files"
+        self.problems: list[str] = []
+
+    def link(self, relative: str | None, depth: int, what: str) -> str | None:
+        """The link to the copy of ``relative`` from a page ``depth`` folders below ``out_dir``."""
+        try:
+            source = resolve_file(self.data_root, relative, what)
+        except ShardFileError as error:
+            self.problems.append(str(error))
+            return None
+        destination = resolve_inside(self.files_dir, relative)  # relative is known to stay inside
+        if not destination.is_file() or destination.stat().st_size != source.stat().st_size:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, destination)
+        return "../" * depth + "files/" + Path(relative).as_posix()
+
+    def img(self, relative: str | None, depth: int, what: str, css: str = "", alt: str = "") -> str:
+        link = self.link(relative, depth, what)
+        if link is None:
+            return f'<div class="missing">{_e(what)} unavailable: {_e(relative)}</div>'
+        return f'<img src="{_e(link)}" class="{css}" alt="{_e(alt or what)}" loading="lazy">'
+
+
+def svg_chart(
+    timesteps: Sequence[float], values: Sequence[float], total_timesteps: int, title: str, colour: str,
+    markers: Iterable[tuple[float, float, str, str]] = (), rules: Iterable[float] = (), fill: bool = False,
+    width: int = 640, height: int = 220,
+) -> str:
+    """A line chart as inline SVG, timestep axis reversed (``total_timesteps`` left, 0 right).
+
+    ``markers``: ``(timestep, value, colour, label)`` drawn as labelled dots; ``rules``: timesteps
+    drawn as vertical dashed lines.
+    """
+    left, right, top, bottom = 48, 12, 24, 28
+    plot_w, plot_h = width - left - right, height - top - bottom
+    ys = np.asarray(values, dtype=np.float64)
+    finite = ys[np.isfinite(ys)]
+    low = min(0.0, float(finite.min())) if finite.size else 0.0
+    high = float(finite.max()) if finite.size else 1.0
+    high = high if high > low else low + 1.0
+
+    def px(t: float) -> float:
+        return left + (total_timesteps - float(t)) / total_timesteps * plot_w
+
+    def py(v: float) -> float:
+        return top + (high - float(v)) / (high - low) * plot_h
+
+    points = " ".join(f"{px(t):.1f},{py(v):.1f}" for t, v in zip(timesteps, ys, strict=True) if np.isfinite(v))
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+             f'aria-label="{_e(title)}">', f'<text x="{left}" y="16" font-size="13">{_e(title)}</text>']
+    for tick in range(0, total_timesteps + 1, max(1, total_timesteps // 5)):
+        x = px(tick)
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="#eee"/>')
+        parts.append(f'<text x="{x:.1f}" y="{height - 10}" font-size="10" text-anchor="middle">{tick}</text>')
+    for value in (low, (low + high) / 2, high):
+        parts.append(f'<text x="{left - 4}" y="{py(value) + 3:.1f}" font-size="10" text-anchor="end">'
+                     f'{value:.2g}</text>')
+    parts.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
+    if fill and points:
+        first_x = px(timesteps[0])
+        last_x = px(timesteps[-1])
+        parts.append(f'<polygon points="{first_x:.1f},{py(low):.1f} {points} {last_x:.1f},{py(low):.1f}" '
+                     f'fill="{colour}" fill-opacity="0.18" stroke="none"/>')
+    parts.append(f'<polyline class="curve" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+    for rule in rules:
+        x = px(rule)
+        parts.append(f'<line class="rule" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
+                     f'stroke="#3b5bdb" stroke-dasharray="4 3"/>')
+    for t, v, marker_colour, label in markers:
+        parts.append(f'<circle class="marker" cx="{px(t):.1f}" cy="{py(v):.1f}" r="5" fill="{marker_colour}">'
+                     f'<title>{_e(label)}</title></circle>')
+        if label:
+            anchor, dx = ("end", -6) if px(t) > left + plot_w * 0.85 else ("start", 6)
+            parts.append(f'<text x="{px(t) + dx:.1f}" y="{py(v) - 6:.1f}" font-size="10" '
+                         f'text-anchor="{anchor}">{_e(label)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _page(title: str, body: str, script: str = "") -> str:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+            f"<style>{_STYLE}</style></head><body>{body}"
+            + (f"<script>{script}</script>" if script else "") + "</body></html>")
+
+
+def _thumbnail(shard: dict[str, Any]) -> str | None:
+    peak_ts = [p["observed_timestep"] for p in shard["peaks"]]
+    for timestep in peak_ts:
+        for example in shard["examples"]:
+            if example["timestep"] == timestep and example["image"]:
+                return example["image"]
+    for run in DREAM_RUNS:
+        section = shard["dreams"].get(run)
+        if section and section["results"]:
+            return section["results"][0]["image"]
+    if shard["examples"]:
+        return shard["examples"][0]["image"]
+    return None
+
+
+def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
+                  neighbours: tuple[int | None, int | None]) -> str:
+    channel, total = int(shard["channel"]), int(shard["total_timesteps"])
+    curves = load_curves(layout, shard)
+    activity = curves["activity"].to_numpy()
+    nav = ['<nav><a href="../index.html">all channels</a>']
+    for label, other in zip(("previous", "next"), neighbours, strict=True):
+        if other is not None:
+            nav.append(f'<a href="channel_{other:05d}.html">{label}: channel {other}</a>')
+    nav.append("</nav>")
+    peak_markers = [(p["timestep"], p["height"], "#e74c3c", f"peak {p['timestep']}") for p in shard["peaks"]]
+    peak_timesteps = {p["timestep"] for p in shard["peaks"]}
+    dream_markers = [(t, float(activity[t]) if 0 <= t < total else 0.0, "#2ecc71",
+                      "" if t in peak_timesteps else f"dream {t}") for t in shard["visualised_timesteps"]]
+    summary = shard["summary"]
+    body = [*nav, f"<h1>{_e(variant)} - channel {channel}</h1>",
+            f"<p>total frequency {_fmt(summary.get('total_frequency'))}, active timesteps "
+            f"{_e(summary.get('n_active_timesteps'))}, max activation {_fmt(summary.get('max_activation'))}, "
+            f"peaks: {_e(', '.join(str(p['timestep']) for p in shard['peaks']) or 'none')}</p>",
+            '<div class="charts">',
+            svg_chart(curves["timestep"].to_list(), activity, total, "activity profile (frequency in top-k)",
+                      "#2b8a3e", markers=dream_markers + peak_markers, rules=[p["timestep"] for p in shard["peaks"]],
+                      fill=True),
+            svg_chart(curves["timestep"].to_list(), curves["max_activation"].to_numpy(), total,
+                      "maximum activation over the dataset", "#e67e22",
+                      rules=[p["timestep"] for p in shard["peaks"]]),
+            "</div>"]
+    for error in shard.get("errors", []):
+        body.append(f'<p class="failed">{_e(error["what"])} {_e(error["file"])}: {_e(error["problem"])}</p>')
+
+    body.append("<h2>Dataset examples</h2>")
+    for timestep in sorted({e["timestep"] for e in shard["examples"]}, reverse=True):
+        cards = [f'<div class="card">{files.img(e["image"], 1, "dataset example image", alt=e["prompt"] or "")}'
+                 f'<div>#{e["rank"] + 1} activation {_fmt(e["activation"])}</div><div>{_e(e["prompt"])}</div></div>'
+                 for e in shard["examples"] if e["timestep"] == timestep]
+        body.append(f'<h3>t={timestep}</h3><div class="grid">{"".join(cards)}</div>')
+    if not shard["examples"]:
+        body.append("<p>No dataset examples.</p>")
+
+    body.append("<h2>Deep dreams</h2>")
+    any_dream = False
+    for run in DREAM_RUNS:
+        section = shard["dreams"].get(run)
+        if not section or not section["results"]:
+            continue
+        any_dream = True
+        body.append(f"<h3>{_e(RUN_TITLES.get(run, run))}</h3>")
+        for timestep in sorted({r["timestep"] for r in section["results"]}, reverse=True):
+            body.append(f"<h4>t={timestep}</h4>")
+            for result in (r for r in section["results"] if r["timestep"] == timestep):
+                status = (f'<span class="failed">failed: {_e(result["failure_reason"])}</span>'
+                          if result["failed"] else "")
+                steps = "".join(
+                    f'<div class="card">{files.img(s["image"], 1, "dream snapshot image")}<div>step {s["step"]}: '
+                    f'act {_fmt(s.get("activation"))}, loss {_fmt(s.get("loss"))}</div></div>'
+                    for s in result["steps"]
+                )
+                body.append(
+                    f'<div class="grid"><div class="card">{files.img(result["image"], 1, "dream image")}'
+                    f'<div>seed {result["seed"]}: activation {_fmt(result["final_activation"])} {status}</div></div>'
+                    f'<div class="grid steps">{steps}</div></div>'
+                )
+    if not any_dream:
+        body.append("<p>No deep dreams.</p>")
+
+    body.append("<h2>Priors</h2>")
+    priors = shard.get("priors")
+    if priors and priors["status"] == "done":
+        cards = "".join(f'<div class="card">{files.img(p["image"], 1, "prior image")}<div>seed {p["seed"]}</div></div>'
+                        for p in priors["images"])
+        body.append(f'<p>steered at timesteps {_e(priors["steered_timesteps"])}</p><div class="grid">{cards}</div>')
+    elif priors:
+        body.append(f"<p>Priors skipped: {_e(priors.get('reason'))}</p>")
+    else:
+        body.append("<p>No priors.</p>")
+    return _page(f"{variant} channel {channel}", "".join(body))
+
+
+def export_html(
+    layout: DataLayout, variant: str, out_dir: str | Path, channels: Iterable[int] | None = None
+) -> Path:
+    """Write the static report of ``variant`` into ``out_dir``; returns ``out_dir/index.html``.
+
+    Args:
+        layout: data root + experiment.
+        variant: a variant with finished timestep statistics (shards are read from the representation
+            stage, or built in memory where it has not run).
+        out_dir: the report folder (created; existing files of a previous export are overwritten).
+        channels: channels to include; default: the active channels.
+    """
+    out = Path(out_dir).resolve()
+    (out / "channels").mkdir(parents=True, exist_ok=True)
+    index = load_index(layout, variant)
+    rows = index.filter(index["is_active"]) if channels is None else index.filter(
+        index["channel"].is_in([int(c) for c in channels]))
+    selected = [int(c) for c in rows["channel"]]
+    files = _Files(layout.data_root, out)
+    table_rows = []
+    for position, channel in enumerate(selected):
+        shard = load_shard(layout, variant, channel)
+        neighbours = (selected[position - 1] if position > 0 else None,
+                      selected[position + 1] if position + 1 < len(selected) else None)
+        atomic_write_text(out / "channels" / f"channel_{channel:05d}.html",
+                          _channel_page(layout, variant, shard, files, neighbours))
+        row = rows.row(position, named=True)
+        peaks = row["peak_timesteps"] or []
+        cells = [
+            ("", files.img(_thumbnail(shard), 0, "thumbnail", css="thumb")),
+            (channel, f'<a href="channels/channel_{channel:05d}.html">{channel}</a>'),
+            (row["total_frequency"], _fmt(row["total_frequency"])),
+            (row["n_active_timesteps"], _e(row["n_active_timesteps"])),
+            (row["top_peak_timestep"], _e(", ".join(str(p) for p in peaks))),
+            (row["max_activation"], _fmt(row["max_activation"])),
+            (row["n_examples"], _e(row["n_examples"])),
+            (int(row["has_priors"]), "yes" if row["has_priors"] else ""),
+            (row["n_dreams"], _e(row["n_dreams"] or "")),
+            (row["dream_ratio_mean"], _fmt(row["dream_ratio_mean"]) if row["dream_ratio_mean"] is not None else ""),
+            (row["top_prompts_text"], _e(row["top_prompts_text"])),
+        ]
+        table_rows.append("<tr>" + "".join(
+            f'<td data-value="{_e("" if v is None else v)}">{content}</td>' for v, content in cells) + "</tr>")
+    headers = [("", "text"), ("channel", "num"), ("total frequency", "num"), ("active timesteps", "num"),
+               ("peaks", "num"), ("max activation", "num"), ("examples", "num"), ("priors", "num"),
+               ("dreams", "num"), ("dream / top example", "num"), ("top prompts", "text")]
+    head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
+    problems = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(files.problems))
+    body = (f"<h1>{_e(variant)} ({_e(layout.experiment)})</h1>"
+            f"<p>{len(selected)} of {index.height} channels shown ({int(index['is_active'].sum())} active). "
+            "Click a column header to sort.</p>"
+            '<p><input id="filter" type="search" placeholder="filter rows (e.g. a prompt word)" size="40"></p>'
+            + (f'<details><summary class="failed">{len(dict.fromkeys(files.problems))} image(s) unavailable'
+               f"</summary><ul>{problems}</ul></details>" if problems else "")
+            + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>')
+    return atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))

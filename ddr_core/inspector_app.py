@@ -1,0 +1,373 @@
+"""Streamlit inspector of the representation stage: one channel at a time, at one timestep.
+
+Run::
+
+    streamlit run ddr_core/inspector_app.py -- --data-root data [--experiment default]
+    ddr inspect --data-root data            # the same, on 127.0.0.1:8501
+
+Arguments after ``--`` are the app's; without them ``DDR_DATA_ROOT`` / ``DDR_EXPERIMENT`` (defaults
+``./data`` / ``default``) are used. The sidebar chooses the variant, sorts / filters / searches the
+active channels, steps through them and chooses the timestep (activity peaks, timesteps with data, or
+any number 0..1000). The left column shows the activity profile and the maximum activation over the
+timesteps (axis reversed: denoising runs from 1000 to 0; peaks, visualised timesteps and the current
+timestep marked); the right column has tabs for the deep dream visualisation (noise / no-noise run,
+seed, intermediate optimisation steps with their statistics), the dataset examples and the priors.
+
+Shards come from ``representation/<variant>/channel_<c>.json`` (built in memory from the upstream
+stages when the representation stage has not run). Every file is opened through
+:func:`ddr_core.representation.resolve_file`, so a path in a shard cannot leave the data root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import altair as alt
+import pandas as pd
+import streamlit as st
+
+from ddr_core.paths import DataLayout
+from ddr_core.representation import (
+    DREAM_RUNS,
+    ShardFileError,
+    list_variants,
+    load_curves,
+    load_index,
+    load_shard,
+    representation_dir,
+    resolve_file,
+    search_channels,
+)
+
+DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
+SORT_OPTIONS = {
+    "channel": ("channel", False),
+    "activity (total frequency)": ("total_frequency", True),
+    "peak timestep": ("top_peak_timestep", True),
+    "dream quality (dream / top example)": ("dream_ratio_mean", True),
+    "max activation": ("max_activation", True),
+}
+RUN_LABELS = {"noise": "with schedule noise", "no_noise": "without schedule noise"}
+PEAK_COLOR, VISUALISED_COLOR, CURRENT_COLOR = "#e74c3c", "#2ecc71", "#3b5bdb"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="ddr inspector (Streamlit)", add_help=False)
+    parser.add_argument("--data-root", default=os.environ.get("DDR_DATA_ROOT", "data"))
+    parser.add_argument("--experiment", default=os.environ.get("DDR_EXPERIMENT", "default"))
+    args, _unknown = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return args
+
+
+def dagster_asset_url(asset: str = "representation_shards") -> str:
+    base = os.environ.get("DDR_DAGSTER_URL", DEFAULT_DAGSTER_URL).rstrip("/")
+    return f"{base}/assets/{asset}"
+
+
+# --- cached data access (keys: plain strings and file modification times) ---------------------------
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else 0.0
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_index(data_root: str, experiment: str, variant: str, stamp: float) -> pd.DataFrame:
+    return load_index(DataLayout(Path(data_root), experiment), variant).to_pandas()
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_shard(data_root: str, experiment: str, variant: str, channel: int, stamp: float) -> dict[str, Any]:
+    return load_shard(DataLayout(Path(data_root), experiment), variant, channel)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_curves(data_root: str, experiment: str, shard: dict[str, Any]) -> pd.DataFrame:
+    return load_curves(DataLayout(Path(data_root), experiment), shard).to_pandas()
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_search(data_root: str, experiment: str, variant: str, text: str, stamp: float) -> list[int]:
+    frame = search_channels(DataLayout(Path(data_root), experiment), variant, text, limit=100_000)
+    return frame["channel"].to_list()
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+def show_image(layout: DataLayout, relative: str | None, caption: str | None = None, what: str = "image") -> bool:
+    """Show the image ``relative`` (below the data root) or a warning naming why it cannot be shown."""
+    try:
+        path = resolve_file(layout.data_root, relative, what)
+    except ShardFileError as error:
+        st.warning(str(error))
+        return False
+    st.image(str(path), caption=caption, width="stretch")
+    return True
+
+
+def nearest(values: list[int], target: int) -> int | None:
+    if not values:
+        return None
+    return min(values, key=lambda v: (abs(v - target), -v))
+
+
+def set_timestep(value: int) -> None:
+    value = int(max(0, min(1000, value)))
+    st.session_state["timestep"] = value
+    st.session_state["timestep_input"] = value
+    st.session_state.pop("data_timestep", None)  # re-chosen as the nearest timestep with data
+
+
+def on_timestep_input() -> None:
+    st.session_state["timestep"] = int(st.session_state["timestep_input"])
+
+
+def on_data_timestep() -> None:
+    value = st.session_state.get("data_timestep")
+    if value is not None:
+        set_timestep(int(value))
+
+
+def step_channel(channels: list[int], offset: int) -> None:
+    current = st.session_state.get("channel")
+    position = channels.index(current) if current in channels else 0
+    st.session_state["channel"] = channels[(position + offset) % len(channels)]
+
+
+# --- charts ----------------------------------------------------------------------------------------------
+
+
+def activity_chart(shard: dict[str, Any], curves: pd.DataFrame, current: int, height: int) -> alt.LayerChart:
+    total = int(shard["total_timesteps"])
+    x = alt.X("timestep:Q", scale=alt.Scale(domain=[total, 0]), title="timestep (denoising →)")
+    base = alt.Chart(curves).encode(x=x)
+    area = base.mark_area(color=VISUALISED_COLOR, opacity=0.2).encode(y=alt.Y("activity:Q", title="frequency in top-k"))
+    line = base.mark_line(color="#2b8a3e").encode(y="activity:Q", tooltip=["timestep", "activity"])
+    observed = pd.DataFrame({"timestep": shard["observed"]["timestep"], "activity": shard["observed"]["frequency"]})
+    points = alt.Chart(observed).mark_point(color="gray", size=20).encode(x=x, y="activity:Q")
+    activity_at = dict(zip(curves["timestep"], curves["activity"], strict=True))
+    markers = [{"timestep": t, "activity": float(activity_at.get(t, 0.0)), "kind": "visualised"}
+               for t in shard["visualised_timesteps"]]
+    markers += [{"timestep": p["timestep"], "activity": p["height"], "kind": f"peak #{p['rank'] + 1}"}
+                for p in shard["peaks"]]  # drawn last: on top of a visualised marker at the same timestep
+    layers = [area, line, points]
+    if markers:
+        frame = pd.DataFrame(markers)
+        frame["colour"] = [PEAK_COLOR if k.startswith("peak") else VISUALISED_COLOR for k in frame["kind"]]
+        frame["shape"] = ["cross" if k.startswith("peak") else "circle" for k in frame["kind"]]
+        layers.append(alt.Chart(frame).mark_point(filled=True, size=140, opacity=1.0).encode(
+            x=x, y="activity:Q", color=alt.Color("colour:N", scale=None), shape=alt.Shape("shape:N", scale=None),
+            tooltip=["timestep", "kind", "activity"]))
+    layers.append(alt.Chart(pd.DataFrame({"timestep": [current]})).mark_rule(color=CURRENT_COLOR, strokeWidth=2)
+                  .encode(x=x))
+    return alt.layer(*layers).properties(title=f"activity profile - channel {shard['channel']}", height=height)
+
+
+def max_activation_chart(shard: dict[str, Any], curves: pd.DataFrame, current: int, height: int) -> alt.LayerChart:
+    total = int(shard["total_timesteps"])
+    x = alt.X("timestep:Q", scale=alt.Scale(domain=[total, 0]), title="timestep (denoising →)")
+    line = alt.Chart(curves).mark_line(color="#e67e22").encode(
+        x=x, y=alt.Y("max_activation:Q", title="max activation"), tooltip=["timestep", "max_activation"])
+    observed = pd.DataFrame({"timestep": shard["observed"]["timestep"],
+                             "max_activation": shard["observed"]["max_activation"]}).dropna()
+    points = alt.Chart(observed).mark_point(color="#e67e22", size=25, filled=True).encode(x=x, y="max_activation:Q")
+    rule = alt.Chart(pd.DataFrame({"timestep": [current]})).mark_rule(color=CURRENT_COLOR, strokeWidth=2).encode(x=x)
+    return alt.layer(line, points, rule).properties(title="maximum activation over the dataset", height=height)
+
+
+# --- tabs --------------------------------------------------------------------------------------------------
+
+
+def render_visualisation(layout: DataLayout, shard: dict[str, Any], current: int) -> None:
+    runs = {run: shard["dreams"][run] for run in DREAM_RUNS if (shard["dreams"].get(run) or {}).get("results")}
+    if not runs:
+        st.info("No deep dreams for this channel (run the dreams stage).")
+        return
+    run = st.radio("Run", list(runs), format_func=lambda r: RUN_LABELS.get(r, r), horizontal=True, key="dream_run")
+    section = runs.get(run) or next(iter(runs.values()))
+    results = [r for r in section["results"] if r["timestep"] == current]
+    if not results:
+        st.info(f"No visualisation at timestep {current}. Visualised timesteps of this run: "
+                f"{sorted({r['timestep'] for r in section['results']}, reverse=True)}")
+        return
+    seeds = [r["seed"] for r in results]
+    if st.session_state.get("dream_seed") not in seeds:
+        st.session_state["dream_seed"] = seeds[0]
+    seed = st.selectbox("Seed", seeds, key="dream_seed")
+    result = next(r for r in results if r["seed"] == seed)
+    steps = result["steps"]
+    position = len(steps)
+    if steps:
+        position = st.slider("Optimisation step", 0, len(steps), len(steps), key=f"dream_step_{run}_{current}_{seed}",
+                             help="0 is the start; the rightmost position is the final result")
+    if position < len(steps):
+        label, image, stats = f"step {steps[position]['step']}", steps[position]["image"], steps[position]
+    else:
+        label, image, stats = "final result", result["image"], result["final_stats"]
+    col_stats, col_image = st.columns([1, 2])
+    with col_image:
+        st.subheader(label)
+        show_image(layout, image, caption=f"channel {shard['channel']}, t={current}, seed {seed}", what="dream image")
+    with col_stats:
+        if result["failed"]:
+            st.error(f"optimisation failed: {result['failure_reason']}")
+        activation = stats.get("activation") if stats else None
+        if position >= len(steps) and result["final_activation"] is not None:
+            activation = result["final_activation"]
+        st.metric("Activation", "n/a" if activation is None else f"{activation:.4f}")
+        for name in ("tv", "range", "moment", "loss"):
+            value = stats.get(name) if stats else None
+            st.write(f"**{name}**: {'n/a' if value is None else f'{value:.4f}'}")
+        quality = [q for q in shard.get("quality", {}).get(run, []) if q["timestep"] == current and q["seed"] == seed]
+        if quality and quality[0].get("ratio") is not None:
+            st.metric("dream / top example", f"{quality[0]['ratio']:.3f}")
+
+
+def render_examples(layout: DataLayout, shard: dict[str, Any], current: int) -> None:
+    example_timesteps = sorted({e["timestep"] for e in shard["examples"]}, reverse=True)
+    at = nearest(example_timesteps, current)
+    if at is None:
+        st.info("No dataset examples for this channel.")
+        return
+    examples = [e for e in shard["examples"] if e["timestep"] == at]
+    note = "" if at == current else f" (nearest observed timestep to {current})"
+    st.markdown(f"**{len(examples)} dataset examples at timestep {at}{note}**")
+    columns = st.columns(3)
+    for i, example in enumerate(examples):
+        with columns[i % 3]:
+            activation = example["activation"]
+            show_image(layout, example["image"], what="dataset example image",
+                       caption=f"#{example['rank'] + 1} - activation "
+                               f"{'n/a' if activation is None else f'{activation:.3f}'}")
+            st.caption(example["prompt"] or "")
+
+
+def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
+    priors = shard.get("priors")
+    if not priors:
+        st.info("No priors for this channel (run the priors stage).")
+        return
+    if priors["status"] != "done":
+        st.info(f"Priors skipped: {priors.get('reason')} - {priors.get('message') or ''}")
+        return
+    st.markdown(f"**{len(priors['images'])} priors** (empty prompt, steered at {len(priors['steered_timesteps'])} "
+                f"timesteps: {priors['steered_timesteps'][:12]})")
+    columns = st.columns(4)
+    for i, item in enumerate(priors["images"]):
+        with columns[i % 4]:
+            show_image(layout, item["image"], caption=f"seed {item['seed']}", what="prior image")
+
+
+# --- the page ----------------------------------------------------------------------------------------------
+
+
+def filtered_channels(index: pd.DataFrame, layout: DataLayout, variant: str) -> list[int]:
+    frame = index[index["is_active"]]
+    with st.expander("Sort, filter and search", expanded=False):
+        sort_label = st.selectbox("Sort by", list(SORT_OPTIONS), key="sort_by")
+        descending = st.toggle("Descending", value=SORT_OPTIONS[sort_label][1], key=f"sort_desc_{sort_label}")
+        peak_range = st.slider("Top peak timestep", 0, 1000, (0, 1000), key="peak_range")
+        only_dreams = st.checkbox("Only channels with dreams", key="only_dreams")
+        search = st.text_input("Search top-example prompts", key="search", placeholder="e.g. cat")
+    if peak_range != (0, 1000):
+        peaks = frame["top_peak_timestep"]
+        frame = frame[peaks.notna() & (peaks >= peak_range[0]) & (peaks <= peak_range[1])]
+    if only_dreams:
+        frame = frame[frame["has_dreams"] | frame["has_dreams_no_noise"]]
+    if search.strip():
+        stamp = _mtime(layout.timestep_stats_dir(variant) / "dataset_examples.parquet")
+        matches = set(cached_search(str(layout.data_root), layout.experiment, variant, search.strip(), stamp))
+        frame = frame[frame["channel"].isin(matches)]
+    column, _ = SORT_OPTIONS[sort_label]
+    frame = frame.sort_values([column, "channel"], ascending=[not descending, True], na_position="last")
+    return [int(c) for c in frame["channel"]]
+
+
+def main() -> None:
+    args = parse_args()
+    st.set_page_config(page_title="ddr inspector", layout="wide")
+    layout = DataLayout(Path(args.data_root), args.experiment)
+    st.title("ddr inspector")
+    variants = list_variants(layout)
+    if not variants:
+        st.error(f"No timestep statistics or representation found under {layout.outputs_dir}. "
+                 "Materialize timestep_stats (and representation_shards) first, or pass --data-root / "
+                 "--experiment.")
+        st.stop()
+
+    with st.sidebar:
+        variant = st.selectbox("Variant", variants, key="variant")
+        index_stamp = _mtime(representation_dir(layout, variant) / "index.parquet")
+        index = cached_index(str(layout.data_root), layout.experiment, variant, index_stamp)
+        channels = filtered_channels(index, layout, variant)
+        n_active = int(index["is_active"].sum())
+        if not channels:
+            st.warning("No active channel matches." if n_active else "This variant has no active channels.")
+            st.stop()
+        if st.session_state.get("channel") not in channels:
+            st.session_state["channel"] = channels[0]
+        prev_col, next_col = st.columns(2)
+        prev_col.button("◀ Previous", key="prev_channel", on_click=step_channel, args=(channels, -1), width="stretch")
+        next_col.button("Next ▶", key="next_channel", on_click=step_channel, args=(channels, 1), width="stretch")
+        channel = st.selectbox(f"Channel ({len(channels)} of {n_active} active)", channels, key="channel",
+                               format_func=lambda c: f"channel {c:05d}")
+
+    shard_stamp = _mtime(representation_dir(layout, variant) / f"channel_{channel:05d}.json")
+    shard = cached_shard(str(layout.data_root), layout.experiment, variant, channel, shard_stamp)
+    if st.session_state.get("_shown") != (variant, channel):
+        st.session_state["_shown"] = (variant, channel)
+        start = shard["peaks"][0]["timestep"] if shard["peaks"] else (shard["timesteps_with_data"] or [0])[0]
+        set_timestep(start)
+    if "timestep" not in st.session_state:
+        set_timestep(0)
+
+    with st.sidebar:
+        st.divider()
+        st.subheader("Go to")
+        for peak in shard["peaks"]:
+            st.button(f"Peak #{peak['rank'] + 1}: t={peak['timestep']} (height {peak['height']:.2f})",
+                      key=f"peak_{peak['rank']}", on_click=set_timestep, args=(peak["timestep"],))
+        with_data = shard["timesteps_with_data"]
+        if with_data:
+            if st.session_state.get("data_timestep") not in with_data:
+                st.session_state["data_timestep"] = nearest(with_data, st.session_state["timestep"])
+            st.selectbox("Timesteps with data", with_data, key="data_timestep", on_change=on_data_timestep,
+                         format_func=lambda t: f"t={t}" + (" (dreams)" if t in shard["visualised_timesteps"] else ""))
+        st.number_input("Timestep", min_value=0, max_value=1000, step=1, key="timestep_input",
+                        on_change=on_timestep_input)
+        st.divider()
+        with st.expander("View options"):
+            profile_height = st.slider("Activity chart height (px)", 150, 1000, 320, 10, key="profile_height")
+            max_height = st.slider("Max-activation chart height (px)", 100, 800, 220, 10, key="max_height")
+        st.markdown(f"[Open `representation_shards` in the Dagster UI]({dagster_asset_url()})")
+
+    current = int(st.session_state["timestep"])
+    summary = shard["summary"]
+    st.caption(
+        f"{variant} · channel {channel} · t={current} · total frequency {summary.get('total_frequency') or 0:.3f} · "
+        f"active timesteps {summary.get('n_active_timesteps')} · peaks {[p['timestep'] for p in shard['peaks']]}"
+    )
+    for error in shard.get("errors", []):
+        st.warning(f"{error['what']} {error['file']!r}: {error['problem']}")
+    curves = cached_curves(str(layout.data_root), layout.experiment, shard)
+    col_charts, col_tabs = st.columns([1, 1])
+    with col_charts:
+        st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")
+        st.altair_chart(max_activation_chart(shard, curves, current, max_height), width="stretch")
+    with col_tabs:
+        tab_dreams, tab_examples, tab_priors = st.tabs(["Visualisation", "Dataset examples", "Priors"])
+        with tab_dreams:
+            render_visualisation(layout, shard, current)
+        with tab_examples:
+            render_examples(layout, shard, current)
+        with tab_priors:
+            render_priors(layout, shard)
+
+
+if __name__ == "__main__":
+    main()

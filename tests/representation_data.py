@@ -1,0 +1,199 @@
+"""Hand-made inputs of the representation stage, in the on-disk formats of the upstream stages.
+
+:func:`make_toy_data_root` writes, under a data root, a variant ``toy-raw`` of 6 channels with
+observed timesteps ``901, 701, 501, 301, 101, 1``: the timestep statistics tables (as
+``ddr_core.statistics`` writes them), generated images, priors (``prior.json`` + PNGs + latents),
+a ``"noise"`` dreams run and a ``"no_noise"`` run (``dream.json``, final and step PNGs, ``stats.parquet``,
+``quality.parquet``). Channels 0-3 are active, 4-5 inactive; channel 0 has priors and dreams in both
+runs, channel 1 priors only, channel 4 a skipped prior.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from PIL import Image
+
+from ddr_core.paths import DataLayout
+from ddr_core.statistics import find_activity_peaks, interpolate_profile
+
+VARIANT = "toy-raw"
+OBSERVED = [901, 701, 501, 301, 101, 1]
+TOTAL = 1000
+WIDTH = 6
+PROMPTS = ["a red cat on a sofa", "a blue dog in snow", "a green tree at dawn", "a castle made of glass",
+           "an orange cat sleeping", "a yellow submarine"]
+DREAM_SEEDS = [11, 22]
+DREAM_STEPS = 10
+
+
+@dataclass
+class ToyData:
+    layout: DataLayout
+    variant: str = VARIANT
+
+    @property
+    def data_root(self) -> Path:
+        return self.layout.data_root
+
+
+def _png(path: Path, colour: tuple[int, int, int], size: int = 32) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.zeros((size, size, 3), dtype=np.uint8)
+    array[...] = colour
+    array[: size // 2, : size // 2] = (255 - colour[0], 255 - colour[1], 255 - colour[2])
+    Image.fromarray(array).save(path, format="PNG")
+
+
+def _latents(path: Path, n: int) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": np.zeros((n, 4, 4, 4), dtype=np.float32), "seeds": np.arange(n, dtype=np.int64)},
+              str(path))
+
+
+# frequency per channel at OBSERVED (0 = not in top-k)
+FREQUENCY = {
+    0: [0.0, 0.2, 0.8, 0.4, 0.0, 0.0],
+    1: [0.9, 0.5, 0.0, 0.0, 0.0, 0.0],
+    2: [0.0, 0.0, 0.0, 0.1, 0.3, 0.6],
+    3: [0.1, 0.0, 0.0, 0.0, 0.5, 0.0],
+    4: [0.0] * 6,
+    5: [0.0] * 6,
+}
+
+
+def make_toy_data_root(data_root: Path, experiment: str = "default", priors: bool = True,
+                       dreams: bool = True) -> ToyData:
+    layout = DataLayout(data_root, experiment)
+    stats = layout.timestep_stats_dir(VARIANT)
+    stats.mkdir(parents=True)
+    # generated images
+    image_paths = []
+    for gid, _prompt in enumerate(PROMPTS):
+        path = layout.activations_dir("toy") / "images" / f"gen_{gid:05d}.png"
+        _png(path, ((40 * gid) % 256, 100, 200))
+        image_paths.append(layout.relative(path))
+
+    channels_rows, freq_rows, max_rows, active_rows, peak_rows, example_rows = [], [], [], [], [], []
+    for c in range(WIDTH):
+        freq = np.array(FREQUENCY[c])
+        for t, f in zip(OBSERVED, freq, strict=True):
+            if f > 0:
+                freq_rows.append({"channel": c, "timestep": t, "count": int(f * 10), "frequency": float(f)})
+            max_rows.append({"channel": c, "timestep": t, "max_activation": float(1.0 + c + f * 3)})
+        profile = interpolate_profile(np.array(OBSERVED), freq, TOTAL)
+        active = np.nonzero(profile > 0)[0]
+        for t in active:
+            active_rows.append({"channel": c, "timestep": int(t), "frequency": float(profile[t])})
+        peaks = find_activity_peaks(profile, 0.0, 100, 3)
+        for rank, (t, h, s, e) in enumerate(peaks):
+            nearest = min(OBSERVED, key=lambda o, t=t: (abs(o - t), -o))
+            peak_rows.append({"channel": c, "peak_rank": rank, "timestep": t, "height": h, "plateau_start": s,
+                              "plateau_end": e, "observed_timestep": nearest})
+        for t, f in zip(OBSERVED, freq, strict=True):
+            if f > 0:
+                for rank in range(2):
+                    gid = (c + rank + t) % len(PROMPTS)
+                    example_rows.append({"channel": c, "timestep": t, "rank": rank, "generation_id": gid,
+                                         "activation": float(5.0 + c - rank + f), "prompt": PROMPTS[gid],
+                                         "image_path": image_paths[gid]})
+        channels_rows.append({
+            "channel": c, "is_active": bool(active.size), "n_active_timesteps": int(active.size),
+            "total_frequency": float(freq.sum()), "max_frequency": float(freq.max()),
+            "max_activation": float(1.0 + c + freq.max() * 3),
+            "first_active_timestep": int(active[0]) if active.size else None,
+            "last_active_timestep": int(active[-1]) if active.size else None, "n_peaks": len(peaks),
+        })
+    schemas = {
+        "channels": {"channel": pl.Int32, "is_active": pl.Boolean, "n_active_timesteps": pl.Int32,
+                     "total_frequency": pl.Float64, "max_frequency": pl.Float64, "max_activation": pl.Float32,
+                     "first_active_timestep": pl.Int32, "last_active_timestep": pl.Int32, "n_peaks": pl.Int32},
+        "frequency": {"channel": pl.Int32, "timestep": pl.Int32, "count": pl.Int64, "frequency": pl.Float64},
+        "max_activation": {"channel": pl.Int32, "timestep": pl.Int32, "max_activation": pl.Float32},
+        "active_timesteps": {"channel": pl.Int32, "timestep": pl.Int32, "frequency": pl.Float64},
+        "activity_peaks": {"channel": pl.Int32, "peak_rank": pl.Int32, "timestep": pl.Int32, "height": pl.Float64,
+                           "plateau_start": pl.Int32, "plateau_end": pl.Int32, "observed_timestep": pl.Int64},
+        "dataset_examples": {"channel": pl.Int32, "timestep": pl.Int32, "rank": pl.Int32,
+                             "generation_id": pl.Int64, "activation": pl.Float32, "prompt": pl.String,
+                             "image_path": pl.String},
+    }
+    for name, rows in (("channels", channels_rows), ("frequency", freq_rows), ("max_activation", max_rows),
+                       ("active_timesteps", active_rows), ("activity_peaks", peak_rows),
+                       ("dataset_examples", example_rows)):
+        pl.DataFrame(rows, schema=schemas[name]).write_parquet(stats / f"{name}.parquet")
+    (stats / "summary.json").write_text(json.dumps({
+        "variant": VARIANT, "half": "conditional", "config": {"total_timesteps": TOTAL, "top_k": 2},
+        "config_hash": "0" * 16, "n_generations": len(PROMPTS), "timesteps": OBSERVED, "width": WIDTH,
+        "active_channel_count": 4, "peak_count": len(peak_rows),
+    }))
+
+    if priors:
+        root = layout.stage_dir("priors", VARIANT)
+        for c in (0, 1):
+            folder = root / f"channel_{c:05d}"
+            images = []
+            for seed in (7, 8):
+                _png(folder / f"seed_{seed}.png", (200, 50 * c, seed * 10))
+                images.append(layout.relative(folder / f"seed_{seed}.png"))
+            _latents(folder / "latents.safetensors", 2)
+            (folder / "prior.json").write_text(json.dumps({
+                "format": 1, "channel": c, "status": "done", "reason": None, "message": None, "seeds": [7, 8],
+                "steered_timesteps": [701, 501], "strengths": [3.0, 4.0], "images": images,
+                "latents": layout.relative(folder / "latents.safetensors"),
+            }))
+        folder = root / "channel_00004"
+        folder.mkdir(parents=True)
+        (folder / "prior.json").write_text(json.dumps({
+            "format": 1, "channel": 4, "status": "skipped", "reason": "inactive", "message": "no active timesteps",
+            "seeds": [7, 8], "steered_timesteps": [], "strengths": [], "images": [], "latents": None,
+        }))
+
+    if dreams:
+        quality_rows = []
+        for run, stage, timesteps in (("noise", "dreams", [501, 0]), ("no_noise", "dreams_no_noise", [501])):
+            channel_folder = layout.stage_dir(stage, VARIANT) / "channel_00000"
+            results, failures = {}, []
+            for t in timesteps:
+                folder = channel_folder / f"t_{t:04d}"
+                rows = []
+                for seed in DREAM_SEEDS:
+                    _png(folder / f"seed_{seed}.png", (seed * 5, t % 256, 90 if run == "noise" else 20))
+                    for step in (0, 5, DREAM_STEPS):
+                        _png(folder / "steps" / f"seed_{seed}_step_{step:04d}.png", (step * 20, seed * 5, 60))
+                    for step in range(DREAM_STEPS):
+                        rows.append({"seed": seed, "step": step, "activation": float(step + seed / 100),
+                                     "tv": 0.1, "range": 0.0, "moment": 0.0, "loss": float(-step)})
+                pl.DataFrame(rows, schema={"seed": pl.Int64, "step": pl.Int32, "activation": pl.Float64,
+                                           "tv": pl.Float64, "range": pl.Float64, "moment": pl.Float64,
+                                           "loss": pl.Float64}).write_parquet(folder / "stats.parquet")
+                _latents(folder / "latents.safetensors", len(DREAM_SEEDS))
+                results[str(t)] = {
+                    "seeds": DREAM_SEEDS, "final_activation": [9.5, None if t == 0 else 9.0],
+                    "images": [layout.relative(folder / f"seed_{s}.png") for s in DREAM_SEEDS],
+                    "latents": layout.relative(folder / "latents.safetensors"),
+                }
+                if t == 0:
+                    failures.append({"channel": 0, "timestep": 0, "seed": 22, "step": 4, "reason": "non-finite loss"})
+                if run == "noise":
+                    for seed in DREAM_SEEDS:
+                        quality_rows.append({"channel": 0, "timestep": t, "seed": seed, "dream_activation": 9.5,
+                                             "prior_activation": 2.0, "top_example_activation": 5.0,
+                                             "example_timestep": 501, "ratio": 1.9,
+                                             "failed": t == 0 and seed == 22})
+            (channel_folder / "dream.json").write_text(json.dumps({
+                "channel": 0, "timesteps": timesteps, "seeds": DREAM_SEEDS, "results": results,
+                "failures": failures, "config": {}, "config_hash": "x",
+            }))
+            if run == "noise":
+                pl.DataFrame(quality_rows, schema={
+                    "channel": pl.Int32, "timestep": pl.Int32, "seed": pl.Int64, "dream_activation": pl.Float64,
+                    "prior_activation": pl.Float64, "top_example_activation": pl.Float64,
+                    "example_timestep": pl.Int32, "ratio": pl.Float64, "failed": pl.Boolean,
+                }).write_parquet(layout.stage_dir(stage, VARIANT) / "quality.parquet")
+    return ToyData(layout=layout)

@@ -1,0 +1,161 @@
+"""Real headless Chromium (Selenium + Debian's chromium / chromium-driver) on the inspector and the export.
+
+Screenshots go to ``test-artifacts/`` (git-ignored). Needs ``apt-get install chromium chromium-driver``
+and ``pip install selenium streamlit``; skipped, with the reason, where they are missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from ddr_core import cli
+from ddr_core import representation as rep
+from ddr_core.html_export import export_html
+from tests.representation_data import VARIANT, make_toy_data_root
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
+               "(apt-get install -y chromium chromium-driver)",
+    ),
+]
+webdriver = pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
+pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory):
+    toy = make_toy_data_root(tmp_path_factory.mktemp("browser") / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    return toy
+
+
+@pytest.fixture(scope="module")
+def driver():
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+
+    options = Options()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
+                 "--window-size=1500,1100"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    browser.set_page_load_timeout(60)
+    yield browser
+    browser.quit()
+
+
+@pytest.fixture(scope="module")
+def inspector_url(toy, tmp_path_factory: pytest.TempPathFactory):
+    port = _free_port()
+    log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen(cli.inspector_command(str(toy.data_root), "default", port=port),
+                                   stdout=sink, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"streamlit did not start: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def _loaded_images(browser, selector: str) -> list[int]:
+    """naturalWidth of each complete image matching ``selector``."""
+    return browser.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]))"
+        ".filter(i => i.complete).map(i => i.naturalWidth);", selector)
+
+
+def _screenshot(browser, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    browser.save_screenshot(str(path))
+    return path
+
+
+def test_inspector_renders_charts_and_images(driver, inspector_url) -> None:
+    driver.get(inspector_url)
+    wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+    # both Vega-Lite charts drawn (vega-embed renders to canvas or svg)
+    wait.until(lambda d: len(d.find_elements(
+        By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg')) >= 2)
+    wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img, img[alt]') if w > 0]) >= 1)
+    assert "channel 00000" in driver.page_source
+    canvas_sizes = driver.execute_script(
+        "return Array.from(document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] canvas'))"
+        ".map(c => [c.width, c.height]);")
+    assert all(w > 100 and h > 100 for w, h in canvas_sizes), canvas_sizes
+    shot = _screenshot(driver, "inspector_channel0.png")
+    assert shot.stat().st_size > 10_000
+
+    # next channel via the sidebar button, then the dataset-examples tab
+    driver.find_element(By.XPATH, "//button[.//p[contains(., 'Next')]]").click()
+    wait.until(lambda d: "Peak #1: t=950" in d.page_source)
+    tab = driver.find_element(By.XPATH, "//*[@role='tab'][contains(., 'Dataset examples')]")
+    tab.click()
+    wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 2)
+    _screenshot(driver, "inspector_channel1_examples.png")
+
+
+def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    driver.get(index.as_uri())
+    rows = driver.find_elements(By.CSS_SELECTOR, "#channels tbody tr")
+    assert len(rows) == 4
+    WebDriverWait(driver, 20).until(lambda d: len(_loaded_images(d, "img.thumb")) == 4)
+    assert all(width > 0 for width in _loaded_images(driver, "img.thumb"))
+    first_column = lambda: [r.find_elements(By.TAG_NAME, "td")[1].text for r in  # noqa: E731
+                            driver.find_elements(By.CSS_SELECTOR, "#channels tbody tr")]
+    assert first_column() == ["0", "1", "2", "3"]
+    header = driver.find_element(By.XPATH, "//th[text()='channel']")
+    header.click()
+    header.click()  # descending
+    assert first_column() == ["3", "2", "1", "0"]
+    _screenshot(driver, "export_index.png")
+
+    driver.find_element(By.LINK_TEXT, "0").click()
+    WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg polyline.curve")) == 2)
+    WebDriverWait(driver, 20).until(lambda d: len(_loaded_images(d, "img")) == len(d.find_elements(By.TAG_NAME, "img")))
+    widths = _loaded_images(driver, "img")
+    assert len(widths) == 32 and all(w > 0 for w in widths)
+    box = driver.execute_script("return document.querySelector('svg').getBoundingClientRect().width;")
+    assert box > 300
+    _screenshot(driver, "export_channel0.png")

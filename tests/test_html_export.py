@@ -1,0 +1,149 @@
+"""The static HTML export and the ``ddr`` command line, on hand-made data."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from ddr_core import cli
+from ddr_core import representation as rep
+from ddr_core.html_export import export_html, svg_chart
+from tests.representation_data import VARIANT, make_toy_data_root
+
+
+class _Links(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.links: list[str] = []
+        self.svgs = 0
+        self.rows = 0
+        self.scripts: list[dict] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "svg":
+            self.svgs += 1
+        elif tag == "tr":
+            self.rows += 1
+        elif tag == "script":
+            self.scripts.append(attrs)
+
+
+def _parse(path: Path) -> _Links:
+    parser = _Links()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser
+
+
+@pytest.fixture()
+def toy(tmp_path: Path):
+    toy = make_toy_data_root(tmp_path / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    return toy
+
+
+def _check_self_contained(out: Path) -> int:
+    """Every image and link of every page resolves to a file inside ``out``; returns the image count."""
+    images = 0
+    for page in [out / "index.html", *sorted((out / "channels").glob("*.html"))]:
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"(src|href)=\"(https?:|file:|/)", text), page
+        parsed = _parse(page)
+        for target in parsed.images + [link for link in parsed.links if not link.startswith("#")]:
+            resolved = (page.parent / target).resolve()
+            assert resolved.is_file(), f"{page.name} -> {target}"
+            assert out.resolve() in resolved.parents
+        images += len(parsed.images)
+    return images
+
+
+def test_export_writes_a_self_contained_folder(toy, tmp_path: Path) -> None:
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    out = index.parent
+    assert index == (tmp_path / "report" / "index.html").resolve()
+    parsed = _parse(index)
+    assert parsed.rows == 1 + 4  # header + the 4 active channels
+    assert [link for link in parsed.links] == [f"channels/channel_{c:05d}.html" for c in range(4)]
+    assert len(parsed.images) == 4  # a thumbnail per channel
+    assert parsed.scripts == [{}]  # one inline script, nothing loaded from elsewhere
+    assert "data-type=\"num\"" in index.read_text()
+    assert sorted(p.name for p in (out / "channels").iterdir()) == [f"channel_{c:05d}.html" for c in range(4)]
+
+    page = (out / "channels" / "channel_00000.html").read_text()
+    assert page.count("<svg") == 2
+    # activity chart: 1 peak + 2 visualised timesteps as markers
+    assert page.count('class="marker"') == 3
+    assert "with schedule noise" in page and "without schedule noise" in page
+    assert "failed: non-finite loss" in page
+    assert "a castle made of glass" in page
+    channel0 = _parse(out / "channels" / "channel_00000.html")
+    # 6 examples + noise (4 finals + 12 steps) + no-noise (2 finals + 6 steps) + 2 priors
+    assert len(channel0.images) == 6 + 16 + 8 + 2
+    assert _check_self_contained(out) > 30
+
+    # relocatable: the copy opens the same way
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    _check_self_contained(moved)
+
+
+def test_export_refuses_crafted_paths(toy, tmp_path: Path) -> None:
+    path = rep.shard_path(toy.layout, VARIANT, 1)
+    shard = json.loads(path.read_text())
+    shard["priors"]["images"][0]["image"] = "../../etc/passwd"
+    shard["examples"][0]["image"] = "/etc/hostname"
+    path.write_text(json.dumps(shard))
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    page = (index.parent / "channels" / "channel_00001.html").read_text()
+    assert "prior image unavailable: ../../etc/passwd" in page
+    assert "dataset example image unavailable: /etc/hostname" in page
+    assert "refused: it escapes the data root" in index.read_text()
+    copied = [p.name for p in (index.parent / "files").rglob("*") if p.is_file()]
+    assert "passwd" not in copied and "hostname" not in copied
+    _check_self_contained(index.parent)
+
+
+def test_export_without_representation_stage(tmp_path: Path) -> None:
+    toy = make_toy_data_root(tmp_path / "data", priors=False, dreams=False)  # shards built in memory
+    index = export_html(toy.layout, VARIANT, tmp_path / "report", channels=[2, 4])
+    assert _parse(index).rows == 3
+    page = (index.parent / "channels" / "channel_00002.html").read_text()
+    assert "No deep dreams." in page and "No priors." in page
+    assert (index.parent / "channels" / "channel_00004.html").is_file()
+    _check_self_contained(index.parent)
+
+
+def test_svg_chart_reverses_the_timestep_axis() -> None:
+    svg = svg_chart([0, 500, 999], [0.0, 1.0, 0.5], 1000, "t", "#000", markers=[(500, 1.0, "red", "peak")],
+                    rules=[999], width=1060, height=200)
+    points = re.search(r'class="curve" points="([^"]+)"', svg).group(1).split()
+    xs = [float(p.split(",")[0]) for p in points]
+    assert xs[0] > xs[1] > xs[2]  # timestep 0 at the right
+    assert xs[0] == pytest.approx(48 + 1000) and xs[1] == pytest.approx(48 + 500)
+    assert 'class="rule"' in svg and 'class="marker"' in svg
+
+
+def test_cli(toy, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    command = cli.inspector_command(str(toy.data_root), "default", port=8765)
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("inspector_app.py")
+    assert command[command.index("--server.address") + 1] == "127.0.0.1"
+    assert command[command.index("--") + 1:] == ["--data-root", str(toy.data_root), "--experiment", "default"]
+    assert cli.main(["export-html", "--data-root", str(toy.data_root), "--variant", VARIANT,
+                     "--out", str(tmp_path / "cli-report")]) == 0
+    assert (tmp_path / "cli-report" / "index.html").is_file()
+    assert cli.main(["build-shards", "--data-root", str(toy.data_root), "--variant", VARIANT]) == 0
+    assert capsys.readouterr().out.strip().endswith("index.parquet")
+    with pytest.raises(SystemExit):
+        cli.main(["export-html", "--data-root", str(toy.data_root)])  # --variant missing

@@ -1,0 +1,214 @@
+"""The Streamlit inspector driven by ``streamlit.testing.v1.AppTest`` on hand-made data."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+pytest.importorskip("streamlit", reason="streamlit is not installed: pip install streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from ddr_core import representation as rep  # noqa: E402
+from tests.representation_data import VARIANT, make_toy_data_root  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
+
+
+@pytest.fixture()
+def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    toy = make_toy_data_root(tmp_path / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
+    monkeypatch.setenv("DDR_EXPERIMENT", "default")
+    monkeypatch.setenv("DDR_DAGSTER_URL", "http://dagster.example:3000/")
+    return toy
+
+
+def _app() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _run(action) -> AppTest:
+    """Run the app after a widget action (``at.button(...).click()``) or run ``at`` again."""
+    at = action.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def _chart_layers(at: AppTest, index: int) -> list[tuple[str, pa.Table]]:
+    """``(mark type, data)`` of each layer of the ``index``-th chart."""
+    proto = at.get("vega_lite_chart")[index].proto
+    data = {d.name: pa.ipc.open_stream(d.data.data).read_all() for d in proto.datasets}
+    layers = []
+    for layer in json.loads(proto.spec)["layer"]:
+        mark = layer["mark"]["type"] if isinstance(layer["mark"], dict) else layer["mark"]
+        layers.append((mark, data[layer["data"]["name"]]))
+    return layers
+
+
+def _texts(elements) -> list[str]:
+    return [str(e.value) for e in elements]
+
+
+def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
+    at = _app()
+    channel = at.selectbox(key="channel")
+    assert channel.value == 0
+    assert channel.options == [f"channel {c:05d}" for c in (0, 1, 2, 3)]  # inactive 4 and 5 are hidden
+    assert at.session_state["timestep"] == 501
+    assert at.number_input(key="timestep_input").value == 501
+    assert len(at.get("vega_lite_chart")) == 2
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
+    layers = _chart_layers(at, 0)
+    assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
+    assert json.loads(at.get("vega_lite_chart")[0].proto.spec)["layer"][0]["encoding"]["x"]["scale"] == {
+        "domain": [1000, 0]}
+    assert layers[0][1].num_rows == 1000
+    markers = layers[3][1].to_pydict()
+    assert list(zip(markers["timestep"], markers["kind"], strict=True)) == [
+        (501, "visualised"), (0, "visualised"), (501, "peak #1")]
+    assert layers[4][1].to_pydict()["timestep"] == [501]
+    assert _chart_layers(at, 1)[-1][1].to_pydict()["timestep"] == [501]  # same rule on the max chart
+    assert at.selectbox(key="data_timestep").options == ["t=701", "t=501 (dreams)", "t=301", "t=0 (dreams)"]
+    links = "".join(_texts(at.sidebar.markdown))
+    assert "http://dagster.example:3000/assets/representation_shards" in links
+
+
+def test_channel_navigation_and_peak_jump(toy) -> None:
+    at = _app()
+    _run(at.button(key="next_channel").click())
+    assert at.selectbox(key="channel").value == 1
+    assert at.session_state["timestep"] == 950  # channel 1's top peak
+    _run(at.button(key="prev_channel").click())
+    _run(at.button(key="prev_channel").click())
+    assert at.selectbox(key="channel").value == 3  # wraps around
+    assert at.session_state["timestep"] == 101
+    peak_labels = [b.label for b in at.sidebar.button if b.key.startswith("peak_")]
+    assert peak_labels == ["Peak #1: t=101 (height 0.50)", "Peak #2: t=950 (height 0.10)"]
+    _run(at.button(key="peak_1").click())
+    assert at.session_state["timestep"] == 950
+    assert at.number_input(key="timestep_input").value == 950
+    _run(at.selectbox(key="channel").select(2))
+    assert at.session_state["timestep"] == 0
+
+
+def test_timestep_selection(toy) -> None:
+    at = _app()
+    _run(at.selectbox(key="data_timestep").set_value(701))
+    assert at.session_state["timestep"] == 701
+    assert at.number_input(key="timestep_input").value == 701
+    _run(at.number_input(key="timestep_input").set_value(640))
+    assert at.session_state["timestep"] == 640
+    examples_tab = at.tabs[1]
+    assert "nearest observed timestep to 640" in "".join(_texts(examples_tab.markdown))  # 701 is nearest
+    _run(at.slider(key="profile_height").set_value(500))
+    assert json.loads(at.get("vega_lite_chart")[0].proto.spec)["height"] == 500
+
+
+def test_visualisation_tab_runs_seeds_and_steps(toy) -> None:
+    at = _app()
+    tab = at.tabs[0]
+    assert at.radio(key="dream_run").options == ["with schedule noise", "without schedule noise"]
+    assert _texts(tab.subheader) == ["final result"]
+    assert len(tab.get("image")) == 1
+    assert tab.metric[0].value == "9.5000"
+    _run(at.selectbox(key="dream_seed").set_value(22))
+    slider = at.slider(key="dream_step_noise_501_22")
+    assert slider.value == 3 and slider.max == 3
+    _run(slider.set_value(1))
+    tab = at.tabs[0]
+    assert _texts(tab.subheader) == ["step 5"]
+    assert tab.metric[0].value == "5.2200"  # stats of step 5 of seed 22
+    _run(at.radio(key="dream_run").set_value("no_noise"))
+    assert _texts(at.tabs[0].subheader)[0] in ("final result", "step 5")
+    assert len(at.tabs[0].get("image")) == 1
+    # timestep 0 holds a failed element
+    _run(at.selectbox(key="data_timestep").set_value(0))
+    _run(at.radio(key="dream_run").set_value("noise"))
+    _run(at.selectbox(key="dream_seed").set_value(22))
+    assert any("non-finite loss" in text for text in _texts(at.tabs[0].error))
+    # a timestep without dreams
+    _run(at.number_input(key="timestep_input").set_value(700))
+    assert any("No visualisation at timestep 700" in text for text in _texts(at.tabs[0].info))
+
+
+def test_examples_and_priors_tabs(toy) -> None:
+    at = _app()
+    examples = at.tabs[1]
+    assert "2 dataset examples at timestep 501" in "".join(_texts(examples.markdown))
+    assert len(examples.get("image")) == 2
+    shard = rep.load_shard(toy.layout, VARIANT, 0)
+    assert _texts(examples.caption) == [e["prompt"] for e in shard["examples"] if e["timestep"] == 501]
+    priors = at.tabs[2]
+    assert len(priors.get("image")) == 2
+    _run(at.selectbox(key="channel").select(2))
+    assert any("No priors" in text for text in _texts(at.tabs[2].info))
+    assert any("No deep dreams" in text for text in _texts(at.tabs[0].info))
+
+
+def test_sort_filter_and_search(toy) -> None:
+    at = _app()
+    _run(at.selectbox(key="sort_by").set_value("peak timestep"))
+    assert at.selectbox(key="channel").options[:2] == ["channel 00001", "channel 00000"]  # 950, 501, ...
+    _run(at.checkbox(key="only_dreams").check())
+    assert at.selectbox(key="channel").options == ["channel 00000"]
+    _run(at.checkbox(key="only_dreams").uncheck())
+    _run(at.text_input(key="search").input("submarine"))
+    expected = rep.search_channels(toy.layout, VARIANT, "submarine")["channel"].to_list()
+    assert sorted(int(o.split()[-1]) for o in at.selectbox(key="channel").options) == sorted(expected)
+    _run(at.text_input(key="search").input("no such prompt"))
+    assert any("No active channel matches" in text for text in _texts(at.sidebar.warning))
+
+
+def test_crafted_path_in_a_shard_is_refused(toy) -> None:
+    baseline = len(_app().tabs[1].get("image"))
+    path = rep.shard_path(toy.layout, VARIANT, 0)
+    shard = json.loads(path.read_text())
+    for example in shard["examples"]:
+        if example["timestep"] == 501 and example["rank"] == 0:
+            example["image"] = "../../etc/passwd"
+    path.write_text(json.dumps(shard))
+    at = _app()
+    warnings = _texts(at.tabs[1].warning)
+    assert any("'../../etc/passwd' refused: it escapes the data root" in w for w in warnings)
+    assert len(at.tabs[1].get("image")) == baseline - 1
+
+
+def test_works_from_statistics_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    toy = make_toy_data_root(tmp_path / "data", priors=False, dreams=False)  # no shards, no index
+    monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
+    at = _app()
+    assert at.selectbox(key="channel").options == [f"channel {c:05d}" for c in (0, 1, 2, 3)]
+    assert len(at.get("vega_lite_chart")) == 2
+    assert len(at.tabs[1].get("image")) == 2
+
+
+def test_empty_data_root_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DDR_DATA_ROOT", str(tmp_path))
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert "Materialize timestep_stats" in at.error[0].value
+
+
+def test_on_real_demo_output_if_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Set DDR_TEST_DEMO_ROOT to a data root made by `python -m dagster_project.demo` to run this."""
+    root = os.environ.get("DDR_TEST_DEMO_ROOT")
+    if not root or not (Path(root) / "outputs").is_dir():
+        pytest.skip("DDR_TEST_DEMO_ROOT is not set to a demo data root")
+    monkeypatch.setenv("DDR_DATA_ROOT", root)
+    at = _app()
+    assert len(at.selectbox(key="channel").options) > 0
+    assert len(at.get("vega_lite_chart")) == 2
+    _run(at.button(key="next_channel").click())
+    peak_buttons = [b for b in at.sidebar.button if b.key.startswith("peak_")]
+    if peak_buttons:
+        _run(peak_buttons[-1].click())
+    assert len(at.tabs[1].get("image")) > 0
