@@ -31,8 +31,8 @@ SCRIPT = textwrap.dedent("""
     model_dir, root, data_root = map(Path, sys.argv[1:4])
     pipe = load_pipeline(model_dir)
     run_capture(pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, list(TINY_PROMPTS[:16]), root, data_root,
-                CaptureConfig(**%r))
-""" % CONFIG)
+                CaptureConfig(**__CONFIG__))
+""").replace("__CONFIG__", repr(CONFIG))
 
 
 def _dense(root: Path) -> np.ndarray:
