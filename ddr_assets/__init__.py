@@ -6,7 +6,8 @@ from ddr_assets.dreams import dreams, dreams_no_noise
 from ddr_assets.priors import priors
 from ddr_assets.provisioning import PROVISIONING_ASSETS
 from ddr_assets.representation import html_export, representation_shards
+from ddr_assets.sweeps import dream_sweeps
 from ddr_assets.timestep_stats import timestep_stats
 
 ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, activity_plots, priors, dreams, dreams_no_noise,
-              representation_shards, html_export]
+              representation_shards, html_export, dream_sweeps]

@@ -39,11 +39,11 @@ def quality_check(quality: pl.DataFrame, min_improved_share: float = 0.5) -> dg.
     failed = quality.filter(pl.col("failed") | pl.col("dream_activation").is_null()
                             | ~pl.col("dream_activation").is_finite())
     failed_channels = sorted(set(failed["channel"].to_list()))
-    measured = quality.filter(~pl.col("failed") & pl.col("dream_activation").is_not_null()
-                              & pl.col("prior_activation").is_not_null())
+    measured = quality.filter(~pl.col("failed") & pl.col("dream_activation").is_finite()
+                              & pl.col("prior_activation").is_finite())
     improved = measured.filter(pl.col("dream_activation") > pl.col("prior_activation"))
     share = improved.height / measured.height if measured.height else 0.0
-    ratios = measured["ratio"].drop_nulls().to_numpy() if measured.height else np.array([])
+    ratios = measured["ratio"].drop_nulls().drop_nans().to_numpy() if measured.height else np.array([])
     quantiles = ({f"q{int(q * 100)}": round(float(np.quantile(ratios, q)), 4) for q in (0.1, 0.25, 0.5, 0.75, 0.9)}
                  if len(ratios) else {})
     problems = []
@@ -112,7 +112,8 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
         effective[variant] = dream_config.model_dump(mode="json")
         channels = [c for chans in blocks.values() for c in chans]
         result = dreams_for_variant(project, layout, variant, channels, dream_config, compute.torch_device(),
-                                    log=context.log.info, stage=name)
+                                    log=context.log.info, stage=name,
+                                    lock_owner=f"dagster run {context.run_id}")
         totals["channels"] += len(result.channels_done)
         totals["resumed"] += len(result.channels_skipped)
         totals["nothing"] += len(result.channels_without_timesteps)

@@ -44,7 +44,8 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
         upstream[f"timestep_stats/{variant}"] = stats["data_version"]
         channels = [c for chans in blocks.values() for c in chans]
         result = priors_for_variant(project, layout, variant, channels, priors_config,
-                                    compute.torch_device(), log=context.log.info)
+                                    compute.torch_device(), log=context.log.info,
+                                    lock_owner=f"dagster run {context.run_id}")
         for key in ("done", "resumed", "images"):
             totals[key] += len(getattr(result, key)) if key != "images" else result.images
         totals["skipped"] += len(result.skipped)

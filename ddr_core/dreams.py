@@ -34,13 +34,20 @@ On disk (``out_dir``), one folder per channel, written atomically as a whole::
       quality.parquet         added by :func:`measure_dream_quality` (this channel's rows)
     quality.parquet           union of the channels' quality rows
 
-A channel with ``dream.json`` is finished and skipped when the run resumes.
+and beside it ``.<out_dir name>.locks/``: the channel claims of live runs
+(:func:`ddr_core.priors.claim_channels`) and ``quality.lock``, held while quality files are written.
+
+A channel with ``dream.json`` is finished and skipped when the run resumes. A run claims its channels
+for its whole duration: a second run on any of them fails at once naming the first (or waits), runs on
+other channels of the same folder go on side by side; a resumed run deletes the temporary folders a
+killed run left for its channels.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -54,8 +61,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json
+from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_path, atomic_write_json
 from ddr_core.config import config_hash
+from ddr_core.locks import partition_lock
+from ddr_core.priors import check_channels, claim_channels, format_channels, stage_locks_dir
 from ddr_core.regularisation import (
     LatentAugmentation,
     fourier_precondition,
@@ -72,6 +81,7 @@ TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps")
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 DREAM_FILE = "dream.json"
 QUALITY_FILE = "quality.parquet"
+QUALITY_LOCK_FILE = "quality.lock"
 STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
 
 
@@ -770,6 +780,54 @@ def _empty_channel(out_dir: Path, channel: int, config: DreamConfig, info: dict[
         })
 
 
+def _remove_channel_leftovers(out_dir: Path, channel: int) -> None:
+    """Delete the temporaries :func:`ddr_core.atomic.atomic_dir` left for ``channel`` when its run died."""
+    for leftover in out_dir.glob(f".{channel_dir(out_dir, channel).name}{TEMP_MARKER}*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+
+
+def check_dream_inputs(
+    pipe: Any,
+    stats_dir: str | Path | None,
+    priors_dir: str | Path | None,
+    channels: Sequence[int],
+    config: DreamConfig,
+) -> None:
+    """Check what a dream run reads, before anything is optimised or written.
+
+    Args:
+        stats_dir: the timestep statistics folder (its tables are needed by timestep keywords).
+        priors_dir: the priors folder when dreams start from priors, else ``None``.
+        channels: the channels still to dream (each needs a finished prior when ``priors_dir`` is set).
+
+    Raises:
+        ValueError: an integer timestep outside ``[0, num_train_timesteps)`` of the scheduler.
+        FileNotFoundError: a keyword's statistics table is missing, or channels have no finished prior
+            (``prior.json``); the message names the fix.
+    """
+    total = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
+    too_late = [t for t in config.timesteps if isinstance(t, int) and not 0 <= t < total]
+    if too_late:
+        raise ValueError(f"timesteps {too_late} lie outside the scheduler's train timesteps 0..{total - 1}; "
+                         f"use timesteps below {total}")
+    for keyword in dict.fromkeys(t for t in config.timesteps if isinstance(t, str)):
+        if stats_dir is None:
+            raise FileNotFoundError(f"timestep keyword {keyword!r} needs the timestep statistics folder; "
+                                    "materialize timestep_stats for the variant first, or use integer timesteps")
+        _load_timestep_table(Path(stats_dir), keyword)
+    if priors_dir is not None:
+        missing = [int(c) for c in channels
+                   if not (Path(priors_dir) / f"channel_{int(c):05d}" / "prior.json").is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"no finished priors for channel(s) {format_channels(missing)} in {priors_dir}: materialize the "
+                f"priors of these channels first, or set use_prior: false to start dreams from seeded noise"
+            )
+
+
 def run_dreams(
     pipe: Any,
     sae: nn.Module | None,
@@ -783,6 +841,8 @@ def run_dreams(
     batch_size: int | None = None,
     log: LogFn | None = None,
     stop_after_channels: int | None = None,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> DreamsResult:
     """Dream every channel of ``channels`` at its timesteps from each start latent; resumable.
 
@@ -800,13 +860,22 @@ def run_dreams(
         data_root: paths in ``dream.json`` are relative to it (default: ``out_dir``).
         batch_size: elements per optimisation batch (default ``config.batch_size``).
         stop_after_channels: stop after writing this many channels (tests simulate a kill with it).
+        lock_wait, lock_owner: the run claims ``channels`` of ``out_dir`` while it works
+            (:func:`ddr_core.priors.claim_channels`): another live run holding any of them makes it
+            fail at once with :class:`~ddr_core.priors.ChannelsLockedError`, or wait ``lock_wait``
+            seconds; runs on other channels of the same folder run side by side.
+
+    Raises:
+        ValueError: a channel outside the layer / SAE, or an integer timestep outside the scheduler's.
+        FileNotFoundError: timestep keywords without their statistics table, or (``use_prior``)
+            unfinished channels without a finished prior; nothing is written then.
+        ChannelsLockedError: another live run is writing some of ``channels``.
     """
     from ddr_core.pipeline import layer_width, resolve_layer
     from ddr_core.progress import Progress
 
     start = time.monotonic()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     root = Path(data_root) if data_root is not None else out
     batch_size = batch_size or config.batch_size
     layer = resolve_layer(pipe.unet, layer_name)
@@ -817,109 +886,116 @@ def run_dreams(
     if config.use_prior and priors_dir is None and log:
         log("dreams: no priors folder given; starting from seeded noise")
     info = {"basis": "raw" if sae is None else "sae", "layer": layer_name, "use_prior": use_prior}
+    # Everything that can be checked is checked before anything is written.
+    check_dream_inputs(pipe, stats_dir, priors_dir if use_prior else None,
+                       [c for c in channels if c not in finished_channels(out)], config)
 
-    done = finished_channels(out)
-    result = DreamsResult(out_dir=out, channels_skipped=[c for c in channels if c in done])
-    todo = [c for c in channels if c not in done]
-    if result.channels_skipped and log:
-        log(f"dreams: resuming, {len(result.channels_skipped)} of {len(channels)} channels already done")
-        current = config.config_hash()
-        other = [c for c in result.channels_skipped
-                 if json.loads((channel_dir(out, c) / DREAM_FILE).read_text(encoding="utf-8")).get("config_hash")
-                 != current]
-        if other:
-            log(f"dreams: warning: {len(other)} finished channel(s) (e.g. {other[0]}) were dreamed with another "
-                f"config; they are kept as they are -- delete their folders under {out} to redo them")
+    with claim_channels(out, channels, wait=lock_wait,
+                        owner=lock_owner or f"{out.parent.name} {out.name} channels {format_channels(channels)}"):
+        done = finished_channels(out)
+        result = DreamsResult(out_dir=out, channels_skipped=[c for c in channels if c in done])
+        todo = [c for c in channels if c not in done]
+        for channel in todo:  # folders a killed run was assembling (ours alone while claimed)
+            _remove_channel_leftovers(out, channel)
+        if result.channels_skipped and log:
+            log(f"dreams: resuming, {len(result.channels_skipped)} of {len(channels)} channels already done")
+            current = config.config_hash()
+            other = [c for c in result.channels_skipped
+                     if json.loads((channel_dir(out, c) / DREAM_FILE).read_text(encoding="utf-8")).get("config_hash")
+                     != current]
+            if other:
+                log(f"dreams: warning: {len(other)} finished channel(s) (e.g. {other[0]}) were dreamed with another "
+                    f"config; they are kept as they are -- delete their folders under {out} to redo them")
 
-    def plans() -> Iterator[ChannelPlan]:
-        for channel in todo:
-            timesteps = resolve_dream_timesteps(stats_dir, channel, config.timesteps)
-            if config.use_just_one_timestep:
-                timesteps = timesteps[:1]
-            if not timesteps:
-                _empty_channel(out, channel, config, info, "no timesteps (no activity peaks / active timesteps)")
-                result.channels_without_timesteps.append(channel)
-                continue
-            if use_prior:
-                prior_record = Path(priors_dir) / f"channel_{channel:05d}" / "prior.json"
-                if prior_record.is_file():
-                    prior = json.loads(prior_record.read_text(encoding="utf-8"))
-                    if prior.get("status") == "skipped":  # inactive or never steered: nothing to start from
-                        _empty_channel(out, channel, config, info,
-                                       f"prior skipped ({prior.get('reason')}): {prior.get('message', '')}")
-                        result.channels_without_timesteps.append(channel)
-                        continue
-                latents, seeds = load_prior_latents(priors_dir, channel, config.n_results)
-            else:
-                seeds = list(config.seeds[: config.n_results])
-                latents = noise_latents(pipe, seeds)
-            yield ChannelPlan(channel, timesteps, seeds, latents)
-
-    pending: dict[int, tuple[ChannelPlan, dict[tuple[int, int], dict[str, Any]]]] = {}
-    queue: list[tuple[ChannelPlan, int, int, int]] = []  # plan, timestep, seed, latent index
-    written = 0
-    plan_iter = plans()
-    exhausted = False
-
-    with Progress(len(channels), "dreams", log=log, unit="channel", initial=len(result.channels_skipped)) as progress:
-        while True:
-            while not exhausted and len(queue) < batch_size:
-                plan = next(plan_iter, None)
-                if plan is None:
-                    exhausted = True
-                    break
-                pending[plan.channel] = (plan, {})
-                for timestep in plan.timesteps:
-                    for index, seed in enumerate(plan.seeds):
-                        queue.append((plan, timestep, seed, index))
-            if not queue:
-                break
-            batch, queue = queue[:batch_size], queue[batch_size:]
-            init = torch.stack([plan.init_latents[index] for plan, _, _, index in batch])
-            timesteps = torch.tensor([t for _, t, _, _ in batch], dtype=torch.long)
-            objective = DreamObjective(torch.tensor([p.channel for p, _, _, _ in batch], dtype=torch.long), sae)
-            generators = element_generators(
-                [element_seed(config.random_seed, p.channel, t, s) for p, t, s, _ in batch]
-            )
-            batch_result = optimise_dreams(pipe, layer, objective, init, timesteps, config, generators)
-            final_activation = batch_result.final_activation
-            last_step = config.num_steps
-            for position, (plan, timestep, seed, _) in enumerate(batch):
-                steps = batch_result.steps_run(position)
-                snapshots = {s: latents[position] for s, latents in batch_result.snapshots.items()}
-                if config.snapshot_every and batch_result.failed[position] is None:
-                    snapshots[last_step] = batch_result.latents[position]
-                pending[plan.channel][1][(timestep, seed)] = {
-                    "latents": batch_result.latents[position],
-                    "snapshots": snapshots,
-                    "stats": [
-                        (int(s), {name: float(batch_result.history[name][s, position]) for name in STAT_NAMES})
-                        for s in steps
-                    ],
-                    "final_activation": float(final_activation[position]),
-                    "failed": batch_result.failed[position],
-                    "failed_step": batch_result.failed_step[position],
-                }
-                result.element_steps += len(steps)
-            result.elements += len(batch)
-            for channel in list(pending):
-                plan, results = pending[channel]
-                if len(results) < plan.n_elements:
+        def plans() -> Iterator[ChannelPlan]:
+            for channel in todo:
+                timesteps = resolve_dream_timesteps(stats_dir, channel, config.timesteps)
+                if config.use_just_one_timestep:
+                    timesteps = timesteps[:1]
+                if not timesteps:
+                    _empty_channel(out, channel, config, info, "no timesteps (no activity peaks / active timesteps)")
+                    result.channels_without_timesteps.append(channel)
                     continue
-                failures = _write_channel(pipe, out, plan, results, config, root, info)
-                result.failures.extend(failures)
-                result.channels_done.append(channel)
-                del pending[channel]
-                progress.update()
-                written += 1
-                if failures and log:
-                    log(f"dreams: channel {channel}: {len(failures)} element(s) failed, e.g. {failures[0]['reason']}")
+                if use_prior:
+                    prior_record = Path(priors_dir) / f"channel_{channel:05d}" / "prior.json"
+                    if prior_record.is_file():
+                        prior = json.loads(prior_record.read_text(encoding="utf-8"))
+                        if prior.get("status") == "skipped":  # inactive or never steered: nothing to start from
+                            _empty_channel(out, channel, config, info,
+                                           f"prior skipped ({prior.get('reason')}): {prior.get('message', '')}")
+                            result.channels_without_timesteps.append(channel)
+                            continue
+                    latents, seeds = load_prior_latents(priors_dir, channel, config.n_results)
+                else:
+                    seeds = list(config.seeds[: config.n_results])
+                    latents = noise_latents(pipe, seeds)
+                yield ChannelPlan(channel, timesteps, seeds, latents)
+
+        pending: dict[int, tuple[ChannelPlan, dict[tuple[int, int], dict[str, Any]]]] = {}
+        queue: list[tuple[ChannelPlan, int, int, int]] = []  # plan, timestep, seed, latent index
+        written = 0
+        plan_iter = plans()
+        exhausted = False
+
+        with Progress(len(channels), "dreams", log=log, unit="channel", initial=len(result.channels_skipped)) as progress:
+            while True:
+                while not exhausted and len(queue) < batch_size:
+                    plan = next(plan_iter, None)
+                    if plan is None:
+                        exhausted = True
+                        break
+                    pending[plan.channel] = (plan, {})
+                    for timestep in plan.timesteps:
+                        for index, seed in enumerate(plan.seeds):
+                            queue.append((plan, timestep, seed, index))
+                if not queue:
+                    break
+                batch, queue = queue[:batch_size], queue[batch_size:]
+                init = torch.stack([plan.init_latents[index] for plan, _, _, index in batch])
+                timesteps = torch.tensor([t for _, t, _, _ in batch], dtype=torch.long)
+                objective = DreamObjective(torch.tensor([p.channel for p, _, _, _ in batch], dtype=torch.long), sae)
+                generators = element_generators(
+                    [element_seed(config.random_seed, p.channel, t, s) for p, t, s, _ in batch]
+                )
+                batch_result = optimise_dreams(pipe, layer, objective, init, timesteps, config, generators)
+                final_activation = batch_result.final_activation
+                last_step = config.num_steps
+                for position, (plan, timestep, seed, _) in enumerate(batch):
+                    steps = batch_result.steps_run(position)
+                    snapshots = {s: latents[position] for s, latents in batch_result.snapshots.items()}
+                    if config.snapshot_every and batch_result.failed[position] is None:
+                        snapshots[last_step] = batch_result.latents[position]
+                    pending[plan.channel][1][(timestep, seed)] = {
+                        "latents": batch_result.latents[position],
+                        "snapshots": snapshots,
+                        "stats": [
+                            (int(s), {name: float(batch_result.history[name][s, position]) for name in STAT_NAMES})
+                            for s in steps
+                        ],
+                        "final_activation": float(final_activation[position]),
+                        "failed": batch_result.failed[position],
+                        "failed_step": batch_result.failed_step[position],
+                    }
+                    result.element_steps += len(steps)
+                result.elements += len(batch)
+                for channel in list(pending):
+                    plan, results = pending[channel]
+                    if len(results) < plan.n_elements:
+                        continue
+                    failures = _write_channel(pipe, out, plan, results, config, root, info)
+                    result.failures.extend(failures)
+                    result.channels_done.append(channel)
+                    del pending[channel]
+                    progress.update()
+                    written += 1
+                    if failures and log:
+                        log(f"dreams: channel {channel}: {len(failures)} element(s) failed, e.g. {failures[0]['reason']}")
+                    if stop_after_channels is not None and written >= stop_after_channels:
+                        break
                 if stop_after_channels is not None and written >= stop_after_channels:
                     break
-            if stop_after_channels is not None and written >= stop_after_channels:
-                break
-    result.seconds = time.monotonic() - start
-    return result
+        result.seconds = time.monotonic() - start
+        return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -985,15 +1061,38 @@ def measure_dream_quality(
     redone channel folder drops its cache with it; ``reuse=False`` re-measures). Then
     ``dreams_dir/quality.parquet`` is rewritten as the union of every channel's cached rows.
 
+    Every quality file of ``dreams_dir`` is written under the lock ``<parent>/.<name>.locks/quality.lock``
+    (waited for): runs on other blocks of the same folder measure one after the other, so the union
+    never loses the rows another run just added, and temporaries of a killed measurement are removed.
+
     Args:
         channels: channels to measure (default: every finished channel in ``dreams_dir``).
 
     Returns:
         The rows of ``channels`` (columns of :data:`QUALITY_SCHEMA`).
     """
+    dreams_dir = Path(dreams_dir)
+    with partition_lock(stage_locks_dir(dreams_dir) / QUALITY_LOCK_FILE, wait=True, owner=f"dream quality {dreams_dir.name}"):
+        for leftover in [*dreams_dir.glob(f".{QUALITY_FILE}{TEMP_MARKER}*"),
+                         *dreams_dir.glob(f"channel_*/.{QUALITY_FILE}{TEMP_MARKER}*")]:
+            leftover.unlink(missing_ok=True)  # a measurement killed mid-write (all writers hold this lock)
+        return _measure_dream_quality_locked(pipe, sae, layer_name, dreams_dir, stats_dir, config, channels,
+                                             batch_size, reuse)
+
+
+def _measure_dream_quality_locked(
+    pipe: Any,
+    sae: nn.Module | None,
+    layer_name: str,
+    dreams_dir: Path,
+    stats_dir: str | Path | None,
+    config: DreamConfig,
+    channels: Sequence[int] | None,
+    batch_size: int | None,
+    reuse: bool,
+) -> pl.DataFrame:
     from ddr_core.pipeline import resolve_layer
 
-    dreams_dir = Path(dreams_dir)
     layer = resolve_layer(pipe.unet, layer_name)
     batch_size = batch_size or config.batch_size
     finished = finished_channels(dreams_dir)
@@ -1085,20 +1184,59 @@ def dreams_for_variant(
     log: LogFn | None = None,
     stop_after_channels: int | None = None,
     stage: str = "dreams",
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> DreamsResult:
     """Dream the channels of one variant: reads its priors and timestep statistics, writes
     ``layout.stage_dir(stage, variant)`` and its ``quality.parquet`` (``stage`` is ``dreams``, or
     ``dreams_no_noise`` for the run without schedule noise).
 
-    Checks before optimising: the model folder, the layer, the SAE's ``d_in``, the variant's width
-    and the channel range. ``channels=None`` means every channel of the variant.
+    Checks before optimising: the channel range and the upstream stages (the statistics tables the
+    timestep keywords need, and, with ``use_prior``, a finished prior for every channel still to dream:
+    the error names ``timestep_stats[<variant>]`` / ``priors[<block>]`` to materialize), then the model
+    folder, the layer, the SAE's ``d_in`` and the variant's width. ``channels=None`` means every
+    channel of the variant. ``lock_wait``/``lock_owner``: see :func:`run_dreams`.
+
+    Raises:
+        IndexError: a channel outside the variant's declared width (before the model is loaded).
+        FileNotFoundError: an upstream stage is missing (before the model is loaded).
+        ChannelsLockedError: another live run is writing some of the channels.
     """
     from ddr_core.pipeline import layer_width, load_pipeline
     from ddr_core.sae import find_sae_folder, load_sae
 
+    if variant not in project.variants:
+        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
     device = torch.device(device)
     spec = project.variants[variant]
     layer_name = project.layer_of(variant)
+    what = f"variant {variant!r} ({spec.basis} basis of layer {layer_name!r})"
+    selected = list(range(spec.width)) if channels is None else check_channels(channels, spec.width, what)
+    stats_dir = layout.timestep_stats_dir(variant)
+    out_dir = layout.stage_dir(stage, variant)
+    priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
+    # The upstream stages, before the model is loaded; nothing is written when they are missing.
+    keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
+    absent = [k for k in keywords if not (stats_dir / f"{k}.parquet").is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / f'{absent[0]}.parquet'} "
+            f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
+            f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
+            f"integer timesteps only"
+        )
+    if priors_dir is not None:
+        finished = finished_channels(out_dir)
+        missing = [c for c in selected
+                   if c not in finished and not (priors_dir / f"channel_{c:05d}" / "prior.json").is_file()]
+        if missing:
+            blocks = [f"priors[{variant}:{first}-{last}]" for first, last in spec.channel_blocks()
+                      if any(first <= c <= last for c in missing)]
+            raise FileNotFoundError(
+                f"no finished priors for channel(s) {format_channels(missing)} of variant {variant!r} in "
+                f"{priors_dir}: materialize {', '.join(blocks)} first, or set use_prior: false to start dreams "
+                f"from seeded noise"
+            )
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
     width = layer_width(pipe.unet, layer_name)
     sae = None
@@ -1109,14 +1247,11 @@ def dreams_for_variant(
     if width != spec.width:
         raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} basis has "
                          f"{width}: set `width: {width}`")
-    channels = list(range(width)) if channels is None else list(channels)
-    stats_dir = layout.timestep_stats_dir(variant)
-    priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
-    out_dir = layout.stage_dir(stage, variant)
     result = run_dreams(
-        pipe, sae, layer_name, stats_dir, priors_dir, channels, out_dir, config,
+        pipe, sae, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
+        lock_wait=lock_wait, lock_owner=lock_owner,
     )
-    result.quality = measure_dream_quality(pipe, sae, layer_name, out_dir, stats_dir, config, channels=channels)
+    result.quality = measure_dream_quality(pipe, sae, layer_name, out_dir, stats_dir, config, channels=selected)
     result.quality_path = out_dir / QUALITY_FILE
     return result

@@ -57,14 +57,24 @@ On-disk format (``out_dir/channel_<c:05d>/``, every file written atomically)
 
 A rerun skips finished channels; one whose ``prior.json`` has another ``config_hash`` (other seeds,
 mode, scale, steps, size, basis or layer) raises :class:`PriorsConfigMismatch` rather than mixing.
+
+Concurrent runs: a run claims its channels for its whole duration (:func:`claim_channels`, files under
+``<parent>/.<out_dir name>.locks/``, a sibling of ``out_dir`` so the stage folder holds results
+only). A second run on any of them fails at once with :class:`ChannelsLockedError`
+naming the first (or waits ``lock_wait`` seconds); runs on other channels of the same variant (other
+channel blocks) go on side by side. A killed run's claim dies with it; the next run on its channels
+deletes the temporaries it left in their folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +86,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
 from ddr_core.config import config_hash
+from ddr_core.locks import (
+    FileLock,
+    PartitionLockedError,
+    describe_holder,
+    is_locked,
+    partition_lock,
+    read_lock_owner,
+)
 from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
 
 LogFn = Callable[[str], None]
@@ -374,6 +392,128 @@ def generate_priors(
 
 
 # --------------------------------------------------------------------------------------------------
+# Channel claims: two runs never write the same channels of a stage folder at once
+# --------------------------------------------------------------------------------------------------
+
+LOCKS_SUFFIX = ".locks"
+CLAIMS_REGISTRY_LOCK = "registry.lock"
+_CLAIM_POLL_SECONDS = 0.1
+
+
+class ChannelsLockedError(PartitionLockedError):
+    """Another live run is writing some of the channels this run wants to write.
+
+    Attributes:
+        out_dir: the stage folder; ``channels``: the contested channels; ``lock_path``: the other
+        run's claim; ``holder``: its pid, host, start time and owner text.
+    """
+
+    def __init__(self, out_dir: Path, channels: list[int], lock_path: Path, holder: dict[str, Any] | None,
+                 waited: float | None) -> None:
+        super().__init__(lock_path, holder, waited)
+        self.out_dir = Path(out_dir)
+        self.channels = channels
+        shown = format_channels(channels)
+        waited_text = f" (waited {waited:.0f} s)" if waited else ""
+        self.args = (
+            f"channel(s) {shown} of {self.out_dir} are being written by another run: "
+            f"{describe_holder(self.holder)}{waited_text}; its claim is {self.lock_path}. Wait for that run to "
+            f"finish or stop it, then run again (finished channels are skipped), pass a lock wait to queue "
+            f"behind it, or choose other channels. A run that died has released its claim already (the "
+            f"operating system drops it with the process), so do not delete the files under "
+            f"{stage_locks_dir(self.out_dir)}.",
+        )
+
+
+def stage_locks_dir(out_dir: str | Path) -> Path:
+    """The lock folder of a per-channel stage folder: ``<parent>/.<name>.locks`` (a sibling, so the
+    stage folder itself holds results only)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{LOCKS_SUFFIX}"
+
+
+def format_channels(channels: Sequence[int]) -> str:
+    """``[0, 1, 2]`` -> ``0-2``; otherwise the sorted list, shortened past 10 entries."""
+    values = sorted({int(c) for c in channels})
+    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    return str(values[:10])[:-1] + (f", ... ({len(values)} in all)]" if len(values) > 10 else "]")
+
+
+def _live_conflict(registry: Path, wanted: set[int]) -> tuple[Path, dict[str, Any], list[int]] | None:
+    """The first live claim overlapping ``wanted`` (call with the registry lock held); drops dead claims."""
+    remove_temp_files(registry, recursive=False)  # a claim being recorded when its run died
+    for lock_path in sorted(registry.glob("claim-*.lock")):
+        record = lock_path.with_suffix(".json")
+        if not is_locked(lock_path):  # its run ended or was killed: the kernel dropped the flock
+            record.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+            continue
+        try:
+            theirs = {int(c) for c in json.loads(record.read_text(encoding="utf-8"))["channels"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            theirs = wanted  # a live claim we cannot read: assume it covers everything
+        overlap = sorted(wanted & theirs)
+        if overlap:
+            return lock_path, read_lock_owner(lock_path), overlap
+    return None
+
+
+@contextlib.contextmanager
+def claim_channels(
+    out_dir: str | Path, channels: Sequence[int], *, wait: bool | float = False, owner: str = ""
+) -> Iterator[Path]:
+    """Hold an exclusive claim on ``channels`` of the stage folder ``out_dir`` for the ``with`` body.
+
+    A claim is a lock file ``<locks>/claim-<pid>-<random>.lock`` (``<locks>``: :func:`stage_locks_dir`,
+    a sibling of ``out_dir``), held with ``flock`` for the
+    whole body, plus ``claim-....json`` listing its channels. Claims are registered and checked under
+    the short-lived lock ``<locks>/registry.lock``, so two runs never both claim a channel.
+    Claims of disjoint channel sets coexist (two blocks of one variant run side by side); a claim
+    overlapping a live one fails at once with :class:`ChannelsLockedError` naming the holder, or is
+    retried for up to ``wait`` seconds (``True``: without limit). A run killed with ``kill -9`` leaves
+    its claim files behind, but the kernel has dropped their lock: the next run removes them.
+
+    The channel folders of ``channels`` are the claimant's alone while it holds the claim, so it may
+    delete temporaries left in them by killed runs.
+
+    Yields:
+        The claim's lock file.
+    """
+    registry = stage_locks_dir(out_dir)
+    wanted = set(_channel_list(channels))
+    start = time.monotonic()
+    while True:
+        with partition_lock(registry / CLAIMS_REGISTRY_LOCK, wait=True, owner=owner):
+            conflict = _live_conflict(registry, wanted)
+            if conflict is None:
+                token = f"claim-{os.getpid()}-{secrets.token_hex(4)}"
+                claim = FileLock(registry / f"{token}.lock", owner=owner).acquire()
+                try:
+                    atomic_write_json(registry / f"{token}.json", {"channels": sorted(wanted), "owner": owner})
+                except BaseException:
+                    claim.release()
+                    claim.path.unlink(missing_ok=True)
+                    raise
+                break
+        waited = time.monotonic() - start
+        if wait is False or (wait is not True and waited >= float(wait)):
+            lock_path, holder, overlap = conflict
+            raise ChannelsLockedError(Path(out_dir), overlap, lock_path, holder, waited if wait is not False else None)
+        time.sleep(_CLAIM_POLL_SECONDS)
+    try:
+        yield claim.path
+    finally:
+        try:
+            with partition_lock(registry / CLAIMS_REGISTRY_LOCK, wait=True, owner=owner):
+                (registry / f"{token}.json").unlink(missing_ok=True)
+                claim.release()
+                claim.path.unlink(missing_ok=True)
+        finally:
+            claim.release()  # idempotent; the claim never outlives the body
+
+
+# --------------------------------------------------------------------------------------------------
 # Resumable per-channel runner
 # --------------------------------------------------------------------------------------------------
 
@@ -467,8 +607,14 @@ def run_priors(
     data_root: str | Path,
     log: LogFn | None = None,
     stop_after_channels: int | None = None,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> PriorsResult:
     """Generate the priors of ``channels`` into ``out_dir``; resumable (see the module docstring).
+
+    The channels are claimed for the run (:func:`claim_channels`): another live run writing any of
+    them makes this one fail at once (or wait ``lock_wait`` seconds); runs on other channels of the
+    same ``out_dir`` (other blocks of the variant) run side by side.
 
     Args:
         pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
@@ -480,10 +626,14 @@ def run_priors(
         config: stage parameters.
         data_root: what the image paths in ``prior.json`` are relative to.
         stop_after_channels: handle only this many unfinished channels (tests simulate a kill).
+        lock_wait: ``False`` (fail at once), seconds, or ``True`` (wait without limit) when another
+            run holds some of ``channels``.
+        lock_owner: free text recorded with the claim (e.g. the Dagster run id).
 
     Raises:
         IndexError: a channel outside the layer's width / the SAE's features.
         PriorsConfigMismatch: ``out_dir`` holds channels made with other parameters.
+        ChannelsLockedError: another live run is writing some of ``channels`` (names it).
     """
     from safetensors.torch import save_file
 
@@ -526,110 +676,114 @@ def run_priors(
     settings_hash = config_hash(settings)
     base = {**settings, "config_hash": settings_hash, "stats_config_hash": summary.get("config_hash")}
 
-    result = PriorsResult(out_dir=out_dir)
-    todo: list[int] = []
-    for channel in channels:
-        existing = read_prior(out_dir, channel)
-        if existing is None:
-            todo.append(channel)
-        elif existing.get("config_hash") != settings_hash:
-            changed = sorted(k for k in settings if existing.get(k) != settings[k])
-            raise PriorsConfigMismatch(
-                f"{channel_dir(out_dir, channel)} was made with different {', '.join(changed) or 'settings'}; "
-                f"use another experiment name (DDR_EXPERIMENT) or delete {out_dir} to start over"
-            )
+    with claim_channels(out_dir, channels, wait=lock_wait,
+                        owner=lock_owner or f"priors {out_dir.name} channels {format_channels(channels)}"):
+        result = PriorsResult(out_dir=out_dir)
+        todo: list[int] = []
+        for channel in channels:
+            existing = read_prior(out_dir, channel)
+            if existing is None:
+                todo.append(channel)
+            elif existing.get("config_hash") != settings_hash:
+                changed = sorted(k for k in settings if existing.get(k) != settings[k])
+                raise PriorsConfigMismatch(
+                    f"{channel_dir(out_dir, channel)} was made with different {', '.join(changed) or 'settings'}; "
+                    f"use another experiment name (DDR_EXPERIMENT) or delete {out_dir} to start over"
+                )
+            else:
+                result.resumed.append(channel)
+        if result.resumed and log:
+            log(f"priors: resuming, {len(result.resumed)} of {len(channels)} channels already finished")
+        if stop_after_channels is not None:
+            todo = todo[:stop_after_channels]
+        for channel in todo:  # leftovers of a killed run (these channels are ours alone while claimed)
+            remove_temp_files(channel_dir(out_dir, channel), recursive=False)
+
+        def finish(channel: int, record: dict[str, Any]) -> None:
+            folder = channel_dir(out_dir, channel)
+            atomic_write_json(folder / PRIOR_FILE, {**base, "channel": channel, **record})
+
+        def skip(channel: int, reason: str, message: str) -> None:
+            finish(channel, {"status": "skipped", "reason": reason, "message": message, "steered_timesteps": [],
+                             "strengths": [], "strength_summary": {"n_steered": 0}, "images": [], "latents": None})
+            result.skipped[channel] = reason
+
+        active = channel_is_active(stats_dir, todo) if todo else np.zeros(0, dtype=bool)
+        for channel in (c for c, is_active in zip(todo, active, strict=True) if not is_active):
+            skip(channel, "inactive", "the channel has no active timesteps in the timestep statistics")
+        candidates = [c for c, is_active in zip(todo, active, strict=True) if is_active]
+
+        schedule = steering_schedule(stats_dir, candidates, config.timesteps, scale, num_train,
+                                     scheduler_timesteps=timesteps)
+        steered_mask = schedule[:, timesteps] != 0 if candidates else torch.zeros(0, len(timesteps), dtype=torch.bool)
+        to_generate: list[int] = []
+        for row, channel in enumerate(candidates):
+            if bool(steered_mask[row].any()):
+                to_generate.append(channel)
+            else:
+                skip(channel, "no_steered_timesteps",
+                     f"none of the {len(timesteps)} scheduler timesteps gets a nonzero strength in mode "
+                     f"{config.timesteps!r} (selected timesteps fall between scheduler steps, or the max "
+                     "activation there is 0)")
+        row_of = {c: r for r, c in enumerate(candidates)}
+
+        if basis == "raw":
+            all_directions = channel_directions(to_generate, width)
         else:
-            result.resumed.append(channel)
-    if result.resumed and log:
-        log(f"priors: resuming, {len(result.resumed)} of {len(channels)} channels already finished")
-    if stop_after_channels is not None:
-        todo = todo[:stop_after_channels]
+            index = torch.as_tensor(to_generate, dtype=torch.long, device=sae_or_none.W_dec.device)
+            with torch.no_grad():
+                all_directions = sae_or_none.decoder_directions(index).detach().float().cpu()
 
-    def finish(channel: int, record: dict[str, Any]) -> None:
-        folder = channel_dir(out_dir, channel)
-        atomic_write_json(folder / PRIOR_FILE, {**base, "channel": channel, **record})
-
-    def skip(channel: int, reason: str, message: str) -> None:
-        finish(channel, {"status": "skipped", "reason": reason, "message": message, "steered_timesteps": [],
-                         "strengths": [], "strength_summary": {"n_steered": 0}, "images": [], "latents": None})
-        result.skipped[channel] = reason
-
-    active = channel_is_active(stats_dir, todo) if todo else np.zeros(0, dtype=bool)
-    for channel in (c for c, is_active in zip(todo, active, strict=True) if not is_active):
-        skip(channel, "inactive", "the channel has no active timesteps in the timestep statistics")
-    candidates = [c for c, is_active in zip(todo, active, strict=True) if is_active]
-
-    schedule = steering_schedule(stats_dir, candidates, config.timesteps, scale, num_train,
-                                 scheduler_timesteps=timesteps)
-    steered_mask = schedule[:, timesteps] != 0 if candidates else torch.zeros(0, len(timesteps), dtype=torch.bool)
-    to_generate: list[int] = []
-    for row, channel in enumerate(candidates):
-        if bool(steered_mask[row].any()):
-            to_generate.append(channel)
-        else:
-            skip(channel, "no_steered_timesteps",
-                 f"none of the {len(timesteps)} scheduler timesteps gets a nonzero strength in mode "
-                 f"{config.timesteps!r} (selected timesteps fall between scheduler steps, or the max "
-                 "activation there is 0)")
-    row_of = {c: r for r, c in enumerate(candidates)}
-
-    if basis == "raw":
-        all_directions = channel_directions(to_generate, width)
-    else:
-        index = torch.as_tensor(to_generate, dtype=torch.long, device=sae_or_none.W_dec.device)
-        with torch.no_grad():
-            all_directions = sae_or_none.decoder_directions(index).detach().float().cpu()
-
-    # Channels per pipeline call: the fewest whose generations fill whole batches.
-    n_seeds = len(config.seeds)
-    chunk = max(1, config.batch_size // math.gcd(config.batch_size, n_seeds))
-    seeds_tensor = torch.tensor(config.seeds, dtype=torch.int64)
-    with Progress(len(to_generate) * n_seeds, f"priors {out_dir.name}", log=log, unit="image") as progress:
-        for first in range(0, len(to_generate), chunk):
-            group = to_generate[first:first + chunk]
-            rows = [row_of[c] for c in group]
-            latents, images = generate_priors(
-                pipe, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
-                num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
-                height=height, width=width_px, on_batch=progress.update,
-            )
-            for position, channel in enumerate(group):
-                folder = channel_dir(out_dir, channel)
-                folder.mkdir(parents=True, exist_ok=True)
-                remove_temp_files(folder, recursive=False)
-                metadata = {
-                    "format": FORMAT, "channel": str(channel), "basis": basis, "layer": layer_name,
-                    "timesteps_mode": config.timesteps, "steer_strength_scale": repr(scale),
-                    "num_inference_steps": str(config.num_inference_steps), "height": str(height),
-                    "width": str(width_px), "config_hash": settings_hash,
-                }
-                with atomic_path(folder / LATENTS_FILE) as tmp:
-                    save_file({"latents": latents[position].contiguous(), "seeds": seeds_tensor},
-                              str(tmp), metadata=metadata)
-                image_paths = []
-                for seed, image in zip(config.seeds, images[position], strict=True):
-                    path = folder / f"seed_{seed}.png"
-                    with atomic_path(path) as tmp:
-                        image.save(tmp, format="PNG")
-                    image_paths.append(_relative(path, data_root))
-                row = schedule[row_of[channel]]
-                steered = [t for t in timesteps if float(row[t]) != 0.0]
-                strengths = [float(row[t]) for t in steered]
-                finish(channel, {
-                    "status": "done", "reason": None, "message": None,
-                    "steered_timesteps": steered, "strengths": strengths,
-                    "strength_summary": {
-                        "n_steered": len(steered), "min": min(strengths), "max": max(strengths),
-                        "mean": sum(strengths) / len(strengths),
-                    },
-                    "images": image_paths, "latents": _relative(folder / LATENTS_FILE, data_root),
-                })
-                result.done.append(channel)
-                result.images += n_seeds
-    result.seconds = time.monotonic() - start
-    if log:
-        log(f"priors {out_dir.name}: {result.counts()}")
-    return result
+        # Channels per pipeline call: the fewest whose generations fill whole batches.
+        n_seeds = len(config.seeds)
+        chunk = max(1, config.batch_size // math.gcd(config.batch_size, n_seeds))
+        seeds_tensor = torch.tensor(config.seeds, dtype=torch.int64)
+        with Progress(len(to_generate) * n_seeds, f"priors {out_dir.name}", log=log, unit="image") as progress:
+            for first in range(0, len(to_generate), chunk):
+                group = to_generate[first:first + chunk]
+                rows = [row_of[c] for c in group]
+                latents, images = generate_priors(
+                    pipe, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
+                    num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
+                    height=height, width=width_px, on_batch=progress.update,
+                )
+                for position, channel in enumerate(group):
+                    folder = channel_dir(out_dir, channel)
+                    folder.mkdir(parents=True, exist_ok=True)
+                    remove_temp_files(folder, recursive=False)
+                    metadata = {
+                        "format": FORMAT, "channel": str(channel), "basis": basis, "layer": layer_name,
+                        "timesteps_mode": config.timesteps, "steer_strength_scale": repr(scale),
+                        "num_inference_steps": str(config.num_inference_steps), "height": str(height),
+                        "width": str(width_px), "config_hash": settings_hash,
+                    }
+                    with atomic_path(folder / LATENTS_FILE) as tmp:
+                        save_file({"latents": latents[position].contiguous(), "seeds": seeds_tensor},
+                                  str(tmp), metadata=metadata)
+                    image_paths = []
+                    for seed, image in zip(config.seeds, images[position], strict=True):
+                        path = folder / f"seed_{seed}.png"
+                        with atomic_path(path) as tmp:
+                            image.save(tmp, format="PNG")
+                        image_paths.append(_relative(path, data_root))
+                    row = schedule[row_of[channel]]
+                    steered = [t for t in timesteps if float(row[t]) != 0.0]
+                    strengths = [float(row[t]) for t in steered]
+                    finish(channel, {
+                        "status": "done", "reason": None, "message": None,
+                        "steered_timesteps": steered, "strengths": strengths,
+                        "strength_summary": {
+                            "n_steered": len(steered), "min": min(strengths), "max": max(strengths),
+                            "mean": sum(strengths) / len(strengths),
+                        },
+                        "images": image_paths, "latents": _relative(folder / LATENTS_FILE, data_root),
+                    })
+                    result.done.append(channel)
+                    result.images += n_seeds
+        result.seconds = time.monotonic() - start
+        if log:
+            log(f"priors {out_dir.name}: {result.counts()}")
+        return result
 
 
 # --- the stage: one variant of the project configuration --------------------------------------------
@@ -644,6 +798,8 @@ def priors_for_variant(
     device: torch.device | str,
     log: LogFn | None = None,
     stop_after_channels: int | None = None,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> PriorsResult:
     """Generate the priors of ``channels`` (``None``: all) of one variant of the project config.
 
@@ -652,7 +808,9 @@ def priors_for_variant(
 
     Raises:
         IndexError: a channel index ``>= width`` (checked before anything is loaded).
+        FileNotFoundError: the variant's timestep statistics are missing (names what to materialize).
         ValueError: the config's ``width`` disagrees with the model layer / SAE.
+        ChannelsLockedError: another live run is writing some of the channels (see :func:`run_priors`).
     """
     from ddr_core.activations import resolve_dtype
     from ddr_core.pipeline import layer_width, load_pipeline
@@ -665,7 +823,14 @@ def priors_for_variant(
     what = f"variant {variant!r} ({spec.basis} basis of layer {layer_name!r})"
     selected = list(range(spec.width)) if channels is None else check_channels(channels, spec.width, what)
     stats_dir = layout.timestep_stats_dir(variant)
-    read_summary(stats_dir)  # fail before loading the model when the statistics are missing
+    try:
+        read_summary(stats_dir)  # fail before loading the model when the statistics are missing
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"the timestep statistics of variant {variant!r} are missing ({error}): materialize "
+            f"timestep_stats[{variant}] first (e.g. `dagster asset materialize --select timestep_stats "
+            f"--partition {variant}`)"
+        ) from None
 
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
@@ -679,4 +844,5 @@ def priors_for_variant(
         raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} "
                          f"basis has {actual}: set `width: {actual}`")
     return run_priors(pipe, sae, layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
-                      config, layout.data_root, log=log, stop_after_channels=stop_after_channels)
+                      config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
+                      lock_wait=lock_wait, lock_owner=lock_owner)

@@ -72,7 +72,7 @@ def test_definitions_load_and_list_every_stage():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots", "priors",
-            "dreams", "dreams_no_noise", "representation_shards", "html_export"} <= keys
+            "dreams", "dreams_no_noise", "representation_shards", "html_export", "dream_sweeps"} <= keys
 
 
 def test_dagster_cli_validates_the_definitions(tmp_path):
