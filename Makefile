@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -38,8 +38,12 @@ test: setup browser-deps
 	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: setup
+# A persistent Dagster instance with the project's settings (run queue, GPU concurrency pool).
+dagster-home:
 	@mkdir -p $(DAGSTER_HOME)
+	@test -f $(DAGSTER_HOME)/dagster.yaml || cp dagster_project/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+
+demo: setup dagster-home
 	$(PY) -m dagster_project.demo
 
 lint: setup
@@ -50,8 +54,7 @@ validate: setup
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
 # The Dagster UI on http://127.0.0.1:3000 (loopback only; see README for remote access).
-dev: setup
-	@mkdir -p $(DAGSTER_HOME)
+dev: setup dagster-home
 	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
 
 # The inspector (Streamlit, loopback only) on the demo's data root.

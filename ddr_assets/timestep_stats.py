@@ -21,6 +21,7 @@ TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStats
     group_name="statistics",
     code_version=TIMESTEP_STATS_CODE_VERSION,
     kinds={"duckdb", "polars", "parquet"},
+    automation_condition=dg.AutomationCondition.eager(),
     description="Frequency in top-k, max activation, active timesteps, activity peaks and top dataset "
                 "examples per channel and timestep; Parquet + a stats.duckdb with views over them.",
 )

@@ -1,0 +1,46 @@
+"""Operations: the instance settings, the schedule, automation of statistics, jobs for the CLI."""
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import dagster as dg
+
+from dagster_project.definitions import defs
+from dagster_project.schedules import nightly_capture
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_instance_settings_queue_runs_and_limit_the_gpu_pool(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "dagster_project" / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    instance = dg.DagsterInstance.get()
+    config = instance.get_concurrency_config()
+    assert config.run_queue_config.max_concurrent_runs == 8
+    assert config.pool_config.default_pool_limit == 1
+    assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
+
+
+def test_gpu_assets_share_the_gpu_pool():
+    graph = defs.resolve_asset_graph()
+    for name in ("activations", "priors", "dreams", "dreams_no_noise", "dream_sweeps"):
+        assert graph.get(dg.AssetKey(name)).pools == {"gpu"}, name
+
+
+def test_nightly_schedule_requests_each_default_capture_group():
+    context = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 27, 2, 0))
+    requests = list(nightly_capture(context))
+    assert [r.partition_key for r in requests] == ["tiny"]
+    assert requests[0].run_key == "tiny-20261127"
+    assert defs.get_schedule_def("nightly_capture").default_status == dg.DefaultScheduleStatus.STOPPED
+
+
+def test_statistics_follow_their_activations():
+    node = defs.resolve_asset_graph().get(dg.AssetKey("timestep_stats"))
+    assert node.automation_condition is not None
+
+
+def test_jobs_for_each_stage_family_exist():
+    for job in ("provision_models", "capture_activations", "compute_timestep_stats", "visualise_channel_blocks"):
+        assert defs.resolve_job_def(job) is not None
