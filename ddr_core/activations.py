@@ -390,9 +390,9 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     and warned. ``lock_wait`` / ``lock_owner``: see :func:`run_capture`.
     """
     from ddr_core.hooks import sae_reducer, spatial_mean
-    from ddr_core.pipeline import layer_width, load_pipeline
+    from ddr_core.pipeline import load_pipeline
     from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
-    from ddr_core.sae import find_sae_folder, load_sae
+    from ddr_core.variants import load_variant_basis
 
     model_name, layer_name, prompts_name = project.capture_spec(group)
     variants = project.capture_groups()[group]
@@ -402,7 +402,6 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
     dtype = resolve_dtype(config.dtype, device)
     pipe = load_pipeline(layout.model_dir(model_name), device=device, dtype=dtype)
-    width = layer_width(pipe.unet, layer_name)
     prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts
     too_long = check_prompt_lengths(prompts, pipe.tokenizer)
     if too_long and log:
@@ -412,17 +411,8 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     info: dict[str, dict[str, Any]] = {}
     for variant in variants:
         spec = project.variants[variant]
-        if spec.basis == "raw":
-            reducers[variant] = spatial_mean
-            actual = width
-        else:
-            folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
-            sae = load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32)
-            reducers[variant] = sae_reducer(sae)
-            actual = sae.num_latents
-        if actual != spec.width:
-            raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the "
-                             f"{spec.basis} basis has {actual}: set `width: {actual}`")
+        sae, actual = load_variant_basis(project, layout, variant, pipe, device)
+        reducers[variant] = spatial_mean if sae is None else sae_reducer(sae)
         info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": actual}
     return run_capture(pipe, layer_name, reducers, prompts, layout.activations_dir(group), layout.data_root,
                        config, variant_info=info, log=log, stop_after_batches=stop_after_batches,

@@ -1202,8 +1202,8 @@ def dreams_for_variant(
         FileNotFoundError: an upstream stage is missing (before the model is loaded).
         ChannelsLockedError: another live run is writing some of the channels.
     """
-    from ddr_core.pipeline import layer_width, load_pipeline
-    from ddr_core.sae import find_sae_folder, load_sae
+    from ddr_core.pipeline import load_pipeline
+    from ddr_core.variants import load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -1238,15 +1238,7 @@ def dreams_for_variant(
                 f"from seeded noise"
             )
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
-    width = layer_width(pipe.unet, layer_name)
-    sae = None
-    if spec.basis == "sae":
-        folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
-        sae = load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32)
-        width = sae.num_latents
-    if width != spec.width:
-        raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} basis has "
-                         f"{width}: set `width: {width}`")
+    sae, _ = load_variant_basis(project, layout, variant, pipe, device)
     result = run_dreams(
         pipe, sae, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,

@@ -813,8 +813,8 @@ def priors_for_variant(
         ChannelsLockedError: another live run is writing some of the channels (see :func:`run_priors`).
     """
     from ddr_core.activations import resolve_dtype
-    from ddr_core.pipeline import layer_width, load_pipeline
-    from ddr_core.sae import find_sae_folder, load_sae
+    from ddr_core.pipeline import load_pipeline
+    from ddr_core.variants import load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -834,15 +834,7 @@ def priors_for_variant(
 
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
-    width = layer_width(pipe.unet, layer_name)
-    sae = None
-    if spec.basis == "sae":
-        folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
-        sae = load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32)
-    actual = sae.num_latents if sae is not None else width
-    if actual != spec.width:
-        raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} "
-                         f"basis has {actual}: set `width: {actual}`")
+    sae, _ = load_variant_basis(project, layout, variant, pipe, device)
     return run_priors(pipe, sae, layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
                       config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

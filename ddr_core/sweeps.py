@@ -285,24 +285,16 @@ class _Models:
         self._sae_loaded = False
 
     def get(self, dtype_name: str, dtype: torch.dtype) -> tuple[Any, Any]:
-        from ddr_core.pipeline import layer_width, load_pipeline
-        from ddr_core.sae import find_sae_folder, load_sae
+        from ddr_core.pipeline import load_pipeline
+        from ddr_core.variants import load_variant_basis
 
         spec = self.project.variants[self.variant]
-        layer_name = self.project.layer_of(self.variant)
         if dtype_name not in self._pipes:
             self._pipes[dtype_name] = load_pipeline(self.layout.model_dir(spec.model), device=self.device,
                                                     dtype=dtype)
         pipe = self._pipes[dtype_name]
         if not self._sae_loaded:
-            width = layer_width(pipe.unet, layer_name)
-            if spec.basis == "sae":
-                folder = find_sae_folder(self.layout.sae_dir(spec.sae), layer_name)
-                self._sae = load_sae(folder, expected_d_in=width, device=self.device, dtype=torch.float32)
-                width = self._sae.num_latents
-            if width != spec.width:
-                raise ValueError(f"variants.{self.variant}.width is {spec.width} in the config but the "
-                                 f"{spec.basis} basis has {width}: set `width: {width}`")
+            self._sae, _ = load_variant_basis(self.project, self.layout, self.variant, pipe, self.device)
             self._sae_loaded = True
         return pipe, self._sae
 
