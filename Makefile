@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home train-toy clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -60,6 +60,11 @@ dev: setup dagster-home
 # The inspector (Streamlit, loopback only) on the demo's data root.
 inspect: setup
 	$(VENV)/bin/ddr inspect --data-root $${DDR_DATA_ROOT:-data}
+
+# Toy world (issue in progress): train the small SD-architecture model on the synthetic world.
+TOY_OUT ?= data/toy-sd
+train-toy: setup
+	$(PY) -m ddr_core.toy_training --out $(TOY_OUT) --minutes 28
 
 clean-data:
 	rm -rf data .dagster_home

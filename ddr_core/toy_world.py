@@ -1,0 +1,272 @@
+"""A synthetic "toy world" of coloured shapes with known concepts, for training and benchmarking.
+
+Every image shows one shape (:data:`SHAPES`) in one colour (:data:`COLOURS`) on a flat background
+(:data:`BACKGROUNDS`), with a random size and position. Each image carries its concept labels
+(:class:`ToyScene`) and a prompt built only from the world's vocabulary
+(``"a red circle on a black background"``), so a model trained on the world has known concepts
+and a feature found inside it can be scored against ground truth.
+
+Everything is deterministic: :func:`sample_scenes` draws scenes from a seeded NumPy generator and
+:func:`render_scenes` renders them with anti-aliasing by supersampling (pure NumPy, no fonts or
+image libraries), so the same seed always gives byte-identical images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from itertools import product
+
+import numpy as np
+import torch
+
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+BACKGROUNDS: tuple[str, ...] = ("black", "white", "gray")
+
+COLOUR_RGB: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (40, 70, 230),
+    "yellow": (240, 215, 30),
+}
+"""Nominal RGB of each shape colour (a scene may jitter it by up to ``colour_jitter``)."""
+
+BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
+    "black": (0, 0, 0),
+    "white": (255, 255, 255),
+    "gray": (128, 128, 128),
+}
+
+PROMPT_TEMPLATE = "a {colour} {shape} on a {background} background"
+
+CONCEPTS: dict[str, tuple[str, ...]] = {"colour": COLOURS, "shape": SHAPES, "background": BACKGROUNDS}
+"""Concept family -> its values in label-index order."""
+
+
+def world_prompts() -> tuple[str, ...]:
+    """Every prompt of the world, one per (background, colour, shape): 36 prompts."""
+    return tuple(
+        PROMPT_TEMPLATE.format(colour=colour, shape=shape, background=background)
+        for background, colour, shape in product(BACKGROUNDS, COLOURS, SHAPES)
+    )
+
+
+def world_vocabulary() -> list[str]:
+    """The world's words in first-seen order over :func:`world_prompts` (the tokenizer vocabulary)."""
+    from ddr_core.tokenizer import prompt_words
+
+    return prompt_words(world_prompts())
+
+
+def parse_prompt(prompt: str) -> dict[str, str]:
+    """Concept labels named by a world prompt, e.g. ``{"colour": "red", "shape": "circle", ...}``.
+
+    Raises:
+        ValueError: if the prompt is not of the form of :data:`PROMPT_TEMPLATE` with world words.
+    """
+    words = prompt.strip().lower().split()
+    if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
+        raise ValueError(
+            f"Prompt {prompt!r} is not a toy-world prompt; expected the form {PROMPT_TEMPLATE!r}."
+        )
+    labels = {"colour": words[1], "shape": words[2], "background": words[5]}
+    for family, value in labels.items():
+        if value not in CONCEPTS[family]:
+            raise ValueError(
+                f"Prompt {prompt!r} names {family} {value!r}, which is not one of {CONCEPTS[family]}."
+            )
+    return labels
+
+
+@dataclass(frozen=True)
+class ToyWorldConfig:
+    """How scenes are drawn and rendered.
+
+    Attributes:
+        image_size: Image side in pixels.
+        min_size_fraction: Smallest shape radius as a fraction of ``image_size``.
+        max_size_fraction: Largest shape radius as a fraction of ``image_size``.
+        colour_jitter: Maximum per-channel RGB offset (0-255 scale) added to a shape's colour.
+        supersample: Anti-aliasing factor: each pixel is the mean of ``supersample**2`` samples.
+    """
+
+    image_size: int = 32
+    min_size_fraction: float = 0.2
+    max_size_fraction: float = 0.34
+    colour_jitter: int = 12
+    supersample: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}.")
+        if not 0 < self.min_size_fraction <= self.max_size_fraction < 0.5:
+            raise ValueError(
+                "Need 0 < min_size_fraction <= max_size_fraction < 0.5 so a shape fits the image, got "
+                f"{self.min_size_fraction} and {self.max_size_fraction}."
+            )
+        if not 0 <= self.colour_jitter <= 40:
+            raise ValueError(
+                f"colour_jitter must be in [0, 40] so colours stay distinct, got {self.colour_jitter}."
+            )
+        if self.supersample < 1:
+            raise ValueError(f"supersample must be >= 1, got {self.supersample}.")
+
+
+@dataclass(frozen=True)
+class ToyScene:
+    """One image's content and its concept labels.
+
+    Attributes:
+        colour: Shape colour, one of :data:`COLOURS`.
+        shape: One of :data:`SHAPES`.
+        background: One of :data:`BACKGROUNDS`.
+        radius: Shape radius in pixels (circle radius; half the square's side; the triangle's
+            circumradius).
+        center_x: Shape centre, pixels from the left edge.
+        center_y: Shape centre, pixels from the top edge.
+        rgb: The shape's actual RGB after jitter (0-255).
+    """
+
+    colour: str
+    shape: str
+    background: str
+    radius: float
+    center_x: float
+    center_y: float
+    rgb: tuple[int, int, int]
+
+    @property
+    def prompt(self) -> str:
+        """The scene described with the world's vocabulary (:data:`PROMPT_TEMPLATE`)."""
+        return PROMPT_TEMPLATE.format(colour=self.colour, shape=self.shape, background=self.background)
+
+    def label_indices(self) -> dict[str, int]:
+        """Index of each concept value in :data:`CONCEPTS` order, e.g. ``{"colour": 0, ...}``."""
+        return {family: CONCEPTS[family].index(getattr(self, family)) for family in CONCEPTS}
+
+    def to_json_dict(self) -> dict:
+        """Plain dict of every field plus the prompt (JSON/Parquet friendly)."""
+        data = asdict(self)
+        data["rgb"] = list(self.rgb)
+        data["prompt"] = self.prompt
+        return data
+
+
+def sample_scenes(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig()) -> list[ToyScene]:
+    """``count`` scenes, balanced over every (background, colour, shape) combination.
+
+    Scene ``i`` has combination ``permutation[i % 36]`` (a seeded shuffle of the 36 combinations,
+    redrawn every 36 scenes), so any 36 consecutive scenes hold each combination once; radius,
+    position and colour jitter are drawn uniformly. Deterministic in ``(count, seed, config)``.
+
+    Raises:
+        ValueError: for a negative ``count``.
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}.")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    combos = list(product(BACKGROUNDS, COLOURS, SHAPES))
+    size = config.image_size
+    scenes: list[ToyScene] = []
+    order: np.ndarray = np.arange(0)
+    for index in range(count):
+        if index % len(combos) == 0:
+            order = rng.permutation(len(combos))
+        background, colour, shape = combos[int(order[index % len(combos)])]
+        radius = float(rng.uniform(config.min_size_fraction, config.max_size_fraction) * size)
+        margin = radius + 1.0
+        center_x = float(rng.uniform(margin, size - margin))
+        center_y = float(rng.uniform(margin, size - margin))
+        jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
+        rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter, strict=True))
+        scenes.append(ToyScene(colour, shape, background, radius, center_x, center_y, rgb))  # type: ignore[arg-type]
+    return scenes
+
+
+def _shape_mask(scene: ToyScene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Boolean coverage of the shape at sample coordinates ``xs``, ``ys`` (same shape arrays)."""
+    dx = xs - scene.center_x
+    dy = ys - scene.center_y
+    r = scene.radius
+    if scene.shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if scene.shape == "square":
+        half = r * 0.85  # area close to the circle's, so size alone does not tell the shape
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if scene.shape == "triangle":
+        # Upward equilateral triangle with circumradius 1.2 r centred on (center_x, center_y).
+        rc = r * 1.2
+        apex = (0.0, -rc)
+        left = (-rc * np.sqrt(3) / 2, rc / 2)
+        right = (rc * np.sqrt(3) / 2, rc / 2)
+
+        def edge(a: tuple[float, float], b: tuple[float, float]) -> np.ndarray:
+            return (b[0] - a[0]) * (dy - a[1]) - (b[1] - a[1]) * (dx - a[0])
+
+        e1, e2, e3 = edge(apex, right), edge(right, left), edge(left, apex)
+        return ((e1 >= 0) & (e2 >= 0) & (e3 >= 0)) | ((e1 <= 0) & (e2 <= 0) & (e3 <= 0))
+    raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {SHAPES}.")
+
+
+def render_scene(scene: ToyScene, config: ToyWorldConfig = ToyWorldConfig()) -> np.ndarray:
+    """Render one scene as ``(height, width, 3)`` uint8 RGB (anti-aliased by supersampling)."""
+    size, factor = config.image_size, config.supersample
+    offsets = (np.arange(size * factor) + 0.5) / factor
+    ys, xs = np.meshgrid(offsets, offsets, indexing="ij")
+    coverage = _shape_mask(scene, xs, ys).astype(np.float64)
+    coverage = coverage.reshape(size, factor, size, factor).mean(axis=(1, 3))[..., None]
+    background = np.asarray(BACKGROUND_RGB[scene.background], dtype=np.float64)
+    foreground = np.asarray(scene.rgb, dtype=np.float64)
+    image = background * (1.0 - coverage) + foreground * coverage
+    return np.round(image).astype(np.uint8)
+
+
+def render_scenes(scenes: Sequence[ToyScene], config: ToyWorldConfig = ToyWorldConfig()) -> np.ndarray:
+    """Render scenes as ``(batch, height, width, 3)`` uint8 RGB."""
+    if not scenes:
+        return np.zeros((0, config.image_size, config.image_size, 3), dtype=np.uint8)
+    return np.stack([render_scene(scene, config) for scene in scenes])
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 ``(batch, height, width, 3)`` -> float32 ``(batch, 3, height, width)`` in ``[-1, 1]``.
+
+    Also accepts float arrays in ``[0, 1]`` (what ``StableDiffusionPipeline(output_type="np")`` returns).
+    """
+    array = np.asarray(images)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"Expected images of shape (batch, height, width, 3), got {array.shape}.")
+    scaled = array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32)
+    return torch.from_numpy(scaled).permute(0, 3, 1, 2).contiguous() * 2.0 - 1.0
+
+
+@dataclass
+class ToyDataset:
+    """Rendered scenes with their prompts and labels.
+
+    Attributes:
+        scenes: One :class:`ToyScene` per image.
+        images: ``(batch, 3, height, width)`` float32 in ``[-1, 1]``.
+        prompts: One prompt per image.
+        labels: Concept family -> ``(batch,)`` int64 label indices in :data:`CONCEPTS` order.
+    """
+
+    scenes: list[ToyScene]
+    images: torch.Tensor
+    prompts: list[str]
+    labels: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
+def make_dataset(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig()) -> ToyDataset:
+    """Sample, render and label ``count`` scenes (see :func:`sample_scenes`)."""
+    scenes = sample_scenes(count, seed, config)
+    images = images_to_tensor(render_scenes(scenes, config))
+    labels = {
+        family: torch.tensor([scene.label_indices()[family] for scene in scenes], dtype=torch.int64)
+        for family in CONCEPTS
+    }
+    return ToyDataset(scenes=scenes, images=images, prompts=[s.prompt for s in scenes], labels=labels)
