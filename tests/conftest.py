@@ -42,3 +42,15 @@ def tiny_pipe(tiny_model_dir: Path):
     from ddr_core.pipeline import load_pipeline
 
     return load_pipeline(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_graph(tmp_path_factory: pytest.TempPathFactory):
+    """``(data_root, instance, metadata by (asset, partition))`` of the whole graph on the tiny model."""
+    import dagster as dg
+
+    from tests.tiny_graph import build_tiny_graph
+
+    data_root = tmp_path_factory.mktemp("tiny_graph")
+    instance = dg.DagsterInstance.ephemeral()
+    return build_tiny_graph(data_root, instance)

@@ -12,60 +12,18 @@ import duckdb
 import pytest
 
 from dagster_project.definitions import defs
-from dagster_project.resources import ComputeResource, DdrStorage
-from ddr_assets import ALL_ASSETS
 from ddr_assets.partitions import block_keys, parse_block_key
+from tests.tiny_graph import asset_def, materialize, metadata, step_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _asset(name: str) -> dg.AssetsDefinition:
-    return next(a for a in ALL_ASSETS if a.key == dg.AssetKey(name))
-
-
-def _materialize(name: str, key: str, data_root: Path, instance: dg.DagsterInstance, config: dict | None = None):
-    return dg.materialize(
-        [_asset(name)], partition_key=key, instance=instance,
-        resources={"storage": DdrStorage(data_root=str(data_root)), "compute": ComputeResource(device="cpu")},
-        run_config={"ops": {name: {"config": config}}} if config else None, raise_on_error=False,
-    )
-
-
-def _metadata(result: dg.ExecuteInProcessResult, name: str) -> dict:
-    event = result.get_asset_materialization_events()[0]
-    assert event.asset_key == dg.AssetKey(name)
-    return {k: v.value for k, v in event.materialization.metadata.items()}
-
-
-def _error(result: dg.ExecuteInProcessResult) -> str:
-    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return str(failure.event_specific_data.error)
+_asset, _materialize, _metadata, _error = asset_def, materialize, metadata, step_error
 
 
 @pytest.fixture(scope="module")
-def graph_run(tmp_path_factory):
-    data_root = tmp_path_factory.mktemp("data")
-    instance = dg.DagsterInstance.ephemeral()
-    results = {}
-    for name, key, config in [
-        ("models", "tiny", None),
-        ("saes", "tiny-sae", None),
-        ("prompt_datasets", "tiny-prompts", None),
-        ("activations", "tiny", {"n_prompts": 6, "batch_size": 4, "num_inference_steps": 8, "seed": 1}),
-        ("timestep_stats", "tiny-raw", {"top_k": 5, "peak_separation": 50}),
-        ("timestep_stats", "tiny-sae", {"top_k": 10}),
-        ("activity_plots", "tiny-raw:0-15", None),
-        ("priors", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "seeds": [11, 12],
-                                     "num_inference_steps": 8}),
-        ("dreams", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "num_steps": 4,
-                                     "timesteps": ["0", "activity_peaks"], "snapshot_every": 2}),
-        ("representation_shards", "tiny-raw:0-15", None),
-        ("html_export", "tiny-raw", None),
-    ]:
-        result = _materialize(name, key, data_root, instance, config)
-        assert result.success, _error(result)
-        results[(name, key)] = _metadata(result, name)
-    return data_root, instance, results
+def graph_run(tiny_graph):
+    return tiny_graph
 
 
 def test_definitions_load_and_list_every_stage():

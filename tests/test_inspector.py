@@ -212,3 +212,36 @@ def test_on_real_demo_output_if_given(monkeypatch: pytest.MonkeyPatch) -> None:
     if peak_buttons:
         _run(peak_buttons[-1].click())
     assert len(at.tabs[1].get("image")) > 0
+
+
+def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Navigation, a peak jump and each tab on what the asset graph made from the tiny model."""
+    data_root, _, results = tiny_graph
+    monkeypatch.setenv("DDR_DATA_ROOT", str(data_root))
+    monkeypatch.setenv("DDR_EXPERIMENT", "default")
+    at = _app()
+    if at.selectbox(key="variant").value != "tiny-raw":
+        at = _run(at.selectbox(key="variant").set_value("tiny-raw"))
+    channels = at.selectbox(key="channel").options
+    assert len(channels) > 1 and len(at.get("vega_lite_chart")) == 2
+    first = at.selectbox(key="channel").value
+    at = _run(at.button(key="next_channel").click())
+    assert at.selectbox(key="channel").value != first
+    at = _run(at.button(key="prev_channel").click())
+    assert at.selectbox(key="channel").value == first
+    peak_buttons = [b for b in at.sidebar.button if b.key.startswith("peak_")]
+    assert peak_buttons, "the channel has activity peaks"
+    at = _run(peak_buttons[-1].click())
+    assert at.session_state["timestep"] == at.number_input(key="timestep_input").value
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert len(at.tabs[1].get("image")) > 0  # dataset examples: generated images with prompts
+    dreamed = results[("dreams", "tiny-raw:0-15")]["channels_done"]
+    assert dreamed >= 1
+    # a dreamed channel shows its dream and its priors
+    for channel in (0, 1, 2):
+        label = f"channel {channel:05d}"
+        if label in at.selectbox(key="channel").options:
+            at = _run(at.selectbox(key="channel").set_value(channel))
+            if at.tabs[0].get("image") and at.tabs[2].get("image"):
+                break
+    assert len(at.tabs[0].get("image")) > 0 and len(at.tabs[2].get("image")) > 0
