@@ -1,0 +1,237 @@
+"""Run a GPU stage locally (in-process) or as a SLURM job through ``dagster-slurm``.
+
+Both ways call the same :func:`ddr_core.cluster_payload.run_stage`; the SLURM way submits the thin
+payload script ``dagster_project/slurm_payload.py`` (no Dagster import; it runs
+``ddr_core.cluster_payload.main`` in the cluster's pre-deployed venv) with the
+:class:`~ddr_core.cluster_payload.StageRequest` as a Dagster Pipes extra. Success needs both the job
+succeeding *and* the payload's own completion report for this invocation; otherwise a
+:class:`dagster.Failure` names the SLURM job id and the payload's error with its traceback tail.
+
+Deployment configuration comes from ``DDR_SLURM_*`` environment variables (see
+:class:`SlurmSettings`); credentials are an SSH key path (never a password) and are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from pydantic import BaseModel, Field
+
+from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
+
+PAYLOAD_SCRIPT = Path(__file__).with_name("slurm_payload.py")
+
+
+class SlurmJobOptions(BaseModel):
+    """SLURM options of one job; ``None`` leaves the deployment default (``DDR_SLURM_*``) in force.
+
+    ``mem`` is always passed explicitly when set: dagster-slurm 1.22 drops its queue-level ``--mem``
+    when GPUs are requested unless the call sets ``mem``. ``requeue`` and ``mail_*`` become
+    ``#SBATCH`` lines of the job script (dagster-slurm has no option for them).
+    """
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    gpus_per_node: int | None = Field(default=None, ge=0)
+    cpus_per_task: int | None = Field(default=None, ge=1)
+    mem: str | None = Field(default=None, description="e.g. 32G")
+    time_limit: str | None = Field(default=None, description="[D-]HH:MM:SS")
+    requeue: bool | None = Field(default=None, description="requeue on preemption / node failure")
+    mail_type: str | None = Field(default=None, description="e.g. END,FAIL")
+    mail_user: str | None = None
+
+    def merged(self, override: SlurmJobOptions | dict | None) -> SlurmJobOptions:
+        """These options with the fields set in ``override`` replacing them (per-asset -> per-call)."""
+        if override is None:
+            return self
+        if isinstance(override, dict):
+            override = SlurmJobOptions.model_validate(override)
+        return self.model_copy(update=override.model_dump(exclude_none=True))
+
+    def extra_slurm_opts(self) -> dict[str, Any]:
+        """The options dagster-slurm's ``extra_slurm_opts`` understands."""
+        keys = {"partition": "partition", "account": "account", "qos": "qos", "gpus_per_node": "gpus_per_node",
+                "cpus_per_task": "cpus_per_task", "mem": "mem", "time_limit": "time_limit"}
+        return {target: getattr(self, source) for source, target in keys.items() if getattr(self, source) is not None}
+
+    def sbatch_directives(self) -> list[str]:
+        lines = []
+        if self.requeue is not None:
+            lines.append("#SBATCH --requeue" if self.requeue else "#SBATCH --no-requeue")
+        if self.mail_type:
+            lines.append(f"#SBATCH --mail-type={self.mail_type}")
+        if self.mail_user:
+            lines.append(f"#SBATCH --mail-user={self.mail_user}")
+        return lines
+
+
+class SlurmSettings(BaseModel):
+    """One deployment's cluster, from ``DDR_SLURM_*`` environment variables (:meth:`from_env`).
+
+    | variable | field | default |
+    |---|---|---|
+    | ``DDR_SLURM_HOST`` / ``_PORT`` / ``_USER`` | SSH login node | — / 22 / — |
+    | ``DDR_SLURM_KEY_PATH`` | private key (key auth only) | — |
+    | ``DDR_SLURM_HOST_KEY_CHECKING`` | ``strict`` / ``accept-new`` / ``off`` | ``strict`` |
+    | ``DDR_SLURM_KNOWN_HOSTS`` | known_hosts file | ``~/.ssh/known_hosts`` |
+    | ``DDR_SLURM_ENV_PATH`` | pre-deployed env: ``<P>/env`` (venv with ddr) + ``<P>/activate.sh`` | — |
+    | ``DDR_SLURM_REMOTE_BASE`` | job run dirs on the cluster | ``$HOME/pipelines`` |
+    | ``DDR_SLURM_DATA_ROOT`` / ``_CONFIG`` | data root / project config as the cluster sees them | local ones |
+    | ``DDR_SLURM_PARTITION`` ``_ACCOUNT`` ``_QOS`` ``_GPUS_PER_NODE`` ``_CPUS`` ``_MEM`` ``_TIME`` | job defaults | cluster default / — / — / 0 / 4 / 16G / 02:00:00 |
+    | ``DDR_SLURM_REQUEUE`` ``_MAIL_TYPE`` ``_MAIL_USER`` | job defaults | — |
+    | ``DDR_SLURM_POLL_TIMEOUT`` | seconds to wait for one job | 86400 |
+    """
+
+    host: str
+    port: int = 22
+    user: str
+    key_path: str
+    host_key_checking: str = "strict"
+    known_hosts_file: str | None = None
+    env_path: str
+    remote_base: str | None = None
+    data_root: str | None = None
+    config_path: str | None = None
+    poll_timeout: int = 86400
+    job: SlurmJobOptions = Field(default_factory=lambda: SlurmJobOptions(cpus_per_task=4, mem="16G",
+                                                                         time_limit="02:00:00", gpus_per_node=0))
+
+    def __repr__(self) -> str:  # the key path is not secret, but keep reprs short and credential-free
+        return f"SlurmSettings(host={self.host!r}, port={self.port}, user={self.user!r}, env_path={self.env_path!r})"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> SlurmSettings:
+        env = dict(os.environ if env is None else env)
+
+        def get(name: str, default: str | None = None) -> str | None:
+            value = (env.get(f"DDR_SLURM_{name}") or "").strip()
+            return value or default
+
+        missing = [f"DDR_SLURM_{n}" for n in ("HOST", "USER", "KEY_PATH", "ENV_PATH") if not get(n)]
+        if missing:
+            raise ValueError(f"SLURM execution needs {', '.join(missing)} (see docs/CLUSTER.md); "
+                             f"for a local test cluster run scripts/slurm/start_local_cluster.sh")
+        requeue = get("REQUEUE")
+        job = SlurmJobOptions(
+            partition=get("PARTITION"), account=get("ACCOUNT"), qos=get("QOS"),
+            gpus_per_node=int(get("GPUS_PER_NODE", "0")), cpus_per_task=int(get("CPUS", "4")),
+            mem=get("MEM", "16G"), time_limit=get("TIME", "02:00:00"),
+            requeue=None if requeue is None else requeue.lower() in {"1", "true", "yes"},
+            mail_type=get("MAIL_TYPE"), mail_user=get("MAIL_USER"),
+        )
+        return cls(host=get("HOST"), port=int(get("PORT", "22")), user=get("USER"), key_path=get("KEY_PATH"),
+                   host_key_checking=get("HOST_KEY_CHECKING", "strict"), known_hosts_file=get("KNOWN_HOSTS"),
+                   env_path=get("ENV_PATH"), remote_base=get("REMOTE_BASE"), data_root=get("DATA_ROOT"),
+                   config_path=get("CONFIG"), poll_timeout=int(get("POLL_TIMEOUT", "86400")), job=job)
+
+
+def _directives_launcher_class():
+    from dagster_slurm import BashLauncher
+
+    class DirectivesBashLauncher(BashLauncher):
+        """dagster-slurm's BashLauncher with extra ``#SBATCH`` lines right after the shebang.
+
+        (sbatch reads directives only before the first command. With ``signal_before_timeout``
+        dagster-slurm wraps the script in a supervisor and these lines would be lost: not used here.)
+        """
+
+        sbatch_directives: list[str] = []
+
+        def prepare_execution(self, *args, **kwargs):
+            plan = super().prepare_execution(*args, **kwargs)
+            if self.sbatch_directives:
+                plan.payload = [plan.payload[0], *self.sbatch_directives, *plan.payload[1:]]
+            return plan
+
+    return DirectivesBashLauncher
+
+
+def build_slurm_compute(settings: SlurmSettings | None = None, *, debug_mode: bool = False):
+    """The ``dagster_slurm.ComputeResource`` (mode ``slurm``, one sbatch job per call) for ``settings``."""
+    from dagster_slurm import ComputeResource, SlurmQueueConfig, SlurmResource, SSHConnectionResource
+
+    settings = settings or SlurmSettings.from_env()
+    ssh = SSHConnectionResource(host=settings.host, port=settings.port, user=settings.user,
+                                key_path=settings.key_path, host_key_checking=settings.host_key_checking,
+                                known_hosts_file=settings.known_hosts_file)
+    job = settings.job
+    queue = SlurmQueueConfig(partition=job.partition or "", time_limit=job.time_limit or "02:00:00",
+                             cpus=job.cpus_per_task or 4, gpus_per_node=job.gpus_per_node or 0, mem=job.mem,
+                             qos=job.qos, account=job.account)
+    slurm = SlurmResource(ssh=ssh, queue=queue, remote_base=settings.remote_base)
+    return ComputeResource(mode="slurm", slurm=slurm, default_launcher=_directives_launcher_class()(),
+                           pre_deployed_env_path=settings.env_path, debug_mode=debug_mode)
+
+
+def new_request(stage: str, args: dict[str, Any], *, data_root: str | Path, experiment: str,
+                config_path: str | None = None, device: str = "auto", lock_owner: str = "") -> StageRequest:
+    return StageRequest(stage=stage, args=args, data_root=str(data_root), experiment=experiment,
+                        config_path=config_path, device=device, invocation_id=uuid.uuid4().hex,
+                        lock_owner=lock_owner)
+
+
+def read_error(request: StageRequest, local_data_root: str | Path) -> dict | None:
+    path = error_path(local_data_root, request.experiment, request.invocation_id)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def run_stage_locally(context: dg.AssetExecutionContext, request: StageRequest) -> dict:
+    """In-process: the default and the fast path (no subprocess, no pixi, no dagster-slurm)."""
+    try:
+        return run_stage(request, log=context.log.info)
+    except StageFailed as exc:
+        error = read_error(request, request.data_root) or {}
+        raise dg.Failure(description=str(exc),
+                         metadata={"traceback_tail": dg.MetadataValue.text(error.get("traceback_tail", ""))}) from exc
+
+
+def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest, *, local_data_root: str | Path,
+                       settings: SlurmSettings | None = None, options: SlurmJobOptions | dict | None = None,
+                       compute=None) -> dict:
+    """Run ``request`` as one SLURM job; return the payload's completion report.
+
+    ``request.data_root`` must be the data root as the cluster sees it and ``local_data_root`` the same
+    directory as this process sees it (a shared filesystem). Raises :class:`dagster.Failure` with the
+    SLURM job id, the payload's error and traceback tail when the job fails, or when it "succeeds"
+    without this invocation's completion report.
+    """
+    settings = settings or SlurmSettings.from_env()
+    job = settings.job.merged(options)
+    compute = compute or build_slurm_compute(settings)
+    launcher = _directives_launcher_class()(sbatch_directives=job.sbatch_directives())
+    report_file = report_path(local_data_root, request.experiment, request.invocation_id)
+    context.log.info(f"submitting {request.stage} (invocation {request.invocation_id}) to SLURM "
+                     f"{settings.user}@{settings.host}:{settings.port} with {job.extra_slurm_opts()}")
+    try:
+        compute.run(context=context, payload_path=str(PAYLOAD_SCRIPT), launcher=launcher,
+                    extra_slurm_opts=job.extra_slurm_opts(), extras={"request": request.model_dump(mode="json")},
+                    poll_timeout=settings.poll_timeout)
+    except Exception as exc:  # dagster-slurm raises RuntimeError("Job N did not complete ...") and others
+        error = read_error(request, local_data_root) or {}
+        match = re.search(r"[Jj]ob (\d+)", str(exc))
+        job_id = error.get("slurm_job_id") or (match.group(1) if match else None)
+        raise dg.Failure(
+            description=f"SLURM job {job_id or '(not submitted)'} for {request.stage} failed: "
+                        f"{error.get('error') or exc}",
+            metadata={"slurm_job_id": str(job_id), "invocation_id": request.invocation_id,
+                      "client_error": dg.MetadataValue.text(str(exc)[-2000:]),
+                      "traceback_tail": dg.MetadataValue.text(error.get("traceback_tail", "(no payload error report: "
+                                                                       "the job died before or outside the stage)"))},
+        ) from exc
+    if not report_file.is_file():
+        raise dg.Failure(description=f"the SLURM job for {request.stage} ended without its completion report "
+                                     f"{report_file} (invocation {request.invocation_id}); not recording a "
+                                     f"materialization. Is the data root shared (DDR_SLURM_DATA_ROOT)?")
+    report = json.loads(report_file.read_text(encoding="utf-8"))
+    if report.get("invocation_id") != request.invocation_id:
+        raise dg.Failure(description=f"completion report {report_file} belongs to another invocation")
+    context.log.info(f"SLURM job {report.get('slurm_job_id')} finished {request.stage} in "
+                     f"{report.get('seconds', 0):.1f}s on {report.get('host')}")
+    return report

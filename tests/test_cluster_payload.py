@@ -1,0 +1,50 @@
+"""The stage runner shared by local and SLURM execution: completion report only on success."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
+
+
+def request(tmp_path: Path, **args) -> StageRequest:
+    return StageRequest(stage="selftest", args=args, data_root=str(tmp_path), experiment="default",
+                        invocation_id="inv1")
+
+
+def test_success_writes_the_report_and_no_error(tmp_path):
+    report = run_stage(request(tmp_path, echo={"x": [1, 2]}), log=lambda m: None)
+    on_disk = json.loads(report_path(tmp_path, "default", "inv1").read_text())
+    assert on_disk == report
+    assert report["invocation_id"] == "inv1" and report["result"]["echo"] == {"x": [1, 2]}
+    assert not error_path(tmp_path, "default", "inv1").exists()
+
+
+def test_failure_writes_only_the_error_report(tmp_path):
+    run_stage(request(tmp_path), log=lambda m: None)  # a stale success of the same invocation is removed
+    with pytest.raises(StageFailed, match="boom"):
+        run_stage(request(tmp_path, fail=True, message="boom"), log=lambda m: None)
+    assert not report_path(tmp_path, "default", "inv1").exists()
+    error = json.loads(error_path(tmp_path, "default", "inv1").read_text())
+    assert "RuntimeError: boom" in error["error"] and "Traceback" in error["traceback_tail"]
+
+
+def test_unknown_stage_names_the_registered_ones(tmp_path):
+    with pytest.raises(ValueError, match="capture_group"):
+        run_stage(StageRequest(stage="nope", data_root=str(tmp_path), experiment="default", invocation_id="i"))
+
+
+def test_payload_script_runs_without_dagster(tmp_path):
+    """The cluster-side entry point never imports dagster (only dagster_pipes under Pipes)."""
+    req = request(tmp_path, echo="cli")
+    path = tmp_path / "request.json"
+    path.write_text(req.model_dump_json())
+    script = ("import sys, runpy; sys.modules['dagster'] = None; sys.argv = ['x', sys.argv[1]]; "
+              "runpy.run_path('dagster_project/slurm_payload.py', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+    assert json.loads(report_path(tmp_path, "default", "inv1").read_text())["result"]["echo"] == "cli"
