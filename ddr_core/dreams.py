@@ -35,7 +35,7 @@ On disk (``out_dir``), one folder per channel, written atomically as a whole::
     quality.parquet           union of the channels' quality rows
 
 and beside it ``.<out_dir name>.locks/``: the channel claims of live runs
-(:func:`ddr_core.priors.claim_channels`) and ``quality.lock``, held while quality files are written.
+(:func:`ddr_core.locks.claim_channels`) and ``quality.lock``, held while quality files are written.
 
 A channel with ``dream.json`` is finished and skipped when the run resumes. A run claims its channels
 for its whole duration: a second run on any of them fails at once naming the first (or waits), runs on
@@ -63,8 +63,8 @@ from torch import nn
 
 from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_path, atomic_write_json
 from ddr_core.config import config_hash
-from ddr_core.locks import partition_lock
-from ddr_core.priors import check_channels, claim_channels, format_channels, stage_locks_dir
+from ddr_core.locks import claim_channels, format_channels, partition_lock, stage_locks_dir
+from ddr_core.priors import check_channels
 from ddr_core.regularisation import (
     LatentAugmentation,
     fourier_precondition,
@@ -861,8 +861,8 @@ def run_dreams(
         batch_size: elements per optimisation batch (default ``config.batch_size``).
         stop_after_channels: stop after writing this many channels (tests simulate a kill with it).
         lock_wait, lock_owner: the run claims ``channels`` of ``out_dir`` while it works
-            (:func:`ddr_core.priors.claim_channels`): another live run holding any of them makes it
-            fail at once with :class:`~ddr_core.priors.ChannelsLockedError`, or wait ``lock_wait``
+            (:func:`ddr_core.locks.claim_channels`): another live run holding any of them makes it
+            fail at once with :class:`~ddr_core.locks.ChannelsLockedError`, or wait ``lock_wait``
             seconds; runs on other channels of the same folder run side by side.
 
     Raises:

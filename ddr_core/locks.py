@@ -31,11 +31,14 @@ import errno
 import fcntl
 import json
 import os
+import secrets
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from ddr_core.atomic import atomic_write_json, remove_temp_files
 
 LOCK_FILE_NAME = ".lock"
 _POLL_SECONDS = 0.05
@@ -223,3 +226,125 @@ def partition_lock(
         yield lock
     finally:
         lock.release()
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel claims: per-channel stages (priors, dreams) where runs on disjoint channels coexist
+# --------------------------------------------------------------------------------------------------
+
+LOCKS_SUFFIX = ".locks"
+CLAIMS_REGISTRY_LOCK = "registry.lock"
+_CLAIM_POLL_SECONDS = 0.1
+
+
+class ChannelsLockedError(PartitionLockedError):
+    """Another live run is writing some of the channels this run wants to write.
+
+    Attributes:
+        out_dir: the stage folder; ``channels``: the contested channels; ``lock_path``: the other
+        run's claim; ``holder``: its pid, host, start time and owner text.
+    """
+
+    def __init__(self, out_dir: Path, channels: list[int], lock_path: Path, holder: dict[str, Any] | None,
+                 waited: float | None) -> None:
+        super().__init__(lock_path, holder, waited)
+        self.out_dir = Path(out_dir)
+        self.channels = channels
+        shown = format_channels(channels)
+        waited_text = f" (waited {waited:.0f} s)" if waited else ""
+        self.args = (
+            f"channel(s) {shown} of {self.out_dir} are being written by another run: "
+            f"{describe_holder(self.holder)}{waited_text}; its claim is {self.lock_path}. Wait for that run to "
+            f"finish or stop it, then run again (finished channels are skipped), pass a lock wait to queue "
+            f"behind it, or choose other channels. A run that died has released its claim already (the "
+            f"operating system drops it with the process), so do not delete the files under "
+            f"{stage_locks_dir(self.out_dir)}.",
+        )
+
+
+def stage_locks_dir(out_dir: str | Path) -> Path:
+    """The lock folder of a per-channel stage folder: ``<parent>/.<name>.locks`` (a sibling, so the
+    stage folder itself holds results only)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}{LOCKS_SUFFIX}"
+
+
+def format_channels(channels: Sequence[int]) -> str:
+    """``[0, 1, 2]`` -> ``0-2``; otherwise the sorted list, shortened past 10 entries."""
+    values = sorted({int(c) for c in channels})
+    if values and values == list(range(values[0], values[-1] + 1)) and len(values) > 2:
+        return f"{values[0]}-{values[-1]}"
+    return str(values[:10])[:-1] + (f", ... ({len(values)} in all)]" if len(values) > 10 else "]")
+
+
+def _live_conflict(registry: Path, wanted: set[int]) -> tuple[Path, dict[str, Any], list[int]] | None:
+    """The first live claim overlapping ``wanted`` (call with the registry lock held); drops dead claims."""
+    remove_temp_files(registry, recursive=False)  # a claim being recorded when its run died
+    for lock_path in sorted(registry.glob("claim-*.lock")):
+        record = lock_path.with_suffix(".json")
+        if not is_locked(lock_path):  # its run ended or was killed: the kernel dropped the flock
+            record.unlink(missing_ok=True)
+            lock_path.unlink(missing_ok=True)
+            continue
+        try:
+            theirs = {int(c) for c in json.loads(record.read_text(encoding="utf-8"))["channels"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            theirs = wanted  # a live claim we cannot read: assume it covers everything
+        overlap = sorted(wanted & theirs)
+        if overlap:
+            return lock_path, read_lock_owner(lock_path), overlap
+    return None
+
+
+@contextlib.contextmanager
+def claim_channels(
+    out_dir: str | Path, channels: Sequence[int], *, wait: bool | float = False, owner: str = ""
+) -> Iterator[Path]:
+    """Hold an exclusive claim on ``channels`` of the stage folder ``out_dir`` for the ``with`` body.
+
+    A claim is a lock file ``<locks>/claim-<pid>-<random>.lock`` (``<locks>``: :func:`stage_locks_dir`,
+    a sibling of ``out_dir``), held with ``flock`` for the
+    whole body, plus ``claim-....json`` listing its channels. Claims are registered and checked under
+    the short-lived lock ``<locks>/registry.lock``, so two runs never both claim a channel.
+    Claims of disjoint channel sets coexist (two blocks of one variant run side by side); a claim
+    overlapping a live one fails at once with :class:`ChannelsLockedError` naming the holder, or is
+    retried for up to ``wait`` seconds (``True``: without limit). A run killed with ``kill -9`` leaves
+    its claim files behind, but the kernel has dropped their lock: the next run removes them.
+
+    The channel folders of ``channels`` are the claimant's alone while it holds the claim, so it may
+    delete temporaries left in them by killed runs.
+
+    Yields:
+        The claim's lock file.
+    """
+    registry = stage_locks_dir(out_dir)
+    wanted = {int(c) for c in channels}
+    start = time.monotonic()
+    while True:
+        with partition_lock(registry / CLAIMS_REGISTRY_LOCK, wait=True, owner=owner):
+            conflict = _live_conflict(registry, wanted)
+            if conflict is None:
+                token = f"claim-{os.getpid()}-{secrets.token_hex(4)}"
+                claim = FileLock(registry / f"{token}.lock", owner=owner).acquire()
+                try:
+                    atomic_write_json(registry / f"{token}.json", {"channels": sorted(wanted), "owner": owner})
+                except BaseException:
+                    claim.release()
+                    claim.path.unlink(missing_ok=True)
+                    raise
+                break
+        waited = time.monotonic() - start
+        if wait is False or (wait is not True and waited >= float(wait)):
+            lock_path, holder, overlap = conflict
+            raise ChannelsLockedError(Path(out_dir), overlap, lock_path, holder, waited if wait is not False else None)
+        time.sleep(_CLAIM_POLL_SECONDS)
+    try:
+        yield claim.path
+    finally:
+        try:
+            with partition_lock(registry / CLAIMS_REGISTRY_LOCK, wait=True, owner=owner):
+                (registry / f"{token}.json").unlink(missing_ok=True)
+                claim.release()
+                claim.path.unlink(missing_ok=True)
+        finally:
+            claim.release()  # idempotent; the claim never outlives the body
