@@ -30,7 +30,7 @@ def toy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _app() -> AppTest:
-    at = AppTest.from_file(APP, default_timeout=60)
+    at = AppTest.from_file(APP, default_timeout=180)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
@@ -194,7 +194,7 @@ def test_works_from_statistics_alone(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_empty_data_root_names_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DDR_DATA_ROOT", str(tmp_path))
-    at = AppTest.from_file(APP, default_timeout=60).run()
+    at = AppTest.from_file(APP, default_timeout=180).run()
     assert "Materialize timestep_stats" in at.error[0].value
 
 
