@@ -30,6 +30,9 @@ def inspector_command(data_root: str, experiment: str, host: str = "127.0.0.1", 
         "--server.address", host, "--server.port", str(port),
         "--server.headless", "true" if headless else "false",
         "--browser.gatherUsageStats", "false",
+        # the app uses no "magic"; without it Streamlit compiles the script without building a Python
+        # AST, which CPython 3.11.7 intermittently fails to do in Streamlit's thread
+        "--runner.magicEnabled", "false",
         "--", "--data-root", str(Path(data_root).resolve()), "--experiment", experiment,
     ]
 

@@ -10,12 +10,16 @@ import pyarrow as pa
 import pytest
 
 pytest.importorskip("streamlit", reason="streamlit is not installed: pip install streamlit")
+from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from ddr_core import representation as rep  # noqa: E402
 from tests.representation_data import VARIANT, make_toy_data_root  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
+# As `ddr inspect` runs it: no "magic" (Streamlit would build a Python AST of the script in its runner
+# thread, which CPython 3.11.7 intermittently fails to do: "AST constructor recursion depth mismatch").
+streamlit_config.set_option("runner.magicEnabled", False)
 
 
 @pytest.fixture()
