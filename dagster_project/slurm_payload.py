@@ -1,13 +1,30 @@
-"""SLURM job payload: runs ``ddr_core.cluster_payload.main`` in the cluster's venv.
+"""SLURM job payload, uploaded and executed as a plain script by dagster-slurm (``python slurm_payload.py``).
 
-Uploaded and executed as a plain script by dagster-slurm (``python slurm_payload.py``); imports no
-Dagster (only ``dagster_pipes`` through ddr_core.cluster_payload), so the cluster venv needs ``ddr``
-(with torch) and ``dagster-pipes`` only.
+Under Dagster Pipes it reads the stage request from the Pipes extras (``request``), runs it with
+:func:`ddr_core.cluster_payload.run_stage` (which writes the completion report only on success) and
+reports where the report is; without Pipes it takes a request JSON file like
+``python -m ddr_core.cluster_payload``. The cluster venv needs ``ddr`` (with torch) and
+``dagster-pipes`` only.
 """
 
+import os
 import sys
 
-from ddr_core.cluster_payload import main
+from ddr_core.cluster_payload import StageRequest, main, report_path, run_stage
+
+
+def run_under_pipes() -> int:
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        request = StageRequest.model_validate(pipes.get_extra("request"))
+        report = run_stage(request, log=pipes.log.info)
+        pipes.report_custom_message({
+            "ddr_report": str(report_path(request.data_root, request.experiment, request.invocation_id)),
+            "seconds": report["seconds"],
+        })
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_under_pipes() if "DAGSTER_PIPES_CONTEXT" in os.environ else main())

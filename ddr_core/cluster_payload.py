@@ -217,18 +217,10 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of a job: the request comes from Pipes extras (``request``) or a JSON file argument."""
+    """Entry point of a job run from a JSON request file. Under Dagster Pipes (a SLURM job launched by
+    dagster-slurm) the entry point is ``dagster_project/slurm_payload.py``, which reads the request from
+    the Pipes extras and calls :func:`run_stage`; this module stays free of any Dagster import."""
     argv = sys.argv[1:] if argv is None else argv
-    if "DAGSTER_PIPES_CONTEXT" in os.environ:
-        from dagster_pipes import open_dagster_pipes
-
-        with open_dagster_pipes() as pipes:
-            request = StageRequest.model_validate(pipes.get_extra("request"))
-            report = run_stage(request, log=pipes.log.info)
-            pipes.report_custom_message({"ddr_report": str(report_path(request.data_root, request.experiment,
-                                                                       request.invocation_id)),
-                                         "seconds": report["seconds"]})
-        return 0
     if len(argv) != 1:
         print("usage: python -m ddr_core.cluster_payload REQUEST.json  (or run under Dagster Pipes)",
               file=sys.stderr)
