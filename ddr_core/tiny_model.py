@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -106,12 +107,17 @@ def tiny_vocabulary() -> list[str]:
     return prompt_words(TINY_PROMPTS)
 
 
-def build_tiny_unet(config: TinyModelConfig = TinyModelConfig()):
-    """The tiny ``UNet2DConditionModel`` (seeded, float32, CPU, eval mode)."""
+# --- component builders, shared with the toy-world training script ---------------------------------
+# ``config`` is any object with the fields of :class:`TinyModelConfig` used here (``latent_size``,
+# ``latent_channels``, ``unet_*``, ``vae_*``, ``text_*``, ``image_size``); ``seed`` seeds the weights.
+
+
+def build_sd_unet(config: Any, seed: int):
+    """A ``UNet2DConditionModel`` with SD's block layout (``up_blocks.1.attentions.1`` exists), seeded."""
     from diffusers import UNet2DConditionModel
 
-    with _seeded(config.seed * 1000 + 1):
-        unet = UNet2DConditionModel(
+    with _seeded(seed * 1000 + 1):
+        return UNet2DConditionModel(
             sample_size=config.latent_size,
             in_channels=config.latent_channels,
             out_channels=config.latent_channels,
@@ -123,15 +129,15 @@ def build_tiny_unet(config: TinyModelConfig = TinyModelConfig()):
             cross_attention_dim=config.text_hidden_size,
             norm_num_groups=config.unet_norm_num_groups,
         )
-    return unet.eval()
 
 
-def _build_vae(config: TinyModelConfig):
+def build_sd_vae(config: Any, seed: int, scaling_factor: float = 0.18215):
+    """An ``AutoencoderKL`` with one down/up block per ``vae_block_out_channels`` entry, seeded."""
     from diffusers import AutoencoderKL
 
     levels = len(config.vae_block_out_channels)
-    with _seeded(config.seed * 1000 + 2):
-        vae = AutoencoderKL(
+    with _seeded(seed * 1000 + 2):
+        return AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * levels,
@@ -141,12 +147,12 @@ def _build_vae(config: TinyModelConfig):
             latent_channels=config.latent_channels,
             norm_num_groups=config.vae_norm_num_groups,
             sample_size=config.image_size,
-            scaling_factor=0.18215,
+            scaling_factor=scaling_factor,
         )
-    return vae.eval()
 
 
-def _build_text_encoder(config: TinyModelConfig, tokenizer):
+def build_clip_text_encoder(config: Any, tokenizer: Any, seed: int):
+    """A ``CLIPTextModel`` over ``tokenizer``'s vocabulary, seeded."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     text_config = CLIPTextConfig(
@@ -161,12 +167,12 @@ def _build_text_encoder(config: TinyModelConfig, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with _seeded(config.seed * 1000 + 3):
-        text_encoder = CLIPTextModel(text_config)
-    return text_encoder.eval()
+    with _seeded(seed * 1000 + 3):
+        return CLIPTextModel(text_config)
 
 
-def _build_scheduler():
+def build_sd_scheduler():
+    """``DDIMScheduler`` configured like SD 1.x (scaled-linear betas, epsilon prediction)."""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -179,6 +185,11 @@ def _build_scheduler():
         steps_offset=1,
         prediction_type="epsilon",
     )
+
+
+def build_tiny_unet(config: TinyModelConfig = TinyModelConfig()):
+    """The tiny ``UNet2DConditionModel`` (seeded, float32, CPU, eval mode)."""
+    return build_sd_unet(config, config.seed).eval()
 
 
 def build_tiny_pipeline(out_dir: str | Path, config: TinyModelConfig = TinyModelConfig()) -> Path:
@@ -205,11 +216,11 @@ def build_tiny_pipeline(out_dir: str | Path, config: TinyModelConfig = TinyModel
     out_path.mkdir(parents=True, exist_ok=True)
     tokenizer = build_word_tokenizer(tiny_vocabulary(), out_path / "tokenizer")
     pipe = StableDiffusionPipeline(
-        vae=_build_vae(config),
-        text_encoder=_build_text_encoder(config, tokenizer),
+        vae=build_sd_vae(config, config.seed).eval(),
+        text_encoder=build_clip_text_encoder(config, tokenizer, config.seed).eval(),
         tokenizer=tokenizer,
         unet=build_tiny_unet(config),
-        scheduler=_build_scheduler(),
+        scheduler=build_sd_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -29,8 +29,7 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ddr_core.tiny_model import build_clip_text_encoder, build_sd_scheduler, build_sd_unet, build_sd_vae
 from ddr_core.toy_world import (
     CONCEPTS,
     ToyWorldConfig,
@@ -64,7 +64,7 @@ class ToyModelConfig:
         unet_block_out_channels: UNet widths of its 3 resolution levels; ``up_blocks.1`` outputs
             ``unet_block_out_channels[1]`` channels.
         unet_layers_per_block: ResNet(+attention) layers per down block; up blocks get one more.
-        unet_attention_head_dim: diffusers' legacy ``attention_head_dim`` (heads per block).
+        unet_attention_heads: diffusers' legacy ``attention_head_dim`` (heads per block).
         unet_norm_num_groups: GroupNorm groups; must divide every UNet width.
         text_hidden_size: CLIP text width = UNet cross-attention width.
         text_layers: CLIP text transformer layers.
@@ -78,7 +78,7 @@ class ToyModelConfig:
     latent_channels: int = 4
     unet_block_out_channels: tuple[int, ...] = (32, 64, 64)
     unet_layers_per_block: int = 1
-    unet_attention_head_dim: int = 4
+    unet_attention_heads: int = 4
     unet_norm_num_groups: int = 8
     text_hidden_size: int = 64
     text_layers: int = 2
@@ -165,87 +165,19 @@ class ToyTrainingConfig:
             raise ValueError(f"vae_time_fraction must be in (0, 1), got {self.vae_time_fraction}.")
 
 
-@contextmanager
-def _seeded(seed: int) -> Iterator[None]:
-    """Seed torch's CPU generator for one block without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def build_toy_vae(config: ToyModelConfig, seed: int):
-    """An untrained ``AutoencoderKL`` for ``config`` (seeded)."""
-    from diffusers import AutoencoderKL
-
-    levels = len(config.vae_block_out_channels)
-    with _seeded(seed * 1000 + 2):
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=config.vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=config.latent_channels,
-            norm_num_groups=config.vae_norm_num_groups,
-            sample_size=config.image_size,
-            scaling_factor=1.0,
-        )
+    """An untrained ``AutoencoderKL`` for ``config`` (seeded; scaling factor set after training)."""
+    return build_sd_vae(config, seed, scaling_factor=1.0)
 
 
 def build_toy_unet(config: ToyModelConfig, seed: int):
     """An untrained ``UNet2DConditionModel`` with SD's block layout (seeded)."""
-    from diffusers import UNet2DConditionModel
-
-    with _seeded(seed * 1000 + 1):
-        return UNet2DConditionModel(
-            sample_size=config.latent_size,
-            in_channels=config.latent_channels,
-            out_channels=config.latent_channels,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=config.unet_block_out_channels,
-            layers_per_block=config.unet_layers_per_block,
-            attention_head_dim=config.unet_attention_head_dim,
-            cross_attention_dim=config.text_hidden_size,
-            norm_num_groups=config.unet_norm_num_groups,
-        )
+    return build_sd_unet(config, seed)
 
 
 def build_toy_text_encoder(config: ToyModelConfig, tokenizer, seed: int):
     """An untrained ``CLIPTextModel`` over ``tokenizer``'s vocabulary (seeded)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden_size,
-        intermediate_size=config.text_intermediate_size,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        projection_dim=config.text_hidden_size,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with _seeded(seed * 1000 + 3):
-        return CLIPTextModel(text_config)
-
-
-def build_toy_scheduler():
-    """``DDIMScheduler`` configured like SD 1.x (scaled-linear betas, epsilon prediction)."""
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    return build_clip_text_encoder(config, tokenizer, seed)
 
 
 class _Deadline:
@@ -470,7 +402,7 @@ def train_toy_model(
     prompt_index = torch.tensor([prompt_vocabulary.index(p) for p in dataset.prompts], dtype=torch.int64)
     unet = build_toy_unet(model, training.seed)
     text_encoder = build_toy_text_encoder(model, tokenizer, training.seed)
-    scheduler = build_toy_scheduler()
+    scheduler = build_sd_scheduler()
     remaining = None if total_seconds is None else max(total_seconds - (time.perf_counter() - started), 1.0)
     say(f"training UNet + text encoder for {training.unet_steps} steps")
     unet_steps = train_denoiser(
