@@ -197,17 +197,20 @@ def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
                 f"experiment name (DDR_EXPERIMENT), or delete {root} to start over"
             )
         return stored
+    requested_seed = plan.base_seed
     if plan.base_seed < 0:
         plan.base_seed = secrets.randbits(31)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:  # first writer wins, also between concurrent shards
-        with atomic_path(path.with_suffix(".candidate")) as tmp:
+    candidate = path.with_name(f"{PLAN_FILE}.{os.getpid()}-{secrets.token_hex(4)}.candidate")
+    try:  # first writer wins, also between concurrent shards (each writes its own candidate)
+        with atomic_path(candidate) as tmp:
             tmp.write_text(json.dumps(plan.to_json(), indent=2), encoding="utf-8")
-        os.link(path.with_suffix(".candidate"), path)
-    except FileExistsError:
+        os.link(candidate, path)
+    except FileExistsError:  # another shard fixed it first: adopt its plan (and its random seed)
+        plan.base_seed = requested_seed
         return fix_plan(root, plan)
     finally:
-        path.with_suffix(".candidate").unlink(missing_ok=True)
+        candidate.unlink(missing_ok=True)
     return plan
 
 

@@ -12,6 +12,16 @@ that report exists and names its invocation, so no scheduler or client state can
 into a success. A failing stage writes ``<invocation_id>.error.json`` instead (exception, traceback
 tail, SLURM job id) and exits non-zero.
 
+Several GPUs in one job (:mod:`ddr_core.distributed`): under ``torchrun`` or ``srun`` (``WORLD_SIZE``
+/ ``SLURM_STEP_NUM_TASKS`` > 1) every process is a rank and runs its share -- capture: shard
+``shard_index + num_shards * rank`` of ``num_shards * world_size`` (the existing shard mechanism);
+priors and dreams: the requested channels, sorted, dealt round-robin -- then the ranks meet, and rank
+0 alone writes the partition-level tables (the dreams quality table) and the completion report (with
+``world_size`` and one summary per rank). A failure on any rank makes rank 0 write the error report
+naming it, and every rank fails. A request with ``processes > 1`` run in a single process starts the
+ranks itself (:func:`ddr_core.distributed.launch`: ``torchrun --standalone``). One process
+(``processes == 1`` and no launcher) runs exactly as before.
+
 Imports no Dagster: the payload uses ``dagster_pipes`` (a dependency-free package) when it runs
 under Pipes, and also works from the command line: ``python -m ddr_core.cluster_payload request.json``.
 """
@@ -52,6 +62,8 @@ class StageRequest(BaseModel):
     device: str = Field(default="auto", description="auto (CUDA when available), cpu, cuda, cuda:N")
     invocation_id: str = Field(description="unique per call; names the completion report")
     lock_owner: str = ""
+    processes: int = Field(default=1, ge=1, description="ranks (one per GPU) on this node; > 1 runs the stage "
+                                                        "under torchrun with that many processes")
 
 
 class StageFailed(RuntimeError):
@@ -107,10 +119,19 @@ def _context(request: StageRequest):
 
 # ------------------------------------------------------------------------------------------- stages
 def _stage_selftest(request: StageRequest, log: LogFn) -> dict[str, Any]:
-    """Environment facts of the machine running the job; ``args.fail`` raises (tests the failure path)."""
+    """Environment facts of the machine running the job; ``args.fail`` raises (tests the failure path).
+
+    Under several ranks, ``args.fail_rank`` raises on that rank only and ``args.exit_rank`` makes that
+    rank die without raising (``os._exit(3)``, as a crash or the out-of-memory killer would).
+    """
+    from ddr_core.distributed import RankInfo
+
     log(f"selftest on {socket.gethostname()} (python {platform.python_version()})")
-    if request.args.get("fail"):
+    rank = RankInfo.from_env().rank
+    if request.args.get("fail") or request.args.get("fail_rank") == rank:
         raise RuntimeError(str(request.args.get("message", "selftest asked to fail")))
+    if request.args.get("exit_rank") == rank:
+        os._exit(3)
     result: dict[str, Any] = {"host": socket.gethostname(), "python": platform.python_version(),
                               "executable": sys.executable, "echo": request.args.get("echo")}
     if request.args.get("torch", False):
@@ -182,10 +203,23 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
 
     On an exception, writes the error report (exception, traceback tail, SLURM job id) and raises
     :class:`StageFailed`; no completion report is written then.
+
+    Under a launcher with several ranks this process runs its share (see the module docstring); with
+    ``request.processes > 1`` and no launcher it starts ``processes`` ranks under torchrun and returns
+    the report rank 0 wrote.
     """
     log = log or (lambda message: print(message, flush=True))
     if request.stage not in STAGES:
         raise ValueError(f"unknown stage {request.stage!r}; registered stages: {sorted(STAGES)}")
+    from ddr_core.distributed import RankInfo
+
+    info = RankInfo.from_env()
+    if info.distributed:  # this process is one rank of a torchrun / srun job
+        return _run_stage_as_rank(request, info, log)
+    if request.processes > 1:  # start the ranks on this node
+        from ddr_core.distributed import launch
+
+        return launch(request, request.processes, log)
     job_id = os.environ.get("SLURM_JOB_ID")
     base = {"report_version": REPORT_VERSION, "invocation_id": request.invocation_id, "stage": request.stage,
             "args": request.args, "host": socket.gethostname(), "slurm_job_id": job_id}
@@ -209,6 +243,193 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
     from ddr_core.atomic import atomic_write_json
 
     finished = {**base, "result": result, "seconds": time.perf_counter() - started,
+                "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
+    report.parent.mkdir(parents=True, exist_ok=True)
+    errors.unlink(missing_ok=True)
+    atomic_write_json(report, _json_safe(finished))
+    return json.loads(report.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------------------------------- ranks
+def _all_channels(request: StageRequest) -> list[int]:
+    """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
+    from ddr_core.priors import check_channels
+
+    project, _ = _context(request)
+    variant = request.args["variant"]
+    if variant not in project.variants:
+        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
+    width = project.variants[variant].width
+    channels = request.args.get("channels")
+    if channels is None:
+        return list(range(width))
+    return sorted(check_channels(channels, width, f"variant {variant!r}"))
+
+
+def request_for_rank(request: StageRequest, rank: int, world_size: int, device: str) -> StageRequest | None:
+    """The part of ``request`` that one rank runs, or ``None`` when the rank has nothing to do.
+
+    capture: shard ``shard_index + num_shards * rank`` of ``num_shards * world_size`` (batches
+    ``b % (num_shards * world_size)``; a job that is itself shard ``i`` of ``n`` keeps ``b % n == i``);
+    priors / dreams: the sorted channels dealt round-robin (``channels[rank::world_size]``);
+    selftest: the request as it is. ``device``: the rank's own device.
+    """
+    from ddr_core.distributed import split_round_robin
+
+    args = dict(request.args)
+    owner = f"{request.lock_owner} rank {rank}/{world_size}".strip()
+    if request.stage == "capture_group":
+        config = dict(args.get("config") or {})
+        num_shards, shard_index = int(config.get("num_shards", 1)), int(config.get("shard_index", 0))
+        config.update(shard_index=shard_index + num_shards * rank, num_shards=num_shards * world_size)
+        args["config"] = config
+    elif request.stage in ("priors_for_variant", "dreams_for_variant"):
+        channels = _all_channels(request)
+        mine = split_round_robin(channels, rank, world_size)
+        if channels and not mine:
+            return None
+        args["channels"] = mine
+    return request.model_copy(update={"args": args, "device": device, "processes": 1, "lock_owner": owner})
+
+
+def _union(results: list[dict[str, Any]], key: str) -> list[Any]:
+    return sorted({value for result in results for value in result.get(key) or []})
+
+
+def _merge_capture(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    complete = [r["summary"] for r in results if r["summary"].get("complete")]
+    images = sum(r["images"] for r in results)
+    seconds = max(r["seconds"] for r in results)
+    return {"root": results[0]["root"], "batches_done": _union(results, "batches_done"),
+            "batches_skipped": _union(results, "batches_skipped"), "seconds": seconds, "images": images,
+            "seconds_per_image": seconds / images if images else float("nan"),
+            # the rank that found every batch finished assembled generations.parquet
+            "summary": complete[0] if complete else results[0]["summary"]}
+
+
+def _merge_priors(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    skipped = {k: v for r in results for k, v in (r.get("skipped") or {}).items()}
+    return {"out_dir": results[0]["out_dir"], "done": _union(results, "done"),
+            "skipped": {k: skipped[k] for k in sorted(skipped, key=int)}, "resumed": _union(results, "resumed"),
+            "seconds": max(r["seconds"] for r in results), "images": sum(r["images"] for r in results)}
+
+
+def _merge_dreams(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    from ddr_core.dreams import QUALITY_FILE, write_quality_table
+
+    _, layout = _context(request)
+    out_dir = layout.data_root / results[0]["out_dir"]
+    quality = None
+    if any(r.get("quality_path") for r in results):  # rank 0 writes the union once every rank is done
+        write_quality_table(out_dir)
+        quality = layout.relative(out_dir / QUALITY_FILE)
+    failures = sorted((f for r in results for f in r.get("failures") or []),
+                      key=lambda f: (f.get("channel", -1), f.get("timestep", -1), f.get("seed", -1)))
+    return {"out_dir": results[0]["out_dir"], "channels_done": _union(results, "channels_done"),
+            "channels_skipped": _union(results, "channels_skipped"),
+            "channels_without_timesteps": _union(results, "channels_without_timesteps"),
+            "elements": sum(r["elements"] for r in results),
+            "element_steps": sum(r["element_steps"] for r in results), "failures": failures,
+            "seconds": max(r["seconds"] for r in results), "quality_path": quality}
+
+
+def _merge_selftest(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    return results[0]
+
+
+MERGES: dict[str, Callable[[StageRequest, list[dict[str, Any]]], dict[str, Any]]] = {
+    "selftest": _merge_selftest,
+    "capture_group": _merge_capture,
+    "priors_for_variant": _merge_priors,
+    "dreams_for_variant": _merge_dreams,
+}
+
+
+def _rendezvous_file(request: StageRequest) -> Path | None:
+    """Where srun ranks meet without MASTER_ADDR: a file per job step in the jobs folder."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    step = f"{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '0')}"
+    return jobs_dir(request.data_root, request.experiment) / f".rendezvous-{request.invocation_id}-{step}"
+
+
+def _run_stage_as_rank(request: StageRequest, info: Any, log: LogFn) -> dict[str, Any]:
+    """One rank of a multi-process job: its share, the meeting, and (rank 0) the report.
+
+    Returns the completion report on rank 0 and this rank's status on the others.
+    """
+    import torch
+
+    from ddr_core.atomic import atomic_write_json
+    from ddr_core.distributed import all_gather_json, device_for_rank, process_group
+
+    def rank_log(message: str) -> None:
+        log(f"[rank {info.rank}/{info.world_size}] {message}")
+
+    job_id = os.environ.get("SLURM_JOB_ID")
+    base = {"report_version": REPORT_VERSION, "invocation_id": request.invocation_id, "stage": request.stage,
+            "args": request.args, "host": socket.gethostname(), "slurm_job_id": job_id,
+            "world_size": info.world_size}
+    report = report_path(request.data_root, request.experiment, request.invocation_id)
+    errors = error_path(request.data_root, request.experiment, request.invocation_id)
+    where = f" (SLURM job {job_id})" if job_id else ""
+    started = time.perf_counter()
+    setup_error: BaseException | None = None
+    try:
+        device = device_for_rank(request.device, info)
+    except Exception as exc:  # still join the group, so that the others learn of it instead of waiting
+        device, setup_error = torch.device("cpu"), exc
+    phase = "could not join the other ranks"
+    try:
+        with process_group(info, device, rendezvous_file=_rendezvous_file(request)):
+            phase = "lost contact with the other ranks (did one die without raising?)"
+            if info.is_main:
+                report.unlink(missing_ok=True)
+            status: dict[str, Any] = {"rank": info.rank, "host": socket.gethostname(), "device": str(device)}
+            try:
+                if setup_error is not None:
+                    raise setup_error
+                mine = request_for_rank(request, info.rank, info.world_size, str(device))
+                if mine is None:
+                    rank_log("nothing to do: fewer channels than ranks")
+                result = STAGES[request.stage](mine, rank_log) if mine is not None else None
+                status.update(ok=True, result=result)
+            except BaseException as exc:
+                status.update(ok=False, error=f"{type(exc).__name__}: {exc}",
+                              traceback_tail="".join(traceback.format_exception(exc))[-4000:])
+            status["seconds"] = time.perf_counter() - started
+            statuses = all_gather_json(_json_safe(status))
+            failed = [s for s in statuses if not s["ok"]]
+            if info.is_main and not failed:
+                try:
+                    results = [s["result"] for s in statuses if s["result"] is not None]
+                    merged = MERGES[request.stage](request, results)
+                except BaseException as exc:
+                    status.update(ok=False, error=f"{type(exc).__name__}: {exc} (assembling the ranks' results)",
+                                  traceback_tail="".join(traceback.format_exception(exc))[-4000:])
+                    failed = [status]
+    except BaseException as exc:  # the group could not be formed, or broke: who failed is not known here
+        failed = [{"rank": info.rank, "host": socket.gethostname(), "ok": False, "lost_contact": True,
+                   "error": f"{phase}: {type(exc).__name__}: {exc}",
+                   "traceback_tail": "".join(traceback.format_exception(exc))[-4000:]}]
+        statuses = failed
+    if failed:
+        first = failed[0]
+        names = ", ".join(str(s["rank"]) for s in failed)
+        error = f"rank {first['rank']} of {info.world_size} ({first['host']}): {first['error']}"
+        if info.is_main:
+            errors.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(errors, _json_safe({
+                **base, "error": error, "failed_ranks": [s["rank"] for s in failed],
+                "lost_contact": any(s.get("lost_contact") for s in failed),
+                "rank_errors": [{k: s.get(k) for k in ("rank", "host", "error", "traceback_tail")} for s in failed],
+                "traceback_tail": first["traceback_tail"], "seconds": time.perf_counter() - started}))
+        raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{where} failed on "
+                          f"rank(s) {names}: {error}")
+    if not info.is_main:
+        return status
+    ranks = [{k: s.get(k) for k in ("rank", "host", "device", "seconds", "result")} for s in statuses]
+    finished = {**base, "result": merged, "ranks": ranks, "seconds": time.perf_counter() - started,
                 "finished_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")}
     report.parent.mkdir(parents=True, exist_ok=True)
     errors.unlink(missing_ok=True)

@@ -40,7 +40,9 @@ and beside it ``.<out_dir name>.locks/``: the channel claims of live runs
 A channel with ``dream.json`` is finished and skipped when the run resumes. A run claims its channels
 for its whole duration: a second run on any of them fails at once naming the first (or waits), runs on
 other channels of the same folder go on side by side; a resumed run deletes the temporary folders a
-killed run left for its channels.
+killed run left for its channels. The ranks of a multi-GPU job (:mod:`ddr_core.distributed`) are such
+runs, one per round-robin share of the channels; rank 0 rewrites ``quality.parquet``
+(:func:`write_quality_table`) once all of them are done.
 """
 
 from __future__ import annotations
@@ -1156,12 +1158,35 @@ def _measure_dream_quality_locked(
         with atomic_path(channel_dir(dreams_dir, channel) / QUALITY_FILE) as tmp:
             _quality_frame(rows).write_parquet(tmp)
 
+    table = _write_quality_union(dreams_dir, finished)
+    return table.filter(pl.col("channel").is_in(wanted))
+
+
+def _write_quality_union(dreams_dir: Path, finished: set[int]) -> pl.DataFrame:
+    """Rewrite ``dreams_dir/quality.parquet`` as the union of the finished channels' cached rows
+    (channel order); call with the quality lock held."""
     cached = [channel_dir(dreams_dir, c) / QUALITY_FILE for c in sorted(finished)]
     frames = [pl.read_parquet(path) for path in cached if path.is_file()]
     table = pl.concat(frames, how="vertical") if frames else _quality_frame([])
     with atomic_path(dreams_dir / QUALITY_FILE) as tmp:
         table.write_parquet(tmp)
-    return table.filter(pl.col("channel").is_in(wanted))
+    return table
+
+
+def write_quality_table(dreams_dir: str | Path) -> pl.DataFrame:
+    """Rewrite ``dreams_dir/quality.parquet`` from the channels' cached quality rows; measure nothing.
+
+    What :func:`measure_dream_quality` writes last, without a model: rank 0 of a multi-GPU job calls
+    it once every rank has measured its channels, so the table is the union of all of them whatever
+    order the ranks finished in. Takes the quality lock (waited for).
+
+    Returns:
+        The whole table (columns of :data:`QUALITY_SCHEMA`).
+    """
+    dreams_dir = Path(dreams_dir)
+    with partition_lock(stage_locks_dir(dreams_dir) / QUALITY_LOCK_FILE, wait=True,
+                        owner=f"dream quality {dreams_dir.name}"):
+        return _write_quality_union(dreams_dir, finished_channels(dreams_dir))
 
 
 def _quality_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:

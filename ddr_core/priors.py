@@ -63,7 +63,8 @@ Concurrent runs: a run claims its channels for its whole duration (:func:`ddr_co
 only). A second run on any of them fails at once with :class:`ddr_core.locks.ChannelsLockedError`
 naming the first (or waits ``lock_wait`` seconds); runs on other channels of the same variant (other
 channel blocks) go on side by side. A killed run's claim dies with it; the next run on its channels
-deletes the temporaries it left in their folders.
+deletes the temporaries it left in their folders. The ranks of a multi-GPU job
+(:mod:`ddr_core.distributed`) are such runs: each claims its round-robin share of the channels.
 """
 
 from __future__ import annotations
