@@ -3,6 +3,7 @@
 from ddr_assets.activations import activations
 from ddr_assets.activity_plots import activity_plots
 from ddr_assets.dreams import dreams, dreams_no_noise
+from ddr_assets.feature_concepts import feature_concepts
 from ddr_assets.priors import priors
 from ddr_assets.provisioning import PROVISIONING_ASSETS
 from ddr_assets.representation import html_export, representation_shards
@@ -10,4 +11,4 @@ from ddr_assets.sweeps import dream_sweeps
 from ddr_assets.timestep_stats import timestep_stats
 
 ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, activity_plots, priors, dreams, dreams_no_noise,
-              representation_shards, html_export, dream_sweeps]
+              representation_shards, html_export, dream_sweeps, feature_concepts]

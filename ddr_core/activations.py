@@ -101,6 +101,11 @@ class CaptureConfig(BaseModel):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     shard_index: int = Field(default=0, ge=0)
     num_shards: int = Field(default=1, ge=1)
+    sae_vectors: bool = Field(default=False, description="also keep the layer's per-position channel vectors "
+                                                         "(SAE training data, ddr_core.sae_training)")
+    sae_vector_positions_per_call: int | None = Field(default=None, ge=1,
+                                                      description="positions kept per image and step; None: all")
+    sae_vector_every_n_timesteps: int = Field(default=1, ge=1, description="keep every n-th denoising step")
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> CaptureConfig:
@@ -287,7 +292,7 @@ def run_capture(
             except PartitionLockedError:
                 alone = False
             return _run_capture_locked(
-                pipe, layer, reducers, prompts, root, data_root, config, group_lock, alone,
+                pipe, layer, layer_name, reducers, prompts, root, data_root, config, group_lock, alone,
                 CapturePlan(
                     prompts=prompts, num_images_per_prompt=images_per_prompt, batch_size=config.batch_size,
                     base_seed=config.seed if config.seed is not None else -1,
@@ -302,8 +307,8 @@ def run_capture(
 
 
 def _run_capture_locked(
-    pipe: Any, layer: Any, reducers: dict[str, Reducer], prompts: list[str], root: Path, data_root: Path,
-    config: CaptureConfig, group_lock: FileLock, alone: bool, new_plan: CapturePlan, *,
+    pipe: Any, layer: Any, layer_name: str, reducers: dict[str, Reducer], prompts: list[str], root: Path,
+    data_root: Path, config: CaptureConfig, group_lock: FileLock, alone: bool, new_plan: CapturePlan, *,
     log: LogFn | None, stop_after_batches: int | None,
 ) -> CaptureResult:
     """The body of :func:`run_capture`, run while this shard's lock is held.
@@ -313,9 +318,18 @@ def _run_capture_locked(
     from ddr_core.hooks import TimestepTracker, capture_activations
     from ddr_core.pipeline import initial_latents
     from ddr_core.progress import Progress
+    from ddr_core.sae_training import (
+        VECTORS_DIRNAME,
+        VectorSamplingConfig,
+        maybe_collect_layer_vectors,
+        write_vector_batch,
+    )
 
     device = pipe.unet.device
     plan = fix_plan(root, new_plan)
+    sampling = (VectorSamplingConfig(positions_per_call=config.sae_vector_positions_per_call,
+                                     every_n_timesteps=config.sae_vector_every_n_timesteps, seed=plan.base_seed)
+                if config.sae_vectors else None)
     store = ActivationStore(root)
     mine = [b for b in range(plan.n_batches) if b % config.num_shards == config.shard_index]
     if alone:  # no other shard is writing: every leftover of a killed run can go
@@ -341,9 +355,12 @@ def _run_capture_locked(
             rows = plan.batch_generations(batch_index)
             latents = initial_latents(pipe, [r["seed"] for r in rows], plan.height, plan.width,
                                       dtype=pipe.unet.dtype, device=device)
+            generation_ids = [r["generation_id"] for r in rows]
             with TimestepTracker(pipe.unet) as tracker, capture_activations(
                 layer, tracker, reducers, cfg=cfg, keep_unconditional=config.keep_unconditional
-            ) as recording, torch.inference_mode():
+            ) as recording, maybe_collect_layer_vectors(
+                layer, tracker, cfg, sampling, generation_ids
+            ) as vectors, torch.inference_mode():
                 output = pipe(
                     prompt=[r["prompt"] for r in rows], latents=latents, height=plan.height,
                     width=plan.width, num_inference_steps=plan.num_inference_steps,
@@ -361,6 +378,8 @@ def _run_capture_locked(
                 if unconditional is not None:
                     unconditional = unconditional.permute(1, 0, 2)
                 per_variant[variant] = VariantBatch(conditional, unconditional)
+            if vectors is not None:  # before the batch's done marker, which stays the last file written
+                write_vector_batch(root / VECTORS_DIRNAME, batch_index, vectors, generation_ids, layer_name)
             store.write_batch(batch_index, rows, recording.timesteps, per_variant,
                               capture_top_k=config.capture_top_k)
             result.batches_done.append(batch_index)

@@ -7,7 +7,9 @@ Vocabulary:
 
 - a **model** is a diffusers Stable Diffusion folder, provisioned from a *source*;
 - an **SAE** is a SAeUron-format sparse autoencoder for one layer of a model;
-- a **prompt dataset** is a JSONL (``text`` field) or text file of prompts;
+- a **prompt dataset** is a JSONL (``text`` field) or text file of prompts; it may declare ground-truth
+  concept ``labels`` of its prompts (JSONL fields, or a parser of the prompt text), which enables the
+  ``feature_concepts`` scores of its variants;
 - a **variant** is model + target layer + basis (raw channels or one SAE) + prompt dataset;
   every per-channel stage is partitioned by variant;
 - a **capture group** is the set of variants sharing model, layer and prompts: one generation pass
@@ -62,12 +64,26 @@ class GoogleDriveSourceConfig(_Strict):
 
 
 class SourceConfig(_Strict):
-    """Where an asset comes from: exactly one of ``builtin``, ``hub``, ``gdrive`` or ``local``."""
+    """Where an asset comes from: exactly one of ``builtin``, ``hub``, ``gdrive`` or ``local``.
+
+    A relative ``local`` path is taken relative to the project root (the repository holding
+    ``ddr_core``), whatever the working directory; ``~`` is expanded.
+    """
 
     builtin: Literal["tiny", "tiny-sae", "tiny-prompts"] | None = None
     hub: HubSourceConfig | None = None
     gdrive: GoogleDriveSourceConfig | None = None
     local: str | None = None
+
+    @field_validator("local")
+    @classmethod
+    def _anchor_local(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("local: give a file or folder path")
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else PROJECT_ROOT / path)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> SourceConfig:
@@ -90,10 +106,30 @@ class SourceConfig(_Strict):
         return f"local:{self.local}"
 
 
+def _relative_inside(value: str | None, what: str) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not value.strip() or path.is_absolute() or ".." in path.parts:
+        raise ValueError(f"{what} must be a relative path inside the provisioned folder, got {value!r}")
+    return value
+
+
 class ModelConfig(_Strict):
     source: SourceConfig
     default_layer: str = DEFAULT_LAYER
     description: str = ""
+    concept_classifier: str | None = Field(
+        default=None,
+        description="folder inside the provisioned model folder holding a concept classifier "
+                    "(classifier_config.json + classifier.safetensors) that judges the model's images; "
+                    "enables the prior / dream agreement of feature_concepts",
+    )
+
+    @field_validator("concept_classifier")
+    @classmethod
+    def _classifier_inside(cls, value: str | None) -> str | None:
+        return _relative_inside(value, "concept_classifier")
 
 
 class SaeSourceConfig(_Strict):
@@ -101,11 +137,49 @@ class SaeSourceConfig(_Strict):
     description: str = ""
 
 
+LABEL_PARSERS: dict[str, tuple[str, ...]] = {"toy-world": ("colour", "shape", "background")}
+"""Prompt-text parsers of concept labels -> the concept families each one gives
+(implemented in :mod:`ddr_core.feature_concepts`; ``toy-world`` is :func:`ddr_core.toy_world.parse_prompt`)."""
+
+
+class ConceptLabelsConfig(_Strict):
+    """Ground-truth concept labels of a prompt dataset's prompts.
+
+    ``families`` are the concept families scored (e.g. ``[colour, shape]``). Without ``parser`` each JSONL
+    line carries one field per family (``{"text": ..., "colour": "red", "shape": "circle"}``); with a
+    ``parser`` the labels are read off the prompt text.
+    """
+
+    families: list[str] = Field(min_length=1, description="concept families scored, e.g. [colour, shape]")
+    parser: Literal["toy-world"] | None = Field(
+        default=None, description="derive the labels from the prompt text; unset: JSONL fields named after the families")
+
+    @model_validator(mode="after")
+    def _families_known(self) -> ConceptLabelsConfig:
+        if len(set(self.families)) != len(self.families):
+            raise ValueError(f"families repeat: {self.families}")
+        if self.parser is not None:
+            unknown = sorted(set(self.families) - set(LABEL_PARSERS[self.parser]))
+            if unknown:
+                raise ValueError(f"parser {self.parser!r} gives the families {list(LABEL_PARSERS[self.parser])}, "
+                                 f"not {unknown}")
+        return self
+
+
 class PromptDatasetConfig(_Strict):
     source: SourceConfig
     file: str = "prompts.jsonl"
     text_field: str = "text"
     description: str = ""
+    labels: ConceptLabelsConfig | None = Field(default=None, description="ground-truth concept labels of the prompts")
+
+    @model_validator(mode="after")
+    def _label_fields_need_jsonl(self) -> PromptDatasetConfig:
+        if self.labels is not None and self.labels.parser is None and not self.file.lower().endswith(
+                (".jsonl", ".ndjson")):
+            raise ValueError(f"labels without a parser are read from JSONL fields, but file {self.file!r} is not "
+                             f"JSONL; use a .jsonl file or set labels.parser")
+        return self
 
 
 class VariantConfig(_Strict):
@@ -208,6 +282,10 @@ class ProjectConfig(_Strict):
         """(model, layer, prompt dataset) of a capture group."""
         variant = self.capture_groups()[group][0]
         return self.variants[variant].model, self.layer_of(variant), self.variants[variant].prompts
+
+    def labelled_variants(self) -> list[str]:
+        """Variants whose prompt dataset declares concept labels (those ``feature_concepts`` scores)."""
+        return [name for name, v in self.variants.items() if self.prompt_datasets[v.prompts].labels is not None]
 
     def variant_hash(self, variant: str) -> str:
         return config_hash(self.variants[variant].model_dump(mode="json"))

@@ -13,6 +13,11 @@ timesteps (axis reversed: denoising runs from 1000 to 0; peaks, visualised times
 timestep marked); the right column has tabs for the deep dream visualisation (noise / no-noise run,
 seed, intermediate optimisation steps with their statistics), the dataset examples and the priors.
 
+For a variant with ground-truth concept scores (``feature_concepts/<variant>/``, toy world), the page
+shows the channel's labels above the charts (dominant value and purity of each concept family among its
+top dataset examples, with the chance level, and how often its priors and dreams are classified as that
+value), and the channels can be sorted by purity.
+
 Shards come from ``representation/<variant>/channel_<c>.json`` (built in memory from the upstream
 stages when the representation stage has not run). Every file is opened through
 :func:`ddr_core.representation.resolve_file`, so a path in a shard cannot leave the data root.
@@ -30,6 +35,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 from ddr_core.paths import DataLayout
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -51,6 +57,8 @@ SORT_OPTIONS = {
     "dream quality (dream / top example)": ("dream_ratio_mean", True),
     "max activation": ("max_activation", True),
 }
+CONCEPT_SORT_OPTION = "concept purity (ground truth)"
+CONCEPT_SOURCES = {"prior": "priors", "dream": "dreams"}
 RUN_LABELS = {"noise": "with schedule noise", "no_noise": "without schedule noise"}
 PEAK_COLOR, VISUALISED_COLOR, CURRENT_COLOR = "#e74c3c", "#2ecc71", "#3b5bdb"
 
@@ -94,6 +102,13 @@ def cached_curves(data_root: str, experiment: str, shard: dict[str, Any]) -> pd.
 def cached_search(data_root: str, experiment: str, variant: str, text: str, stamp: float) -> list[int]:
     frame = search_channels(DataLayout(Path(data_root), experiment), variant, text, limit=100_000)
     return frame["channel"].to_list()
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def cached_feature_concepts(data_root: str, experiment: str, variant: str,
+                            stamp: float) -> tuple[pd.DataFrame, dict[str, Any]] | None:
+    found = read_feature_concepts(feature_concepts_dir(DataLayout(Path(data_root), experiment), variant))
+    return None if found is None else (found[0].to_pandas(), found[1])
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -263,14 +278,47 @@ def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
             show_image(layout, item["image"], caption=f"seed {item['seed']}", what="prior image")
 
 
+def _share(value: Any) -> str:
+    return "n/a" if value is None or pd.isna(value) else f"{float(value):.2f}"
+
+
+def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> str:
+    """One markdown line with a channel's ground-truth labels (see the module docstring)."""
+    families = summary.get("families", [])
+    if row is None:
+        return "**Ground truth**: this channel is not in the feature_concepts table."
+    if row.get("purity") is None or pd.isna(row.get("purity")):
+        needed = summary.get("config", {}).get("min_examples")
+        return (f"**Ground truth**: not scored ({int(row.get('n_labelled') or 0)} labelled top examples"
+                + (f", needs {needed})" if needed else ")"))
+    timestep = row.get("examples_timestep")
+    where = "" if timestep is None or pd.isna(timestep) else f" at t={int(timestep)}"
+    head = f"**Ground truth** ({int(row['n_labelled'])} labelled top examples{where}):"
+    parts = [f"{family} **{row[f'dominant_{family}']}** (purity {_share(row[f'purity_{family}'])}, "
+             f"chance {_share(row[f'chance_purity_{family}'])})" for family in families]
+    for source, label in CONCEPT_SOURCES.items():
+        count = row.get(f"n_{source}_images")
+        if count is None or pd.isna(count):
+            continue
+        if not count:
+            parts.append(f"{label}: none")
+            continue
+        agreement = ", ".join(f"{family} {_share(row.get(f'{source}_agreement_{family}'))}" for family in families)
+        parts.append(f"{label} agree: {agreement} ({int(count)} images)")
+    return head + " " + " · ".join(parts)
+
+
 # --- the page ----------------------------------------------------------------------------------------------
 
 
 def filtered_channels(index: pd.DataFrame, layout: DataLayout, variant: str) -> list[int]:
     frame = index[index["is_active"]]
+    options = dict(SORT_OPTIONS)
+    if "purity" in index.columns:
+        options[CONCEPT_SORT_OPTION] = ("purity", True)
     with st.expander("Sort, filter and search", expanded=False):
-        sort_label = st.selectbox("Sort by", list(SORT_OPTIONS), key="sort_by")
-        descending = st.toggle("Descending", value=SORT_OPTIONS[sort_label][1], key=f"sort_desc_{sort_label}")
+        sort_label = st.selectbox("Sort by", list(options), key="sort_by")
+        descending = st.toggle("Descending", value=options[sort_label][1], key=f"sort_desc_{sort_label}")
         peak_range = st.slider("Top peak timestep", 0, 1000, (0, 1000), key="peak_range")
         only_dreams = st.checkbox("Only channels with dreams", key="only_dreams")
         search = st.text_input("Search top-example prompts", key="search", placeholder="e.g. cat")
@@ -283,7 +331,7 @@ def filtered_channels(index: pd.DataFrame, layout: DataLayout, variant: str) -> 
         stamp = _mtime(layout.timestep_stats_dir(variant) / "dataset_examples.parquet")
         matches = set(cached_search(str(layout.data_root), layout.experiment, variant, search.strip(), stamp))
         frame = frame[frame["channel"].isin(matches)]
-    column, _ = SORT_OPTIONS[sort_label]
+    column, _ = options[sort_label]
     frame = frame.sort_values([column, "channel"], ascending=[not descending, True], na_position="last")
     return [int(c) for c in frame["channel"]]
 
@@ -304,6 +352,10 @@ def main() -> None:
         variant = st.selectbox("Variant", variants, key="variant")
         index_stamp = _mtime(representation_dir(layout, variant) / "index.parquet")
         index = cached_index(str(layout.data_root), layout.experiment, variant, index_stamp)
+        concepts_stamp = _mtime(feature_concepts_dir(layout, variant) / "summary.json")
+        concepts = cached_feature_concepts(str(layout.data_root), layout.experiment, variant, concepts_stamp)
+        if concepts is not None:
+            index = index.merge(concepts[0][["channel", "purity"]], on="channel", how="left")
         channels = filtered_channels(index, layout, variant)
         n_active = int(index["is_active"].sum())
         if not channels:
@@ -354,6 +406,10 @@ def main() -> None:
     )
     for error in shard.get("errors", []):
         st.warning(f"{error['what']} {error['file']!r}: {error['problem']}")
+    if concepts is not None:
+        table, concept_summary = concepts
+        rows = table[table["channel"] == channel].to_dict("records")
+        st.markdown(ground_truth_text(rows[0] if rows else None, concept_summary))
     curves = cached_curves(str(layout.data_root), layout.experiment, shard)
     col_charts, col_tabs = st.columns([1, 1])
     with col_charts:

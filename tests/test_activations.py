@@ -145,3 +145,38 @@ def test_config_validation_names_the_field():
         CaptureConfig(shard_index=2, num_shards=2)
     with pytest.raises(ValueError, match="num_inference_steps"):
         CaptureConfig(num_inference_steps=0)
+
+
+def test_capture_keeps_sae_training_vectors_without_changing_the_record(tiny_pipe, reducers, reference, tmp_path):
+    """``sae_vectors``: every position's channel vector is kept per batch; their mean is the recorded value."""
+    from safetensors.torch import load_file
+
+    from ddr_core.sae_training import VECTORS_DIRNAME, load_vectors
+
+    reference_root, _ = reference
+    root = tmp_path / "capture"
+    result = _capture(tiny_pipe, reducers, root, tmp_path, sae_vectors=True)
+    assert result.summary["complete"]
+    for half in ("conditional", "unconditional"):
+        ids, values = _dense(root, "tiny-raw", half)
+        ref_ids, ref_values = _dense(reference_root, "tiny-raw", half)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_array_equal(values, ref_values)  # collecting vectors changes nothing recorded
+    files = sorted((root / VECTORS_DIRNAME).glob("batch_*.safetensors"))
+    assert len(files) == 3
+    ids, values = _dense(root, "tiny-raw", "conditional")
+    timesteps = sorted(result.summary["timesteps"], reverse=True)
+    checked = 0
+    for file in files:
+        batch = load_file(file)
+        for generation in batch["generation_ids"].unique().tolist():
+            for step, timestep in enumerate(timesteps):
+                rows = ((batch["generation_ids"] == generation) & (batch["timesteps"] == timestep)
+                        & (batch["halves"] == 1))
+                mean = batch["vectors"][rows].float().mean(dim=0).numpy()
+                row = int(np.flatnonzero(ids == generation)[0])
+                np.testing.assert_allclose(mean, values[row, step], rtol=2e-3, atol=2e-3)  # store: float16
+                checked += 1
+    assert checked == 10 * 6
+    loaded = load_vectors([root / VECTORS_DIRNAME], TINY_TARGET_LAYER)
+    assert loaded.width == 64 and sorted(set(loaded.generation_ids.tolist())) == list(range(10))

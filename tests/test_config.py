@@ -79,3 +79,58 @@ def test_resolve_inside_refuses_escape(tmp_path):
     for bad in ("../etc/passwd", "/etc/passwd", "x/../../etc"):
         with pytest.raises(UnsafePathError):
             resolve_inside(tmp_path, bad)
+
+
+def test_toy_world_entries_and_labelled_variants():
+    from ddr_core.config import PROJECT_ROOT
+
+    cfg = load_project_config()
+    assert cfg.labelled_variants() == ["toy-raw", "toy-sae"]
+    assert cfg.capture_groups()["toy-world"] == ["toy-raw", "toy-sae"]
+    assert cfg.variants["toy-raw"].width == 64 and cfg.variants["toy-sae"].width == 256
+    assert cfg.variants["toy-sae"].channel_blocks()[-1] == (192, 255)
+    assert cfg.models["toy-world"].concept_classifier == "concept_classifier"
+    assert cfg.models["toy-world"].source.local == str(PROJECT_ROOT / "models" / "toy-world")  # anchored
+    assert cfg.prompt_datasets["toy-world-prompts"].labels.families == ["colour", "shape"]
+    assert "toy-raw" not in cfg.default_variants
+
+
+def test_toy_raw_width_matches_the_toy_architecture():
+    from ddr_core.toy_training import ToyModelConfig
+
+    widths = ToyModelConfig().unet_block_out_channels
+    assert load_project_config().variants["toy-raw"].width == widths[::-1][1]  # up_blocks.1 of 3 levels
+
+
+def test_local_source_paths_are_anchored_at_the_project_root(tmp_path):
+    from ddr_core.config import PROJECT_ROOT
+
+    data = _base()
+    data["models"]["tiny"]["source"] = {"local": "some/folder"}
+    data["saes"]["tiny-sae"]["source"] = {"local": str(tmp_path / "sae")}
+    cfg = load_project_config(_write(tmp_path, data))
+    assert cfg.models["tiny"].source.local == str(PROJECT_ROOT / "some" / "folder")
+    assert cfg.saes["tiny-sae"].source.local == str(tmp_path / "sae")
+
+
+def test_label_and_classifier_fields_are_validated(tmp_path):
+    data = _base()
+    data["prompt_datasets"]["unlearn-canvas"]["labels"] = {"families": ["style"]}
+    data["prompt_datasets"]["unlearn-canvas"]["file"] = "prompts.txt"
+    with pytest.raises(ConfigError, match=r"prompt_datasets.unlearn-canvas.*not JSONL"):
+        load_project_config(_write(tmp_path, data))
+    data = _base()
+    data["prompt_datasets"]["tiny-prompts"]["labels"] = {"families": ["colour", "size"], "parser": "toy-world"}
+    with pytest.raises(ConfigError, match=r"parser 'toy-world' gives the families"):
+        load_project_config(_write(tmp_path, data))
+    data = _base()
+    data["prompt_datasets"]["tiny-prompts"]["labels"] = {"families": ["colour"], "parser": "nope"}
+    with pytest.raises(ConfigError, match=r"prompt_datasets.tiny-prompts.labels.parser"):
+        load_project_config(_write(tmp_path, data))
+    data = _base()
+    data["models"]["toy-world"]["concept_classifier"] = "../elsewhere"
+    with pytest.raises(ConfigError, match=r"models.toy-world.concept_classifier.*relative path inside"):
+        load_project_config(_write(tmp_path, data))
+    data = _base()
+    data["prompt_datasets"]["tiny-prompts"]["labels"] = {"families": ["colour", "shape"], "parser": "toy-world"}
+    assert "tiny-raw" in load_project_config(_write(tmp_path, data)).labelled_variants()

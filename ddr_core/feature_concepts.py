@@ -1,0 +1,838 @@
+"""Ground-truth concept scores of every channel / SAE feature of a variant whose prompts carry labels.
+
+A model trained on a world with known concepts (:mod:`ddr_core.toy_world`: colour, shape, background)
+lets a feature be scored against ground truth. For each channel (raw basis) or SAE feature of a
+variant:
+
+- **top dataset examples**: the generations of the channel's dataset examples
+  (``dataset_examples.parquet`` of :mod:`ddr_core.statistics`, the generations in whose top-k the
+  channel is, ranked by activation). ``examples="top_peak"`` (default) takes those at the observed
+  timestep nearest the channel's highest activity peak (what the inspector shows first);
+  ``"all_timesteps"`` takes every generation that is an example at any timestep, ranked by the number
+  of timesteps it is one at, then by its largest activation. ``n_examples`` keeps the first ones.
+- **labels** of an example: the concept labels of its prompt, from the prompt dataset (JSONL fields,
+  or a parser of the prompt text, e.g. :func:`ddr_core.toy_world.parse_prompt`; ``labels`` in the
+  project config). Prompts without labels are left out and counted.
+- **purity** of a family (colour, shape, ...): the share of the labelled examples holding the most
+  common value, the **dominant** value (ties: the alphabetically first). ``purity`` is the mean over
+  the families, ``purity_joint`` the share of the most common combination of all families. Channels
+  with fewer than ``min_examples`` labelled examples get no purity (null). The share of the most common
+  value grows as a set shrinks, so compare purities of equally many examples (``n_examples``, default
+  10, the same for raw channels and SAE features) and look at ``purity_excess`` (purity minus chance).
+- **chance purity**: the expected purity of as many examples drawn at random (without replacement)
+  from all the capture's generations (Monte Carlo, seeded): what a channel that ignores the concepts
+  would score. Purity is only meaningful against it: ``purity_excess = purity - chance_purity``.
+- **agreement** of the channel's priors and dreams: their PNG images are classified by the model's
+  concept classifier (:mod:`ddr_core.concept_classifier`); per family, the share of the channel's
+  images whose predicted value equals the channel's dominant value (``prior_agreement_<family>``,
+  ``dream_agreement_<family>``; null without a dominant value or without images), and the most
+  common prediction (``prior_vote_<family>``). Dream images are those of every dreamed timestep.
+
+Summary: the purity distribution (mean, median, quartiles, 10/90 % quantiles; overall, per family,
+joint, chance), agreement rates per source and family (mean over channels with images and a dominant
+value) with the rate expected by chance (predictions and dominant values paired at random:
+``sum_v P(prediction = v) P(dominant = v)``), counts, dominant-value counts, and ``figures``: the flat
+higher-is-better numbers the regression check compares with a committed baseline
+(:func:`check_against_baseline`).
+
+Outputs in ``out_dir`` (replaced as a whole, :func:`ddr_core.atomic.atomic_dir`):
+``feature_concepts.parquet`` (one row per channel, columns :func:`table_columns`) and ``summary.json``.
+
+Raw channels vs SAE features: the field claims SAE features are more monosemantic;
+:func:`compare_bases` puts the summaries of a capture group's variants side by side, so whichever way
+our data goes is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field
+
+from ddr_core.atomic import atomic_dir, atomic_write_json
+from ddr_core.config import PROJECT_ROOT, ConceptLabelsConfig, config_hash
+
+LogFn = Callable[[str], None]
+FORMAT = "ddr.feature_concepts/1"
+TABLE_FILE = "feature_concepts.parquet"
+SUMMARY_FILE = "summary.json"
+SOURCES: tuple[str, ...] = ("prior", "dream")
+QUANTILES: dict[str, float] = {"q10": 0.1, "q25": 0.25, "median": 0.5, "q75": 0.75, "q90": 0.9}
+DEFAULT_BASELINE_PATH = PROJECT_ROOT / "config" / "feature_concepts_baseline.json"
+
+
+class FeatureConceptsConfig(BaseModel):
+    """Parameters of :func:`compute_feature_concepts`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    examples: Literal["top_peak", "all_timesteps"] = Field(
+        "top_peak", description="top dataset examples: at the top activity peak, or pooled over every timestep")
+    n_examples: int | None = Field(
+        10, ge=1, description="top examples kept per channel (the same for every basis, so purities compare); "
+                              "None: all recorded")
+    min_examples: int = Field(3, ge=1, description="labelled examples a channel needs for a purity")
+    chance_draws: int = Field(200, ge=1, description="random example sets per set size for the chance purity")
+    seed: int = Field(0, ge=0, description="seed of the chance draws")
+    priors: bool = Field(True, description="classify the priors' images")
+    dreams: bool = Field(True, description="classify the dreams' images")
+    classifier_batch_size: int = Field(256, ge=1)
+
+    def config_hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelParser:
+    """A parser of concept labels from prompt text, and the prompts of its world."""
+
+    parse: Callable[[str], dict[str, str]]
+    families: tuple[str, ...]
+    prompts: Callable[[], Sequence[str]]
+
+
+def _toy_world_parser() -> LabelParser:
+    from ddr_core.toy_world import CONCEPTS, parse_prompt, world_prompts
+
+    return LabelParser(parse=parse_prompt, families=tuple(CONCEPTS), prompts=world_prompts)
+
+
+LABEL_PARSER_FACTORIES: dict[str, Callable[[], LabelParser]] = {"toy-world": _toy_world_parser}
+"""Parser name (``labels.parser`` in the project config) -> its :class:`LabelParser`."""
+
+
+def label_parser(name: str) -> LabelParser:
+    if name not in LABEL_PARSER_FACTORIES:
+        raise KeyError(f"unknown label parser {name!r}; known: {sorted(LABEL_PARSER_FACTORIES)}")
+    return LABEL_PARSER_FACTORIES[name]()
+
+
+def labelled_prompt_records(prompts: Sequence[str], parser: str) -> list[dict[str, str]]:
+    """``{"text": prompt, <family>: <value>, ...}`` for each prompt, labels from ``parser``."""
+    parse = label_parser(parser).parse
+    return [{"text": prompt, **parse(prompt)} for prompt in prompts]
+
+
+def write_labelled_prompts(path: str | Path, prompts: Sequence[str], parser: str) -> Path:
+    """Write a labelled prompt JSONL (one :func:`labelled_prompt_records` object per line, sorted keys
+    after ``text``, UTF-8, ``\\n`` line ends): deterministic bytes for the same prompts."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for record in labelled_prompt_records(prompts, parser):
+        ordered = {"text": record["text"], **{k: record[k] for k in sorted(record) if k != "text"}}
+        lines.append(json.dumps(ordered, ensure_ascii=False))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")
+    return path
+
+
+def prompt_labels(prompts_file: str | Path, labels: ConceptLabelsConfig, text_field: str = "text",
+                  prompts: Sequence[str] | None = None) -> pl.DataFrame:
+    """Concept labels of prompts: ``prompt`` + one string column per family (null when unknown).
+
+    With ``labels.parser`` the labels come from the prompt text of ``prompts`` (default: the prompts
+    of ``prompts_file``); a prompt the parser rejects gets nulls. Without a parser every JSONL line
+    of ``prompts_file`` with a string ``text_field`` gives a row; its family fields must be strings
+    (missing: null). Prompt text is stripped, as :func:`ddr_core.prompts.load_prompts` does.
+
+    Raises:
+        FileNotFoundError: the prompt file is missing (JSONL mode).
+        ValueError: a label field holds a non-string, or one prompt has two different label sets.
+    """
+    families = list(labels.families)
+    rows: dict[str, dict[str, str | None]] = {}
+    if labels.parser is not None:
+        if prompts is None:
+            from ddr_core.prompts import load_prompts
+
+            prompts = load_prompts(prompts_file, text_field=text_field).texts
+        parse = label_parser(labels.parser).parse
+        for prompt in prompts:
+            try:
+                parsed: dict[str, str | None] = dict(parse(prompt))
+            except ValueError:
+                parsed = {}
+            rows[prompt.strip()] = {family: parsed.get(family) for family in families}
+    else:
+        path = Path(prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file {path} does not exist; provision the prompt dataset first")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # counted as invalid by the prompt loader; no labels either
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                continue
+            values: dict[str, str | None] = {}
+            for family in families:
+                value = record.get(family)
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"{path} line {number}: label field {family!r} is {type(value).__name__}, "
+                                     f"not a string")
+                values[family] = value
+            text = record[text_field].strip()
+            if text in rows and rows[text] != values:
+                raise ValueError(f"{path} line {number}: prompt {text!r} appears with two label sets "
+                                 f"({rows[text]} and {values})")
+            rows[text] = values
+    schema = {"prompt": pl.String, **{family: pl.String for family in families}}
+    return pl.DataFrame([{"prompt": p, **v} for p, v in rows.items()], schema=schema, orient="row")
+
+
+# --------------------------------------------------------------------------------------------------
+# Examples and purity
+# --------------------------------------------------------------------------------------------------
+
+
+def top_examples(stats_dir: str | Path, config: FeatureConceptsConfig) -> pl.DataFrame:
+    """The top dataset examples of every channel: ``channel, rank, generation_id, prompt, activation,
+    timestep`` (``rank`` 0-based; ``timestep`` the examples' timestep for ``top_peak``, the timestep of
+    the largest activation for ``all_timesteps``)."""
+    stats_dir = Path(stats_dir)
+    examples = pl.read_parquet(stats_dir / "dataset_examples.parquet")
+    if config.examples == "top_peak":
+        peaks = (pl.read_parquet(stats_dir / "activity_peaks.parquet")
+                 .filter(pl.col("peak_rank") == 0)
+                 .select("channel", pl.col("observed_timestep").cast(pl.Int64).alias("timestep")))
+        chosen = (examples.with_columns(pl.col("timestep").cast(pl.Int64))
+                  .join(peaks, on=["channel", "timestep"], how="inner")
+                  .sort("channel", "rank")
+                  .with_columns(pl.int_range(pl.len()).over("channel").alias("rank")))
+    else:
+        chosen = (examples.sort("channel", "activation", "timestep", descending=[False, True, True])
+                  .group_by("channel", "generation_id", maintain_order=True)
+                  .agg(pl.len().alias("n_timesteps"), pl.col("activation").first(), pl.col("timestep").first(),
+                       pl.col("prompt").first())
+                  .sort(["channel", "n_timesteps", "activation", "generation_id"],
+                        descending=[False, True, True, False])
+                  .with_columns(pl.int_range(pl.len()).over("channel").alias("rank")))
+    if config.n_examples is not None:
+        chosen = chosen.filter(pl.col("rank") < config.n_examples)
+    return chosen.select(pl.col("channel").cast(pl.Int32), pl.col("rank").cast(pl.Int32),
+                         pl.col("generation_id").cast(pl.Int64), "prompt",
+                         pl.col("activation").cast(pl.Float64), pl.col("timestep").cast(pl.Int64))
+
+
+def dominant_value(values: Sequence[str]) -> tuple[str | None, float | None]:
+    """The most common value (ties: alphabetically first) and its share; ``(None, None)`` when empty."""
+    if not values:
+        return None, None
+    counts = Counter(values)
+    best = min(counts, key=lambda value: (-counts[value], value))
+    return best, counts[best] / len(values)
+
+
+def chance_purity(pool: Sequence[str], size: int, draws: int, rng: np.random.Generator) -> float:
+    """Expected share of the most common value among ``size`` values drawn without replacement from
+    ``pool`` (Monte Carlo over ``draws`` sets); NaN when the pool is smaller than ``size`` or empty."""
+    if size <= 0 or len(pool) < size:
+        return float("nan")
+    _, codes = np.unique(np.asarray(pool, dtype=object), return_inverse=True)
+    total = 0.0
+    for _ in range(draws):
+        sample = codes[rng.choice(len(codes), size=size, replace=False)]
+        total += np.bincount(sample).max() / size
+    return total / draws
+
+
+def _joint_values(frame: pl.DataFrame, families: Sequence[str]) -> list[str]:
+    return ["|".join(row) for row in frame.select(families).iter_rows()]
+
+
+def channel_purity(
+    examples: pl.DataFrame,
+    labels: pl.DataFrame,
+    families: Sequence[str],
+    width: int,
+    min_examples: int,
+    generation_pool: pl.DataFrame | None = None,
+    chance_draws: int = 200,
+    seed: int = 0,
+) -> pl.DataFrame:
+    """Purity and dominant values per channel ``0..width-1`` (see the module docstring).
+
+    Args:
+        examples: :func:`top_examples` rows (``channel``, ``generation_id``, ``prompt``, ...).
+        labels: :func:`prompt_labels` (``prompt`` + family columns).
+        families: the families scored.
+        generation_pool: the capture's generations (a ``prompt`` column) for the chance purity;
+            ``None``: the distinct example generations.
+
+    Returns:
+        ``channel, n_examples, n_labelled, examples_timestep, purity, purity_joint, chance_purity``
+        and per family ``dominant_<f>, purity_<f>, chance_purity_<f>``.
+    """
+    families = list(families)
+    labelled = examples.join(labels, on="prompt", how="left")
+    complete = labelled.drop_nulls(families)
+    if generation_pool is None:
+        generation_pool = examples.unique("generation_id", keep="first").select("prompt")
+    pool = generation_pool.join(labels, on="prompt", how="inner").drop_nulls(families)
+    pool_values = {family: pool[family].to_list() for family in families}
+    pool_joint = _joint_values(pool, families)
+    rng = np.random.default_rng(seed)
+    chance_cache: dict[tuple[str, int], float] = {}
+
+    def chance(key: str, values: list[str], size: int) -> float:
+        if (key, size) not in chance_cache:
+            chance_cache[(key, size)] = chance_purity(values, size, chance_draws, rng)
+        return chance_cache[(key, size)]
+
+    per_channel_examples = dict(examples.group_by("channel").agg(pl.len()).iter_rows())
+    timesteps = dict(examples.group_by("channel").agg(pl.col("timestep").mode().min()).iter_rows())
+    groups = {int(key[0]): frame for key, frame in complete.group_by("channel")}
+    rows = []
+    for channel in range(width):
+        frame = groups.get(channel)
+        n_labelled = 0 if frame is None else frame.height
+        row: dict[str, Any] = {"channel": channel, "n_examples": int(per_channel_examples.get(channel, 0)),
+                               "n_labelled": n_labelled, "examples_timestep": timesteps.get(channel)}
+        scored = frame is not None and n_labelled >= min_examples
+        purities, chances = [], []
+        for family in families:
+            value, share = dominant_value(frame[family].to_list()) if scored else (None, None)
+            row[f"dominant_{family}"] = value
+            row[f"purity_{family}"] = share
+            row[f"chance_purity_{family}"] = chance(family, pool_values[family], n_labelled) if scored else None
+            if scored:
+                purities.append(share)
+                chances.append(row[f"chance_purity_{family}"])
+        row["purity"] = float(np.mean(purities)) if scored else None
+        row["chance_purity"] = float(np.mean(chances)) if scored else None
+        row["purity_excess"] = (row["purity"] - row["chance_purity"]
+                                if scored and not math.isnan(row["chance_purity"]) else None)
+        row["purity_joint"] = dominant_value(_joint_values(frame, families))[1] if scored else None
+        row["chance_purity_joint"] = chance("|joint|", pool_joint, n_labelled) if scored else None
+        rows.append(row)
+    schema: dict[str, Any] = {"channel": pl.Int32, "n_examples": pl.Int32, "n_labelled": pl.Int32,
+                              "examples_timestep": pl.Int64}
+    for family in families:
+        schema.update({f"dominant_{family}": pl.String, f"purity_{family}": pl.Float64,
+                       f"chance_purity_{family}": pl.Float64})
+    schema.update({"purity": pl.Float64, "chance_purity": pl.Float64, "purity_excess": pl.Float64,
+                   "purity_joint": pl.Float64,
+                   "chance_purity_joint": pl.Float64})
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+# --------------------------------------------------------------------------------------------------
+# Priors and dreams: images and their classification
+# --------------------------------------------------------------------------------------------------
+
+
+def prior_images(priors_dir: str | Path, channels: Sequence[int]) -> list[tuple[int, str]]:
+    """``(channel, image path relative to the data root)`` of every finished prior image."""
+    from ddr_core.priors import read_prior
+
+    images = []
+    for channel in channels:
+        record = read_prior(priors_dir, channel) if Path(priors_dir).is_dir() else None
+        if record and record.get("status") == "done":
+            images += [(int(channel), str(path)) for path in record.get("images") or []]
+    return images
+
+
+def dream_images(dreams_dir: str | Path, channels: Sequence[int]) -> list[tuple[int, str]]:
+    """``(channel, image path relative to the data root)`` of every final dream image (all timesteps)."""
+    from ddr_core.dreams import DREAM_FILE, channel_dir
+
+    images = []
+    for channel in channels:
+        path = channel_dir(dreams_dir, channel) / DREAM_FILE
+        if not path.is_file():
+            continue
+        record = json.loads(path.read_text(encoding="utf-8"))
+        for timestep in sorted(record.get("results") or {}, key=int, reverse=True):
+            images += [(int(channel), str(p)) for p in record["results"][timestep].get("images") or []]
+    return images
+
+
+def load_images(data_root: str | Path, paths: Sequence[str]) -> list[np.ndarray]:
+    """RGB ``(H, W, 3)`` uint8 arrays of PNGs below the data root (a path that escapes it is refused)."""
+    from PIL import Image
+
+    from ddr_core.paths import resolve_inside
+
+    arrays = []
+    for relative in paths:
+        path = resolve_inside(Path(data_root), relative)
+        with Image.open(path) as image:
+            arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+    return arrays
+
+
+def classify_images(classifier: Any, images: Sequence[np.ndarray], families: Sequence[str],
+                    batch_size: int = 256) -> dict[str, list[str]]:
+    """Predicted label name per family for each image (images of mixed sizes are grouped by size).
+
+    Raises:
+        ValueError: the classifier has no head for a family.
+    """
+    from ddr_core.concept_classifier import predict_concepts
+
+    heads = classifier.config.heads
+    missing = [family for family in families if family not in heads]
+    if missing:
+        raise ValueError(f"the concept classifier has no head for {missing} (heads: {sorted(heads)}); "
+                         f"score only the families it reads, or train a classifier with those heads")
+    predictions: dict[str, list[str | None]] = {family: [None] * len(images) for family in families}
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start:start + batch_size]
+            predicted = predict_concepts(classifier, np.stack([images[i] for i in chunk]))
+            for family in families:
+                for i, label in zip(chunk, predicted[family], strict=True):
+                    predictions[family][i] = heads[family][int(label)]
+    return predictions  # type: ignore[return-value]
+
+
+def image_predictions(
+    images: Sequence[tuple[int, str]], predictions: dict[str, list[str]], families: Sequence[str]
+) -> pl.DataFrame:
+    """``channel, image`` + one predicted-label column per family."""
+    schema = {"channel": pl.Int32, "image": pl.String, **{f: pl.String for f in families}}
+    return pl.DataFrame({"channel": [c for c, _ in images], "image": [p for _, p in images],
+                         **{f: predictions[f] for f in families}}, schema=schema)
+
+
+def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: Sequence[str],
+                      source: str) -> pl.DataFrame:
+    """Per channel of ``purity``: ``n_<source>_images`` and per family ``<source>_agreement_<f>`` (share
+    of its images predicted as its dominant value; null without images or dominant value) and
+    ``<source>_vote_<f>`` (most common prediction), plus ``<source>_agreement`` (mean over families)."""
+    groups = {int(key[0]): frame for key, frame in predicted.group_by("channel")}
+    rows = []
+    for row in purity.select("channel", *[f"dominant_{f}" for f in families]).iter_rows(named=True):
+        frame = groups.get(int(row["channel"]))
+        out: dict[str, Any] = {"channel": row["channel"], f"n_{source}_images": 0 if frame is None else frame.height}
+        shares = []
+        for family in families:
+            values = [] if frame is None else frame[family].to_list()
+            out[f"{source}_vote_{family}"] = dominant_value(values)[0]
+            dominant = row[f"dominant_{family}"]
+            share = (sum(v == dominant for v in values) / len(values)) if values and dominant is not None else None
+            out[f"{source}_agreement_{family}"] = share
+            if share is not None:
+                shares.append(share)
+        out[f"{source}_agreement"] = float(np.mean(shares)) if len(shares) == len(families) else None
+        rows.append(out)
+    schema: dict[str, Any] = {"channel": pl.Int32, f"n_{source}_images": pl.Int32}
+    for family in families:
+        schema[f"{source}_vote_{family}"] = pl.String
+        schema[f"{source}_agreement_{family}"] = pl.Float64
+    schema[f"{source}_agreement"] = pl.Float64
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+# --------------------------------------------------------------------------------------------------
+
+
+def distribution(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """``n, mean, std, min, q10, q25, median, q75, q90, max`` of the non-null values (None when empty)."""
+    array = np.asarray([v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))],
+                       dtype=np.float64)
+    if array.size == 0:
+        return {"n": 0, "mean": None, "std": None, "min": None, **{k: None for k in QUANTILES}, "max": None}
+    return {"n": int(array.size), "mean": float(array.mean()), "std": float(array.std()), "min": float(array.min()),
+            **{k: float(np.quantile(array, q)) for k, q in QUANTILES.items()}, "max": float(array.max())}
+
+
+def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+    """The summary of a :func:`compute_feature_concepts` table (see the module docstring)."""
+    scored = table.filter(pl.col("purity").is_not_null())
+    purity = {
+        "overall": distribution(scored["purity"].to_list()),
+        "joint": distribution(scored["purity_joint"].to_list()),
+        "chance": distribution(scored["chance_purity"].to_list()),
+        "excess": distribution(scored["purity_excess"].to_list()),
+        "chance_joint": distribution(scored["chance_purity_joint"].to_list()),
+        "families": {f: distribution(scored[f"purity_{f}"].to_list()) for f in families},
+        "chance_families": {f: distribution(scored[f"chance_purity_{f}"].to_list()) for f in families},
+    }
+    dominant_counts = {f: dict(sorted(Counter(scored[f"dominant_{f}"].to_list()).items())) for f in families}
+    agreement: dict[str, Any] = {}
+    for source in sources:
+        if f"n_{source}_images" not in table.columns:
+            continue
+        with_images = table.filter((pl.col(f"n_{source}_images") > 0) & pl.col("purity").is_not_null())
+        per_family = {}
+        for family in families:
+            rates = with_images[f"{source}_agreement_{family}"].drop_nulls()
+            dominant = Counter(with_images[f"dominant_{family}"].to_list())
+            votes = Counter(v for v in with_images[f"{source}_vote_{family}"].to_list() if v is not None)
+            expected = None
+            if with_images.height and sum(votes.values()):
+                # chance: predictions and dominant values paired at random
+                total_dominant = sum(dominant.values())
+                total_votes = sum(votes.values())
+                expected = sum(dominant[v] / total_dominant * votes[v] / total_votes for v in dominant)
+            per_family[family] = {"rate": float(rates.mean()) if rates.len() else None,
+                                  "n_channels": int(rates.len()), "chance": expected}
+        overall = with_images[f"{source}_agreement"].drop_nulls()
+        agreement[source] = {"families": per_family, "rate": float(overall.mean()) if overall.len() else None,
+                             "n_channels": int(overall.len()),
+                             "images": int(with_images[f"n_{source}_images"].sum() or 0)}
+    counts = {"channels": table.height, "with_examples": int((table["n_examples"] > 0).sum()),
+              "with_purity": scored.height,
+              "without_enough_examples": int(((table["n_examples"] > 0) & table["purity"].is_null()).sum())}
+    for source in agreement:
+        counts[f"with_{source}_images"] = int((table[f"n_{source}_images"] > 0).sum())
+    return {"counts": counts, "purity": purity, "agreement": agreement, "dominant_counts": dominant_counts,
+            "figures": figures_of(purity, agreement, families)}
+
+
+def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequence[str]) -> dict[str, float]:
+    """The flat, higher-is-better numbers of a summary (what the baseline check compares)."""
+    figures: dict[str, float | None] = {
+        "purity_mean": purity["overall"]["mean"], "purity_median": purity["overall"]["median"],
+        "purity_joint_mean": purity["joint"]["mean"], "purity_excess_mean": purity["excess"]["mean"],
+        **{f"purity_{f}_mean": purity["families"][f]["mean"] for f in families},
+    }
+    for source, section in agreement.items():
+        figures[f"{source}_agreement"] = section["rate"]
+        for family, values in section["families"].items():
+            figures[f"{source}_agreement_{family}"] = values["rate"]
+    return {name: round(float(value), 6) for name, value in figures.items() if value is not None}
+
+
+def table_columns(families: Sequence[str], sources: Sequence[str] = SOURCES) -> list[str]:
+    """Columns of ``feature_concepts.parquet`` in order."""
+    columns = ["channel", "basis", "n_examples", "n_labelled", "examples_timestep", "purity", "chance_purity",
+               "purity_excess", "purity_joint", "chance_purity_joint"]
+    for family in families:
+        columns += [f"dominant_{family}", f"purity_{family}", f"chance_purity_{family}"]
+    for source in sources:
+        columns += [f"n_{source}_images", f"{source}_agreement"]
+        for family in families:
+            columns += [f"{source}_agreement_{family}", f"{source}_vote_{family}"]
+    return columns
+
+
+@dataclass
+class FeatureConceptsResult:
+    table: pl.DataFrame
+    summary: dict[str, Any]
+    out_dir: Path
+
+
+def compute_feature_concepts(
+    stats_dir: str | Path,
+    labels: pl.DataFrame,
+    families: Sequence[str],
+    out_dir: str | Path,
+    *,
+    variant: str,
+    basis: str,
+    config: FeatureConceptsConfig | None = None,
+    data_root: str | Path | None = None,
+    priors_dir: str | Path | None = None,
+    dreams_dir: str | Path | None = None,
+    classifier: Any | None = None,
+    generation_pool: pl.DataFrame | None = None,
+    log: LogFn | None = None,
+) -> FeatureConceptsResult:
+    """Score every channel of one variant and write ``feature_concepts.parquet`` + ``summary.json``.
+
+    Args:
+        stats_dir: the variant's finished timestep statistics (its ``summary.json`` gives the width).
+        labels: :func:`prompt_labels` of the prompt dataset.
+        families: concept families scored (columns of ``labels``).
+        out_dir: output folder (replaced as a whole).
+        variant, basis: recorded in the table and summary (``raw`` / ``sae``).
+        data_root: what the image paths of priors and dreams are relative to (needed with them).
+        priors_dir, dreams_dir: the variant's priors / dreams folders (missing or ``None``: skipped).
+        classifier: a :class:`~ddr_core.concept_classifier.ConceptClassifier`; ``None``: no agreement.
+        generation_pool: the capture's generations (``prompt`` column) for the chance purity.
+    """
+    from ddr_core.statistics import read_summary
+
+    config = config or FeatureConceptsConfig()
+    say = log or (lambda _message: None)
+    families = list(families)
+    missing = [f for f in families if f not in labels.columns]
+    if missing:
+        raise ValueError(f"the prompt labels have no column for {missing}; columns: {labels.columns}")
+    stats_summary = read_summary(stats_dir)
+    width = int(stats_summary["width"])
+    examples = top_examples(stats_dir, config)
+    table = channel_purity(examples, labels, families, width, config.min_examples, generation_pool,
+                           config.chance_draws, config.seed)
+    unlabelled = examples.join(labels.drop_nulls(families), on="prompt", how="anti")
+    say(f"feature concepts {variant}: {table['purity'].is_not_null().sum()} of {width} channels scored "
+        f"from {examples.height} examples ({unlabelled.height} without labels)")
+    sources: list[str] = []
+    predictions_kept: dict[str, pl.DataFrame] = {}
+    if classifier is not None:
+        channels = list(range(width))
+        wanted = {"prior": (config.priors, priors_dir, prior_images),
+                  "dream": (config.dreams, dreams_dir, dream_images)}
+        for source, (enabled, folder, finder) in wanted.items():
+            if not enabled or folder is None:
+                continue
+            if data_root is None:
+                raise ValueError("data_root is needed to read prior and dream images")
+            images = finder(folder, channels) if Path(folder).is_dir() else []
+            predicted = classify_images(classifier, load_images(data_root, [p for _, p in images]), families,
+                                        config.classifier_batch_size) if images else {f: [] for f in families}
+            frame = image_predictions(images, predicted, families)
+            predictions_kept[source] = frame
+            table = table.join(channel_agreement(table, frame, families, source), on="channel", how="left")
+            sources.append(source)
+            say(f"feature concepts {variant}: {len(images)} {source} image(s) classified")
+    table = table.with_columns(pl.lit(basis).alias("basis"))
+    table = table.select(table_columns(families, sources))
+    summary = {
+        "format": FORMAT, "variant": variant, "basis": basis, "families": families, "width": width,
+        "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
+        "stats_config_hash": stats_summary.get("config_hash"), "sources": sources,
+        "classifier": classifier is not None, "unlabelled_examples": unlabelled.height,
+        **summarise(table, families, sources),
+    }
+    out = Path(out_dir)
+    with atomic_dir(out) as staging:
+        table.write_parquet(staging / TABLE_FILE)
+        for source, frame in predictions_kept.items():
+            frame.write_parquet(staging / f"{source}_predictions.parquet")
+        atomic_write_json(staging / SUMMARY_FILE, summary)
+    return FeatureConceptsResult(table=table, summary=summary, out_dir=out)
+
+
+def read_feature_concepts(out_dir: str | Path) -> tuple[pl.DataFrame, dict[str, Any]] | None:
+    """``(table, summary)`` of a finished output folder, or ``None`` when there is none."""
+    out = Path(out_dir)
+    if not (out / SUMMARY_FILE).is_file() or not (out / TABLE_FILE).is_file():
+        return None
+    return pl.read_parquet(out / TABLE_FILE), json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw vs SAE, and the regression check
+# --------------------------------------------------------------------------------------------------
+
+
+def compare_bases(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per variant (e.g. a capture group's raw and SAE variants): basis, scored channels and the
+    purity distribution next to its chance level, and the agreement rates."""
+    rows = []
+    for variant, summary in summaries.items():
+        overall, chance = summary["purity"]["overall"], summary["purity"]["chance"]
+        row: dict[str, Any] = {"variant": variant, "basis": summary["basis"], "scored": overall["n"],
+                               "purity_mean": overall["mean"], "purity_median": overall["median"],
+                               "purity_q25": overall["q25"], "purity_q75": overall["q75"],
+                               "chance_mean": chance["mean"],
+                               "excess_mean": (summary["purity"].get("excess") or {}).get("mean"),
+                               "purity_joint_mean": summary["purity"]["joint"]["mean"]}
+        for source in SOURCES:
+            row[f"{source}_agreement"] = (summary.get("agreement", {}).get(source) or {}).get("rate")
+        rows.append(row)
+    return rows
+
+
+def load_baseline(path: str | Path | None = None) -> dict[str, Any]:
+    """The committed baseline (``{"tolerance": t, "tolerances": {...}, "variants": {v: {figure: value}}}``).
+
+    Raises:
+        FileNotFoundError / ValueError: naming the file and what is wrong.
+    """
+    path = Path(path) if path is not None else DEFAULT_BASELINE_PATH
+    if not path.is_file():
+        raise FileNotFoundError(f"feature-concepts baseline {path} does not exist; write one with "
+                                f"`python -m ddr_core.feature_concepts baseline --summary <summary.json> --out {path}`")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict) or not isinstance(data.get("variants", {}), dict):
+        raise ValueError(f"{path}: expected an object with a 'variants' mapping")
+    return data
+
+
+def check_against_baseline(figures: dict[str, float], baseline: dict[str, Any], variant: str,
+                           tolerance: float | None = None) -> dict[str, Any]:
+    """Compare a variant's figures with its baseline entry: a figure regressed when it is more than the
+    tolerance below the baseline (all figures are higher-is-better), or missing now.
+
+    Tolerance: ``tolerance`` if given, else the baseline's ``tolerances[figure]``, else its
+    ``tolerance`` (default 0.05).
+
+    Returns:
+        ``{"passed", "description", "regressions": [{"figure", "baseline", "value", "tolerance"}],
+        "compared": {figure: {"baseline", "value", "delta"}}, "has_baseline"}``. No entry for the variant
+        passes (nothing to regress against) and says so.
+    """
+    entry = (baseline.get("variants") or {}).get(variant)
+    if not entry:
+        return {"passed": True, "has_baseline": False, "regressions": [], "compared": {},
+                "description": f"no baseline for {variant!r} yet: record one with `python -m "
+                               f"ddr_core.feature_concepts baseline` once the numbers are trusted"}
+    regressions, compared = [], {}
+    for figure, expected in sorted(entry.items()):
+        allowed = (tolerance if tolerance is not None
+                   else (baseline.get("tolerances") or {}).get(figure, baseline.get("tolerance", 0.05)))
+        value = figures.get(figure)
+        compared[figure] = {"baseline": expected, "value": value,
+                            "delta": None if value is None else round(value - expected, 6)}
+        if value is None or value < expected - allowed:
+            regressions.append({"figure": figure, "baseline": expected, "value": value, "tolerance": allowed})
+    if regressions:
+        description = "regressed: " + "; ".join(
+            f"{r['figure']} " + ("missing" if r["value"] is None else f"{r['value']:.4f}")
+            + f" < baseline {r['baseline']:.4f} - {r['tolerance']}" for r in regressions)
+    else:
+        description = f"{len(compared)} figure(s) within tolerance of the baseline"
+    return {"passed": not regressions, "has_baseline": True, "regressions": regressions, "compared": compared,
+            "description": description}
+
+
+def baseline_entry(summary: dict[str, Any], figures: Sequence[str] | None = None) -> dict[str, float]:
+    """The figures of a summary to commit as its variant's baseline (all, or the named ones)."""
+    chosen = summary["figures"] if figures is None else {k: summary["figures"][k] for k in figures}
+    return {k: round(float(v), 4) for k, v in sorted(chosen.items())}
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A small markdown table (floats to 3 decimals, None as a dash)."""
+    if not rows:
+        return "_(none)_"
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.3f}"
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: one variant of the project configuration
+# --------------------------------------------------------------------------------------------------
+
+
+def feature_concepts_dir(layout: Any, variant: str) -> Path:
+    return layout.stage_dir("feature_concepts", variant)
+
+
+def feature_concepts_for_variant(project: Any, layout: Any, variant: str,
+                                 config: FeatureConceptsConfig | None = None,
+                                 log: LogFn | None = None) -> FeatureConceptsResult:
+    """Score one variant of the project config from its timestep statistics, priors and dreams.
+
+    Reads the prompt dataset's labels (``prompt_datasets.<p>.labels``), the capture's generations (for
+    the chance purity), and, when the model declares a ``concept_classifier``, classifies the images
+    of ``priors/<variant>`` and ``dreams/<variant>``. Writes ``feature_concepts/<variant>/``.
+
+    Raises:
+        ValueError: the variant's prompt dataset has no labels (names the config field to add).
+        FileNotFoundError: the timestep statistics or the classifier are missing (names what to run).
+    """
+    from ddr_core.activation_store import ActivationStore
+    from ddr_core.statistics import read_summary
+
+    if variant not in project.variants:
+        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
+    spec = project.variants[variant]
+    dataset = project.prompt_datasets[spec.prompts]
+    if dataset.labels is None:
+        raise ValueError(f"variant {variant!r}: prompt dataset {spec.prompts!r} declares no concept labels; add "
+                         f"`labels: {{families: [...]}}` under prompt_datasets.{spec.prompts} in the project config")
+    stats_dir = layout.timestep_stats_dir(variant)
+    try:
+        read_summary(stats_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"the timestep statistics of variant {variant!r} are missing ({error}): "
+                                f"materialize timestep_stats[{variant}] first") from None
+    labels = prompt_labels(layout.prompts_dir(spec.prompts) / dataset.file, dataset.labels, dataset.text_field)
+    store = ActivationStore(layout.activations_dir(project.capture_of(variant)))
+    pool = store.read_generations().select("prompt") if store.root.is_dir() else None
+    classifier = None
+    model = project.models[spec.model]
+    if model.concept_classifier:
+        from ddr_core.concept_classifier import load_concept_classifier
+
+        classifier = load_concept_classifier(layout.model_dir(spec.model) / model.concept_classifier)
+    elif log:
+        log(f"model {spec.model!r} declares no concept_classifier: prior / dream agreement is skipped")
+    return compute_feature_concepts(
+        stats_dir, labels, dataset.labels.families, feature_concepts_dir(layout, variant), variant=variant,
+        basis=spec.basis, config=config, data_root=layout.data_root,
+        priors_dir=layout.stage_dir("priors", variant), dreams_dir=layout.stage_dir("dreams", variant),
+        classifier=classifier, generation_pool=pool if pool is not None and pool.height else None, log=log)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Ground-truth concept scores of features (toy world).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prompts = commands.add_parser("write-prompts", help="write a labelled prompt JSONL of a parser's world")
+    prompts.add_argument("--parser", default="toy-world", choices=sorted(LABEL_PARSER_FACTORIES))
+    prompts.add_argument("--out", required=True)
+    score = commands.add_parser("score", help="score a variant of the project config")
+    score.add_argument("--variant", required=True)
+    score.add_argument("--data-root", default=None)
+    score.add_argument("--experiment", default=None)
+    baseline = commands.add_parser("baseline", help="record a summary's figures as its variant's baseline")
+    baseline.add_argument("--summary", required=True, nargs="+", help="feature_concepts/<variant>/summary.json")
+    baseline.add_argument("--out", default=str(DEFAULT_BASELINE_PATH))
+    baseline.add_argument("--tolerance", type=float, default=None)
+    args = parser.parse_args(argv)
+    if args.command == "write-prompts":
+        world = label_parser(args.parser)
+        path = write_labelled_prompts(args.out, world.prompts(), args.parser)
+        print(f"{len(world.prompts())} labelled prompts written to {path}")
+    elif args.command == "score":
+        from ddr_core.config import data_root, load_project_config
+        from ddr_core.paths import DataLayout
+
+        project = load_project_config()
+        layout = DataLayout(args.data_root or data_root(), args.experiment or project.experiment)
+        result = feature_concepts_for_variant(project, layout, args.variant, log=print)
+        print(json.dumps({k: result.summary[k] for k in ("counts", "figures")}, indent=2))
+    else:
+        out = Path(args.out)
+        current = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {
+            "description": "Committed feature_concepts figures; the asset check fails when one drops by more "
+                           "than the tolerance.", "tolerance": 0.05, "variants": {}}
+        if args.tolerance is not None:
+            current["tolerance"] = args.tolerance
+        for path in args.summary:
+            summary = json.loads(Path(path).read_text(encoding="utf-8"))
+            current.setdefault("variants", {})[summary["variant"]] = baseline_entry(summary)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".part")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+        print(f"baseline for {sorted(current['variants'])} written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

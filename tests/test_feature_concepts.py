@@ -1,0 +1,431 @@
+"""Ground-truth concept scores on hand-made statistics, priors and dreams with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from ddr_core.config import (
+    DEFAULT_CONFIG_PATH,
+    LABEL_PARSERS,
+    PROJECT_ROOT,
+    ConceptLabelsConfig,
+    load_project_config,
+)
+from ddr_core.feature_concepts import (
+    LABEL_PARSER_FACTORIES,
+    FeatureConceptsConfig,
+    chance_purity,
+    check_against_baseline,
+    compare_bases,
+    compute_feature_concepts,
+    dominant_value,
+    feature_concepts_for_variant,
+    label_parser,
+    load_baseline,
+    main,
+    markdown_table,
+    prompt_labels,
+    read_feature_concepts,
+    top_examples,
+    write_labelled_prompts,
+)
+from ddr_core.paths import DataLayout
+from ddr_core.toy_world import COLOUR_RGB, world_prompts
+
+FAMILIES = ["colour", "shape"]
+SHAPE_GRAY = {"circle": 0, "square": 128, "triangle": 255}
+PROMPTS = {  # generation id -> prompt
+    0: "a red circle on a black background", 1: "a red circle on a white background",
+    2: "a red circle on a gray background", 3: "a red square on a black background",
+    4: "a blue square on a black background", 5: "a blue square on a white background",
+    6: "a green triangle on a black background", 7: "a purple cloud",  # 7: not a world prompt, no labels
+}
+
+
+# --- hand-made inputs --------------------------------------------------------------------------------
+
+
+def _example_rows() -> list[tuple[int, int, int, float]]:
+    """(channel, timestep, generation_id, activation); ranks follow the activation order per (channel, t)."""
+    return [
+        # channel 0: top peak at 501 -> three red circles; at 901 a blue square and a red circle
+        (0, 501, 0, 9.0), (0, 501, 1, 8.0), (0, 501, 2, 7.0),
+        (0, 901, 4, 5.0), (0, 901, 0, 4.0),
+        # channel 1: top peak at 901 -> red circle, red square, blue square, blue square, + an unlabelled one
+        (1, 901, 1, 6.0), (1, 901, 3, 5.0), (1, 901, 4, 4.0), (1, 901, 5, 3.0), (1, 901, 7, 2.0),
+        # channel 2: only two examples at its peak
+        (2, 101, 6, 1.0), (2, 101, 3, 0.5),
+        # channel 3: inactive, no examples and no peak
+    ]
+
+
+def write_stats(stats_dir: Path, width: int = 4) -> Path:
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    rows = sorted(_example_rows(), key=lambda r: (r[0], -r[1], -r[3]))
+    ranks, last = [], None
+    for channel, timestep, _, _ in rows:
+        ranks.append(0 if (channel, timestep) != last else ranks[-1] + 1)
+        last = (channel, timestep)
+    pl.DataFrame({
+        "channel": pl.Series([r[0] for r in rows], dtype=pl.Int32),
+        "timestep": pl.Series([r[1] for r in rows], dtype=pl.Int32),
+        "rank": pl.Series(ranks, dtype=pl.Int32),
+        "generation_id": pl.Series([r[2] for r in rows], dtype=pl.Int64),
+        "activation": pl.Series([r[3] for r in rows], dtype=pl.Float32),
+        "prompt": [PROMPTS[r[2]] for r in rows],
+        "image_path": [f"outputs/default/activations/toy/images/gen_{r[2]:07d}.png" for r in rows],
+    }).write_parquet(stats_dir / "dataset_examples.parquet")
+    peaks = [(0, 0, 505, 501), (0, 1, 905, 901), (1, 0, 899, 901), (2, 0, 100, 101)]
+    pl.DataFrame({
+        "channel": pl.Series([p[0] for p in peaks], dtype=pl.Int32),
+        "peak_rank": pl.Series([p[1] for p in peaks], dtype=pl.Int32),
+        "timestep": pl.Series([p[2] for p in peaks], dtype=pl.Int32),
+        "height": [0.5] * len(peaks), "plateau_start": pl.Series([p[2] for p in peaks], dtype=pl.Int32),
+        "plateau_end": pl.Series([p[2] for p in peaks], dtype=pl.Int32),
+        "observed_timestep": pl.Series([p[3] for p in peaks], dtype=pl.Int64),
+    }).write_parquet(stats_dir / "activity_peaks.parquet")
+    (stats_dir / "summary.json").write_text(json.dumps({"width": width, "config_hash": "stats0"}))
+    return stats_dir
+
+
+def write_prompts(path: Path) -> Path:
+    """A labelled JSONL of generation prompts 0-6 (7 is left out: no labels)."""
+    labels = label_parser("toy-world").parse
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"text": p, **labels(p)}) for g, p in PROMPTS.items() if g != 7]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _png(data_root: Path, relative: str, colour: str, shape: str, size: int = 16) -> str:
+    array = np.zeros((size, size, 3), dtype=np.uint8)
+    array[...] = COLOUR_RGB[colour]
+    array[:4, :4] = SHAPE_GRAY[shape]  # the shape is written into the top-left block
+    (data_root / relative).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(data_root / relative)
+    return relative
+
+
+def write_priors_and_dreams(data_root: Path, priors_dir: Path, dreams_dir: Path) -> None:
+    def prior(channel: int, status: str, images: list[tuple[str, str]]) -> None:
+        folder = priors_dir / f"channel_{channel:05d}"
+        paths = [_png(data_root, f"{folder.relative_to(data_root)}/seed_{i}.png", c, s) for i, (c, s) in enumerate(images)]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "prior.json").write_text(json.dumps({"channel": channel, "status": status, "images": paths}))
+
+    prior(0, "done", [("red", "circle"), ("red", "circle"), ("blue", "circle")])
+    prior(1, "skipped", [])
+    prior(2, "done", [("green", "square")])
+    folder = dreams_dir / "channel_00000"
+    results = {}
+    for timestep in (501, 0):
+        results[str(timestep)] = {"images": [
+            _png(data_root, f"{folder.relative_to(data_root)}/t_{timestep:04d}/seed_{s}.png", "red", "square")
+            for s in (1, 2)]}
+    (folder / "dream.json").write_text(json.dumps({"channel": 0, "results": results}))
+
+
+class RuleClassifier(nn.Module):
+    """A concept classifier with a fixed rule: colour = nominal colour nearest the image's bottom-right
+    quarter, shape = the grey level of the top-left 4x4 block (0 circle, 128 square, 255 triangle)."""
+
+    def __init__(self, image_size: int = 16):
+        super().__init__()
+        from ddr_core.concept_classifier import ConceptClassifierConfig
+
+        self.config = ConceptClassifierConfig(image_size=image_size)
+        self.register_buffer("colours", torch.tensor([COLOUR_RGB[c] for c in self.config.heads["colour"]],
+                                                     dtype=torch.float32) / 127.5 - 1)
+        self.register_buffer("greys", torch.tensor([SHAPE_GRAY[s] for s in self.config.heads["shape"]],
+                                                   dtype=torch.float32) / 127.5 - 1)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        half = images.shape[-1] // 2
+        colour = images[:, :, half:, half:].mean(dim=(2, 3))  # (batch, 3)
+        grey = images[:, :, :4, :4].mean(dim=(1, 2, 3))  # (batch,)
+        return {"colour": -torch.cdist(colour, self.colours), "shape": -(grey[:, None] - self.greys).abs(),
+                "background": torch.zeros(images.shape[0], 3)}
+
+
+@pytest.fixture()
+def scene(tmp_path: Path):
+    data_root = tmp_path / "data"
+    stats_dir = write_stats(data_root / "stats")
+    labels = prompt_labels(write_prompts(tmp_path / "prompts.jsonl"), ConceptLabelsConfig(families=FAMILIES))
+    write_priors_and_dreams(data_root, data_root / "priors", data_root / "dreams")
+    return data_root, stats_dir, labels
+
+
+# --- tests ---------------------------------------------------------------------------------------------
+
+
+def test_labels_from_jsonl_fields_and_from_the_parser(tmp_path: Path) -> None:
+    path = write_prompts(tmp_path / "p.jsonl")
+    fields = prompt_labels(path, ConceptLabelsConfig(families=FAMILIES))
+    assert fields.columns == ["prompt", "colour", "shape"] and fields.height == 7
+    assert fields.filter(pl.col("prompt") == PROMPTS[4]).row(0) == (PROMPTS[4], "blue", "square")
+    parsed = prompt_labels(path, ConceptLabelsConfig(families=["shape", "background"], parser="toy-world"),
+                           prompts=list(PROMPTS.values()))
+    assert parsed.height == 8
+    assert parsed.filter(pl.col("prompt") == PROMPTS[6]).row(0) == (PROMPTS[6], "triangle", "black")
+    assert parsed.filter(pl.col("prompt") == PROMPTS[7]).row(0) == (PROMPTS[7], None, None)  # rejected: no labels
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "x", "colour": 3}) + "\n")
+    with pytest.raises(ValueError, match="label field 'colour' is int"):
+        prompt_labels(bad, ConceptLabelsConfig(families=["colour"]))
+    bad.write_text(json.dumps({"text": "x", "colour": "red"}) + "\n" + json.dumps({"text": "x ", "colour": "blue"}))
+    with pytest.raises(ValueError, match="two label sets"):
+        prompt_labels(bad, ConceptLabelsConfig(families=["colour"]))
+    with pytest.raises(ValueError, match="gives the families"):
+        ConceptLabelsConfig(families=["size"], parser="toy-world")
+
+
+def test_label_parsers_match_the_config_schema() -> None:
+    assert set(LABEL_PARSERS) == set(LABEL_PARSER_FACTORIES)
+    for name, families in LABEL_PARSERS.items():
+        assert label_parser(name).families == families
+
+
+def test_committed_toy_world_prompts_are_generated_from_the_world(tmp_path: Path) -> None:
+    committed = PROJECT_ROOT / "datasets" / "toy-world" / "prompts.jsonl"
+    fresh = write_labelled_prompts(tmp_path / "prompts.jsonl", world_prompts(), "toy-world")
+    assert committed.read_bytes() == fresh.read_bytes()
+    assert main(["write-prompts", "--out", str(tmp_path / "again.jsonl")]) == 0
+    assert (tmp_path / "again.jsonl").read_bytes() == fresh.read_bytes()
+    config = load_project_config()
+    dataset = config.prompt_datasets["toy-world-prompts"]
+    assert Path(dataset.source.local) == committed and dataset.labels.families == FAMILIES
+    labels = prompt_labels(committed, dataset.labels)
+    assert labels.height == 36 and labels.null_count().sum_horizontal().item() == 0
+
+
+def test_top_examples_at_the_top_peak_or_pooled(scene) -> None:
+    _, stats_dir, _ = scene
+    peak = top_examples(stats_dir, FeatureConceptsConfig())
+    assert peak.filter(pl.col("channel") == 0)["generation_id"].to_list() == [0, 1, 2]
+    assert set(peak.filter(pl.col("channel") == 0)["timestep"].to_list()) == {501}
+    assert peak.filter(pl.col("channel") == 1)["generation_id"].to_list() == [1, 3, 4, 5, 7]
+    assert 3 not in peak["channel"].to_list()
+    two = top_examples(stats_dir, FeatureConceptsConfig(n_examples=2))
+    assert two.filter(pl.col("channel") == 1)["generation_id"].to_list() == [1, 3]
+    pooled = top_examples(stats_dir, FeatureConceptsConfig(examples="all_timesteps"))
+    # generation 0 is an example at two timesteps: first; then by the largest activation
+    assert pooled.filter(pl.col("channel") == 0)["generation_id"].to_list() == [0, 1, 2, 4]
+    assert pooled.filter(pl.col("channel") == 0)["rank"].to_list() == [0, 1, 2, 3]
+
+
+def test_dominant_value_and_chance_purity() -> None:
+    assert dominant_value(["red", "blue", "blue", "red"]) == ("blue", 0.5)  # tie: alphabetical
+    assert dominant_value([]) == (None, None)
+    rng = np.random.default_rng(0)
+    assert chance_purity(["red"] * 5, 3, 10, rng) == 1.0
+    # two of [a, a, b, b] without replacement: same value with probability 1/3 -> 1/3 + 2/3 * 1/2
+    assert chance_purity(["a", "a", "b", "b"], 2, 4000, rng) == pytest.approx(2 / 3, abs=0.02)
+    assert np.isnan(chance_purity(["a"], 2, 10, rng))
+
+
+def test_purity_agreement_and_summary_have_the_known_values(scene) -> None:
+    data_root, stats_dir, labels = scene
+    pool = pl.DataFrame({"prompt": [PROMPTS[g] for g in range(8)]})
+    result = compute_feature_concepts(
+        stats_dir, labels, FAMILIES, data_root / "out", variant="toy-raw", basis="raw", data_root=data_root,
+        priors_dir=data_root / "priors", dreams_dir=data_root / "dreams", classifier=RuleClassifier(),
+        generation_pool=pool, config=FeatureConceptsConfig(chance_draws=50))
+    rows = {row["channel"]: row for row in result.table.iter_rows(named=True)}
+    assert result.table["channel"].to_list() == [0, 1, 2, 3] and set(result.table["basis"]) == {"raw"}
+    zero, one, two, three = rows[0], rows[1], rows[2], rows[3]
+    assert (zero["dominant_colour"], zero["purity_colour"], zero["dominant_shape"], zero["purity_shape"]) == \
+        ("red", 1.0, "circle", 1.0)
+    assert zero["purity"] == 1.0 and zero["purity_joint"] == 1.0 and zero["examples_timestep"] == 501
+    assert one["n_examples"] == 5 and one["n_labelled"] == 4  # the unlabelled prompt is left out
+    assert (one["dominant_colour"], one["purity_colour"]) == ("blue", 0.5)  # 2 red, 2 blue: alphabetical
+    assert (one["dominant_shape"], one["purity_shape"]) == ("square", 0.75)
+    assert one["purity"] == pytest.approx(0.625) and one["purity_joint"] == 0.5
+    assert two["n_labelled"] == 2 and two["purity"] is None and two["dominant_colour"] is None  # < min_examples
+    assert three["n_examples"] == 0 and three["purity"] is None
+    assert 0 < zero["chance_purity_colour"] < 1 and zero["chance_purity"] < zero["purity"]
+    assert zero["purity_excess"] == pytest.approx(zero["purity"] - zero["chance_purity"]) and two["purity_excess"] is None
+    # priors: red circle, red circle, blue circle; dreams: four red squares (two timesteps)
+    assert zero["n_prior_images"] == 3 and zero["prior_agreement_colour"] == pytest.approx(2 / 3)
+    assert zero["prior_agreement_shape"] == 1.0 and zero["prior_vote_colour"] == "red"
+    assert zero["n_dream_images"] == 4 and zero["dream_agreement_colour"] == 1.0
+    assert zero["dream_agreement_shape"] == 0.0 and zero["dream_vote_shape"] == "square"
+    assert zero["dream_agreement"] == 0.5
+    assert one["n_prior_images"] == 0 and one["prior_agreement_colour"] is None  # skipped prior
+    assert two["n_prior_images"] == 1 and two["prior_agreement_colour"] is None  # no dominant value
+    summary = result.summary
+    assert summary["counts"] == {"channels": 4, "with_examples": 3, "with_purity": 2, "without_enough_examples": 1,
+                                 "with_prior_images": 2, "with_dream_images": 1}
+    assert summary["purity"]["overall"]["mean"] == pytest.approx(0.8125)
+    assert summary["purity"]["overall"]["median"] == pytest.approx(0.8125)
+    assert summary["purity"]["families"]["shape"]["mean"] == pytest.approx(0.875)
+    prior = summary["agreement"]["prior"]
+    assert prior["families"]["colour"] == {"rate": pytest.approx(2 / 3), "n_channels": 1, "chance": 1.0}
+    assert prior["n_channels"] == 1 and prior["images"] == 3
+    assert summary["dominant_counts"]["colour"] == {"blue": 1, "red": 1}
+    figures = summary["figures"]
+    assert figures["purity_mean"] == 0.8125 and figures["dream_agreement_shape"] == 0.0
+    assert summary["unlabelled_examples"] == 1 and summary["sources"] == ["prior", "dream"]
+    table, saved = read_feature_concepts(data_root / "out")
+    assert saved == json.loads(json.dumps(summary)) and table.equals(result.table)
+    predictions = pl.read_parquet(data_root / "out" / "prior_predictions.parquet")
+    assert predictions.filter(pl.col("channel") == 0)["colour"].to_list() == ["red", "red", "blue"]
+
+
+def test_without_a_classifier_only_purity_is_scored(scene) -> None:
+    data_root, stats_dir, labels = scene
+    result = compute_feature_concepts(stats_dir, labels, FAMILIES, data_root / "out2", variant="toy-sae",
+                                      basis="sae", config=FeatureConceptsConfig(examples="all_timesteps"))
+    assert "prior_agreement" not in result.table.columns and result.summary["agreement"] == {}
+    # pooled examples of channel 0: three red circles and a blue square
+    row = result.table.row(0, named=True)
+    assert (row["dominant_colour"], row["purity_colour"]) == ("red", 0.75)
+    assert set(result.summary["figures"]) == {"purity_mean", "purity_median", "purity_joint_mean",
+                                              "purity_excess_mean", "purity_colour_mean", "purity_shape_mean"}
+    with pytest.raises(ValueError, match="no column for"):
+        compute_feature_concepts(stats_dir, labels, ["size"], data_root / "out3", variant="v", basis="raw")
+
+
+def test_baseline_check_names_the_regressed_figure(tmp_path: Path) -> None:
+    figures = {"purity_mean": 0.70, "prior_agreement_colour": 0.40}
+    baseline = {"tolerance": 0.05, "tolerances": {"prior_agreement_colour": 0.2},
+                "variants": {"toy-raw": {"purity_mean": 0.80, "prior_agreement_colour": 0.55,
+                                         "dream_agreement_colour": 0.5}}}
+    result = check_against_baseline(figures, baseline, "toy-raw")
+    assert not result["passed"]
+    assert [r["figure"] for r in result["regressions"]] == ["dream_agreement_colour", "purity_mean"]
+    assert "purity_mean 0.7000 < baseline 0.8000 - 0.05" in result["description"]
+    assert "dream_agreement_colour missing" in result["description"]
+    assert result["compared"]["prior_agreement_colour"]["delta"] == pytest.approx(-0.15)  # within its 0.2
+    loose = check_against_baseline({**figures, "dream_agreement_colour": 0.6}, baseline, "toy-raw", tolerance=0.2)
+    assert loose["passed"] and "3 figure(s) within tolerance" in loose["description"]
+    none = check_against_baseline(figures, baseline, "toy-sae")
+    assert none["passed"] and not none["has_baseline"]
+    committed = load_baseline()
+    assert isinstance(committed["variants"], dict) and committed["tolerance"] > 0
+    with pytest.raises(FileNotFoundError, match="write one with"):
+        load_baseline(tmp_path / "none.json")
+
+
+def test_baseline_cli_and_comparison_table(scene, tmp_path: Path) -> None:
+    data_root, stats_dir, labels = scene
+    raw = compute_feature_concepts(stats_dir, labels, FAMILIES, data_root / "raw", variant="toy-raw", basis="raw")
+    sae = compute_feature_concepts(stats_dir, labels, FAMILIES, data_root / "sae", variant="toy-sae", basis="sae",
+                                   config=FeatureConceptsConfig(examples="all_timesteps"))
+    out = tmp_path / "baseline.json"
+    assert main(["baseline", "--summary", str(data_root / "raw" / "summary.json"),
+                 str(data_root / "sae" / "summary.json"), "--out", str(out), "--tolerance", "0.1"]) == 0
+    written = json.loads(out.read_text())
+    assert written["tolerance"] == 0.1 and set(written["variants"]) == {"toy-raw", "toy-sae"}
+    assert written["variants"]["toy-raw"]["purity_mean"] == 0.8125
+    assert check_against_baseline(raw.summary["figures"], written, "toy-raw")["passed"]
+    rows = compare_bases({"toy-raw": raw.summary, "toy-sae": sae.summary})
+    assert [r["basis"] for r in rows] == ["raw", "sae"] and rows[0]["purity_mean"] == pytest.approx(0.8125)
+    table = markdown_table(rows)
+    assert table.splitlines()[0].startswith("| variant | basis | scored") and "0.812" in table
+
+
+def test_stage_reads_the_project_config(tmp_path: Path) -> None:
+    """feature_concepts_for_variant: labels from the provisioned prompts, the model's saved classifier."""
+    from ddr_core.concept_classifier import (
+        ConceptClassifier,
+        ConceptClassifierConfig,
+        predict_concepts,
+        save_concept_classifier,
+    )
+
+    data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config_path = tmp_path / "ddr.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    project = load_project_config(config_path)
+    layout = DataLayout(tmp_path / "data", "default")
+    write_stats(layout.timestep_stats_dir("toy-raw"))
+    write_prompts(layout.prompts_dir("toy-world-prompts") / "prompts.jsonl")
+    torch.manual_seed(0)
+    classifier = ConceptClassifier(ConceptClassifierConfig(image_size=16, channels=(8,), norm_groups=4))
+    save_concept_classifier(classifier, layout.model_dir("toy-world") / "concept_classifier")
+    write_priors_and_dreams(layout.data_root, layout.stage_dir("priors", "toy-raw"), layout.stage_dir("dreams", "toy-raw"))
+    result = feature_concepts_for_variant(project, layout, "toy-raw")
+    assert result.out_dir == layout.stage_dir("feature_concepts", "toy-raw")
+    assert result.summary["counts"]["with_purity"] == 2 and result.summary["classifier"]
+    image = np.asarray(Image.open(layout.stage_dir("priors", "toy-raw") / "channel_00000" / "seed_2.png"))
+    expected = classifier.config.heads["colour"][int(predict_concepts(classifier, image[None])["colour"][0])]
+    predictions = pl.read_parquet(result.out_dir / "prior_predictions.parquet")
+    assert predictions.filter(pl.col("channel") == 0)["colour"].to_list()[2] == expected
+    assert project.labelled_variants() == ["toy-raw", "toy-sae"]
+    with pytest.raises(ValueError, match="declares no concept labels"):
+        feature_concepts_for_variant(project, layout, "tiny-raw")
+    with pytest.raises(FileNotFoundError, match=r"materialize timestep_stats\[toy-sae\]"):
+        feature_concepts_for_variant(project, layout, "toy-sae")
+
+
+# --- the Dagster asset ----------------------------------------------------------------------------------
+
+
+def test_asset_partitions_mappings_and_materialization(tmp_path: Path) -> None:
+    import dagster as dg
+
+    from dagster_project.resources import ComputeResource, DdrStorage
+    from ddr_assets import ALL_ASSETS
+    from ddr_assets.feature_concepts import CHECK_NAME, feature_concepts
+    from ddr_core.concept_classifier import (
+        ConceptClassifier,
+        ConceptClassifierConfig,
+        save_concept_classifier,
+    )
+    from ddr_core.records import make_record, read_record, write_record
+
+    defs = dg.Definitions(assets=[*ALL_ASSETS, feature_concepts],
+                          resources={"storage": DdrStorage(), "compute": ComputeResource()})
+    dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    key = dg.AssetKey("feature_concepts")
+    assert graph.get(key).partitions_def.get_partition_keys() == ["toy-raw", "toy-sae"]
+    assert {dg.AssetKey("timestep_stats"), dg.AssetKey("priors"), dg.AssetKey("dreams")} <= graph.get(key).parent_keys
+    mapping = feature_concepts.get_partition_mapping(dg.AssetKey("priors"))
+    assert mapping.downstream_partition_keys_by_upstream_partition_key["toy-raw:16-31"] == "toy-raw"
+    assert not any(k.startswith("tiny") for k in mapping.downstream_partition_keys_by_upstream_partition_key)
+
+    layout = DataLayout(tmp_path / "data", "default")
+    write_stats(layout.timestep_stats_dir("toy-raw"))
+    write_prompts(layout.prompts_dir("toy-world-prompts") / "prompts.jsonl")
+    torch.manual_seed(0)
+    save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(image_size=16, channels=(8,), norm_groups=4)),
+                            layout.model_dir("toy-world") / "concept_classifier")
+    write_priors_and_dreams(layout.data_root, layout.stage_dir("priors", "toy-raw"), layout.stage_dir("dreams", "toy-raw"))
+    write_record(layout.records_dir, make_record("timestep_stats", "toy-raw", "1", {}, {}, "stats-v1"))
+    write_record(layout.records_dir, make_record("priors", "toy-raw:0-15", "1", {}, {}, "priors-v1"))
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps({"tolerance": 0.05, "variants": {"toy-raw": {"purity_mean": 0.9}}}))
+
+    def run(tolerance: float | None):
+        result = dg.materialize(
+            [feature_concepts], partition_key="toy-raw", raise_on_error=False,
+            resources={"storage": DdrStorage(data_root=str(layout.data_root))},
+            run_config={"ops": {"feature_concepts": {"config": {"baseline_path": str(baseline),
+                                                                "baseline_tolerance": tolerance}}}})
+        assert result.success
+        event = result.get_asset_materialization_events()[0]
+        meta = {k: v.value for k, v in event.materialization.metadata.items()}
+        check = result.get_asset_check_evaluations()[0]
+        return meta, check
+
+    meta, check = run(None)
+    assert meta["channels"] == 4 and meta["channels_scored"] == 2 and meta["purity_mean"] == 0.8125
+    assert meta["basis"] == "raw" and "| toy-raw | raw | 2 |" in meta["purity_raw_vs_sae"]
+    assert set(meta["upstream_versions"]) == {"timestep_stats/toy-raw", "priors/toy-raw:0-15"}
+    assert check.check_name == CHECK_NAME and not check.passed
+    assert "purity_mean 0.8125 < baseline 0.9000 - 0.05" in check.description
+    record = read_record(layout.records_dir, "feature_concepts", "toy-raw")
+    assert record["outputs"]["figures"]["purity_mean"] == 0.8125
+    _, check = run(0.1)
+    assert check.passed
