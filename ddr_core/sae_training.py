@@ -8,9 +8,11 @@ Two parts:
    itself) that keeps those vectors during a pipeline call: ``(n, channels)`` rows with, for each row,
    its batch row, timestep, CFG half and position. :func:`write_vector_batch` writes one generation
    batch of them as a safetensors file; :func:`load_vectors` reads a folder of such files back.
-   The ``activations`` asset can call both around its generation (the same pass that records the
-   spatial means), so the SAE is trained on exactly the generations the statistics describe.
-   ``python -m ddr_core.sae_training collect`` does the same outside Dagster.
+   The ``activations`` stage calls both around its generation when ``CaptureConfig.sae_vectors`` is on
+   (the same pass that records the spatial means), so the SAE is trained on exactly the generations
+   the statistics describe. ``python -m ddr_core.sae_training capture --variant V`` runs that stage
+   (:func:`ddr_core.activations.capture_group`) for a raw variant alone, in its own experiment:
+   a capture group that also holds the SAE variant could not run before the SAE exists.
 
 2. **Training.** :func:`train_sae`: a TopK SAE in the recipe of SAeUron / EleutherAI ``sae``
 
@@ -35,8 +37,8 @@ Two parts:
 
 CLI::
 
-    python -m ddr_core.sae_training collect --model DIR --prompts FILE --out VECTORS_DIR
-        [--layer up_blocks.1.attentions.1] [--images-per-prompt 5] [--steps 25] [--guidance-scale 3]
+    python -m ddr_core.sae_training capture --variant toy-raw [--config FILE] [--data-root DIR]
+        [--experiment sae-training] [--images-per-prompt 5] [--steps 25] [--guidance-scale 3]
         [--batch-size 36] [--seed 0] [--positions-per-call N] [--every-n-timesteps 1]
     python -m ddr_core.sae_training train (--activations-dir CAPTURE_DIR | --vectors DIR) --out SAE_ROOT
         [--layer up_blocks.1.attentions.1] [--expansion-factor 4] [--k 8] [--steps 3000] ...
@@ -334,61 +336,44 @@ def load_vectors(vectors_dirs: Sequence[str | Path], layer_name: str | None = No
     return VectorSet(torch.cat(vectors), torch.cat(ids), torch.cat(timesteps), layer or "", files)
 
 
-def collect_vectors(
-    pipe: Any,
-    layer_name: str,
-    prompts: Sequence[str],
-    out_dir: str | Path,
+def capture_vectors_for_variant(
+    project: Any,
+    data_root: str | Path,
+    variant: str,
+    capture_config: Any,
+    device: torch.device,
     *,
-    images_per_prompt: int = 5,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 3.0,
-    batch_size: int = 36,
-    seed: int = 0,
-    sampling: VectorSamplingConfig | None = None,
+    experiment: str = "sae-training",
     log: LogFn | None = None,
-) -> dict[str, Any]:
-    """Generate ``images_per_prompt`` images per prompt and write the layer's vectors batch by batch.
+) -> Path:
+    """Capture a raw variant's layer with the ``activations`` stage's own code and keep the vectors.
 
-    Generation ``g`` = prompt ``g // images_per_prompt``, seed :func:`ddr_core.activations.generation_seed`
-    ``(seed, g)`` (as a capture does). Finished batch files are skipped, so a killed run resumes.
-    Returns a summary (vectors, files, seconds).
+    Runs :func:`ddr_core.activations.capture_group` (what the ``activations`` asset runs) on the
+    project configuration restricted to ``variant`` (so the capture needs no SAE yet: an SAE variant
+    of the same capture group would need the SAE being trained), in experiment ``experiment`` of
+    ``data_root``, with ``sae_vectors`` on. The model and prompt dataset are provisioned there first.
+    Returns the capture folder (its ``sae_vectors/`` holds the vector batches). A killed run resumes.
     """
-    from ddr_core.activations import generation_seed
-    from ddr_core.pipeline import initial_latents, resolve_layer
+    from ddr_core.activations import capture_group
+    from ddr_core.catalog import provision_entry
+    from ddr_core.paths import DataLayout
 
-    sampling = sampling or VectorSamplingConfig()
-    layer = resolve_layer(pipe.unet, layer_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    n_generations = len(prompts) * images_per_prompt
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    cfg = guidance_scale > 1.0
-    started = time.perf_counter()
-    written, n_vectors = [], 0
-    for batch_index, first in enumerate(range(0, n_generations, batch_size)):
-        ids = list(range(first, min(first + batch_size, n_generations)))
-        path = vector_batch_path(out, batch_index)
-        if path.is_file():
-            written.append(path)
-            continue
-        seeds = [generation_seed(seed, g) for g in ids]
-        latents = initial_latents(pipe, seeds, size, size, dtype=pipe.unet.dtype, device=pipe.unet.device)
-        with TimestepTracker(pipe.unet) as tracker, collect_layer_vectors(
-            layer, tracker, cfg, sampling, ids
-        ) as recorded, torch.inference_mode():
-            pipe(prompt=[prompts[g // images_per_prompt] for g in ids], latents=latents, height=size, width=size,
-                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type="latent")
-        written.append(write_vector_batch(out, batch_index, recorded, ids, layer_name))
-        n_vectors += len(recorded)
-        if log:
-            log(f"batch {batch_index}: generations {ids[0]}..{ids[-1]}, {len(recorded)} vectors")
-    summary = {"generations": n_generations, "files": [p.name for p in written], "new_vectors": n_vectors,
-               "seconds": time.perf_counter() - started, "layer": layer_name,
-               "sampling": sampling.model_dump(), "num_inference_steps": num_inference_steps,
-               "guidance_scale": guidance_scale, "seed": seed, "images_per_prompt": images_per_prompt}
-    atomic_write_json(out / "collection.json", summary)
-    return summary
+    if variant not in project.variants:
+        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
+    spec = project.variants[variant]
+    if spec.basis != "raw":
+        raise ValueError(f"variant {variant!r} has basis {spec.basis!r}; SAE training data comes from the raw "
+                         f"layer: pass the raw variant of the same model and layer")
+    restricted = project.model_copy(update={"variants": {variant: spec}, "default_variants": [variant]})
+    layout = DataLayout(data_root, experiment)
+    provision_entry(restricted, layout, "model", spec.model, log=log)
+    provision_entry(restricted, layout, "prompts", spec.prompts, log=log)
+    config = capture_config.model_copy(update={"sae_vectors": True})
+    group = restricted.capture_of(variant)
+    result = capture_group(restricted, layout, group, config, device, log=log)
+    if not result.summary.get("complete"):
+        raise RuntimeError(f"the capture of {group!r} did not complete; run it again to resume")
+    return result.root
 
 
 # --------------------------------------------------------------------------------------------------
@@ -687,20 +672,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Collect a UNet layer's per-position activations and train a "
                                                  "TopK SAE on them (SAeUron format).")
     commands = parser.add_subparsers(dest="command", required=True)
-    collect = commands.add_parser("collect", help="generate images and keep the layer's vectors")
-    collect.add_argument("--model", required=True, help="diffusers StableDiffusionPipeline folder")
-    collect.add_argument("--prompts", required=True, help="prompt file (.jsonl with a text field, or .txt)")
-    collect.add_argument("--text-field", default="text")
-    collect.add_argument("--out", required=True, help="folder for batch_*.safetensors")
-    collect.add_argument("--layer", default=DEFAULT_LAYER)
-    collect.add_argument("--images-per-prompt", type=int, default=5)
-    collect.add_argument("--steps", type=int, default=25, help="denoising steps")
-    collect.add_argument("--guidance-scale", type=float, default=3.0)
-    collect.add_argument("--batch-size", type=int, default=36)
-    collect.add_argument("--seed", type=int, default=0)
-    collect.add_argument("--positions-per-call", type=int, default=None)
-    collect.add_argument("--every-n-timesteps", type=int, default=1)
-    collect.add_argument("--halves", choices=["both", "conditional"], default="both")
+    capture = commands.add_parser(
+        "capture", help="capture a raw variant with the activations stage's code and keep the layer's vectors")
+    capture.add_argument("--variant", required=True, help="raw variant of the project config (e.g. toy-raw)")
+    capture.add_argument("--config", default=None, help="project config (default: DDR_CONFIG / config/ddr.yaml)")
+    capture.add_argument("--data-root", default=None, help="data root (default: DDR_DATA_ROOT / data)")
+    capture.add_argument("--experiment", default="sae-training")
+    capture.add_argument("--images-per-prompt", type=int, default=5)
+    capture.add_argument("--steps", type=int, default=25, help="denoising steps")
+    capture.add_argument("--guidance-scale", type=float, default=3.0)
+    capture.add_argument("--batch-size", type=int, default=36)
+    capture.add_argument("--seed", type=int, default=0)
+    capture.add_argument("--positions-per-call", type=int, default=None)
+    capture.add_argument("--every-n-timesteps", type=int, default=1)
+    capture.add_argument("--device", default="cpu")
     train = commands.add_parser("train", help="train a TopK SAE on collected vectors")
     source = train.add_mutually_exclusive_group(required=True)
     source.add_argument("--activations-dir", nargs="+", help="capture folder(s) holding sae_vectors/")
@@ -713,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        ("seed", int), ("log-every", int)):
         train.add_argument(f"--{name}", type=kind, default=None)
     train.add_argument("--input-unit-norm", action="store_true")
-    for command in (collect, train):
+    for command in (capture, train):
         command.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
     if args.threads:
@@ -722,20 +707,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[sae_training] {message}", flush=True)
 
-    if args.command == "collect":
-        from ddr_core.pipeline import load_pipeline
-        from ddr_core.prompts import load_prompts
+    if args.command == "capture":
+        from ddr_core.activations import CaptureConfig
+        from ddr_core.config import data_root, load_project_config
 
-        pipe = load_pipeline(args.model)
-        prompts = load_prompts(args.prompts, text_field=args.text_field).texts
-        sampling = VectorSamplingConfig(positions_per_call=args.positions_per_call,
-                                        every_n_timesteps=args.every_n_timesteps, halves=args.halves,
-                                        seed=args.seed)
-        summary = collect_vectors(pipe, args.layer, prompts, args.out, images_per_prompt=args.images_per_prompt,
-                                  num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
-                                  batch_size=args.batch_size, seed=args.seed, sampling=sampling, log=say)
-        say(f"{summary['generations']} generations, {len(summary['files'])} files in {args.out} "
-            f"({summary['seconds']:.0f}s)")
+        project = load_project_config(args.config)
+        config = CaptureConfig(num_images_per_prompt=args.images_per_prompt, num_inference_steps=args.steps,
+                               guidance_scale=args.guidance_scale, batch_size=args.batch_size, seed=args.seed,
+                               sae_vector_positions_per_call=args.positions_per_call,
+                               sae_vector_every_n_timesteps=args.every_n_timesteps)
+        root = capture_vectors_for_variant(project, args.data_root or data_root(), args.variant, config,
+                                           torch.device(args.device), experiment=args.experiment, log=say)
+        say(f"vectors in {root / VECTORS_DIRNAME}; train with: python -m ddr_core.sae_training train "
+            f"--activations-dir {root} --out SAE_ROOT")
         return 0
 
     folders = args.activations_dir or args.vectors

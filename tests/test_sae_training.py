@@ -200,3 +200,19 @@ def test_cli_trains_from_a_capture_folder(tiny_pipe, tmp_path: Path, capsys: pyt
     assert "eval FVE" in out and '"num_latents": 128' in out
     report = json.loads((tmp_path / "sae" / "training_report.json").read_text())
     assert report["vectors"]["eval_generations"] == 1 and 0 <= report["eval"]["dead_fraction"] <= 1
+
+
+def test_capture_cli_uses_the_activations_stage_for_a_raw_variant(tmp_path: Path) -> None:
+    """``capture --variant tiny-raw``: the activations stage's own capture (no SAE needed), vectors kept."""
+    from ddr_core.activation_store import ActivationStore
+
+    assert main(["capture", "--variant", "tiny-raw", "--data-root", str(tmp_path), "--images-per-prompt", "1",
+                 "--steps", "2", "--batch-size", "16", "--guidance-scale", "2", "--positions-per-call", "3"]) == 0
+    root = tmp_path / "outputs" / "sae-training" / "activations" / "tiny"
+    store = ActivationStore(root)
+    assert store.finished_batches()  # a complete capture the statistics could read
+    data = load_vectors([root / "sae_vectors"], TINY_TARGET_LAYER)
+    generations = store.read_generations().height
+    assert data.width == 64 and data.vectors.shape[0] == generations * 2 * 2 * 3  # steps x halves x positions
+    with pytest.raises(ValueError, match="raw layer"):
+        main(["capture", "--variant", "tiny-sae", "--data-root", str(tmp_path)])
