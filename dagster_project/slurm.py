@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import uuid
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,8 @@ class SlurmSettings(BaseModel):
     | ``DDR_SLURM_PARTITION`` ``_ACCOUNT`` ``_QOS`` ``_GPUS_PER_NODE`` ``_CPUS`` ``_MEM`` ``_TIME`` | job defaults | cluster default / — / — / 0 / 4 / 16G / 02:00:00 |
     | ``DDR_SLURM_REQUEUE`` ``_MAIL_TYPE`` ``_MAIL_USER`` | job defaults | — |
     | ``DDR_SLURM_POLL_TIMEOUT`` | seconds to wait for one job | 86400 |
+    | ``DDR_SLURM_POLL_INTERVAL`` | seconds between job state checks (each is one SSH command) | 2, growing to 5 |
+    | ``DDR_SLURM_KEEP_RUN_DIRS`` | keep the remote job dirs (job script, ``slurm-<id>.out/.err``) | removed |
     """
 
     host: str
@@ -100,6 +103,8 @@ class SlurmSettings(BaseModel):
     data_root: str | None = None
     config_path: str | None = None
     poll_timeout: int = 86400
+    poll_interval: float | None = Field(default=None, gt=0)
+    keep_run_dirs: bool = False
     job: SlurmJobOptions = Field(default_factory=lambda: SlurmJobOptions(cpus_per_task=4, mem="16G",
                                                                          time_limit="02:00:00", gpus_per_node=0))
 
@@ -119,17 +124,24 @@ class SlurmSettings(BaseModel):
             raise ValueError(f"SLURM execution needs {', '.join(missing)} (see docs/CLUSTER.md); "
                              f"for a local test cluster run scripts/slurm/start_local_cluster.sh")
         requeue = get("REQUEUE")
+        poll_interval = get("POLL_INTERVAL")
         job = SlurmJobOptions(
             partition=get("PARTITION"), account=get("ACCOUNT"), qos=get("QOS"),
             gpus_per_node=int(get("GPUS_PER_NODE", "0")), cpus_per_task=int(get("CPUS", "4")),
             mem=get("MEM", "16G"), time_limit=get("TIME", "02:00:00"),
-            requeue=None if requeue is None else requeue.lower() in {"1", "true", "yes"},
+            requeue=None if requeue is None else _truthy(requeue),
             mail_type=get("MAIL_TYPE"), mail_user=get("MAIL_USER"),
         )
         return cls(host=get("HOST"), port=int(get("PORT", "22")), user=get("USER"), key_path=get("KEY_PATH"),
                    host_key_checking=get("HOST_KEY_CHECKING", "strict"), known_hosts_file=get("KNOWN_HOSTS"),
                    env_path=get("ENV_PATH"), remote_base=get("REMOTE_BASE"), data_root=get("DATA_ROOT"),
-                   config_path=get("CONFIG"), poll_timeout=int(get("POLL_TIMEOUT", "86400")), job=job)
+                   config_path=get("CONFIG"), poll_timeout=int(get("POLL_TIMEOUT", "86400")),
+                   poll_interval=float(poll_interval) if poll_interval else None,
+                   keep_run_dirs=_truthy(get("KEEP_RUN_DIRS")), job=job)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def _directives_launcher_class():
@@ -165,16 +177,20 @@ def build_slurm_compute(settings: SlurmSettings | None = None, *, debug_mode: bo
     queue = SlurmQueueConfig(partition=job.partition or "", time_limit=job.time_limit or "02:00:00",
                              cpus=job.cpus_per_task or 4, gpus_per_node=job.gpus_per_node or 0, mem=job.mem,
                              qos=job.qos, account=job.account)
-    slurm = SlurmResource(ssh=ssh, queue=queue, remote_base=settings.remote_base)
+    polling = ({"status_poll_interval_seconds": settings.poll_interval,
+                "status_poll_max_interval_seconds": max(settings.poll_interval, 5.0)}
+               if settings.poll_interval else {})
+    slurm = SlurmResource(ssh=ssh, queue=queue, remote_base=settings.remote_base, **polling)
     return ComputeResource(mode="slurm", slurm=slurm, default_launcher=_directives_launcher_class()(),
                            pre_deployed_env_path=settings.env_path, debug_mode=debug_mode)
 
 
 def new_request(stage: str, args: dict[str, Any], *, data_root: str | Path, experiment: str,
-                config_path: str | None = None, device: str = "auto", lock_owner: str = "") -> StageRequest:
+                config_path: str | None = None, device: str = "auto", lock_owner: str = "",
+                processes: int = 1) -> StageRequest:
     return StageRequest(stage=stage, args=args, data_root=str(data_root), experiment=experiment,
                         config_path=config_path, device=device, invocation_id=uuid.uuid4().hex,
-                        lock_owner=lock_owner)
+                        lock_owner=lock_owner, processes=processes)
 
 
 def read_error(request: StageRequest, local_data_root: str | Path) -> dict | None:
@@ -183,13 +199,69 @@ def read_error(request: StageRequest, local_data_root: str | Path) -> dict | Non
 
 
 def run_stage_locally(context: dg.AssetExecutionContext, request: StageRequest) -> dict:
-    """In-process: the default and the fast path (no subprocess, no pixi, no dagster-slurm)."""
+    """In-process: the default and the fast path (no subprocess, no pixi, no dagster-slurm).
+
+    The completion / error report files are the channel of a *remote* job; in-process the report is the
+    return value, so both files are removed again. (The ``_jobs`` folder itself stays: removing it could
+    race another in-process run writing its report there.)
+    """
     try:
         return run_stage(request, log=context.log.info)
     except StageFailed as exc:
         error = read_error(request, request.data_root) or {}
         raise dg.Failure(description=str(exc),
                          metadata={"traceback_tail": dg.MetadataValue.text(error.get("traceback_tail", ""))}) from exc
+    finally:
+        report_path(request.data_root, request.experiment, request.invocation_id).unlink(missing_ok=True)
+        error_path(request.data_root, request.experiment, request.invocation_id).unlink(missing_ok=True)
+
+
+class _JobFiles:
+    """The remote folder of one dagster-slurm job (``<remote_base>/runs/<run_id>/<step>``): its log tail
+    (``slurm-<id>.out`` / ``.err``) for failures, then its removal.
+
+    dagster-slurm derives the folder from the run and the step, so two calls in one step (a run over
+    several variants) share it: the calls use ``defer_cleanup`` and the folder is removed here,
+    synchronously, after each call, instead of dagster-slurm's background ``rm -rf`` racing the next
+    upload.
+    """
+
+    def __init__(self, compute, context: dg.AssetExecutionContext, launcher):
+        self.client = compute.get_pipes_client(context, launcher=launcher)
+        self.context = context
+
+    def _run_dir(self, pool) -> str:
+        run_id = self.context.run.run_id
+        return self.client._get_remote_run_dir(self.client._get_remote_base(run_id, pool), run_id,
+                                               self.context.op_execution_context)
+
+    def log_tail(self, job_id: str | None, lines: int = 40) -> str:
+        """The last ``lines`` lines of the job's stdout and stderr files ('' when unreadable)."""
+        if not job_id:
+            return ""
+        from dagster_slurm.helpers.ssh_pool import SSHConnectionPool
+
+        try:
+            with SSHConnectionPool(self.client.slurm.ssh) as pool:
+                run_dir = self._run_dir(pool)
+                parts = []
+                for suffix in ("out", "err"):
+                    path = shlex.quote(f"{run_dir}/slurm-{job_id}.{suffix}")
+                    text = pool.run(f"tail -n {lines} {path} 2>/dev/null || true").rstrip()
+                    if text:
+                        parts.append(f"--- slurm-{job_id}.{suffix} (last {lines} lines) ---\n{text}")
+                return "\n".join(parts)
+        except Exception as exc:  # the log is a diagnostic: never hide the job's own failure behind it
+            return f"(could not read the job log over SSH: {exc})"
+
+    def remove(self) -> None:
+        from dagster_slurm.helpers.ssh_pool import SSHConnectionPool
+
+        try:
+            with SSHConnectionPool(self.client.slurm.ssh) as pool:
+                pool.run(f"rm -rf {shlex.quote(self._run_dir(pool))}")
+        except Exception as exc:
+            self.context.log.warning(f"could not remove the remote job folder: {exc}")
 
 
 def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest, *, local_data_root: str | Path,
@@ -198,37 +270,54 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
     """Run ``request`` as one SLURM job; return the payload's completion report.
 
     ``request.data_root`` must be the data root as the cluster sees it and ``local_data_root`` the same
-    directory as this process sees it (a shared filesystem). Raises :class:`dagster.Failure` with the
-    SLURM job id, the payload's error and traceback tail when the job fails, or when it "succeeds"
-    without this invocation's completion report.
+    directory as this process sees it (a shared filesystem). Raises :class:`dagster.Failure` naming the
+    SLURM job id when the job fails: with the payload's error and traceback tail when the stage raised,
+    else (the job was killed: out of memory, time limit, ``scancel``, node failure) with the tail of the
+    job's own log; and when the job "succeeds" without this invocation's completion report (e.g. a
+    cluster without accounting, where the client cannot see how a job ended).
     """
     settings = settings or SlurmSettings.from_env()
     job = settings.job.merged(options)
     compute = compute or build_slurm_compute(settings)
     launcher = _directives_launcher_class()(sbatch_directives=job.sbatch_directives())
     report_file = report_path(local_data_root, request.experiment, request.invocation_id)
+    files = _JobFiles(compute, context, launcher) if hasattr(compute, "get_pipes_client") else None
     context.log.info(f"submitting {request.stage} (invocation {request.invocation_id}) to SLURM "
-                     f"{settings.user}@{settings.host}:{settings.port} with {job.extra_slurm_opts()}")
+                     f"{settings.user}@{settings.host}:{settings.port} with {job.extra_slurm_opts()}"
+                     + (f" and {job.sbatch_directives()}" if job.sbatch_directives() else ""))
     try:
         compute.run(context=context, payload_path=str(PAYLOAD_SCRIPT), launcher=launcher,
                     extra_slurm_opts=job.extra_slurm_opts(), extras={"request": request.model_dump(mode="json")},
-                    poll_timeout=settings.poll_timeout)
+                    poll_timeout=settings.poll_timeout, defer_cleanup=True)
     except Exception as exc:  # dagster-slurm raises RuntimeError("Job N did not complete ...") and others
         error = read_error(request, local_data_root) or {}
         match = re.search(r"[Jj]ob (\d+)", str(exc))
         job_id = error.get("slurm_job_id") or (match.group(1) if match else None)
+        log_tail = files.log_tail(job_id) if files else ""
+        if files and not settings.keep_run_dirs:
+            files.remove()
+        if error:
+            cause = error.get("error")
+        else:
+            cause = (f"{exc} -- the job ended without the payload's error report (killed from outside: out of "
+                     f"memory, time limit, scancel, node failure); the tail of its log:\n{log_tail or '(empty)'}")
         raise dg.Failure(
-            description=f"SLURM job {job_id or '(not submitted)'} for {request.stage} failed: "
-                        f"{error.get('error') or exc}",
+            description=f"SLURM job {job_id or '(not submitted)'} for {request.stage} failed: {cause}",
             metadata={"slurm_job_id": str(job_id), "invocation_id": request.invocation_id,
                       "client_error": dg.MetadataValue.text(str(exc)[-2000:]),
                       "traceback_tail": dg.MetadataValue.text(error.get("traceback_tail", "(no payload error report: "
-                                                                       "the job died before or outside the stage)"))},
+                                                                       "the job died before or outside the stage)")),
+                      "job_log_tail": dg.MetadataValue.text(log_tail or "(empty)")},
         ) from exc
+    if files and not settings.keep_run_dirs:
+        files.remove()
     if not report_file.is_file():
         raise dg.Failure(description=f"the SLURM job for {request.stage} ended without its completion report "
                                      f"{report_file} (invocation {request.invocation_id}); not recording a "
-                                     f"materialization. Is the data root shared (DDR_SLURM_DATA_ROOT)?")
+                                     f"materialization. Either the job never ran the stage to its end (a cluster "
+                                     f"without accounting lets the client take a vanished job for a finished "
+                                     f"one) or the data root is not shared (DDR_SLURM_DATA_ROOT).",
+                         metadata={"invocation_id": request.invocation_id})
     report = json.loads(report_file.read_text(encoding="utf-8"))
     if report.get("invocation_id") != request.invocation_id:
         raise dg.Failure(description=f"completion report {report_file} belongs to another invocation")

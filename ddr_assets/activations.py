@@ -1,7 +1,8 @@
 """``activations``: generate images for a prompt set and record every variant's activations.
 
 Partitioned by capture group (variants sharing model, layer and prompts): one generation pass records
-raw channels and every SAE of the group at once.
+raw channels and every SAE of the group at once. The work runs through ``compute.run_stage``
+(``capture_group``), in-process or as a SLURM job.
 """
 
 
@@ -11,8 +12,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage
-from ddr_assets.configs import dagster_config_from, to_core
+from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
+from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata, path_metadata
 from ddr_assets.partitions import (
     capture_partitions,
@@ -20,12 +21,13 @@ from ddr_assets.partitions import (
     capture_to_prompts_mapping,
     capture_to_sae_mapping,
 )
-from ddr_core.activations import CaptureConfig, capture_group
+from ddr_core.activations import CaptureConfig
 from ddr_core.config import config_hash
+from ddr_core.paths import resolve_inside
 from ddr_core.records import make_record, read_record, write_record
 
 ACTIVATIONS_CODE_VERSION = "1"
-ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig")
+ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig", extra={"slurm": SLURM_FIELD})
 
 
 def upstream_versions(storage: DdrStorage, group: str, required_by: str) -> dict[str, str]:
@@ -74,39 +76,43 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
     capture_config = to_core(config, CaptureConfig, asset="activations")
     upstream = upstream_versions(storage, group, required_by=f"activations[{group}]")
     layout = storage.layout
-    result = capture_group(storage.project, layout, group, capture_config, compute.torch_device(),
-                           log=context.log.info, lock_owner=f"dagster run {context.run_id}")
-    summary = result.summary
+    report = compute.run_stage(context, "capture_group",
+                               {"group": group, "config": capture_config.model_dump(mode="json")},
+                               storage=storage, options=config.slurm)
+    result = report["result"]
+    summary = result["summary"]
+    root = resolve_inside(layout.data_root, result["root"])
     if not summary.get("complete"):
         raise dg.Failure(
             description=f"shard {capture_config.shard_index}/{capture_config.num_shards} finished its "
                         f"batches; the capture of {group!r} completes when every shard has run "
                         f"(re-run any shard afterwards to finalize)",
-            metadata={"batches_written": len(result.batches_done)},
+            metadata={"batches_written": len(result["batches_done"])},
         )
     run_config = capture_config.model_dump(mode="json")
     data_version = config_hash({"plan": summary["plan"]["plan_hash"], "generations": summary["generations"],
                                 "channels": summary["channels"], "upstream": upstream})
     write_record(layout.records_dir, make_record(
         "activations", group, ACTIVATIONS_CODE_VERSION, run_config, upstream, data_version,
-        outputs={"root": layout.relative(result.root), "generations": summary["generations"],
+        outputs={"root": result["root"], "generations": summary["generations"],
                  "timesteps": summary["timesteps"], "channels": summary["channels"]},
     ))
-    images = sorted((result.root / "images").glob("*.png"))[:6]
+    images = sorted((root / "images").glob("*.png"))[:6]
     return dg.MaterializeResult(
         metadata={
-            "path": path_metadata(result.root),
+            "path": path_metadata(root),
             "generations": summary["generations"],
             "prompts": summary["n_prompts"],
             "timesteps": len(summary["timesteps"]),
             "channels_per_variant": dg.MetadataValue.json(summary["channels"]),
             "bytes_written": summary["bytes"],
-            "batches_written_this_run": len(result.batches_done),
-            "batches_resumed": len(result.batches_skipped),
-            "seconds_per_image": round(result.seconds_per_image, 4) if result.images else 0.0,
+            "batches_written_this_run": len(result["batches_done"]),
+            "batches_resumed": len(result["batches_skipped"]),
+            "seconds_per_image": round(result["seconds_per_image"], 4) if result["images"] else 0.0,
             "base_seed": summary["plan"]["base_seed"],
             "preview": image_preview(images),
             **lineage_metadata(run_config, upstream, ACTIVATIONS_CODE_VERSION),
+            **compute_metadata(report),
         },
         data_version=dg.DataVersion(data_version),
     )

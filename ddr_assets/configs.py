@@ -11,9 +11,35 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 import dagster as dg
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, Field, ValidationError, create_model
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class SlurmRunConfig(dg.Config):
+    """SLURM options of this run's job(s), used when the compute mode is ``slurm`` (ignored locally).
+
+    Each field left unset keeps the deployment default (``DDR_SLURM_*``, docs/CLUSTER.md). ``mem`` is
+    always passed to ``sbatch`` (default ``DDR_SLURM_MEM``), also when GPUs are requested.
+    """
+
+    partition: str | None = Field(None, description="e.g. plgrid-gpu-a100")
+    account: str | None = Field(None, description="grant / account, e.g. plgmygrant-gpu-a100")
+    qos: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0, description="--gres=gpu:N")
+    cpus_per_task: int | None = Field(None, ge=1)
+    mem: str | None = Field(None, description="memory per node, e.g. 40G")
+    time_limit: str | None = Field(None, description="[D-]HH:MM:SS")
+    requeue: bool | None = Field(None, description="requeue on preemption / node failure (resumes where it was)")
+    mail_type: str | None = Field(None, description="e.g. END,FAIL")
+    mail_user: str | None = None
+
+
+SLURM_FIELD = (
+    SlurmRunConfig | None,
+    Field(None, description="SLURM job options of this run (compute mode slurm); unset fields keep the "
+                            "deployment defaults (DDR_SLURM_*)"),
+)
 
 
 def dagster_config_from(model: type[BaseModel], name: str,

@@ -1,6 +1,7 @@
 """``dreams``: latent optimisation maximising each channel's activation, batched across channels.
 
-Partitioned by channel block; starts from the priors by default. The ``dream_quality`` asset check
+Partitioned by channel block; starts from the priors by default. The work runs through
+``compute.run_stage`` (``dreams_for_variant``, one call per variant), in-process or as a SLURM job. The ``dream_quality`` asset check
 re-measures every dream without augmentation and compares it with its start and the channel's top
 dataset example.
 """
@@ -12,14 +13,15 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from dagster_project.resources import ComputeResource, DdrStorage
+from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, run_channels
-from ddr_assets.configs import dagster_config_from, with_variant_overrides
+from ddr_assets.configs import SLURM_FIELD, dagster_config_from, with_variant_overrides
 from ddr_assets.lineage import lineage_metadata, table_preview
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
 from ddr_core.config import config_hash
-from ddr_core.dreams import DreamConfig, dreams_for_variant
+from ddr_core.dreams import DreamConfig
+from ddr_core.paths import resolve_inside
 from ddr_core.records import make_record, read_record, write_record
 
 DREAMS_CODE_VERSION = "1"
@@ -28,6 +30,7 @@ DreamsRunConfig = dagster_config_from(DreamConfig, "DreamsRunConfig", extra={
     # Dagster config has no int-or-keyword union: integers are written as strings here, e.g. ["0", "activity_peaks"]
     "timesteps": (list[str], Field(default=["0", "activity_peaks"],
                                    description="integer timesteps and/or 'activity_peaks' / 'active_timesteps'")),
+    "slurm": SLURM_FIELD,
 })
 
 
@@ -96,6 +99,7 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
     qualities = []
     totals = {"channels": 0, "resumed": 0, "failures": 0, "element_steps": 0, "seconds": 0.0, "nothing": 0}
     previews = []
+    reports = []
     effective: dict[str, dict] = {}
     for variant, blocks in run_channels(context.partition_keys, config.channels).items():
         dream_config = with_variant_overrides(config, DreamConfig, project.variants[variant].overrides.get("dreams", {}),
@@ -111,16 +115,22 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
         upstream.update(variant_upstream)
         effective[variant] = dream_config.model_dump(mode="json")
         channels = [c for chans in blocks.values() for c in chans]
-        result = dreams_for_variant(project, layout, variant, channels, dream_config, compute.torch_device(),
-                                    log=context.log.info, stage=name,
-                                    lock_owner=f"dagster run {context.run_id}")
-        totals["channels"] += len(result.channels_done)
-        totals["resumed"] += len(result.channels_skipped)
-        totals["nothing"] += len(result.channels_without_timesteps)
-        totals["failures"] += len(result.failures)
-        totals["element_steps"] += result.element_steps
-        totals["seconds"] += result.seconds
-        quality = result.quality if result.quality is not None else pl.read_parquet(result.quality_path)
+        report = compute.run_stage(context, "dreams_for_variant",
+                                   {"variant": variant, "channels": channels, "stage": name,
+                                    "config": dream_config.model_dump(mode="json")},
+                                   storage=storage, options=config.slurm)
+        reports.append(report)
+        result = report["result"]
+        out_dir = resolve_inside(layout.data_root, result["out_dir"])
+        totals["channels"] += len(result["channels_done"])
+        totals["resumed"] += len(result["channels_skipped"])
+        totals["nothing"] += len(result["channels_without_timesteps"])
+        totals["failures"] += len(result["failures"])
+        totals["element_steps"] += result["element_steps"]
+        totals["seconds"] += result["seconds"]
+        if not result.get("quality_path"):
+            raise dg.Failure(description=f"{name}: the stage for {variant!r} returned no quality table")
+        quality = pl.read_parquet(resolve_inside(layout.data_root, result["quality_path"]))
         quality = quality.filter(pl.col("channel").is_in(channels))
         qualities.append(quality)
         run_config = {**dream_config.model_dump(mode="json"), "channels": config.channels}
@@ -128,10 +138,10 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
             write_record(layout.records_dir, make_record(
                 name, key, DREAMS_CODE_VERSION, run_config, variant_upstream,
                 data_version=config_hash({"config": dream_config.config_hash(), "upstream": variant_upstream}),
-                outputs={"dir": layout.relative(result.out_dir), "channels": chans,
+                outputs={"dir": result["out_dir"], "channels": chans,
                          "partial": config.channels is not None},
             ))
-        previews += sorted(result.out_dir.glob("channel_*/t_*/seed_*.png"))[: 6 - len(previews)]
+        previews += sorted(out_dir.glob("channel_*/t_*/seed_*.png"))[: 6 - len(previews)]
     quality = pl.concat(qualities) if qualities else pl.DataFrame()
     check = quality_check(quality)
     summary = (quality.group_by("channel").agg(pl.col("dream_activation").max().alias("best_dream"),
@@ -151,6 +161,7 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
             "preview": image_preview(previews),
             **lineage_metadata({"channels": config.channels, "per_variant": effective}, upstream,
                                DREAMS_CODE_VERSION),
+            **compute_metadata(*reports),
         },
         check_results=[check],
     )

@@ -1,22 +1,25 @@
 """``priors``: images generated from the empty prompt while one channel / SAE feature is steered.
 
 Partitioned by channel block (``<variant>:<first>-<last>``); several channels share each generation
-batch, every batch element steering its own channel. Resumable per channel.
+batch, every batch element steering its own channel. Resumable per channel. The work runs through
+``compute.run_stage`` (``priors_for_variant``, one call per variant), in-process or as a SLURM job.
 """
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage
+from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, run_channels
-from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
-from ddr_core.priors import PriorsConfig, priors_for_variant, read_prior
+from ddr_core.paths import resolve_inside
+from ddr_core.priors import PriorsConfig, read_prior
 from ddr_core.records import make_record, read_record, write_record
 
 PRIORS_CODE_VERSION = "1"
-PriorsRunConfig = dagster_config_from(PriorsConfig, "PriorsRunConfig", extra={"channels": CHANNELS_FIELD})
+PriorsRunConfig = dagster_config_from(PriorsConfig, "PriorsRunConfig",
+                                     extra={"channels": CHANNELS_FIELD, "slurm": SLURM_FIELD})
 
 
 @dg.asset(
@@ -33,7 +36,8 @@ PriorsRunConfig = dagster_config_from(PriorsConfig, "PriorsRunConfig", extra={"c
 def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: DdrStorage,
            compute: ComputeResource) -> dg.MaterializeResult:
     priors_config = to_core(config, PriorsConfig, asset="priors")
-    layout, project = storage.layout, storage.project
+    layout = storage.layout
+    reports = []
     totals: dict[str, int] = {"done": 0, "skipped": 0, "resumed": 0, "images": 0}
     seconds = 0.0
     upstream: dict[str, str] = {}
@@ -43,23 +47,27 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
                             required_by=f"priors[{next(iter(blocks))}]")
         upstream[f"timestep_stats/{variant}"] = stats["data_version"]
         channels = [c for chans in blocks.values() for c in chans]
-        result = priors_for_variant(project, layout, variant, channels, priors_config,
-                                    compute.torch_device(), log=context.log.info,
-                                    lock_owner=f"dagster run {context.run_id}")
-        for key in ("done", "resumed", "images"):
-            totals[key] += len(getattr(result, key)) if key != "images" else result.images
-        totals["skipped"] += len(result.skipped)
-        seconds += result.seconds
+        report = compute.run_stage(context, "priors_for_variant",
+                                   {"variant": variant, "channels": channels,
+                                    "config": priors_config.model_dump(mode="json")},
+                                   storage=storage, options=config.slurm)
+        reports.append(report)
+        result = report["result"]
+        out_dir = resolve_inside(layout.data_root, result["out_dir"])
+        for key in ("done", "resumed", "skipped"):
+            totals[key] += len(result[key])
+        totals["images"] += result["images"]
+        seconds += result["seconds"]
         run_config = {**priors_config.model_dump(mode="json"), "channels": config.channels}
         for key, chans in blocks.items():
             write_record(layout.records_dir, make_record(
                 "priors", key, PRIORS_CODE_VERSION, run_config, {f"timestep_stats/{variant}": stats["data_version"]},
                 data_version=f"{priors_config_hash(priors_config)}-{stats['data_version']}",
-                outputs={"dir": layout.relative(result.out_dir), "channels": chans,
+                outputs={"dir": result["out_dir"], "channels": chans,
                          "partial": config.channels is not None},
             ))
         for channel in channels:
-            record = read_prior(result.out_dir, channel)
+            record = read_prior(out_dir, channel)
             if record and record.get("images") and len(previews) < 6:
                 previews.append(layout.data_root / record["images"][0])
     return dg.MaterializeResult(metadata={
@@ -72,6 +80,7 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
         "preview": image_preview(previews),
         **lineage_metadata({**priors_config.model_dump(mode="json"), "channels": config.channels}, upstream,
                            PRIORS_CODE_VERSION),
+        **compute_metadata(*reports),
     })
 
 

@@ -1,77 +1,303 @@
-"""Against a real SLURM cluster (scripts/slurm/start_local_cluster.sh); skipped unless DDR_SLURM_HOST is set.
+"""The GPU assets on a real SLURM cluster (scripts/slurm/start_local_cluster.sh), against local mode.
 
-Needs DDR_SLURM_HOST/PORT/USER/KEY_PATH/ENV_PATH (see docs/CLUSTER.md) and a data root the cluster
-shares (the loopback cluster shares everything).
+Skipped unless ``DDR_SLURM_HOST`` is set (``eval "$(scripts/slurm/start_local_cluster.sh 2>/dev/null)"``);
+needs DDR_SLURM_HOST/PORT/USER/KEY_PATH/ENV_PATH (docs/CLUSTER.md) and a data root the cluster shares
+(the loopback cluster shares everything). Each test submits real ``sbatch`` jobs through dagster-slurm:
+
+- ``activations`` and ``dreams`` partitions materialized with ``ComputeResource(mode="slurm")`` equal the
+  same partitions materialized in-process (activations bitwise, dreams to float tolerance);
+- the per-asset run config's ``slurm`` section reaches ``sbatch`` (checked in ``sacct``);
+- a payload that raises fails the run naming the job id and the traceback tail;
+- jobs that die without the payload's error report (over their ``--mem``, node failure, time limit,
+  ``scancel``) fail the run with the job id, the Slurm state and the tail of the job's own log;
+- after ``scancel`` of a dreams job mid-partition, a re-run finishes without redoing finished channels.
 """
 
 import os
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import dagster as dg
 import numpy as np
+import polars as pl
 import pytest
 from safetensors.numpy import load_file
 
-pytestmark = pytest.mark.skipif(not os.environ.get("DDR_SLURM_HOST"),
-                                reason="no SLURM cluster (run scripts/slurm/start_local_cluster.sh, set DDR_SLURM_*)")
+from dagster_project.resources import ComputeResource, DdrStorage
+from tests.tiny_graph import asset_def, metadata, step_error
 
 
-def run_asset(where: str, stage: str, args: dict, root: Path, device: str = "cpu"):
-    from dagster_project.slurm import new_request, run_stage_locally, run_stage_on_slurm
-
-    reports = []
-
-    @dg.asset(name=f"{stage}_{where}")
-    def _asset(context: dg.AssetExecutionContext):
-        request = new_request(stage, args, data_root=root, experiment="default", device=device,
-                              lock_owner=f"dagster run {context.run.run_id}")
-        report = (run_stage_on_slurm(context, request, local_data_root=root) if where == "slurm"
-                  else run_stage_locally(context, request))
-        reports.append(report)
-        return dg.MaterializeResult(metadata={"invocation": request.invocation_id})
-
-    result = dg.materialize([_asset], raise_on_error=False)
-    return result, reports
+def _skip_reason() -> str | None:
+    if not os.environ.get("DDR_SLURM_HOST"):
+        return ("SLURM TESTS SKIPPED: no cluster (DDR_SLURM_HOST unset). Run "
+                "`eval \"$(sudo scripts/slurm/start_local_cluster.sh 2>/dev/null)\"` first (docs/CLUSTER.md)")
+    if not os.environ.get("DDR_SLURM_ENV_PATH"):
+        return ("SLURM TESTS SKIPPED: DDR_SLURM_ENV_PATH unset: the cluster has no pre-deployed env with ddr "
+                "(start_local_cluster.sh warns why; run `make setup` before it)")
+    try:
+        import dagster_slurm  # noqa: F401
+    except ImportError:
+        return "SLURM TESTS SKIPPED: dagster-slurm is not installed (pip install -e '.[slurm]')"
+    return None
 
 
-def failure_of(result: dg.ExecuteInProcessResult):
-    event = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
-    return event.event_specific_data
+SKIP = _skip_reason()
+pytestmark = [pytest.mark.slurm, pytest.mark.skipif(SKIP is not None, reason=SKIP or "")]
+
+CAPTURE = {"n_prompts": 6, "batch_size": 4, "num_inference_steps": 8, "seed": 1}
+STATS = {"top_k": 5, "peak_separation": 50}
+DREAM_CHANNELS = [0, 1, 2, 3]
+# 2 elements (seeds) per channel and per batch: channels finish one at a time, about a second apart on
+# one CPU thread (room to cancel the job between them)
+DREAMS = {"channels": DREAM_CHANNELS, "use_prior": False, "n_results": 2, "seeds": [3, 4], "num_steps": 16,
+          "timesteps": ["0"], "batch_size": 2, "snapshot_every": 0}
 
 
-def test_selftest_job_succeeds_with_its_report(tmp_path):
-    result, reports = run_asset("slurm", "selftest", {"echo": "hi"}, tmp_path)
-    assert result.success
-    assert reports[0]["slurm_job_id"] and reports[0]["result"]["echo"] == "hi"
+def materialize(name: str, key: str, root: Path, instance: dg.DagsterInstance, mode: str = "local",
+                config: dict | None = None, experiment: str = "local") -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        [asset_def(name)], partition_key=key, instance=instance,
+        resources={"storage": DdrStorage(data_root=str(root), experiment=experiment),
+                   "compute": ComputeResource(device="cpu", mode=mode)},
+        run_config={"ops": {name: {"config": config}}} if config else None, raise_on_error=False,
+    )
 
 
-def test_crashing_payload_fails_the_run_with_job_id_and_traceback(tmp_path):
-    result, reports = run_asset("slurm", "selftest", {"fail": True, "message": "boom from payload"}, tmp_path)
-    assert not result.success and not reports
-    data = failure_of(result)
-    metadata = {k: v.value for k, v in data.user_failure_data.metadata.items()}
-    assert "boom from payload" in data.error.message
-    assert metadata["slurm_job_id"].isdigit()
-    assert "RuntimeError: boom from payload" in metadata["traceback_tail"]
-    written = [p.name for p in (tmp_path / "outputs/default/_jobs").glob("*.json")]
-    assert written and all(name.endswith(".error.json") for name in written)  # no completion report
+def failure(result: dg.ExecuteInProcessResult) -> tuple[str, dict]:
+    """(message, metadata) of the run's step failure."""
+    data = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE").event_specific_data
+    user = data.user_failure_data
+    return str(data.error), ({k: v.value for k, v in user.metadata.items()} if user else {})
 
 
-def test_capture_on_slurm_equals_local(tmp_path):
-    from tests.tiny_graph import materialize, step_error
+def on_cluster(command: str) -> str:
+    """Run a shell command on the cluster's login node over the same SSH settings the jobs use (one
+    multiplexed connection, so that a command takes milliseconds, not a handshake)."""
+    env = os.environ
+    options = ["-o", "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ControlMaster=auto",
+               "-o", "ControlPath=/tmp/ddr-test-ssh-%C", "-o", "ControlPersist=30"]
+    if env.get("DDR_SLURM_HOST_KEY_CHECKING") == "off":
+        options += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    done = subprocess.run(["ssh", *options, "-p", env.get("DDR_SLURM_PORT", "22"), "-i", env["DDR_SLURM_KEY_PATH"],
+                           f"{env['DDR_SLURM_USER']}@{env['DDR_SLURM_HOST']}", command],
+                          capture_output=True, text=True, timeout=60, check=True)
+    return done.stdout.strip()
 
+
+def cancel_jobs(name_prefix: str) -> list[str]:
+    """``scancel`` the jobs whose name starts with ``name_prefix``, in one round trip; their ids."""
+    ids = on_cluster(f"ids=$(squeue -h -o '%A %j' | awk '$2 ~ /^{name_prefix}/ {{print $1}}'); "
+                     f"[ -n \"$ids\" ] && scancel $ids; echo $ids")
+    return ids.split()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """In-process runs use one CPU thread, like the jobs (``-c 1``, ``OMP_NUM_THREADS`` from it): equal
+    thread counts keep float reductions identical, and a shared machine never oversubscribes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    """One data root with the tiny inputs and two experiments, ``slurm`` and ``local``: each with
+    ``activations[tiny]`` (on SLURM in one, in-process in the other) and ``timestep_stats[tiny-raw]``."""
     instance = dg.DagsterInstance.ephemeral()
-    config = {"n_prompts": 6, "batch_size": 4, "num_inference_steps": 8, "seed": 1}
+    root = tmp_path_factory.mktemp("slurm_vs_local")
+    for name, key in [("models", "tiny"), ("saes", "tiny-sae"), ("prompt_datasets", "tiny-prompts")]:
+        provisioned = materialize(name, key, root, instance)  # inputs are shared by the experiments
+        assert provisioned.success, step_error(provisioned)
+    activations = {}
     for where in ("slurm", "local"):
-        root = tmp_path / where
-        for name, key in [("models", "tiny"), ("saes", "tiny-sae"), ("prompt_datasets", "tiny-prompts")]:
-            provisioned = materialize(name, key, root, instance)
-            assert provisioned.success, step_error(provisioned)
-        result, _ = run_asset(where, "capture_group", {"group": "tiny", "config": config}, root)
-        assert result.success
-    slurm_dir, local_dir = (tmp_path / w / "outputs/default/activations/tiny" for w in ("slurm", "local"))
+        config = {**CAPTURE, **({"slurm": {"mem": "1500M", "time_limit": "00:15:00"}} if where == "slurm" else {})}
+        result = materialize("activations", "tiny", root, instance, where, config, experiment=where)
+        assert result.success, step_error(result)
+        activations[where] = metadata(result, "activations")
+        stats = materialize("timestep_stats", "tiny-raw", root, instance, config=STATS, experiment=where)
+        assert stats.success, step_error(stats)
+    return root, activations, instance
+
+
+def test_activations_on_slurm_equal_local_and_the_run_config_reaches_sbatch(chains):
+    root, activations, _ = chains
+    slurm_dir, local_dir = (root / f"outputs/{w}/activations/tiny" for w in ("slurm", "local"))
     files = sorted(p.relative_to(slurm_dir) for p in slurm_dir.rglob("*.safetensors"))
     assert files and files == sorted(p.relative_to(local_dir) for p in local_dir.rglob("*.safetensors"))
     for name in files:
         a, b = load_file(slurm_dir / name), load_file(local_dir / name)
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+    generations = [pl.read_parquet(d / "generations.parquet").drop("image_path") for d in (slurm_dir, local_dir)]
+    assert generations[0].equals(generations[1])  # (image paths differ by the experiment's folder)
+    images = sorted(p.name for p in (slurm_dir / "images").glob("*.png"))
+    assert len(images) == CAPTURE["n_prompts"]
+    assert all((slurm_dir / "images" / n).read_bytes() == (local_dir / "images" / n).read_bytes() for n in images)
+    on_slurm, local = activations["slurm"], activations["local"]
+    for key in ("generations", "prompts", "timesteps", "channels_per_variant", "base_seed", "upstream_versions"):
+        assert on_slurm[key] == local[key], key
+    assert "slurm_job_ids" not in local
+    (job_id,) = on_slurm["slurm_job_ids"]
+    # the asset's run config `slurm: {mem: 1500M, time_limit: 00:15:00}` over the deployment defaults
+    accounted = on_cluster(f"sacct -X -n -P -j {job_id} -o State,ReqMem,Timelimit")
+    assert accounted.split("|") == ["COMPLETED", "1500M", "00:15:00"], accounted
+
+
+def test_crashing_payload_fails_the_run_naming_job_and_traceback(tmp_path):
+    @dg.asset
+    def crashing(context: dg.AssetExecutionContext, storage: DdrStorage, compute: ComputeResource):
+        compute.run_stage(context, "selftest", {"fail": True, "message": "boom from payload"}, storage=storage)
+
+    result = dg.materialize([crashing], raise_on_error=False, resources={
+        "storage": DdrStorage(data_root=str(tmp_path)), "compute": ComputeResource(device="cpu", mode="slurm")})
+    assert not result.success
+    message, meta = failure(result)
+    assert meta["slurm_job_id"].isdigit() and f"SLURM job {meta['slurm_job_id']} " in message
+    assert "boom from payload" in message
+    assert "RuntimeError: boom from payload" in meta["traceback_tail"]
+    written = [p.name for p in (tmp_path / "outputs/default/_jobs").glob("*.json")]
+    assert written and all(name.endswith(".error.json") for name in written)  # no completion report
+
+
+def test_job_over_its_memory_is_killed_and_the_run_names_job_and_log(chains):
+    root, _, instance = chains
+    result = materialize("activations", "tiny", root, instance, "slurm", {**CAPTURE, "slurm": {"mem": "200M"}},
+                         experiment="slurm")
+    assert not result.success
+    message, meta = failure(result)
+    job_id = meta["slurm_job_id"]
+    assert job_id.isdigit() and f"SLURM job {job_id} " in message
+    assert "without the payload's error report" in message
+    # the local cluster enforces --mem by sampling (OverMemoryKill); a cgroup cluster's log says "oom-kill"
+    assert any(word in meta["job_log_tail"].lower() for word in ("exceeded memory limit", "oom")), meta["job_log_tail"]
+    assert meta["job_log_tail"].splitlines()[-1] in message  # the log tail is in the message, too
+
+
+def _when_running(stage_name: str, action, stop: threading.Event, timeout: float = 300):
+    """A thread that waits until a job whose name contains ``stage_name`` runs, then calls
+    ``action(job_id)``; ``.jobs`` lists the ids it acted on."""
+    jobs: list[str] = []
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            running = [line.split() for line in on_cluster("squeue -h -t R -o '%A %j'").splitlines()]
+            mine = [job for job, name in running if stage_name in name]
+            if mine:
+                jobs.extend(mine)
+                for job in mine:
+                    action(job)
+                return
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.jobs = jobs
+    thread.start()
+    return thread
+
+
+def _node_failure(job_id: str) -> None:
+    node = on_cluster(f"squeue -h -j {job_id} -o %N")
+    on_cluster(f"scontrol update nodename={node} state=down reason=ddr-test-node-failure")
+    on_cluster(f"sleep 2; scontrol update nodename={node} state=resume")
+
+
+LOCAL_ADMIN = os.environ.get("DDR_SLURM_USER") == "root"
+
+
+@pytest.mark.skipif(SKIP is None and not LOCAL_ADMIN,
+                    reason="needs Slurm admin rights (DDR_SLURM_USER=root: the local test cluster)")
+@pytest.mark.parametrize(("fault", "action", "state", "log_line"), [
+    ("node failure", _node_failure, "NODE_FAIL", "DUE TO NODE FAILURE"),
+    # Slurm enforces time limits on a ~30 s cycle; a limit below the elapsed time is what expiry looks like
+    pytest.param("time limit", lambda job: on_cluster(f"scontrol update jobid={job} timelimit=0"), "TIMEOUT",
+                 "DUE TO TIME LIMIT", marks=pytest.mark.slow),
+])
+def test_a_job_slurm_kills_fails_the_run_with_job_id_and_log_tail(chains, fault, action, state, log_line):
+    """A long ``dreams_no_noise`` job (1000 steps) killed by Slurm itself: no payload error report, the
+    job's own log. ``requeue: false`` (an ``#SBATCH`` line): on node failure Slurm would requeue it."""
+    root, _, instance = chains
+    config = {**DREAMS, "channels": [14, 15], "num_steps": 1000, "slurm": {"requeue": False}}
+    stop = threading.Event()
+    watcher = _when_running("dagster_dreams_no_noise", action, stop)
+    try:
+        result = materialize("dreams_no_noise", "tiny-raw:0-15", root, instance, "slurm", config,
+                             experiment="slurm")
+    finally:
+        stop.set()
+        watcher.join(60)
+    (job_id,) = watcher.jobs
+    assert not result.success
+    message, meta = failure(result)
+    assert meta["slurm_job_id"] == job_id and f"SLURM job {job_id} " in message
+    assert state in message and "without the payload's error report" in message
+    assert f"JOB {job_id} ON" in meta["job_log_tail"] and log_line in meta["job_log_tail"], meta["job_log_tail"]
+    assert on_cluster(f"sacct -X -n -P -j {job_id} -o State").split("\n")[0].startswith(state)
+
+
+def _finished(out_dir: Path) -> dict[int, int]:
+    """channel -> mtime (ns) of its latents, for every finished dream channel."""
+    from ddr_core.dreams import finished_channels
+
+    return {c: max(p.stat().st_mtime_ns for p in (out_dir / f"channel_{c:05d}").rglob("latents.safetensors"))
+            for c in finished_channels(out_dir)}
+
+
+def test_scancel_of_a_dreams_job_midway_then_rerun_resumes_and_equals_local(chains):
+    root, _, instance = chains
+    local = materialize("dreams", "tiny-raw:0-15", root, instance, config=DREAMS)
+    assert local.success, step_error(local)
+
+    out_dir = root / "outputs/slurm/dreams/tiny-raw"
+    cancelled_jobs: list[str] = []
+    stop = threading.Event()
+
+    def cancel_after_the_first_channel():  # in a thread: dagster-slurm needs the main one (signal handlers)
+        deadline = time.monotonic() + 300
+        while not stop.is_set() and time.monotonic() < deadline:
+            if out_dir.is_dir() and _finished(out_dir):
+                cancelled_jobs.extend(cancel_jobs("dagster_dreams__"))
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=cancel_after_the_first_channel, daemon=True)
+    watcher.start()
+    try:
+        cancelled = materialize("dreams", "tiny-raw:0-15", root, instance, "slurm", DREAMS, experiment="slurm")
+    finally:
+        stop.set()
+        watcher.join(60)
+    (job_id,) = cancelled_jobs
+    assert not cancelled.success
+    message, meta = failure(cancelled)
+    assert meta["slurm_job_id"] == job_id and f"SLURM job {job_id} " in message
+    assert "cancelled" in message.lower() and "without the payload's error report" in message
+    assert f"JOB {job_id} ON" in meta["job_log_tail"] and "CANCELLED" in meta["job_log_tail"]
+
+    before = _finished(out_dir)
+    assert 1 <= len(before) < len(DREAM_CHANNELS), before  # killed mid-partition
+    rerun = materialize("dreams", "tiny-raw:0-15", root, instance, "slurm", DREAMS, experiment="slurm")
+    assert rerun.success, step_error(rerun)
+    meta = metadata(rerun, "dreams")
+    assert meta["channels_resumed"] == len(before)
+    assert meta["channels_done"] == len(DREAM_CHANNELS) - len(before)
+    after = _finished(out_dir)
+    assert set(after) == set(DREAM_CHANNELS)
+    assert {c: after[c] for c in before} == before  # finished channels were not redone
+
+    local_dir = root / "outputs/local/dreams/tiny-raw"
+    names = sorted(p.relative_to(local_dir) for p in local_dir.rglob("latents.safetensors"))
+    assert names and names == sorted(p.relative_to(out_dir) for p in out_dir.rglob("latents.safetensors"))
+    for name in names:
+        a, b = load_file(out_dir / name), load_file(local_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{name}:{key}")
+    quality = pl.read_parquet(out_dir / "quality.parquet")
+    assert quality.height == quality.select("channel", "timestep", "seed").n_unique()
+    assert sorted(set(quality["channel"])) == DREAM_CHANNELS

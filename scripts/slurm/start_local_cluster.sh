@@ -111,6 +111,7 @@ log "MariaDB up"
 # ---------------------------------------------------------------- slurm configs
 mkdir -p /etc/slurm
 umask 022
+OLD_CONF_SUM="$(cat /etc/slurm/slurm.conf 2>/dev/null | md5sum)"
 cat >/etc/slurm/slurm.conf <<CONF
 # Written by ddr scripts/slurm/start_local_cluster.sh: one node, loopback, accounting on.
 ClusterName=${CLUSTER_NAME}
@@ -138,7 +139,10 @@ MinJobAge=30
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 JobAcctGatherType=jobacct_gather/linux
-JobAcctGatherFrequency=30
+# Sample every task each second and kill a step over its --mem (without cgroups this is how memory is
+# enforced; the job log then says "Exceeded job memory limit", as on a cgroup cluster's OUT_OF_MEMORY).
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 SlurmctldTimeout=30
 SlurmdTimeout=30
@@ -174,6 +178,8 @@ log "slurmdbd up, cluster ${CLUSTER_NAME} registered"
 
 if ! pid_alive "${RUN}/slurmctld.pid"; then
   /usr/sbin/slurmctld
+elif [[ "$(md5sum </etc/slurm/slurm.conf)" != "${OLD_CONF_SUM}" ]]; then
+  scontrol reconfigure && log "slurm.conf changed: daemons reconfigured"
 fi
 wait_for 60 "slurmctld" scontrol ping
 if ! pid_alive "${RUN}/slurmd.pid"; then
@@ -221,17 +227,24 @@ log "sshd up on 127.0.0.1:${SSH_PORT}; cluster ready"
 
 # ---------------------------------------------------------------- pre-deployed env for dagster-slurm
 # dagster-slurm's pre_deployed_env_path=P runs jobs with P/env/bin/python after `source P/activate.sh`.
-# On this one-machine cluster P/env is a link to the project's venv (DDR_SLURM_VENV, default <repo>/.venv).
+# On this one-machine cluster P/env is a link to the project's venv (DDR_SLURM_VENV, default <repo>/.venv,
+# as `make setup` creates it: ddr installed editable, so jobs run this checkout's code). The venv must
+# import ddr_core (with torch) and dagster_pipes; otherwise no DDR_SLURM_ENV_PATH is printed and the
+# SLURM tests skip, saying why.
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="${DDR_SLURM_VENV:-${REPO}/.venv}"
 ENV_LINE=""
-if [[ -x "${VENV}/bin/python" ]]; then
+if [[ ! -x "${VENV}/bin/python" ]]; then
+  log "WARNING: no venv at ${VENV} (run \`make setup\` first, or set DDR_SLURM_VENV): no pre-deployed env"
+elif ! "${VENV}/bin/python" -c "import ddr_core.cluster_payload, dagster_pipes, torch" >"${LOGS}/env-check.log" 2>&1; then
+  log "WARNING: ${VENV} cannot import ddr_core/dagster_pipes/torch (see ${LOGS}/env-check.log): no pre-deployed env"
+else
   mkdir -p "${STATE_DIR}/env-ddr"
   ln -sfn "${VENV}" "${STATE_DIR}/env-ddr/env"
-  printf 'source %q\n' "${VENV}/bin/activate" >"${STATE_DIR}/env-ddr/activate.sh"
+  # CPU threads = the job's CPUs (torch would otherwise spin one thread per core of the machine)
+  printf 'source %q\nexport OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"\n' "${VENV}/bin/activate" \
+    >"${STATE_DIR}/env-ddr/activate.sh"
   ENV_LINE="export DDR_SLURM_ENV_PATH=${STATE_DIR}/env-ddr"
-else
-  log "no venv at ${VENV}: set DDR_SLURM_VENV to create the pre-deployed env link"
 fi
 
 cat <<ENV
@@ -242,7 +255,8 @@ export DDR_SLURM_PORT=${SSH_PORT}
 export DDR_SLURM_USER=root
 export DDR_SLURM_KEY_PATH=${SSH_DIR}/id_ed25519
 export DDR_SLURM_PARTITION=${PARTITION}
-export DDR_SLURM_CPUS=${NCPU}
+export DDR_SLURM_CPUS=1
 export DDR_SLURM_MEM=2G
 export DDR_SLURM_TIME=00:20:00
+export DDR_SLURM_POLL_INTERVAL=1
 ENV
