@@ -24,6 +24,12 @@ DEMO_RUN_CONFIG: dict[str, dict] = {
     "priors": {"num_inference_steps": 25},
     "dreams": {"batch_size": 64, "num_steps": 40, "n_results": 2, "timesteps": ["activity_peaks"]},
 }
+# Per model, on top of DEMO_RUN_CONFIG: the toy world's model was trained for guidance ~3 and samples
+# well in 25 steps; its 36 prompts get 5 images each (180 generations, as its SAE was trained on).
+DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
+    "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
+                                  "batch_size": 36}},
+}
 # Plots, priors and dreams run on the first channel block of each variant (every block: --all-blocks),
 # priors and dreams on its first DEMO_CHANNELS channels.
 DEMO_BLOCKS = 1
@@ -51,7 +57,17 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("dreams", few),
         ("representation_shards", blocks),
         ("html_export", list(variants)),
+        ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
     ]
+
+
+def _model_of(asset_name: str, key: str) -> str | None:
+    """The model a partition of ``asset_name`` belongs to (None for provisioning assets)."""
+    cfg = project()
+    if asset_name == "activations":
+        return cfg.capture_spec(key)[0]
+    variant = parse_block_key(key)[0] if ":" in key else key
+    return cfg.variants[variant].model if variant in cfg.variants else None
 
 
 def _asset_by_name(name: str) -> dg.AssetsDefinition:
@@ -79,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     for asset_name, keys in demo_plan(variants, args.all_blocks):
         for key in keys:
             t0 = time.monotonic()
-            op_config = dict(DEMO_RUN_CONFIG.get(asset_name, {}))
+            op_config = {**DEMO_RUN_CONFIG.get(asset_name, {}),
+                         **DEMO_MODEL_RUN_CONFIG.get(_model_of(asset_name, key), {}).get(asset_name, {})}
             if asset_name in ("priors", "dreams") and not args.all_blocks:
                 _, first, last = parse_block_key(key)
                 op_config["channels"] = list(range(first, min(last + 1, first + DEMO_CHANNELS)))
