@@ -31,8 +31,8 @@ def test_gpu_assets_share_the_gpu_pool():
 def test_nightly_schedule_requests_each_default_capture_group():
     context = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 11, 27, 2, 0))
     requests = list(nightly_capture(context))
-    assert [r.partition_key for r in requests] == ["tiny"]
-    assert requests[0].run_key == "tiny-20261127"
+    assert [r.partition_key for r in requests] == ["toy-world"]  # default variants: toy-raw, toy-sae
+    assert requests[0].run_key == "toy-world-20261127"
     assert defs.get_schedule_def("nightly_capture").default_status == dg.DefaultScheduleStatus.STOPPED
 
 

@@ -204,7 +204,8 @@ def _when_running(stage_name: str, action, stop: threading.Event, timeout: float
 def _node_failure(job_id: str) -> None:
     node = on_cluster(f"squeue -h -j {job_id} -o %N")
     on_cluster(f"scontrol update nodename={node} state=down reason=ddr-test-node-failure")
-    on_cluster(f"sleep 2; scontrol update nodename={node} state=resume")
+    # back to service for the next tests; "Invalid node state transition" when slurmctld already resumed it
+    on_cluster(f"sleep 2; scontrol update nodename={node} state=resume || sinfo -h -n {node} -o %T | grep -qv down")
 
 
 LOCAL_ADMIN = os.environ.get("DDR_SLURM_USER") == "root"
