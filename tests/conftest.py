@@ -54,3 +54,15 @@ def tiny_graph(tmp_path_factory: pytest.TempPathFactory):
     data_root = tmp_path_factory.mktemp("tiny_graph")
     instance = dg.DagsterInstance.ephemeral()
     return build_tiny_graph(data_root, instance)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module: the tiny model's ops are overhead-bound, and one thread avoids
+    oversubscription on a busy machine. Use with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

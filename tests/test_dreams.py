@@ -32,13 +32,7 @@ from ddr_core.tiny_model import TINY_TARGET_LAYER
 FAST = {"num_steps": 4, "snapshot_every": 2, "batch_size": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are overhead-bound; one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _generators(seeds):

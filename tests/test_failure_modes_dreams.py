@@ -61,13 +61,7 @@ DREAMS_CONFIG = {"timesteps": [20, "activity_peaks"], "n_results": 2, "num_steps
                  "batch_size": 4, "quality_noise_draws": 1}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """The tiny model's ops are overhead-bound; one thread avoids oversubscription on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,7 @@ BASE = {"num_steps": 3, "use_prior": False, "n_results": 1, "seeds": [7], "times
 GRID = {"learning_rate": [0.01, 0.2]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_stats(stats_dir: Path) -> None:
