@@ -32,7 +32,7 @@ from ddr_core.feature_concepts import (
 )
 from ddr_core.records import make_record, read_record, write_record
 
-FEATURE_CONCEPTS_CODE_VERSION = "1"
+FEATURE_CONCEPTS_CODE_VERSION = "2"
 CHECK_NAME = "feature_concepts_baseline"
 
 FeatureConceptsRunConfig = dagster_config_from(FeatureConceptsConfig, "FeatureConceptsRunConfig", extra={
@@ -125,6 +125,10 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
                        "channels": values["n_channels"]}
                       for source, section in summary["agreement"].items()
                       for family, values in section["families"].items()]
+    agreement_rows += [{"source": source, "family": f"selective (purity >= {section['selective']['min_purity']})",
+                        "rate": section["selective"]["rate"], "chance": section["selective"]["chance"],
+                        "channels": section["selective"]["n_channels"]}
+                       for source, section in summary["agreement"].items() if section.get("selective")]
     return dg.MaterializeResult(
         metadata={
             "path": path_metadata(result.out_dir),
@@ -137,7 +141,9 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
             **_numbers({"purity_mean": purity["overall"]["mean"], "purity_median": purity["overall"]["median"],
                         "chance_purity_mean": purity["chance"]["mean"],
                         "prior_agreement": (summary["agreement"].get("prior") or {}).get("rate"),
-                        "dream_agreement": (summary["agreement"].get("dream") or {}).get("rate")}),
+                        "dream_agreement": (summary["agreement"].get("dream") or {}).get("rate"),
+                        **{f"{source}_agreement_selective": (section.get("selective") or {}).get("rate")
+                           for source, section in summary["agreement"].items()}}),
             "purity_raw_vs_sae": dg.MetadataValue.md(markdown_table(comparison)),
             "agreement": dg.MetadataValue.md(markdown_table(agreement_rows)),
             "figures": dg.MetadataValue.json(summary["figures"]),

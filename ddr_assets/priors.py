@@ -3,6 +3,8 @@
 Partitioned by channel block (``<variant>:<first>-<last>``); several channels share each generation
 batch, every batch element steering its own channel. Resumable per channel. The work runs through
 ``compute.run_stage`` (``priors_for_variant``, one call per variant), in-process or as a SLURM job.
+A variant's ``overrides.priors`` in the project config (e.g. its own ``steer_strength_scale``) apply to
+every field the run config leaves at its default.
 """
 
 import dagster as dg
@@ -10,7 +12,7 @@ import dagster as dg
 from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, run_channels
-from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
+from ddr_assets.configs import SLURM_FIELD, dagster_config_from, with_variant_overrides
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
 from ddr_core.paths import resolve_inside
@@ -35,14 +37,17 @@ PriorsRunConfig = dagster_config_from(PriorsConfig, "PriorsRunConfig",
 )
 def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: DdrStorage,
            compute: ComputeResource) -> dg.MaterializeResult:
-    priors_config = to_core(config, PriorsConfig, asset="priors")
-    layout = storage.layout
+    layout, project = storage.layout, storage.project
     reports = []
     totals: dict[str, int] = {"done": 0, "skipped": 0, "resumed": 0, "images": 0}
     seconds = 0.0
     upstream: dict[str, str] = {}
     previews = []
+    effective: dict[str, dict] = {}
     for variant, blocks in run_channels(context.partition_keys, config.channels).items():
+        priors_config = with_variant_overrides(config, PriorsConfig, project.variants[variant].overrides.get("priors", {}),
+                                               asset="priors")
+        effective[variant] = priors_config.model_dump(mode="json")
         stats = read_record(layout.records_dir, "timestep_stats", variant,
                             required_by=f"priors[{next(iter(blocks))}]")
         upstream[f"timestep_stats/{variant}"] = stats["data_version"]
@@ -78,8 +83,7 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
         "images_per_second": round(totals["images"] / seconds, 3) if seconds > 0 and totals["images"] else 0.0,
         "blocks": dg.MetadataValue.json(list(context.partition_keys)),
         "preview": image_preview(previews),
-        **lineage_metadata({**priors_config.model_dump(mode="json"), "channels": config.channels}, upstream,
-                           PRIORS_CODE_VERSION),
+        **lineage_metadata({"channels": config.channels, "per_variant": effective}, upstream, PRIORS_CODE_VERSION),
         **compute_metadata(*reports),
     })
 

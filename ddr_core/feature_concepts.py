@@ -27,11 +27,15 @@ variant:
   images whose predicted value equals the channel's dominant value (``prior_agreement_<family>``,
   ``dream_agreement_<family>``; null without a dominant value or without images), and the most
   common prediction (``prior_vote_<family>``). Dream images are those of every dreamed timestep.
+  ``<source>_agreement_selective`` averages only the families that are the channel's concept (purity at
+  least ``selective_purity``, default 0.8): a colour channel's shape agreement is noise, and the plain
+  mean over families dilutes what a visualisation got right with what it was never meant to show.
 
 Summary: the purity distribution (mean, median, quartiles, 10/90 % quantiles; overall, per family,
 joint, chance), agreement rates per source and family (mean over channels with images and a dominant
 value) with the rate expected by chance (predictions and dominant values paired at random:
-``sum_v P(prediction = v) P(dominant = v)``), counts, dominant-value counts, and ``figures``: the flat
+``sum_v P(prediction = v) P(dominant = v)``), the selective agreement with its chance (the family chances
+averaged over the same channel-family pairs), counts, dominant-value counts, and ``figures``: the flat
 higher-is-better numbers the regression check compares with a committed baseline
 (:func:`check_against_baseline`).
 
@@ -84,6 +88,9 @@ class FeatureConceptsConfig(BaseModel):
     min_examples: int = Field(3, ge=1, description="labelled examples a channel needs for a purity")
     chance_draws: int = Field(200, ge=1, description="random example sets per set size for the chance purity")
     seed: int = Field(0, ge=0, description="seed of the chance draws")
+    selective_purity: float = Field(
+        0.8, ge=0.0, le=1.0, description="a family counts as a channel's concept when its purity is at least this "
+                                         "(the selective agreement scores only those families)")
     priors: bool = Field(True, description="classify the priors' images")
     dreams: bool = Field(True, description="classify the dreams' images")
     classifier_batch_size: int = Field(256, ge=1)
@@ -417,16 +424,21 @@ def image_predictions(
 
 
 def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: Sequence[str],
-                      source: str) -> pl.DataFrame:
+                      source: str, selective_purity: float = 0.8) -> pl.DataFrame:
     """Per channel of ``purity``: ``n_<source>_images`` and per family ``<source>_agreement_<f>`` (share
     of its images predicted as its dominant value; null without images or dominant value) and
-    ``<source>_vote_<f>`` (most common prediction), plus ``<source>_agreement`` (mean over families)."""
+    ``<source>_vote_<f>`` (most common prediction), plus ``<source>_agreement`` (mean over families) and
+    ``<source>_agreement_selective`` (mean over the families whose purity is at least ``selective_purity``,
+    the channel's concepts; null when it has none). A channel that fires on every red shape is not wrong
+    to draw a red square when its examples were red circles: its shape agreement is noise, its
+    selective agreement is not."""
     groups = {int(key[0]): frame for key, frame in predicted.group_by("channel")}
     rows = []
-    for row in purity.select("channel", *[f"dominant_{f}" for f in families]).iter_rows(named=True):
+    columns = ["channel", *[f"dominant_{f}" for f in families], *[f"purity_{f}" for f in families]]
+    for row in purity.select(columns).iter_rows(named=True):
         frame = groups.get(int(row["channel"]))
         out: dict[str, Any] = {"channel": row["channel"], f"n_{source}_images": 0 if frame is None else frame.height}
-        shares = []
+        shares, selective = [], []
         for family in families:
             values = [] if frame is None else frame[family].to_list()
             out[f"{source}_vote_{family}"] = dominant_value(values)[0]
@@ -435,13 +447,18 @@ def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: S
             out[f"{source}_agreement_{family}"] = share
             if share is not None:
                 shares.append(share)
+                family_purity = row[f"purity_{family}"]
+                if family_purity is not None and family_purity >= selective_purity:
+                    selective.append(share)
         out[f"{source}_agreement"] = float(np.mean(shares)) if len(shares) == len(families) else None
+        out[f"{source}_agreement_selective"] = float(np.mean(selective)) if selective else None
         rows.append(out)
     schema: dict[str, Any] = {"channel": pl.Int32, f"n_{source}_images": pl.Int32}
     for family in families:
         schema[f"{source}_vote_{family}"] = pl.String
         schema[f"{source}_agreement_{family}"] = pl.Float64
     schema[f"{source}_agreement"] = pl.Float64
+    schema[f"{source}_agreement_selective"] = pl.Float64
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
@@ -460,7 +477,25 @@ def distribution(values: Sequence[float | None]) -> dict[str, float | int | None
             **{k: float(np.quantile(array, q)) for k, q in QUANTILES.items()}, "max": float(array.max())}
 
 
-def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[str]) -> dict[str, Any]:
+def _selective_agreement(with_images: pl.DataFrame, families: Sequence[str], source: str,
+                         per_family: dict[str, dict[str, Any]], selective_purity: float) -> dict[str, Any]:
+    """Agreement on the channels' own concepts: the mean of ``<source>_agreement_selective``, and its
+    chance level, the mean over the same (channel, family) pairs of the family's chance rate."""
+    rates = with_images[f"{source}_agreement_selective"].drop_nulls() \
+        if f"{source}_agreement_selective" in with_images.columns else pl.Series([], dtype=pl.Float64)
+    chances = []
+    for row in with_images.iter_rows(named=True):
+        pairs = [per_family[f]["chance"] for f in families
+                 if row.get(f"purity_{f}") is not None and row[f"purity_{f}"] >= selective_purity
+                 and row.get(f"{source}_agreement_{f}") is not None and per_family[f]["chance"] is not None]
+        if pairs:
+            chances.append(float(np.mean(pairs)))
+    return {"rate": float(rates.mean()) if rates.len() else None, "n_channels": int(rates.len()),
+            "chance": float(np.mean(chances)) if chances else None, "min_purity": selective_purity}
+
+
+def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[str],
+              selective_purity: float = 0.8) -> dict[str, Any]:
     """The summary of a :func:`compute_feature_concepts` table (see the module docstring)."""
     scored = table.filter(pl.col("purity").is_not_null())
     purity = {
@@ -494,7 +529,9 @@ def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[st
         overall = with_images[f"{source}_agreement"].drop_nulls()
         agreement[source] = {"families": per_family, "rate": float(overall.mean()) if overall.len() else None,
                              "n_channels": int(overall.len()),
-                             "images": int(with_images[f"n_{source}_images"].sum() or 0)}
+                             "images": int(with_images[f"n_{source}_images"].sum() or 0),
+                             "selective": _selective_agreement(with_images, families, source, per_family,
+                                                               selective_purity)}
     counts = {"channels": table.height, "with_examples": int((table["n_examples"] > 0).sum()),
               "with_purity": scored.height,
               "without_enough_examples": int(((table["n_examples"] > 0) & table["purity"].is_null()).sum())}
@@ -513,6 +550,7 @@ def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequ
     }
     for source, section in agreement.items():
         figures[f"{source}_agreement"] = section["rate"]
+        figures[f"{source}_agreement_selective"] = (section.get("selective") or {}).get("rate")
         for family, values in section["families"].items():
             figures[f"{source}_agreement_{family}"] = values["rate"]
     return {name: round(float(value), 6) for name, value in figures.items() if value is not None}
@@ -525,7 +563,7 @@ def table_columns(families: Sequence[str], sources: Sequence[str] = SOURCES) -> 
     for family in families:
         columns += [f"dominant_{family}", f"purity_{family}", f"chance_purity_{family}"]
     for source in sources:
-        columns += [f"n_{source}_images", f"{source}_agreement"]
+        columns += [f"n_{source}_images", f"{source}_agreement", f"{source}_agreement_selective"]
         for family in families:
             columns += [f"{source}_agreement_{family}", f"{source}_vote_{family}"]
     return columns
@@ -599,7 +637,8 @@ def compute_feature_concepts(
                                         config.classifier_batch_size) if images else {f: [] for f in families}
             frame = image_predictions(images, predicted, families)
             predictions_kept[source] = frame
-            table = table.join(channel_agreement(table, frame, families, source), on="channel", how="left")
+            table = table.join(channel_agreement(table, frame, families, source, config.selective_purity),
+                               on="channel", how="left")
             sources.append(source)
             say(f"feature concepts {variant}: {len(images)} {source} image(s) classified")
     table = table.with_columns(pl.lit(basis).alias("basis"))
@@ -609,7 +648,7 @@ def compute_feature_concepts(
         "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
         "stats_config_hash": stats_summary.get("config_hash"), "sources": sources,
         "classifier": classifier is not None, "unlabelled_examples": unlabelled.height,
-        **summarise(table, families, sources),
+        **summarise(table, families, sources, config.selective_purity),
     }
     out = Path(out_dir)
     with atomic_dir(out) as staging:
@@ -646,7 +685,9 @@ def compare_bases(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                                "excess_mean": (summary["purity"].get("excess") or {}).get("mean"),
                                "purity_joint_mean": summary["purity"]["joint"]["mean"]}
         for source in SOURCES:
-            row[f"{source}_agreement"] = (summary.get("agreement", {}).get(source) or {}).get("rate")
+            section = summary.get("agreement", {}).get(source) or {}
+            row[f"{source}_agreement"] = section.get("rate")
+            row[f"{source}_agreement_selective"] = (section.get("selective") or {}).get("rate")
         rows.append(row)
     return rows
 

@@ -157,3 +157,29 @@ def test_variant_overrides_apply_unless_the_run_sets_the_field():
     assert explicit.total_variation_weight == 0.2
     with pytest.raises(dg.Failure, match="unknown dreams override"):
         with_variant_overrides(DreamsRunConfig(), DreamConfig, {"tv": 1}, asset="dreams")
+
+
+def test_priors_take_the_variant_overrides_unless_the_run_sets_them():
+    from ddr_assets.configs import with_variant_overrides
+    from ddr_assets.priors import PriorsRunConfig
+    from ddr_core.priors import PriorsConfig
+
+    merged = with_variant_overrides(PriorsRunConfig(), PriorsConfig, {"steer_strength_scale": 15.0}, asset="priors")
+    assert merged.steer_strength_scale == 15.0 and merged.resolved_scale("raw") == 15.0
+    explicit = with_variant_overrides(PriorsRunConfig(steer_strength_scale=30.0), PriorsConfig,
+                                      {"steer_strength_scale": 15.0}, asset="priors")
+    assert explicit.steer_strength_scale == 30.0
+
+
+def test_every_variant_override_in_the_project_config_is_a_valid_stage_parameter():
+    from ddr_core.config import load_project_config
+    from ddr_core.dreams import DreamConfig
+    from ddr_core.priors import PriorsConfig
+
+    stages = {"priors": PriorsConfig, "dreams": DreamConfig}
+    project = load_project_config()
+    for name, variant in project.variants.items():
+        for stage, values in variant.overrides.items():
+            assert stage in stages, f"{name}: overrides for unknown stage {stage!r}"
+            stages[stage](**values)  # raises on an unknown field or a bad value
+    assert project.variants["toy-raw"].overrides["priors"]["steer_strength_scale"] < 50  # toy-world tuned

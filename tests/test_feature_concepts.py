@@ -271,6 +271,10 @@ def test_purity_agreement_and_summary_have_the_known_values(scene) -> None:
     prior = summary["agreement"]["prior"]
     assert prior["families"]["colour"] == {"rate": pytest.approx(2 / 3), "n_channels": 1, "chance": 1.0}
     assert prior["n_channels"] == 1 and prior["images"] == 3
+    # channel 0 is pure in both families, so its selective agreement is the plain mean
+    assert zero["prior_agreement_selective"] == pytest.approx(5 / 6) and two["prior_agreement_selective"] is None
+    assert prior["selective"] == {"rate": pytest.approx(5 / 6), "n_channels": 1, "chance": 1.0, "min_purity": 0.8}
+    assert summary["figures"]["prior_agreement_selective"] == pytest.approx(5 / 6, abs=1e-6)
     assert summary["dominant_counts"]["colour"] == {"blue": 1, "red": 1}
     figures = summary["figures"]
     assert figures["purity_mean"] == 0.8125 and figures["dream_agreement_shape"] == 0.0
@@ -279,6 +283,27 @@ def test_purity_agreement_and_summary_have_the_known_values(scene) -> None:
     assert saved == json.loads(json.dumps(summary)) and table.equals(result.table)
     predictions = pl.read_parquet(data_root / "out" / "prior_predictions.parquet")
     assert predictions.filter(pl.col("channel") == 0)["colour"].to_list() == ["red", "red", "blue"]
+
+
+def test_selective_agreement_scores_only_the_channels_own_concepts() -> None:
+    from ddr_core.feature_concepts import channel_agreement
+
+    purity = pl.DataFrame({"channel": [0, 1, 2], "dominant_colour": ["red", "blue", "green"],
+                           "purity_colour": [1.0, 0.5, 0.9], "dominant_shape": ["circle", "square", "circle"],
+                           "purity_shape": [0.4, 0.9, 0.85]}, schema_overrides={"channel": pl.Int32})
+    predicted = pl.DataFrame({
+        "channel": [0, 0, 1, 1, 2, 2], "image": list("abcdef"),
+        "colour": ["red", "red", "red", "red", "green", "blue"],
+        "shape": ["square", "square", "square", "circle", "circle", "circle"]}, schema_overrides={"channel": pl.Int32})
+    rows = {r["channel"]: r for r in channel_agreement(purity, predicted, FAMILIES, "prior", 0.8).iter_rows(named=True)}
+    # channel 0 is a red channel (any shape): it drew red squares, right in colour, "wrong" in shape
+    assert rows[0]["prior_agreement"] == 0.5 and rows[0]["prior_agreement_selective"] == 1.0
+    # channel 1 is a square channel: half its images are squares; its colour (blue, 0.5) is not its concept
+    assert rows[1]["prior_agreement_selective"] == 0.5 and rows[1]["prior_agreement_colour"] == 0.0
+    # channel 2 is selective in both: mean of colour 0.5 and shape 1.0
+    assert rows[2]["prior_agreement_selective"] == 0.75
+    strict = channel_agreement(purity, predicted, FAMILIES, "prior", 0.95)
+    assert strict["prior_agreement_selective"].to_list() == [1.0, None, None]
 
 
 def test_without_a_classifier_only_purity_is_scored(scene) -> None:
