@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
+    for line in ground_truth_lines(layout, variants):
+        print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"
           f" --experiment {layout.experiment}; opens http://127.0.0.1:8501)")
@@ -121,6 +123,40 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Dagster UI: make dev   (DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME', '.dagster_home')).resolve()};"
           f" then open http://127.0.0.1:3000)")
     return 0
+
+
+def ground_truth_lines(layout, variants: list[str]) -> list[str]:
+    """One line per scored variant: purity vs chance, and how recognisable its priors / dreams are and how
+    often they show the channel's own concept (``feature_concepts``), next to chance."""
+    from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
+
+    def share(value) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = []
+    for variant in variants:
+        found = read_feature_concepts(feature_concepts_dir(layout, variant))
+        if found is None:
+            continue
+        summary = found[1]
+        purity = summary["purity"]
+        parts = [f"purity {share(purity['overall']['mean'])} (chance {share(purity['chance']['mean'])})"]
+        world = summary.get("world") or {}
+        for source, label in (("prior", "priors"), ("dream", "dreams")):
+            section = summary.get("agreement", {}).get(source)
+            if not section:
+                continue
+            selective = section.get("selective") or {}
+            recognisable = ((world.get("sources") or {}).get(source) or {}).get("recognisable")
+            look = f"{share(recognisable)} recognisable, " if recognisable is not None else ""
+            parts.append(f"{label} {look}own concept {share(selective.get('rate'))} "
+                         f"(chance {share(selective.get('chance'))})")
+        if (world.get("generations") or {}).get("recognisable") is not None:
+            parts.append(f"generations {share(world['generations']['recognisable'])} recognisable")
+        lines.append(f"  ground truth {variant}: " + "; ".join(parts))
+    if lines:
+        lines.insert(0, "Ground truth (feature_concepts; BENCHMARKS.md explains the figures):")
+    return lines
 
 
 if __name__ == "__main__":

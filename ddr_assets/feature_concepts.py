@@ -143,7 +143,11 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
                         "prior_agreement": (summary["agreement"].get("prior") or {}).get("rate"),
                         "dream_agreement": (summary["agreement"].get("dream") or {}).get("rate"),
                         **{f"{source}_agreement_selective": (section.get("selective") or {}).get("rate")
-                           for source, section in summary["agreement"].items()}}),
+                           for source, section in summary["agreement"].items()},
+                        **{f"{source}_recognisable": values["recognisable"]
+                           for source, values in (summary.get("world") or {}).get("sources", {}).items()},
+                        "generations_recognisable": ((summary.get("world") or {}).get("generations") or {})
+                        .get("recognisable")}),
             "purity_raw_vs_sae": dg.MetadataValue.md(markdown_table(comparison)),
             "agreement": dg.MetadataValue.md(markdown_table(agreement_rows)),
             "figures": dg.MetadataValue.json(summary["figures"]),

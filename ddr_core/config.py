@@ -126,6 +126,12 @@ class ModelConfig(_Strict):
                     "enables the prior / dream agreement of feature_concepts",
     )
 
+    world: Literal["toy-world"] | None = Field(
+        default=None,
+        description="the synthetic world the model was trained on (`toy-world`): feature_concepts also measures "
+                    "how far each prior / dream image is from the nearest of the world's renders (recognisability)",
+    )
+
     @field_validator("concept_classifier")
     @classmethod
     def _classifier_inside(cls, value: str | None) -> str | None:

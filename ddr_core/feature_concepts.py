@@ -31,6 +31,13 @@ variant:
   least ``selective_purity``, default 0.8): a colour channel's shape agreement is noise, and the plain
   mean over families dilutes what a visualisation got right with what it was never meant to show.
 
+- **recognisability** (models that declare a ``world``, e.g. the toy world): each prior / dream image's
+  RMSE to the nearest of 4000 renders of the world (:func:`ddr_core.toy_world.nearest_render_rmse`),
+  ``<source>_world_rmse`` (median per channel) and ``<source>_recognisable`` (share within
+  ``recognisable_rmse``, default 0.15). Concept-blind: it asks whether the picture shows *a* clean shape
+  on a background at all, where agreement asks whether it shows the channel's one. The capture's own
+  generations are scored alike (``world.generations``), the level a visualisation can reach.
+
 Summary: the purity distribution (mean, median, quartiles, 10/90 % quantiles; overall, per family,
 joint, chance), agreement rates per source and family (mean over channels with images and a dominant
 value) with the rate expected by chance (predictions and dominant values paired at random:
@@ -94,6 +101,9 @@ class FeatureConceptsConfig(BaseModel):
     priors: bool = Field(True, description="classify the priors' images")
     dreams: bool = Field(True, description="classify the dreams' images")
     classifier_batch_size: int = Field(256, ge=1)
+    recognisable_rmse: float = Field(
+        0.15, gt=0.0, le=1.0, description="an image within this RMSE (0-1 pixels) of one of its world's renders is "
+                                          "recognisable (models that declare a `world`)")
 
     def config_hash(self) -> str:
         return config_hash(self.model_dump(mode="json"))
@@ -462,6 +472,39 @@ def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: S
     return pl.DataFrame(rows, schema=schema, orient="row")
 
 
+def _world_rmse(images: Sequence[np.ndarray], renders_for: Callable[[int], np.ndarray]) -> np.ndarray:
+    """Each image's RMSE to the nearest render of the world drawn at the image's (square) size."""
+    from ddr_core.toy_world import nearest_render_rmse
+
+    out = np.zeros(len(images))
+    by_size: dict[tuple[int, ...], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    for shape, indices in by_size.items():
+        if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 3:
+            raise ValueError(f"images of shape {shape} cannot be compared with the world's renders, which are "
+                             f"square RGB: generate priors / dreams with height == width")
+        out[indices] = nearest_render_rmse(np.stack([images[i] for i in indices]), renders_for(shape[0]))
+    return out
+
+
+def channel_recognisability(predicted: pl.DataFrame, source: str, recognisable_rmse: float) -> pl.DataFrame:
+    """Per channel of ``predicted`` (with a ``world_rmse`` column): ``<source>_world_rmse`` (median over its
+    images) and ``<source>_recognisable`` (share of its images within ``recognisable_rmse``)."""
+    return (predicted.group_by("channel")
+            .agg(pl.col("world_rmse").median().alias(f"{source}_world_rmse"),
+                 (pl.col("world_rmse") < recognisable_rmse).mean().cast(pl.Float64).alias(f"{source}_recognisable"))
+            .with_columns(pl.col("channel").cast(pl.Int32)))
+
+
+def _recognisability_summary(rmse: np.ndarray, recognisable_rmse: float) -> dict[str, Any]:
+    rmse = np.asarray(rmse, dtype=np.float64)
+    if rmse.size == 0:
+        return {"images": 0, "recognisable": None, "rmse_median": None}
+    return {"images": int(rmse.size), "recognisable": float((rmse < recognisable_rmse).mean()),
+            "rmse_median": float(np.median(rmse))}
+
+
 # --------------------------------------------------------------------------------------------------
 # Summary
 # --------------------------------------------------------------------------------------------------
@@ -495,7 +538,7 @@ def _selective_agreement(with_images: pl.DataFrame, families: Sequence[str], sou
 
 
 def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[str],
-              selective_purity: float = 0.8) -> dict[str, Any]:
+              selective_purity: float = 0.8, world: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary of a :func:`compute_feature_concepts` table (see the module docstring)."""
     scored = table.filter(pl.col("purity").is_not_null())
     purity = {
@@ -537,11 +580,15 @@ def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[st
               "without_enough_examples": int(((table["n_examples"] > 0) & table["purity"].is_null()).sum())}
     for source in agreement:
         counts[f"with_{source}_images"] = int((table[f"n_{source}_images"] > 0).sum())
-    return {"counts": counts, "purity": purity, "agreement": agreement, "dominant_counts": dominant_counts,
-            "figures": figures_of(purity, agreement, families)}
+    summary = {"counts": counts, "purity": purity, "agreement": agreement, "dominant_counts": dominant_counts,
+               "figures": figures_of(purity, agreement, families, world)}
+    if world is not None:
+        summary["world"] = world
+    return summary
 
 
-def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequence[str]) -> dict[str, float]:
+def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequence[str],
+               world: dict[str, Any] | None = None) -> dict[str, float]:
     """The flat, higher-is-better numbers of a summary (what the baseline check compares)."""
     figures: dict[str, float | None] = {
         "purity_mean": purity["overall"]["mean"], "purity_median": purity["overall"]["median"],
@@ -553,17 +600,21 @@ def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequ
         figures[f"{source}_agreement_selective"] = (section.get("selective") or {}).get("rate")
         for family, values in section["families"].items():
             figures[f"{source}_agreement_{family}"] = values["rate"]
+    for source, values in ((world or {}).get("sources") or {}).items():
+        figures[f"{source}_recognisable"] = values["recognisable"]
     return {name: round(float(value), 6) for name, value in figures.items() if value is not None}
 
 
-def table_columns(families: Sequence[str], sources: Sequence[str] = SOURCES) -> list[str]:
-    """Columns of ``feature_concepts.parquet`` in order."""
+def table_columns(families: Sequence[str], sources: Sequence[str] = SOURCES, world: bool = False) -> list[str]:
+    """Columns of ``feature_concepts.parquet`` in order (``world``: with the recognisability columns)."""
     columns = ["channel", "basis", "n_examples", "n_labelled", "examples_timestep", "purity", "chance_purity",
                "purity_excess", "purity_joint", "chance_purity_joint"]
     for family in families:
         columns += [f"dominant_{family}", f"purity_{family}", f"chance_purity_{family}"]
     for source in sources:
         columns += [f"n_{source}_images", f"{source}_agreement", f"{source}_agreement_selective"]
+        if world:
+            columns += [f"{source}_world_rmse", f"{source}_recognisable"]
         for family in families:
             columns += [f"{source}_agreement_{family}", f"{source}_vote_{family}"]
     return columns
@@ -590,6 +641,8 @@ def compute_feature_concepts(
     dreams_dir: str | Path | None = None,
     classifier: Any | None = None,
     generation_pool: pl.DataFrame | None = None,
+    world_renders: Callable[[int], np.ndarray] | None = None,
+    generation_images: Sequence[np.ndarray] | None = None,
     log: LogFn | None = None,
 ) -> FeatureConceptsResult:
     """Score every channel of one variant and write ``feature_concepts.parquet`` + ``summary.json``.
@@ -604,6 +657,11 @@ def compute_feature_concepts(
         priors_dir, dreams_dir: the variant's priors / dreams folders (missing or ``None``: skipped).
         classifier: a :class:`~ddr_core.concept_classifier.ConceptClassifier`; ``None``: no agreement.
         generation_pool: the capture's generations (``prompt`` column) for the chance purity.
+        world_renders: image side -> ``(m, side, side, 3)`` uint8 renders of the model's world
+            (:func:`ddr_core.toy_world.reference_renders`): each classified image also gets its RMSE to
+            the nearest render, and a channel the share of its images within ``recognisable_rmse``.
+        generation_images: the capture's generated images, scored the same way as a reference (what the
+            model draws when prompted).
     """
     from ddr_core.statistics import read_summary
 
@@ -633,22 +691,37 @@ def compute_feature_concepts(
             if data_root is None:
                 raise ValueError("data_root is needed to read prior and dream images")
             images = finder(folder, channels) if Path(folder).is_dir() else []
-            predicted = classify_images(classifier, load_images(data_root, [p for _, p in images]), families,
+            loaded = load_images(data_root, [p for _, p in images])
+            predicted = classify_images(classifier, loaded, families,
                                         config.classifier_batch_size) if images else {f: [] for f in families}
             frame = image_predictions(images, predicted, families)
+            if world_renders is not None:
+                frame = frame.with_columns(pl.Series("world_rmse", _world_rmse(loaded, world_renders),
+                                                     dtype=pl.Float64))
+                table = table.join(channel_recognisability(frame, source, config.recognisable_rmse),
+                                   on="channel", how="left")
             predictions_kept[source] = frame
             table = table.join(channel_agreement(table, frame, families, source, config.selective_purity),
                                on="channel", how="left")
             sources.append(source)
             say(f"feature concepts {variant}: {len(images)} {source} image(s) classified")
     table = table.with_columns(pl.lit(basis).alias("basis"))
-    table = table.select(table_columns(families, sources))
+    table = table.select(table_columns(families, sources, world=world_renders is not None and classifier is not None))
+    world = None
+    if world_renders is not None:
+        world = {"recognisable_rmse": config.recognisable_rmse,
+                 "sources": {source: _recognisability_summary(predictions_kept[source]["world_rmse"].to_numpy(),
+                                                              config.recognisable_rmse)
+                             for source in sources if "world_rmse" in predictions_kept[source].columns}}
+        if generation_images:
+            world["generations"] = _recognisability_summary(_world_rmse(list(generation_images), world_renders),
+                                                            config.recognisable_rmse)
     summary = {
         "format": FORMAT, "variant": variant, "basis": basis, "families": families, "width": width,
         "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
         "stats_config_hash": stats_summary.get("config_hash"), "sources": sources,
         "classifier": classifier is not None, "unlabelled_examples": unlabelled.height,
-        **summarise(table, families, sources, config.selective_purity),
+        **summarise(table, families, sources, config.selective_purity, world),
     }
     out = Path(out_dir)
     with atomic_dir(out) as staging:
@@ -688,6 +761,8 @@ def compare_bases(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             section = summary.get("agreement", {}).get(source) or {}
             row[f"{source}_agreement"] = section.get("rate")
             row[f"{source}_agreement_selective"] = (section.get("selective") or {}).get("rate")
+            row[f"{source}_recognisable"] = (((summary.get("world") or {}).get("sources") or {}).get(source)
+                                             or {}).get("recognisable")
         rows.append(row)
     return rows
 
@@ -785,7 +860,9 @@ def feature_concepts_for_variant(project: Any, layout: Any, variant: str,
 
     Reads the prompt dataset's labels (``prompt_datasets.<p>.labels``), the capture's generations (for
     the chance purity), and, when the model declares a ``concept_classifier``, classifies the images
-    of ``priors/<variant>`` and ``dreams/<variant>``. Writes ``feature_concepts/<variant>/``.
+    of ``priors/<variant>`` and ``dreams/<variant>``; when it declares a ``world``, measures how close those
+images (and the capture's generations, as the reference) come to the world's renders. Writes
+``feature_concepts/<variant>/``.
 
     Raises:
         ValueError: the variant's prompt dataset has no labels (names the config field to add).
@@ -809,9 +886,21 @@ def feature_concepts_for_variant(project: Any, layout: Any, variant: str,
                                 f"materialize timestep_stats[{variant}] first") from None
     labels = prompt_labels(layout.prompts_dir(spec.prompts) / dataset.file, dataset.labels, dataset.text_field)
     store = ActivationStore(layout.activations_dir(project.capture_of(variant)))
-    pool = store.read_generations().select("prompt") if store.root.is_dir() else None
+    generations = store.read_generations() if store.root.is_dir() else None
+    pool = generations.select("prompt") if generations is not None else None
     classifier = None
     model = project.models[spec.model]
+    world_renders, generation_images = None, None
+    if model.world == "toy-world":
+        import functools
+
+        from ddr_core.toy_world import ToyWorldConfig, reference_renders
+
+        world_renders = functools.lru_cache(maxsize=4)(
+            lambda side: reference_renders(config=ToyWorldConfig(image_size=side)))
+        if generations is not None and "image_path" in generations.columns:
+            paths = [p for p in generations["image_path"].to_list() if p]
+            generation_images = load_images(layout.data_root, paths) if paths else None
     if model.concept_classifier:
         from ddr_core.concept_classifier import load_concept_classifier
 
@@ -822,7 +911,8 @@ def feature_concepts_for_variant(project: Any, layout: Any, variant: str,
         stats_dir, labels, dataset.labels.families, feature_concepts_dir(layout, variant), variant=variant,
         basis=spec.basis, config=config, data_root=layout.data_root,
         priors_dir=layout.stage_dir("priors", variant), dreams_dir=layout.stage_dir("dreams", variant),
-        classifier=classifier, generation_pool=pool if pool is not None and pool.height else None, log=log)
+        classifier=classifier, generation_pool=pool if pool is not None and pool.height else None,
+        world_renders=world_renders, generation_images=generation_images, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

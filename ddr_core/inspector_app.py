@@ -304,7 +304,9 @@ def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> st
             parts.append(f"{label}: none")
             continue
         agreement = ", ".join(f"{family} {_share(row.get(f'{source}_agreement_{family}'))}" for family in families)
-        parts.append(f"{label} agree: {agreement} ({int(count)} images)")
+        recognisable = row.get(f"{source}_recognisable")
+        look = "" if recognisable is None or pd.isna(recognisable) else f", {_share(recognisable)} recognisable"
+        parts.append(f"{label} agree: {agreement} ({int(count)} images{look})")
     return head + " " + " · ".join(parts)
 
 

@@ -306,6 +306,67 @@ def test_selective_agreement_scores_only_the_channels_own_concepts() -> None:
     assert strict["prior_agreement_selective"].to_list() == [1.0, None, None]
 
 
+def test_recognisability_is_the_distance_to_the_nearest_render_of_the_world(scene) -> None:
+    data_root, stats_dir, labels = scene
+    # the "world" is the red-circle picture of the priors (and a blank one): red circles are recognisable,
+    # the blue circle and the green square are not; the dreams' red squares differ from a red circle only in
+    # the 4x4 shape block of 16x16 (grey 128 vs 0): an RMSE of sqrt(16 / 256) x 128 / 255 = 0.125 < 0.15
+    red_circle = np.asarray(Image.open(data_root / "priors" / "channel_00000" / "seed_0.png").convert("RGB"))
+    asked: list[int] = []
+
+    def renders(side: int) -> np.ndarray:
+        asked.append(side)
+        return np.stack([red_circle, np.zeros_like(red_circle)])
+
+    generations = [red_circle, red_circle, np.full_like(red_circle, 90)]
+    result = compute_feature_concepts(
+        stats_dir, labels, FAMILIES, data_root / "out", variant="toy-raw", basis="raw", data_root=data_root,
+        priors_dir=data_root / "priors", dreams_dir=data_root / "dreams", classifier=RuleClassifier(),
+        config=FeatureConceptsConfig(chance_draws=5), world_renders=renders, generation_images=generations)
+    rows = {row["channel"]: row for row in result.table.iter_rows(named=True)}
+    assert set(asked) == {16}
+    assert rows[0]["prior_recognisable"] == pytest.approx(2 / 3) and rows[0]["prior_world_rmse"] > 0.0
+    assert rows[2]["prior_recognisable"] == 0.0 and rows[1]["prior_recognisable"] is None  # skipped: no images
+    assert rows[0]["dream_recognisable"] == 1.0 and rows[0]["dream_world_rmse"] == pytest.approx(0.25 * 128 / 255)
+    world = result.summary["world"]
+    assert world["sources"]["prior"] == {"images": 4, "recognisable": 0.5, "rmse_median": pytest.approx(
+        float(np.median(pl.read_parquet(data_root / "out" / "prior_predictions.parquet")["world_rmse"])))}
+    assert world["generations"]["recognisable"] == pytest.approx(2 / 3) and world["recognisable_rmse"] == 0.15
+    assert result.summary["figures"]["prior_recognisable"] == 0.5
+    assert result.summary["figures"]["dream_recognisable"] == 1.0
+    # make demo ends with one line per variant from this summary
+    from dagster_project.demo import ground_truth_lines
+
+    layout = DataLayout(data_root, "default")
+    layout.stage_dir("feature_concepts", "toy-raw").parent.mkdir(parents=True, exist_ok=True)
+    (data_root / "out").rename(layout.stage_dir("feature_concepts", "toy-raw"))
+    lines = ground_truth_lines(layout, ["toy-raw", "toy-sae"])
+    assert len(lines) == 2 and lines[1].startswith("  ground truth toy-raw: purity 0.81 (chance ")
+    assert "priors 0.50 recognisable, own concept 0.83 (chance 1.00)" in lines[1]
+    assert lines[1].endswith("generations 0.67 recognisable")
+    plain = compute_feature_concepts(stats_dir, labels, FAMILIES, data_root / "plain", variant="toy-raw", basis="raw",
+                                     data_root=data_root, priors_dir=data_root / "priors", classifier=RuleClassifier(),
+                                     config=FeatureConceptsConfig(chance_draws=5, dreams=False))
+    assert "prior_recognisable" not in plain.table.columns and "world" not in plain.summary
+
+
+def test_nearest_render_rmse() -> None:
+    from ddr_core.toy_world import RECOGNISABLE_RMSE, nearest_render_rmse, reference_renders
+
+    renders = reference_renders(count=72)
+    assert renders.shape == (72, 32, 32, 3) and renders.dtype == np.uint8
+    assert np.array_equal(renders, reference_renders(count=72))  # deterministic
+    exact = nearest_render_rmse(renders[:5], renders)
+    assert np.allclose(exact, 0.0, atol=1e-6)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    assert (nearest_render_rmse(noise, renders) > 1.5 * RECOGNISABLE_RMSE).all()  # ~0.29 even to a gray field
+    shifted = np.clip(renders[:1].astype(int) + 10, 0, 255).astype(np.uint8)
+    assert nearest_render_rmse(shifted, renders)[0] == pytest.approx(10 / 255, abs=0.01)
+    with pytest.raises(ValueError, match="one size"):
+        nearest_render_rmse(noise[:, :16, :16], renders)
+
+
 def test_without_a_classifier_only_purity_is_scored(scene) -> None:
     data_root, stats_dir, labels = scene
     result = compute_feature_concepts(stats_dir, labels, FAMILIES, data_root / "out2", variant="toy-sae",
@@ -387,6 +448,10 @@ def test_stage_reads_the_project_config(tmp_path: Path) -> None:
     predictions = pl.read_parquet(result.out_dir / "prior_predictions.parquet")
     assert predictions.filter(pl.col("channel") == 0)["colour"].to_list()[2] == expected
     assert project.labelled_variants() == ["toy-raw", "toy-sae"]
+    # the toy-world model declares its world: priors / dreams are measured against its renders (at 16 px here)
+    assert project.models["toy-world"].world == "toy-world"
+    assert result.summary["world"]["sources"]["prior"]["images"] == 4
+    assert result.table["prior_recognisable"].drop_nulls().len() == 2
     with pytest.raises(ValueError, match="declares no concept labels"):
         feature_concepts_for_variant(project, layout, "tiny-raw")
     with pytest.raises(FileNotFoundError, match=r"materialize timestep_stats\[toy-sae\]"):

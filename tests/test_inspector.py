@@ -278,7 +278,7 @@ def _write_feature_concepts(toy) -> None:
                     "chance_purity_colour": 0.3, "dominant_shape": "circle", "purity_shape": 0.75,
                     "chance_purity_shape": 0.5, "n_prior_images": 2, "prior_agreement_colour": 0.5,
                     "prior_agreement_shape": 1.0, "n_dream_images": 4, "dream_agreement_colour": 0.25,
-                    "dream_agreement_shape": 0.0})
+                    "dream_agreement_shape": 0.0, "prior_recognisable": 0.5})
     rows[1].update({"n_examples": 3, "n_labelled": 3, "examples_timestep": 901, "purity": 0.5,
                     "chance_purity": 0.4, "purity_joint": 0.33, "dominant_colour": "blue", "purity_colour": 0.67,
                     "chance_purity_colour": 0.3, "dominant_shape": "square", "purity_shape": 0.33,
@@ -288,7 +288,7 @@ def _write_feature_concepts(toy) -> None:
     folder.mkdir(parents=True)
     schema = {c: (pl.String if c.startswith(("dominant_", "basis")) or "_vote_" in c
                   else pl.Int64 if c.startswith("n_") or c in ("channel", "examples_timestep") else pl.Float64)
-              for c in table_columns(families)}
+              for c in table_columns(families, world=True)}
     pl.DataFrame(rows, schema=schema, orient="row").write_parquet(folder / TABLE_FILE)
     (folder / SUMMARY_FILE).write_text(json.dumps({"variant": VARIANT, "basis": "raw", "families": families,
                                                    "config": {"min_examples": 3}}))
@@ -303,7 +303,7 @@ def test_ground_truth_labels_and_purity_sort(toy) -> None:
     assert len(texts) == 1
     assert "colour **red** (purity 1.00, chance 0.30)" in texts[0] and "shape **circle** (purity 0.75" in texts[0]
     assert texts[0].startswith("**Ground truth** (4 labelled top examples at t=501): colour **red**")
-    assert "priors agree: colour 0.50, shape 1.00 (2 images)" in texts[0]
+    assert "priors agree: colour 0.50, shape 1.00 (2 images, 0.50 recognisable)" in texts[0]
     assert "dreams agree: colour 0.25, shape 0.00 (4 images)" in texts[0]
     _run(at.button(key="next_channel").click())
     texts = [t for t in _texts(at.markdown) if "Ground truth" in t]
