@@ -67,7 +67,7 @@ inspect: setup
 # (compare with models/toy-world/toy_training_report.json). TOY_OUT=models/toy-world refreshes the shipped model.
 TOY_OUT ?= data/toy-world
 train-toy: setup
-	$(PY) -m ddr_core.toy_training --out $(TOY_OUT) --threads 1
+	$(PY) -m ddr_core.toy_training --out $(TOY_OUT) --threads 1 --compare-with models/toy-world
 
 clean-data:
 	rm -rf data .dagster_home

@@ -1,6 +1,7 @@
 """``feature_concepts``: ground-truth concept scores per variant (toy world): purity of each channel's top
-dataset examples, agreement of its priors and dreams, raw vs SAE, and a regression check against the
-committed baseline (``config/feature_concepts_baseline.json``).
+dataset examples, agreement of its priors and dreams (per family and on the channel's own concepts), how
+recognisable they are (distance to the renders of the model's world), raw vs SAE, and a regression check
+against the committed baseline (``config/feature_concepts_baseline.json``).
 
 Partitioned by the variants whose prompt dataset declares concept ``labels``; reads the variant's
 timestep statistics and whatever priors / dreams its channel blocks have (a partial run scores the
@@ -75,11 +76,12 @@ def _optional_version(records_dir: Path, asset: str, key: str) -> str | None:
     code_version=FEATURE_CONCEPTS_CODE_VERSION,
     kinds={"parquet", "pytorch"},
     check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="feature_concepts",
-                                   description="no figure (purity, prior / dream agreement) dropped below the "
+                                   description="no figure (purity, prior / dream agreement, recognisability) dropped below the "
                                                "committed baseline by more than its tolerance")],
     description="Per channel / SAE feature of a variant with labelled prompts: concept purity of its top dataset "
                 "examples (dominant colour / shape), and whether its priors and dreams show that concept "
-                "(concept classifier agreement); purity distribution raw vs SAE.",
+                "(concept classifier agreement) and look like the world at all (recognisable); purity distribution raw "
+                "vs SAE.",
 )
 def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsRunConfig,
                      storage: DdrStorage) -> dg.MaterializeResult:

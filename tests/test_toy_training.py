@@ -235,3 +235,38 @@ def test_shipped_model_is_small_safe_and_draws_what_it_is_asked(one_thread) -> N
     assert images.shape == (36, 32, 32, 3)
     assert result["colour"] >= AGREEMENT_TARGETS["colour"]
     assert result["shape"] >= AGREEMENT_TARGETS["shape"]
+
+
+def test_reproduction_check_compares_quality_figures_and_weights(tmp_path, capsys):
+    import shutil
+
+    from ddr_core.toy_training import REPORT_FILENAME, compare_with_shipped, main, quality_figures
+
+    shipped = Path(__file__).resolve().parents[1] / "models" / "toy-world"
+    figures = quality_figures(json.loads((shipped / REPORT_FILENAME).read_text()))
+    assert figures["generation_colour"] >= 0.9 and figures["generation_shape"] >= 0.7
+    assert "classifier_accuracy_on_renders_colour" in figures and len(figures) == 9
+
+    same = compare_with_shipped(shipped, shipped)
+    assert same["reproduced"] and same["weights_identical"] and all(r["delta"] == 0 for r in same["figures"])
+
+    retrained = tmp_path / "retrained"
+    shutil.copytree(shipped, retrained)
+    report = json.loads((retrained / REPORT_FILENAME).read_text())
+    report["generation"]["shape"] -= 0.04  # within the tolerance
+    (retrained / REPORT_FILENAME).write_text(json.dumps(report))
+    unet = retrained / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\x00")  # other weights
+    close = compare_with_shipped(retrained, shipped)
+    assert close["reproduced"] and not close["weights_identical"]
+    assert close["weights_differing"] == ["unet/diffusion_pytorch_model.safetensors"]
+
+    report["generation"]["colour"] -= 0.2
+    (retrained / REPORT_FILENAME).write_text(json.dumps(report))
+    assert main(["--compare", str(retrained), "--compare-with", str(shipped)]) == 1
+    out = capsys.readouterr().out
+    assert "NOT REPRODUCED" in out and "generation_colour" in out and "below the shipped value" in out
+    written = json.loads((retrained / "reproduction.json").read_text())
+    assert [r["figure"] for r in written["figures"] if not r["ok"]] == ["generation_colour"]
+    with pytest.raises(FileNotFoundError, match="make train-toy"):
+        compare_with_shipped(tmp_path / "nothing", shipped)
