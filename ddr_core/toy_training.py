@@ -945,12 +945,12 @@ def compare_with_shipped(new_dir: str | Path, shipped_dir: str | Path,
 
 def format_comparison(result: dict[str, Any]) -> str:
     """The comparison as a text table with a verdict line."""
-    lines = [f"{'figure':48s} {'shipped':>8s} {'new':>8s} {'delta':>8s}"]
+    lines = [f"{'figure':54s} {'shipped':>8s} {'new':>8s} {'delta':>8s}"]
     for row in result["figures"]:
         mark = "" if row["ok"] else f"   below the shipped value by more than {result['tolerance']}"
-        lines.append(f"{row['figure']:48s} {row['shipped']:8.3f} {row['new']:8.3f} {row['delta']:+8.3f}{mark}")
+        lines.append(f"{row['figure']:54s} {row['shipped']:8.3f} {row['new']:8.3f} {row['delta']:+8.3f}{mark}")
     for figure in result["missing"]:
-        lines.append(f"{figure:48s} missing from the new report")
+        lines.append(f"{figure:54s} missing from the new report")
     weights = ("byte-identical" if result["weights_identical"]
                else f"differ in {len(result['weights_differing'])} file(s) (expected on another machine, "
                     f"thread count or library version; the figures decide)")
