@@ -53,7 +53,8 @@ def representation_shards(context: dg.AssetExecutionContext, storage: DdrStorage
                     variant_upstream[f"{asset}/{key}"] = version
         upstream.update(variant_upstream)
         channels = [c for chans in blocks.values() for c in chans]
-        summary, index_path = representation_for_variant(layout, variant, channels, log=context.log.info)
+        summary, index_path = representation_for_variant(layout, variant, channels, log=context.log.info,
+                                                         lock_owner=f"dagster run {context.run_id}")
         index_paths.append(index_path)
         totals["shards"] += len(summary.channels)
         totals["active"] += len(summary.active_channels)

@@ -30,6 +30,14 @@ activation, tv, range, moment, loss}]}]``), ``quality`` (run name -> quality row
 ``visualised_timesteps`` (timesteps with dreams), ``timesteps_with_data`` (with examples or dreams,
 descending) and ``errors`` (``[{file, what, problem}]``: referenced files that are missing or unsafe).
 
+Concurrent runs and crashes: every file is written atomically (a reader sees the old or the new file,
+never half of one). :func:`build_shards` claims its channels for the run
+(:func:`ddr_core.locks.claim_channels`, lock files in ``.<representation dir>.locks/`` beside it): a second
+run on any of them fails at once naming the first (or waits ``lock_wait`` seconds), runs on other
+channels go on side by side, and a run deletes the temporaries a killed run left for its own channels.
+:func:`build_index` writes the index under ``index.lock`` there (waiting for another run's index) and
+deletes killed runs' index temporaries.
+
 Every stored path is POSIX and relative to the data root. Readers go through
 :func:`resolve_file`, i.e. :func:`ddr_core.paths.resolve_inside`: a crafted shard cannot make a reader
 open a file outside the data root.
@@ -52,7 +60,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ddr_core.atomic import atomic_path, atomic_write_json
+from ddr_core.atomic import atomic_path, atomic_write_json, is_temp_name
+from ddr_core.locks import claim_channels, partition_lock, stage_locks_dir
 from ddr_core.paths import DataLayout, UnsafePathError, resolve_inside
 from ddr_core.statistics import interpolate_profile, read_summary
 
@@ -524,8 +533,10 @@ def build_shards(
     out_dir: str | Path | None = None,
     strict: bool = False,
     log: LogFn | None = None,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
 ) -> ShardsSummary:
-    """Write the shards (and curve tables) of ``channels`` of ``variant``.
+    """Write the shards (and curve tables) of ``channels`` of ``variant``, holding a claim on them.
 
     Args:
         layout: data root + experiment.
@@ -536,6 +547,9 @@ def build_shards(
         strict: raise :class:`ShardFileError` at the first missing/unsafe referenced file instead of
             recording it in the shard's ``errors``.
         log: progress callback.
+        lock_wait: ``False`` (default): fail at once with :class:`~ddr_core.locks.ChannelsLockedError`
+            when another live run holds some of the channels; seconds (or ``True``) to wait for them.
+        lock_owner: who this run is, shown to a run that finds the channels held (e.g. a Dagster run id).
 
     Returns:
         A :class:`ShardsSummary`; ``errors`` maps channels to their missing/unsafe files.
@@ -548,6 +562,26 @@ def build_shards(
     except ValueError:
         raise ValueError(f"out_dir {out} is not below the data root {layout.data_root}") from None
     (out / "curves").mkdir(parents=True, exist_ok=True)
+    channels = [int(c) for c in channels]
+    with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or f"representation {variant}"):
+        _remove_dead_temporaries(out, [f"channel_{c:05d}.json" for c in channels])
+        _remove_dead_temporaries(out / "curves", [f"channel_{c:05d}.parquet" for c in channels])
+        return _write_shards(layout, variant, channels, out, strict, log)
+
+
+def _remove_dead_temporaries(folder: Path, names: Sequence[str]) -> list[Path]:
+    """Delete the temporaries of the files ``names`` in ``folder`` (only call while holding them)."""
+    wanted = set(names)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if is_temp_name(path.name) and path.name[1:].split(".tmp-")[0] in wanted:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _write_shards(layout: DataLayout, variant: str, channels: list[int], out: Path, strict: bool,
+                  log: LogFn | None) -> ShardsSummary:
     shards = make_shards(layout, variant, channels, strict=strict)
     summary = ShardsSummary(variant=variant, out_dir=str(out), with_dreams={run: [] for run in DREAM_RUNS})
     for channel, shard in shards.items():
@@ -698,15 +732,22 @@ def make_index_table(layout: DataLayout, variant: str) -> pl.DataFrame:
     return frame
 
 
-def build_index(layout: DataLayout, variant: str, out_dir: str | Path | None = None) -> Path:
-    """Write ``index.parquet`` and ``index.json`` for ``variant``; returns the Parquet path.
+def build_index(layout: DataLayout, variant: str, out_dir: str | Path | None = None, lock_owner: str = "") -> Path:
+    """Write ``index.parquet`` and ``index.json`` for ``variant`` (under the index lock, waiting for another
+    run's index); returns the Parquet path.
 
     Query it with DuckDB, e.g. ``select channel, top_prompts_text from 'index.parquet' where is_active
     and top_prompts_text ilike '%cat%' order by total_frequency desc``.
     """
-    summary = _read_stats_summary(layout, variant)
     out = Path(out_dir) if out_dir is not None else representation_dir(layout, variant)
     out.mkdir(parents=True, exist_ok=True)
+    with partition_lock(stage_locks_dir(out) / "index.lock", wait=True, owner=lock_owner or f"index {variant}"):
+        _remove_dead_temporaries(out, ["index.parquet", "index.json"])
+        return _write_index(layout, variant, out)
+
+
+def _write_index(layout: DataLayout, variant: str, out: Path) -> Path:
+    summary = _read_stats_summary(layout, variant)
     frame = make_index_table(layout, variant)
     index_file = out / "index.parquet"
     with atomic_path(index_file) as tmp:
@@ -774,8 +815,9 @@ def search_channels(
 
 
 def representation_for_variant(
-    layout: DataLayout, variant: str, channels: Iterable[int] | None = None, log: LogFn | None = None
+    layout: DataLayout, variant: str, channels: Iterable[int] | None = None, log: LogFn | None = None,
+    lock_wait: bool | float = False, lock_owner: str = "",
 ) -> tuple[ShardsSummary, Path]:
     """The stage: :func:`build_shards` for ``channels`` then :func:`build_index` for the whole variant."""
-    summary = build_shards(layout, variant, channels, log=log)
-    return summary, build_index(layout, variant)
+    summary = build_shards(layout, variant, channels, log=log, lock_wait=lock_wait, lock_owner=lock_owner)
+    return summary, build_index(layout, variant, lock_owner=lock_owner)

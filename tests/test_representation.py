@@ -208,3 +208,102 @@ def test_bad_inputs_name_the_fix(tmp_path: Path, toy) -> None:
     with pytest.raises(ValueError, match="not a representation shard"):
         rep.check_shard({"format": "pickle"})
     assert rep.list_variants(toy.layout) == [VARIANT]
+
+
+# --- reliability: disk full, kill -9, concurrent runs ----------------------------------------------------
+
+
+def _shards_on_disk(layout: DataLayout) -> dict[str, dict]:
+    out = rep.representation_dir(layout, VARIANT)
+    return {path.name: rep.check_shard(json.loads(path.read_text())) for path in sorted(out.glob("channel_*.json"))}
+
+
+def _temporaries(layout: DataLayout) -> list[Path]:
+    from ddr_core.atomic import is_temp_name
+
+    return [p for p in rep.representation_dir(layout, VARIANT).rglob("*") if is_temp_name(p.name)]
+
+
+def test_disk_full_at_any_write_leaves_complete_files_and_a_rerun_finishes(toy, monkeypatch) -> None:
+    """ENOSPC at every single file replacement in turn (claims, curves, shards, index): the run fails naming
+    the error, every shard on disk is complete and equal to a clean build's, no temporary is left, and a
+    re-run finishes."""
+    import errno
+    import os
+
+    from ddr_core import atomic
+    from tests.test_failure_modes import FaultyOs
+
+    rep.representation_for_variant(toy.layout, VARIANT)
+    reference = _shards_on_disk(toy.layout)
+    counter = FaultyOs(fail_on=None)
+    monkeypatch.setattr(atomic, "os", counter)
+    rep.representation_for_variant(toy.layout, VARIANT)
+    total = counter.replace_calls
+    assert total >= 2 * WIDTH + 2
+    for fail_on in range(1, total + 1):
+        monkeypatch.setattr(atomic, "os", FaultyOs(fail_on))
+        with pytest.raises(OSError) as error:
+            rep.representation_for_variant(toy.layout, VARIANT)
+        assert error.value.errno == errno.ENOSPC and "No space left on device" in str(error.value)
+        monkeypatch.setattr(atomic, "os", os)
+        assert _shards_on_disk(toy.layout) == reference, fail_on
+        assert pl.read_parquet(rep.representation_dir(toy.layout, VARIANT) / "index.parquet").height == WIDTH
+        assert not _temporaries(toy.layout), fail_on
+    rep.representation_for_variant(toy.layout, VARIANT)
+    assert _shards_on_disk(toy.layout) == reference
+
+
+KILLED_RUN = """
+import os, sys, time
+from pathlib import Path
+from ddr_core import atomic, representation
+from ddr_core.paths import DataLayout
+
+class Stuck:
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def replace(self, src, dst):
+        if Path(dst).name == "channel_00002.json":  # hang with channel 2's shard in its temporary
+            print("stuck", flush=True)
+            time.sleep(600)
+        os.replace(src, dst)
+
+atomic.os = Stuck()
+representation.representation_for_variant(DataLayout(Path(sys.argv[1])), "toy-raw", [0, 1, 2, 3],
+                                          lock_owner="the killed run")
+"""
+
+
+def test_kill_9_mid_build_then_rerun_and_runs_side_by_side(toy) -> None:
+    """A run killed with channel 2's shard in its temporary: meanwhile a run on its channels fails at once
+    naming it and a run on other channels finishes beside it; after the kill the re-run removes the
+    temporary and writes the same shards as a clean build."""
+    import signal
+    import subprocess
+    import sys
+
+    from ddr_core.locks import ChannelsLockedError
+
+    clean_root = toy.layout.data_root.parent / "clean"
+    clean = make_toy_data_root(clean_root)
+    rep.representation_for_variant(clean.layout, VARIANT)
+    reference = _shards_on_disk(clean.layout)
+
+    root = Path(__file__).resolve().parents[1]
+    process = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(toy.layout.data_root)], cwd=root,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "stuck"
+        with pytest.raises(ChannelsLockedError, match="the killed run"):
+            rep.representation_for_variant(toy.layout, VARIANT, [2])
+        side = rep.build_shards(toy.layout, VARIANT, [4, 5])
+        assert side.channels == [4, 5]
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    left = _temporaries(toy.layout)
+    assert [p.name.split(".tmp-")[0] for p in left] == [".channel_00002.json"]
+    rep.representation_for_variant(toy.layout, VARIANT, [0, 1, 2, 3])
+    assert not _temporaries(toy.layout)
+    assert _shards_on_disk(toy.layout) == reference
