@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
 from ddr_core.atomic import atomic_write_json
+from ddr_core.locks import partition_lock
 
 logger = logging.getLogger(__name__)
 
@@ -771,8 +772,16 @@ def provision(
     verify: bool = True,
     attempts: int = DOWNLOAD_ATTEMPTS,
     timeout_s: float = HTTP_TIMEOUT_S,
+    lock_wait: bool | float = True,
+    lock_owner: str = "",
 ) -> ProvisionResult:
     """Make ``dest_dir`` an intact copy of ``source`` (see the module docstring for the guarantees).
+
+    One provisioning at a time per destination: the run holds the lock file ``.<dest name>.lock``
+    beside ``dest_dir`` throughout. A second run waits for it (``lock_wait``: ``True`` without limit, a
+    number of seconds, or ``False`` to fail at once with :class:`~ddr_core.locks.PartitionLockedError`
+    naming the holder), then finds the intact copy and skips, so two downloads never write the same
+    partial files.
 
     Args:
         source: a :class:`HubSource`, :class:`GoogleDriveSource` or :class:`LocalSource`.
@@ -781,6 +790,7 @@ def provision(
         verify: hash existing files against the manifest / source (off: sizes only).
         attempts: tries per file before a truncated or corrupt download is an error.
         timeout_s: socket timeout per HTTP request.
+        lock_wait, lock_owner: see above; the owner text is shown to a run that finds the lock held.
 
     Raises:
         SourceNotFoundError: a local source path does not exist.
@@ -795,6 +805,13 @@ def provision(
     backend = _backend(source, http)  # raises early for a missing local path
 
     dest.mkdir(parents=True, exist_ok=True)
+    with partition_lock(dest.parent / f".{dest.name}.lock", wait=lock_wait,
+                        owner=lock_owner or f"provisioning {_describe(description)}"):
+        return _provision_locked(dest, description, backend, report, verify, attempts)
+
+
+def _provision_locked(dest: Path, description: dict[str, Any], backend: Any, report: ProgressFn, verify: bool,
+                      attempts: int) -> ProvisionResult:
     manifest = read_manifest(dest)
     same_source = manifest is not None and manifest.get("source") == description
     listing: list[_RemoteFile] | None = None

@@ -352,3 +352,32 @@ def test_missing_local_path_is_a_hard_error(tmp_path: Path) -> None:
     with pytest.raises(SourceNotFoundError, match=rf"local source {missing} does not exist"):
         provision(LocalSource(missing), tmp_path / "dest")
     assert isinstance(SourceNotFoundError("x"), FileNotFoundError)
+
+
+def test_one_provisioning_at_a_time_per_destination(tmp_path: Path) -> None:
+    """A run finding the destination's lock held fails at once (or after waiting) naming the holder; two
+    runs at once never both copy: one fetches, the other waits and skips the intact copy."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ddr_core.locks import PartitionLockedError
+    from tests.test_failure_modes import hold_lock, stop
+
+    source = tmp_path / "src"
+    (source / "unet").mkdir(parents=True)
+    for index in range(20):
+        (source / "unet" / f"w{index}.safetensors").write_bytes(bytes([index]) * 200_000)
+    dest = tmp_path / "models" / "toy"
+    holder = hold_lock(tmp_path / "models" / ".toy.lock", owner="provisioning run A")
+    try:
+        with pytest.raises(PartitionLockedError, match="provisioning run A"):
+            provision(LocalSource(source), dest, lock_wait=False)
+        with pytest.raises(PartitionLockedError, match="provisioning run A"):
+            provision(LocalSource(source), dest, lock_wait=0.3)
+        assert not any(dest.rglob("*.safetensors"))  # nothing copied while the lock was held
+    finally:
+        stop(holder)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda _: provision(LocalSource(source), dest), range(2)))
+    assert sorted(result.skipped for result in results) == [False, True]
+    assert sorted(len(result.fetched) for result in results) == [0, 20]
+    assert tree_files(dest) == tree_files(source)
