@@ -56,8 +56,8 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("priors", few),
         ("dreams", few),
         ("representation_shards", blocks),
-        ("html_export", list(variants)),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
+        ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
 
 

@@ -85,7 +85,8 @@ def representation_shards(context: dg.AssetExecutionContext, storage: DdrStorage
     code_version=REPRESENTATION_CODE_VERSION,
     kinds={"html"},
     description="A self-contained HTML report of a variant (index with a sortable channel table, a page per "
-                "channel with charts, examples, priors and dreams) that opens from disk with no server.",
+                "channel with charts, examples, priors and dreams; the ground truth where feature_concepts "
+                "scored the variant) that opens from disk with no server.",
 )
 def html_export(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.MaterializeResult:
     variant = context.partition_key

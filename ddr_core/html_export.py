@@ -5,8 +5,9 @@
     <out_dir>/
       index.html                   sortable / filterable table of the active channels with thumbnails
       channels/channel_<c:05d>.html  one page per channel: activity profile and max-activation charts
-                                   (inline SVG), peaks, dataset examples, dreams (both runs, every seed,
-                                   intermediate steps with their statistics) and priors
+                                   (inline SVG), peaks, ground truth (when ``feature_concepts`` scored the
+                                   variant), dataset examples, dreams (both runs, every seed, intermediate
+                                   steps with their statistics) and priors
       files/<path below the data root>   copies of every image shown (relative links)
 
 The pages need no JavaScript except the table sorting/filter of ``index.html`` (inline, vanilla).
@@ -175,8 +176,45 @@ def _thumbnail(shard: dict[str, Any]) -> str | None:
     return None
 
 
+def ground_truth_html(row: dict[str, Any] | None, families: Sequence[str]) -> str:
+    """A paragraph with a channel's ground-truth concepts (``feature_concepts`` row), or ``""`` without one."""
+    if row is None:
+        return ""
+    if row.get("purity") is None:
+        return f'<p class="truth">Ground truth: not scored ({_e(row.get("n_labelled") or 0)} labelled top examples).</p>'
+    parts = [f"{_e(f)} <b>{_e(row[f'dominant_{f}'])}</b> (purity {_fmt(row[f'purity_{f}'], 2)}, chance "
+             f"{_fmt(row[f'chance_purity_{f}'], 2)})" for f in families]
+    for source, label in (("prior", "priors"), ("dream", "dreams")):
+        count = row.get(f"n_{source}_images")
+        if not count:
+            continue
+        agree = ", ".join(f"{_e(f)} {_fmt(row.get(f'{source}_agreement_{f}'), 2)}" for f in families)
+        recognisable = row.get(f"{source}_recognisable")
+        look = "" if recognisable is None else f", {_fmt(recognisable, 2)} recognisable"
+        parts.append(f"{label} agree: {agree} ({_e(count)} images{look})")
+    return (f'<p class="truth">Ground truth ({_e(row["n_labelled"])} labelled top examples): '
+            + " &middot; ".join(parts) + "</p>")
+
+
+def _ground_truth(layout: DataLayout, variant: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
+    """The variant's ``feature_concepts`` rows by channel and its families (empty without scores)."""
+    from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
+
+    found = read_feature_concepts(feature_concepts_dir(layout, variant))
+    if found is None:
+        return {}, []
+    table, summary = found
+    return {int(row["channel"]): row for row in table.iter_rows(named=True)}, list(summary.get("families", []))
+
+
+def _concept_label(row: dict[str, Any] | None, families: Sequence[str]) -> str:
+    if row is None or row.get("purity") is None:
+        return ""
+    return " ".join(str(row[f"dominant_{f}"]) for f in families)
+
+
 def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
-                  neighbours: tuple[int | None, int | None]) -> str:
+                  neighbours: tuple[int | None, int | None], truth: str = "") -> str:
     channel, total = int(shard["channel"]), int(shard["total_timesteps"])
     curves = load_curves(layout, shard)
     activity = curves["activity"].to_numpy()
@@ -201,7 +239,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
             svg_chart(curves["timestep"].to_list(), curves["max_activation"].to_numpy(), total,
                       "maximum activation over the dataset", "#e67e22",
                       rules=[p["timestep"] for p in shard["peaks"]]),
-            "</div>"]
+            "</div>", truth]
     for error in shard.get("errors", []):
         body.append(f'<p class="failed">{_e(error["what"])} {_e(error["file"])}: {_e(error["problem"])}</p>')
 
@@ -272,13 +310,15 @@ def export_html(
         index["channel"].is_in([int(c) for c in channels]))
     selected = [int(c) for c in rows["channel"]]
     files = _Files(layout.data_root, out)
+    truths, families = _ground_truth(layout, variant)
     table_rows = []
     for position, channel in enumerate(selected):
         shard = load_shard(layout, variant, channel)
         neighbours = (selected[position - 1] if position > 0 else None,
                       selected[position + 1] if position + 1 < len(selected) else None)
         atomic_write_text(out / "channels" / f"channel_{channel:05d}.html",
-                          _channel_page(layout, variant, shard, files, neighbours))
+                          _channel_page(layout, variant, shard, files, neighbours,
+                                        ground_truth_html(truths.get(channel), families) if families else ""))
         row = rows.row(position, named=True)
         peaks = row["peak_timesteps"] or []
         cells = [
@@ -294,11 +334,18 @@ def export_html(
             (row["dream_ratio_mean"], _fmt(row["dream_ratio_mean"]) if row["dream_ratio_mean"] is not None else ""),
             (row["top_prompts_text"], _e(row["top_prompts_text"])),
         ]
+        if families:
+            truth = truths.get(channel)
+            purity = None if truth is None else truth.get("purity")
+            cells[2:2] = [(_concept_label(truth, families), _e(_concept_label(truth, families))),
+                          (purity, _fmt(purity, 2) if purity is not None else "")]
         table_rows.append("<tr>" + "".join(
             f'<td data-value="{_e("" if v is None else v)}">{content}</td>' for v, content in cells) + "</tr>")
     headers = [("", "text"), ("channel", "num"), ("total frequency", "num"), ("active timesteps", "num"),
                ("peaks", "num"), ("max activation", "num"), ("examples", "num"), ("priors", "num"),
                ("dreams", "num"), ("dream / top example", "num"), ("top prompts", "text")]
+    if families:  # ground truth after the channel: its concept and purity
+        headers[2:2] = [("concept (ground truth)", "text"), ("purity", "num")]
     head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
     problems = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(files.problems))
     body = (f"<h1>{_e(variant)} ({_e(layout.experiment)})</h1>"

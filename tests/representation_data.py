@@ -197,3 +197,36 @@ def make_toy_data_root(data_root: Path, experiment: str = "default", priors: boo
                     "example_timestep": pl.Int32, "ratio": pl.Float64, "failed": pl.Boolean,
                 }).write_parquet(layout.stage_dir(stage, VARIANT) / "quality.parquet")
     return ToyData(layout=layout)
+
+
+def write_feature_concepts(layout: DataLayout) -> None:
+    """``feature_concepts`` of the variant as the stage writes them: channel 0 scored (red circle, with prior
+    and dream agreement), channel 1 scored without images, channel 2 not scored (too few examples)."""
+    from ddr_core.feature_concepts import SUMMARY_FILE, TABLE_FILE, feature_concepts_dir, table_columns
+
+    families = ["colour", "shape"]
+    rows = []
+    for channel in range(6):
+        row = {column: None for column in table_columns(families)}
+        row.update({"channel": channel, "basis": "raw", "n_examples": 0, "n_labelled": 0,
+                    "n_prior_images": 0, "n_dream_images": 0})
+        rows.append(row)
+    rows[0].update({"n_examples": 4, "n_labelled": 4, "examples_timestep": 501, "purity": 0.875,
+                    "chance_purity": 0.4, "purity_joint": 0.75, "dominant_colour": "red", "purity_colour": 1.0,
+                    "chance_purity_colour": 0.3, "dominant_shape": "circle", "purity_shape": 0.75,
+                    "chance_purity_shape": 0.5, "n_prior_images": 2, "prior_agreement_colour": 0.5,
+                    "prior_agreement_shape": 1.0, "n_dream_images": 4, "dream_agreement_colour": 0.25,
+                    "dream_agreement_shape": 0.0, "prior_recognisable": 0.5})
+    rows[1].update({"n_examples": 3, "n_labelled": 3, "examples_timestep": 901, "purity": 0.5,
+                    "chance_purity": 0.4, "purity_joint": 0.33, "dominant_colour": "blue", "purity_colour": 0.67,
+                    "chance_purity_colour": 0.3, "dominant_shape": "square", "purity_shape": 0.33,
+                    "chance_purity_shape": 0.5})
+    rows[2].update({"n_examples": 1, "n_labelled": 1})
+    folder = feature_concepts_dir(layout, VARIANT)
+    folder.mkdir(parents=True)
+    schema = {c: (pl.String if c.startswith(("dominant_", "basis")) or "_vote_" in c
+                  else pl.Int64 if c.startswith("n_") or c in ("channel", "examples_timestep") else pl.Float64)
+              for c in table_columns(families, world=True)}
+    pl.DataFrame(rows, schema=schema, orient="row").write_parquet(folder / TABLE_FILE)
+    (folder / SUMMARY_FILE).write_text(json.dumps({"variant": VARIANT, "basis": "raw", "families": families,
+                                                   "config": {"min_examples": 3}}))

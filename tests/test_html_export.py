@@ -13,7 +13,7 @@ import pytest
 from ddr_core import cli
 from ddr_core import representation as rep
 from ddr_core.html_export import export_html, svg_chart
-from tests.representation_data import VARIANT, make_toy_data_root
+from tests.representation_data import VARIANT, make_toy_data_root, write_feature_concepts
 
 
 class _Links(HTMLParser):
@@ -147,3 +147,20 @@ def test_cli(toy, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip().endswith("index.parquet")
     with pytest.raises(SystemExit):
         cli.main(["export-html", "--data-root", str(toy.data_root)])  # --variant missing
+
+
+def test_export_shows_the_ground_truth_when_the_variant_was_scored(toy, tmp_path: Path) -> None:
+    plain = export_html(toy.layout, VARIANT, tmp_path / "plain").read_text()
+    assert "concept (ground truth)" not in plain
+    write_feature_concepts(toy.layout)
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    text = index.read_text()
+    assert "<th data-col=\"2\" data-type=\"text\">concept (ground truth)</th>" in text
+    assert '<td data-value="red circle">red circle</td>' in text and '<td data-value="0.875">0.88</td>' in text
+    page = (index.parent / "channels" / "channel_00000.html").read_text()
+    assert "Ground truth (4 labelled top examples): colour <b>red</b> (purity 1.00, chance 0.30)" in page
+    assert "priors agree: colour 0.50, shape 1.00 (2 images, 0.50 recognisable)" in page
+    assert "dreams agree: colour 0.25, shape 0.00 (4 images)" in page
+    assert "Ground truth: not scored (1 labelled top examples)" in \
+        (index.parent / "channels" / "channel_00002.html").read_text()
+    _check_self_contained(index.parent)

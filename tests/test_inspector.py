@@ -14,7 +14,7 @@ from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from ddr_core import representation as rep  # noqa: E402
-from tests.representation_data import VARIANT, make_toy_data_root  # noqa: E402
+from tests.representation_data import VARIANT, make_toy_data_root, write_feature_concepts  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
 # As `ddr inspect` runs it: no "magic" (Streamlit would build a Python AST of the script in its runner
@@ -260,44 +260,10 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     assert len(at.tabs[0].get("image")) > 0 and len(at.tabs[2].get("image")) > 0
 
 
-def _write_feature_concepts(toy) -> None:
-    """Ground-truth scores for channels 0 (scored, with priors and dreams) and 1 (scored, no images)."""
-    import polars as pl
-
-    from ddr_core.feature_concepts import SUMMARY_FILE, TABLE_FILE, feature_concepts_dir, table_columns
-
-    families = ["colour", "shape"]
-    rows = []
-    for channel in range(6):
-        row = {column: None for column in table_columns(families)}
-        row.update({"channel": channel, "basis": "raw", "n_examples": 0, "n_labelled": 0,
-                    "n_prior_images": 0, "n_dream_images": 0})
-        rows.append(row)
-    rows[0].update({"n_examples": 4, "n_labelled": 4, "examples_timestep": 501, "purity": 0.875,
-                    "chance_purity": 0.4, "purity_joint": 0.75, "dominant_colour": "red", "purity_colour": 1.0,
-                    "chance_purity_colour": 0.3, "dominant_shape": "circle", "purity_shape": 0.75,
-                    "chance_purity_shape": 0.5, "n_prior_images": 2, "prior_agreement_colour": 0.5,
-                    "prior_agreement_shape": 1.0, "n_dream_images": 4, "dream_agreement_colour": 0.25,
-                    "dream_agreement_shape": 0.0, "prior_recognisable": 0.5})
-    rows[1].update({"n_examples": 3, "n_labelled": 3, "examples_timestep": 901, "purity": 0.5,
-                    "chance_purity": 0.4, "purity_joint": 0.33, "dominant_colour": "blue", "purity_colour": 0.67,
-                    "chance_purity_colour": 0.3, "dominant_shape": "square", "purity_shape": 0.33,
-                    "chance_purity_shape": 0.5})
-    rows[2].update({"n_examples": 1, "n_labelled": 1})
-    folder = feature_concepts_dir(toy.layout, VARIANT)
-    folder.mkdir(parents=True)
-    schema = {c: (pl.String if c.startswith(("dominant_", "basis")) or "_vote_" in c
-                  else pl.Int64 if c.startswith("n_") or c in ("channel", "examples_timestep") else pl.Float64)
-              for c in table_columns(families, world=True)}
-    pl.DataFrame(rows, schema=schema, orient="row").write_parquet(folder / TABLE_FILE)
-    (folder / SUMMARY_FILE).write_text(json.dumps({"variant": VARIANT, "basis": "raw", "families": families,
-                                                   "config": {"min_examples": 3}}))
-
-
 def test_ground_truth_labels_and_purity_sort(toy) -> None:
     at = _app()
     assert not any("Ground truth" in text for text in _texts(at.markdown))  # no feature_concepts yet
-    _write_feature_concepts(toy)
+    write_feature_concepts(toy.layout)
     at = _app()
     texts = [t for t in _texts(at.markdown) if "Ground truth" in t]
     assert len(texts) == 1
