@@ -196,21 +196,29 @@ def ground_truth_html(row: dict[str, Any] | None, families: Sequence[str]) -> st
             + " &middot; ".join(parts) + "</p>")
 
 
-def _ground_truth(layout: DataLayout, variant: str) -> tuple[dict[int, dict[str, Any]], list[str]]:
-    """The variant's ``feature_concepts`` rows by channel and its families (empty without scores)."""
-    from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
+def _ground_truth(layout: DataLayout, variant: str) -> tuple[dict[int, dict[str, Any]], list[str], float]:
+    """The variant's ``feature_concepts`` rows by channel, its families and the purity from which a family
+    is a channel's concept (empty without scores)."""
+    from ddr_core.feature_concepts import FeatureConceptsConfig, feature_concepts_dir, read_feature_concepts
 
+    threshold = FeatureConceptsConfig().selective_purity
     found = read_feature_concepts(feature_concepts_dir(layout, variant))
     if found is None:
-        return {}, []
+        return {}, [], threshold
     table, summary = found
-    return {int(row["channel"]): row for row in table.iter_rows(named=True)}, list(summary.get("families", []))
+    threshold = float((summary.get("config") or {}).get("selective_purity", threshold))
+    rows = {int(row["channel"]): row for row in table.iter_rows(named=True)}
+    return rows, list(summary.get("families", [])), threshold
 
 
-def _concept_label(row: dict[str, Any] | None, families: Sequence[str]) -> str:
+def concept_label(row: dict[str, Any] | None, families: Sequence[str], selective_purity: float) -> str:
+    """The channel's concept: the dominant value of each family whose purity reaches ``selective_purity``
+    (``"yellow"``, ``"red triangle"``), ``"mixed"`` when none does, ``""`` when not scored."""
     if row is None or row.get("purity") is None:
         return ""
-    return " ".join(str(row[f"dominant_{f}"]) for f in families)
+    values = [str(row[f"dominant_{f}"]) for f in families
+              if row.get(f"purity_{f}") is not None and row[f"purity_{f}"] >= selective_purity]
+    return " ".join(values) or "mixed"
 
 
 def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
@@ -310,7 +318,7 @@ def export_html(
         index["channel"].is_in([int(c) for c in channels]))
     selected = [int(c) for c in rows["channel"]]
     files = _Files(layout.data_root, out)
-    truths, families = _ground_truth(layout, variant)
+    truths, families, selective_purity = _ground_truth(layout, variant)
     table_rows = []
     for position, channel in enumerate(selected):
         shard = load_shard(layout, variant, channel)
@@ -337,7 +345,8 @@ def export_html(
         if families:
             truth = truths.get(channel)
             purity = None if truth is None else truth.get("purity")
-            cells[2:2] = [(_concept_label(truth, families), _e(_concept_label(truth, families))),
+            label = concept_label(truth, families, selective_purity)
+            cells[2:2] = [(label, _e(label)),
                           (purity, _fmt(purity, 2) if purity is not None else "")]
         table_rows.append("<tr>" + "".join(
             f'<td data-value="{_e("" if v is None else v)}">{content}</td>' for v, content in cells) + "</tr>")
@@ -345,7 +354,7 @@ def export_html(
                ("peaks", "num"), ("max activation", "num"), ("examples", "num"), ("priors", "num"),
                ("dreams", "num"), ("dream / top example", "num"), ("top prompts", "text")]
     if families:  # ground truth after the channel: its concept and purity
-        headers[2:2] = [("concept (ground truth)", "text"), ("purity", "num")]
+        headers[2:2] = [(f"concept (ground truth, purity >= {selective_purity:g})", "text"), ("purity", "num")]
     head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
     problems = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(files.problems))
     body = (f"<h1>{_e(variant)} ({_e(layout.experiment)})</h1>"
