@@ -10,7 +10,7 @@ from ddr_assets.activations import image_preview
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions, parse_block_key
-from ddr_core.plots import render_channel_figure, save_activity_figure
+from ddr_core.plots import write_channel_figures
 from ddr_core.records import make_record, read_record, write_record
 
 ACTIVITY_PLOTS_CODE_VERSION = "1"
@@ -53,13 +53,10 @@ def activity_plots(context: dg.AssetExecutionContext, config: ActivityPlotsRunCo
             pl.col("channel").is_between(first, last))
         if plots_config.only_active:
             channels = channels.filter(pl.col("is_active"))
-        out_dir = layout.activity_plots_dir(variant)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        block_written = []
-        for channel in channels["channel"].to_list():
-            frames = render_channel_figure(stats_dir, channel, layout.data_root, dpi=plots_config.dpi)
-            block_written.append(save_activity_figure(frames, out_dir / f"channel_{channel:05d}",
-                                                      duration_ms=int(plots_config.frame_duration_s * 1000)))
+        block_written = write_channel_figures(
+            stats_dir, channels["channel"].to_list(), layout.activity_plots_dir(variant), layout.data_root,
+            dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
+            lock_owner=f"dagster run {context.run_id}")
         context.log.info(f"{len(block_written)} figure(s) for channels {first}..{last} of {variant}")
         block_upstream = {f"timestep_stats/{variant}": stats_record["data_version"]}
         write_record(layout.records_dir, make_record(

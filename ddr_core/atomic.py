@@ -21,7 +21,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +159,20 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
     """Write ``obj`` as JSON (keys sorted, trailing newline) to ``path`` atomically."""
     text = json.dumps(obj, indent=indent, sort_keys=True, ensure_ascii=False, allow_nan=False)
     return atomic_write_text(path, text + "\n")
+
+
+def remove_temporaries_of(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Delete the temporaries of the files ``names`` in ``folder`` (``.<name>.tmp-<pid>-<random>``, left by
+    killed writers). Only call it while no other writer can be writing those files (e.g. holding their
+    claim, :func:`ddr_core.locks.claim_channels`). Returns what was removed."""
+    folder = Path(folder)
+    wanted = set(names)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        if is_temp_name(path.name) and path.name[1:].split(TEMP_MARKER)[0] in wanted:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def remove_temp_files(directory: str | os.PathLike[str], recursive: bool = True) -> list[Path]:

@@ -13,6 +13,11 @@ is a vertical line on both plots. :func:`render_channel_figure` gives one frame 
 without an example when the channel has no peak) and :func:`save_activity_figure` writes a looping GIF
 (several frames) or a PNG (one frame). Rendering uses the Agg backend through ``matplotlib.figure``
 (no pyplot state, safe in threads).
+
+:func:`write_channel_figures` is the stage: it claims the channels in the output folder
+(:func:`ddr_core.locks.claim_channels`; a second run on any of them fails at once naming the first, runs
+on other channels go on side by side), deletes the temporaries a killed run left for them, writes each
+figure atomically and removes a channel's figure of the other kind (a GIF that is now a PNG).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ddr_core.atomic import atomic_path
+from ddr_core.atomic import atomic_path, remove_temporaries_of
 from ddr_core.statistics import interpolate_profile, read_summary
 
 PROFILE_COLOR = "#2ecc71"
@@ -238,3 +243,52 @@ def save_activity_figure(
             frames[0].save(tmp, format="GIF", save_all=True, append_images=list(frames[1:]), loop=0,
                            duration=duration_ms, disposal=1)
     return destination
+
+
+def figure_names(channel: int) -> tuple[str, str]:
+    """The two possible figure files of a channel: ``channel_<c:05d>.png`` and ``.gif``."""
+    return f"channel_{channel:05d}.png", f"channel_{channel:05d}.gif"
+
+
+def write_channel_figures(
+    stats_dir: str | os.PathLike[str],
+    channels: Sequence[int],
+    out_dir: str | os.PathLike[str],
+    image_root: str | os.PathLike[str],
+    *,
+    dpi: int = 80,
+    duration_ms: int = 2000,
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
+) -> list[Path]:
+    """Render and save the figure of every channel in ``channels`` into ``out_dir``, holding a claim on them.
+
+    Args:
+        stats_dir: finished timestep statistics.
+        channels: the channels to draw.
+        out_dir: the figures folder (created).
+        image_root: what the dataset examples' image paths are relative to (the data root).
+        dpi, duration_ms: as :func:`render_channel_figure` / :func:`save_activity_figure`.
+        lock_wait: ``False``: fail at once with :class:`~ddr_core.locks.ChannelsLockedError` when another live
+            run holds some of the channels; seconds (or ``True``) to wait.
+        lock_owner: who this run is (shown to a run that finds the channels held).
+
+    Returns:
+        The written figure paths, in channel order.
+    """
+    from ddr_core.locks import claim_channels
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    channels = [int(c) for c in channels]
+    written = []
+    with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or "activity plots"):
+        remove_temporaries_of(out, [name for c in channels for name in figure_names(c)])
+        for channel in channels:
+            frames = render_channel_figure(stats_dir, channel, image_root, dpi=dpi)
+            path = save_activity_figure(frames, out / f"channel_{channel:05d}", duration_ms=duration_ms)
+            for name in figure_names(channel):
+                if name != path.name:
+                    (out / name).unlink(missing_ok=True)
+            written.append(path)
+    return written

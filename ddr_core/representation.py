@@ -60,7 +60,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ddr_core.atomic import atomic_path, atomic_write_json, is_temp_name
+from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
 from ddr_core.locks import claim_channels, partition_lock, stage_locks_dir
 from ddr_core.paths import DataLayout, UnsafePathError, resolve_inside
 from ddr_core.statistics import interpolate_profile, read_summary
@@ -564,20 +564,9 @@ def build_shards(
     (out / "curves").mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or f"representation {variant}"):
-        _remove_dead_temporaries(out, [f"channel_{c:05d}.json" for c in channels])
-        _remove_dead_temporaries(out / "curves", [f"channel_{c:05d}.parquet" for c in channels])
+        remove_temporaries_of(out, [f"channel_{c:05d}.json" for c in channels])
+        remove_temporaries_of(out / "curves", [f"channel_{c:05d}.parquet" for c in channels])
         return _write_shards(layout, variant, channels, out, strict, log)
-
-
-def _remove_dead_temporaries(folder: Path, names: Sequence[str]) -> list[Path]:
-    """Delete the temporaries of the files ``names`` in ``folder`` (only call while holding them)."""
-    wanted = set(names)
-    removed = []
-    for path in folder.iterdir() if folder.is_dir() else []:
-        if is_temp_name(path.name) and path.name[1:].split(".tmp-")[0] in wanted:
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
 
 
 def _write_shards(layout: DataLayout, variant: str, channels: list[int], out: Path, strict: bool,
@@ -742,7 +731,7 @@ def build_index(layout: DataLayout, variant: str, out_dir: str | Path | None = N
     out = Path(out_dir) if out_dir is not None else representation_dir(layout, variant)
     out.mkdir(parents=True, exist_ok=True)
     with partition_lock(stage_locks_dir(out) / "index.lock", wait=True, owner=lock_owner or f"index {variant}"):
-        _remove_dead_temporaries(out, ["index.parquet", "index.json"])
+        remove_temporaries_of(out, ["index.parquet", "index.json"])
         return _write_index(layout, variant, out)
 
 

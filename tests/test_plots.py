@@ -93,3 +93,61 @@ def test_missing_example_image_and_bad_channel(stats, tmp_path):
         render_channel_figure(out, 3, image_root=root)
     with pytest.raises(ValueError, match="no frames"):
         save_activity_figure([], tmp_path / "x")
+
+
+KEEP_CLAIM = """
+import sys, time
+from ddr_core.locks import claim_channels
+with claim_channels(sys.argv[1], [0], owner="plots run A"):
+    print("claimed", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_write_channel_figures_claims_cleans_and_replaces(stats, tmp_path, monkeypatch):
+    """The stage writer: one figure per channel; a channel held by another live run fails at once naming
+    it; a killed run's temporaries of its channels go; a GIF that is now a PNG does not linger; disk full
+    keeps the previous figure and leaves no temporary."""
+    import errno
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ddr_core import atomic
+    from ddr_core.locks import ChannelsLockedError
+    from ddr_core.plots import write_channel_figures
+    from tests.test_failure_modes import FaultyOs
+
+    root, out = stats
+    figures = tmp_path / "activity_plots" / "raw"
+    written = write_channel_figures(out, [0, 2], figures, root)
+    assert [p.name for p in written] == ["channel_00000.gif", "channel_00002.png"]
+
+    holder = subprocess.Popen([sys.executable, "-c", KEEP_CLAIM, str(figures)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(ChannelsLockedError, match="plots run A"):
+            write_channel_figures(out, [0, 1], figures, root)
+        assert [p.name for p in write_channel_figures(out, [1], figures, root)] == ["channel_00001.gif"]
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+    stale = [figures / ".channel_00000.gif.tmp-999999-dead", figures / ".channel_00002.png.tmp-999999-dead"]
+    for path in stale:
+        path.write_bytes(b"half a figure")
+    (figures / "channel_00002.gif").write_bytes(b"an old GIF of channel 2")
+    write_channel_figures(out, [2], figures, root)
+    assert stale[0].exists() and not stale[1].exists()  # only the claimed channel's temporaries go
+    assert not (figures / "channel_00002.gif").exists() and (figures / "channel_00002.png").is_file()
+
+    before = (figures / "channel_00000.gif").read_bytes()
+    monkeypatch.setattr(atomic, "os", FaultyOs(fail_on=2))  # 1: the claim's record, 2: the figure
+    with pytest.raises(OSError) as error:
+        write_channel_figures(out, [0], figures, root, duration_ms=500)
+    assert error.value.errno == errno.ENOSPC and "channel_00000.gif" in str(error.value)
+    monkeypatch.undo()
+    assert (figures / "channel_00000.gif").read_bytes() == before
+    # no temporary: the failed write's own is removed, and channel 0's stale one went when it was claimed
+    assert not [p.name for p in figures.iterdir() if atomic.is_temp_name(p.name)]
