@@ -44,3 +44,19 @@ def test_statistics_follow_their_activations():
 def test_jobs_for_each_stage_family_exist():
     for job in ("provision_models", "capture_activations", "compute_timestep_stats", "visualise_channel_blocks"):
         assert defs.resolve_job_def(job) is not None
+
+
+def test_partition_keys_are_listed_for_the_command_line(capsys):
+    from dagster_project.partitions import asset_partition_keys, main
+
+    keys = asset_partition_keys()
+    assert keys["priors"][:2] == ["tiny-raw:0-15", "tiny-raw:16-31"] and "toy-sae:192-255" in keys["priors"]
+    assert "toy-world" in keys["activations"] and keys["feature_concepts"] == ["toy-raw", "toy-sae"]
+    assert "toy-raw" in keys["timestep_stats"] and "models" in keys
+    assert main(["priors", "--variant", "toy-raw", "--range"]) == 0
+    assert capsys.readouterr().out.strip() == "toy-raw:0-15...toy-raw:48-63"
+    assert main(["timestep_stats", "--variant", "toy-sae"]) == 0
+    assert capsys.readouterr().out.strip() == "toy-sae"
+    assert main([]) == 0 and "priors: " in capsys.readouterr().out
+    assert main(["no_such_asset"]) == 2 and "partitioned assets: " in capsys.readouterr().err
+    assert main(["priors", "--variant", "nope"]) == 2 and "variants with keys: " in capsys.readouterr().err
