@@ -63,6 +63,11 @@ def shard_lock_path(root: Path, shard_index: int, num_shards: int) -> Path:
     return Path(root) / f".lock.shard-{shard_index}-of-{num_shards}"
 
 
+def _shard_batches(plan: CapturePlan, config: CaptureConfig) -> set[int]:
+    """The batches of ``plan`` that shard ``config.shard_index`` of ``config.num_shards`` writes."""
+    return {b for b in range(plan.n_batches) if b % config.num_shards == config.shard_index}
+
+
 def _remove_unfinished_batch_files(store: ActivationStore, batches: set[int]) -> list[Path]:
     """Delete the files (temporaries included) of the unfinished batches among ``batches``.
 
@@ -326,19 +331,23 @@ def _run_capture_locked(
     )
 
     device = pipe.unet.device
-    plan = fix_plan(root, new_plan)
+    store = ActivationStore(root)
+    # Nothing is written under ``root`` without the group lock: exclusive (alone) for the full clean-up, shared
+    # otherwise. A shard that is not alone waits for the shared lock *before* writing its plan candidate, so an
+    # exclusive holder's clean-up (which removes temporaries) can never remove a file another shard is writing.
+    if alone:  # no other shard is writing: every leftover of a killed run can go
+        plan = fix_plan(root, new_plan)
+        store.clean_unfinished()
+        group_lock.release()
+    group_lock.shared = True
+    group_lock.acquire(wait=FINALIZE_LOCK_WAIT_S)  # excludes finalize / full cleaning by others
+    if not alone:  # others may be writing their batches: remove only the leftovers of ours
+        plan = fix_plan(root, new_plan)
+        _remove_unfinished_batch_files(store, _shard_batches(plan, config))
     sampling = (VectorSamplingConfig(positions_per_call=config.sae_vector_positions_per_call,
                                      every_n_timesteps=config.sae_vector_every_n_timesteps, seed=plan.base_seed)
                 if config.sae_vectors else None)
-    store = ActivationStore(root)
-    mine = [b for b in range(plan.n_batches) if b % config.num_shards == config.shard_index]
-    if alone:  # no other shard is writing: every leftover of a killed run can go
-        store.clean_unfinished()
-        group_lock.release()
-    else:  # others are writing their batches: remove only the leftovers of ours
-        _remove_unfinished_batch_files(store, set(mine))
-    group_lock.shared = True
-    group_lock.acquire(wait=FINALIZE_LOCK_WAIT_S)  # excludes finalize / full cleaning by others
+    mine = sorted(_shard_batches(plan, config))
     finished = store.finished_batches()
     todo = [b for b in mine if b not in finished]
     result = CaptureResult(root=root, batches_skipped=[b for b in mine if b in finished])

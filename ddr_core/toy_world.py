@@ -311,6 +311,10 @@ def nearest_render_rmse(images: np.ndarray, renders: np.ndarray, batch_size: int
     out = []
     for start in range(0, len(images), batch_size):
         chunk = torch.from_numpy(images[start:start + batch_size].reshape(-1, reference.shape[1])).double() / 255.0
+        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b finds the nearest render fast, but its cancellation leaves residues
+        # of ~1e-9 whose sign depends on the BLAS kernel: the RMSE itself is taken directly on the nearest one,
+        # so an exact match is exactly 0 on every machine
         squared = (chunk * chunk).sum(dim=1, keepdim=True) + reference_sq[None, :] - 2.0 * chunk @ reference.T
-        out.append(torch.sqrt(squared.min(dim=1).values.clamp(min=0.0) / reference.shape[1]))
+        nearest = reference[squared.argmin(dim=1)]
+        out.append(torch.sqrt(((chunk - nearest) ** 2).mean(dim=1)))
     return torch.cat(out).numpy()

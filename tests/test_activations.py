@@ -180,3 +180,44 @@ def test_capture_keeps_sae_training_vectors_without_changing_the_record(tiny_pip
     assert checked == 10 * 6
     loaded = load_vectors([root / VECTORS_DIRNAME], TINY_TARGET_LAYER)
     assert loaded.width == 64 and sorted(set(loaded.generation_ids.tolist())) == list(range(10))
+
+
+def test_a_shard_writes_nothing_while_another_shard_cleans_up(tiny_pipe, reducers, reference, tmp_path):
+    """A shard that finds another holding the group lock exclusively (that one is removing a killed run's
+    temporaries) writes nothing, not even its plan candidate, until the lock is shared again: otherwise the
+    clean-up deletes the candidate mid-write ("could not write ... .candidate: No such file or directory",
+    seen with two ranks under load)."""
+    import threading
+    import time
+
+    from ddr_core.activations import GROUP_LOCK_FILE, PLAN_FILE, shard_lock_path
+    from ddr_core.locks import FileLock
+
+    ref_root, _ = reference
+    root = tmp_path / "capture"
+    root.mkdir()
+    cleaner = FileLock(root / GROUP_LOCK_FILE, owner="shard 0 cleaning up").acquire()
+    outcome: dict = {}
+
+    def shard_one() -> None:
+        try:
+            outcome["result"] = _capture(tiny_pipe, reducers, root, tmp_path, shard_index=1, num_shards=2)
+        except BaseException as error:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = error
+
+    thread = threading.Thread(target=shard_one)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not shard_lock_path(root, 1, 2).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)  # the shard has its shard lock and is past the point where it would write its plan
+    written = sorted(p.name for p in root.iterdir() if not p.name.startswith(".lock"))
+    assert written == [] and thread.is_alive()
+    cleaner.release()
+    thread.join(120)
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["result"].batches_done == [1] and (root / PLAN_FILE).is_file()
+    ref_ids, ref_values = _dense(ref_root, "tiny-raw")
+    ids, values = _dense(root, "tiny-raw")
+    keep = np.isin(ref_ids, ids)
+    np.testing.assert_allclose(values, ref_values[keep], rtol=1e-3, atol=1e-3)

@@ -15,6 +15,8 @@
 #
 # Prints the DDR_SLURM_* variables to use (eval-able lines) at the end.
 set -euo pipefail
+# A failing command never ends this script silently: name the line and the command.
+trap 'echo "start_local_cluster.sh: line ${LINENO}: \`${BASH_COMMAND}\` failed (exit $?)" >&2' ERR
 
 STATE_DIR="${1:-${DDR_SLURM_STATE_DIR:-/tmp/ddr-slurm}}"
 SSH_PORT="${DDR_SLURM_SSH_PORT:-2222}"
@@ -111,7 +113,9 @@ log "MariaDB up"
 # ---------------------------------------------------------------- slurm configs
 mkdir -p /etc/slurm
 umask 022
-OLD_CONF_SUM="$(cat /etc/slurm/slurm.conf 2>/dev/null | md5sum)"
+# (no slurm.conf yet on a machine that never had Slurm configured: an empty checksum, not a failed pipeline)
+OLD_CONF_SUM=""
+[[ -f /etc/slurm/slurm.conf ]] && OLD_CONF_SUM="$(md5sum </etc/slurm/slurm.conf)"
 cat >/etc/slurm/slurm.conf <<CONF
 # Written by ddr scripts/slurm/start_local_cluster.sh: one node, loopback, accounting on.
 ClusterName=${CLUSTER_NAME}
