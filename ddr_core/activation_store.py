@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ddr_core.atomic import atomic_path, atomic_write_json, is_temp_name, remove_temp_files
+from ddr_core.tensor_files import canonical_metadata, read_metadata
 
 Half = Literal["conditional", "unconditional"]
 HALVES: tuple[str, ...] = ("conditional", "unconditional")
@@ -327,7 +328,7 @@ class ActivationStore:
                 save_file(
                     {"generation_ids": generation_ids, "timesteps": timestep_array, **tensors},
                     str(tmp),
-                    metadata={"variant": variant, "width": str(width), "batch_index": str(batch_index)},
+                    metadata=canonical_metadata({"variant": variant, "width": str(width), "batch_index": str(batch_index)}),
                 )
             files.append(dense_path)
             conditional = tensors["conditional"].astype(np.float32)
@@ -491,7 +492,7 @@ class ActivationStore:
             path = self.dense_path(variant, index)
             if path.exists():
                 with safe_open(str(path), framework="numpy") as handle:
-                    return int(handle.metadata()["width"])
+                    return int(read_metadata(handle)["width"])
         raise ActivationStoreError(
             f"variant {variant!r} has no finished batch in {self.root}; known variants: {self.variants()}"
         )

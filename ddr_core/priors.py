@@ -518,6 +518,7 @@ def run_priors(
     from ddr_core.hooks import channel_directions
     from ddr_core.pipeline import layer_width
     from ddr_core.progress import Progress
+    from ddr_core.tensor_files import canonical_metadata
 
     start = time.monotonic()
     out_dir, stats_dir, data_root = Path(out_dir), Path(stats_dir), Path(data_root).resolve()
@@ -637,7 +638,7 @@ def run_priors(
                     }
                     with atomic_path(folder / LATENTS_FILE) as tmp:
                         save_file({"latents": latents[position].contiguous(), "seeds": seeds_tensor},
-                                  str(tmp), metadata=metadata)
+                                  str(tmp), metadata=canonical_metadata(metadata))
                     image_paths = []
                     for seed, image in zip(config.seeds, images[position], strict=True):
                         path = folder / f"seed_{seed}.png"

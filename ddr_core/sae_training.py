@@ -67,6 +67,7 @@ from torch import nn
 from ddr_core.atomic import atomic_path, atomic_write_json
 from ddr_core.hooks import TimestepTracker, activation_tokens, layer_output_tensor
 from ddr_core.sae import FOLDER_PREFIX, Sae, SaeConfig, save_sae
+from ddr_core.tensor_files import canonical_metadata, read_metadata
 
 LogFn = Callable[[str], None]
 
@@ -262,10 +263,10 @@ def write_vector_batch(
     path = vector_batch_path(vectors_dir, batch_index)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={
+        save_file(tensors, str(tmp), metadata=canonical_metadata({
             "format": VECTORS_FORMAT, "layer": layer_name, "width": str(width),
             "sampling": recorded.sampling.model_dump_json(), "batch_index": str(int(batch_index)),
-        })
+        }))
     return path
 
 
@@ -314,7 +315,7 @@ def load_vectors(vectors_dirs: Sequence[str | Path], layer_name: str | None = No
         paths = sorted((p for p in folder.iterdir() if _BATCH_FILE_RE.match(p.name)), key=lambda p: p.name)
         for path in paths:
             with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
+                meta = read_metadata(handle)
                 if meta.get("format") != VECTORS_FORMAT:
                     raise ValueError(f"{path} is not a {VECTORS_FORMAT} file (format {meta.get('format')!r})")
                 if layer is not None and meta.get("layer") != layer:

@@ -13,6 +13,7 @@ from ddr_core.activation_store import (
     VariantBatch,
     top_k_channels,
 )
+from ddr_core.tensor_files import read_metadata
 
 TIMESTEPS = [981, 961, 941, 921]
 
@@ -78,7 +79,7 @@ def test_write_and_read_back(tmp_path):
 
     dense_file = store.root / "raw" / "batches" / "batch_00000.safetensors"
     with safe_open(str(dense_file), framework="numpy") as handle:
-        assert handle.metadata()["variant"] == "raw" and handle.metadata()["width"] == "6"
+        assert read_metadata(handle) == {"variant": "raw", "width": "6", "batch_index": "0"}
         assert handle.get_tensor("conditional").dtype == np.float16
         assert handle.get_tensor("generation_ids").dtype == np.int64
         assert handle.get_tensor("timesteps").tolist() == TIMESTEPS
@@ -141,15 +142,8 @@ def test_torch_input_and_unsorted_generations(tmp_path):
 
 
 def _snapshot(root):
-    """File contents; safetensors as (metadata, tensors) since its metadata key order is random."""
-    snapshot = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="numpy") as handle:
-                snapshot[path] = (handle.metadata(), {k: handle.get_tensor(k).tobytes() for k in handle.keys()})
-        else:
-            snapshot[path] = path.read_bytes()
-    return snapshot
+    """File contents, safetensors included (their metadata is one canonical JSON key: stable bytes)."""
+    return {path: path.read_bytes() for path in sorted(p for p in root.rglob("*") if p.is_file())}
 
 
 def test_rewrite_is_idempotent(tmp_path):
@@ -226,3 +220,27 @@ def test_enospc_during_batch_leaves_it_unfinished(tmp_path, monkeypatch):
     assert store.finished_batches() == {0}
     assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     assert [ids.tolist() for ids, _, _ in store.iter_dense("raw")] == [[0, 1]]
+
+
+def test_safetensors_bytes_are_the_same_in_every_process(tmp_path):
+    """The same batch written by separate processes (each with its own hash seed) is the same bytes: the
+    metadata is one canonical JSON key, not a map the library writes in a process-dependent order."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, numpy as np\n"
+        "from ddr_core.activation_store import ActivationStore, VariantBatch\n"
+        "from tests.test_activation_store import TIMESTEPS, generations\n"
+        "rng = np.random.default_rng(0)\n"
+        "store = ActivationStore(sys.argv[1])\n"
+        "values = rng.normal(size=(2, len(TIMESTEPS), 6)).astype('float32')\n"
+        "store.write_batch(0, generations(0), TIMESTEPS, {'raw': VariantBatch(values, None)})\n"
+    )
+    outputs = []
+    for seed in ("1", "2", "3"):
+        root = tmp_path / f"run{seed}"
+        subprocess.run([sys.executable, "-c", script, str(root)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})
+        outputs.append((root / "raw" / "batches" / "batch_00000.safetensors").read_bytes())
+    assert outputs[0] == outputs[1] == outputs[2]

@@ -27,6 +27,7 @@ from ddr_core.priors import (
 )
 from ddr_core.sae import find_sae_folder, load_sae
 from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
+from ddr_core.tensor_files import read_metadata
 from ddr_core.tiny_model import TINY_TARGET_LAYER
 
 STEPS = 4
@@ -226,7 +227,7 @@ def test_run_priors_format_skips_and_resume(tiny_pipe, raw_stats, tmp_path):
     assert all((reference_root / p).is_file() for p in prior["images"])
     with safe_open(str(reference_root / prior["latents"]), framework="pt") as handle:
         latents, seeds = handle.get_tensor("latents"), handle.get_tensor("seeds")
-        metadata = handle.metadata()
+        metadata = read_metadata(handle)
     assert latents.shape == (2, 4, 8, 8) and latents.dtype == torch.float32
     assert seeds.tolist() == SEEDS and seeds.dtype == torch.int64
     assert metadata["channel"] == "5" and metadata["basis"] == "raw" and metadata["format"] == "ddr.priors/1"
