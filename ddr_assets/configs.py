@@ -61,17 +61,35 @@ def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:
         raise dg.Failure(description=f"invalid config for {asset}: {problems}") from None
 
 
-def with_variant_overrides(config: dg.Config, model: type[M], overrides: dict[str, Any], *, asset: str) -> M:
+def fields_set_in_run_config(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> set[str]:
+    """The config fields this run's run config names for the running op (``ops.<op>.config``).
+
+    Dagster fills every unset field with its default before building the op's ``Config``, so the
+    ``Config`` object cannot tell ``learning_rate: 0.05`` written by the user from the default 0.05;
+    the run's own run config can.
+    """
+    ops = (context.run.run_config or {}).get("ops") or {}
+    entry = ops.get(context.op_def.name) or {}
+    return set((entry.get("config") or {}) if isinstance(entry, dict) else {})
+
+
+def with_variant_overrides(config: dg.Config, model: type[M], overrides: dict[str, Any], *, asset: str,
+                           set_fields: set[str] | None = None) -> M:
     """The core config with the variant's overrides (``variants.<v>.overrides.<stage>`` in the project
-    config) applied to every field the run left at its default; fields set in the run config win."""
-    defaults = model()
+    config) applied to every field the run did not set; what the run sets wins, also a value equal to
+    the default.
+
+    ``set_fields``: the fields the run config names (:func:`fields_set_in_run_config`); ``None`` takes the
+    fields set when ``config`` was constructed (``model_fields_set``: code that builds a config directly).
+    """
     unknown = sorted(set(overrides) - set(model.model_fields))
     if unknown:
         raise dg.Failure(description=f"unknown {asset} override(s) {unknown} in the project config; "
                                      f"known: {sorted(model.model_fields)}")
     given = to_core(config, model, asset=asset)
-    merged = {name: (overrides[name] if name in overrides and getattr(given, name) == getattr(defaults, name)
-                     else getattr(given, name)) for name in model.model_fields}
+    chosen = config.model_fields_set if set_fields is None else set_fields
+    merged = {name: (overrides[name] if name in overrides and name not in chosen else getattr(given, name))
+              for name in model.model_fields}
     try:
         return model.model_validate(merged)
     except ValidationError as exc:

@@ -16,7 +16,12 @@ from pydantic import Field
 from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, run_channels
-from ddr_assets.configs import SLURM_FIELD, dagster_config_from, with_variant_overrides
+from ddr_assets.configs import (
+    SLURM_FIELD,
+    dagster_config_from,
+    fields_set_in_run_config,
+    with_variant_overrides,
+)
 from ddr_assets.lineage import lineage_metadata, table_preview
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
 from ddr_core.config import config_hash
@@ -103,7 +108,8 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
     effective: dict[str, dict] = {}
     for variant, blocks in run_channels(context.partition_keys, config.channels).items():
         dream_config = with_variant_overrides(config, DreamConfig, project.variants[variant].overrides.get("dreams", {}),
-                                              asset=name)
+                                              asset=name,
+                                              set_fields=fields_set_in_run_config(context))
         if no_noise:
             dream_config = dream_config.model_copy(update={"see_through_schedule_noise": False})
         stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"{name}[{next(iter(blocks))}]")

@@ -12,7 +12,12 @@ import dagster as dg
 from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, run_channels
-from ddr_assets.configs import SLURM_FIELD, dagster_config_from, with_variant_overrides
+from ddr_assets.configs import (
+    SLURM_FIELD,
+    dagster_config_from,
+    fields_set_in_run_config,
+    with_variant_overrides,
+)
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
 from ddr_core.paths import resolve_inside
@@ -46,7 +51,8 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
     effective: dict[str, dict] = {}
     for variant, blocks in run_channels(context.partition_keys, config.channels).items():
         priors_config = with_variant_overrides(config, PriorsConfig, project.variants[variant].overrides.get("priors", {}),
-                                               asset="priors")
+                                               asset="priors",
+                                               set_fields=fields_set_in_run_config(context))
         effective[variant] = priors_config.model_dump(mode="json")
         stats = read_record(layout.records_dir, "timestep_stats", variant,
                             required_by=f"priors[{next(iter(blocks))}]")

@@ -171,6 +171,41 @@ def test_priors_take_the_variant_overrides_unless_the_run_sets_them():
     assert explicit.steer_strength_scale == 30.0
 
 
+_PROBE: dict[str, object] = {}
+
+
+def _dreams_probe_asset() -> dg.AssetsDefinition:
+    """An asset with the dreams run config that records which fields the run set and the merged config."""
+    from ddr_assets.configs import fields_set_in_run_config, with_variant_overrides
+    from ddr_assets.dreams import DreamsRunConfig
+    from ddr_core.dreams import DreamConfig
+
+    def dreams_probe(context, config) -> None:
+        _PROBE["set"] = fields_set_in_run_config(context)
+        _PROBE["merged"] = with_variant_overrides(config, DreamConfig, {"learning_rate": 0.02, "augmentation_level": 0},
+                                                  asset="dreams", set_fields=_PROBE["set"])
+
+    # real classes, not the strings `from __future__ import annotations` would leave for Dagster to resolve
+    dreams_probe.__annotations__ = {"context": dg.AssetExecutionContext, "config": DreamsRunConfig, "return": None}
+    return dg.asset(dreams_probe)
+
+
+def test_a_run_value_equal_to_the_default_still_wins_over_the_variant_override():
+    """``learning_rate: 0.05`` (the default) on a variant whose override is 0.02 runs with 0.05: Dagster fills
+    unset fields with defaults, so which fields the user wrote comes from the run's own run config."""
+    from ddr_core.dreams import DreamConfig
+
+    default_rate = DreamConfig().learning_rate
+    run_config = {"ops": {"dreams_probe": {"config": {"learning_rate": default_rate, "augmentation_level": 1}}}}
+    probe = _dreams_probe_asset()
+    assert dg.materialize([probe], run_config=run_config).success
+    assert _PROBE["set"] == {"learning_rate", "augmentation_level"}
+    assert _PROBE["merged"].learning_rate == default_rate and _PROBE["merged"].augmentation_level == 1
+    assert dg.materialize([probe]).success  # nothing written: the overrides apply
+    assert _PROBE["set"] == set()
+    assert _PROBE["merged"].learning_rate == 0.02 and _PROBE["merged"].augmentation_level == 0
+
+
 def test_every_variant_override_in_the_project_config_is_a_valid_stage_parameter():
     from ddr_core.config import load_project_config
     from ddr_core.dreams import DreamConfig
