@@ -44,7 +44,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
@@ -54,6 +54,10 @@ from ddr_core.locks import FileLock, PartitionLockedError, partition_lock
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
 GROUP_LOCK_FILE = ".lock"
+# Bounds checked when the config is read, before any model is loaded: a 65536-pixel side asks for tens of
+# GB before the first step; real models are trained at 512-1024 (SDXL) pixels.
+MAX_IMAGE_SIDE = 4096
+MAX_INFERENCE_STEPS = 1000
 FINALIZE_LOCK_WAIT_S = 600.0
 _BATCH_FILE_RE = re.compile(r"^batch_(\d{5,})\.")
 
@@ -94,11 +98,12 @@ class CaptureConfig(BaseModel):
     n_prompts: int | None = Field(default=None, ge=1, description="only the first N unique prompts")
     num_images_per_prompt: int | None = Field(default=None, ge=1,
                                               description="images per prompt; default 5 on GPU, 1 on CPU")
-    batch_size: int = Field(default=4, ge=1, description="generations per batch")
-    num_inference_steps: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=4, ge=1, le=1024, description="generations per batch")
+    num_inference_steps: int = Field(default=50, ge=1, le=MAX_INFERENCE_STEPS,
+                                     description="at most the scheduler's train timesteps (checked on the model)")
     guidance_scale: float = Field(default=7.5, ge=0.0)
-    height: int | None = Field(default=None, ge=8)
-    width: int | None = Field(default=None, ge=8)
+    height: int | None = Field(default=None, ge=8, le=MAX_IMAGE_SIDE, description="pixels, a multiple of 8")
+    width: int | None = Field(default=None, ge=8, le=MAX_IMAGE_SIDE, description="pixels, a multiple of 8")
     seed: int | None = Field(default=None, ge=0, description="base seed; random (and recorded) when unset")
     keep_unconditional: bool = Field(default=True, description="also store the unconditional CFG half")
     capture_top_k: int = Field(default=64, ge=1, description="channels kept per (generation, timestep) "
@@ -111,6 +116,14 @@ class CaptureConfig(BaseModel):
     sae_vector_positions_per_call: int | None = Field(default=None, ge=1,
                                                       description="positions kept per image and step; None: all")
     sae_vector_every_n_timesteps: int = Field(default=1, ge=1, description="keep every n-th denoising step")
+
+    @field_validator("height", "width")
+    @classmethod
+    def _multiple_of_8(cls, value: int | None) -> int | None:
+        if value is not None and value % 8:
+            raise ValueError(f"{value} is not a multiple of 8 (the VAE downsamples by 8): use "
+                             f"{value // 8 * 8 or 8} or {value // 8 * 8 + 8}")
+        return value
 
     @model_validator(mode="after")
     def _shard_in_range(self) -> CaptureConfig:
@@ -185,6 +198,28 @@ class CapturePlanMismatch(ValueError):
     """A store already holds a capture made with other parameters."""
 
 
+def _has_generations(root: Path) -> bool:
+    """Whether any batch (finished or not) or image was ever written under a capture's ``root``."""
+    return any(p.is_file() for p in root.rglob("*") if p.parent != root)
+
+
+def check_capture_sizes(pipe: Any, height: int, width: int, num_inference_steps: int) -> None:
+    """Refuse sizes and step counts this model cannot run, before anything is written.
+
+    Raises:
+        ValueError: naming the field, the model's limit and the fix.
+    """
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    for name, value in (("height", height), ("width", width)):
+        if value % scale:
+            raise ValueError(f"capture {name} {value} is not a multiple of the model's VAE scale factor {scale}: "
+                             f"use {value // scale * scale or scale} or {value // scale * scale + scale}")
+    train_steps = int(pipe.scheduler.config.num_train_timesteps)
+    if num_inference_steps > train_steps:
+        raise ValueError(f"capture num_inference_steps {num_inference_steps} exceeds the scheduler's "
+                         f"{train_steps} train timesteps: use at most {train_steps}")
+
+
 def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
     """Write the plan if the store has none; otherwise check that the existing one matches.
 
@@ -201,6 +236,9 @@ def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
         if plan.base_seed < 0:  # random seed requested: adopt the stored one
             mine["base_seed"] = theirs["base_seed"]
         diff = sorted(k for k in theirs if theirs[k] != mine.get(k))
+        if diff and not _has_generations(Path(root)):  # a plan that never got a generation is replaced
+            path.unlink(missing_ok=True)
+            return fix_plan(root, plan)
         if diff:
             raise CapturePlanMismatch(
                 f"{root} already holds a capture with different {', '.join(diff)}; use another "
@@ -285,6 +323,7 @@ def run_capture(
     height = config.height or pipe.unet.config.sample_size * scale
     width = config.width or pipe.unet.config.sample_size * scale
     layer = resolve_layer(pipe.unet, layer_name)  # a wrong name fails here, before anything is written
+    check_capture_sizes(pipe, height, width, config.num_inference_steps)  # likewise
     owner = lock_owner or f"capture {root.name} shard {config.shard_index}/{config.num_shards}"
     root.mkdir(parents=True, exist_ok=True)
     with partition_lock(shard_lock_path(root, config.shard_index, config.num_shards), wait=lock_wait,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,42 @@ def test_a_shard_writes_nothing_while_another_shard_cleans_up(tiny_pipe, reducer
     ids, values = _dense(root, "tiny-raw")
     keep = np.isin(ref_ids, ids)
     np.testing.assert_allclose(values, ref_values[keep], rtol=1e-3, atol=1e-3)
+
+
+def test_bad_sizes_are_refused_before_anything_is_written(tiny_pipe, reducers, tmp_path):
+    """``height: 12`` / ``num_inference_steps: 100000`` / a 65536-pixel side are refused when the config is
+    read; what only the model knows (its VAE scale, its scheduler's train steps) before the store exists."""
+    from types import SimpleNamespace
+
+    from ddr_core.activations import check_capture_sizes
+
+    for field, value, message in (("height", 12, "multiple of 8"), ("width", 65536, "less than or equal"),
+                                  ("num_inference_steps", 100000, "less than or equal"),
+                                  ("batch_size", 100000, "less than or equal")):
+        with pytest.raises(ValueError, match=message) as error:
+            CaptureConfig(**{field: value})
+        assert field in str(error.value)
+    coarse = SimpleNamespace(vae_scale_factor=16, scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=100)))
+    with pytest.raises(ValueError, match="height 40 is not a multiple of the model's VAE scale factor 16: use 32 or 48"):
+        check_capture_sizes(coarse, 40, 64, 10)
+    with pytest.raises(ValueError, match="num_inference_steps 101 exceeds the scheduler's 100 train timesteps"):
+        check_capture_sizes(coarse, 64, 64, 101)
+    check_capture_sizes(tiny_pipe, 64, 64, 1000)
+
+
+def test_a_plan_that_never_got_a_generation_is_replaced(tiny_pipe, reducers, reference, tmp_path):
+    """A run that fixed its plan and then failed before its first generation does not poison the folder: the
+    corrected run replaces the plan (one with generations is still protected by CapturePlanMismatch)."""
+    from ddr_core.activations import PLAN_FILE, CapturePlan, fix_plan
+
+    root = tmp_path / "capture"
+    fix_plan(root, CapturePlan(prompts=PROMPTS, num_images_per_prompt=2, batch_size=4, base_seed=7,
+                               num_inference_steps=3, guidance_scale=7.5, height=24, width=24,
+                               variants={"tiny-raw": {}, "tiny-sae": {}}))
+    assert json.loads((root / PLAN_FILE).read_text())["height"] == 24
+    result = _capture(tiny_pipe, reducers, root, tmp_path)
+    assert result.summary["complete"] and json.loads((root / PLAN_FILE).read_text())["num_inference_steps"] == 6
+    ref_root, _ = reference
+    np.testing.assert_allclose(_dense(root, "tiny-raw")[1], _dense(ref_root, "tiny-raw")[1], rtol=1e-3, atol=1e-3)
+    with pytest.raises(CapturePlanMismatch):
+        _capture(tiny_pipe, reducers, root, tmp_path, num_inference_steps=5)
