@@ -103,16 +103,100 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
+_READY_SUFFIX = ".ready"  # a complete new folder about to be swapped in (fallback swap only)
+_OLD_SUFFIX = ".old"  # the previous folder moved aside (fallback swap only)
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the system or file system cannot (then the caller falls back to two renames).
+    """
+    import ctypes
+    import errno
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def recover_dir(path: str | os.PathLike[str], *, remove_leftovers: bool = False) -> list[Path]:
+    """Mend what a writer killed inside :func:`atomic_dir`'s swap left; returns what it removed.
+
+    Where two renames were needed (no ``RENAME_EXCHANGE``) a kill between them leaves ``path`` missing
+    beside a complete new folder (``.ready``) and the previous one (``.old``): the new one is put in place,
+    else the old one. ``remove_leftovers``: also delete every temporary of ``path`` (staging folders,
+    swapped-out copies); only while no other writer can be writing ``path`` (hold its lock).
+    """
+    destination = Path(path)
+    parent, prefix = destination.parent, f".{destination.name}{TEMP_MARKER}"
+    siblings = sorted((p for p in parent.iterdir() if p.name.startswith(prefix)), key=lambda p: p.stat().st_mtime) \
+        if parent.is_dir() else []
+    if not destination.exists():
+        for suffix in (_READY_SUFFIX, _OLD_SUFFIX):
+            found = [p for p in siblings if p.name.endswith(suffix) and p.is_dir()]
+            if found:
+                os.replace(found[-1], destination)
+                _fsync_dir(parent)
+                siblings.remove(found[-1])
+                break
+    removed = []
+    if remove_leftovers:
+        for leftover in siblings:
+            _remove(leftover)
+            removed.append(leftover)
+    return removed
+
+
+def _swap_in(tmp: Path, destination: Path) -> None:
+    """Put the complete folder ``tmp`` at ``destination``; at every instant one of the two is there."""
+    previous = None
+    if not destination.exists():
+        os.replace(tmp, destination)
+    elif _rename_exchange(tmp, destination):  # one step: tmp now holds the previous folder
+        previous = tmp
+    else:  # two steps, each recoverable by recover_dir: the new folder is marked complete first
+        ready = tmp.with_name(tmp.name + _READY_SUFFIX)
+        os.replace(tmp, ready)
+        previous = tmp.with_name(tmp.name + _OLD_SUFFIX)
+        os.replace(destination, previous)
+        try:
+            os.replace(ready, destination)
+        except BaseException:
+            os.replace(previous, destination)
+            _remove(ready)
+            raise
+    _fsync_dir(destination.parent)
+    if previous is not None:
+        _remove(previous)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield an empty temporary directory that becomes ``path`` as a whole when the body succeeds.
 
-    An existing directory at ``path`` is replaced only after the new one is complete: it is first
-    renamed aside, the new one renamed in, then the old one deleted. On failure the temporary
-    directory is deleted and ``path`` is untouched.
+    The new folder replaces an existing one only when complete (every file fsynced), in one atomic
+    ``RENAME_EXCHANGE`` where the system has it, else in two renames that :func:`recover_dir` can finish:
+    a process killed at any point leaves the old or the new folder at ``path``, never none (a missing one
+    left by a kill is restored here, first). On failure the temporary directory is deleted and ``path``
+    is untouched.
     """
     destination = Path(path)
     destination.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(destination)
     tmp = temp_sibling(destination)
     tmp.mkdir()
     try:
@@ -120,19 +204,7 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         for root, _dirs, files in os.walk(tmp):
             for name in files:
                 _fsync_file(Path(root) / name)
-        old = None
-        if destination.exists():
-            old = temp_sibling(destination)
-            os.replace(destination, old)
-        try:
-            os.replace(tmp, destination)
-        except BaseException:
-            if old is not None:
-                os.replace(old, destination)
-            raise
-        _fsync_dir(destination.parent)
-        if old is not None:
-            _remove(old)
+        _swap_in(tmp, destination)
     except OSError as error:
         _remove(tmp)
         _reraise_naming(error, destination, "directory")

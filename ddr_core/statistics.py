@@ -70,7 +70,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import find_peaks
 
 from ddr_core.activation_store import ActivationStore, topk_table
-from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json
+from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
 
 LogFn = Callable[[str], None]
@@ -262,6 +262,7 @@ def compute_timestep_stats(
         )
     with partition_lock(stats_lock_path(out), wait=lock_wait,
                         owner=lock_owner or f"timestep_stats {variant}"):
+        recover_dir(out, remove_leftovers=True)  # a killed run's staging folder or swapped-out copy
         with atomic_dir(out) as staging:
             summary = _compute_into(store, variant, out, staging, observed, width, config,
                                     log or (lambda _message: None), duckdb_memory_limit)

@@ -89,3 +89,61 @@ def test_remove_temp_files(tmp_path):
     removed = remove_temp_files(tmp_path)
     assert [p.name for p in removed] == [".x.parquet.tmp-1-abcd"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.parquet"]
+
+
+_KILL_IN_SWAP = r"""
+import os, sys
+from pathlib import Path
+import ddr_core.atomic as atomic
+
+target, mode, kill_at = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+if mode == "two-renames":
+    atomic._rename_exchange = lambda a, b: False  # a file system without RENAME_EXCHANGE
+calls = {"replace": 0, "remove": 0}
+real_replace, real_remove = os.replace, atomic._remove
+
+def replace(a, b):
+    calls["replace"] += 1
+    if calls["replace"] == kill_at:
+        os._exit(9)  # killed right before this rename
+    return real_replace(a, b)
+
+def remove(path):
+    if kill_at == 0:
+        os._exit(9)  # killed after the swap, before the old copy is deleted
+    return real_remove(path)
+
+os.replace, atomic._remove = replace, remove
+with atomic.atomic_dir(target) as tmp:
+    (tmp / "version.txt").write_text("new")
+"""
+
+
+@pytest.mark.parametrize(("mode", "kill_at"), [
+    ("exchange", 0), ("two-renames", 1), ("two-renames", 2), ("two-renames", 3), ("two-renames", 0)])
+def test_a_kill_anywhere_in_the_directory_swap_leaves_old_or_new_and_the_next_run_cleans_up(tmp_path, mode, kill_at):
+    """Killed before/between/after the renames of atomic_dir's swap: the folder is there (old or new, whole),
+    never missing; the next writer restores and removes what the killed one left."""
+    import subprocess
+    import sys
+
+    from ddr_core.atomic import recover_dir
+
+    target = tmp_path / "stats" / "tiny-raw"
+    target.mkdir(parents=True)
+    (target / "version.txt").write_text("old")
+    done = subprocess.run([sys.executable, "-c", _KILL_IN_SWAP, str(target), mode, str(kill_at)])
+    assert done.returncode == 9
+    leftovers = [p.name for p in target.parent.iterdir() if p.name != "tiny-raw"]
+    assert leftovers, "the kill left nothing behind: the test did not stop the swap where it meant to"
+    if mode == "exchange":  # one atomic step (this file system has it): no fallback names were used
+        assert not any(name.endswith((".ready", ".old")) for name in leftovers)
+    if mode == "exchange" or kill_at != 3:  # the one step, or a single rename: the folder never went away
+        assert target.is_dir() and (target / "version.txt").read_text() in {"old", "new"}
+    # the next run (a reader would see the same): the folder is back, complete, and nothing is left over
+    recover_dir(target, remove_leftovers=True)
+    assert (target / "version.txt").read_text() == ("old" if kill_at in (1, 2) else "new")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["tiny-raw"]
+    with atomic_dir(target) as tmp:
+        (tmp / "version.txt").write_text("newer")
+    assert (target / "version.txt").read_text() == "newer" and len(list(target.parent.iterdir())) == 1

@@ -371,7 +371,8 @@ def test_disk_full_at_any_write_of_timestep_stats_keeps_a_consistent_readable_fo
     store = synthetic_store(tmp_path / "capture")
     out = tmp_path / "stats" / "raw"
     compute_timestep_stats(store, "raw", out, TimestepStatsConfig(top_k=2))
-    counter = FaultyOs(fail_on=None)
+    compute_timestep_stats(store, "raw", tmp_path / "count" / "raw", TimestepStatsConfig(top_k=2))
+    counter = FaultyOs(fail_on=None)  # counted over an existing folder, as below (its swap is one exchange)
     monkeypatch.setattr(atomic, "os", counter)
     compute_timestep_stats(store, "raw", tmp_path / "count" / "raw", TimestepStatsConfig(top_k=3))
     total = counter.replace_calls
