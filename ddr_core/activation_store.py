@@ -95,6 +95,39 @@ class ActivationStoreError(ValueError):
     """The store or the data given to it is inconsistent; the message says what to fix."""
 
 
+class NonFiniteActivationsError(ActivationStoreError):
+    """Activations hold NaN or infinite values (a diverging model, NaN SAE weights, float16 overflow)."""
+
+
+def check_finite(array: np.ndarray, variant: str, half: str, generation_ids: np.ndarray,
+                 timesteps: np.ndarray, source: np.ndarray | None = None) -> None:
+    """Raise :class:`NonFiniteActivationsError` naming the channels, generations and timesteps of every
+    NaN / inf in ``array`` ``(g, T, F)``; ``source``: the values before a cast to ``array``'s dtype (tells a
+    float16 overflow from a value that was already non-finite)."""
+    bad = ~np.isfinite(array)
+    if not bad.any():
+        return
+    g_idx, t_idx, c_idx = np.nonzero(bad)
+    values = array[bad]
+    channels = np.unique(c_idx)
+    counts = {"NaN": int(np.isnan(values).sum()), "+inf": int((values == np.inf).sum()),
+              "-inf": int((values == -np.inf).sum())}
+    overflow = source is not None and bool(np.isfinite(np.asarray(source)[bad]).all())
+    cause = (f"the values exceed the {array.dtype} range (largest magnitude "
+             f"{float(np.abs(np.asarray(source)[bad]).max()):.4g}): capture with dtype float32 or a smaller scale"
+             if overflow else
+             "the model or SAE produced them: check the SAE's weights (re-provision it), run in float32 "
+             "(dtype: float32), or lower the guidance scale")
+    per_channel = ", ".join(f"{int(c)}: {int((c_idx == c).sum())}" for c in channels[:20])
+    raise NonFiniteActivationsError(
+        f"variant {variant!r}, {half} half: {int(bad.sum())} non-finite activation(s) "
+        f"({', '.join(f'{k} {v}' for k, v in counts.items() if v)}) in {len(channels)} channel(s) "
+        f"[per channel {per_channel}{' ...' if len(channels) > 20 else ''}], generations "
+        f"{sorted({int(generation_ids[i]) for i in g_idx})[:20]}, timesteps "
+        f"{sorted({int(timesteps[i]) for i in t_idx}, reverse=True)[:20]}; {cause}. Nothing of this batch "
+        f"was written.")
+
+
 def batch_name(batch_index: int, suffix: str) -> str:
     """``batch_00042.<suffix>``."""
     return f"batch_{batch_index:05d}.{suffix}"
@@ -119,7 +152,8 @@ def to_numpy(array: Any, dtype: np.dtype | type = np.float32) -> np.ndarray:
         if str(array.dtype) == "torch.bfloat16":
             array = array.float()
         array = array.numpy()
-    return np.asarray(array, dtype=dtype)
+    with np.errstate(over="ignore"):  # float16 overflow becomes inf, which write_batch reports by channel
+        return np.asarray(array, dtype=dtype)
 
 
 def top_k_channels(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -300,6 +334,9 @@ class ActivationStore:
                         f"channels), got {tuple(array.shape)}"
                     )
                 tensors[half] = np.ascontiguousarray(array[order])
+                if not np.isfinite(tensors[half]).all():
+                    check_finite(tensors[half], variant, half, generation_ids, timestep_array,
+                                 source=to_numpy(data, np.float32)[order])
             width = tensors["conditional"].shape[2]
             if "unconditional" in tensors and tensors["unconditional"].shape[2] != width:
                 raise ActivationStoreError(

@@ -69,7 +69,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import find_peaks
 
-from ddr_core.activation_store import ActivationStore, topk_table
+from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
 
@@ -294,6 +294,8 @@ def _compute_into(
         for generation_ids, timesteps, activations in store.iter_dense(variant, config.half):
             if timesteps.tolist() != observed.tolist():
                 raise ValueError(f"a batch of {variant!r} has timesteps {timesteps.tolist()} != {observed.tolist()}")
+            # a store written before capture refused non-finite values: name them instead of failing on JSON
+            check_finite(activations, variant, config.half, generation_ids, timesteps)
             part = work / f"topk_{len(parts):05d}.parquet"
             pq.write_table(topk_table(generation_ids, timesteps, activations, config.top_k), part)
             parts.append(part)

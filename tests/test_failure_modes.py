@@ -420,3 +420,69 @@ def test_downstream_before_upstream_names_what_to_materialize(tmp_path, asset, k
     result = _materialize(asset, key, tmp_path, dg.DagsterInstance.ephemeral())
     assert not result.success and needed in _error(result)
     assert not (tmp_path / "outputs" / "default" / asset).exists()
+
+
+# ---- non-finite activations ---------------------------------------------------------------------------
+
+def _rows(ids):
+    return [{"generation_id": g, "prompt_index": g, "prompt": f"p{g}", "image_index": 0, "seed": g,
+             "image_path": f"images/{g}.png"} for g in ids]
+
+
+def test_non_finite_activations_are_refused_naming_channels_generations_and_timesteps(tmp_path):
+    from ddr_core.activation_store import NonFiniteActivationsError
+
+    store = ActivationStore(tmp_path / "capture")
+    values = np.zeros((3, 3, 6), dtype=np.float32)
+    values[1, 1, 3] = np.nan  # generation 11, timestep 500, channel 3
+    values[2, 0, 5] = np.inf  # generation 12, timestep 900, channel 5
+    with pytest.raises(NonFiniteActivationsError) as error:
+        store.write_batch(0, _rows([10, 11, 12]), [900, 500, 100], {"raw": VariantBatch(values)})
+    message = str(error.value)
+    assert "variant 'raw', conditional half: 2 non-finite activation(s) (NaN 1, +inf 1) in 2 channel(s)" in message
+    assert "[per channel 3: 1, 5: 1]" in message and "generations [11, 12]" in message
+    assert "timesteps [900, 500]" in message and "check the SAE's weights" in message
+    assert not [p for p in store.root.rglob("*") if p.is_file()]  # nothing of the batch was written
+    big = np.zeros((3, 3, 6), dtype=np.float32)
+    big[0, 2, 1] = 1e6  # finite, but beyond float16
+    with pytest.raises(NonFiniteActivationsError, match=r"exceed the float16 range \(largest magnitude 1e\+06\)"):
+        store.write_batch(0, _rows([10, 11, 12]), [900, 500, 100], {"raw": VariantBatch(big)})
+
+
+def test_capture_with_a_nan_feature_fails_naming_it_and_writes_no_batch(tiny_pipe, tmp_path):
+    """An SAE whose weights went NaN for one feature: the capture fails at its first batch naming the
+    variant and the feature, instead of recording it as an inactive feature with maximum -inf."""
+    from ddr_core.activation_store import NonFiniteActivationsError
+    from ddr_core.activations import CaptureConfig, run_capture
+    from ddr_core.hooks import spatial_mean
+    from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
+
+    def broken_sae(tokens):
+        features = spatial_mean(tokens)
+        features[:, 7] = float("nan")
+        return features
+
+    root = tmp_path / "capture"
+    with pytest.raises(NonFiniteActivationsError, match=r"variant 'broken', conditional half: .* in 1 channel\(s\) "
+                                                        r"\[per channel 7: "):
+        run_capture(tiny_pipe, TINY_TARGET_LAYER, {"broken": broken_sae}, list(TINY_PROMPTS[:2]), root, tmp_path,
+                    CaptureConfig(num_images_per_prompt=1, batch_size=2, num_inference_steps=3, seed=1))
+    assert not ActivationStore(root).finished_batches() and not list(root.glob("broken/batches/*"))
+
+
+def test_statistics_of_a_store_with_inf_name_the_channel(tmp_path, monkeypatch):
+    """A store written before capture checked values: timestep_stats names the channel instead of failing on
+    'Out of range float values are not JSON compliant: inf'."""
+    from ddr_core import activation_store
+    from ddr_core.activation_store import NonFiniteActivationsError
+
+    store = ActivationStore(tmp_path / "capture")
+    values = np.ones((3, 3, 6), dtype=np.float32)
+    values[0, 2, 4] = np.inf
+    monkeypatch.setattr(activation_store, "check_finite", lambda *args, **kwargs: None)
+    store.write_batch(0, _rows([0, 1, 2]), [900, 500, 100], {"raw": VariantBatch(values)})
+    store.finalize()
+    monkeypatch.undo()
+    with pytest.raises(NonFiniteActivationsError, match=r"\[per channel 4: 1\], generations \[0\], timesteps \[100\]"):
+        compute_timestep_stats(store, "raw", tmp_path / "stats" / "raw", TimestepStatsConfig(top_k=2))
+    assert not (tmp_path / "stats" / "raw").exists()
