@@ -126,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ground_truth_lines(layout, variants: list[str]) -> list[str]:
-    """One line per scored variant: purity vs chance, and how recognisable its priors / dreams are and how
-    often they show the channel's own concept (``feature_concepts``), next to chance."""
+    """Per scored variant (``feature_concepts``): how many channels are significantly selective (BH q < alpha,
+    labels permuted among prompts), purity vs its exact chance with an interval, and how often the priors /
+    dreams show a selective channel's concept vs per-image chance, with the permutation p-value; then the
+    same agreement over every channel (the unflattering figure)."""
     from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 
     def share(value) -> str:
         return "-" if value is None else f"{value:.2f}"
+
+    def interval(values) -> str:
+        return "" if not values or values[0] is None else f" [{values[0]:.2f}, {values[1]:.2f}]"
+
+    def p_value(value) -> str:
+        return "-" if value is None else (f"{value:.1g}" if value < 0.01 else f"{value:.2f}")
 
     lines = []
     for variant in variants:
@@ -139,8 +147,13 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
         if found is None:
             continue
         summary = found[1]
-        purity = summary["purity"]
-        parts = [f"purity {share(purity['overall']['mean'])} (chance {share(purity['chance']['mean'])})"]
+        purity, significance = summary["purity"], summary.get("significance") or {}
+        lines.append(f"  ground truth {variant}: {significance.get('selective_channels', 0)} of "
+                     f"{significance.get('channels_scored', 0)} channels selective (BH q < "
+                     f"{significance.get('alpha', 0.05):g})"
+                     f"{interval(significance.get('share_interval'))}; purity {share(purity['overall']['mean'])}"
+                     f"{interval(purity['overall'].get('interval'))} vs chance {share(purity['chance']['mean'])}, "
+                     f"excess {share(purity['excess']['mean'])}{interval(purity['excess'].get('interval'))}")
         world = summary.get("world") or {}
         for source, label in (("prior", "priors"), ("dream", "dreams")):
             section = summary.get("agreement", {}).get(source)
@@ -148,14 +161,19 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
                 continue
             selective = section.get("selective") or {}
             recognisable = ((world.get("sources") or {}).get(source) or {}).get("recognisable")
-            look = f"{share(recognisable)} recognisable, " if recognisable is not None else ""
-            parts.append(f"{label} {look}own concept {share(selective.get('rate'))} "
-                         f"(chance {share(selective.get('chance'))})")
+            look = f"{share(recognisable)} recognisable; " if recognisable is not None else ""
+            every = "; ".join(
+                f"{family} {share((values.get('test') or {}).get('rate'))} (chance "
+                f"{share((values.get('test') or {}).get('chance'))}, p {p_value((values.get('test') or {}).get('p_value'))})"
+                for family, values in section["families"].items())
+            lines.append(f"    {label}: {look}show the selective concept {share(selective.get('rate'))}"
+                         f"{interval(selective.get('interval'))} of {selective.get('n_units', 0)} channel x family "
+                         f"(chance {share(selective.get('chance'))}, p {p_value(selective.get('p_value'))}); "
+                         f"all channels: {every}")
         if (world.get("generations") or {}).get("recognisable") is not None:
-            parts.append(f"generations {share(world['generations']['recognisable'])} recognisable")
-        lines.append(f"  ground truth {variant}: " + "; ".join(parts))
+            lines.append(f"    generations {share(world['generations']['recognisable'])} recognisable")
     if lines:
-        lines.insert(0, "Ground truth (feature_concepts; BENCHMARKS.md explains the figures):")
+        lines.insert(0, "Ground truth (feature_concepts; BENCHMARKS.md explains the figures; [95% bootstrap intervals]):")
     return lines
 
 

@@ -78,10 +78,11 @@ def _optional_version(records_dir: Path, asset: str, key: str) -> str | None:
     check_specs=[dg.AssetCheckSpec(CHECK_NAME, asset="feature_concepts",
                                    description="no figure (purity, prior / dream agreement, recognisability) dropped below the "
                                                "committed baseline by more than its tolerance")],
-    description="Per channel / SAE feature of a variant with labelled prompts: concept purity of its top dataset "
-                "examples (dominant colour / shape), and whether its priors and dreams show that concept "
-                "(concept classifier agreement) and look like the world at all (recognisable); purity distribution raw "
-                "vs SAE.",
+    description="Per channel / SAE feature of a variant with labelled prompts: concept purity of its top prompts "
+                "(dominant colour / shape / background) against the exact null of labels permuted among prompts, "
+                "a BH-corrected verdict (selective for X, or not), and whether its priors and dreams show that "
+                "concept (classifier agreement vs per-image chance, channel-permutation p-values, bootstrap "
+                "intervals) and look like the world at all (recognisable); purity raw vs SAE.",
 )
 def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsRunConfig,
                      storage: DdrStorage) -> dg.MaterializeResult:
@@ -123,14 +124,23 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
         outputs={"dir": layout.relative(result.out_dir), "figures": summary["figures"]},
     ))
     purity = summary["purity"]
-    agreement_rows = [{"source": source, "family": family, "rate": values["rate"], "chance": values["chance"],
-                       "channels": values["n_channels"]}
-                      for source, section in summary["agreement"].items()
-                      for family, values in section["families"].items()]
-    agreement_rows += [{"source": source, "family": f"selective (purity >= {section['selective']['min_purity']})",
-                        "rate": section["selective"]["rate"], "chance": section["selective"]["chance"],
-                        "channels": section["selective"]["n_channels"]}
-                       for source, section in summary["agreement"].items() if section.get("selective")]
+    agreement_rows = []
+    for source, section in summary["agreement"].items():
+        for family, values in section["families"].items():
+            for scope in ("test", "significant"):
+                test = values.get(scope) or {}
+                agreement_rows.append({"source": source, "family": family,
+                                       "channels": "all scored" if scope == "test" else "selective (q < alpha)",
+                                       "rate": test.get("rate"), "interval": _interval_text(test.get("interval")),
+                                       "chance per image": test.get("chance"), "p": test.get("p_value"),
+                                       "n": test.get("n_units")})
+        if section.get("selective"):
+            test = section["selective"]
+            agreement_rows.append({"source": source, "family": "pooled", "channels": test["definition"],
+                                   "rate": test.get("rate"), "interval": _interval_text(test.get("interval")),
+                                   "chance per image": test.get("chance"), "p": test.get("p_value"),
+                                   "n": test.get("n_units")})
+    significance = summary.get("significance") or {}
     return dg.MaterializeResult(
         metadata={
             "path": path_metadata(result.out_dir),
@@ -140,6 +150,8 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
             "channels_scored": summary["counts"]["with_purity"],
             "channels_with_prior_images": summary["counts"].get("with_prior_images", 0),
             "channels_with_dream_images": summary["counts"].get("with_dream_images", 0),
+            "selective_channels": int(significance.get("selective_channels", 0)),
+            "selective_by_family": dg.MetadataValue.json(significance.get("families", {})),
             **_numbers({"purity_mean": purity["overall"]["mean"], "purity_median": purity["overall"]["median"],
                         "chance_purity_mean": purity["chance"]["mean"],
                         "prior_agreement": (summary["agreement"].get("prior") or {}).get("rate"),
@@ -164,6 +176,10 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
                       "baseline": str(baseline_path)},
         )],
     )
+
+
+def _interval_text(values: list[float | None] | None) -> str | None:
+    return None if not values or values[0] is None else f"[{values[0]:.3f}, {values[1]:.3f}]"
 
 
 def _numbers(values: dict[str, float | None]) -> dict[str, float]:

@@ -93,46 +93,62 @@ def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
 
 
 def agreement_permutation_test(
-    predictions: Sequence[Sequence[str]], targets: Sequence[str], *, permutations: int = 10000, seed: int = 0
+    predictions: Sequence[Sequence[str]], targets: Sequence[str | None], *, strata: Sequence[str] | None = None,
+    reference: dict[str, Sequence[str]] | None = None, permutations: int = 10000, seed: int = 0,
 ) -> dict[str, float]:
-    """Is each channel's visualisation predicted as *its* target value more often than as another
-    channel's target?
+    """Is each unit's visualisation predicted as *its* target value more often than as another unit's target?
+
+    A unit is a channel (or a channel x family pair): its images' predicted values and the value it stands
+    for. Targets are permuted among units (within a stratum, e.g. a concept family, when ``strata`` is
+    given); each unit keeps its images, so their dependence stays.
 
     Args:
-        predictions: per channel, the predicted values of its images (one family).
-        targets: per channel, the value it stands for (its dominant / significant value).
-        permutations: channel-label permutations for the p-value.
+        predictions: per unit, the predicted values of its images.
+        targets: per unit, the value it stands for (``None``: left out).
+        strata: per unit, its stratum (targets are permuted and chance is counted within it).
+        reference: per stratum, every image's predicted value the per-image chance is counted over (e.g.
+            all the source's images, when the units are a chosen subset); default: the units' images.
+        permutations: target permutations for the p-value.
 
     Returns:
-        ``rate`` (mean over channels of the share of their images predicted as their target),
-        ``chance_per_image`` (mean over channels of the share of *all* images of the source predicted as
-        their target), ``p_value`` (one-sided, (1 + #perm >= observed) / (1 + permutations); its
-        resolution is 1 / (permutations + 1), and a permutation test among ``n`` channels cannot go below
-        the share of permutations that tie), ``channels``, ``images``.
+        ``rate`` (mean over units of the share of their images predicted as their target),
+        ``chance_per_image`` (mean over units of the share of *all* images of their stratum predicted as
+        their target), ``p_value`` (one-sided, ``(1 + #perm >= observed) / (1 + permutations)``: its
+        resolution is ``1 / (permutations + 1)``, and among ``n`` units it cannot go below the share of
+        permutations that reach the observed rate by chance), ``units``, ``images``.
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} prediction lists for {len(targets)} targets")
-    kept = [(list(p), t) for p, t in zip(predictions, targets, strict=True) if len(p) and t is not None]
+    strata = list(strata) if strata is not None else [""] * len(targets)
+    kept = [(list(p), t, g) for p, t, g in zip(predictions, targets, strata, strict=True) if len(p) and t is not None]
     if not kept:
         return {"rate": float("nan"), "chance_per_image": float("nan"), "p_value": float("nan"),
-                "channels": 0, "images": 0}
-    values = sorted({v for p, t in kept for v in (*p, t)})
+                "units": 0, "images": 0}
+    values = sorted({(g, v) for p, t, g in kept for v in (*p, t)})
     code = {v: i for i, v in enumerate(values)}
-    # share[c, v]: the share of channel c's images predicted as v
-    share = np.zeros((len(kept), len(values)))
-    for row, (predicted, _) in enumerate(kept):
-        np.add.at(share[row], [code[v] for v in predicted], 1.0 / len(predicted))
-    target_codes = np.array([code[t] for _, t in kept])
+    share = np.zeros((len(kept), len(values)))  # share[u, v]: the share of unit u's images predicted as v
+    counts = np.zeros(len(values))
+    for row, (predicted, _, stratum) in enumerate(kept):
+        codes = [code[(stratum, v)] for v in predicted]
+        np.add.at(share[row], codes, 1.0 / len(predicted))
+        np.add.at(counts, codes, 1.0)
+    stratum_total = {g: sum(len(p) for p, _, h in kept if h == g) for _, _, g in kept}
+    target_codes = np.array([code[(g, t)] for _, t, g in kept])
     rows = np.arange(len(kept))
     observed = float(share[rows, target_codes].mean())
-    pooled = np.concatenate([[code[v] for v in p] for p, _ in kept])
-    frequency = np.bincount(pooled, minlength=len(values)) / len(pooled)
+    if reference is not None:
+        chance = float(np.mean([sum(v == t for v in reference[g]) / len(reference[g]) for _, t, g in kept]))
+    else:
+        chance = float(np.mean([counts[code[(g, t)]] / stratum_total[g] for _, t, g in kept]))
     rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(target_codes) for _ in range(permutations)])
+    groups = [np.flatnonzero(np.asarray([g == name for _, _, g in kept])) for name in sorted(set(stratum_total))]
+    shuffled = np.tile(target_codes, (permutations, 1))
+    for members in groups:
+        shuffled[:, members] = rng.permuted(np.tile(target_codes[members], (permutations, 1)), axis=1)
     null = share[rows[None, :], shuffled].mean(axis=1)
     exceed = int((null >= observed - 1e-12).sum())
-    return {"rate": observed, "chance_per_image": float(frequency[target_codes].mean()),
-            "p_value": (1 + exceed) / (1 + permutations), "channels": len(kept), "images": int(len(pooled))}
+    return {"rate": observed, "chance_per_image": chance, "p_value": (1 + exceed) / (1 + permutations),
+            "units": len(kept), "images": int(sum(len(p) for p, _, _ in kept))}
 
 
 def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 2000,

@@ -4,33 +4,40 @@ A model trained on a world with known concepts (:mod:`ddr_core.toy_world`: colou
 lets a feature be scored against ground truth. For each channel (raw basis) or SAE feature of a
 variant:
 
-- **top dataset examples**: the generations of the channel's dataset examples
-  (``dataset_examples.parquet`` of :mod:`ddr_core.statistics`, the generations in whose top-k the
-  channel is, ranked by activation). ``examples="top_peak"`` (default) takes those at the observed
-  timestep nearest the channel's highest activity peak (what the inspector shows first);
-  ``"all_timesteps"`` takes every generation that is an example at any timestep, ranked by the number
-  of timesteps it is one at, then by its largest activation. ``n_examples`` keeps the first ones.
+- **top examples**: the channel's top prompts, **one per prompt** (a prompt's best generation stands for
+  it: a capture draws several images per prompt and labels belong to prompts, so counting images would
+  let one prompt fill the list and no null could respect the data's structure).
+  ``examples="peak_all_generations"`` (default) ranks every generation of the capture by its activation
+  at the channel's highest activity peak (read from the activation store); ``"top_peak"`` uses the
+  recorded dataset examples at that peak (``dataset_examples.parquet``: only generations in whose top-k
+  the channel was, often few distinct prompts), ``"all_timesteps"`` those pooled over every timestep.
+  ``n_examples`` keeps the first (default 10).
 - **labels** of an example: the concept labels of its prompt, from the prompt dataset (JSONL fields,
   or a parser of the prompt text, e.g. :func:`ddr_core.toy_world.parse_prompt`; ``labels`` in the
   project config). Prompts without labels are left out and counted.
-- **purity** of a family (colour, shape, ...): the share of the labelled examples holding the most
-  common value, the **dominant** value (ties: the alphabetically first). ``purity`` is the mean over
-  the families, ``purity_joint`` the share of the most common combination of all families. Channels
-  with fewer than ``min_examples`` labelled examples get no purity (null). The share of the most common
-  value grows as a set shrinks, so compare purities of equally many examples (``n_examples``, default
-  10, the same for raw channels and SAE features) and look at ``purity_excess`` (purity minus chance).
-- **chance purity**: the expected purity of as many examples drawn at random (without replacement)
-  from all the capture's generations (Monte Carlo, seeded): what a channel that ignores the concepts
-  would score. Purity is only meaningful against it: ``purity_excess = purity - chance_purity``.
+- **purity** of a family (colour, shape, background, ...): the share of the labelled top prompts holding
+  the most common value, the **dominant** value (ties: the alphabetically first). ``purity`` is the mean
+  over the families, ``purity_joint`` the share of the most common combination. Channels with fewer than
+  ``min_examples`` labelled prompts get no purity (null).
+- **the null** (:mod:`ddr_core.concept_stats`): labels permuted among prompts, i.e. the channel's ``k``
+  top prompts a uniformly random ``k``-subset of the capture's labelled prompts. Under it the dominant
+  value's count is the maximum of a multivariate hypergeometric draw, computed exactly:
+  ``chance_purity_<f>`` its expectation / ``k``, ``p_<f>`` the probability of a purity at least as high
+  (exact, so p-values of order 1e-7 resolve), ``q_<f>`` the Benjamini-Hochberg q-value over every
+  (channel, family) pair of the variant. A channel is **selective for** ``family=value`` when
+  ``q_<f> < alpha`` (default 0.05); ``concept`` lists those, empty for a channel that is not selective.
+  ``purity_excess = purity - chance_purity``.
 - **agreement** of the channel's priors and dreams: their PNG images are classified by the model's
   concept classifier (:mod:`ddr_core.concept_classifier`); per family, the share of the channel's
   images whose predicted value equals the channel's dominant value (``prior_agreement_<family>``,
   ``dream_agreement_<family>``; null without a dominant value or without images), and the most
   common prediction (``prior_vote_<family>``). Dream images are those of every dreamed timestep.
-  ``<source>_agreement_selective`` averages only the families that are the channel's concept (purity at
-  least ``selective_purity``, default 0.8): a colour channel's shape agreement is noise, and the plain
-  mean over families dilutes what a visualisation got right with what it was never meant to show.
-
+  ``<source>_agreement_selective`` averages only the families the channel is significantly selective
+  for: a colour channel's shape agreement is noise.
+  Summary tests (per family over every scored channel, and pooled over the significant channel x family
+  pairs): the rate, its **per-image chance** (the share of all the source's images predicted as the
+  channel's value), a **channel-label permutation** p-value (values permuted among channels within a
+  family; each channel keeps its images) and a bootstrap interval over the units.
 - **recognisability** (models that declare a ``world``, e.g. the toy world): each prior / dream image's
   RMSE to the nearest of 4000 renders of the world (:func:`ddr_core.toy_world.nearest_render_rmse`),
   ``<source>_world_rmse`` (median per channel) and ``<source>_recognisable`` (share within
@@ -38,13 +45,11 @@ variant:
   on a background at all, where agreement asks whether it shows the channel's one. The capture's own
   generations are scored alike (``world.generations``), the level a visualisation can reach.
 
-Summary: the purity distribution (mean, median, quartiles, 10/90 % quantiles; overall, per family,
-joint, chance), agreement rates per source and family (mean over channels with images and a dominant
-value) with the rate expected by chance (predictions and dominant values paired at random:
-``sum_v P(prediction = v) P(dominant = v)``), the selective agreement with its chance (the family chances
-averaged over the same channel-family pairs), counts, dominant-value counts, and ``figures``: the flat
-higher-is-better numbers the regression check compares with a committed baseline
-(:func:`check_against_baseline`).
+Summary: the purity distribution (mean with a bootstrap interval over channels, median, quartiles, 10/90 %
+quantiles; overall, per family, joint, chance, excess), the significance counts (selective channels of
+the scored, with an interval, per family and value, the smallest p), the agreement tests per source and
+family, counts, dominant-value counts, and ``figures``: the flat higher-is-better numbers the regression
+check compares with a committed baseline (:func:`check_against_baseline`).
 
 Outputs in ``out_dir`` (replaced as a whole, :func:`ddr_core.atomic.atomic_dir`):
 ``feature_concepts.parquet`` (one row per channel, columns :func:`table_columns`) and ``summary.json``.
@@ -87,17 +92,21 @@ class FeatureConceptsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    examples: Literal["top_peak", "all_timesteps"] = Field(
-        "top_peak", description="top dataset examples: at the top activity peak, or pooled over every timestep")
+    examples: Literal["peak_all_generations", "top_peak", "all_timesteps"] = Field(
+        "peak_all_generations",
+        description="top examples: every generation of the capture ranked at the channel's top activity peak "
+                    "(from the activation store), the recorded dataset examples at that peak, or those pooled "
+                    "over every timestep; de-duplicated by prompt in every mode")
     n_examples: int | None = Field(
-        10, ge=1, description="top examples kept per channel (the same for every basis, so purities compare); "
-                              "None: all recorded")
-    min_examples: int = Field(3, ge=1, description="labelled examples a channel needs for a purity")
-    chance_draws: int = Field(200, ge=1, description="random example sets per set size for the chance purity")
-    seed: int = Field(0, ge=0, description="seed of the chance draws")
-    selective_purity: float = Field(
-        0.8, ge=0.0, le=1.0, description="a family counts as a channel's concept when its purity is at least this "
-                                         "(the selective agreement scores only those families)")
+        10, ge=1, description="top prompts kept per channel (distinct prompts, the same for every basis, so "
+                              "purities compare); None: all recorded")
+    min_examples: int = Field(3, ge=1, description="labelled prompts a channel needs for a purity")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0,
+                         description="false discovery rate: a (channel, family) is significant when its BH q-value "
+                                     "is below this (over every channel x family pair of the variant)")
+    permutations: int = Field(10000, ge=100, description="channel-label permutations of the agreement tests")
+    bootstrap_resamples: int = Field(2000, ge=100, description="resamples of the bootstrap intervals")
+    seed: int = Field(0, ge=0, description="seed of the permutations and bootstrap resamples")
     priors: bool = Field(True, description="classify the priors' images")
     dreams: bool = Field(True, description="classify the dreams' images")
     classifier_batch_size: int = Field(256, ge=1)
@@ -219,28 +228,71 @@ def prompt_labels(prompts_file: str | Path, labels: ConceptLabelsConfig, text_fi
 # --------------------------------------------------------------------------------------------------
 
 
-def top_examples(stats_dir: str | Path, config: FeatureConceptsConfig) -> pl.DataFrame:
-    """The top dataset examples of every channel: ``channel, rank, generation_id, prompt, activation,
-    timestep`` (``rank`` 0-based; ``timestep`` the examples' timestep for ``top_peak``, the timestep of
-    the largest activation for ``all_timesteps``)."""
+def _top_peak_timesteps(stats_dir: Path) -> pl.DataFrame:
+    """``channel, timestep``: the observed timestep nearest each channel's highest activity peak."""
+    return (pl.read_parquet(stats_dir / "activity_peaks.parquet")
+            .filter(pl.col("peak_rank") == 0)
+            .select(pl.col("channel").cast(pl.Int32), pl.col("observed_timestep").cast(pl.Int64).alias("timestep")))
+
+
+def peak_activations(store: Any, variant: str, peaks: pl.DataFrame, half: str = "conditional") -> pl.DataFrame:
+    """``channel, generation_id, activation, timestep``: every generation's activation of each channel at
+    that channel's peak timestep (``peaks``: ``channel, timestep``), read batch by batch from the store."""
+    observed = [int(t) for t in store.timesteps()]
+    column = {t: i for i, t in enumerate(observed)}
+    channels = peaks["channel"].to_numpy().astype(np.int64)
+    index = np.asarray([column[int(t)] for t in peaks["timestep"].to_list()], dtype=np.int64)
+    parts = []
+    for generation_ids, _, activations in store.iter_dense(variant, half):
+        values = activations[:, index, channels]  # (g, channels)
+        parts.append(pl.DataFrame({
+            "channel": np.tile(channels, len(generation_ids)).astype(np.int32),
+            "generation_id": np.repeat(generation_ids.astype(np.int64), len(channels)),
+            "activation": values.reshape(-1).astype(np.float64),
+            "timestep": np.tile(np.asarray(peaks["timestep"].to_list(), dtype=np.int64), len(generation_ids)),
+        }))
+    schema = {"channel": pl.Int32, "generation_id": pl.Int64, "activation": pl.Float64, "timestep": pl.Int64}
+    return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def top_examples(stats_dir: str | Path, config: FeatureConceptsConfig, store: Any | None = None,
+                 variant: str | None = None) -> pl.DataFrame:
+    """The top examples of every channel, **one per prompt**: ``channel, rank, generation_id, prompt,
+    activation, timestep`` (``rank`` 0-based over distinct prompts; a prompt's best generation stands for
+    it; ``timestep`` the examples' timestep for the peak modes, the timestep of the largest activation for
+    ``all_timesteps``).
+
+    A capture draws several images per prompt, and their labels are the prompt's: counting a prompt
+    once per image would let one prompt fill a channel's top examples, and no null over prompts could
+    then be exact. ``peak_all_generations`` (default) ranks every generation of the capture at the
+    channel's top peak (``store``: the capture's :class:`~ddr_core.activation_store.ActivationStore`,
+    ``variant``); the other modes use the recorded dataset examples (the generations in whose top-k the
+    channel was), which may hold only a few distinct prompts.
+    """
     stats_dir = Path(stats_dir)
-    examples = pl.read_parquet(stats_dir / "dataset_examples.parquet")
-    if config.examples == "top_peak":
-        peaks = (pl.read_parquet(stats_dir / "activity_peaks.parquet")
-                 .filter(pl.col("peak_rank") == 0)
-                 .select("channel", pl.col("observed_timestep").cast(pl.Int64).alias("timestep")))
-        chosen = (examples.with_columns(pl.col("timestep").cast(pl.Int64))
-                  .join(peaks, on=["channel", "timestep"], how="inner")
-                  .sort("channel", "rank")
-                  .with_columns(pl.int_range(pl.len()).over("channel").alias("rank")))
+    if config.examples == "peak_all_generations":
+        if store is None or variant is None:
+            raise ValueError("examples='peak_all_generations' reads the capture's activation store: pass store= "
+                             "and variant= (or choose examples='top_peak')")
+        prompts = store.read_generations().select(pl.col("generation_id").cast(pl.Int64), "prompt")
+        ranked = (peak_activations(store, variant, _top_peak_timesteps(stats_dir))
+                  .join(prompts, on="generation_id", how="left")
+                  .sort(["channel", "activation", "generation_id"], descending=[False, True, False]))
+    elif config.examples == "top_peak":
+        examples = pl.read_parquet(stats_dir / "dataset_examples.parquet")
+        ranked = (examples.with_columns(pl.col("timestep").cast(pl.Int64), pl.col("channel").cast(pl.Int32))
+                  .join(_top_peak_timesteps(stats_dir), on=["channel", "timestep"], how="inner")
+                  .sort("channel", "rank"))
     else:
-        chosen = (examples.sort("channel", "activation", "timestep", descending=[False, True, True])
+        examples = pl.read_parquet(stats_dir / "dataset_examples.parquet")
+        ranked = (examples.sort("channel", "activation", "timestep", descending=[False, True, True])
                   .group_by("channel", "generation_id", maintain_order=True)
                   .agg(pl.len().alias("n_timesteps"), pl.col("activation").first(), pl.col("timestep").first(),
                        pl.col("prompt").first())
                   .sort(["channel", "n_timesteps", "activation", "generation_id"],
-                        descending=[False, True, True, False])
-                  .with_columns(pl.int_range(pl.len()).over("channel").alias("rank")))
+                        descending=[False, True, True, False]))
+    chosen = (ranked.unique(["channel", "prompt"], keep="first", maintain_order=True)
+              .with_columns(pl.int_range(pl.len()).over("channel").alias("rank")))
     if config.n_examples is not None:
         chosen = chosen.filter(pl.col("rank") < config.n_examples)
     return chosen.select(pl.col("channel").cast(pl.Int32), pl.col("rank").cast(pl.Int32),
@@ -257,21 +309,12 @@ def dominant_value(values: Sequence[str]) -> tuple[str | None, float | None]:
     return best, counts[best] / len(values)
 
 
-def chance_purity(pool: Sequence[str], size: int, draws: int, rng: np.random.Generator) -> float:
-    """Expected share of the most common value among ``size`` values drawn without replacement from
-    ``pool`` (Monte Carlo over ``draws`` sets); NaN when the pool is smaller than ``size`` or empty."""
-    if size <= 0 or len(pool) < size:
-        return float("nan")
-    _, codes = np.unique(np.asarray(pool, dtype=object), return_inverse=True)
-    total = 0.0
-    for _ in range(draws):
-        sample = codes[rng.choice(len(codes), size=size, replace=False)]
-        total += np.bincount(sample).max() / size
-    return total / draws
-
-
 def _joint_values(frame: pl.DataFrame, families: Sequence[str]) -> list[str]:
     return ["|".join(row) for row in frame.select(families).iter_rows()]
+
+
+def _value_counts(values: Sequence[str]) -> list[int]:
+    return sorted(Counter(values).values())
 
 
 def channel_purity(
@@ -281,37 +324,48 @@ def channel_purity(
     width: int,
     min_examples: int,
     generation_pool: pl.DataFrame | None = None,
-    chance_draws: int = 200,
-    seed: int = 0,
+    alpha: float = 0.05,
 ) -> pl.DataFrame:
-    """Purity and dominant values per channel ``0..width-1`` (see the module docstring).
+    """Purity, its exact prompt-level null and significance per channel ``0..width-1`` (module docstring).
 
     Args:
-        examples: :func:`top_examples` rows (``channel``, ``generation_id``, ``prompt``, ...).
+        examples: :func:`top_examples` rows (``channel``, ``generation_id``, ``prompt``, ...), one per prompt.
         labels: :func:`prompt_labels` (``prompt`` + family columns).
         families: the families scored.
-        generation_pool: the capture's generations (a ``prompt`` column) for the chance purity;
-            ``None``: the distinct example generations.
+        generation_pool: the capture's generations (a ``prompt`` column): its distinct labelled prompts are
+            the population the null draws a channel's prompts from; ``None``: the examples' prompts.
+        alpha: the false discovery rate of the per-(channel, family) tests.
 
     Returns:
-        ``channel, n_examples, n_labelled, examples_timestep, purity, purity_joint, chance_purity``
-        and per family ``dominant_<f>, purity_<f>, chance_purity_<f>``.
+        ``channel, n_examples, n_labelled, examples_timestep, purity, purity_joint, chance_purity,
+        purity_excess, chance_purity_joint, concept, n_concepts`` and per family ``dominant_<f>, purity_<f>,
+        chance_purity_<f>, p_<f>, q_<f>``. ``chance_purity_<f>`` is the exact expected purity of as many
+        prompts drawn at random from the pool (labels permuted among prompts), ``p_<f>`` the exact
+        probability of a purity at least as high, ``q_<f>`` its Benjamini-Hochberg q-value over every
+        (channel, family) pair of the table; ``concept`` lists ``family=value`` of each family with
+        ``q_<f> < alpha`` (empty: not selective).
     """
+    from ddr_core.concept_stats import benjamini_hochberg, expected_purity, max_count_tail
+
     families = list(families)
     labelled = examples.join(labels, on="prompt", how="left")
     complete = labelled.drop_nulls(families)
     if generation_pool is None:
-        generation_pool = examples.unique("generation_id", keep="first").select("prompt")
-    pool = generation_pool.join(labels, on="prompt", how="inner").drop_nulls(families)
-    pool_values = {family: pool[family].to_list() for family in families}
-    pool_joint = _joint_values(pool, families)
-    rng = np.random.default_rng(seed)
-    chance_cache: dict[tuple[str, int], float] = {}
+        generation_pool = examples.select("prompt")
+    pool = generation_pool.select("prompt").unique().join(labels, on="prompt", how="inner").drop_nulls(families)
+    pool_counts = {family: _value_counts(pool[family].to_list()) for family in families}
+    pool_counts["|joint|"] = _value_counts(_joint_values(pool, families))
+    cache: dict[tuple[str, int, int], tuple[float, float]] = {}
 
-    def chance(key: str, values: list[str], size: int) -> float:
-        if (key, size) not in chance_cache:
-            chance_cache[(key, size)] = chance_purity(values, size, chance_draws, rng)
-        return chance_cache[(key, size)]
+    def null(key: str, size: int, observed: int) -> tuple[float, float]:
+        """(expected purity, P(purity >= observed / size)) of ``size`` prompts drawn from the pool."""
+        if (key, size, observed) not in cache:
+            if size > pool.height:
+                cache[(key, size, observed)] = (float("nan"), float("nan"))
+            else:
+                cache[(key, size, observed)] = (expected_purity(pool_counts[key], size),
+                                                max_count_tail(pool_counts[key], size, observed))
+        return cache[(key, size, observed)]
 
     per_channel_examples = dict(examples.group_by("channel").agg(pl.len()).iter_rows())
     timesteps = dict(examples.group_by("channel").agg(pl.col("timestep").mode().min()).iter_rows())
@@ -326,28 +380,47 @@ def channel_purity(
         purities, chances = [], []
         for family in families:
             value, share = dominant_value(frame[family].to_list()) if scored else (None, None)
-            row[f"dominant_{family}"] = value
-            row[f"purity_{family}"] = share
-            row[f"chance_purity_{family}"] = chance(family, pool_values[family], n_labelled) if scored else None
+            chance, p_value = null(family, n_labelled, round(share * n_labelled)) if scored else (None, None)
+            row.update({f"dominant_{family}": value, f"purity_{family}": share, f"chance_purity_{family}": chance,
+                        f"p_{family}": p_value})
             if scored:
                 purities.append(share)
-                chances.append(row[f"chance_purity_{family}"])
+                chances.append(chance)
         row["purity"] = float(np.mean(purities)) if scored else None
         row["chance_purity"] = float(np.mean(chances)) if scored else None
         row["purity_excess"] = (row["purity"] - row["chance_purity"]
                                 if scored and not math.isnan(row["chance_purity"]) else None)
-        row["purity_joint"] = dominant_value(_joint_values(frame, families))[1] if scored else None
-        row["chance_purity_joint"] = chance("|joint|", pool_joint, n_labelled) if scored else None
+        joint = dominant_value(_joint_values(frame, families))[1] if scored else None
+        row["purity_joint"] = joint
+        row["chance_purity_joint"] = null("|joint|", n_labelled, round(joint * n_labelled))[0] if scored else None
         rows.append(row)
+    # one Benjamini-Hochberg correction over every (channel, family) test of the variant
+    p_matrix = np.asarray([[np.nan if r[f"p_{f}"] is None else r[f"p_{f}"] for f in families] for r in rows],
+                          dtype=float).reshape(len(rows), len(families))
+    q_matrix = benjamini_hochberg(p_matrix.reshape(-1)).reshape(p_matrix.shape)
+    for row, q_row in zip(rows, q_matrix, strict=True):
+        significant = []
+        for family, q in zip(families, q_row, strict=True):
+            row[f"q_{family}"] = None if math.isnan(q) else float(q)
+            if not math.isnan(q) and q < alpha:
+                significant.append(f"{family}={row[f'dominant_{family}']}")
+        row["concept"] = ", ".join(significant)
+        row["n_concepts"] = len(significant)
     schema: dict[str, Any] = {"channel": pl.Int32, "n_examples": pl.Int32, "n_labelled": pl.Int32,
                               "examples_timestep": pl.Int64}
     for family in families:
         schema.update({f"dominant_{family}": pl.String, f"purity_{family}": pl.Float64,
-                       f"chance_purity_{family}": pl.Float64})
+                       f"chance_purity_{family}": pl.Float64, f"p_{family}": pl.Float64})
     schema.update({"purity": pl.Float64, "chance_purity": pl.Float64, "purity_excess": pl.Float64,
-                   "purity_joint": pl.Float64,
-                   "chance_purity_joint": pl.Float64})
+                   "purity_joint": pl.Float64, "chance_purity_joint": pl.Float64})
+    schema.update({f"q_{family}": pl.Float64 for family in families})
+    schema.update({"concept": pl.String, "n_concepts": pl.Int32})
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def significant_families(row: dict[str, Any], families: Sequence[str], alpha: float) -> list[str]:
+    """The families a :func:`channel_purity` row is significantly selective for (``q_<f> < alpha``)."""
+    return [f for f in families if row.get(f"q_{f}") is not None and row[f"q_{f}"] < alpha]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,17 +507,17 @@ def image_predictions(
 
 
 def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: Sequence[str],
-                      source: str, selective_purity: float = 0.8) -> pl.DataFrame:
+                      source: str, alpha: float = 0.05) -> pl.DataFrame:
     """Per channel of ``purity``: ``n_<source>_images`` and per family ``<source>_agreement_<f>`` (share
     of its images predicted as its dominant value; null without images or dominant value) and
     ``<source>_vote_<f>`` (most common prediction), plus ``<source>_agreement`` (mean over families) and
-    ``<source>_agreement_selective`` (mean over the families whose purity is at least ``selective_purity``,
-    the channel's concepts; null when it has none). A channel that fires on every red shape is not wrong
-    to draw a red square when its examples were red circles: its shape agreement is noise, its
-    selective agreement is not."""
+    ``<source>_agreement_selective`` (mean over the families the channel is significantly selective for,
+    ``q_<f> < alpha``; null when it has none). A channel that fires on every red shape is not wrong to draw
+    a red square when its examples were red circles: its shape agreement is noise, its selective
+    agreement is not."""
     groups = {int(key[0]): frame for key, frame in predicted.group_by("channel")}
     rows = []
-    columns = ["channel", *[f"dominant_{f}" for f in families], *[f"purity_{f}" for f in families]]
+    columns = ["channel", *[f"dominant_{f}" for f in families], *[f"q_{f}" for f in families]]
     for row in purity.select(columns).iter_rows(named=True):
         frame = groups.get(int(row["channel"]))
         out: dict[str, Any] = {"channel": row["channel"], f"n_{source}_images": 0 if frame is None else frame.height}
@@ -457,8 +530,7 @@ def channel_agreement(purity: pl.DataFrame, predicted: pl.DataFrame, families: S
             out[f"{source}_agreement_{family}"] = share
             if share is not None:
                 shares.append(share)
-                family_purity = row[f"purity_{family}"]
-                if family_purity is not None and family_purity >= selective_purity:
+                if row[f"q_{family}"] is not None and row[f"q_{family}"] < alpha:
                     selective.append(share)
         out[f"{source}_agreement"] = float(np.mean(shares)) if len(shares) == len(families) else None
         out[f"{source}_agreement_selective"] = float(np.mean(selective)) if selective else None
@@ -520,35 +592,60 @@ def distribution(values: Sequence[float | None]) -> dict[str, float | int | None
             **{k: float(np.quantile(array, q)) for k, q in QUANTILES.items()}, "max": float(array.max())}
 
 
-def _selective_agreement(with_images: pl.DataFrame, families: Sequence[str], source: str,
-                         per_family: dict[str, dict[str, Any]], selective_purity: float) -> dict[str, Any]:
-    """Agreement on the channels' own concepts: the mean of ``<source>_agreement_selective``, and its
-    chance level, the mean over the same (channel, family) pairs of the family's chance rate."""
-    rates = with_images[f"{source}_agreement_selective"].drop_nulls() \
-        if f"{source}_agreement_selective" in with_images.columns else pl.Series([], dtype=pl.Float64)
-    chances = []
-    for row in with_images.iter_rows(named=True):
-        pairs = [per_family[f]["chance"] for f in families
-                 if row.get(f"purity_{f}") is not None and row[f"purity_{f}"] >= selective_purity
-                 and row.get(f"{source}_agreement_{f}") is not None and per_family[f]["chance"] is not None]
-        if pairs:
-            chances.append(float(np.mean(pairs)))
-    return {"rate": float(rates.mean()) if rates.len() else None, "n_channels": int(rates.len()),
-            "chance": float(np.mean(chances)) if chances else None, "min_purity": selective_purity}
+def _interval(values: Sequence[float], config: FeatureConceptsConfig) -> list[float | None]:
+    from ddr_core.concept_stats import bootstrap_interval
+
+    low, high = bootstrap_interval(values, resamples=config.bootstrap_resamples, seed=config.seed)
+    return [None if math.isnan(low) else low, None if math.isnan(high) else high]
+
+
+def _agreement_test(units: list[tuple[list[str], str, str]], reference: dict[str, list[str]],
+                    config: FeatureConceptsConfig) -> dict[str, Any]:
+    """Rate, per-image chance (over ``reference``: every image of the source, per family), channel-permutation
+    p-value and bootstrap interval of (predictions, target, family) units
+    (:func:`ddr_core.concept_stats.agreement_permutation_test`)."""
+    from ddr_core.concept_stats import agreement_permutation_test
+
+    result = agreement_permutation_test([u[0] for u in units], [u[1] for u in units], strata=[u[2] for u in units],
+                                        reference=reference, permutations=config.permutations, seed=config.seed)
+    shares = [sum(v == target for v in predicted) / len(predicted) for predicted, target, _ in units if predicted]
+    return {"rate": None if math.isnan(result["rate"]) else result["rate"],
+            "chance": None if math.isnan(result["chance_per_image"]) else result["chance_per_image"],
+            "p_value": None if math.isnan(result["p_value"]) else result["p_value"],
+            "interval": _interval(shares, config), "n_units": result["units"], "images": result["images"]}
 
 
 def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[str],
-              selective_purity: float = 0.8, world: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The summary of a :func:`compute_feature_concepts` table (see the module docstring)."""
+              config: FeatureConceptsConfig | None = None, world: dict[str, Any] | None = None,
+              predictions: dict[str, pl.DataFrame] | None = None) -> dict[str, Any]:
+    """The summary of a :func:`compute_feature_concepts` table (see the module docstring).
+
+    ``predictions``: per source, the per-image predictions (``channel`` + one column per family) the
+    agreement tests permute; without them the agreement sections carry rates only.
+    """
+    config = config or FeatureConceptsConfig()
     scored = table.filter(pl.col("purity").is_not_null())
     purity = {
-        "overall": distribution(scored["purity"].to_list()),
+        "overall": {**distribution(scored["purity"].to_list()), "interval": _interval(scored["purity"].to_list(), config)},
         "joint": distribution(scored["purity_joint"].to_list()),
         "chance": distribution(scored["chance_purity"].to_list()),
-        "excess": distribution(scored["purity_excess"].to_list()),
+        "excess": {**distribution(scored["purity_excess"].to_list()),
+                   "interval": _interval(scored["purity_excess"].to_list(), config)},
         "chance_joint": distribution(scored["chance_purity_joint"].to_list()),
         "families": {f: distribution(scored[f"purity_{f}"].to_list()) for f in families},
         "chance_families": {f: distribution(scored[f"chance_purity_{f}"].to_list()) for f in families},
+    }
+    selective = scored.filter(pl.col("n_concepts") > 0)
+    significance = {
+        "alpha": config.alpha, "tests": int(sum(scored[f"p_{f}"].is_not_null().sum() for f in families)),
+        "channels_scored": scored.height, "selective_channels": selective.height,
+        "share": selective.height / scored.height if scored.height else None,
+        "share_interval": _interval([float(n > 0) for n in scored["n_concepts"].to_list()], config),
+        "families": {f: {"channels": int((scored[f"q_{f}"] < config.alpha).sum()),
+                         "values": dict(sorted(Counter(scored.filter(pl.col(f"q_{f}") < config.alpha)
+                                                       [f"dominant_{f}"].to_list()).items())),
+                         "min_p": (float(scored[f"p_{f}"].min()) if scored[f"p_{f}"].is_not_null().any() else None)}
+                     for f in families},
     }
     dominant_counts = {f: dict(sorted(Counter(scored[f"dominant_{f}"].to_list()).items())) for f in families}
     agreement: dict[str, Any] = {}
@@ -556,45 +653,59 @@ def summarise(table: pl.DataFrame, families: Sequence[str], sources: Sequence[st
         if f"n_{source}_images" not in table.columns:
             continue
         with_images = table.filter((pl.col(f"n_{source}_images") > 0) & pl.col("purity").is_not_null())
-        per_family = {}
+        frame = (predictions or {}).get(source)
+        images = ({int(key[0]): group for key, group in frame.group_by("channel")} if frame is not None else {})
+        reference = {family: frame[family].to_list() for family in families} if frame is not None else {}
+        per_family, selective_units = {}, []
         for family in families:
             rates = with_images[f"{source}_agreement_{family}"].drop_nulls()
-            dominant = Counter(with_images[f"dominant_{family}"].to_list())
-            votes = Counter(v for v in with_images[f"{source}_vote_{family}"].to_list() if v is not None)
-            expected = None
-            if with_images.height and sum(votes.values()):
-                # chance: predictions and dominant values paired at random
-                total_dominant = sum(dominant.values())
-                total_votes = sum(votes.values())
-                expected = sum(dominant[v] / total_dominant * votes[v] / total_votes for v in dominant)
+            units, significant = [], []
+            for row in with_images.iter_rows(named=True):
+                group = images.get(int(row["channel"]))
+                if group is None or row[f"dominant_{family}"] is None:
+                    continue
+                unit = (group[family].to_list(), row[f"dominant_{family}"], family)
+                units.append(unit)
+                if row[f"q_{family}"] is not None and row[f"q_{family}"] < config.alpha:
+                    significant.append(unit)
+            selective_units += significant
             per_family[family] = {"rate": float(rates.mean()) if rates.len() else None,
-                                  "n_channels": int(rates.len()), "chance": expected}
+                                  "n_channels": int(rates.len()),
+                                  **({"test": _agreement_test(units, reference, config),
+                                      "significant": _agreement_test(significant, reference, config)}
+                                     if frame is not None else {})}
+            per_family[family]["chance"] = (per_family[family].get("test") or {}).get("chance")
         overall = with_images[f"{source}_agreement"].drop_nulls()
-        agreement[source] = {"families": per_family, "rate": float(overall.mean()) if overall.len() else None,
-                             "n_channels": int(overall.len()),
-                             "images": int(with_images[f"n_{source}_images"].sum() or 0),
-                             "selective": _selective_agreement(with_images, families, source, per_family,
-                                                               selective_purity)}
+        section: dict[str, Any] = {"families": per_family, "rate": float(overall.mean()) if overall.len() else None,
+                                   "n_channels": int(overall.len()),
+                                   "images": int(with_images[f"n_{source}_images"].sum() or 0)}
+        if frame is not None:
+            test = _agreement_test(selective_units, reference, config)
+            section["selective"] = {**test, "definition": f"channel x family pairs with q < {config.alpha:g}"}
+        agreement[source] = section
     counts = {"channels": table.height, "with_examples": int((table["n_examples"] > 0).sum()),
               "with_purity": scored.height,
               "without_enough_examples": int(((table["n_examples"] > 0) & table["purity"].is_null()).sum())}
     for source in agreement:
         counts[f"with_{source}_images"] = int((table[f"n_{source}_images"] > 0).sum())
-    summary = {"counts": counts, "purity": purity, "agreement": agreement, "dominant_counts": dominant_counts,
-               "figures": figures_of(purity, agreement, families, world)}
+    summary = {"counts": counts, "purity": purity, "significance": significance, "agreement": agreement,
+               "dominant_counts": dominant_counts,
+               "figures": figures_of(purity, agreement, families, world, significance)}
     if world is not None:
         summary["world"] = world
     return summary
 
 
 def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequence[str],
-               world: dict[str, Any] | None = None) -> dict[str, float]:
+               world: dict[str, Any] | None = None, significance: dict[str, Any] | None = None) -> dict[str, float]:
     """The flat, higher-is-better numbers of a summary (what the baseline check compares)."""
     figures: dict[str, float | None] = {
         "purity_mean": purity["overall"]["mean"], "purity_median": purity["overall"]["median"],
         "purity_joint_mean": purity["joint"]["mean"], "purity_excess_mean": purity["excess"]["mean"],
         **{f"purity_{f}_mean": purity["families"][f]["mean"] for f in families},
     }
+    if significance is not None:
+        figures["selective_share"] = significance["share"]
     for source, section in agreement.items():
         figures[f"{source}_agreement"] = section["rate"]
         figures[f"{source}_agreement_selective"] = (section.get("selective") or {}).get("rate")
@@ -607,10 +718,11 @@ def figures_of(purity: dict[str, Any], agreement: dict[str, Any], families: Sequ
 
 def table_columns(families: Sequence[str], sources: Sequence[str] = SOURCES, world: bool = False) -> list[str]:
     """Columns of ``feature_concepts.parquet`` in order (``world``: with the recognisability columns)."""
-    columns = ["channel", "basis", "n_examples", "n_labelled", "examples_timestep", "purity", "chance_purity",
-               "purity_excess", "purity_joint", "chance_purity_joint"]
+    columns = ["channel", "basis", "n_examples", "n_labelled", "examples_timestep", "concept", "n_concepts",
+               "purity", "chance_purity", "purity_excess", "purity_joint", "chance_purity_joint"]
     for family in families:
-        columns += [f"dominant_{family}", f"purity_{family}", f"chance_purity_{family}"]
+        columns += [f"dominant_{family}", f"purity_{family}", f"chance_purity_{family}", f"p_{family}",
+                    f"q_{family}"]
     for source in sources:
         columns += [f"n_{source}_images", f"{source}_agreement", f"{source}_agreement_selective"]
         if world:
@@ -643,6 +755,7 @@ def compute_feature_concepts(
     generation_pool: pl.DataFrame | None = None,
     world_renders: Callable[[int], np.ndarray] | None = None,
     generation_images: Sequence[np.ndarray] | None = None,
+    store: Any | None = None,
     log: LogFn | None = None,
 ) -> FeatureConceptsResult:
     """Score every channel of one variant and write ``feature_concepts.parquet`` + ``summary.json``.
@@ -662,6 +775,7 @@ def compute_feature_concepts(
             the nearest render, and a channel the share of its images within ``recognisable_rmse``.
         generation_images: the capture's generated images, scored the same way as a reference (what the
             model draws when prompted).
+        store: the capture's activation store (``examples="peak_all_generations"`` ranks its generations).
     """
     from ddr_core.statistics import read_summary
 
@@ -673,9 +787,8 @@ def compute_feature_concepts(
         raise ValueError(f"the prompt labels have no column for {missing}; columns: {labels.columns}")
     stats_summary = read_summary(stats_dir)
     width = int(stats_summary["width"])
-    examples = top_examples(stats_dir, config)
-    table = channel_purity(examples, labels, families, width, config.min_examples, generation_pool,
-                           config.chance_draws, config.seed)
+    examples = top_examples(stats_dir, config, store=store, variant=variant)
+    table = channel_purity(examples, labels, families, width, config.min_examples, generation_pool, config.alpha)
     unlabelled = examples.join(labels.drop_nulls(families), on="prompt", how="anti")
     say(f"feature concepts {variant}: {table['purity'].is_not_null().sum()} of {width} channels scored "
         f"from {examples.height} examples ({unlabelled.height} without labels)")
@@ -701,7 +814,7 @@ def compute_feature_concepts(
                 table = table.join(channel_recognisability(frame, source, config.recognisable_rmse),
                                    on="channel", how="left")
             predictions_kept[source] = frame
-            table = table.join(channel_agreement(table, frame, families, source, config.selective_purity),
+            table = table.join(channel_agreement(table, frame, families, source, config.alpha),
                                on="channel", how="left")
             sources.append(source)
             say(f"feature concepts {variant}: {len(images)} {source} image(s) classified")
@@ -721,7 +834,7 @@ def compute_feature_concepts(
         "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
         "stats_config_hash": stats_summary.get("config_hash"), "sources": sources,
         "classifier": classifier is not None, "unlabelled_examples": unlabelled.height,
-        **summarise(table, families, sources, config.selective_purity, world),
+        **summarise(table, families, sources, config, world, predictions_kept),
     }
     out = Path(out_dir)
     with atomic_dir(out) as staging:
@@ -887,6 +1000,10 @@ images (and the capture's generations, as the reference) come to the world's ren
     labels = prompt_labels(layout.prompts_dir(spec.prompts) / dataset.file, dataset.labels, dataset.text_field)
     store = ActivationStore(layout.activations_dir(project.capture_of(variant)))
     generations = store.read_generations() if store.root.is_dir() else None
+    if generations is None and (config or FeatureConceptsConfig()).examples == "peak_all_generations":
+        raise FileNotFoundError(f"the capture of variant {variant!r} ({store.root}) is missing: its generations are "
+                                f"ranked for the top examples; materialize activations[{project.capture_of(variant)}] "
+                                f"first (or score the recorded examples: examples='top_peak')")
     pool = generations.select("prompt") if generations is not None else None
     classifier = None
     model = project.models[spec.model]
@@ -912,7 +1029,8 @@ images (and the capture's generations, as the reference) come to the world's ren
         basis=spec.basis, config=config, data_root=layout.data_root,
         priors_dir=layout.stage_dir("priors", variant), dreams_dir=layout.stage_dir("dreams", variant),
         classifier=classifier, generation_pool=pool if pool is not None and pool.height else None,
-        world_renders=world_renders, generation_images=generation_images, log=log)
+        world_renders=world_renders, generation_images=generation_images,
+        store=store if generations is not None else None, log=log)
 
 
 # --------------------------------------------------------------------------------------------------

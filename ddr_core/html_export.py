@@ -183,7 +183,8 @@ def ground_truth_html(row: dict[str, Any] | None, families: Sequence[str]) -> st
     if row.get("purity") is None:
         return f'<p class="truth">Ground truth: not scored ({_e(row.get("n_labelled") or 0)} labelled top examples).</p>'
     parts = [f"{_e(f)} <b>{_e(row[f'dominant_{f}'])}</b> (purity {_fmt(row[f'purity_{f}'], 2)}, chance "
-             f"{_fmt(row[f'chance_purity_{f}'], 2)})" for f in families]
+             f"{_fmt(row[f'chance_purity_{f}'], 2)}, q {_fmt(row.get(f'q_{f}'), 3)})" for f in families]
+    parts.insert(0, f"<b>{_e(concept_label(row, families))}</b>")
     for source, label in (("prior", "priors"), ("dream", "dreams")):
         count = row.get(f"n_{source}_images")
         if not count:
@@ -197,28 +198,27 @@ def ground_truth_html(row: dict[str, Any] | None, families: Sequence[str]) -> st
 
 
 def _ground_truth(layout: DataLayout, variant: str) -> tuple[dict[int, dict[str, Any]], list[str], float]:
-    """The variant's ``feature_concepts`` rows by channel, its families and the purity from which a family
-    is a channel's concept (empty without scores)."""
+    """The variant's ``feature_concepts`` rows by channel, its families and the false discovery rate of
+    its concept verdicts (empty without scores)."""
     from ddr_core.feature_concepts import FeatureConceptsConfig, feature_concepts_dir, read_feature_concepts
 
-    threshold = FeatureConceptsConfig().selective_purity
+    alpha = FeatureConceptsConfig().alpha
     found = read_feature_concepts(feature_concepts_dir(layout, variant))
     if found is None:
-        return {}, [], threshold
+        return {}, [], alpha
     table, summary = found
-    threshold = float((summary.get("config") or {}).get("selective_purity", threshold))
+    alpha = float((summary.get("config") or {}).get("alpha", alpha))
     rows = {int(row["channel"]): row for row in table.iter_rows(named=True)}
-    return rows, list(summary.get("families", [])), threshold
+    return rows, list(summary.get("families", [])), alpha
 
 
-def concept_label(row: dict[str, Any] | None, families: Sequence[str], selective_purity: float) -> str:
-    """The channel's concept: the dominant value of each family whose purity reaches ``selective_purity``
-    (``"yellow"``, ``"red triangle"``), ``"mixed"`` when none does, ``""`` when not scored."""
+def concept_label(row: dict[str, Any] | None, families: Sequence[str]) -> str:
+    """The channel's verdict: ``"selective for colour=red, shape=circle"`` (the families whose BH q-value is
+    below the run's alpha, the ``concept`` column), ``"not selective"``, or ``""`` when not scored."""
     if row is None or row.get("purity") is None:
         return ""
-    values = [str(row[f"dominant_{f}"]) for f in families
-              if row.get(f"purity_{f}") is not None and row[f"purity_{f}"] >= selective_purity]
-    return " ".join(values) or "mixed"
+    concept = row.get("concept")
+    return f"selective for {concept}" if concept else "not selective"
 
 
 def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
@@ -318,7 +318,7 @@ def export_html(
         index["channel"].is_in([int(c) for c in channels]))
     selected = [int(c) for c in rows["channel"]]
     files = _Files(layout.data_root, out)
-    truths, families, selective_purity = _ground_truth(layout, variant)
+    truths, families, alpha = _ground_truth(layout, variant)
     table_rows = []
     for position, channel in enumerate(selected):
         shard = load_shard(layout, variant, channel)
@@ -345,7 +345,7 @@ def export_html(
         if families:
             truth = truths.get(channel)
             purity = None if truth is None else truth.get("purity")
-            label = concept_label(truth, families, selective_purity)
+            label = concept_label(truth, families)
             cells[2:2] = [(label, _e(label)),
                           (purity, _fmt(purity, 2) if purity is not None else "")]
         table_rows.append("<tr>" + "".join(
@@ -354,7 +354,7 @@ def export_html(
                ("peaks", "num"), ("max activation", "num"), ("examples", "num"), ("priors", "num"),
                ("dreams", "num"), ("dream / top example", "num"), ("top prompts", "text")]
     if families:  # ground truth after the channel: its concept and purity
-        headers[2:2] = [(f"concept (ground truth, purity >= {selective_purity:g})", "text"), ("purity", "num")]
+        headers[2:2] = [(f"concept (ground truth, BH q < {alpha:g})", "text"), ("purity", "num")]
     head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
     problems = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(files.problems))
     body = (f"<h1>{_e(variant)} ({_e(layout.experiment)})</h1>"

@@ -293,9 +293,11 @@ def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> st
                 + (f", needs {needed})" if needed else ")"))
     timestep = row.get("examples_timestep")
     where = "" if timestep is None or pd.isna(timestep) else f" at t={int(timestep)}"
-    head = f"**Ground truth** ({int(row['n_labelled'])} labelled top examples{where}):"
+    verdict = f"selective for {row['concept']}" if row.get("concept") else "not selective"
+    head = f"**Ground truth** ({int(row['n_labelled'])} labelled top prompts{where}): {verdict} ·"
     parts = [f"{family} **{row[f'dominant_{family}']}** (purity {_share(row[f'purity_{family}'])}, "
-             f"chance {_share(row[f'chance_purity_{family}'])})" for family in families]
+             f"chance {_share(row[f'chance_purity_{family}'])}, q {_share(row.get(f'q_{family}'))})"
+             for family in families]
     for source, label in CONCEPT_SOURCES.items():
         count = row.get(f"n_{source}_images")
         if count is None or pd.isna(count):

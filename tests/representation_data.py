@@ -216,15 +216,17 @@ def write_feature_concepts(layout: DataLayout) -> None:
                     "chance_purity_colour": 0.3, "dominant_shape": "circle", "purity_shape": 0.75,
                     "chance_purity_shape": 0.5, "n_prior_images": 2, "prior_agreement_colour": 0.5,
                     "prior_agreement_shape": 1.0, "n_dream_images": 4, "dream_agreement_colour": 0.25,
-                    "dream_agreement_shape": 0.0, "prior_recognisable": 0.5})
+                    "dream_agreement_shape": 0.0, "prior_recognisable": 0.5, "p_colour": 0.0002, "q_colour": 0.001,
+                    "p_shape": 0.2, "q_shape": 0.4, "concept": "colour=red", "n_concepts": 1})
     rows[1].update({"n_examples": 3, "n_labelled": 3, "examples_timestep": 901, "purity": 0.5,
                     "chance_purity": 0.4, "purity_joint": 0.33, "dominant_colour": "blue", "purity_colour": 0.67,
                     "chance_purity_colour": 0.3, "dominant_shape": "square", "purity_shape": 0.33,
-                    "chance_purity_shape": 0.5})
+                    "chance_purity_shape": 0.5, "p_colour": 0.3, "q_colour": 0.45, "p_shape": 0.9, "q_shape": 1.0,
+                    "concept": "", "n_concepts": 0})
     rows[2].update({"n_examples": 1, "n_labelled": 1})
     folder = feature_concepts_dir(layout, VARIANT)
     folder.mkdir(parents=True)
-    schema = {c: (pl.String if c.startswith(("dominant_", "basis")) or "_vote_" in c
+    schema = {c: (pl.String if c.startswith(("dominant_", "basis", "concept")) or "_vote_" in c
                   else pl.Int64 if c.startswith("n_") or c in ("channel", "examples_timestep") else pl.Float64)
               for c in table_columns(families, world=True)}
     pl.DataFrame(rows, schema=schema, orient="row").write_parquet(folder / TABLE_FILE)

@@ -60,11 +60,11 @@ def test_agreement_permutation_by_hand():
     predictions = [["a"] * 4, ["b"] * 4, ["c"] * 4]
     result = agreement_permutation_test(predictions, ["a", "b", "c"], permutations=20000, seed=1)
     assert result["rate"] == 1.0 and result["chance_per_image"] == pytest.approx(1 / 3)
-    assert result["p_value"] == pytest.approx(1 / 6, abs=0.01) and result["channels"] == 3
+    assert result["p_value"] == pytest.approx(1 / 6, abs=0.01) and result["units"] == 3
     swapped = agreement_permutation_test(predictions, ["b", "a", "c"], permutations=2000)
     assert swapped["rate"] == pytest.approx(1 / 3) and swapped["p_value"] > 0.5
     empty = agreement_permutation_test([[], ["a"]], [None, None])
-    assert empty["channels"] == 0 and math.isnan(empty["rate"])
+    assert empty["units"] == 0 and math.isnan(empty["rate"])
 
 
 def test_bootstrap_intervals_match_the_normal_approximation():
@@ -77,3 +77,13 @@ def test_bootstrap_intervals_match_the_normal_approximation():
     low, high = bootstrap_difference([1.0, 2.0] * 50, data, resamples=5000, seed=4)
     half_width = 1.96 * math.sqrt(2) * 0.05
     assert low == pytest.approx(1.0 - half_width, abs=0.02) and high == pytest.approx(1.0 + half_width, abs=0.02)
+
+
+def test_agreement_permutations_stay_within_their_stratum():
+    """Two families: colour units can only swap targets with colour units. Each family has two units that
+    show their own value: within a family only 1 of 2 orders reaches the rate, so p = 1/4 over both."""
+    predictions = [["red"] * 3, ["blue"] * 3, ["circle"] * 2, ["square"] * 2]
+    result = agreement_permutation_test(predictions, ["red", "blue", "circle", "square"],
+                                        strata=["colour", "colour", "shape", "shape"], permutations=20000, seed=2)
+    assert result["rate"] == 1.0 and result["p_value"] == pytest.approx(1 / 4, abs=0.01)
+    assert result["chance_per_image"] == pytest.approx(0.5) and result["images"] == 10

@@ -155,12 +155,14 @@ def test_export_shows_the_ground_truth_when_the_variant_was_scored(toy, tmp_path
     write_feature_concepts(toy.layout)
     index = export_html(toy.layout, VARIANT, tmp_path / "report")
     text = index.read_text()
-    assert "<th data-col=\"2\" data-type=\"text\">concept (ground truth, purity &gt;= 0.8)</th>" in text
-    # channel 0: colour purity 1.0 (its concept), shape 0.75 (not); channel 1: neither reaches 0.8
-    assert '<td data-value="red">red</td>' in text and '<td data-value="0.875">0.88</td>' in text
-    assert '<td data-value="mixed">mixed</td>' in text
+    assert "<th data-col=\"2\" data-type=\"text\">concept (ground truth, BH q &lt; 0.05)</th>" in text
+    # channel 0: selective for its colour (q 0.001), not its shape (q 0.4); channel 1: for nothing
+    assert '<td data-value="selective for colour=red">selective for colour=red</td>' in text
+    assert '<td data-value="0.875">0.88</td>' in text
+    assert '<td data-value="not selective">not selective</td>' in text
     page = (index.parent / "channels" / "channel_00000.html").read_text()
-    assert "Ground truth (4 labelled top examples): colour <b>red</b> (purity 1.00, chance 0.30)" in page
+    assert ("Ground truth (4 labelled top examples): <b>selective for colour=red</b> &middot; colour <b>red</b> "
+            "(purity 1.00, chance 0.30, q 0.001)") in page
     assert "priors agree: colour 0.50, shape 1.00 (2 images, 0.50 recognisable)" in page
     assert "dreams agree: colour 0.25, shape 0.00 (4 images)" in page
     assert "Ground truth: not scored (1 labelled top examples)" in \

@@ -267,8 +267,9 @@ def test_ground_truth_labels_and_purity_sort(toy) -> None:
     at = _app()
     texts = [t for t in _texts(at.markdown) if "Ground truth" in t]
     assert len(texts) == 1
-    assert "colour **red** (purity 1.00, chance 0.30)" in texts[0] and "shape **circle** (purity 0.75" in texts[0]
-    assert texts[0].startswith("**Ground truth** (4 labelled top examples at t=501): colour **red**")
+    assert "selective for colour=red · colour **red** (purity 1.00, chance 0.30, q 0.00)" in texts[0]
+    assert "shape **circle** (purity 0.75" in texts[0]
+    assert texts[0].startswith("**Ground truth** (4 labelled top prompts at t=501): selective for colour=red")
     assert "priors agree: colour 0.50, shape 1.00 (2 images, 0.50 recognisable)" in texts[0]
     assert "dreams agree: colour 0.25, shape 0.00 (4 images)" in texts[0]
     _run(at.button(key="next_channel").click())
