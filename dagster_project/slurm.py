@@ -94,7 +94,7 @@ class SlurmSettings(BaseModel):
     data_root: RemotePath | None = None
     config_path: RemotePath | None = None
     poll_timeout: int = Field(86400, ge=1)
-    poll_interval: float | None = Field(default=None, gt=0)
+    poll_interval: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     keep_run_dirs: bool = False
     job: SlurmJobOptions = Field(default_factory=lambda: SlurmJobOptions(cpus_per_task=4, mem="16G",
                                                                          time_limit="02:00:00", gpus_per_node=0))
