@@ -326,3 +326,20 @@ def test_a_hostile_cluster_setting_fails_the_step_naming_the_variable_before_any
     error = _step_error(result)
     assert "DDR_SLURM_PARTITION is 'gpu; touch /tmp/x #'" in error and "partition name" in error
     assert cluster.submissions == []
+
+
+def test_the_job_script_launcher_and_the_log_reader_refuse_what_is_not_theirs():
+    """Our own command / script building: an ``#SBATCH`` entry must be one ``#SBATCH --`` line, and the
+    job log reader puts only a numeric job id into its (quoted) ``tail`` command."""
+    launcher = slurm_module._directives_launcher_class()(
+        sbatch_directives=["#SBATCH --mail-user=a@uni.edu.pl", "touch /tmp/x"])
+    with pytest.raises(ValueError, match="#SBATCH"):
+        launcher.prepare_execution(payload_path="/r/payload.py", python_executable="/e/env/bin/python",
+                                   working_dir="/r", pipes_context={})
+    launcher = slurm_module._directives_launcher_class()(sbatch_directives=["#SBATCH --requeue\ntouch /tmp/x"])
+    with pytest.raises(ValueError, match="#SBATCH"):
+        launcher.prepare_execution(payload_path="/r/payload.py", python_executable="/e/env/bin/python",
+                                   working_dir="/r", pipes_context={})
+    files = object.__new__(slurm_module._JobFiles)  # no SSH connection: it must not get that far
+    for job_id in ("1; touch /tmp/x", "$(id)", "12\n13", "-1"):
+        assert files.log_tail(job_id) == ""
