@@ -32,6 +32,7 @@ from ddr_core.slurm_options import (
     RemotePath,
     SlurmJobOptions,
     UserName,
+    allowed_form,
 )
 
 __all__ = ["SlurmJobOptions", "SlurmSettings", "build_slurm_compute", "new_request", "run_stage_on_slurm",
@@ -50,11 +51,12 @@ JOB_ENV_VARIABLES = {"partition": "PARTITION", "account": "ACCOUNT", "qos": "QOS
                      "cpus_per_task": "CPUS", "mem": "MEM", "time_limit": "TIME", "requeue": "REQUEUE",
                      "mail_type": "MAIL_TYPE", "mail_user": "MAIL_USER"}
 JOB_ENV_DEFAULTS = {"gpus_per_node": "0", "cpus_per_task": "4", "mem": "16G", "time_limit": "02:00:00"}
-# the allowed form of the fields that are not pattern-checked strings (those name theirs themselves)
+# the allowed form of the fields whose checks do not name it themselves (the pattern checks do)
 _YES_NO = "yes or no (also 1/0, true/false, on/off)"
 _FORMS = {"port": "a whole number 1..65535", "host_key_checking": "strict, accept-new or off",
           "poll_timeout": "whole seconds >= 1", "poll_interval": "seconds > 0", "keep_run_dirs": _YES_NO,
-          "requeue": _YES_NO, "gpus_per_node": "a whole number 0..64", "cpus_per_task": "a whole number 1..1024"}
+          "requeue": _YES_NO, "gpus_per_node": "a whole number 0..64", "cpus_per_task": "a whole number 1..1024",
+          "host": allowed_form("host")}
 
 
 class SlurmSettings(BaseModel):
@@ -138,7 +140,7 @@ def _env_problem(error: dict) -> str:
     value = error.get("input")
     shown = repr(value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "...")
     message = error["msg"].removeprefix("Value error, ")
-    if field in _FORMS:
+    if field in _FORMS and not message.startswith("use "):
         message += f"; use {_FORMS[field]}"
     return f"DDR_SLURM_{name or field.upper()} is {shown}: {message}"
 
