@@ -19,58 +19,44 @@ import re
 import shlex
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dagster as dg
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
+from ddr_core.slurm_options import (
+    HostName,
+    LocalPath,
+    RemoteBase,
+    RemotePath,
+    SlurmJobOptions,
+    UserName,
+    allowed_form,
+)
+
+__all__ = ["SlurmJobOptions", "SlurmSettings", "build_slurm_compute", "new_request", "run_stage_on_slurm",
+           "run_stage_locally"]
 
 PAYLOAD_SCRIPT = Path(__file__).with_name("slurm_payload.py")
 
 
-class SlurmJobOptions(BaseModel):
-    """SLURM options of one job; ``None`` leaves the deployment default (``DDR_SLURM_*``) in force.
-
-    ``mem`` is always passed explicitly when set: dagster-slurm 1.22 drops its queue-level ``--mem``
-    when GPUs are requested unless the call sets ``mem``. ``requeue`` and ``mail_*`` become
-    ``#SBATCH`` lines of the job script (dagster-slurm has no option for them).
-    """
-
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    gpus_per_node: int | None = Field(default=None, ge=0)
-    cpus_per_task: int | None = Field(default=None, ge=1)
-    mem: str | None = Field(default=None, description="e.g. 32G")
-    time_limit: str | None = Field(default=None, description="[D-]HH:MM:SS")
-    requeue: bool | None = Field(default=None, description="requeue on preemption / node failure")
-    mail_type: str | None = Field(default=None, description="e.g. END,FAIL")
-    mail_user: str | None = None
-
-    def merged(self, override: SlurmJobOptions | dict | None) -> SlurmJobOptions:
-        """These options with the fields set in ``override`` replacing them (per-asset -> per-call)."""
-        if override is None:
-            return self
-        if isinstance(override, dict):
-            override = SlurmJobOptions.model_validate(override)
-        return self.model_copy(update=override.model_dump(exclude_none=True))
-
-    def extra_slurm_opts(self) -> dict[str, Any]:
-        """The options dagster-slurm's ``extra_slurm_opts`` understands."""
-        keys = {"partition": "partition", "account": "account", "qos": "qos", "gpus_per_node": "gpus_per_node",
-                "cpus_per_task": "cpus_per_task", "mem": "mem", "time_limit": "time_limit"}
-        return {target: getattr(self, source) for source, target in keys.items() if getattr(self, source) is not None}
-
-    def sbatch_directives(self) -> list[str]:
-        lines = []
-        if self.requeue is not None:
-            lines.append("#SBATCH --requeue" if self.requeue else "#SBATCH --no-requeue")
-        if self.mail_type:
-            lines.append(f"#SBATCH --mail-type={self.mail_type}")
-        if self.mail_user:
-            lines.append(f"#SBATCH --mail-user={self.mail_user}")
-        return lines
+# SlurmSettings field -> its DDR_SLURM_<name> variable; JOB_ENV_VARIABLES: the same for the job defaults
+ENV_VARIABLES = {"host": "HOST", "port": "PORT", "user": "USER", "key_path": "KEY_PATH",
+                 "host_key_checking": "HOST_KEY_CHECKING", "known_hosts_file": "KNOWN_HOSTS",
+                 "env_path": "ENV_PATH", "remote_base": "REMOTE_BASE", "data_root": "DATA_ROOT",
+                 "config_path": "CONFIG", "poll_timeout": "POLL_TIMEOUT", "poll_interval": "POLL_INTERVAL",
+                 "keep_run_dirs": "KEEP_RUN_DIRS"}
+JOB_ENV_VARIABLES = {"partition": "PARTITION", "account": "ACCOUNT", "qos": "QOS", "gpus_per_node": "GPUS_PER_NODE",
+                     "cpus_per_task": "CPUS", "mem": "MEM", "time_limit": "TIME", "requeue": "REQUEUE",
+                     "mail_type": "MAIL_TYPE", "mail_user": "MAIL_USER"}
+JOB_ENV_DEFAULTS = {"gpus_per_node": "0", "cpus_per_task": "4", "mem": "16G", "time_limit": "02:00:00"}
+# the allowed form of the fields whose checks do not name it themselves (the pattern checks do)
+_YES_NO = "yes or no (also 1/0, true/false, on/off)"
+_FORMS = {"port": "a whole number 1..65535", "host_key_checking": "strict, accept-new or off",
+          "poll_timeout": "whole seconds >= 1", "poll_interval": "seconds > 0", "keep_run_dirs": _YES_NO,
+          "requeue": _YES_NO, "gpus_per_node": "a whole number 0..64", "cpus_per_task": "a whole number 1..1024",
+          "host": allowed_form("host")}
 
 
 class SlurmSettings(BaseModel):
@@ -90,20 +76,27 @@ class SlurmSettings(BaseModel):
     | ``DDR_SLURM_POLL_TIMEOUT`` | seconds to wait for one job | 86400 |
     | ``DDR_SLURM_POLL_INTERVAL`` | seconds between job state checks (each is one SSH command) | 2, growing to 5 |
     | ``DDR_SLURM_KEEP_RUN_DIRS`` | keep the remote job dirs (job script, ``slurm-<id>.out/.err``) | removed |
+
+    Every value has a strict form (:mod:`ddr_core.slurm_options`, docs/CLUSTER.md): host, user and the
+    paths reach ``ssh`` / ``scp`` arguments, the ``sbatch`` command line and the job script, partly
+    unquoted (dagster-slurm 1.22), so a value with whitespace, quotes, ``;``, ``$``, backticks or a line
+    break is refused with the variable's name and its allowed form.
     """
 
-    host: str
-    port: int = 22
-    user: str
-    key_path: str
-    host_key_checking: str = "strict"
-    known_hosts_file: str | None = None
-    env_path: str
-    remote_base: str | None = None
-    data_root: str | None = None
-    config_path: str | None = None
-    poll_timeout: int = 86400
-    poll_interval: float | None = Field(default=None, gt=0)
+    model_config = ConfigDict(extra="forbid")
+
+    host: HostName = Field(max_length=253)
+    port: int = Field(22, ge=1, le=65535)
+    user: UserName
+    key_path: LocalPath
+    host_key_checking: Literal["strict", "accept-new", "off"] = "strict"
+    known_hosts_file: LocalPath | None = None
+    env_path: RemotePath
+    remote_base: RemoteBase | None = None
+    data_root: RemotePath | None = None
+    config_path: RemotePath | None = None
+    poll_timeout: int = Field(86400, ge=1)
+    poll_interval: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     keep_run_dirs: bool = False
     job: SlurmJobOptions = Field(default_factory=lambda: SlurmJobOptions(cpus_per_task=4, mem="16G",
                                                                          time_limit="02:00:00", gpus_per_node=0))
@@ -113,6 +106,12 @@ class SlurmSettings(BaseModel):
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> SlurmSettings:
+        """The settings from ``DDR_SLURM_*`` (``env``, default ``os.environ``); an empty variable is unset.
+
+        Raises:
+            ValueError: a required variable is missing, or a value does not have its allowed form (the
+                message names each such variable and the form).
+        """
         env = dict(os.environ if env is None else env)
 
         def get(name: str, default: str | None = None) -> str | None:
@@ -123,25 +122,27 @@ class SlurmSettings(BaseModel):
         if missing:
             raise ValueError(f"SLURM execution needs {', '.join(missing)} (see docs/CLUSTER.md); "
                              f"for a local test cluster run scripts/slurm/start_local_cluster.sh")
-        requeue = get("REQUEUE")
-        poll_interval = get("POLL_INTERVAL")
-        job = SlurmJobOptions(
-            partition=get("PARTITION"), account=get("ACCOUNT"), qos=get("QOS"),
-            gpus_per_node=int(get("GPUS_PER_NODE", "0")), cpus_per_task=int(get("CPUS", "4")),
-            mem=get("MEM", "16G"), time_limit=get("TIME", "02:00:00"),
-            requeue=None if requeue is None else _truthy(requeue),
-            mail_type=get("MAIL_TYPE"), mail_user=get("MAIL_USER"),
-        )
-        return cls(host=get("HOST"), port=int(get("PORT", "22")), user=get("USER"), key_path=get("KEY_PATH"),
-                   host_key_checking=get("HOST_KEY_CHECKING", "strict"), known_hosts_file=get("KNOWN_HOSTS"),
-                   env_path=get("ENV_PATH"), remote_base=get("REMOTE_BASE"), data_root=get("DATA_ROOT"),
-                   config_path=get("CONFIG"), poll_timeout=int(get("POLL_TIMEOUT", "86400")),
-                   poll_interval=float(poll_interval) if poll_interval else None,
-                   keep_run_dirs=_truthy(get("KEEP_RUN_DIRS")), job=job)
+        values: dict[str, Any] = {field: get(name) for field, name in ENV_VARIABLES.items() if get(name)}
+        values["job"] = {field: get(name, JOB_ENV_DEFAULTS.get(field)) for field, name in JOB_ENV_VARIABLES.items()
+                         if get(name, JOB_ENV_DEFAULTS.get(field)) is not None}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise ValueError("invalid SLURM settings (docs/CLUSTER.md): " + "; ".join(
+                _env_problem(error) for error in exc.errors())) from None
 
 
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+def _env_problem(error: dict) -> str:
+    """One validation error of :meth:`SlurmSettings.from_env` as "<variable> is <value>: <allowed form>"."""
+    loc = error["loc"]
+    field = str(loc[1]) if loc[0] == "job" and len(loc) > 1 else str(loc[0])
+    name = JOB_ENV_VARIABLES.get(field) if loc[0] == "job" else ENV_VARIABLES.get(field)
+    value = error.get("input")
+    shown = repr(value if not isinstance(value, str) or len(value) <= 80 else value[:77] + "...")
+    message = error["msg"].removeprefix("Value error, ")
+    if field in _FORMS and not message.startswith("use "):
+        message += f"; use {_FORMS[field]}"
+    return f"DDR_SLURM_{name or field.upper()} is {shown}: {message}"
 
 
 def _directives_launcher_class():
@@ -157,6 +158,10 @@ def _directives_launcher_class():
         sbatch_directives: list[str] = []
 
         def prepare_execution(self, *args, **kwargs):
+            bad = [line for line in self.sbatch_directives
+                   if not line.startswith("#SBATCH --") or any(c in line for c in "\n\r\0")]
+            if bad:  # each is one job-script line: a line break would add a shell command to the job
+                raise ValueError(f"refusing #SBATCH directives that are not single '#SBATCH --...' lines: {bad!r}")
             plan = super().prepare_execution(*args, **kwargs)
             if self.sbatch_directives:
                 plan.payload = [plan.payload[0], *self.sbatch_directives, *plan.payload[1:]]
@@ -237,7 +242,7 @@ class _JobFiles:
 
     def log_tail(self, job_id: str | None, lines: int = 40) -> str:
         """The last ``lines`` lines of the job's stdout and stderr files ('' when unreadable)."""
-        if not job_id:
+        if not job_id or not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", str(job_id)):  # a job id, nothing else
             return ""
         from dagster_slurm.helpers.ssh_pool import SSHConnectionPool
 
@@ -277,7 +282,11 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
     cluster without accounting, where the client cannot see how a job ended).
     """
     settings = settings or SlurmSettings.from_env()
-    job = settings.job.merged(options)
+    try:
+        job = settings.job.merged(options)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise dg.Failure(description=f"invalid SLURM job options for {request.stage}: {problems}") from None
     compute = compute or build_slurm_compute(settings)
     launcher = _directives_launcher_class()(sbatch_directives=job.sbatch_directives())
     report_file = report_path(local_data_root, request.experiment, request.invocation_id)

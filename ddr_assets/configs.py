@@ -13,33 +13,9 @@ from typing import Any, TypeVar
 import dagster as dg
 from pydantic import BaseModel, Field, ValidationError, create_model
 
+from ddr_core.slurm_options import SlurmJobOptions
+
 M = TypeVar("M", bound=BaseModel)
-
-
-class SlurmRunConfig(dg.Config):
-    """SLURM options of this run's job(s), used when the compute mode is ``slurm`` (ignored locally).
-
-    Each field left unset keeps the deployment default (``DDR_SLURM_*``, docs/CLUSTER.md). ``mem`` is
-    always passed to ``sbatch`` (default ``DDR_SLURM_MEM``), also when GPUs are requested.
-    """
-
-    partition: str | None = Field(None, description="e.g. plgrid-gpu-a100")
-    account: str | None = Field(None, description="grant / account, e.g. plgmygrant-gpu-a100")
-    qos: str | None = None
-    gpus_per_node: int | None = Field(None, ge=0, description="--gres=gpu:N")
-    cpus_per_task: int | None = Field(None, ge=1)
-    mem: str | None = Field(None, description="memory per node, e.g. 40G")
-    time_limit: str | None = Field(None, description="[D-]HH:MM:SS")
-    requeue: bool | None = Field(None, description="requeue on preemption / node failure (resumes where it was)")
-    mail_type: str | None = Field(None, description="e.g. END,FAIL")
-    mail_user: str | None = None
-
-
-SLURM_FIELD = (
-    SlurmRunConfig | None,
-    Field(None, description="SLURM job options of this run (compute mode slurm); unset fields keep the "
-                            "deployment defaults (DDR_SLURM_*)"),
-)
 
 
 def dagster_config_from(model: type[BaseModel], name: str,
@@ -50,6 +26,18 @@ def dagster_config_from(model: type[BaseModel], name: str,
     config_cls = create_model(name, __base__=dg.Config, __doc__=model.__doc__, **fields)
     config_cls.__module__ = __name__
     return config_cls
+
+
+# The ``slurm:`` run-config section, generated from the one job-options model. Its field types carry the
+# core model's validators (strict forms of names, times, sizes, mail settings; bounded counts), and Dagster
+# builds the step's config with pydantic when the step starts: a bad value fails the step naming
+# ``slurm.<field>`` before any job is built (tests/test_slurm_options.py).
+SlurmRunConfig = dagster_config_from(SlurmJobOptions, "SlurmRunConfig")
+SLURM_FIELD = (
+    SlurmRunConfig | None,
+    Field(None, description="SLURM job options of this run (compute mode slurm); unset fields keep the "
+                            "deployment defaults (DDR_SLURM_*)"),
+)
 
 
 def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:
