@@ -13,6 +13,7 @@ from dagster_project.resources import DdrStorage
 from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
 from ddr_assets.partitions import model_partitions, project, prompt_dataset_partitions, sae_partitions
 from ddr_core import catalog
+from ddr_core.paths import file_inside
 from ddr_core.records import make_record, write_record
 
 PROVISIONING_CODE_VERSION = "1"
@@ -84,7 +85,8 @@ def prompt_datasets(context: dg.AssetExecutionContext, storage: DdrStorage) -> d
 
     metadata, result = _provision(context, storage, "prompts", "prompt_datasets")
     dataset = project().prompt_datasets[context.partition_key]
-    prompts = load_prompts(result.path / dataset.file, text_field=dataset.text_field)
+    prompt_file = file_inside(result.path, dataset.file, f"prompt_datasets.{context.partition_key}.file")
+    prompts = load_prompts(prompt_file, text_field=dataset.text_field)
     if prompts.invalid:
         context.log.warning(f"{len(prompts.invalid)} invalid line(s) in {dataset.file}; first: "
                             f"{[f'line {i.line}: {i.reason}' for i in prompts.invalid[:5]]}")

@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from ddr_core.atomic import atomic_path, atomic_write_json, is_temp_name, remove_temp_files
+from ddr_core.paths import NAME_RULE, is_safe_name
 from ddr_core.tensor_files import canonical_metadata, read_metadata
 
 Half = Literal["conditional", "unconditional"]
@@ -86,7 +87,6 @@ MAX_SCHEMA = pa.schema(
 )
 
 _BATCH_RE = re.compile(r"^batch_(\d{5,})\.(json|parquet|safetensors)$")
-_VARIANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _RESERVED = {"generations", "done"}
 FORMAT_VERSION = 1
 
@@ -410,10 +410,9 @@ class ActivationStore:
 
     @staticmethod
     def _check_variant_name(variant: str) -> None:
-        if not _VARIANT_RE.match(variant) or variant in _RESERVED or ".." in variant:
+        if not is_safe_name(variant) or variant in _RESERVED:
             raise ActivationStoreError(
-                f"variant name {variant!r} is not a safe folder name (letters, digits, '_', '-', '.'; "
-                f"not {sorted(_RESERVED)})"
+                f"variant name {variant!r} is not a safe folder name: use {NAME_RULE}; not {sorted(_RESERVED)}"
             )
 
     @staticmethod

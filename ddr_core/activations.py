@@ -460,14 +460,17 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     and warned. ``lock_wait`` / ``lock_owner``: see :func:`run_capture`.
     """
     from ddr_core.hooks import sae_reducer, spatial_mean
+    from ddr_core.paths import file_inside
     from ddr_core.pipeline import load_pipeline
     from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
     from ddr_core.variants import load_variant_basis
 
+    root = layout.activations_dir(group)  # refuses an unsafe group name before any model is loaded
     model_name, layer_name, prompts_name = project.capture_spec(group)
     variants = project.capture_groups()[group]
     dataset = project.prompt_datasets[prompts_name]
-    prompt_set = load_prompts(layout.prompts_dir(prompts_name) / dataset.file, text_field=dataset.text_field)
+    prompt_file = file_inside(layout.prompts_dir(prompts_name), dataset.file, f"prompt_datasets.{prompts_name}.file")
+    prompt_set = load_prompts(prompt_file, text_field=dataset.text_field)
     if prompt_set.invalid and log:
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
     dtype = resolve_dtype(config.dtype, device)
@@ -484,6 +487,6 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
         sae, actual = load_variant_basis(project, layout, variant, pipe, device)
         reducers[variant] = spatial_mean if sae is None else sae_reducer(sae)
         info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": actual}
-    return run_capture(pipe, layer_name, reducers, prompts, layout.activations_dir(group), layout.data_root,
+    return run_capture(pipe, layer_name, reducers, prompts, root, layout.data_root,
                        config, variant_info=info, log=log, stop_after_batches=stop_after_batches,
                        lock_wait=lock_wait, lock_owner=lock_owner)

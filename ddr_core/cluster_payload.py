@@ -41,7 +41,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
+
+from ddr_core.paths import UnsafePathError, check_name
 
 REPORT_VERSION = 1
 LogFn = Callable[[str], None]
@@ -64,6 +66,14 @@ class StageRequest(BaseModel):
     lock_owner: str = ""
     processes: int = Field(default=1, ge=1, description="ranks (one per GPU) on this node; > 1 runs the stage "
                                                         "under torchrun with that many processes")
+
+    @field_validator("experiment", "invocation_id")
+    @classmethod
+    def _safe_name(cls, value: str, info: Any) -> str:
+        try:  # both name files under <data_root>/outputs/<experiment>/_jobs/
+            return check_name(value, info.field_name)
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class StageFailed(RuntimeError):

@@ -21,19 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ddr_core.paths import UnsafePathError, check_name, check_relative_file
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "ddr.yaml"
 DEFAULT_DATA_ROOT = PROJECT_ROOT / "data"
 DEFAULT_LAYER = "up_blocks.1.attentions.1"
 
-_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+OVERRIDE_STAGES: tuple[str, ...] = ("priors", "dreams")
+"""Stages whose parameters a variant may override (``variants.<v>.overrides.<stage>``)."""
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,11 @@ class GoogleDriveSourceConfig(_Strict):
     file_id: str | None = None
     folder_id: str | None = None
     filename: str | None = None
+
+    @field_validator("filename")
+    @classmethod
+    def _filename_inside(cls, value: str | None) -> str | None:
+        return _relative_inside(value, "filename")
 
     @model_validator(mode="after")
     def _one_id(self) -> GoogleDriveSourceConfig:
@@ -107,12 +114,23 @@ class SourceConfig(_Strict):
 
 
 def _relative_inside(value: str | None, what: str) -> str | None:
+    """A file / folder named inside a provisioned folder (:func:`ddr_core.paths.check_relative_file`)."""
     if value is None:
         return None
-    path = Path(value)
-    if not value.strip() or path.is_absolute() or ".." in path.parts:
-        raise ValueError(f"{what} must be a relative path inside the provisioned folder, got {value!r}")
-    return value
+    try:
+        return check_relative_file(value, what)
+    except UnsafePathError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _name(value: str | None, what: str) -> str | None:
+    """A name that becomes a folder name or partition key (:func:`ddr_core.paths.check_name`)."""
+    if value is None:
+        return None
+    try:
+        return check_name(value, what)
+    except UnsafePathError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class ModelConfig(_Strict):
@@ -136,6 +154,11 @@ class ModelConfig(_Strict):
     @classmethod
     def _classifier_inside(cls, value: str | None) -> str | None:
         return _relative_inside(value, "concept_classifier")
+
+    @field_validator("default_layer")
+    @classmethod
+    def _layer_name(cls, value: str) -> str:
+        return _name(value, "default_layer")  # an SAE folder is named after the layer (unet.<layer>)
 
 
 class SaeSourceConfig(_Strict):
@@ -179,6 +202,11 @@ class PromptDatasetConfig(_Strict):
     description: str = ""
     labels: ConceptLabelsConfig | None = Field(default=None, description="ground-truth concept labels of the prompts")
 
+    @field_validator("file")
+    @classmethod
+    def _file_inside(cls, value: str) -> str:
+        return _relative_inside(value, "file")
+
     @model_validator(mode="after")
     def _label_fields_need_jsonl(self) -> PromptDatasetConfig:
         if self.labels is not None and self.labels.parser is None and not self.file.lower().endswith(
@@ -200,6 +228,20 @@ class VariantConfig(_Strict):
     width: int = Field(description="channels of the layer (raw) or features of the SAE; checked at run time")
     block_size: int = Field(default=64, description="channels per channel-range partition")
     overrides: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-stage parameters")
+
+    @field_validator("capture", "layer")
+    @classmethod
+    def _safe_name(cls, value: str | None, info: Any) -> str | None:
+        return _name(value, info.field_name)
+
+    @field_validator("overrides")
+    @classmethod
+    def _known_stages(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = [stage for stage in value if stage not in OVERRIDE_STAGES]
+        if unknown:
+            raise ValueError(f"overrides: unknown stage(s) {unknown}; a variant may override the parameters of "
+                             f"{list(OVERRIDE_STAGES)}")
+        return value
 
     @field_validator("block_size")
     @classmethod
@@ -237,14 +279,20 @@ class ProjectConfig(_Strict):
     variants: dict[str, VariantConfig]
     default_variants: list[str] = Field(default_factory=list)
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment_name(cls, value: str) -> str:
+        return _name(value, "experiment")
+
+    @field_validator("models", "saes", "prompt_datasets", "variants")
+    @classmethod
+    def _entry_names(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
+        for name in value:
+            _name(name, f"{info.field_name} name")
+        return value
+
     @model_validator(mode="after")
     def _references(self) -> ProjectConfig:
-        for section in ("models", "saes", "prompt_datasets", "variants"):
-            for name in getattr(self, section):
-                if not _NAME_RE.match(name):
-                    raise ValueError(
-                        f"{section}.{name}: names must be lower-case letters, digits, '-', '_' or '.'"
-                    )
         for name, variant in self.variants.items():
             if variant.model not in self.models:
                 raise ValueError(f"variants.{name}.model: unknown model {variant.model!r}; "
@@ -329,10 +377,14 @@ def load_project_config(path: str | Path | None = None) -> ProjectConfig:
         lines = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg']}")
+            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
         raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None
     experiment = os.environ.get("DDR_EXPERIMENT")
     if experiment:
+        try:
+            check_name(experiment, "experiment")
+        except UnsafePathError as exc:
+            raise ConfigError(f"DDR_EXPERIMENT (overrides `experiment` of {path}): {exc}") from None
         config = config.model_copy(update={"experiment": experiment})
     return config
 

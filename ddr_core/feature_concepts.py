@@ -982,6 +982,7 @@ images (and the capture's generations, as the reference) come to the world's ren
         FileNotFoundError: the timestep statistics or the classifier are missing (names what to run).
     """
     from ddr_core.activation_store import ActivationStore
+    from ddr_core.paths import file_inside
     from ddr_core.statistics import read_summary
 
     if variant not in project.variants:
@@ -997,7 +998,8 @@ images (and the capture's generations, as the reference) come to the world's ren
     except FileNotFoundError as error:
         raise FileNotFoundError(f"the timestep statistics of variant {variant!r} are missing ({error}): "
                                 f"materialize timestep_stats[{variant}] first") from None
-    labels = prompt_labels(layout.prompts_dir(spec.prompts) / dataset.file, dataset.labels, dataset.text_field)
+    labels = prompt_labels(file_inside(layout.prompts_dir(spec.prompts), dataset.file,
+                                       f"prompt_datasets.{spec.prompts}.file"), dataset.labels, dataset.text_field)
     store = ActivationStore(layout.activations_dir(project.capture_of(variant)))
     generations = store.read_generations() if store.root.is_dir() else None
     if generations is None and (config or FeatureConceptsConfig()).examples == "peak_all_generations":
@@ -1019,9 +1021,13 @@ images (and the capture's generations, as the reference) come to the world's ren
             paths = [p for p in generations["image_path"].to_list() if p]
             generation_images = load_images(layout.data_root, paths) if paths else None
     if model.concept_classifier:
-        from ddr_core.concept_classifier import load_concept_classifier
+        from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
 
-        classifier = load_concept_classifier(layout.model_dir(spec.model) / model.concept_classifier)
+        field = f"models.{spec.model}.concept_classifier"
+        model_dir = layout.model_dir(spec.model)
+        for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):  # no link out of the model folder, at any level
+            file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
+        classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
     elif log:
         log(f"model {spec.model!r} declares no concept_classifier: prior / dream agreement is skipped")
     return compute_feature_concepts(

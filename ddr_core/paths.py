@@ -21,21 +21,77 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-_EXPERIMENT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+NAME_MAX_LENGTH = 100
+NAME_RULE = (f"1 to {NAME_MAX_LENGTH} lower-case letters, digits, '-', '_' or '.', starting with a letter or "
+             f"digit, without '..' (e.g. 'tiny-raw', 'up_blocks.1.attentions.1')")
+"""The one rule for every name that becomes a folder name or a partition key (models, SAEs, prompt datasets,
+variants, capture groups, experiments, layers, stages, sweeps). It excludes path separators, ``.`` / ``..``
+and ``...`` (Dagster's partition-range separator), ``:`` (the ``<variant>:<first>-<last>`` block-key
+separator), upper case (folders that differ only in case collide on macOS / Windows), whitespace and control
+characters (a ``$`` anchor would let a trailing newline through: the pattern is matched in full)."""
+
+_NAME_RE = re.compile(rf"[a-z0-9][a-z0-9_.-]{{0,{NAME_MAX_LENGTH - 1}}}")
 
 
 class UnsafePathError(ValueError):
     """A path would leave the directory it must stay in."""
 
 
+class UnsafeNameError(UnsafePathError):
+    """A name that becomes a folder name or a partition key breaks :data:`NAME_RULE`."""
+
+
+def is_safe_name(name: object) -> bool:
+    """Whether ``name`` follows :data:`NAME_RULE`."""
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    if len(text) > 60:
+        text = f"{text[:40]}...{text[-10:]} ({len(value) if isinstance(value, str) else '?'} characters)"
+    return text
+
+
+def check_name(name: object, field: str) -> str:
+    """``name`` if it follows :data:`NAME_RULE`, else :class:`UnsafeNameError` naming ``field`` and the value.
+
+    Args:
+        name: the value to check.
+        field: what it is, for the message (e.g. ``variants.tiny-raw.capture``, ``experiment``).
+    """
+    if not is_safe_name(name):
+        raise UnsafeNameError(f"{field} {_shown(name)} is not a safe folder name (names become folder "
+                              f"names and partition keys): use {NAME_RULE}")
+    return name  # type: ignore[return-value]
+
+
 def check_experiment_name(name: str) -> str:
-    if not _EXPERIMENT_RE.match(name) or ".." in name:
-        raise ValueError(
-            f"experiment name {name!r} is not a safe folder name: use letters, digits, '-', '_' or '.'"
-        )
-    return name
+    """An experiment name (a folder under ``outputs/``): :func:`check_name` with the field ``experiment``."""
+    return check_name(name, "experiment")
+
+
+def check_partition_key(key: object, field: str = "partition key") -> str:
+    """A partition key (or a record's partition): safe names joined by ``:``, e.g. ``tiny-raw``,
+    ``tiny-raw:0-15`` (a channel block, see ``ddr_assets.partitions``) or ``tiny-raw:<sweep name>``."""
+    if not (isinstance(key, str) and all(is_safe_name(part) for part in key.split(":"))):
+        raise UnsafeNameError(f"{field} {_shown(key)} is not a partition key: names joined by ':', each "
+                              f"{NAME_RULE}")
+    return key
+
+
+def check_relative_file(value: object, field: str) -> str:
+    """A config path of a file or folder inside a provisioned folder: relative, no ``..``, no backslash, no
+    control characters, not empty nor ``.``. Links are checked where the path is used (:func:`resolve_inside`)."""
+    if isinstance(value, str) and value.strip() and "\\" not in value and not any(
+            ord(c) < 32 or ord(c) == 127 for c in value):
+        path = PurePosixPath(value)
+        if not path.is_absolute() and path.parts and not any(part in (".", "..") for part in path.parts):
+            return value
+    raise UnsafePathError(f"{field} {_shown(value)} must be a relative path inside the provisioned folder "
+                          f"(no leading '/', no '..', no backslash, no control characters), e.g. 'prompts.jsonl'")
 
 
 def resolve_inside(root: Path, relative: str | Path) -> Path:
@@ -45,6 +101,21 @@ def resolve_inside(root: Path, relative: str | Path) -> Path:
     if candidate != root and root not in candidate.parents:
         raise UnsafePathError(f"path {str(relative)!r} escapes {root}")
     return candidate
+
+
+def file_inside(folder: Path, relative: str, field: str) -> Path:
+    """The file / folder ``relative`` (a config field) inside ``folder``, resolved; links included, it must
+    stay inside (a link in a provisioned folder must not make another file's content pass for it).
+
+    Raises:
+        UnsafePathError: naming ``field``, the value and the folder.
+    """
+    check_relative_file(relative, field)
+    try:
+        return resolve_inside(folder, relative)
+    except UnsafePathError:
+        raise UnsafePathError(f"{field} {_shown(relative)} leads outside {Path(folder).resolve()} (through a "
+                              f"link); re-provision the folder or name a file inside it") from None
 
 
 @dataclass(frozen=True)
@@ -64,13 +135,13 @@ class DataLayout:
         return self.data_root / "assets"
 
     def model_dir(self, model: str) -> Path:
-        return self.assets_dir / "models" / model
+        return self.assets_dir / "models" / check_name(model, "model")
 
     def sae_dir(self, sae: str) -> Path:
-        return self.assets_dir / "saes" / sae
+        return self.assets_dir / "saes" / check_name(sae, "SAE")
 
     def prompts_dir(self, dataset: str) -> Path:
-        return self.assets_dir / "prompts" / dataset
+        return self.assets_dir / "prompts" / check_name(dataset, "prompt dataset")
 
     @property
     def provisioning_records_dir(self) -> Path:
@@ -88,10 +159,12 @@ class DataLayout:
         return self.outputs_dir / "_records"
 
     def stage_dir(self, stage: str, key: str) -> Path:
-        return self.outputs_dir / stage / key
+        """``outputs/<experiment>/<stage>/<key>``; both must be safe names (:func:`check_name`), so a
+        configuration built in code, not loaded, cannot point a stage outside the data root either."""
+        return self.outputs_dir / check_name(stage, "stage") / check_name(key, f"{stage} partition")
 
     def activations_dir(self, capture: str) -> Path:
-        return self.stage_dir("activations", capture)
+        return self.outputs_dir / "activations" / check_name(capture, "capture group")
 
     def timestep_stats_dir(self, variant: str) -> Path:
         return self.stage_dir("timestep_stats", variant)

@@ -23,7 +23,14 @@ class MissingUpstreamError(RuntimeError):
 
 
 def record_path(records_dir: Path, asset: str, partition: str | None) -> Path:
-    return Path(records_dir) / asset / f"{partition or '__unpartitioned__'}.json"
+    """``<records_dir>/<asset>/<partition>.json``; the asset must be a safe name and the partition a name or a
+    channel block (:func:`ddr_core.paths.check_partition_key`), so a record never lands outside its folder."""
+    from ddr_core.paths import check_name, check_partition_key
+
+    check_name(asset, "asset")
+    if partition is None:
+        return Path(records_dir) / asset / "__unpartitioned__.json"
+    return Path(records_dir) / asset / f"{check_partition_key(partition, f'partition of {asset}')}.json"
 
 
 def make_record(asset: str, partition: str | None, code_version: str, config: dict[str, Any],

@@ -342,6 +342,16 @@ def _is_sae_folder(path: Path) -> bool:
     return (path / CONFIG_FILENAME).is_file()
 
 
+def _inside(root: Path, folder: Path) -> Path:
+    """``folder``, after checking that it and the SAE files in it resolve inside ``root`` (no link out)."""
+    from ddr_core.paths import file_inside
+
+    relative = folder.relative_to(root).as_posix()
+    for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
+        file_inside(root, name if relative == "." else f"{relative}/{name}", f"SAE file {name} of {root}")
+    return folder
+
+
 def find_sae_folder(root: str | Path, layer_name: str) -> Path:
     """Locate the SAE folder for a UNet layer.
 
@@ -351,22 +361,27 @@ def find_sae_folder(root: str | Path, layer_name: str) -> Path:
 
     Raises:
         SaeFormatError: when not found, listing the SAE folders that do exist under ``root``.
+        ddr_core.paths.UnsafePathError: ``layer_name`` is not a safe name, or the folder found (or its
+            ``cfg.json`` / ``sae.safetensors``) is a link leading outside ``root``.
     """
+    from ddr_core.paths import check_name
+
+    check_name(layer_name, "layer")  # the folder is named after it: no '/', '..', absolute path
     root = Path(root)
     if not root.is_dir():
         raise SaeFormatError(f"SAE root {root} does not exist; re-provision the SAE checkpoints.")
     names = [FOLDER_PREFIX + layer_name, layer_name]
     if root.name in names and _is_sae_folder(root):
-        return root
+        return _inside(root, root)
     candidates = [root / name for name in names]
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
         candidates.extend(child / name for name in names)
     for candidate in candidates:
         if _is_sae_folder(candidate):
-            return candidate
+            return _inside(root, candidate)
     if _is_sae_folder(root) and not any(p.is_dir() for p in root.iterdir()):
         # A bare folder whose name does not say which layer it is for: accept it as-is.
-        return root
+        return _inside(root, root)
     found = sorted(
         str(path.parent.relative_to(root)) or "."
         for path in list(root.glob(CONFIG_FILENAME))

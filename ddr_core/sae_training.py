@@ -651,8 +651,10 @@ def save_trained_sae(result: SaeTrainingResult, out_root: str | Path, layer_name
                      extra: dict[str, Any] | None = None) -> Path:
     """Write ``<out_root>/unet.<layer>/`` (SAeUron format) and ``<out_root>/training_report.json``;
     returns the SAE folder."""
+    from ddr_core.paths import check_name
+
     out_root = Path(out_root)
-    folder = save_sae(result.sae, out_root / f"{FOLDER_PREFIX}{layer_name}")
+    folder = save_sae(result.sae, out_root / f"{FOLDER_PREFIX}{check_name(layer_name, 'layer')}")
     atomic_write_json(out_root / REPORT_FILENAME, {"layer": layer_name, **result.report, **(extra or {})})
     return folder
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from ddr_core.dreams import (
     run_dreams,
     timestep_dir_name,
 )
+from ddr_core.paths import UnsafePathError, check_name
 
 LogFn = Callable[[str], None]
 SWEEPS_STAGE = "dream_sweeps"
@@ -59,7 +59,6 @@ SETTINGS_FILE = "settings.json"
 COMPARISON_FILE = "comparison.parquet"
 DATABASE_FILE = "comparison.duckdb"
 SETTINGS_FORMAT = "ddr.dream_sweeps/1"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 FINAL_STATS: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
 MEASURED_COLUMNS: dict[str, Any] = {
     "final_activation": pl.Float64,
@@ -101,7 +100,7 @@ class SweepConfig(BaseModel):
     )
     base: dict[str, Any] = Field(default_factory=dict,
                                  description="DreamConfig overrides shared by every setting, e.g. {num_steps: 50}")
-    name: str = Field("sweep", description="sweep folder name (letters, digits, '-', '_', '.')")
+    name: str = Field("sweep", description="sweep folder name (lower-case letters, digits, '-', '_', '.')")
     sheet_cell_size: int = Field(160, ge=32, le=1024, description="pixels per image in the contact sheets")
 
     @field_validator("channels")
@@ -116,9 +115,10 @@ class SweepConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _NAME_RE.match(value) or ".." in value:
-            raise ValueError(f"name {value!r} is not a safe folder name: use letters, digits, '-', '_' or '.'")
-        return value
+        try:
+            return check_name(value, "name")
+        except UnsafePathError as exc:
+            raise ValueError(str(exc)) from None
 
     @field_validator("grid")
     @classmethod
@@ -174,8 +174,8 @@ def expand_grid(grid: dict[str, Sequence[Any]]) -> list[dict[str, Any]]:
 
 
 def sweep_dir(layout: Any, name: str, variant: str) -> Path:
-    """``<outputs>/dream_sweeps/<name>/<variant>``."""
-    return layout.outputs_dir / SWEEPS_STAGE / name / variant
+    """``<outputs>/dream_sweeps/<name>/<variant>``; both must be safe names (:func:`~ddr_core.paths.check_name`)."""
+    return layout.outputs_dir / SWEEPS_STAGE / check_name(name, "sweep name") / check_name(variant, "variant")
 
 
 def setting_dir(root: Path, index: int) -> Path:

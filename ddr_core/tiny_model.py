@@ -267,7 +267,9 @@ def build_tiny_sae(
     # Sae() runs nn.Linear's default init on the global RNG before Sae.random overwrites it.
     with _seeded(seed):
         sae = Sae.random(d_in=width, num_latents=width * expansion_factor, k=k, seed=seed)
-    folder = Path(out_root) / f"unet.{layer_name}"
+    from ddr_core.paths import check_name
+
+    folder = Path(out_root) / f"unet.{check_name(layer_name, 'layer')}"
     return Path(save_sae(sae, folder))
 
 

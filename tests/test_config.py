@@ -134,3 +134,139 @@ def test_label_and_classifier_fields_are_validated(tmp_path):
     data = _base()
     data["prompt_datasets"]["tiny-prompts"]["labels"] = {"families": ["colour", "shape"], "parser": "toy-world"}
     assert "tiny-raw" in load_project_config(_write(tmp_path, data)).labelled_variants()
+
+
+# --- one naming rule for every name that becomes a folder or a partition key ----------------------------
+
+HOSTILE_NAMES = ["/tmp/x", "../x", "a/b", "a:b", ".", "..", "", "x\n", "a" * 101, "a...b", "Tiny", "a b"]
+
+
+def _rename(section: str, old: str):
+    def apply(data: dict, bad: str) -> None:
+        data[section][bad] = data[section].pop(old)
+    return apply
+
+
+def _set(*keys: str):
+    def apply(data: dict, bad: str) -> None:
+        target = data
+        for key in keys[:-1]:
+            target = target[key]
+        target[keys[-1]] = bad
+    return apply
+
+
+NAME_FIELDS = {  # kind -> (how to put the hostile name in the config, the field the error must name)
+    "model": (_rename("models", "sd-v1-4"), "models name"),
+    "sae": (_rename("saes", "saeuron"), "saes name"),
+    "prompt dataset": (_rename("prompt_datasets", "unlearn-canvas"), "prompt_datasets name"),
+    "variant": (_rename("variants", "sd14-raw"), "variants name"),
+    "capture group": (_set("variants", "tiny-raw", "capture"), "variants.tiny-raw.capture"),
+    "variant layer": (_set("variants", "tiny-raw", "layer"), "variants.tiny-raw.layer"),
+    "model default_layer": (_set("models", "tiny", "default_layer"), "models.tiny.default_layer"),
+    "experiment": (_set("experiment"), "experiment"),
+}
+
+
+@pytest.mark.parametrize("bad", HOSTILE_NAMES, ids=repr)
+@pytest.mark.parametrize("kind", sorted(NAME_FIELDS))
+def test_every_name_that_becomes_a_path_is_checked_at_load(tmp_path, kind, bad):
+    """Names become folders (``activations/<capture>``, ``assets/models/<model>``, ``unet.<layer>``) and
+    partition keys (``<variant>:<first>-<last>``): a hostile one is refused when the config is loaded, the
+    error naming the field, the value, the file and the allowed form."""
+    from ddr_core.paths import NAME_RULE
+
+    put, field = NAME_FIELDS[kind]
+    data = _base()
+    put(data, bad)
+    path = _write(tmp_path, data)
+    assert yaml.safe_load(path.read_text()) == data  # the hostile value survives the YAML round trip
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    message = str(error.value)
+    assert str(path) in message and field in message and NAME_RULE in message, message
+    assert (repr(bad) if len(bad) < 40 else "(101 characters)") in message, message
+
+
+def test_experiment_from_the_environment_follows_the_same_rule(monkeypatch):
+    for bad in ("../x", "/tmp/x", "x\n", "a:b", "a" * 101):
+        monkeypatch.setenv("DDR_EXPERIMENT", bad)
+        with pytest.raises(ConfigError, match=r"DDR_EXPERIMENT.*not a safe folder name"):
+            load_project_config()
+
+
+def test_good_names_still_load(tmp_path):
+    data = _base()
+    data["variants"]["tiny-raw"]["capture"] = "tiny.raw_only-1"
+    data["experiment"] = "run_2.a-b"
+    cfg = load_project_config(_write(tmp_path, data))
+    assert cfg.capture_of("tiny-raw") == "tiny.raw_only-1" and cfg.experiment == "run_2.a-b"
+
+
+def test_overrides_name_known_stages_only(tmp_path):
+    data = _base()
+    data["variants"]["tiny-sae"]["overrides"]["../dreams"] = {"num_steps": 2}
+    with pytest.raises(ConfigError, match=r"variants.tiny-sae.overrides.*unknown stage.*\['priors', 'dreams'\]"):
+        load_project_config(_write(tmp_path, data))
+
+
+@pytest.mark.parametrize("bad", ["/tmp/x", "../x", "a/b", "a:b", ".", "..", "", "x\n", "a" * 101])
+def test_layout_refuses_unsafe_names_even_from_a_config_built_in_code(tmp_path, bad):
+    """Defence in depth: a ProjectConfig copied with ``model_copy(update=...)`` (not validated) still cannot
+    point a layout path outside the data root."""
+    layout = DataLayout(tmp_path)
+    for make in (layout.model_dir, layout.sae_dir, layout.prompts_dir, layout.activations_dir,
+                 layout.timestep_stats_dir, layout.activity_plots_dir, lambda name: layout.stage_dir("dreams", name),
+                 lambda name: layout.stage_dir(name, "tiny-raw")):
+        with pytest.raises(UnsafePathError, match="not a safe folder name"):
+            make(bad)
+
+
+def test_records_stay_in_their_folder(tmp_path):
+    from ddr_core.records import record_path
+
+    assert record_path(tmp_path, "dreams", "tiny-raw:0-15") == tmp_path / "dreams" / "tiny-raw:0-15.json"
+    assert record_path(tmp_path, "dream_sweeps", "tiny-raw:tv") == tmp_path / "dream_sweeps" / "tiny-raw:tv.json"
+    for asset, partition in (("dreams", "../../x"), ("dreams", "/tmp/x"), ("../x", "tiny-raw"), ("dreams", "x\n")):
+        with pytest.raises(UnsafePathError):
+            record_path(tmp_path, asset, partition)
+
+
+# --- files named inside provisioned folders -----------------------------------------------------------
+
+FILE_FIELDS = {
+    "prompt file": (("prompt_datasets", "tiny-prompts", "file"), "prompt_datasets.tiny-prompts.file"),
+    "concept classifier": (("models", "toy-world", "concept_classifier"), "models.toy-world.concept_classifier"),
+    "gdrive filename": (("prompt_datasets", "unlearn-canvas", "source", "gdrive", "filename"),
+                        "prompt_datasets.unlearn-canvas.source.gdrive.filename"),
+}
+
+
+@pytest.mark.parametrize("bad", ["/etc/passwd", "../other/prompts.jsonl", "a/../../b.jsonl", "", ".", "a\\..\\b",
+                                 "x\n.jsonl"], ids=repr)
+@pytest.mark.parametrize("kind", sorted(FILE_FIELDS))
+def test_files_named_by_the_config_stay_inside_their_folder(tmp_path, kind, bad):
+    keys, field = FILE_FIELDS[kind]
+    data = _base()
+    _set(*keys)(data, bad)
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    message = str(error.value)
+    assert str(path) in message and field in message and "relative path inside the provisioned folder" in message
+
+
+def test_file_inside_refuses_a_link_out_of_the_folder(tmp_path):
+    from ddr_core.paths import file_inside
+
+    folder, outside = tmp_path / "prompts" / "p", tmp_path / "outside"
+    folder.mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text('{"text": "secret"}\n')
+    (folder / "prompts.jsonl").symlink_to(outside / "secret.jsonl")
+    (folder / "sub").symlink_to(outside, target_is_directory=True)
+    (folder / "real.jsonl").write_text('{"text": "a"}\n')
+    assert file_inside(folder, "real.jsonl", "file") == (folder / "real.jsonl").resolve()
+    for relative in ("prompts.jsonl", "sub/secret.jsonl", "sub"):
+        with pytest.raises(UnsafePathError, match=r"prompt_datasets.p.file .*leads outside"):
+            file_inside(folder, relative, "prompt_datasets.p.file")
