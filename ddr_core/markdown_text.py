@@ -22,6 +22,9 @@ from typing import Any
 
 _ASCII_PUNCTUATION = re.compile("([" + re.escape(string.punctuation) + "])")
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+WORD_JOINER = "\u2060"  # invisible, no line break: splits what GFM's literal autolinks look for
+# In the escaped text: the ``:`` of ``scheme://``, the ``.`` of ``www.`` and every ``@`` (e-mail).
+_AUTOLINK_TRIGGER = re.compile(r"\\:(?=\\/)|(?i:(?<=www)\\\.)|\\@")
 
 
 def escape_markdown(text: Any) -> str:
@@ -30,15 +33,21 @@ def escape_markdown(text: Any) -> str:
     Every ASCII punctuation character is backslash-escaped: CommonMark (and GFM, Dagster's and
     Streamlit's renderers with it) shows ``\\x`` as ``x`` for each of them, so the rendered text is
     exactly the input while nothing in it can be markup: images and links (``![``, ``[``, ``](``),
-    autolinks (``<http://...>``, and GFM's bare ``http://``, ``www.`` and e-mail autolinks, broken by
-    the escaped ``:``, ``.`` and ``@``), raw HTML tags, comments and entities (``<``, ``>``, ``&``), code
+    autolinks (``<http://...>``), raw HTML tags, comments and entities (``<``, ``>``, ``&``), code
     spans (a backtick), emphasis (``*``, ``_``, ``~``), headings (``#``), lists (``-``, ``+``, ``1.``),
-    quotes (``>``), table cell separators (``|``), Streamlit's ``:emoji:`` / ``:red[...]`` directives
-    (``:``, ``[``) and ``$`` math. Line breaks become spaces, so the text cannot start a new block (a
+    quotes (``>``), table cell separators (``|``), Streamlit's ``:red[...]`` directives (``[``) and
+    ``$`` math (Streamlit still turns a ``:smile:`` shortcode into its emoji, a text-level transform). Line breaks become spaces, so the text cannot start a new block (a
     heading, list, table row or code block) or end the table row it sits in.
+
+    GFM's literal autolinks (a bare ``http://...``, ``www.`` or e-mail address becomes a link) are made
+    by remark-gfm (Streamlit's renderer; react-markdown renderers such as Dagster's UI use it too) in
+    the text AFTER escapes are resolved, so
+    escaping cannot stop them: an invisible :data:`WORD_JOINER` (U+2060) goes before the ``:`` of
+    ``scheme://``, the ``.`` of ``www.`` and every ``@``; the text reads the same and is not a link.
     """
     one_line = _LINE_BREAK.sub(" ", str(text))
-    return _ASCII_PUNCTUATION.sub(r"\\\1", one_line)
+    escaped = _ASCII_PUNCTUATION.sub(r"\\\1", one_line)
+    return _AUTOLINK_TRIGGER.sub(lambda match: WORD_JOINER + match.group(0), escaped)
 
 
 def markdown_code_block(text: str, language: str = "") -> str:

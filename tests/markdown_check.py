@@ -2,8 +2,9 @@
 
 :func:`live_markup` parses with markdown-it-py (CommonMark + GFM tables and strikethrough, raw HTML on,
 like Dagster's and Streamlit's renderers) and lists every image, link and raw HTML it finds, plus the
-bare ``http://`` / ``www.`` / e-mail autolinks that GFM would add (looked for in the raw source of
-each inline run, since CommonMark leaves them as text). :func:`rendered_text` is the text a reader sees.
+bare ``http://`` / ``www.`` / e-mail autolinks that GFM would add (CommonMark leaves them as text:
+looked for in the raw source of each inline run, as micromark does, and in its text with the escapes
+resolved, as remark-gfm does in Streamlit and react-markdown). :func:`rendered_text` is the text a reader sees.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import re
 from markdown_it import MarkdownIt
 
 _MD = MarkdownIt("commonmark").enable(["table", "strikethrough"])
-_GFM_AUTOLINK = re.compile(r"(?i)(?:https?://|www\.)\S*|[A-Za-z0-9._+-]+(?<!\\)@[A-Za-z0-9-]+\.[A-Za-z]")
+# GFM literal autolinks: found by micromark / cmark-gfm in the raw source and by remark-gfm (Streamlit,
+# react-markdown) in the text after escapes are resolved, so both are searched.
+_GFM_AUTOLINK = re.compile(r"(?i)(?:https?://|ftp://|www\.)\S*|[A-Za-z0-9._+-]+(?<!\\)@[A-Za-z0-9-]+\.[A-Za-z]")
+_REMARK_AUTOLINK = re.compile(r"(?i)(?:https?://|www(?=\.))[-.\w]+\S*|[-.\w+]+@[-\w]+(?:\.[-\w]+)+")
+WORD_JOINER = "\u2060"
 
 # A hostile prompt for each kind of markup (the "attacker" host names the viewer's browser must not fetch).
 HOSTILE = [
@@ -37,8 +42,11 @@ def live_markup(markdown: str) -> list[str]:
     for token in _MD.parse(markdown):
         if token.type == "html_block":
             found.append(f"html {token.content}")
-        if token.type == "inline":  # its raw source: GFM autolinks are made there (not in code blocks)
+        if token.type == "inline":  # not in code blocks: GFM makes no autolinks there
             found += [f"autolink {match}" for match in _GFM_AUTOLINK.findall(token.content)]
+            # the resolved text of each run between links/images/HTML (inline code is not linked either)
+            runs = "".join(c.content if c.type == "text" else "\0" for c in token.children or [])
+            found += [f"autolink (text) {match}" for match in _REMARK_AUTOLINK.findall(runs)]
         for child in token.children or []:
             if child.type == "image":
                 found.append(f"image {child.attrGet('src')}")
@@ -50,6 +58,7 @@ def live_markup(markdown: str) -> list[str]:
 
 
 def rendered_text(markdown: str) -> str:
-    """The text a reader sees (tags dropped, entities decoded, whitespace collapsed)."""
-    text = html.unescape(re.sub(r"<[^>]*>", " ", _MD.render(markdown)))
+    """The text a reader sees (tags dropped, entities decoded, invisible word joiners dropped,
+    whitespace collapsed)."""
+    text = html.unescape(re.sub(r"<[^>]*>", " ", _MD.render(markdown))).replace(WORD_JOINER, "")
     return " ".join(text.split())
