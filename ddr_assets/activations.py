@@ -23,6 +23,7 @@ from ddr_assets.partitions import (
 )
 from ddr_core.activations import CaptureConfig
 from ddr_core.config import config_hash
+from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import resolve_inside
 from ddr_core.records import make_record, read_record, write_record
 
@@ -52,7 +53,9 @@ def image_preview(paths: list[Path], size: int = 96) -> dg.MetadataValue:
             image.thumbnail((size, size))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-        cells.append(f"![{path.name}](data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()})")
+        # the alt text is a file name (data): escaped; the URL is the data URL made here
+        encoded = base64.b64encode(buffer.getvalue()).decode()
+        cells.append(f"![{escape_markdown(path.name)}](data:image/png;base64,{encoded})")
     return dg.MetadataValue.md(" ".join(cells) if cells else "_(no images)_")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import dagster as dg
 
 from ddr_core.config import config_hash
+from ddr_core.markdown_text import escape_markdown, markdown_code_block
 
 
 def lineage_metadata(config: dict[str, Any], upstream: dict[str, str], code_version: str) -> dict[str, Any]:
@@ -26,20 +27,25 @@ def path_metadata(path: Path) -> dg.MetadataValue:
 
 
 def table_preview(rows: list[dict[str, Any]], limit: int = 20) -> dg.MetadataValue:
-    """A markdown table of the first rows (Dagster renders it in the asset's metadata)."""
+    """A markdown table of the first rows (Dagster renders it in the asset's metadata).
+
+    Column names and every cell but a float (prompts, labels, paths: data) go through
+    :func:`~ddr_core.markdown_text.escape_markdown`, so they show as text, never as links or images.
+    """
     rows = rows[:limit]
     if not rows:
         return dg.MetadataValue.md("_(empty)_")
     columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(escape_markdown(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
         for c in columns:
             v = row.get(c)
-            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v).replace("|", "\\|"))
+            cells.append(f"{v:.4g}" if isinstance(v, float) else escape_markdown(v))
         lines.append("| " + " | ".join(cells) + " |")
     return dg.MetadataValue.md("\n".join(lines))
 
 
 def json_md(payload: Any) -> dg.MetadataValue:
-    return dg.MetadataValue.md("```json\n" + json.dumps(payload, indent=2, default=str) + "\n```")
+    """``payload`` as a JSON code block (its strings cannot close the block)."""
+    return dg.MetadataValue.md(markdown_code_block(json.dumps(payload, indent=2, default=str), "json"))

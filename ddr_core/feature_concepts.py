@@ -77,6 +77,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddr_core.atomic import atomic_dir, atomic_write_json
 from ddr_core.config import PROJECT_ROOT, ConceptLabelsConfig, config_hash
+from ddr_core.markdown_text import escape_markdown
 
 LogFn = Callable[[str], None]
 FORMAT = "ddr.feature_concepts/1"
@@ -940,7 +941,11 @@ def baseline_entry(summary: dict[str, Any], figures: Sequence[str] | None = None
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A small markdown table (floats to 3 decimals, None as a dash)."""
+    """A small markdown table (floats to 3 decimals, None as a dash).
+
+    Column names and every other cell (variant names, concept labels: data) go through
+    :func:`~ddr_core.markdown_text.escape_markdown`, so they show as text, never as links or images.
+    """
     if not rows:
         return "_(none)_"
     columns = list(rows[0])
@@ -950,9 +955,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
             return "-"
         if isinstance(value, float):
             return f"{value:.3f}"
-        return str(value).replace("|", "\\|")
+        return escape_markdown(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = ["| " + " | ".join(escape_markdown(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -21,12 +21,19 @@ value), and the channels can be sorted by purity.
 Shards come from ``representation/<variant>/channel_<c>.json`` (built in memory from the upstream
 stages when the representation stage has not run). Every file is opened through
 :func:`ddr_core.representation.resolve_file`, so a path in a shard cannot leave the data root.
+
+Text from the data (prompts, concept labels, variant names, file names, failure messages) is shown as
+text: prompts with ``st.text`` (no Markdown at all), and wherever Streamlit renders Markdown (markdown,
+captions, headings, alerts, image captions, button labels) through
+:func:`ddr_core.markdown_text.escape_markdown`, so a prompt like ``![x](http://attacker/...)`` is never
+an image the browser fetches, nor a link.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +43,7 @@ import pandas as pd
 import streamlit as st
 
 from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
+from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -71,8 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def dagster_asset_url(asset: str = "representation_shards") -> str:
-    base = os.environ.get("DDR_DAGSTER_URL", DEFAULT_DAGSTER_URL).rstrip("/")
+DAGSTER_URL_PATTERN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~%/-]*)?")
+
+
+def dagster_asset_url(asset: str = "representation_shards") -> str | None:
+    """The Dagster UI page of ``asset`` under ``$DDR_DAGSTER_URL`` (default http://127.0.0.1:3000).
+
+    ``None`` when the variable is not a plain ``http(s)://host[:port][/path]`` URL: it goes into a
+    Markdown link, so nothing that could end the link or add markup is accepted.
+    """
+    base = os.environ.get("DDR_DAGSTER_URL", DEFAULT_DAGSTER_URL).strip().rstrip("/")
+    if not DAGSTER_URL_PATTERN.fullmatch(base):
+        return None
     return f"{base}/assets/{asset}"
 
 
@@ -115,13 +133,16 @@ def cached_feature_concepts(data_root: str, experiment: str, variant: str,
 
 
 def show_image(layout: DataLayout, relative: str | None, caption: str | None = None, what: str = "image") -> bool:
-    """Show the image ``relative`` (below the data root) or a warning naming why it cannot be shown."""
+    """Show the image ``relative`` (below the data root) or a warning naming why it cannot be shown.
+
+    The caption and the warning (which names the path from the shard) are escaped Markdown.
+    """
     try:
         path = resolve_file(layout.data_root, relative, what)
     except ShardFileError as error:
-        st.warning(str(error))
+        st.warning(escape_markdown(error))
         return False
-    st.image(str(path), caption=caption, width="stretch")
+    st.image(str(path), caption=None if caption is None else escape_markdown(caption), width="stretch")
     return True
 
 
@@ -207,8 +228,8 @@ def render_visualisation(layout: DataLayout, shard: dict[str, Any], current: int
     section = runs.get(run) or next(iter(runs.values()))
     results = [r for r in section["results"] if r["timestep"] == current]
     if not results:
-        st.info(f"No visualisation at timestep {current}. Visualised timesteps of this run: "
-                f"{sorted({r['timestep'] for r in section['results']}, reverse=True)}")
+        st.info(escape_markdown(f"No visualisation at timestep {current}. Visualised timesteps of this run: "
+                                f"{sorted({r['timestep'] for r in section['results']}, reverse=True)}"))
         return
     seeds = [r["seed"] for r in results]
     if st.session_state.get("dream_seed") not in seeds:
@@ -226,11 +247,11 @@ def render_visualisation(layout: DataLayout, shard: dict[str, Any], current: int
         label, image, stats = "final result", result["image"], result["final_stats"]
     col_stats, col_image = st.columns([1, 2])
     with col_image:
-        st.subheader(label)
+        st.subheader(escape_markdown(label))
         show_image(layout, image, caption=f"channel {shard['channel']}, t={current}, seed {seed}", what="dream image")
     with col_stats:
         if result["failed"]:
-            st.error(f"optimisation failed: {result['failure_reason']}")
+            st.error(f"optimisation failed: {escape_markdown(result['failure_reason'])}")
         activation = stats.get("activation") if stats else None
         if position >= len(steps) and result["final_activation"] is not None:
             activation = result["final_activation"]
@@ -251,7 +272,7 @@ def render_examples(layout: DataLayout, shard: dict[str, Any], current: int) -> 
         return
     examples = [e for e in shard["examples"] if e["timestep"] == at]
     note = "" if at == current else f" (nearest observed timestep to {current})"
-    st.markdown(f"**{len(examples)} dataset examples at timestep {at}{note}**")
+    st.markdown(f"**{len(examples)} dataset examples at timestep {escape_markdown(at)}{escape_markdown(note)}**")
     columns = st.columns(3)
     for i, example in enumerate(examples):
         with columns[i % 3]:
@@ -259,7 +280,7 @@ def render_examples(layout: DataLayout, shard: dict[str, Any], current: int) -> 
             show_image(layout, example["image"], what="dataset example image",
                        caption=f"#{example['rank'] + 1} - activation "
                                f"{'n/a' if activation is None else f'{activation:.3f}'}")
-            st.caption(example["prompt"] or "")
+            st.text(example["prompt"] or "")  # a prompt is data: plain text, never Markdown
 
 
 def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
@@ -268,10 +289,10 @@ def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
         st.info("No priors for this channel (run the priors stage).")
         return
     if priors["status"] != "done":
-        st.info(f"Priors skipped: {priors.get('reason')} - {priors.get('message') or ''}")
+        st.info(escape_markdown(f"Priors skipped: {priors.get('reason')} - {priors.get('message') or ''}"))
         return
     st.markdown(f"**{len(priors['images'])} priors** (empty prompt, steered at {len(priors['steered_timesteps'])} "
-                f"timesteps: {priors['steered_timesteps'][:12]})")
+                f"timesteps: {escape_markdown(priors['steered_timesteps'][:12])})")
     columns = st.columns(4)
     for i, item in enumerate(priors["images"]):
         with columns[i % 4]:
@@ -283,7 +304,10 @@ def _share(value: Any) -> str:
 
 
 def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> str:
-    """One markdown line with a channel's ground-truth labels (see the module docstring)."""
+    """One markdown line with a channel's ground-truth labels (see the module docstring).
+
+    Family names and concept values come from the data: escaped, only the bold markers are Markdown.
+    """
     families = summary.get("families", [])
     if row is None:
         return "**Ground truth**: this channel is not in the feature_concepts table."
@@ -293,10 +317,11 @@ def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> st
                 + (f", needs {needed})" if needed else ")"))
     timestep = row.get("examples_timestep")
     where = "" if timestep is None or pd.isna(timestep) else f" at t={int(timestep)}"
-    verdict = f"selective for {row['concept']}" if row.get("concept") else "not selective"
+    verdict = f"selective for {escape_markdown(row['concept'])}" if row.get("concept") else "not selective"
     head = f"**Ground truth** ({int(row['n_labelled'])} labelled top prompts{where}): {verdict} ·"
-    parts = [f"{family} **{row[f'dominant_{family}']}** (purity {_share(row[f'purity_{family}'])}, "
-             f"chance {_share(row[f'chance_purity_{family}'])}, q {_share(row.get(f'q_{family}'))})"
+    parts = [f"{escape_markdown(family)} **{escape_markdown(row[f'dominant_{family}'])}** "
+             f"(purity {_share(row[f'purity_{family}'])}, chance {_share(row[f'chance_purity_{family}'])}, "
+             f"q {_share(row.get(f'q_{family}'))})"
              for family in families]
     for source, label in CONCEPT_SOURCES.items():
         count = row.get(f"n_{source}_images")
@@ -305,7 +330,8 @@ def ground_truth_text(row: dict[str, Any] | None, summary: dict[str, Any]) -> st
         if not count:
             parts.append(f"{label}: none")
             continue
-        agreement = ", ".join(f"{family} {_share(row.get(f'{source}_agreement_{family}'))}" for family in families)
+        agreement = ", ".join(f"{escape_markdown(family)} {_share(row.get(f'{source}_agreement_{family}'))}"
+                              for family in families)
         recognisable = row.get(f"{source}_recognisable")
         look = "" if recognisable is None or pd.isna(recognisable) else f", {_share(recognisable)} recognisable"
         parts.append(f"{label} agree: {agreement} ({int(count)} images{look})")
@@ -347,7 +373,7 @@ def main() -> None:
     st.title("ddr inspector")
     variants = list_variants(layout)
     if not variants:
-        st.error(f"No timestep statistics or representation found under {layout.outputs_dir}. "
+        st.error(f"No timestep statistics or representation found under {escape_markdown(layout.outputs_dir)}. "
                  "Materialize timestep_stats (and representation_shards) first, or pass --data-root / "
                  "--experiment.")
         st.stop()
@@ -386,7 +412,7 @@ def main() -> None:
         st.divider()
         st.subheader("Go to")
         for peak in shard["peaks"]:
-            st.button(f"Peak #{peak['rank'] + 1}: t={peak['timestep']} (height {peak['height']:.2f})",
+            st.button(f"Peak #{peak['rank'] + 1}: t={escape_markdown(peak['timestep'])} (height {peak['height']:.2f})",
                       key=f"peak_{peak['rank']}", on_click=set_timestep, args=(peak["timestep"],))
         with_data = shard["timesteps_with_data"]
         if with_data:
@@ -400,16 +426,21 @@ def main() -> None:
         with st.expander("View options"):
             profile_height = st.slider("Activity chart height (px)", 150, 1000, 320, 10, key="profile_height")
             max_height = st.slider("Max-activation chart height (px)", 100, 800, 220, 10, key="max_height")
-        st.markdown(f"[Open `representation_shards` in the Dagster UI]({dagster_asset_url()})")
+        dagster_url = dagster_asset_url()
+        if dagster_url is None:
+            st.warning("DDR_DAGSTER_URL is not a plain http(s)://host[:port][/path] URL; no link to the Dagster UI "
+                       "is shown. Fix the variable (e.g. `http://127.0.0.1:3000`).")
+        else:
+            st.markdown(f"[Open `representation_shards` in the Dagster UI]({dagster_url})")
 
     current = int(st.session_state["timestep"])
     summary = shard["summary"]
-    st.caption(
+    st.caption(escape_markdown(
         f"{variant} · channel {channel} · t={current} · total frequency {summary.get('total_frequency') or 0:.3f} · "
         f"active timesteps {summary.get('n_active_timesteps')} · peaks {[p['timestep'] for p in shard['peaks']]}"
-    )
+    ))
     for error in shard.get("errors", []):
-        st.warning(f"{error['what']} {error['file']!r}: {error['problem']}")
+        st.warning(escape_markdown(f"{error['what']} {error['file']!r}: {error['problem']}"))
     if concepts is not None:
         table, concept_summary = concepts
         rows = table[table["channel"] == channel].to_dict("records")

@@ -12,8 +12,10 @@ Guarantees, whatever the source:
 * A partial or damaged copy (missing files, a leftover ``.part``, a wrong size, a file changed on
   disk since it was provisioned) re-fetches only what is missing or wrong, and reports it.
 
-HTTP uses only :mod:`urllib.request`. A Hugging Face token is read from ``HF_TOKEN``, sent only to the
-hub's own host (never forwarded to a CDN on redirect) and never written to logs, errors or results.
+HTTP uses only :mod:`urllib.request`. A Hugging Face token is read from ``HF_TOKEN`` and sent only to
+the configured endpoint's origin (scheme, host and port of ``HubSource.endpoint`` / ``HF_ENDPOINT``), on
+every request: a redirect to another origin (the LFS CDN, a hostile server) goes there without it, and a
+tree-API paging ``Link`` to another origin is refused. It is never written to logs, errors or results.
 """
 
 from __future__ import annotations
@@ -247,30 +249,67 @@ def _format_bytes(n: int | None) -> str:
 # ---- HTTP ----------------------------------------------------------------------------------------
 
 
-class _SameHostAuthRedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follow redirects; keep ``Authorization`` only while the host stays the same."""
+def url_origin(url: str) -> tuple[str, str, int | None]:
+    """``(scheme, host, port)`` of ``url``, lower-cased, with the scheme's default port filled in.
+
+    Two URLs may share credentials only when their origins are equal. A URL whose port does not parse
+    gets the port ``-1``, which equals no real origin.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return scheme, (parts.hostname or "").lower(), -1
+    if port is None:
+        port = {"http": 80, "https": 443}.get(scheme)
+    return scheme, (parts.hostname or "").lower(), port
+
+
+class _TokenOriginRedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follow redirects; keep ``Authorization`` only while every hop stays on the token's origin.
+
+    urllib does not copy unredirected headers to the redirected request, so the token is dropped on
+    any redirect unless this hook puts it back: only when the request that was redirected carried it
+    and the new URL has the origin the token was issued for (a hop through another host never brings
+    it back).
+    """
+
+    def __init__(self, token_origin: tuple[str, str, int | None] | None):
+        super().__init__()
+        self.token_origin = token_origin
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D401 - urllib hook
         new_request = super().redirect_request(req, fp, code, msg, headers, newurl)
         authorization = req.unredirected_hdrs.get("Authorization")
-        if new_request is not None and authorization:
-            old, new = urllib.parse.urlsplit(req.full_url), urllib.parse.urlsplit(new_request.full_url)
-            if (old.scheme, old.netloc) == (new.scheme, new.netloc):
-                new_request.add_unredirected_header("Authorization", authorization)
+        if (
+            new_request is not None
+            and authorization
+            and self.token_origin is not None
+            and url_origin(new_request.full_url) == self.token_origin
+        ):
+            new_request.add_unredirected_header("Authorization", authorization)
         return new_request
 
 
 class _Http:
-    """Small urllib wrapper: user agent, optional bearer token for one host, timeouts."""
+    """Small urllib wrapper: user agent, timeouts and an optional bearer token for ONE origin.
 
-    def __init__(self, token: str | None = None, timeout: float = HTTP_TIMEOUT_S):
+    ``token_url`` names the origin the token belongs to (the hub endpoint); the token is added to a
+    request, or kept across a redirect, only for a URL of exactly that origin.
+    """
+
+    def __init__(self, token: str | None = None, timeout: float = HTTP_TIMEOUT_S, token_url: str | None = None):
+        if token and not token_url:
+            raise ValueError("_Http: a token needs the URL of the endpoint it is for (token_url).")
         self._token = token
+        self._token_origin = url_origin(token_url) if token and token_url else None
         self.timeout = timeout
-        self._opener = urllib.request.build_opener(_SameHostAuthRedirectHandler())
+        self._opener = urllib.request.build_opener(_TokenOriginRedirectHandler(self._token_origin))
 
     def open(self, url: str, what: str) -> http.client.HTTPResponse:
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
-        if self._token:
+        if self._token and url_origin(url) == self._token_origin:
             request.add_unredirected_header("Authorization", f"Bearer {self._token}")
         try:
             return self._opener.open(request, timeout=self.timeout)
@@ -351,11 +390,30 @@ class _RemoteFile:
     label: str = ""
 
 
+def hub_endpoint(source: HubSource) -> str:
+    """The hub endpoint of ``source``: its ``endpoint``, else ``$HF_ENDPOINT``, else huggingface.co.
+
+    Raises:
+        ProvisionError: the endpoint is not an ``http(s)://host[:port]`` URL (the token's origin is
+            taken from it, so it must name one).
+    """
+    endpoint = (source.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+    scheme, host, port = url_origin(endpoint)
+    parts = urllib.parse.urlsplit(endpoint)
+    if scheme not in ("http", "https") or not host or port == -1 or "@" in parts.netloc:
+        shown = urllib.parse.urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+        raise ProvisionError(
+            f"invalid hub endpoint {shown!r} (from HubSource.endpoint or HF_ENDPOINT): expected an "
+            "http(s)://host[:port] URL without user info, such as https://huggingface.co"
+        )
+    return endpoint
+
+
 class _HubBackend:
     def __init__(self, source: HubSource, http: _Http):
         self.source = source
         self.http = http
-        self.endpoint = (source.endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_HF_ENDPOINT).rstrip("/")
+        self.endpoint = hub_endpoint(source)
 
     def _tree_pages(self) -> Iterator[list[dict[str, Any]]]:
         s = self.source
@@ -377,6 +435,14 @@ class _HubBackend:
                 )
             yield page
             url = urllib.parse.urljoin(url, next_link) if next_link else None
+            if url is not None and url_origin(url) != url_origin(self.endpoint):
+                raise DownloadError(
+                    f"listing hub repo {s.repo_id}@{s.revision}: the tree API's paging Link header points to "
+                    f"{_redact(url)}, another origin (scheme, host or port) than the endpoint {self.endpoint}; "
+                    "refusing to follow it, the HF_TOKEN must not leave the endpoint (the hub pages on its "
+                    "own host, so this endpoint or a proxy is misbehaving: check HF_ENDPOINT / "
+                    "HubSource.endpoint)"
+                )
 
     def list_files(self) -> list[_RemoteFile]:
         s = self.source
@@ -801,7 +867,8 @@ def provision(
     dest = Path(dest_dir)
     description = source.describe()
     token = (os.environ.get("HF_TOKEN") or None) if isinstance(source, HubSource) else None
-    http = _Http(token=token, timeout=timeout_s)
+    token_url = hub_endpoint(source) if isinstance(source, HubSource) else None
+    http = _Http(token=token, timeout=timeout_s, token_url=token_url)
     backend = _backend(source, http)  # raises early for a missing local path
 
     dest.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@
 Switches: ``truncate[key] = n`` makes the next ``n`` bodies for ``key`` (a hub file path or a Drive
 file id; ``-1`` = always) announce the full ``Content-Length`` but send half and close; ``corrupt``
 serves flipped bytes; ``required_token`` answers 401 without ``Authorization: Bearer <token>``.
+A hostile or odd hub: ``next_link_base`` is the base URL the paging ``Link`` header names (default this
+server), ``cdn_base`` the base URL LFS files redirect to (default ``http://localhost:<port>``), and
+``redirects`` maps a request path (with its query) to a ``Location`` answered with a 302.
 Every request is recorded in ``requests`` as ``(path_with_query, headers)``.
 """
 
@@ -49,6 +52,9 @@ class FakeRemote:
     truncate: dict[str, int] = field(default_factory=dict)
     corrupt: set[str] = field(default_factory=set)
     required_token: str | None = None
+    next_link_base: str | None = None
+    cdn_base: str | None = None
+    redirects: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -97,6 +103,8 @@ class FakeRemote:
     # ---- routing ----
 
     def _route(self, handler: BaseHTTPRequestHandler) -> None:
+        if handler.path in self.redirects:
+            return self._send(handler, 302, b"", "text/plain", {"Location": self.redirects[handler.path]})
         parsed = urllib.parse.urlsplit(handler.path)
         query = dict(urllib.parse.parse_qsl(parsed.query))
         parts = [urllib.parse.unquote(p) for p in parsed.path.split("/")[1:]]
@@ -153,7 +161,7 @@ class FakeRemote:
             if end < len(entries):
                 next_query = urllib.parse.urlencode({"recursive": "true", "cursor": str(end)})
                 path = urllib.parse.urlsplit(handler.path).path
-                headers["Link"] = f'<{self.url}{path}?{next_query}>; rel="next"'
+                headers["Link"] = f'<{self.next_link_base or self.url}{path}?{next_query}>; rel="next"'
             entries = entries[start:end]
         self._send(handler, 200, json.dumps(entries).encode(), "application/json", headers)
 
@@ -164,7 +172,7 @@ class FakeRemote:
         if files is None or path not in files:
             return self._send(handler, 404, b"Entry not found", "text/plain")
         if self.is_lfs(path) and not cdn:
-            location = f"http://localhost:{self.port}/cdn/{repo_type}/{repo_id}/{revision}/{urllib.parse.quote(path)}?X-Signature=abc"
+            location = f"{self.cdn_base or f'http://localhost:{self.port}'}/cdn/{repo_type}/{repo_id}/{revision}/{urllib.parse.quote(path)}?X-Signature=abc"
             return self._send(handler, 302, b"", "text/plain", {"Location": location})
         self._send_body(handler, path, files[path], "application/octet-stream")
 

@@ -6,9 +6,13 @@ and ``pip install selenium streamlit``; skipped, with the reason, where they are
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -68,12 +72,13 @@ def driver():
     browser.quit()
 
 
-@pytest.fixture(scope="module")
-def inspector_url(toy, tmp_path_factory: pytest.TempPathFactory):
+@contextlib.contextmanager
+def _serve_inspector(data_root: Path, log_dir: Path):
+    """``ddr inspect`` on ``data_root`` (a Streamlit server on a free loopback port): its URL."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
+    log = log_dir / "streamlit.log"
     with open(log, "wb") as sink:
-        process = subprocess.Popen(cli.inspector_command(str(toy.data_root), "default", port=port),
+        process = subprocess.Popen(cli.inspector_command(str(data_root), "default", port=port),
                                    stdout=sink, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -95,6 +100,12 @@ def inspector_url(toy, tmp_path_factory: pytest.TempPathFactory):
             process.wait(timeout=10)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def inspector_url(toy, tmp_path_factory: pytest.TempPathFactory):
+    with _serve_inspector(toy.data_root, tmp_path_factory.mktemp("streamlit")) as url:
+        yield url
 
 
 def _loaded_images(browser, selector: str) -> list[int]:
@@ -159,3 +170,65 @@ def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
     box = driver.execute_script("return document.querySelector('svg').getBoundingClientRect().width;")
     assert box > 300
     _screenshot(driver, "export_channel0.png")
+
+
+class _Attacker:
+    """A loopback HTTP server standing in for an attacker's host: it records every request it gets."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        recorded = self.requests
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server hook
+                recorded.append(self.path)
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+
+def test_hostile_prompt_is_shown_as_text_and_nothing_is_fetched(driver, tmp_path: Path) -> None:
+    """A prompt (and a failure message, a file name) with Markdown/HTML images and links to a loopback
+    "attacker": the real Streamlit frontend in Chromium shows them as text and never requests them."""
+    attacker = _Attacker()
+    try:
+        toy = make_toy_data_root(tmp_path / "data")
+        rep.build_shards(toy.layout, VARIANT)
+        rep.build_index(toy.layout, VARIANT)
+        prompt = (f"![x]({attacker.url}/md-image.png) <img src=\"{attacker.url}/html-image.png\"> "
+                  f"[click]({attacker.url}/link) <{attacker.url}/autolink>")
+        path = rep.shard_path(toy.layout, VARIANT, 0)
+        shard = json.loads(path.read_text())
+        for example in shard["examples"]:
+            if example["timestep"] == 501:
+                example["prompt"] = prompt
+        shard["dreams"]["noise"]["results"][0].update(failed=True, failure_reason=f"![f]({attacker.url}/failure.png)")
+        shard["errors"] = [{"what": "image", "file": f"![e]({attacker.url}/file.png)", "problem": "missing"}]
+        path.write_text(json.dumps(shard))
+        with _serve_inspector(toy.data_root, tmp_path) as url:
+            driver.get(url)
+            wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+            wait.until(lambda d: "failure.png" in d.page_source)  # the Visualisation tab is drawn
+            driver.find_element(By.XPATH, "//*[@role='tab'][contains(., 'Dataset examples')]").click()
+            wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 2)
+            time.sleep(2)  # time for any image the page asked for to arrive
+            live = driver.execute_script(  # the Markdown containers holding a live image/link/frame
+                "return Array.from(document.querySelectorAll('img[src], a[href], iframe[src]'))"
+                ".filter(e => (e.src || e.href).includes(arguments[0]))"
+                ".map(e => (e.closest('[data-testid]') || e).outerHTML);", attacker.url)
+            prompt_as_text = driver.execute_script("return document.body.innerText.includes(arguments[0]);", prompt)
+            _screenshot(driver, "inspector_hostile_prompt.png")
+        assert attacker.requests == []
+        assert live == []
+        assert prompt_as_text
+    finally:
+        attacker.server.shutdown()
+        attacker.server.server_close()

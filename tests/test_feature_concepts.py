@@ -39,6 +39,7 @@ from ddr_core.feature_concepts import (
 )
 from ddr_core.paths import DataLayout
 from ddr_core.toy_world import COLOUR_RGB, world_prompts
+from tests.markdown_check import rendered_text
 
 FAMILIES = ["colour", "shape"]
 RECORDED = FeatureConceptsConfig(examples="top_peak")  # the hand-made dataset examples (no activation store)
@@ -575,7 +576,7 @@ def test_asset_partitions_mappings_and_materialization(tmp_path: Path) -> None:
 
     meta, check = run(None)
     assert meta["channels"] == 4 and meta["channels_scored"] == 2 and meta["purity_mean"] == 0.6806  # colour, shape and background (the config)
-    assert meta["basis"] == "raw" and "| toy-raw | raw | 2 |" in meta["purity_raw_vs_sae"]
+    assert meta["basis"] == "raw" and "toy-raw raw 2" in rendered_text(meta["purity_raw_vs_sae"])
     assert set(meta["upstream_versions"]) == {"timestep_stats/toy-raw", "priors/toy-raw:0-15"}
     assert check.check_name == CHECK_NAME and not check.passed
     assert "purity_mean 0.6806 < baseline 0.7500 - 0.05" in check.description

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -14,6 +15,8 @@ from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from ddr_core import representation as rep  # noqa: E402
+from ddr_core.feature_concepts import TABLE_FILE, feature_concepts_dir  # noqa: E402
+from tests.markdown_check import HOSTILE, live_markup, rendered_text  # noqa: E402
 from tests.representation_data import VARIANT, make_toy_data_root, write_feature_concepts  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
@@ -69,6 +72,38 @@ def _chart_layers(at: AppTest, index: int) -> list[tuple[str, pa.Table]]:
 
 def _texts(elements) -> list[str]:
     return [str(e.value) for e in elements]
+
+
+def _shown(elements) -> list[str]:
+    """What the reader sees of Markdown elements (data in them is escaped Markdown)."""
+    return [rendered_text(str(e.value)) for e in elements]
+
+
+# Fields Streamlit renders as Markdown (st.text and st.code bodies are plain text).
+_MARKDOWN_FIELDS = ("body", "label", "help", "caption", "placeholder")
+_PLAIN_ELEMENTS = ("text", "code")
+
+
+def _markdown_sources(at: AppTest) -> list[tuple[str, str]]:
+    """``(element type, source)`` of every string of the page that Streamlit renders as Markdown."""
+    found: list[tuple[str, str]] = []
+
+    def walk(kind: str, message) -> None:
+        for field, value in message.ListFields():
+            repeated = hasattr(value, "__iter__") and not isinstance(value, str | bytes) and not hasattr(value, "ListFields")
+            values = value if repeated else [value]
+            for item in values:
+                if isinstance(item, str):
+                    if field.name in _MARKDOWN_FIELDS or (kind == "radio" and field.name == "options"):
+                        found.append((kind, item))
+                elif hasattr(item, "ListFields"):
+                    walk(kind, item)
+
+    for block in (at.main, at.sidebar):
+        for node in block:
+            if getattr(node, "proto", None) is not None and node.type not in _PLAIN_ELEMENTS:
+                walk(node.type, node.proto)
+    return found
 
 
 def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
@@ -148,7 +183,7 @@ def test_visualisation_tab_runs_seeds_and_steps(toy) -> None:
     _run(at.selectbox(key="data_timestep").set_value(0))
     _run(at.radio(key="dream_run").set_value("noise"))
     _run(at.selectbox(key="dream_seed").set_value(22))
-    assert any("non-finite loss" in text for text in _texts(at.tabs[0].error))
+    assert any("non-finite loss" in text for text in _shown(at.tabs[0].error))
     # a timestep without dreams
     _run(at.number_input(key="timestep_input").set_value(700))
     assert any("No visualisation at timestep 700" in text for text in _texts(at.tabs[0].info))
@@ -160,7 +195,7 @@ def test_examples_and_priors_tabs(toy) -> None:
     assert "2 dataset examples at timestep 501" in "".join(_texts(examples.markdown))
     assert len(examples.get("image")) == 2
     shard = rep.load_shard(toy.layout, VARIANT, 0)
-    assert _texts(examples.caption) == [e["prompt"] for e in shard["examples"] if e["timestep"] == 501]
+    assert _texts(examples.text) == [e["prompt"] for e in shard["examples"] if e["timestep"] == 501]
     priors = at.tabs[2]
     assert len(priors.get("image")) == 2
     _run(at.selectbox(key="channel").select(2))
@@ -191,7 +226,7 @@ def test_crafted_path_in_a_shard_is_refused(toy) -> None:
             example["image"] = "../../etc/passwd"
     path.write_text(json.dumps(shard))
     at = _app()
-    warnings = _texts(at.tabs[1].warning)
+    warnings = _shown(at.tabs[1].warning)
     assert any("'../../etc/passwd' refused: it escapes the data root" in w for w in warnings)
     assert len(at.tabs[1].get("image")) == baseline - 1
 
@@ -265,11 +300,11 @@ def test_ground_truth_labels_and_purity_sort(toy) -> None:
     assert not any("Ground truth" in text for text in _texts(at.markdown))  # no feature_concepts yet
     write_feature_concepts(toy.layout)
     at = _app()
-    texts = [t for t in _texts(at.markdown) if "Ground truth" in t]
+    texts = [t for t in _shown(at.markdown) if "Ground truth" in t]
     assert len(texts) == 1
-    assert "selective for colour=red · colour **red** (purity 1.00, chance 0.30, q 0.00)" in texts[0]
-    assert "shape **circle** (purity 0.75" in texts[0]
-    assert texts[0].startswith("**Ground truth** (4 labelled top prompts at t=501): selective for colour=red")
+    assert "selective for colour=red · colour red (purity 1.00, chance 0.30, q 0.00)" in texts[0]
+    assert "shape circle (purity 0.75" in texts[0]
+    assert texts[0].startswith("Ground truth (4 labelled top prompts at t=501): selective for colour=red")
     assert "priors agree: colour 0.50, shape 1.00 (2 images, 0.50 recognisable)" in texts[0]
     assert "dreams agree: colour 0.25, shape 0.00 (4 images)" in texts[0]
     _run(at.button(key="next_channel").click())
@@ -280,3 +315,46 @@ def test_ground_truth_labels_and_purity_sort(toy) -> None:
     assert "concept purity (ground truth)" in at.selectbox(key="sort_by").options
     _run(at.selectbox(key="sort_by").set_value("concept purity (ground truth)"))
     assert at.selectbox(key="channel").options[:2] == ["channel 00000", "channel 00001"]  # 0.875, 0.5, then unscored
+
+
+def test_hostile_text_in_the_data_shows_as_text(toy) -> None:
+    """Prompts, concept labels, failure messages and file names from the data never become Markdown
+    images, links or HTML (a viewer's browser would fetch ``attacker.example``): the prompt is plain
+    ``st.text``, the rest escaped Markdown that reads as the data."""
+    prompt = "\n".join(HOSTILE)
+    path = rep.shard_path(toy.layout, VARIANT, 0)
+    shard = json.loads(path.read_text())
+    for example in shard["examples"]:
+        if example["timestep"] == 501 and example["rank"] == 0:
+            example["prompt"] = prompt
+    result = shard["dreams"]["noise"]["results"][0]
+    assert result["timestep"] == 501  # the element the Visualisation tab opens with
+    result.update(failed=True, failure_reason=HOSTILE[0])
+    shard["errors"] = [{"what": HOSTILE[1], "file": HOSTILE[2], "problem": HOSTILE[3]}]
+    shard["priors"].update(status="skipped", reason=HOSTILE[4], message=HOSTILE[5])
+    path.write_text(json.dumps(shard))
+    write_feature_concepts(toy.layout)
+    table_path = feature_concepts_dir(toy.layout, VARIANT) / TABLE_FILE
+    label = pl.when(pl.col("channel") == 0).then(pl.lit(HOSTILE[6])).otherwise(pl.col("dominant_colour"))
+    pl.read_parquet(table_path).with_columns(label.alias("dominant_colour")).write_parquet(table_path)
+
+    at = _app()
+    sources = _markdown_sources(at)
+    live = [(kind, markup) for kind, source in sources for markup in live_markup(source) if "attacker" in markup]
+    assert live == []
+    assert prompt in _texts(at.tabs[1].text)  # the prompt itself, as plain text
+    shown = " ".join(rendered_text(source) for _, source in sources)
+    for text in HOSTILE[:7]:  # everything else reads as the data
+        assert " ".join(text.split()) in shown, text
+    assert any("optimisation failed: " + HOSTILE[0] in text for text in _shown(at.tabs[0].error))
+    assert any(HOSTILE[6].split("\n")[0] in text for text in _shown(at.markdown))  # the concept label
+
+
+@pytest.mark.parametrize("url", ["http://x.example/)![i](http://attacker.example/u.png", "javascript:alert(1)",
+                                 "http://x.example/ [a](http://attacker.example/)"])
+def test_a_malformed_dagster_url_is_not_made_a_link(toy, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("DDR_DAGSTER_URL", url)
+    at = _app()
+    live = [m for _, source in _markdown_sources(at) for m in live_markup(source)]
+    assert [m for m in live if "attacker" in m or "javascript" in m] == []
+    assert any("DDR_DAGSTER_URL is not a plain" in text for text in _texts(at.sidebar.warning))

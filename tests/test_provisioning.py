@@ -252,6 +252,130 @@ def test_token_sent_to_hub_only_and_never_reported(
     assert "X-Signature" not in visible  # signed CDN query strings are not logged either
 
 
+SECRET = "hf_SeCrEt_token_123"
+
+
+@pytest.fixture
+def other():
+    """A second loopback server holding the same repo: another port, so another origin than ``remote``."""
+    server = FakeRemote()
+    server.add_hub_repo(REPO, REPO_FILES)
+    yield server
+    server.close()
+
+
+def _with_token(server: FakeRemote) -> list[str]:
+    """Paths of the requests that reached ``server`` with an Authorization header."""
+    return [path for path, headers in server.requests if "Authorization" in headers]
+
+
+@pytest.mark.parametrize("elsewhere", ["another port", "another host name", "another scheme"])
+def test_paging_link_to_another_origin_is_refused_and_gets_no_token(
+    remote: FakeRemote, other: FakeRemote, tmp_path: Path, monkeypatch, elsewhere: str
+) -> None:
+    """A hostile hub's tree-API ``Link: <...>; rel="next"`` naming another origin is not followed: the
+    listing fails with a clear error and that origin is never contacted (it would have received the
+    HF_TOKEN). ``other`` could serve the rest of the listing, so following it would "work" silently."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    remote.required_token = SECRET
+    remote.tree_page_size = other.tree_page_size = 2
+    remote.next_link_base = {
+        "another port": other.url,
+        "another host name": f"http://localhost:{remote.port}",
+        "another scheme": f"https://127.0.0.1:{remote.port}",
+    }[elsewhere]
+    with pytest.raises(DownloadError, match=r"paging Link header points to .*another origin.*refusing") as error:
+        provision(hub(remote), tmp_path / "m")
+    assert SECRET not in str(error.value)
+    assert other.requests == []
+    assert [h for _, h in remote.requests if h.get("Host", "").startswith("localhost")] == []
+    # the endpoint itself was asked (with the token) for the first page only
+    assert [path for path, _ in remote.requests] == [f"/api/models/{REPO}/tree/main?recursive=true"]
+    assert _with_token(remote) == [path for path, _ in remote.requests]
+    assert not (tmp_path / "m" / MANIFEST_NAME).exists()
+
+
+def test_paging_on_the_endpoint_keeps_the_token(remote: FakeRemote, tmp_path: Path, monkeypatch) -> None:
+    """Same-origin paging (an absolute Link with the default port spelled out differently is the same
+    origin too) is followed, with the token, on every page."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    remote.required_token = SECRET
+    remote.tree_page_size = 2
+    remote.next_link_base = f"http://LOCALHOST:{remote.port}"
+    provision(HubSource(REPO, endpoint=f"http://localhost:{remote.port}/"), tmp_path / "m")
+    assert tree_files(tmp_path / "m") == REPO_FILES
+    assert remote.count("/tree/main") == 4  # 7 entries (2 directories + 5 files) in pages of 2
+    tree_requests = [h for path, h in remote.requests if "/tree/" in path]
+    assert all(h.get("Authorization") == f"Bearer {SECRET}" for h in tree_requests)
+
+
+def test_redirects_to_another_origin_drop_the_token(
+    remote: FakeRemote, other: FakeRemote, tmp_path: Path, monkeypatch
+) -> None:
+    """The tree API and a plain file redirected to another port are fetched there WITHOUT the token; a
+    same-origin redirect keeps it; a hop through another origin does not bring it back."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    tree = f"/api/models/{REPO}/tree/main?recursive=true"
+    index, readme = f"/{REPO}/resolve/main/model_index.json", f"/{REPO}/resolve/main/README.md"
+    remote.redirects[tree] = other.url + tree
+    remote.redirects[index] = other.url + index
+    remote.redirects[readme] = f"{remote.url}{readme}?moved=1"  # same origin: keeps the token
+    remote.required_token = SECRET  # every hub request on the endpoint needs it
+    provision(hub(remote), tmp_path / "m")
+    assert tree_files(tmp_path / "m") == REPO_FILES
+    assert sorted(path for path, _ in other.requests) == sorted([tree, index])  # it was contacted ...
+    assert _with_token(other) == []  # ... without the token
+    assert remote.count(f"{readme}?moved=1") == 1
+    hub_paths = [path for path, _ in remote.requests if not path.startswith("/cdn/")]
+    assert sorted(_with_token(remote)) == sorted(hub_paths)
+
+    # endpoint -> other origin -> back to the endpoint: the token stays dropped (so the endpoint says 401)
+    other.redirects[index] = f"{remote.url}{index}?back=1"
+    with pytest.raises(DownloadError, match="HTTP 401") as error:
+        provision(hub(remote, allow_patterns=["model_index.json"]), tmp_path / "n")
+    assert SECRET not in str(error.value)
+    assert _with_token(other) == []
+    assert [h for path, h in remote.requests if path.endswith("?back=1")] and f"{index}?back=1" not in _with_token(remote)
+
+
+def test_lfs_redirect_to_another_port_gets_no_token(
+    remote: FakeRemote, other: FakeRemote, tmp_path: Path, monkeypatch
+) -> None:
+    """LFS files redirect to a CDN; a CDN on another port of the same host is another origin."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    remote.required_token = SECRET
+    remote.cdn_base = other.url
+    provision(hub(remote), tmp_path / "m")
+    assert tree_files(tmp_path / "m") == REPO_FILES
+    lfs = sorted(p for p in REPO_FILES if remote.is_lfs(p))
+    assert sorted(path.split("/main/", 1)[1].split("?")[0] for path, _ in other.requests) == lfs
+    assert _with_token(other) == []
+    assert remote.count("/resolve/main/") == len(REPO_FILES) and len(_with_token(remote)) == len(remote.requests)
+
+
+def test_drive_requests_never_carry_the_hub_token(remote: FakeRemote, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("HF_ENDPOINT", remote.url)  # even when Drive is served from the hub's own origin
+    remote.drive_files["f-big"] = DriveFile("w.safetensors", b"w" * 5000, confirm=True)
+    remote.drive_folders["root"] = [("file", "f-big", "w.safetensors")]
+    provision(drive(remote, folder_id="root"), tmp_path / "d")
+    assert remote.requests and _with_token(remote) == []
+
+
+def test_url_origin_and_invalid_endpoints(tmp_path: Path, monkeypatch) -> None:
+    assert provisioning.url_origin("HTTPS://HuggingFace.co:443/api") == provisioning.url_origin("https://huggingface.co")
+    assert provisioning.url_origin("http://127.0.0.1:1/") != provisioning.url_origin("http://127.0.0.1:2/")
+    assert provisioning.url_origin("http://127.0.0.1:1@evil.example/")[1] == "evil.example"
+    assert provisioning.url_origin("http://h:notaport/")[2] == -1
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("HF_ENDPOINT", "ftp://mirror.example")
+    with pytest.raises(provisioning.ProvisionError, match="invalid hub endpoint 'ftp://mirror.example'.*HF_ENDPOINT"):
+        provision(HubSource(REPO), tmp_path / "a")
+    with pytest.raises(provisioning.ProvisionError, match="invalid hub endpoint") as error:
+        provision(HubSource(REPO, endpoint="https://user:pw-secret@mirror.example"), tmp_path / "b")
+    assert "pw-secret" not in str(error.value)
+
+
 def test_missing_repo_names_the_fix(remote: FakeRemote, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="HTTP 404.*check the repo id"):
         provision(HubSource("acme/absent", endpoint=remote.url), tmp_path / "m")

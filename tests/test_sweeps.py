@@ -25,6 +25,7 @@ from ddr_core.sweeps import (
     run_sweep,
     sweep_dir,
 )
+from tests.markdown_check import rendered_text
 
 BASE = {"num_steps": 3, "use_prior": False, "n_results": 1, "seeds": [7], "timesteps": [0, "activity_peaks"],
         "snapshot_every": 0, "quality_noise_draws": 1, "batch_size": 8}
@@ -239,7 +240,8 @@ def test_dream_sweeps_asset(tiny_model_dir, tmp_path):
     assert result.success
     metadata = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
     assert metadata["settings"] == 2 and metadata["settings_run"] == 2
-    assert "total_variation_weight=0.0" in metadata["summary"] and "data:image/png;base64" in metadata["contact_sheets"]
+    assert "total_variation_weight=0.0" in rendered_text(metadata["summary"])
+    assert "data:image/png;base64" in metadata["contact_sheets"]
     root = sweep_dir(layout, "tv", "tiny-raw")
     assert pl.read_parquet(root / "comparison.parquet").height == 2  # channel 2 at its one peak, 2 settings
     assert (layout.records_dir / "dream_sweeps" / "tiny-raw:tv.json").is_file()
