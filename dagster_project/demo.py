@@ -172,8 +172,31 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
                          f"all channels: {every}")
         if (world.get("generations") or {}).get("recognisable") is not None:
             lines.append(f"    generations {share(world['generations']['recognisable'])} recognisable")
+    lines += basis_gap_lines(layout, variants)
     if lines:
         lines.insert(0, "Ground truth (feature_concepts; BENCHMARKS.md explains the figures; [95% bootstrap intervals]):")
+    return lines
+
+
+def basis_gap_lines(layout, variants: list[str]) -> list[str]:
+    """One line per (raw, SAE) pair of the same capture group among ``variants``: SAE minus raw purity,
+    purity excess and selective share with their intervals (are SAE features purer?)."""
+    from ddr_core.config import load_project_config
+    from ddr_core.feature_concepts import basis_gap, feature_concepts_dir, read_feature_concepts
+
+    try:
+        project = load_project_config()
+    except Exception:  # the demo's own config loaded before; a caller without one gets no gap line
+        return []
+    found = {v: read_feature_concepts(feature_concepts_dir(layout, v)) for v in variants if v in project.variants}
+    lines = []
+    for raw in [v for v in found if found[v] is not None and project.variants[v].basis == "raw"]:
+        for sae in [v for v in found if found[v] is not None and project.variants[v].basis == "sae"
+                    and project.capture_of(v) == project.capture_of(raw)]:
+            gap = basis_gap(found[raw][0], found[sae][0])
+            parts = [f"{name.replace('_', ' ')} {values['gap']:+.3f} [{values['interval'][0]:+.3f}, "
+                     f"{values['interval'][1]:+.3f}]" for name, values in gap.items() if values["interval"][0] is not None]
+            lines.append(f"  {sae} minus {raw}: " + "; ".join(parts))
     return lines
 
 

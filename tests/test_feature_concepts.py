@@ -584,3 +584,16 @@ def test_asset_partitions_mappings_and_materialization(tmp_path: Path) -> None:
     assert record["outputs"]["figures"]["purity_mean"] == pytest.approx(0.6806, abs=1e-4)
     _, check = run(0.1)
     assert check.passed
+
+
+def test_basis_gap_is_sae_minus_raw_with_an_interval() -> None:
+    from ddr_core.feature_concepts import basis_gap
+
+    raw = pl.DataFrame({"purity": [0.5, 0.5, 0.5, None], "purity_excess": [0.0, 0.0, 0.0, None],
+                        "n_concepts": [0, 0, 1, 0]})
+    sae = pl.DataFrame({"purity": [0.75, 0.75, 0.75], "purity_excess": [0.25, 0.25, 0.25], "n_concepts": [1, 1, 1]})
+    gap = basis_gap(raw, sae, resamples=500)
+    assert gap["purity"] == {"sae": 0.75, "raw": 0.5, "gap": 0.25, "interval": [0.25, 0.25]}
+    # selective share over the scored channels only (the unscored fourth raw channel is left out): 1 - 1/3
+    assert gap["selective_share"]["gap"] == pytest.approx(2 / 3)
+    assert gap["selective_share"]["interval"][0] >= 0.0 and gap["selective_share"]["interval"][1] == pytest.approx(1.0)
