@@ -5,13 +5,12 @@ import dagster as dg
 import polars as pl
 from pydantic import BaseModel, Field
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.activations import image_preview
+from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata
-from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions, parse_block_key
+from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.plots import write_channel_figures
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import read_record
 
 ACTIVITY_PLOTS_CODE_VERSION = "1"
 
@@ -27,48 +26,42 @@ class ActivityPlotsConfig(BaseModel):
 ActivityPlotsRunConfig = dagster_config_from(ActivityPlotsConfig, "ActivityPlotsRunConfig")
 
 
-@dg.asset(
-    partitions_def=channel_block_partitions(),
-    deps=[dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping())],
-    group_name="plots",
-    code_version=ACTIVITY_PLOTS_CODE_VERSION,
-    kinds={"matplotlib"},
-    backfill_policy=dg.BackfillPolicy.single_run(),
+def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:
+    plots_config = to_core(run.config, ActivityPlotsConfig, asset="activity_plots")
+    layout = run.layout
+    stats_record = read_record(layout.records_dir, "timestep_stats", variant,
+                               required_by=f"activity_plots[{next(iter(blocks))}]")
+    stats_dir = layout.timestep_stats_dir(variant)
+    table = pl.read_parquet(stats_dir / "channels.parquet")
+    if plots_config.only_active:
+        table = table.filter(pl.col("is_active"))
+    drawn = set(table["channel"].to_list())
+    written, per_block = [], {}
+    for key, channels in blocks.items():
+        block_written = write_channel_figures(
+            stats_dir, [c for c in channels if c in drawn], layout.activity_plots_dir(variant), layout.data_root,
+            dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
+            lock_owner=f"dagster run {run.context.run_id}")
+        run.context.log.info(f"{len(block_written)} figure(s) for channels {channels[0]}..{channels[-1]} of {variant}")
+        per_block[key] = {"figures": [layout.relative(p) for p in block_written]}
+        written += block_written
+    return VariantWork(upstream={f"timestep_stats/{variant}": stats_record["data_version"]},
+                       config=plots_config.model_dump(), block_outputs=per_block, extra=written)
+
+
+def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
+    written = [p for w in works for p in w.extra]
+    return {"figures": len(written), "gifs": sum(p.suffix == ".gif" for p in written),
+            "preview": image_preview(written[:3], size=320)}, []
+
+
+activity_plots = channel_block_asset(ChannelBlockStage(
+    name="activity_plots",
     description="Per active channel: activity profile with peaks, max-activation curve and the top "
                 "dataset example of each peak; a GIF cycling over the peaks, a PNG when there is one.",
-)
-def activity_plots(context: dg.AssetExecutionContext, config: ActivityPlotsRunConfig,
-                   storage: DdrStorage) -> dg.MaterializeResult:
-    plots_config = to_core(config, ActivityPlotsConfig, asset="activity_plots")
-    layout = storage.layout
-    written: list = []
-    upstream: dict[str, str] = {}
-    # A backfill over a channel range runs as one run (BackfillPolicy.single_run): every block in it.
-    for key in context.partition_keys:
-        variant, first, last = parse_block_key(key)
-        stats_record = read_record(layout.records_dir, "timestep_stats", variant,
-                                   required_by=f"activity_plots[{key}]")
-        stats_dir = layout.timestep_stats_dir(variant)
-        channels = pl.read_parquet(stats_dir / "channels.parquet").filter(
-            pl.col("channel").is_between(first, last))
-        if plots_config.only_active:
-            channels = channels.filter(pl.col("is_active"))
-        block_written = write_channel_figures(
-            stats_dir, channels["channel"].to_list(), layout.activity_plots_dir(variant), layout.data_root,
-            dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
-            lock_owner=f"dagster run {context.run_id}")
-        context.log.info(f"{len(block_written)} figure(s) for channels {first}..{last} of {variant}")
-        block_upstream = {f"timestep_stats/{variant}": stats_record["data_version"]}
-        write_record(layout.records_dir, make_record(
-            "activity_plots", key, ACTIVITY_PLOTS_CODE_VERSION, plots_config.model_dump(), block_upstream,
-            stats_record["data_version"], outputs={"figures": [layout.relative(p) for p in block_written]},
-        ))
-        written += block_written
-        upstream.update(block_upstream)
-    return dg.MaterializeResult(metadata={
-        "figures": len(written),
-        "gifs": sum(p.suffix == ".gif" for p in written),
-        "blocks": dg.MetadataValue.json(list(context.partition_keys)),
-        "preview": image_preview(written[:3], size=320),
-        **lineage_metadata(plots_config.model_dump(), upstream, ACTIVITY_PLOTS_CODE_VERSION),
-    })
+    group_name="plots", code_version=ACTIVITY_PLOTS_CODE_VERSION, kinds=frozenset({"matplotlib"}),
+    run_variant=_run_variant, finish=_finish,
+    deps=(dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()),),
+    config_cls=ActivityPlotsRunConfig,
+    lineage_config=lambda run, works: works[0].config if works else {},
+))

@@ -13,21 +13,19 @@ import numpy as np
 import polars as pl
 from pydantic import Field
 
-from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.activations import image_preview
-from ddr_assets.blocks import CHANNELS_FIELD, run_channels
+from ddr_assets.blocks import CHANNELS_FIELD, BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.configs import (
     SLURM_FIELD,
     dagster_config_from,
     fields_set_in_run_config,
     with_variant_overrides,
 )
-from ddr_assets.lineage import lineage_metadata, table_preview
-from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
-from ddr_core.config import config_hash
+from ddr_assets.lineage import table_preview
+from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.dreams import DreamConfig
 from ddr_core.paths import resolve_inside
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import read_record
 
 DREAMS_CODE_VERSION = "1"
 DreamsRunConfig = dagster_config_from(DreamConfig, "DreamsRunConfig", extra={
@@ -72,106 +70,71 @@ def quality_check(quality: pl.DataFrame, min_improved_share: float = 0.5) -> dg.
     )
 
 
-def build_dreams_asset(name: str, no_noise: bool) -> dg.AssetsDefinition:
-    """The ``dreams`` asset, or its ``dreams_no_noise`` twin (schedule noise off, written apart)."""
+def _dreams_stage(name: str, no_noise: bool) -> ChannelBlockStage:
+    """The ``dreams`` stage, or its ``dreams_no_noise`` twin (schedule noise off, written apart)."""
 
-    @dg.asset(
-        name=name,
-        partitions_def=channel_block_partitions(),
-        deps=[dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()), dg.AssetDep("priors")],
-        group_name="priors_and_dreams",
-        code_version=DREAMS_CODE_VERSION,
-        kinds={"pytorch", "safetensors", "parquet"},
-        pool="gpu",
-        backfill_policy=dg.BackfillPolicy.single_run(),
-        check_specs=[dg.AssetCheckSpec("dream_quality", asset=name,
-                                       description="no NaN/inf; most dreams raise the activation over their start")],
-        description=("Per channel and chosen timestep: latents optimised to maximise the channel's activation "
-                     "(penalties, gradient preconditioning/smoothing, augmentations), from the priors."
-                     + (" Without the scheduler's noise (the 'no noise' run)." if no_noise else "")),
-    )
-    def _dreams(context: dg.AssetExecutionContext, config: DreamsRunConfig, storage: DdrStorage,
-                compute: ComputeResource) -> dg.MaterializeResult:
-        return _materialize_dreams(context, config, storage, compute, name, no_noise)
-
-    return _dreams
-
-
-def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrStorage, compute: ComputeResource,
-                        name: str, no_noise: bool) -> dg.MaterializeResult:
-    layout, project = storage.layout, storage.project
-    upstream: dict[str, str] = {}
-    qualities = []
-    totals = {"channels": 0, "resumed": 0, "failures": 0, "element_steps": 0, "seconds": 0.0, "nothing": 0}
-    previews = []
-    reports = []
-    effective: dict[str, dict] = {}
-    for variant, blocks in run_channels(context.partition_keys, config.channels).items():
-        dream_config = with_variant_overrides(config, DreamConfig, project.variants[variant].overrides.get("dreams", {}),
-                                              asset=name,
-                                              set_fields=fields_set_in_run_config(context))
+    def run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:
+        layout, context, config = run.layout, run.context, run.config
+        dream_config = with_variant_overrides(config, DreamConfig,
+                                              run.project.variants[variant].overrides.get("dreams", {}),
+                                              asset=name, set_fields=fields_set_in_run_config(context))
         if no_noise:
             dream_config = dream_config.model_copy(update={"see_through_schedule_noise": False})
         stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"{name}[{next(iter(blocks))}]")
-        variant_upstream = {f"timestep_stats/{variant}": stats["data_version"]}
+        upstream = {f"timestep_stats/{variant}": stats["data_version"]}
         if dream_config.use_prior:
             for key in blocks:
-                variant_upstream[f"priors/{key}"] = read_record(layout.records_dir, "priors", key,
-                                                                required_by=f"{name}[{key}]")["data_version"]
-        upstream.update(variant_upstream)
-        effective[variant] = dream_config.model_dump(mode="json")
+                upstream[f"priors/{key}"] = read_record(layout.records_dir, "priors", key,
+                                                        required_by=f"{name}[{key}]")["data_version"]
         channels = [c for chans in blocks.values() for c in chans]
-        report = compute.run_stage(context, "dreams_for_variant",
-                                   {"variant": variant, "channels": channels, "stage": name,
-                                    "config": dream_config.model_dump(mode="json")},
-                                   storage=storage, options=config.slurm)
-        reports.append(report)
+        report = run.compute.run_stage(context, "dreams_for_variant",
+                                       {"variant": variant, "channels": channels, "stage": name,
+                                        "config": dream_config.model_dump(mode="json")},
+                                       storage=run.storage, options=config.slurm)
         result = report["result"]
         out_dir = resolve_inside(layout.data_root, result["out_dir"])
-        totals["channels"] += len(result["channels_done"])
-        totals["resumed"] += len(result["channels_skipped"])
-        totals["nothing"] += len(result["channels_without_timesteps"])
-        totals["failures"] += len(result["failures"])
-        totals["element_steps"] += result["element_steps"]
-        totals["seconds"] += result["seconds"]
         if not result.get("quality_path"):
             raise dg.Failure(description=f"{name}: the stage for {variant!r} returned no quality table")
         quality = pl.read_parquet(resolve_inside(layout.data_root, result["quality_path"]))
         quality = quality.filter(pl.col("channel").is_in(channels))
-        qualities.append(quality)
-        run_config = {**dream_config.model_dump(mode="json"), "channels": config.channels}
-        for key, chans in blocks.items():
-            write_record(layout.records_dir, make_record(
-                name, key, DREAMS_CODE_VERSION, run_config, variant_upstream,
-                data_version=config_hash({"config": dream_config.config_hash(), "upstream": variant_upstream}),
-                outputs={"dir": result["out_dir"], "channels": chans,
-                         "partial": config.channels is not None},
-            ))
-        previews += sorted(out_dir.glob("channel_*/t_*/seed_*.png"))[: 6 - len(previews)]
-    quality = pl.concat(qualities) if qualities else pl.DataFrame()
-    check = quality_check(quality)
-    summary = (quality.group_by("channel").agg(pl.col("dream_activation").max().alias("best_dream"),
-                                               pl.col("prior_activation").max().alias("best_start"),
-                                               pl.col("ratio").max().alias("best_ratio"))
-               .sort("best_ratio", descending=True, nulls_last=True).head(15).to_dicts()) if quality.height else []
-    rate = totals["element_steps"] / totals["seconds"] if totals["seconds"] > 0 else 0.0
-    return dg.MaterializeResult(
-        metadata={
-            "channels_done": totals["channels"],
-            "channels_resumed": totals["resumed"],
-            "channels_without_timesteps_or_prior": totals["nothing"],
-            "failed_dreams": totals["failures"],
+        return VariantWork(upstream=upstream, config=dream_config.model_dump(mode="json"),
+                           outputs={"dir": result["out_dir"]}, report=report,
+                           extra={"result": result, "quality": quality,
+                                  "previews": sorted(out_dir.glob("channel_*/t_*/seed_*.png"))[:6]})
+
+    def finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
+        results = [w.extra["result"] for w in works]
+        qualities = [w.extra["quality"] for w in works]
+        quality = pl.concat(qualities) if qualities else pl.DataFrame()
+        summary = (quality.group_by("channel").agg(pl.col("dream_activation").max().alias("best_dream"),
+                                                   pl.col("prior_activation").max().alias("best_start"),
+                                                   pl.col("ratio").max().alias("best_ratio"))
+                   .sort("best_ratio", descending=True, nulls_last=True).head(15).to_dicts()) if quality.height else []
+        steps, seconds = sum(r["element_steps"] for r in results), sum(r["seconds"] for r in results)
+        rate = steps / seconds if seconds > 0 else 0.0
+        return {
+            "channels_done": sum(len(r["channels_done"]) for r in results),
+            "channels_resumed": sum(len(r["channels_skipped"]) for r in results),
+            "channels_without_timesteps_or_prior": sum(len(r["channels_without_timesteps"]) for r in results),
+            "failed_dreams": sum(len(r["failures"]) for r in results),
             "element_steps_per_second": round(rate, 3) if math.isfinite(rate) else 0.0,
-            "blocks": dg.MetadataValue.json(list(context.partition_keys)),
             "best_channels": table_preview(summary),
-            "preview": image_preview(previews),
-            **lineage_metadata({"channels": config.channels, "per_variant": effective}, upstream,
-                               DREAMS_CODE_VERSION),
-            **compute_metadata(*reports),
-        },
-        check_results=[check],
+            "preview": image_preview([p for w in works for p in w.extra["previews"]][:6]),
+        }, [quality_check(quality)]
+
+    return ChannelBlockStage(
+        name=name,
+        description=("Per channel and chosen timestep: latents optimised to maximise the channel's activation "
+                     "(penalties, gradient preconditioning/smoothing, augmentations), from the priors."
+                     + (" Without the scheduler's noise (the 'no noise' run)." if no_noise else "")),
+        group_name="priors_and_dreams", code_version=DREAMS_CODE_VERSION,
+        kinds=frozenset({"pytorch", "safetensors", "parquet"}), run_variant=run_variant, finish=finish,
+        deps=(dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()), dg.AssetDep("priors")),
+        config_cls=DreamsRunConfig, uses_compute=True, pool="gpu",
+        check_specs=(dg.AssetCheckSpec("dream_quality", asset=name,
+                                       description="no NaN/inf; most dreams raise the activation over their start"),),
     )
 
 
-dreams = build_dreams_asset("dreams", no_noise=False)
-dreams_no_noise = build_dreams_asset("dreams_no_noise", no_noise=True)
+dreams = channel_block_asset(_dreams_stage("dreams", no_noise=False))
+dreams_no_noise = channel_block_asset(_dreams_stage("dreams_no_noise", no_noise=True))

@@ -3,14 +3,9 @@
 import dagster as dg
 
 from dagster_project.resources import DdrStorage
-from ddr_assets.blocks import run_channels
+from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.lineage import lineage_metadata, path_metadata
-from ddr_assets.partitions import (
-    block_to_variant_mapping,
-    channel_block_partitions,
-    variant_partitions,
-    variant_to_blocks_mapping,
-)
+from ddr_assets.partitions import block_to_variant_mapping, variant_partitions, variant_to_blocks_mapping
 from ddr_core.config import config_hash
 from ddr_core.html_export import export_html
 from ddr_core.records import make_record, read_record, write_record
@@ -26,56 +21,48 @@ def _optional_record(layout, asset: str, key: str) -> str | None:
         return None
 
 
-@dg.asset(
-    partitions_def=channel_block_partitions(),
-    deps=[dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()),
-          dg.AssetDep("priors"), dg.AssetDep("dreams"), dg.AssetDep("dreams_no_noise")],
-    group_name="representation",
-    code_version=REPRESENTATION_CODE_VERSION,
-    kinds={"json", "parquet"},
-    backfill_policy=dg.BackfillPolicy.single_run(),
+def _representation_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:
+    layout = run.layout
+    stats = read_record(layout.records_dir, "timestep_stats", variant,
+                        required_by=f"representation_shards[{next(iter(blocks))}]")
+    upstream = {f"timestep_stats/{variant}": stats["data_version"]}
+    for key in blocks:  # priors and dreams are optional: a shard shows what exists
+        for asset in ("priors", "dreams", "dreams_no_noise"):
+            version = _optional_record(layout, asset, key)
+            if version:
+                upstream[f"{asset}/{key}"] = version
+    channels = [c for chans in blocks.values() for c in chans]
+    summary, index_path = representation_for_variant(layout, variant, channels, log=run.context.log.info,
+                                                     lock_owner=f"dagster run {run.context.run_id}")
+    if summary.n_errors:
+        run.context.log.warning(f"{summary.n_errors} missing/unsafe file reference(s) in {variant} shards: "
+                                f"{list(summary.errors.items())[:3]}")
+    return VariantWork(upstream=upstream, config={}, outputs={"dir": summary.out_dir, "errors": summary.n_errors},
+                       extra={"summary": summary, "index": index_path})
+
+
+def _representation_finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
+    summaries = [w.extra["summary"] for w in works]
+    return {
+        "shards": sum(len(s.channels) for s in summaries),
+        "active": sum(len(s.active_channels) for s in summaries),
+        "with_priors": sum(len(s.with_priors) for s in summaries),
+        "with_dreams": sum(len(s.with_dreams.get("noise", [])) for s in summaries),
+        "file_errors": sum(s.n_errors for s in summaries),
+        "index": path_metadata(works[0].extra["index"]) if works else "",
+    }, []
+
+
+representation_shards = channel_block_asset(ChannelBlockStage(
+    name="representation_shards",
     description="One shard per channel (activity curves, peaks, dataset examples, priors, dreams and their "
                 "steps, quality; relative paths only) and a DuckDB-queryable index per variant.",
-)
-def representation_shards(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.MaterializeResult:
-    layout = storage.layout
-    upstream: dict[str, str] = {}
-    totals = {"shards": 0, "active": 0, "with_priors": 0, "with_dreams": 0, "file_errors": 0}
-    index_paths = []
-    for variant, blocks in run_channels(context.partition_keys, None).items():
-        stats = read_record(layout.records_dir, "timestep_stats", variant,
-                            required_by=f"representation_shards[{next(iter(blocks))}]")
-        variant_upstream = {f"timestep_stats/{variant}": stats["data_version"]}
-        for key in blocks:  # priors and dreams are optional: a shard shows what exists
-            for asset in ("priors", "dreams", "dreams_no_noise"):
-                version = _optional_record(layout, asset, key)
-                if version:
-                    variant_upstream[f"{asset}/{key}"] = version
-        upstream.update(variant_upstream)
-        channels = [c for chans in blocks.values() for c in chans]
-        summary, index_path = representation_for_variant(layout, variant, channels, log=context.log.info,
-                                                         lock_owner=f"dagster run {context.run_id}")
-        index_paths.append(index_path)
-        totals["shards"] += len(summary.channels)
-        totals["active"] += len(summary.active_channels)
-        totals["with_priors"] += len(summary.with_priors)
-        totals["with_dreams"] += len(summary.with_dreams.get("noise", []))
-        totals["file_errors"] += summary.n_errors
-        if summary.n_errors:
-            context.log.warning(f"{summary.n_errors} missing/unsafe file reference(s) in {variant} shards: "
-                                f"{list(summary.errors.items())[:3]}")
-        for key, chans in blocks.items():
-            write_record(layout.records_dir, make_record(
-                "representation_shards", key, REPRESENTATION_CODE_VERSION, {}, variant_upstream,
-                data_version=config_hash(variant_upstream),
-                outputs={"dir": summary.out_dir, "channels": chans, "errors": summary.n_errors},
-            ))
-    return dg.MaterializeResult(metadata={
-        **{k: v for k, v in totals.items()},
-        "index": path_metadata(index_paths[0]) if index_paths else "",
-        "blocks": dg.MetadataValue.json(list(context.partition_keys)),
-        **lineage_metadata({}, upstream, REPRESENTATION_CODE_VERSION),
-    })
+    group_name="representation", code_version=REPRESENTATION_CODE_VERSION, kinds=frozenset({"json", "parquet"}),
+    run_variant=_representation_variant, finish=_representation_finish,
+    deps=(dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()),
+          dg.AssetDep("priors"), dg.AssetDep("dreams"), dg.AssetDep("dreams_no_noise")),
+    lineage_config=lambda run, works: {},
+))
 
 
 @dg.asset(
@@ -104,4 +91,4 @@ def html_export(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.Ma
         "channel_pages": pages,
         "open_with": f"file://{index}",
         **lineage_metadata({}, upstream, REPRESENTATION_CODE_VERSION),
-    })
+    }, data_version=dg.DataVersion(config_hash(upstream)))

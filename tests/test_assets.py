@@ -218,3 +218,23 @@ def test_every_variant_override_in_the_project_config_is_a_valid_stage_parameter
             assert stage in stages, f"{name}: overrides for unknown stage {stage!r}"
             stages[stage](**values)  # raises on an unknown field or a bad value
     assert project.variants["toy-raw"].overrides["priors"]["steer_strength_scale"] < 50  # toy-world tuned
+
+
+def test_channel_block_assets_come_from_one_factory_and_their_data_versions_match_the_records(graph_run):
+    """priors, dreams, dreams_no_noise, representation_shards and activity_plots are built by
+    ddr_assets.blocks.channel_block_asset; each returns one dg.DataVersion, the one its records carry, so
+    Dagster's staleness view and the _records/ lineage agree."""
+    from dagster_project.resources import DdrStorage
+    from ddr_core.records import read_record
+
+    data_root, instance, _ = graph_run
+    records_dir = DdrStorage(data_root=str(data_root)).layout.records_dir
+    for name in ("activity_plots", "priors", "dreams", "representation_shards"):
+        assert asset_def(name).op.compute_fn.decorated_fn.__module__ == "ddr_assets.blocks", name
+        record = read_record(records_dir, name, "tiny-raw:0-15")
+        event = instance.get_latest_materialization_event(dg.AssetKey(name))
+        tags = event.asset_materialization.tags or {}
+        assert tags.get("dagster/data_version") == record["data_version"], name
+    export = read_record(records_dir, "html_export", "tiny-raw")
+    event = instance.get_latest_materialization_event(dg.AssetKey("html_export"))
+    assert (event.asset_materialization.tags or {}).get("dagster/data_version") == export["data_version"]
