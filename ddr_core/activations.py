@@ -360,14 +360,14 @@ def _run_capture_locked(
     ``group_lock`` is held exclusively when ``alone`` (no other shard running), else not held.
     """
     from ddr_core.hooks import TimestepTracker, capture_activations
-    from ddr_core.pipeline import initial_latents
-    from ddr_core.progress import Progress
-    from ddr_core.sae_training import (
+    from ddr_core.layer_vectors import (
         VECTORS_DIRNAME,
         VectorSamplingConfig,
         maybe_collect_layer_vectors,
         write_vector_batch,
     )
+    from ddr_core.pipeline import initial_latents
+    from ddr_core.progress import Progress
 
     device = pipe.unet.device
     store = ActivationStore(root)

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 if TYPE_CHECKING:  # torch is imported where it is used: reading the rank environment needs none
     import torch
 
-    from ddr_core.cluster_payload import StageRequest
+    from ddr_core.stage_request import StageRequest
 
 LogFn = Callable[[str], None]
 T = TypeVar("T")
@@ -264,17 +264,14 @@ def launch(request: StageRequest, processes: int | None = None, log: LogFn | Non
             wrote) or died without raising (killed, out of memory, segfault: the message names the
             rank and exit code torchrun reported, and this function writes the error report).
     """
-    from ddr_core.atomic import atomic_write_json
-    from ddr_core.cluster_payload import REPORT_VERSION, StageFailed, error_path, report_path
+    from ddr_core.stage_request import JobReports, StageFailed
 
     log = log or (lambda message: print(message, flush=True))
     processes = processes or request.processes
     if processes < 2:
         raise ValueError(f"launch needs at least 2 processes, got {processes}; call run_stage for one process")
-    report = report_path(request.data_root, request.experiment, request.invocation_id)
-    errors = error_path(request.data_root, request.experiment, request.invocation_id)
-    report.unlink(missing_ok=True)
-    errors.unlink(missing_ok=True)
+    reports = JobReports(request, world_size=processes)
+    reports.clear(errors=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -298,11 +295,11 @@ def launch(request: StageRequest, processes: int | None = None, log: LogFn | Non
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     process.kill()
-    where = f" (SLURM job {os.environ['SLURM_JOB_ID']})" if os.environ.get("SLURM_JOB_ID") else ""
-    what = f"stage {request.stage!r} invocation {request.invocation_id}{where} with {processes} processes"
-    if code == 0 and report.is_file():
-        return json.loads(report.read_text(encoding="utf-8"))
-    error = json.loads(errors.read_text(encoding="utf-8")) if errors.is_file() else {}
+    what = f"stage {request.stage!r} invocation {request.invocation_id}{reports.where} with {processes} processes"
+    report = reports.read_report()
+    if code == 0 and report is not None:
+        return report
+    error = reports.read_error()
     if error and not error.get("lost_contact"):  # a rank raised: rank 0 named it
         raise StageFailed(f"{what} failed: {error.get('error')}")
     text = "\n".join(tail)
@@ -316,11 +313,6 @@ def launch(request: StageRequest, processes: int | None = None, log: LogFn | Non
                    f"others")
     else:
         message = f"torchrun exited with code {code} before the ranks reported"
-    errors.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(errors, {
-        "report_version": REPORT_VERSION, "invocation_id": request.invocation_id, "stage": request.stage,
-        "args": request.args, "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "world_size": processes,
-        "error": message, "failed_ranks": [int(r) for r in ranks[:1]], "traceback_tail": text[-4000:],
-        **({"rank_0_saw": error.get("error")} if error else {}),
-    })
-    raise StageFailed(f"{what} failed: {message}; last output:\n{text[-2000:]}")
+    unwritten = reports.write_error(message, text[-4000:], failed_ranks=[int(r) for r in ranks[:1]],
+                                    **({"rank_0_saw": error.get("error")} if error else {}))
+    raise StageFailed(f"{what} failed: {message}{unwritten}; last output:\n{text[-2000:]}")

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddr_core.cluster_payload import (
-    MERGES,
+    STAGES,
     StageFailed,
     StageRequest,
     error_path,
@@ -266,14 +266,14 @@ def test_rank_results_merge_like_one_run(roots):
     priors = [{"out_dir": "p", "done": [4, 0], "skipped": {"8": "inactive"}, "resumed": [], "seconds": 2.0, "images": 4},
               {"out_dir": "p", "done": [1], "skipped": {"3": "no_steered_timesteps"}, "resumed": [5], "seconds": 3.0,
                "images": 2}]
-    merged = MERGES["priors_for_variant"](_request(root, "priors_for_variant", {}, "x"), priors)
+    merged = STAGES["priors_for_variant"].merge(_request(root, "priors_for_variant", {}, "x"), priors)
     assert merged == {"out_dir": "p", "done": [0, 1, 4], "skipped": {"3": "no_steered_timesteps", "8": "inactive"},
                       "resumed": [5], "seconds": 3.0, "images": 6}
     capture = [{"root": "r", "batches_done": [2], "batches_skipped": [0], "seconds": 1.0, "images": 1,
                 "summary": {"complete": False}},
                {"root": "r", "batches_done": [1, 3], "batches_skipped": [], "seconds": 4.0, "images": 2,
                 "summary": {"complete": True, "generations": 4}}]
-    merged = MERGES["capture_group"](_request(root, "capture_group", {}, "x"), capture)
+    merged = STAGES["capture_group"].merge(_request(root, "capture_group", {}, "x"), capture)
     assert merged["batches_done"] == [1, 2, 3] and merged["batches_skipped"] == [0]
     assert merged["summary"] == {"complete": True, "generations": 4}  # from the rank that finalized
     assert (merged["images"], merged["seconds"], merged["seconds_per_image"]) == (3, 4.0, 4.0 / 3)
