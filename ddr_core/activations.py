@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
-from ddr_core.locks import FileLock, PartitionLockedError, partition_lock
+from ddr_core.locks import OwnedFlock, PartitionLockedError, partition_lock
 
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
@@ -328,7 +328,7 @@ def run_capture(
     root.mkdir(parents=True, exist_ok=True)
     with partition_lock(shard_lock_path(root, config.shard_index, config.num_shards), wait=lock_wait,
                         owner=owner):
-        group_lock = FileLock(root / GROUP_LOCK_FILE, owner=owner)
+        group_lock = OwnedFlock(root / GROUP_LOCK_FILE, owner=owner)
         try:
             alone = True
             try:
@@ -352,7 +352,7 @@ def run_capture(
 
 def _run_capture_locked(
     pipe: Any, layer: Any, layer_name: str, reducers: dict[str, Reducer], prompts: list[str], root: Path,
-    data_root: Path, config: CaptureConfig, group_lock: FileLock, alone: bool, new_plan: CapturePlan, *,
+    data_root: Path, config: CaptureConfig, group_lock: OwnedFlock, alone: bool, new_plan: CapturePlan, *,
     log: LogFn | None, stop_after_batches: int | None,
 ) -> CaptureResult:
     """The body of :func:`run_capture`, run while this shard's lock is held.

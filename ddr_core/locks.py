@@ -105,10 +105,13 @@ def _flock(fd: int, operation: int, lock_path: Path) -> bool:
         raise
 
 
-class FileLock:
-    """One ``flock`` on one lock file, exclusive or shared; see :func:`partition_lock`.
+class OwnedFlock:
+    """One ``flock`` on one lock file, exclusive or shared, whose exclusive holder writes who it is (pid,
+    host, start time, owner text) into the file; see :func:`partition_lock`.
 
-    Acquire with :meth:`acquire`, release with :meth:`release` (or use it as a context manager).
+    Not the ``filelock`` library: that one has no shared mode, and a run refused by a held lock here is told
+    which run holds it. Acquire with :meth:`acquire`, release with :meth:`release` (or use it as a context
+    manager).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, shared: bool = False, owner: str = "") -> None:
@@ -121,14 +124,14 @@ class FileLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self, wait: bool | float = False) -> FileLock:
+    def acquire(self, wait: bool | float = False) -> OwnedFlock:
         """Take the lock; ``wait``: False (fail at once), seconds to wait, or True (forever).
 
         Raises:
             PartitionLockedError: the lock is held by another run (after ``wait`` seconds).
         """
         if self._fd is not None:
-            raise RuntimeError(f"{self.path} is already held by this FileLock")
+            raise RuntimeError(f"{self.path} is already held by this OwnedFlock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         kind = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
@@ -176,7 +179,7 @@ class FileLock:
         finally:
             os.close(fd)
 
-    def __enter__(self) -> FileLock:
+    def __enter__(self) -> OwnedFlock:
         if self._fd is None:
             self.acquire()
         return self
@@ -207,7 +210,7 @@ def is_locked(path: str | os.PathLike[str]) -> bool:
 @contextlib.contextmanager
 def partition_lock(
     path: str | os.PathLike[str], *, wait: bool | float = False, owner: str = "", shared: bool = False
-) -> Iterator[FileLock]:
+) -> Iterator[OwnedFlock]:
     """Hold an exclusive (or ``shared``) ``flock`` on the lock file ``path`` for the ``with`` body.
 
     Args:
@@ -221,7 +224,7 @@ def partition_lock(
     Raises:
         PartitionLockedError: the lock is held elsewhere; names the lock file and its owner.
     """
-    lock = FileLock(path, shared=shared, owner=owner).acquire(wait)
+    lock = OwnedFlock(path, shared=shared, owner=owner).acquire(wait)
     try:
         yield lock
     finally:
@@ -325,7 +328,7 @@ def claim_channels(
             conflict = _live_conflict(registry, wanted)
             if conflict is None:
                 token = f"claim-{os.getpid()}-{secrets.token_hex(4)}"
-                claim = FileLock(registry / f"{token}.lock", owner=owner).acquire()
+                claim = OwnedFlock(registry / f"{token}.lock", owner=owner).acquire()
                 try:
                     atomic_write_json(registry / f"{token}.json", {"channels": sorted(wanted), "owner": owner})
                 except BaseException:

@@ -192,12 +192,12 @@ def test_a_shard_writes_nothing_while_another_shard_cleans_up(tiny_pipe, reducer
     import time
 
     from ddr_core.activations import GROUP_LOCK_FILE, PLAN_FILE, shard_lock_path
-    from ddr_core.locks import FileLock
+    from ddr_core.locks import OwnedFlock
 
     ref_root, _ = reference
     root = tmp_path / "capture"
     root.mkdir()
-    cleaner = FileLock(root / GROUP_LOCK_FILE, owner="shard 0 cleaning up").acquire()
+    cleaner = OwnedFlock(root / GROUP_LOCK_FILE, owner="shard 0 cleaning up").acquire()
     outcome: dict = {}
 
     def shard_one() -> None:
