@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ddr_core.hooks import TimestepTracker, capture_activations, sae_reducer, spatial_mean
+from ddr_core.basis import RawChannels, TopKSaeBasis
+from ddr_core.hooks import TimestepTracker, capture_activations
 from ddr_core.pipeline import initial_latents, layer_width, load_pipeline, resolve_layer
 from ddr_core.sae import Sae
 from ddr_core.tiny_model import TINY_PROMPTS, build_tiny_pipeline
@@ -41,7 +42,7 @@ def main() -> None:
     layer = resolve_layer(pipe.unet, args.layer)
     width = layer_width(pipe.unet, args.layer)
     sae = Sae.random(width, width * args.sae_expansion, k=32, seed=0).to(device)
-    reducers = {"raw": spatial_mean, "sae": sae_reducer(sae)}
+    reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(args.batch_size)]
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
 

@@ -59,14 +59,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.dreams import DreamConfig, DreamObjective, element_generators, element_seed, optimise_dreams
 from ddr_core.hooks import (
     TimestepTracker,
     capture_activations,
-    channel_directions,
     forward_to_layer,
-    sae_reducer,
-    spatial_mean,
 )
 from ddr_core.pipeline import initial_latents, resolve_layer
 from ddr_core.priors import generate_priors
@@ -398,7 +396,7 @@ def bench_dreams(args, pipe, dtype_name: str, flops: dict, budget: Budget, entry
         timesteps = [int(50 + (900 * i) // max(batch - 1, 1)) for i in range(batch)]
         init = torch.cat([torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(i))
                           for i in range(batch)])
-        objective = DreamObjective(torch.tensor(channels), sae)
+        objective = DreamObjective(torch.tensor(channels), TopKSaeBasis(sae) if sae is not None else RawChannels(None))
         generators = element_generators([element_seed(0, c, t, 0) for c, t in zip(channels, timesteps, strict=True)])
         synchronize(pipe.unet.device)
         start = time.perf_counter()
@@ -454,7 +452,7 @@ def bench_capture(args, pipe, flops: dict, entry: dict) -> None:
     layer = resolve_layer(pipe.unet, TARGET_LAYER)
     width = pipe.unet.config.block_out_channels[-2]
     sae = Sae.random(width, width * args.sae_expansion, k=32, seed=0).to(device)
-    reducers = {"raw": spatial_mean, "sae": sae_reducer(sae)}
+    reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     batch = args.image_batch
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(batch)]
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -485,7 +483,7 @@ def bench_priors(args, pipe, flops: dict, entry: dict) -> None:
     """generate_priors: empty prompt, guidance 1, one steered channel per image, images/s."""
     width = pipe.unet.config.block_out_channels[-2]
     channels = list(range(args.image_batch))
-    directions = channel_directions(channels, width)
+    directions = RawChannels(width).directions(channels)
     schedule = torch.full((len(channels), 1000), 5.0)
     generate_priors(pipe, TARGET_LAYER, directions[:1], schedule[:1], [0], num_inference_steps=2, batch_size=1)
     reset_peak(pipe.unet.device)

@@ -31,7 +31,7 @@ CAPTURE_CHILD = textwrap.dedent("""
     import json, resource, sys
     from pathlib import Path
     from ddr_core.activations import CaptureConfig, run_capture
-    from ddr_core.hooks import spatial_mean
+    from ddr_core.basis import RawChannels
     from ddr_core.pipeline import load_pipeline
     from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
     model_dir, root, generations, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -40,7 +40,7 @@ CAPTURE_CHILD = textwrap.dedent("""
     prompts = prompts[: -(-generations // images)]
     pipe = load_pipeline(model_dir)
     rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    result = run_capture(pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, root, root.parent,
+    result = run_capture(pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, root, root.parent,
                          CaptureConfig(num_images_per_prompt=images, batch_size=4, num_inference_steps=steps,
                                        seed=0))
     print(json.dumps({"generations": result.summary["generations"], "seconds": result.seconds,

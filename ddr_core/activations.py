@@ -459,11 +459,10 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     width, the SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted
     and warned. ``lock_wait`` / ``lock_owner``: see :func:`run_capture`.
     """
-    from ddr_core.hooks import sae_reducer, spatial_mean
+    from ddr_core.basis import load_basis
     from ddr_core.paths import file_inside
     from ddr_core.pipeline import load_pipeline
     from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
-    from ddr_core.variants import load_variant_basis
 
     root = layout.activations_dir(group)  # refuses an unsafe group name before any model is loaded
     model_name, layer_name, prompts_name = project.capture_spec(group)
@@ -484,9 +483,9 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     info: dict[str, dict[str, Any]] = {}
     for variant in variants:
         spec = project.variants[variant]
-        sae, actual = load_variant_basis(project, layout, variant, pipe, device)
-        reducers[variant] = spatial_mean if sae is None else sae_reducer(sae)
-        info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": actual}
+        basis = load_basis(project, layout, variant, pipe, device)
+        reducers[variant] = basis.reduce
+        info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": basis.width}
     return run_capture(pipe, layer_name, reducers, prompts, root, layout.data_root,
                        config, variant_info=info, log=log, stop_after_batches=stop_after_batches,
                        lock_wait=lock_wait, lock_owner=lock_owner)

@@ -64,6 +64,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_path, atomic_write_json
+from ddr_core.basis import Basis, RawChannels, TopKSaeBasis, as_basis
 from ddr_core.config import config_hash
 from ddr_core.locks import claim_channels, format_channels, partition_lock, stage_locks_dir
 from ddr_core.priors import check_channels
@@ -193,17 +194,17 @@ class DreamConfig(BaseModel):
 
 @dataclass(frozen=True)
 class DreamObjective:
-    """What each batch element maximises: a raw channel or an SAE feature of the layer output.
+    """What each batch element maximises: a unit of the variant's basis (:mod:`ddr_core.basis`): a raw
+    channel, or an SAE feature's pre-top-k activation (only the encoder rows of the chosen features are
+    computed), averaged over positions.
 
     Attributes:
         channels: ``(batch,)`` long: channel (raw) or feature index (SAE) per element.
-        sae: ``None`` for raw channels; otherwise the SAE whose pre-top-k feature activation
-            ``relu(W_enc[f] . (x - b_dec) + b_enc[f])`` is averaged over positions. Only the encoder
-            rows of the chosen features are computed (:meth:`~ddr_core.sae.Sae.encoder_rows`).
+        basis: the variant's :class:`~ddr_core.basis.Basis` (default: raw channels).
     """
 
     channels: torch.Tensor
-    sae: nn.Module | None = None
+    basis: Basis = field(default_factory=lambda: RawChannels(None))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "channels", torch.as_tensor(self.channels, dtype=torch.long).flatten())
@@ -214,27 +215,17 @@ class DreamObjective:
 
     @classmethod
     def sae_features(cls, sae: nn.Module, features: Sequence[int] | torch.Tensor) -> DreamObjective:
-        return cls(torch.as_tensor(features, dtype=torch.long), sae)
-
-    @property
-    def basis(self) -> str:
-        return "raw" if self.sae is None else "sae"
+        return cls(torch.as_tensor(features, dtype=torch.long), TopKSaeBasis(sae))
 
     def __len__(self) -> int:
         return int(self.channels.numel())
 
     def select(self, rows: torch.Tensor | Sequence[int]) -> DreamObjective:
         """The objective of a subset of elements."""
-        return DreamObjective(self.channels[torch.as_tensor(rows, dtype=torch.long)], self.sae)
-
-    def check_width(self, width: int) -> None:
-        """Raise if a channel lies outside ``[0, width)``."""
-        if len(self) and (int(self.channels.min()) < 0 or int(self.channels.max()) >= width):
-            what = "SAE features" if self.sae is not None else "channels"
-            raise ValueError(f"{what} must lie in [0, {width}), got {sorted(set(self.channels.tolist()))}")
+        return DreamObjective(self.channels[torch.as_tensor(rows, dtype=torch.long)], self.basis)
 
     def activations(self, layer_output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Spatial-mean activation of each element's channel.
+        """Spatial-mean activation of each element's unit.
 
         Args:
             layer_output: ``(n, C, H, W)`` or ``(n, positions, C)`` output of the layer.
@@ -247,16 +238,9 @@ class DreamObjective:
 
         channels = self.channels if rows is None else self.channels[rows.to(self.channels.device)]
         tokens = activation_tokens(layer_output).float()  # (n, N, C)
-        channels = channels.to(tokens.device)
         if tokens.shape[0] != channels.numel():
             raise ValueError(f"layer batch {tokens.shape[0]} != {channels.numel()} objective elements")
-        if self.sae is None:
-            index = channels[:, None, None].expand(-1, tokens.shape[1], 1)
-            return tokens.gather(2, index).squeeze(2).mean(dim=1)
-        weight, bias = self.sae.encoder_rows(channels)  # (n, d_in), (n,)
-        inputs = self.sae._prepare_input(tokens) - self.sae.b_dec  # (n, N, d_in)
-        pre = torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-        return torch.relu(pre).mean(dim=1).float()
+        return self.basis.unit_activations(tokens, channels)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -832,7 +816,7 @@ def check_dream_inputs(
 
 def run_dreams(
     pipe: Any,
-    sae: nn.Module | None,
+    basis: Basis | nn.Module | None,
     layer_name: str,
     stats_dir: str | Path | None,
     priors_dir: str | Path | None,
@@ -854,7 +838,8 @@ def run_dreams(
 
     Args:
         pipe: loaded pipeline (its UNet dtype is used for the forward pass).
-        sae: the SAE for an SAE variant (``channels`` are then feature indices), else ``None``.
+        basis: the variant's :class:`~ddr_core.basis.Basis` (an SAE or ``None`` for raw channels are
+            taken as their basis); ``channels`` are its units.
         layer_name: dotted name of the target layer.
         stats_dir: timestep statistics folder (needed for timestep keywords).
         priors_dir: the priors stage folder; ``None`` or ``config.use_prior`` false: seeded noise.
@@ -881,13 +866,13 @@ def run_dreams(
     root = Path(data_root) if data_root is not None else out
     batch_size = batch_size or config.batch_size
     layer = resolve_layer(pipe.unet, layer_name)
-    width = int(sae.num_latents) if sae is not None else layer_width(pipe.unet, layer_name)
+    basis = as_basis(basis, layer_width(pipe.unet, layer_name))
     channels = sorted({int(c) for c in channels})
-    DreamObjective(torch.tensor(channels, dtype=torch.long), sae).check_width(width)
+    basis.check_units(channels)
     use_prior = config.use_prior and priors_dir is not None
     if config.use_prior and priors_dir is None and log:
         log("dreams: no priors folder given; starting from seeded noise")
-    info = {"basis": "raw" if sae is None else "sae", "layer": layer_name, "use_prior": use_prior}
+    info = {"basis": basis.kind, "layer": layer_name, "use_prior": use_prior}
     # Everything that can be checked is checked before anything is written.
     check_dream_inputs(pipe, stats_dir, priors_dir if use_prior else None,
                        [c for c in channels if c not in finished_channels(out)], config)
@@ -955,7 +940,7 @@ def run_dreams(
                 batch, queue = queue[:batch_size], queue[batch_size:]
                 init = torch.stack([plan.init_latents[index] for plan, _, _, index in batch])
                 timesteps = torch.tensor([t for _, t, _, _ in batch], dtype=torch.long)
-                objective = DreamObjective(torch.tensor([p.channel for p, _, _, _ in batch], dtype=torch.long), sae)
+                objective = DreamObjective(torch.tensor([p.channel for p, _, _, _ in batch], dtype=torch.long), basis)
                 generators = element_generators(
                     [element_seed(config.random_seed, p.channel, t, s) for p, t, s, _ in batch]
                 )
@@ -1041,7 +1026,7 @@ def _nearest_example(examples: list[tuple[int, float]], timestep: int) -> tuple[
 
 def measure_dream_quality(
     pipe: Any,
-    sae: nn.Module | None,
+    basis: Basis | nn.Module | None,
     layer_name: str,
     dreams_dir: str | Path,
     stats_dir: str | Path | None,
@@ -1073,18 +1058,21 @@ def measure_dream_quality(
     Returns:
         The rows of ``channels`` (columns of :data:`QUALITY_SCHEMA`).
     """
+    from ddr_core.pipeline import layer_width
+
     dreams_dir = Path(dreams_dir)
+    basis = as_basis(basis, layer_width(pipe.unet, layer_name))
     with partition_lock(stage_locks_dir(dreams_dir) / QUALITY_LOCK_FILE, wait=True, owner=f"dream quality {dreams_dir.name}"):
         for leftover in [*dreams_dir.glob(f".{QUALITY_FILE}{TEMP_MARKER}*"),
                          *dreams_dir.glob(f"channel_*/.{QUALITY_FILE}{TEMP_MARKER}*")]:
             leftover.unlink(missing_ok=True)  # a measurement killed mid-write (all writers hold this lock)
-        return _measure_dream_quality_locked(pipe, sae, layer_name, dreams_dir, stats_dir, config, channels,
+        return _measure_dream_quality_locked(pipe, basis, layer_name, dreams_dir, stats_dir, config, channels,
                                              batch_size, reuse)
 
 
 def _measure_dream_quality_locked(
     pipe: Any,
-    sae: nn.Module | None,
+    basis: Basis,
     layer_name: str,
     dreams_dir: Path,
     stats_dir: str | Path | None,
@@ -1128,7 +1116,7 @@ def _measure_dream_quality_locked(
     for first in range(0, len(elements), batch_size):
         chunk = elements[first: first + batch_size]
         timesteps = torch.tensor([e["timestep"] for e in chunk], dtype=torch.long)
-        objective = DreamObjective(torch.tensor([e["channel"] for e in chunk], dtype=torch.long), sae)
+        objective = DreamObjective(torch.tensor([e["channel"] for e in chunk], dtype=torch.long), basis)
         for source, sink in ((latents_list, dream_values), (starts_list, start_values)):
             draws = None
             if config.see_through_schedule_noise:
@@ -1227,8 +1215,8 @@ def dreams_for_variant(
         FileNotFoundError: an upstream stage is missing (before the model is loaded).
         ChannelsLockedError: another live run is writing some of the channels.
     """
+    from ddr_core.basis import load_basis
     from ddr_core.pipeline import load_pipeline
-    from ddr_core.variants import load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -1263,12 +1251,12 @@ def dreams_for_variant(
                 f"from seeded noise"
             )
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
-    sae, _ = load_variant_basis(project, layout, variant, pipe, device)
+    basis = load_basis(project, layout, variant, pipe, device)
     result = run_dreams(
-        pipe, sae, layer_name, stats_dir, priors_dir, selected, out_dir, config,
+        pipe, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
         lock_wait=lock_wait, lock_owner=lock_owner,
     )
-    result.quality = measure_dream_quality(pipe, sae, layer_name, out_dir, stats_dir, config, channels=selected)
+    result.quality = measure_dream_quality(pipe, basis, layer_name, out_dir, stats_dir, config, channels=selected)
     result.quality_path = out_dir / QUALITY_FILE
     return result

@@ -12,7 +12,7 @@ prompt) branch and whose second half is the *conditional* one. :func:`capture_ac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,23 +142,6 @@ class TimestepTracker:
 # --------------------------------------------------------------------------------------------------
 
 
-def spatial_mean(tokens: torch.Tensor) -> torch.Tensor:
-    """Raw-channel reducer: mean over positions, ``(batch, positions, channels) -> (batch, channels)``."""
-    return tokens.mean(dim=1)
-
-
-def sae_reducer(sae: nn.Module) -> Reducer:
-    """Reducer giving the mean over positions of ``sae.feature_activations(tokens)``:
-    ``(batch, positions, d_in) -> (batch, num_latents)``. Tokens are moved to the SAE's device/dtype."""
-    parameter = next(sae.parameters())
-
-    def reduce(tokens: torch.Tensor) -> torch.Tensor:
-        features = sae.feature_activations(tokens.to(device=parameter.device, dtype=parameter.dtype))
-        return features.mean(dim=1)
-
-    return reduce
-
-
 @dataclass
 class ActivationRecording:
     """Reduced activations of one layer over a denoising run.
@@ -215,7 +198,7 @@ def capture_activations(
         layer: Module whose output is recorded (``(B, C, H, W)``, ``(B, HW, C)``, tuple or BaseOutput).
         tracker: Active :class:`TimestepTracker` on the UNet (gives each call's timestep).
         reducers: Name -> function from float32 tokens ``(B, N, C)`` to ``(B, F)``
-            (e.g. :func:`spatial_mean`, :func:`sae_reducer`).
+            (e.g. :meth:`ddr_core.basis.Basis.reduce`).
         cfg: Whether the layer's batch is ``[unconditional; conditional]`` (guidance on). Must match
             the pipeline call (``guidance_scale > 1``).
         keep_unconditional: Also store the unconditional half (ignored when ``cfg`` is False).
@@ -258,16 +241,6 @@ def capture_activations(
 # --------------------------------------------------------------------------------------------------
 
 
-def channel_directions(channels: Sequence[int] | torch.Tensor, width: int) -> torch.Tensor:
-    """One-hot directions ``(batch, width)`` float32: row ``b`` is 1 at ``channels[b]``."""
-    index = torch.as_tensor(channels, dtype=torch.long).flatten()
-    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= width):
-        raise ValueError(f"Channels must lie in [0, {width}), got {index.tolist()}.")
-    directions = torch.zeros(index.numel(), width)
-    directions[torch.arange(index.numel()), index] = 1.0
-    return directions
-
-
 StrengthSchedule = torch.Tensor | Callable[[int], torch.Tensor]
 
 
@@ -304,7 +277,7 @@ def steer_layer(
     Args:
         layer: Module to steer; output ``(L, C, H, W)`` or ``(L, HW, C)`` with ``L % B == 0``.
         tracker: Active :class:`TimestepTracker` on the UNet.
-        directions: ``(B, C)`` directions (e.g. :func:`channel_directions` or SAE decoder rows).
+        directions: ``(B, C)`` directions (:meth:`ddr_core.basis.Basis.directions`).
         strengths: ``(B, num_train_timesteps)`` table indexed by the current timestep, or a
             callable ``timestep -> (B,)``.
     """

@@ -476,7 +476,7 @@ def _relative(path: Path, data_root: Path) -> str:
 
 def run_priors(
     pipe: Any,
-    sae_or_none: Any,
+    basis: Any,
     layer_name: str,
     stats_dir: str | Path,
     channels: Sequence[int],
@@ -496,7 +496,8 @@ def run_priors(
 
     Args:
         pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
-        sae_or_none: the variant's :class:`~ddr_core.sae.Sae` (SAE basis) or ``None`` (raw channels).
+        basis: the variant's :class:`~ddr_core.basis.Basis` (an SAE, or ``None`` for raw channels, are taken
+            as their basis); each unit is steered along :meth:`~ddr_core.basis.Basis.directions`.
         layer_name: dotted UNet module name that is steered (the SAE's layer).
         stats_dir: the variant's finished timestep statistics.
         channels: channel / feature indices to do.
@@ -515,7 +516,7 @@ def run_priors(
     """
     from safetensors.torch import save_file
 
-    from ddr_core.hooks import channel_directions
+    from ddr_core.basis import TopKSaeBasis, as_basis
     from ddr_core.pipeline import layer_width
     from ddr_core.progress import Progress
     from ddr_core.tensor_files import canonical_metadata
@@ -527,15 +528,14 @@ def run_priors(
     except ValueError:
         raise ValueError(f"out_dir {out_dir} is not below data_root {data_root}; image paths are "
                          "stored relative to the data root") from None
-    basis: Literal["raw", "sae"] = "raw" if sae_or_none is None else "sae"
     width = layer_width(pipe.unet, layer_name)
-    if sae_or_none is not None:
-        if sae_or_none.d_in != width:
-            raise ValueError(f"the SAE reads d_in={sae_or_none.d_in} channels but layer {layer_name!r} "
-                             f"has {width}; use the SAE trained for this layer")
-        n_features, what = sae_or_none.num_latents, f"the SAE of layer {layer_name!r}"
-    else:
-        n_features, what = width, f"layer {layer_name!r}"
+    unit_basis = as_basis(basis, width)
+    if isinstance(unit_basis, TopKSaeBasis) and unit_basis.sae.d_in != width:
+        raise ValueError(f"the SAE reads d_in={unit_basis.sae.d_in} channels but layer {layer_name!r} "
+                         f"has {width}; use the SAE trained for this layer")
+    n_features = unit_basis.width
+    what = f"the SAE of layer {layer_name!r}" if unit_basis.kind == "sae" else f"layer {layer_name!r}"
+    basis = unit_basis.kind
     channels = check_channels(channels, n_features, what)
     summary = read_summary(stats_dir)
     if int(summary["width"]) != n_features:
@@ -606,12 +606,7 @@ def run_priors(
                      "activation there is 0)")
         row_of = {c: r for r, c in enumerate(candidates)}
 
-        if basis == "raw":
-            all_directions = channel_directions(to_generate, width)
-        else:
-            index = torch.as_tensor(to_generate, dtype=torch.long, device=sae_or_none.W_dec.device)
-            with torch.no_grad():
-                all_directions = sae_or_none.decoder_directions(index).detach().float().cpu()
+        all_directions = unit_basis.directions(to_generate)
 
         # Channels per pipeline call: the fewest whose generations fill whole batches.
         n_seeds = len(config.seeds)
@@ -692,8 +687,8 @@ def priors_for_variant(
         ChannelsLockedError: another live run is writing some of the channels (see :func:`run_priors`).
     """
     from ddr_core.activations import resolve_dtype
+    from ddr_core.basis import load_basis
     from ddr_core.pipeline import load_pipeline
-    from ddr_core.variants import load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -713,7 +708,6 @@ def priors_for_variant(
 
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
-    sae, _ = load_variant_basis(project, layout, variant, pipe, device)
-    return run_priors(pipe, sae, layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
+    return run_priors(pipe, load_basis(project, layout, variant, pipe, device), layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
                       config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -159,7 +159,8 @@ class Sae(nn.Module):
             sae.b_dec.copy_(0.01 * torch.randn(d_in, generator=generator))
         return sae
 
-    def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` checked for ``d_in``, on the SAE's device and dtype, unit-normalised when the config says so."""
         if x.shape[-1] != self.cfg.d_in:
             raise ValueError(
                 f"SAE expects inputs with last dimension d_in={self.cfg.d_in}, got shape {tuple(x.shape)}."
@@ -180,7 +181,7 @@ class Sae(nn.Module):
         Returns:
             ``(..., num_latents)``, non-negative.
         """
-        return torch.relu(self.encoder(self._prepare_input(x) - self.b_dec))
+        return torch.relu(self.encoder(self.prepare_input(x) - self.b_dec))
 
     def topk(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The ``k`` largest feature activations per input vector.

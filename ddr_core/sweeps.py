@@ -281,22 +281,20 @@ class _Models:
     def __init__(self, project: Any, layout: Any, variant: str, device: torch.device):
         self.project, self.layout, self.variant, self.device = project, layout, variant, device
         self._pipes: dict[str, Any] = {}
-        self._sae: Any = None
-        self._sae_loaded = False
+        self._basis: Any = None
 
     def get(self, dtype_name: str, dtype: torch.dtype) -> tuple[Any, Any]:
+        from ddr_core.basis import load_basis
         from ddr_core.pipeline import load_pipeline
-        from ddr_core.variants import load_variant_basis
 
         spec = self.project.variants[self.variant]
         if dtype_name not in self._pipes:
             self._pipes[dtype_name] = load_pipeline(self.layout.model_dir(spec.model), device=self.device,
                                                     dtype=dtype)
         pipe = self._pipes[dtype_name]
-        if not self._sae_loaded:
-            self._sae, _ = load_variant_basis(self.project, self.layout, self.variant, pipe, self.device)
-            self._sae_loaded = True
-        return pipe, self._sae
+        if self._basis is None:
+            self._basis = load_basis(self.project, self.layout, self.variant, pipe, self.device)
+        return pipe, self._basis
 
 
 def _setting_finished(folder: Path, channels: Sequence[int]) -> bool:
@@ -351,12 +349,12 @@ def run_sweep(
             continue
         if log:
             log(f"dream_sweeps: setting {index + 1}/{len(settings)}: {label}")
-        pipe, sae = models.get(dream_config.dtype, dream_config.torch_dtype())
+        pipe, basis = models.get(dream_config.dtype, dream_config.torch_dtype())
         dreams = run_dreams(
-            pipe, sae, layer_name, stats_dir, priors_dir if dream_config.use_prior else None,
+            pipe, basis, layer_name, stats_dir, priors_dir if dream_config.use_prior else None,
             config.channels, folder, dream_config, data_root=layout.data_root, log=log,
         )
-        measure_dream_quality(pipe, sae, layer_name, folder, stats_dir, dream_config, channels=config.channels)
+        measure_dream_quality(pipe, basis, layer_name, folder, stats_dir, dream_config, channels=config.channels)
         result.settings_run.append(index)
         result.element_steps += dreams.element_steps
 

@@ -11,7 +11,7 @@ import pytest
 
 from ddr_core.activation_store import ActivationStore
 from ddr_core.activations import CaptureConfig, CapturePlanMismatch, generation_seed, run_capture
-from ddr_core.hooks import sae_reducer, spatial_mean
+from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.sae import load_sae
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
@@ -21,7 +21,7 @@ PROMPTS = list(TINY_PROMPTS[:5])
 @pytest.fixture(scope="module")
 def reducers(tiny_sae_dir):
     sae = load_sae(tiny_sae_dir, expected_d_in=64)
-    return {"tiny-raw": spatial_mean, "tiny-sae": sae_reducer(sae)}
+    return {"tiny-raw": RawChannels(None).reduce, "tiny-sae": TopKSaeBasis(sae).reduce}
 
 
 def _config(**overrides) -> CaptureConfig:
@@ -114,7 +114,7 @@ def test_a_generation_is_regenerated_exactly_from_its_seed(tiny_pipe, reducers, 
     layer = resolve_layer(tiny_pipe.unet, TINY_TARGET_LAYER)
     latents = initial_latents(tiny_pipe, [row["seed"]], 64, 64)
     with TimestepTracker(tiny_pipe.unet) as tracker, capture_activations(
-        layer, tracker, {"raw": spatial_mean}, cfg=True
+        layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True
     ) as recording:
         tiny_pipe(prompt=[row["prompt"]], latents=latents, num_inference_steps=6, guidance_scale=7.5,
                   output_type="latent")
@@ -132,10 +132,10 @@ def test_other_parameters_cannot_mix_into_an_existing_capture(tiny_pipe, reducer
 def test_random_seed_is_drawn_once_and_reused_on_resume(tiny_pipe, tmp_path):
     root = tmp_path / "capture"
     cfg = CaptureConfig(num_images_per_prompt=1, batch_size=2, num_inference_steps=2, seed=None)
-    run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS[:4], root, tmp_path, cfg,
+    run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, PROMPTS[:4], root, tmp_path, cfg,
                 stop_after_batches=1)
     seeds_first = pl.read_parquet(root / "generations" / "batch_00000.parquet")["seed"].to_list()
-    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS[:4], root, tmp_path, cfg)
+    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, PROMPTS[:4], root, tmp_path, cfg)
     base = result.summary["plan"]["base_seed"]
     seeds = pl.read_parquet(root / "generations.parquet")["seed"].to_list()
     assert seeds[:2] == seeds_first and seeds == [generation_seed(base, g) for g in range(4)]

@@ -23,8 +23,8 @@ import pytest
 from ddr_core import atomic
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.activations import CaptureConfig, capture_group, run_capture, shard_lock_path
+from ddr_core.basis import RawChannels
 from ddr_core.config import ProjectConfig
-from ddr_core.hooks import spatial_mean
 from ddr_core.locks import PartitionLockedError, is_locked, partition_lock, read_lock_owner
 from ddr_core.paths import DataLayout
 from ddr_core.pipeline import LayerNotFoundError, ModelFolderError
@@ -188,7 +188,7 @@ def test_capture_of_the_same_shard_is_refused_before_anything_is_written(tiny_pi
     holder = hold_lock(shard_lock_path(capture_root, 0, 1), owner="capture run A")
     try:
         with pytest.raises(PartitionLockedError, match="capture run A"):
-            run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, TINY_PROMPTS[:2], capture_root,
+            run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, TINY_PROMPTS[:2], capture_root,
                         tmp_path, CaptureConfig(**CAPTURE))
     finally:
         stop(holder)
@@ -210,7 +210,7 @@ def test_other_shards_run_side_by_side_and_keep_each_others_files(tiny_pipe, cap
     shard_1 = hold_lock(shard_lock_path(capture_root, 1, 2), owner="shard 1")
     group = hold_lock(capture_root / ".lock", owner="shard 1", shared=True)
     try:
-        result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, capture_root,
+        result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, capture_root,
                              tmp_path, CaptureConfig(shard_index=0, **config))
         assert result.batches_done == [0, 2] and result.summary["complete"] is False
         assert foreign.exists(), "shard 0 deleted a file shard 1 was writing"
@@ -218,7 +218,7 @@ def test_other_shards_run_side_by_side_and_keep_each_others_files(tiny_pipe, cap
     finally:
         stop(group)
         stop(shard_1)
-    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, capture_root, tmp_path,
+    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, capture_root, tmp_path,
                          CaptureConfig(shard_index=1, **config))
     assert result.summary["complete"] and result.summary["generations"] == 4
     assert not foreign.exists()  # alone at the end: finalize removed every leftover
@@ -312,7 +312,7 @@ def _cpu():
 
 def test_wrong_layer_in_run_capture_writes_nothing(tiny_pipe, capture_root, tmp_path):
     with pytest.raises(LayerNotFoundError, match="up_blocks.1.attentions.1"):
-        run_capture(tiny_pipe, "up_blocks.1.attention.1", {"raw": spatial_mean}, TINY_PROMPTS[:2],
+        run_capture(tiny_pipe, "up_blocks.1.attention.1", {"raw": RawChannels(None).reduce}, TINY_PROMPTS[:2],
                     capture_root, tmp_path, CaptureConfig(**CAPTURE))
     assert not capture_root.exists()
 
@@ -344,14 +344,14 @@ def test_top_k_larger_than_width_writes_nothing(tmp_path):
 @pytest.mark.slow
 def test_disk_full_during_a_capture_batch_keeps_finished_batches(tiny_pipe, capture_root, tmp_path, monkeypatch):
     prompts = TINY_PROMPTS[:3]
-    first = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, capture_root, tmp_path,
+    first = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, capture_root, tmp_path,
                         CaptureConfig(**CAPTURE), stop_after_batches=1)
     assert first.batches_done == [0]
     good = next(ActivationStore(capture_root).iter_dense("raw"))[2].copy()
     faulty = FaultyOs(fail_on=3)  # the third file of batch 1 (image, dense, then its top-k table)
     monkeypatch.setattr(atomic, "os", faulty)
     with pytest.raises(OSError) as error:
-        run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, capture_root, tmp_path,
+        run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, capture_root, tmp_path,
                     CaptureConfig(**CAPTURE))
     assert error.value.errno == errno.ENOSPC
     assert "No space left on device" in str(error.value) and "batch_00001" in str(error.value)
@@ -360,7 +360,7 @@ def test_disk_full_during_a_capture_batch_keeps_finished_batches(tiny_pipe, capt
     assert store.finished_batches() == {0}  # batch 1 is not half-counted
     np.testing.assert_array_equal(next(store.iter_dense("raw"))[2], good)  # batch 0 still loads
     assert not list(capture_root.rglob("*.tmp-*"))
-    again = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, prompts, capture_root, tmp_path,
+    again = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, capture_root, tmp_path,
                         CaptureConfig(**CAPTURE))
     assert again.summary["complete"] and again.batches_done == [1, 2]
 
@@ -454,11 +454,10 @@ def test_capture_with_a_nan_feature_fails_naming_it_and_writes_no_batch(tiny_pip
     variant and the feature, instead of recording it as an inactive feature with maximum -inf."""
     from ddr_core.activation_store import NonFiniteActivationsError
     from ddr_core.activations import CaptureConfig, run_capture
-    from ddr_core.hooks import spatial_mean
     from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
     def broken_sae(tokens):
-        features = spatial_mean(tokens)
+        features = RawChannels(None).reduce(tokens)
         features[:, 7] = float("nan")
         return features
 

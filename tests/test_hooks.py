@@ -9,17 +9,15 @@ import torch
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.hooks import (
     StopForward,
     TimestepTracker,
     activation_tokens,
     capture_activations,
-    channel_directions,
     forward_to_layer,
     layer_output_tensor,
     replace_layer_output,
-    sae_reducer,
-    spatial_mean,
     steer_layer,
     stop_after_layer,
 )
@@ -59,7 +57,7 @@ def _run(pipe, prompts, seeds, guidance_scale=7.5, steps=STEPS, **kwargs):
 
 
 def _capture(pipe, layer, prompts, seeds, guidance_scale=7.5, reducers=None, **kwargs):
-    reducers = reducers or {"raw": spatial_mean}
+    reducers = reducers or {"raw": RawChannels(None).reduce}
     with (
         TimestepTracker(pipe.unet) as tracker,
         capture_activations(layer, tracker, reducers, cfg=guidance_scale > 1) as recording,
@@ -140,7 +138,7 @@ def test_capture_shapes_and_timesteps(tiny_pipe, layer, tiny_sae_dir):
 
     sae = load_sae(tiny_sae_dir, expected_d_in=64)
     recording = _capture(
-        tiny_pipe, layer, PROMPTS, [0, 1], reducers={"raw": spatial_mean, "sae": sae_reducer(sae)}
+        tiny_pipe, layer, PROMPTS, [0, 1], reducers={"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     )
     assert recording.timesteps == tiny_pipe.scheduler.timesteps.tolist()
     assert recording.conditional["raw"].shape == (STEPS, 2, 64)
@@ -170,7 +168,7 @@ def test_reducers_get_float32_tokens_and_sae_reducer_is_mean_of_features(tiny_pi
         layer,
         PROMPTS,
         [0, 1],
-        reducers={"tokens": all_tokens, "sae": sae_reducer(sae), "raw": spatial_mean},
+        reducers={"tokens": all_tokens, "sae": TopKSaeBasis(sae).reduce, "raw": RawChannels(None).reduce},
     )
     assert set(seen_dtypes) == {torch.float32}
     tokens = recording.conditional["tokens"].view(STEPS, 2, 16, 64)
@@ -201,7 +199,7 @@ def test_keep_unconditional_false(tiny_pipe, layer):
     with (
         TimestepTracker(tiny_pipe.unet) as tracker,
         capture_activations(
-            layer, tracker, {"raw": spatial_mean}, cfg=True, keep_unconditional=False
+            layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True, keep_unconditional=False
         ) as recording,
     ):
         _run(tiny_pipe, PROMPTS, [0, 1])
@@ -212,7 +210,7 @@ def test_keep_unconditional_false(tiny_pipe, layer):
 def test_capture_under_inference_mode(tiny_pipe, layer):
     with (
         TimestepTracker(tiny_pipe.unet) as tracker,
-        capture_activations(layer, tracker, {"raw": spatial_mean}, cfg=True) as recording,
+        capture_activations(layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True) as recording,
         torch.inference_mode(),
     ):
         _run(tiny_pipe, PROMPTS[:1], [0])
@@ -224,12 +222,12 @@ def test_capture_errors_and_cleanup(tiny_pipe, layer):
     with pytest.raises(ValueError, match="odd layer batch"):
         with (
             TimestepTracker(tiny_pipe.unet) as tracker,
-            capture_activations(layer, tracker, {"raw": spatial_mean}, cfg=True),
+            capture_activations(layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True),
         ):
             _run(tiny_pipe, PROMPTS[:1], [0], guidance_scale=1.0)
     unused_tracker = TimestepTracker(tiny_pipe.unet)
     with pytest.raises(RuntimeError, match="TimestepTracker"):
-        with capture_activations(layer, unused_tracker, {"raw": spatial_mean}, cfg=False):
+        with capture_activations(layer, unused_tracker, {"raw": RawChannels(None).reduce}, cfg=False):
             _run(tiny_pipe, PROMPTS[:1], [0], guidance_scale=1.0)
     # the `layer` fixture asserts that no hook is left behind
 
@@ -246,7 +244,7 @@ def _tracked_identity(timestep: int) -> tuple[nn.Module, TimestepTracker]:
 @pytest.mark.parametrize("layout", ["spatial", "tokens"])
 def test_steer_adds_a_different_channel_per_element(layout):
     layer, tracker = _tracked_identity(500)
-    directions = channel_directions([1, 3], width=8)
+    directions = RawChannels(8).directions([1, 3])
     strengths = torch.zeros(2, 1000)
     strengths[0, 500] = 2.0
     strengths[1, 500] = -3.0
@@ -263,7 +261,7 @@ def test_steer_adds_a_different_channel_per_element(layout):
 
 def test_steer_applies_to_each_cfg_half_and_skips_zero_strength():
     layer, tracker = _tracked_identity(10)
-    directions = channel_directions([0, 2], width=4)
+    directions = RawChannels(4).directions([0, 2])
     x = torch.randn(4, 4, 3, 3)
     with steer_layer(layer, tracker, directions, lambda t: torch.tensor([float(t), 0.0])):
         y = layer(x)
@@ -280,16 +278,16 @@ def test_steer_applies_to_each_cfg_half_and_skips_zero_strength():
 def test_steer_rejects_bad_shapes():
     layer, tracker = _tracked_identity(0)
     with pytest.raises(ValueError, match="multiple"):
-        with steer_layer(layer, tracker, channel_directions([0, 1, 2], 4), torch.ones(3, 1000)):
+        with steer_layer(layer, tracker, RawChannels(4).directions([0, 1, 2]), torch.ones(3, 1000)):
             layer(torch.zeros(4, 4, 2, 2))
     with pytest.raises(ValueError, match="channels"):
-        with steer_layer(layer, tracker, channel_directions([0], 4), torch.ones(1, 1000)):
+        with steer_layer(layer, tracker, RawChannels(4).directions([0]), torch.ones(1, 1000)):
             layer(torch.zeros(1, 5, 2, 2))
     with pytest.raises(ValueError, match="strengths"):
-        with steer_layer(layer, tracker, channel_directions([0], 4), torch.ones(2, 1000)):
+        with steer_layer(layer, tracker, RawChannels(4).directions([0]), torch.ones(2, 1000)):
             pass
     with pytest.raises(ValueError):
-        channel_directions([4], 4)
+        RawChannels(4).directions([4])
     assert not layer._forward_hooks
 
 
@@ -304,10 +302,10 @@ def test_steering_touches_only_the_chosen_channel_at_the_chosen_timestep(tiny_pi
     strengths[:, steered_t] = strength
     plain = _capture(tiny_pipe, layer, PROMPTS, [0, 1])
     with TimestepTracker(tiny_pipe.unet) as tracker:
-        directions = channel_directions([channel, channel], 64)
+        directions = RawChannels(64).directions([channel, channel])
         with (
             steer_layer(layer, tracker, directions, strengths),
-            capture_activations(layer, tracker, {"raw": spatial_mean}, cfg=True) as steered,
+            capture_activations(layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True) as steered,
         ):
             _run(tiny_pipe, PROMPTS, [0, 1])
     assert steered.timesteps == plain.timesteps == schedule
@@ -340,7 +338,7 @@ def test_per_element_channels_in_one_batch_equal_single_runs(tiny_pipe, layer):
         with (
             TimestepTracker(tiny_pipe.unet) as tracker,
             steer_layer(
-                layer, tracker, channel_directions([channels[i] for i in indices], 64), strengths[indices]
+                layer, tracker, RawChannels(64).directions([channels[i] for i in indices]), strengths[indices]
             ),
         ):
             return _run(tiny_pipe, [prompts[i] for i in indices], [seeds[i] for i in indices])
@@ -408,8 +406,8 @@ def test_hooks_removed_when_the_block_raises(tiny_pipe, layer):
     with pytest.raises(RuntimeError, match="boom"):
         with (
             tracker,
-            capture_activations(layer, tracker, {"raw": spatial_mean}, cfg=True),
-            steer_layer(layer, tracker, channel_directions([0], 64), torch.ones(1, 1000)),
+            capture_activations(layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True),
+            steer_layer(layer, tracker, RawChannels(64).directions([0]), torch.ones(1, 1000)),
         ):
             raise RuntimeError("boom")
     # the `layer` fixture asserts that both the layer and the UNet are hook-free

@@ -15,7 +15,7 @@ import polars as pl
 
 from ddr_core.activation_store import ActivationStore
 from ddr_core.activations import CaptureConfig, run_capture
-from ddr_core.hooks import spatial_mean
+from ddr_core.basis import RawChannels
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
 CONFIG = dict(num_images_per_prompt=1, batch_size=2, num_inference_steps=8, seed=3)
@@ -25,12 +25,12 @@ SCRIPT = textwrap.dedent("""
     import sys
     from pathlib import Path
     from ddr_core.activations import CaptureConfig, run_capture
-    from ddr_core.hooks import spatial_mean
+    from ddr_core.basis import RawChannels
     from ddr_core.pipeline import load_pipeline
     from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
     model_dir, root, data_root = map(Path, sys.argv[1:4])
     pipe = load_pipeline(model_dir)
-    run_capture(pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, list(TINY_PROMPTS[:16]), root, data_root,
+    run_capture(pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, list(TINY_PROMPTS[:16]), root, data_root,
                 CaptureConfig(**__CONFIG__))
 """).replace("__CONFIG__", repr(CONFIG))
 
@@ -54,11 +54,11 @@ def test_kill_minus_nine_then_rerun(tiny_model_dir, tiny_pipe, tmp_path):
     finished = ActivationStore(root).finished_batches()
     assert 2 <= len(finished) < 8, finished  # killed mid-way
 
-    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS, root, tmp_path,
+    result = run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, PROMPTS, root, tmp_path,
                          CaptureConfig(**CONFIG))
     assert result.summary["complete"] and set(result.batches_skipped) == finished
     reference = tmp_path / "reference"
-    run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": spatial_mean}, PROMPTS, reference, tmp_path,
+    run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, PROMPTS, reference, tmp_path,
                 CaptureConfig(**CONFIG))
     np.testing.assert_allclose(_dense(root), _dense(reference), rtol=1e-3, atol=1e-3)
     gens = pl.read_parquet(root / "generations.parquet")

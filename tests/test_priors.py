@@ -11,8 +11,8 @@ from pydantic import ValidationError
 from safetensors import safe_open
 
 from ddr_core.activation_store import ActivationStore, VariantBatch
+from ddr_core.basis import RawChannels
 from ddr_core.config import ProjectConfig
-from ddr_core.hooks import channel_directions
 from ddr_core.paths import DataLayout
 from ddr_core.priors import (
     PriorsConfig,
@@ -160,7 +160,7 @@ def test_schedule_errors(raw_stats):
 
 def test_batched_equals_one_channel_at_a_time(tiny_pipe, raw_stats):
     channels = [5, 7]
-    directions = channel_directions(channels, 64)
+    directions = RawChannels(64).directions(channels)
     schedule = steering_schedule(raw_stats, channels, "all_timesteps", 50.0)
     # 4 generations in batches of 3: (5, s0) (5, s1) (7, s0) share a batch, (7, s1) runs alone.
     latents, images = generate_priors(tiny_pipe, TINY_TARGET_LAYER, directions, schedule, SEEDS,
@@ -171,7 +171,7 @@ def test_batched_equals_one_channel_at_a_time(tiny_pipe, raw_stats):
     for row, channel in enumerate(channels):
         for seed_index, seed in enumerate(SEEDS):
             alone, alone_images = generate_priors(
-                tiny_pipe, TINY_TARGET_LAYER, channel_directions([channel], 64), schedule[row:row + 1],
+                tiny_pipe, TINY_TARGET_LAYER, RawChannels(64).directions([channel]), schedule[row:row + 1],
                 [seed], num_inference_steps=STEPS, batch_size=1,
             )
             torch.testing.assert_close(latents[row, seed_index], alone[0, 0], atol=1e-4, rtol=1e-4)
@@ -183,7 +183,7 @@ def test_batched_equals_one_channel_at_a_time(tiny_pipe, raw_stats):
 
 
 def test_steering_changes_the_image(tiny_pipe, raw_stats):
-    directions = channel_directions([5], 64)
+    directions = RawChannels(64).directions([5])
     schedule = steering_schedule(raw_stats, [5], "all_timesteps", 50.0)
     steered, steered_images = generate_priors(tiny_pipe, TINY_TARGET_LAYER, directions, schedule, [1024],
                                               num_inference_steps=STEPS, batch_size=1)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddr_core.hooks import TimestepTracker, capture_activations, spatial_mean
+from ddr_core.basis import RawChannels
+from ddr_core.hooks import TimestepTracker, capture_activations
 from ddr_core.pipeline import initial_latents, resolve_layer
 from ddr_core.sae import find_sae_folder, load_sae
 from ddr_core.sae_training import (
@@ -39,7 +40,7 @@ def _generate(pipe, ids, sampling, guidance_scale=2.0, with_means=False):
     cfg = guidance_scale > 1
     with TimestepTracker(pipe.unet) as tracker, collect_layer_vectors(
         layer, tracker, cfg, sampling, ids
-    ) as recorded, capture_activations(layer, tracker, {"mean": spatial_mean}, cfg=cfg) as means, \
+    ) as recorded, capture_activations(layer, tracker, {"mean": RawChannels(None).reduce}, cfg=cfg) as means, \
             torch.inference_mode():
         pipe(prompt=[PROMPTS[g % 2] for g in ids], latents=latents, height=size, width=size,
              num_inference_steps=STEPS, guidance_scale=guidance_scale, output_type="latent")

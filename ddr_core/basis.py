@@ -1,0 +1,155 @@
+"""A variant's basis: how its units (raw channels, or the features of an SAE) read and steer the layer.
+
+Every stage that touches a unit goes through a :class:`Basis`:
+
+- capture: :meth:`Basis.reduce` turns the layer's tokens ``(batch, positions, channels)`` into one value
+  per unit ``(batch, width)`` (the spatial mean of the unit's per-position activation);
+- dreams: :meth:`Basis.unit_activations` is the differentiable objective, each batch element's own unit
+  ``(n, positions, channels) -> (n,)``, computing only what that unit needs;
+- priors: :meth:`Basis.directions` is the steering direction of each unit in the layer's channel space
+  ``(n,) -> (n, channels)``.
+
+A new kind of SAE is one subclass registered in :data:`BASES` (its ``kind`` is the config's ``basis``);
+:func:`load_basis` builds a variant's basis on a loaded pipeline and checks its declared width.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+
+
+class Basis(ABC):
+    """The units of a variant on one layer (see the module docstring). ``width``: number of units."""
+
+    kind: ClassVar[str]
+    width: int | None
+
+    def check_units(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``units`` as a ``(n,)`` long tensor; raises naming them when one lies outside ``[0, width)``."""
+        index = torch.as_tensor(units, dtype=torch.long).flatten()
+        if self.width is None:
+            raise ValueError(f"the basis does not know its width: build it with the layer's width to check {index.tolist()}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.width):
+            raise ValueError(f"{self.unit_name} must lie in [0, {self.width}), got {sorted(set(index.tolist()))}")
+        return index
+
+    @property
+    def unit_name(self) -> str:
+        return "channels"
+
+    @abstractmethod
+    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(batch, positions, channels) -> (batch, width)``: each unit's mean over positions."""
+
+    @abstractmethod
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions, channels)``, ``(n,)`` -> ``(n,)`` float32, differentiable: element ``i``'s
+        activation of unit ``units[i]``, averaged over positions."""
+
+    @abstractmethod
+    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``(n,) -> (n, channels)`` float32 on the CPU: each unit's steering direction in the layer."""
+
+
+class RawChannels(Basis):
+    """The layer's own channels: unit ``c`` is channel ``c``; its direction is the one-hot vector.
+
+    ``width``: the layer's channel count (``None`` where only :meth:`reduce` / :meth:`unit_activations` are
+    needed, e.g. an objective built before the layer is known)."""
+
+    kind = "raw"
+
+    def __init__(self, width: int | None) -> None:
+        self.width = None if width is None else int(width)
+
+    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.mean(dim=1)
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        units = units.to(tokens.device)
+        index = units[:, None, None].expand(-1, tokens.shape[1], 1)
+        return tokens.gather(2, index).squeeze(2).mean(dim=1)
+
+    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        index = self.check_units(units)
+        directions = torch.zeros(index.numel(), self.width)
+        directions[torch.arange(index.numel()), index] = 1.0
+        return directions
+
+
+class TopKSaeBasis(Basis):
+    """The features of a TopK SAE (SAeUron format, :class:`ddr_core.sae.Sae`).
+
+    A feature's activation is its pre-top-k value ``relu(W_enc[f] . (x - b_dec) + b_enc[f])``: the objective
+    of a dream keeps a gradient where the top-k would cut it. Its steering direction is its decoder row.
+    """
+
+    kind = "sae"
+
+    def __init__(self, sae: Any) -> None:
+        self.sae = sae
+        self.width = int(sae.num_latents)
+
+    @property
+    def unit_name(self) -> str:
+        return "SAE features"
+
+    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        parameter = next(self.sae.parameters())
+        features = self.sae.feature_activations(tokens.to(device=parameter.device, dtype=parameter.dtype))
+        return features.mean(dim=1)
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        units = units.to(tokens.device)
+        weight, bias = self.sae.encoder_rows(units)  # (n, d_in), (n,)
+        inputs = self.sae.prepare_input(tokens) - self.sae.b_dec  # (n, N, d_in)
+        pre = torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
+        return torch.relu(pre).mean(dim=1).float()
+
+    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        index = self.check_units(units).to(self.sae.W_dec.device)
+        with torch.no_grad():
+            return self.sae.decoder_directions(index).detach().float().cpu()
+
+
+BASES: dict[str, type[Basis]] = {RawChannels.kind: RawChannels, TopKSaeBasis.kind: TopKSaeBasis}
+"""Config ``basis`` -> its class."""
+
+
+def as_basis(value: Basis | Any | None, layer_width: int) -> Basis:
+    """A :class:`Basis` from what a caller holds: a basis, an SAE, or ``None`` (raw channels of a layer
+    ``layer_width`` wide)."""
+    if isinstance(value, Basis):
+        return value
+    if value is None:
+        return RawChannels(layer_width)
+    return TopKSaeBasis(value)
+
+
+def load_basis(project: Any, layout: Any, variant: str, pipe: Any, device: torch.device | str) -> Basis:
+    """The basis of ``variant`` for the loaded ``pipe``: its SAE (SAeUron folder under ``layout.sae_dir``)
+    checked against the layer's width, or the layer's raw channels; and its declared ``width`` checked.
+
+    Raises:
+        ValueError: the declared width differs from the model / SAE (the message gives the fix).
+        ddr_core.sae.SaeFormatError: a missing or broken SAE, or ``d_in`` not matching the layer.
+    """
+    from ddr_core.pipeline import layer_width
+    from ddr_core.sae import find_sae_folder, load_sae
+
+    spec = project.variants[variant]
+    layer_name = project.layer_of(variant)
+    width = layer_width(pipe.unet, layer_name)
+    if spec.basis == "sae":
+        folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
+        basis: Basis = TopKSaeBasis(load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))
+    else:
+        basis = RawChannels(width)
+    if basis.width != spec.width:
+        raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} basis "
+                         f"has {basis.width}: set `width: {basis.width}`")
+    return basis
