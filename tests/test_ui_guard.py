@@ -1,0 +1,294 @@
+"""The web guard in front of the REAL Dagster webserver app of this project's workspace.
+
+The app is what ``python -m dagster_project.launcher ui`` serves: dagster-webserver's Starlette app for
+``workspace.yaml`` (code location ``dagster_project.definitions``) on a temporary ``DAGSTER_HOME``,
+wrapped in :class:`ddr_core.web_guard.WebGuard`. Requests go through Starlette's TestClient; whether a
+mutation ran is read from the instance (``launchRun`` of ``provision_models`` queues a run: the instance
+uses the QueuedRunCoordinator and no daemon runs here, so nothing executes).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+pytest.importorskip("httpx2", reason="starlette.testclient needs httpx2 (a huggingface_hub dependency)")
+import dagster as dg  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402
+from starlette.websockets import WebSocketDisconnect  # noqa: E402
+
+from dagster_project.launcher import build_ui_app, ui_process_context  # noqa: E402
+from ddr_core.web_guard import GuardConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "http://127.0.0.1:3000"
+SAME_ORIGIN = {"Origin": BASE}
+EVIL = "http://evil.example"
+WS = "ws://127.0.0.1:3000/graphql"
+TOKEN = "test-token-0123456789abcdef"
+LAUNCH = """mutation Launch($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory):
+    """``(instance, process context, code location name)`` of workspace.yaml on a temporary instance."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copyfile(ROOT / "dagster_project" / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        with ui_process_context(instance, ROOT / "workspace.yaml", read_only=False) as context:
+            with TestClient(build_ui_app(context, GuardConfig(bind_host="127.0.0.1", port=3000)),
+                            base_url=BASE) as client:
+                response = client.post("/graphql", headers=SAME_ORIGIN, json={
+                    "query": "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }"})
+                location = response.json()["data"]["workspaceOrError"]["locationEntries"][0]["name"]
+            yield instance, context, location
+
+
+@pytest.fixture(scope="module")
+def client(workspace):
+    _instance, context, _location = workspace
+    with TestClient(build_ui_app(context, GuardConfig(bind_host="127.0.0.1", port=3000)), base_url=BASE) as client:
+        yield client
+
+
+def _launch_variables(location: str, partition: str = "tiny") -> dict:
+    return {"p": {"selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
+                               "jobName": "provision_models"},
+                  "mode": "default",
+                  "executionMetadata": {"tags": [{"key": "dagster/partition", "value": partition}]}}}
+
+
+def _runs(instance) -> int:
+    return instance.get_runs_count()
+
+
+def test_unguarded_webserver_runs_a_mutation_sent_as_get(workspace) -> None:
+    """The threat is real: dagster-webserver's own app (what a bare `dagster dev` serves) executes a
+    mutation from a GET query string, as an <img src> on any page would send it."""
+    instance, context, location = workspace
+    from dagster_webserver.webserver import DagsterWebserver
+
+    before = _runs(instance)
+    with TestClient(DagsterWebserver(context).create_asgi_app(), base_url=BASE) as raw:
+        response = raw.get("/graphql", params={"query": LAUNCH,
+                                               "variables": json.dumps(_launch_variables(location, "sd-v1-4"))})
+    assert response.json()["data"]["launchRun"]["__typename"] == "LaunchRunSuccess", response.text
+    assert _runs(instance) == before + 1
+
+
+def test_mutation_over_get_is_refused_and_launches_nothing(workspace, client) -> None:
+    instance, _context, location = workspace
+    before = _runs(instance)
+    params = {"query": LAUNCH, "variables": json.dumps(_launch_variables(location))}
+    assert client.get("/graphql", params=params).status_code == 403
+    assert client.get("/graphql", params=params, headers=SAME_ORIGIN).status_code == 403
+    # anonymous mutation, several operations, a repeated parameter, a document that does not parse
+    for query in ("mutation { logTelemetry(action: \"a\", clientTime: \"1\", clientId: \"c\", metadata: \"{}\") "
+                  "{ __typename } }",
+                  "query A { version } " + LAUNCH,
+                  "{ version"):
+        assert client.get("/graphql", params={"query": query}).status_code == 403, query
+    assert client.get("/graphql?query={version}&query=mutation%20%7BlogTelemetry%7D").status_code == 403
+    assert _runs(instance) == before
+    # a read over GET still works
+    response = client.get("/graphql", params={"query": "{ version }"})
+    assert response.status_code == 200 and response.json()["data"]["version"]
+
+
+def test_form_post_mutation_is_refused(workspace, client) -> None:
+    """A cross-site <form method=post> is form-encoded or text/plain: dagster-webserver would read the
+    query string (or a 'text/plain;application/json' body as JSON); the guard accepts JSON only."""
+    instance, _context, location = workspace
+    before = _runs(instance)
+    body = {"query": LAUNCH, "variables": json.dumps(_launch_variables(location))}
+    assert client.post("/graphql", data=body).status_code == 415
+    assert client.post("/graphql", data=body, headers={"Origin": EVIL}).status_code == 403
+    assert client.post("/graphql", params=body, content=b"").status_code == 415
+    for content_type in ("text/plain;application/json", "text/plain", "multipart/form-data; boundary=x",
+                         "application/graphql"):
+        response = client.post("/graphql", content=json.dumps(body).encode(),
+                               headers={"Content-Type": content_type})
+        assert response.status_code == 415, content_type
+    assert _runs(instance) == before
+
+
+def test_json_post_from_a_foreign_origin_is_refused(workspace, client) -> None:
+    instance, _context, location = workspace
+    before = _runs(instance)
+    body = {"query": LAUNCH, "variables": _launch_variables(location)}
+    for headers in ({"Origin": EVIL}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:3001"},
+                    {"Origin": "https://127.0.0.1:3000"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Sec-Fetch-Site": "same-site"}):
+        assert client.post("/graphql", json=body, headers=headers).status_code == 403, headers
+    assert _runs(instance) == before
+
+
+def test_rebinding_host_is_refused(workspace, client) -> None:
+    """A page on evil.example whose name now resolves to 127.0.0.1 is same-origin with itself: its
+    requests carry Host: evil.example:3000, on every request (reads too)."""
+    instance, _context, location = workspace
+    before = _runs(instance)
+    rebound = {"Host": "evil.example:3000", "Origin": "http://evil.example:3000"}
+    body = {"query": LAUNCH, "variables": _launch_variables(location)}
+    assert client.post("/graphql", json=body, headers=rebound).status_code == 403
+    assert client.post("/graphql", json=body, headers={"Host": "evil.example:3000"}).status_code == 403
+    assert client.post("/graphql", json={"query": "{ version }"}, headers=rebound).status_code == 403
+    assert client.get("/", headers={"Host": "evil.example:3000"}).status_code == 403
+    assert client.get("/", headers={"Host": "127.0.0.1:3001"}).status_code == 403
+    assert _runs(instance) == before
+
+
+def test_same_origin_ui_requests_work(workspace, client) -> None:
+    instance, _context, location = workspace
+    index = client.get("/", headers={"Accept": "text/html"})
+    assert index.status_code == 200 and "<html" in index.text.lower()
+    assert client.get("/server_info").json()["dagster_webserver_version"]
+    for host in ("127.0.0.1:3000", "localhost:3000", "[::1]:3000"):
+        response = client.post("/graphql", json={"query": "{ version }"},
+                               headers={"Host": host, "Origin": f"http://{host}"})
+        assert response.status_code == 200, host
+    before = _runs(instance)
+    response = client.post("/graphql", headers=SAME_ORIGIN,
+                           json={"query": LAUNCH, "variables": _launch_variables(location)})
+    assert response.json()["data"]["launchRun"]["__typename"] == "LaunchRunSuccess", response.text
+    run_id = response.json()["data"]["launchRun"]["run"]["runId"]
+    assert _runs(instance) == before + 1
+    run = instance.get_run_by_id(run_id)
+    assert run.job_name == "provision_models" and run.tags["dagster/partition"] == "tiny"
+    # a non-browser client (no Origin, no Sec-Fetch-Site) on the right Host is not a CSRF vector
+    assert client.post("/graphql", json={"query": "{ version }"}).status_code == 200
+
+
+def test_graphql_websocket_checks_origin_and_host(client) -> None:
+    for headers in ({"Origin": EVIL}, {"Origin": "null"}, {"Host": "evil.example:3000", "Origin": BASE}):
+        with pytest.raises(WebSocketDisconnect) as refused:
+            with client.websocket_connect(WS, subprotocols=["graphql-ws"], headers=headers):
+                pass
+        assert refused.value.code == 1008, headers
+    with client.websocket_connect(WS, subprotocols=["graphql-ws"], headers=SAME_ORIGIN) as ws:
+        ws.send_json({"type": "connection_init", "payload": {}})
+        assert ws.receive_json()["type"] == "connection_ack"
+
+
+def test_report_asset_endpoints_check_origin_and_host(workspace, client) -> None:
+    instance, _context, _location = workspace
+    key = dg.AssetKey("models")
+    assert instance.get_latest_materialization_event(key) is None
+    for headers in ({"Origin": EVIL}, {"Host": "evil.example:3000"}, {"Sec-Fetch-Site": "cross-site"}):
+        for endpoint in ("report_asset_materialization", "report_asset_observation", "report_asset_check"):
+            response = client.post(f"/{endpoint}/models", json={}, headers=headers)
+            assert response.status_code == 403, (endpoint, headers)
+        response = client.post("/report_asset_materialization/models", data={"partition": "x"}, headers=headers)
+        assert response.status_code == 403, headers
+    assert instance.get_latest_materialization_event(key) is None
+    # the endpoint itself still works from this machine's scripts
+    assert client.post("/report_asset_materialization/models", json={}).status_code == 200
+    assert instance.get_latest_materialization_event(key) is not None
+
+
+def test_token_mode(workspace) -> None:
+    _instance, context, _location = workspace
+    guard = GuardConfig(bind_host="127.0.0.1", port=3000, token=TOKEN)
+    with TestClient(build_ui_app(context, guard), base_url=BASE) as client:
+        assert client.get("/", headers={"Accept": "text/html"}).status_code == 403
+        assert client.get("/server_info").status_code == 403
+        assert client.post("/graphql", json={"query": "{ version }"}, headers=SAME_ORIGIN).status_code == 403
+        assert client.get("/?token=wrong-token-0123456789", headers={"Accept": "text/html"}).status_code == 403
+        with pytest.raises(WebSocketDisconnect):
+            with client.websocket_connect(WS, subprotocols=["graphql-ws"], headers=SAME_ORIGIN):
+                pass
+
+        # ?token= on a page load: an HttpOnly SameSite=Strict cookie and a reload without the token
+        page = client.get(f"/runs?token={TOKEN}&view=list", headers={"Accept": "text/html"})
+        assert page.status_code == 200
+        cookie = page.headers["set-cookie"]
+        assert cookie.startswith(f"ddr_token_3000={TOKEN};")
+        assert "HttpOnly" in cookie and "samesite=strict" in cookie.lower() and "Path=/" in cookie
+        assert 'url=/runs?view=list"' in page.text and TOKEN not in page.text
+        # the cookie (kept by the client) lets the UI's own requests through
+        assert client.get("/", headers={"Accept": "text/html"}).status_code == 200
+        assert client.post("/graphql", json={"query": "{ version }"}, headers=SAME_ORIGIN).status_code == 200
+        with client.websocket_connect(WS, subprotocols=["graphql-ws"], headers=SAME_ORIGIN) as ws:
+            ws.send_json({"type": "connection_init", "payload": {}})
+            assert ws.receive_json()["type"] == "connection_ack"
+        # the cookie does not lift the other checks
+        assert client.post("/graphql", json={"query": "{ version }"}, headers={"Origin": EVIL}).status_code == 403
+        assert client.get("/graphql", params={"query": "mutation { x }"}).status_code == 403
+        client.cookies.clear()
+        assert client.get("/server_info").status_code == 403
+        # scripts: a bearer header or X-DDR-Token
+        assert client.get("/server_info", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        assert client.get("/server_info", headers={"X-DDR-Token": TOKEN}).status_code == 200
+    # the reload target stays on this server (a path "//evil.example/x" is not a URL of another host)
+    messages = anyio.run(_asgi_get, build_ui_app(context, guard), "//evil.example/x", f"token={TOKEN}")
+    body = b"".join(m.get("body", b"") for m in messages).decode()
+    assert messages[0]["status"] == 200 and 'url=/evil.example/x"' in body, body
+
+
+async def _asgi_get(app, path: str, query: str) -> list[dict]:
+    """The messages ``app`` sends for a GET of ``path`` taken verbatim (TestClient would normalise it)."""
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": [(b"host", b"127.0.0.1:3000"), (b"accept", b"text/html")],
+             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 3000)}
+    await app(scope, receive, send)
+    return sent
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "dagster_project.launcher", "ui"],
+    [sys.executable, "-m", "dagster_project.launcher", "dev"],
+    [sys.executable, "-m", "dagster_project.launcher", "inspector", "--data-root", "."],
+    [sys.executable, "-m", "ddr_core.cli", "inspect", "--data-root", "."],
+], ids=["ui", "dev", "inspector", "ddr-inspect"])
+def test_a_taken_port_fails_at_once_naming_the_port_and_the_fix(command, tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        port = holder.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([*command, "--port", str(port)], cwd=ROOT, capture_output=True, text=True,
+                                timeout=120, env={**_env(), "DAGSTER_HOME": str(tmp_path / "home")})
+        elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"port {port}" in result.stderr and "--port" in result.stderr, result.stderr[-2000:]
+    assert "Serving" not in result.stderr and "open http" not in result.stderr
+    assert elapsed < 60  # nothing slow (code location, Streamlit) was started
+    assert not (tmp_path / "home").exists()  # nor the instance
+
+
+def _env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "DDR_ACCESS_TOKEN"}
+
+
+def test_no_token_is_refused_off_loopback(tmp_path: Path) -> None:
+    port = _free_port()
+    result = subprocess.run([sys.executable, "-m", "dagster_project.launcher", "ui", "--host", "0.0.0.0",
+                             "--port", str(port), "--no-token"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, env={**_env(), "DAGSTER_HOME": str(tmp_path / "home")})
+    assert result.returncode == 2 and "--no-token is refused" in result.stderr, result.stderr[-2000:]
