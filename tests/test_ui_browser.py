@@ -69,6 +69,8 @@ def ui(tmp_path_factory: pytest.TempPathFactory):
     """``(url, instance, log path)`` of the guarded UI started as ``make dev`` starts it (without the daemon)."""
     port = _free_port()
     home = tmp_path_factory.mktemp("dagster_home")
+    (home / ".nux").mkdir()  # the "Join the Dagster community" prompt was seen (dagster._core.nux)
+    (home / ".nux" / "nux.yaml").write_text("seen: 1\n", encoding="utf-8")
     log = tmp_path_factory.mktemp("ui") / "ui.log"
     env = {**os.environ, "DAGSTER_HOME": str(home), "DDR_ACCESS_TOKEN": TOKEN}
     with open(log, "wb") as sink:
@@ -155,9 +157,6 @@ def test_guarded_ui_loads_and_launches_a_materialization(driver, ui) -> None:
 
     driver.get(f"{url}/assets/models")
     wait.until(lambda d: d.find_elements(By.XPATH, "//button[contains(., 'Materialize')]"))
-    time.sleep(1)
-    for skip in driver.find_elements(By.XPATH, "//button[normalize-space()='Skip']"):  # newsletter prompt
-        skip.click()
     _screenshot(driver, "ui_guard_asset_models.png")
     _click(wait, "//button[contains(., 'Materialize')]")
     _click(wait, "//*[contains(text(), 'Select a partition')]")
@@ -245,3 +244,52 @@ def test_a_page_from_another_origin_cannot_launch_runs(driver, ui, tmp_path: Pat
     cross_site = refusals["localhost"]
     assert any("access token required" in line for line in cross_site), cross_site
     assert len(cross_site) >= 8, cross_site
+
+
+@pytest.fixture(scope="module")
+def inspector_url(tmp_path_factory: pytest.TempPathFactory):
+    """The inspector on toy data as ``make inspect`` starts it (launcher, access token on)."""
+    pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+    from ddr_core import representation as rep
+    from tests.representation_data import VARIANT, make_toy_data_root
+
+    toy = make_toy_data_root(tmp_path_factory.mktemp("inspector") / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("inspector_log") / "inspector.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "dagster_project.launcher", "inspector", "--host",
+                                    "127.0.0.1", "--port", str(port), "--data-root", str(toy.data_root)],
+                                   cwd=ROOT, env={**os.environ, "DDR_ACCESS_TOKEN": TOKEN}, stdout=sink,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while f"open {url}/?token={TOKEN}" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the inspector did not start: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_guarded_inspector_renders_with_the_token(driver, inspector_url) -> None:
+    wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+    driver.get(inspector_url)
+    assert "access token required" in driver.page_source
+    driver.get(f"{inspector_url}/?token={TOKEN}")
+    wait.until(lambda d: "token=" not in d.current_url)
+    wait.until(lambda d: len(d.find_elements(
+        By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg')) >= 2)
+    assert "channel 00000" in driver.page_source
+    _screenshot(driver, "ui_guard_inspector.png")

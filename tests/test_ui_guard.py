@@ -10,11 +10,15 @@ uses the QueuedRunCoordinator and no daemon runs here, so nothing executes).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import anyio
@@ -281,8 +285,6 @@ def test_a_taken_port_fails_at_once_naming_the_port_and_the_fix(command, tmp_pat
 
 
 def _env() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != "DDR_ACCESS_TOKEN"}
 
 
@@ -292,3 +294,115 @@ def test_no_token_is_refused_off_loopback(tmp_path: Path) -> None:
                              "--port", str(port), "--no-token"], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, env={**_env(), "DAGSTER_HOME": str(tmp_path / "home")})
     assert result.returncode == 2 and "--no-token is refused" in result.stderr, result.stderr[-2000:]
+
+
+def test_read_only_mode_refuses_launching(workspace) -> None:
+    """``--read-only`` (ui_process_context(read_only=True), as the launcher passes it): browsing works,
+    a same-origin launch is refused by dagster-webserver and queues nothing."""
+    instance, _context, location = workspace
+    with ui_process_context(instance, ROOT / "workspace.yaml", read_only=True) as context:
+        guard = GuardConfig(bind_host="127.0.0.1", port=3000)
+        with TestClient(build_ui_app(context, guard), base_url=BASE) as client:
+            assert client.post("/graphql", json={"query": "{ version }"}, headers=SAME_ORIGIN).status_code == 200
+            before = _runs(instance)
+            response = client.post("/graphql", headers=SAME_ORIGIN,
+                                   json={"query": LAUNCH, "variables": _launch_variables(location)})
+            assert response.json()["data"]["launchRun"]["__typename"] == "UnauthorizedError", response.text
+            assert _runs(instance) == before
+
+
+def test_launcher_passes_read_only_and_guard_options() -> None:
+    from dagster_project.launcher import build_parser, ui_guard_config
+
+    args = build_parser().parse_args(["dev", "--read-only", "--port", "3005", "--allow-host", "localhost:8080",
+                                      "--no-token"])
+    assert args.read_only and args.port == 3005
+    guard = ui_guard_config(args)
+    assert guard.token is None and "localhost:8080" in guard.allowed_authorities()
+    assert "127.0.0.1:3005" in guard.allowed_authorities()
+    assert build_parser().parse_args(["ui"]).token is True  # the token is on unless --no-token
+
+
+@pytest.fixture(scope="module")
+def inspector(tmp_path_factory: pytest.TempPathFactory):
+    """``(url, process)`` of ``ddr inspect`` (toy data) with the access token TOKEN."""
+    from ddr_core import representation as rep
+    from tests.representation_data import VARIANT, make_toy_data_root
+
+    toy = make_toy_data_root(tmp_path_factory.mktemp("inspector") / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    port = _free_port()
+    log = tmp_path_factory.mktemp("inspector_log") / "inspector.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, "-m", "ddr_core.cli", "inspect", "--data-root", str(toy.data_root),
+                                    "--port", str(port)], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                   env={**_env(), "DDR_ACCESS_TOKEN": TOKEN}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while f"open {url}/?token={TOKEN}" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the inspector did not start: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _http(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, dict(response.headers), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read().decode(errors="replace")
+
+
+def _ws_status(url: str, headers: dict[str, str]) -> int:
+    """101 when the WebSocket handshake succeeds, else the HTTP status of the refusal."""
+    from websockets.exceptions import InvalidStatus
+    from websockets.sync.client import connect
+
+    try:
+        with connect(url, additional_headers=headers, open_timeout=30, origin=None):
+            return 101
+    except InvalidStatus as refused:
+        return refused.response.status_code
+
+
+def test_inspector_needs_the_token_for_pages_data_and_websocket(inspector) -> None:
+    """The inspector (Streamlit st.App behind the same guard): nothing, not even its WebSocket (which
+    carries the data), is served without the token; ?token= gives the cookie; Origin and Host checked."""
+    url, process = inspector
+    port = url.rsplit(":", 1)[1]
+    html = {"Accept": "text/html"}
+    assert _http(f"{url}/", html)[0] == 403
+    assert _http(f"{url}/_stcore/health")[0] == 403
+    assert _http(f"{url}/_stcore/health", {"X-DDR-Token": TOKEN})[2] == "ok"
+    assert _http(f"{url}/_stcore/health", {"X-DDR-Token": TOKEN, "Host": f"evil.example:{port}"})[0] == 403
+    ws = url.replace("http://", "ws://") + "/_stcore/stream"
+    assert _ws_status(ws, {"Origin": url}) == 403
+
+    status, headers, body = _http(f"{url}/?token={TOKEN}", html)
+    cookie = headers["set-cookie"].split(";")[0]
+    assert status == 200 and cookie == f"ddr_token_{port}={TOKEN}" and "HttpOnly" in headers["set-cookie"]
+    status, _headers, body = _http(f"{url}/", {**html, "Cookie": cookie})
+    assert status == 200 and "<html" in body.lower()
+    assert _ws_status(ws, {"Origin": url, "Cookie": cookie}) == 101
+    assert _ws_status(ws, {"Origin": "http://evil.example", "Cookie": cookie}) == 403
+    assert _ws_status(ws, {"Origin": f"http://127.0.0.1:{int(port) + 1}", "Cookie": cookie}) == 403
+
+    # the token is in no process's command line (other users of the machine can read those)
+    children = Path(f"/proc/{process.pid}/task/{process.pid}/children")
+    pids = [process.pid, *map(int, children.read_text().split())] if children.exists() else [process.pid]
+    for pid in pids:
+        assert TOKEN.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
