@@ -137,7 +137,7 @@ class GuardConfig(BaseModel):
         names: set[str] = set()
         if host in WILDCARD_HOSTS:
             names.update(LOOPBACK_NAMES)
-            names.update({socket.gethostname().lower(), socket.getfqdn().lower()})
+            names.update(_this_machine_names())
         elif is_loopback(host):
             names.update(LOOPBACK_NAMES)
             names.add(host)
@@ -157,6 +157,18 @@ class GuardConfig(BaseModel):
             host = "127.0.0.1"
         query = f"?{urlencode({'token': self.token})}" if self.token else ""
         return f"http://{_format_host(host)}:{self.port}{path}{query}"
+
+
+def _this_machine_names() -> set[str]:
+    """This machine's host name, FQDN and the addresses they resolve to (what a browser elsewhere may use
+    when the server listens on every interface)."""
+    names = {socket.gethostname().lower(), socket.getfqdn().lower()}
+    for name in list(names):
+        try:
+            names.update(socket.gethostbyname_ex(name)[2])
+        except OSError:
+            pass
+    return names
 
 
 def graphql_document_only_queries(document: str) -> bool:
@@ -219,7 +231,9 @@ class WebGuard:
         if problem is None:
             await self.app(scope, receive, send)
             return
-        LOGGER.warning("%s refused %s %s: %s", self.config.service, method, scope.get("path", ""), problem)
+        path = scope.get("path", "")
+        shown = path if path.isprintable() and len(path) <= 200 else repr(path[:200])  # no forged log lines
+        LOGGER.warning("%s refused %s %s: %s", self.config.service, method, shown, problem)
         await self._refuse(scope, receive, send, problem, status)
 
     # --- checks -------------------------------------------------------------------------------------

@@ -406,3 +406,26 @@ def test_inspector_needs_the_token_for_pages_data_and_websocket(inspector) -> No
     pids = [process.pid, *map(int, children.read_text().split())] if children.exists() else [process.pid]
     for pid in pids:
         assert TOKEN.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+@pytest.mark.parametrize("service", ["ui", "dev", "daemon"])
+def test_launcher_without_dagster_home_names_the_fix(service) -> None:
+    env = {k: v for k, v in _env().items() if k != "DAGSTER_HOME"}
+    result = subprocess.run([sys.executable, "-m", "dagster_project.launcher", service,
+                             *(["--port", str(_free_port())] if service != "daemon" else [])],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 2 and "DAGSTER_HOME is not set" in result.stderr, result.stderr[-2000:]
+
+
+def test_guard_allows_only_this_servers_names() -> None:
+    loopback = GuardConfig(bind_host="127.0.0.1", port=3000).allowed_authorities()
+    assert loopback == {"127.0.0.1:3000", "localhost:3000", "[::1]:3000"}
+    wildcard = GuardConfig(bind_host="0.0.0.0", port=3000, token=TOKEN,
+                           extra_hosts=("ui.example.org", "tunnel:8080")).allowed_authorities()
+    assert {"127.0.0.1:3000", f"{socket.gethostname().lower()}:3000", "ui.example.org:3000",
+            "tunnel:8080"} <= wildcard
+    assert "evil.example:3000" not in wildcard
+    with pytest.raises(ValueError):
+        GuardConfig(bind_host="127.0.0.1", port=3000, token="short")
+    with pytest.raises(ValueError):
+        GuardConfig(bind_host="127.0.0.1", port=3000, extra_hosts=("bad host/",))
