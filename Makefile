@@ -53,13 +53,22 @@ validate: setup
 	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
 
-# The Dagster UI on http://127.0.0.1:3000 (loopback only; see README for remote access).
+# The Dagster UI (loopback only, behind the web guard; see README for remote access) and the dagster-daemon.
+# Open the printed http://127.0.0.1:3000/?token=... once. Another port: make dev DEV_PORT=3001. DEV_ARGS: e.g.
+# "--read-only", "--no-token" (single-user machine), "--allow-host localhost:8080" (SSH tunnel on another
+# local port). A bare `dagster dev` is NOT guarded.
+DEV_PORT ?= 3000
+DEV_ARGS ?=
 dev: setup dagster-home
-	$(VENV)/bin/dagster dev -h 127.0.0.1 -p 3000 -w workspace.yaml
+	$(PY) -m dagster_project.launcher dev --host 127.0.0.1 --port $(DEV_PORT) -w workspace.yaml $(DEV_ARGS)
 
-# The inspector (Streamlit, loopback only) on the demo's data root.
+# The inspector (Streamlit, loopback only, behind the same guard) on the demo's data root; open the printed URL.
+# Another port: make inspect INSPECT_PORT=8502; INSPECT_ARGS as DEV_ARGS.
+INSPECT_PORT ?= 8501
+INSPECT_ARGS ?=
 inspect: setup
-	$(VENV)/bin/ddr inspect --data-root $${DDR_DATA_ROOT:-data}
+	$(PY) -m dagster_project.launcher inspector --host 127.0.0.1 --port $(INSPECT_PORT) \
+	  --data-root $${DDR_DATA_ROOT:-data} $(INSPECT_ARGS)
 
 # Toy world: retrain the shipped model (models/toy-world) from scratch: seeded, one thread (bitwise the shipped
 # weights on the machine that made them; one thread also slows least when other jobs share the CPU), 22-26 min

@@ -117,11 +117,11 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"
-          f" --experiment {layout.experiment}; opens http://127.0.0.1:8501)")
+          f" --experiment {layout.experiment}; open the http://127.0.0.1:8501/?token=... URL it prints)")
     for variant in variants:
         print(f"  HTML report of {variant}: {layout.stage_dir('html_export', variant) / 'index.html'}")
     print(f"  Dagster UI: make dev   (DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME', '.dagster_home')).resolve()};"
-          f" then open http://127.0.0.1:3000)")
+          f" then open the http://127.0.0.1:3000/?token=... URL it prints)")
     return 0
 
 

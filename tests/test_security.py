@@ -72,13 +72,20 @@ def test_dot_env_is_ignored_and_the_example_documents_every_variable():
     assert assigned["HF_TOKEN"] == "" and assigned["DDR_SLURM_KEY_PATH"] == ""  # no secret in the example
 
 
-def test_dagster_ui_binds_loopback_only():
+@pytest.mark.parametrize(("target", "service"), [("dev", "dev"), ("inspect", "inspector")])
+def test_make_serves_the_guarded_ui_on_loopback_only(target, service):
+    """`make dev` / `make inspect` start the UI through the guarded launcher (a bare `dagster dev` or
+    `streamlit run` would serve it unguarded), bound to loopback."""
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
-    dev = re.search(r"^dev:.*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE)
-    assert dev, "Makefile has no dev target"
-    command = next(line for line in dev.group(1).splitlines() if "dagster dev" in line)
-    assert re.search(r"(-h|--host)\s+127\.0\.0\.1\b", command), command
+    recipe = re.search(rf"^{target}:.*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE)
+    assert recipe, f"Makefile has no {target} target"
+    command = next(line for line in recipe.group(1).splitlines() if "dagster_project.launcher" in line)
+    assert re.search(rf"-m dagster_project\.launcher {service}\b", command), command
+    assert re.search(r"--host\s+127\.0\.0\.1\b", command), command
+    assert "--no-token" not in command
     assert "0.0.0.0" not in makefile
+    recipes = "\n".join(line for line in makefile.splitlines() if line.startswith("\t"))
+    assert not re.search(r"dagster(-webserver)? dev|dagster-webserver|streamlit run", recipes)
 
 
 def test_hub_token_never_reaches_records_or_metadata(tmp_path, monkeypatch):
