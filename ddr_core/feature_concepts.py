@@ -1030,10 +1030,6 @@ images (and the capture's generations, as the reference) come to the world's ren
                                        f"prompt_datasets.{spec.prompts}.file"), dataset.labels, dataset.text_field)
     store = ActivationStore(layout.activations_dir(project.capture_of(variant)))
     generations = store.read_generations() if store.root.is_dir() else None
-    if generations is None and (config or FeatureConceptsConfig()).examples == "peak_all_generations":
-        raise FileNotFoundError(f"the capture of variant {variant!r} ({store.root}) is missing: its generations are "
-                                f"ranked for the top examples; materialize activations[{project.capture_of(variant)}] "
-                                f"first (or score the recorded examples: examples='top_peak')")
     pool = generations.select("prompt") if generations is not None else None
     classifier = None
     model = project.models[spec.model]
@@ -1058,6 +1054,10 @@ images (and the capture's generations, as the reference) come to the world's ren
         classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
     elif log:
         log(f"model {spec.model!r} declares no concept_classifier: prior / dream agreement is skipped")
+    if generations is None and (config or FeatureConceptsConfig()).examples == "peak_all_generations":
+        raise FileNotFoundError(f"the capture of variant {variant!r} ({store.root}) is missing: its generations are "
+                                f"ranked for the top examples; materialize activations[{project.capture_of(variant)}] "
+                                f"first (or score the recorded examples: examples='top_peak')")
     return compute_feature_concepts(
         stats_dir, labels, dataset.labels.families, feature_concepts_dir(layout, variant), variant=variant,
         basis=spec.basis, config=config, data_root=layout.data_root,
