@@ -65,6 +65,14 @@ from torch import nn
 
 from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_path, atomic_write_json
 from ddr_core.basis import Basis, RawChannels, TopKSaeBasis, as_basis
+from ddr_core.channel_store import (  # noqa: F401 - channel_dir, timestep_dir_name, DREAM_FILE re-exported
+    DREAM_FILE,
+    PRIOR_LATENTS_FILE,
+    channel_dir,
+    prior_record_path,
+    timestep_dir_name,
+)
+from ddr_core.channel_store import finished_channels as store_finished_channels
 from ddr_core.config import config_hash
 from ddr_core.locks import claim_channels, format_channels, partition_lock, stage_locks_dir
 from ddr_core.priors import check_channels
@@ -82,7 +90,6 @@ LogFn = Callable[[str], None]
 TimestepKeyword = Literal["activity_peaks", "active_timesteps"]
 TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps")
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
-DREAM_FILE = "dream.json"
 QUALITY_FILE = "quality.parquet"
 QUALITY_LOCK_FILE = "quality.lock"
 STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
@@ -564,7 +571,7 @@ def resolve_dream_timesteps(
 
 
 def prior_latents_path(priors_dir: str | Path, channel: int) -> Path:
-    return Path(priors_dir) / f"channel_{channel:05d}" / "latents.safetensors"
+    return channel_dir(priors_dir, channel) / PRIOR_LATENTS_FILE
 
 
 def load_prior_latents(priors_dir: str | Path, channel: int, n_results: int) -> tuple[torch.Tensor, list[int]]:
@@ -638,25 +645,9 @@ class DreamsResult:
         return self.element_steps / self.seconds if self.seconds > 0 else float("nan")
 
 
-def channel_dir(out_dir: str | Path, channel: int) -> Path:
-    return Path(out_dir) / f"channel_{channel:05d}"
-
-
-def timestep_dir_name(timestep: int) -> str:
-    return f"t_{timestep:04d}"
-
-
 def finished_channels(out_dir: str | Path) -> set[int]:
     """Channels whose folder holds ``dream.json``."""
-    root = Path(out_dir)
-    if not root.is_dir():
-        return set()
-    done = set()
-    for path in root.glob(f"channel_*/{DREAM_FILE}"):
-        suffix = path.parent.name.removeprefix("channel_")
-        if suffix.isdigit():
-            done.add(int(suffix))
-    return done
+    return store_finished_channels(out_dir, DREAM_FILE)
 
 
 @torch.no_grad()
@@ -806,7 +797,7 @@ def check_dream_inputs(
         _load_timestep_table(Path(stats_dir), keyword)
     if priors_dir is not None:
         missing = [int(c) for c in channels
-                   if not (Path(priors_dir) / f"channel_{int(c):05d}" / "prior.json").is_file()]
+                   if not prior_record_path(priors_dir, int(c)).is_file()]
         if missing:
             raise FileNotFoundError(
                 f"no finished priors for channel(s) {format_channels(missing)} in {priors_dir}: materialize the "
@@ -904,7 +895,7 @@ def run_dreams(
                     result.channels_without_timesteps.append(channel)
                     continue
                 if use_prior:
-                    prior_record = Path(priors_dir) / f"channel_{channel:05d}" / "prior.json"
+                    prior_record = prior_record_path(priors_dir, channel)
                     if prior_record.is_file():
                         prior = json.loads(prior_record.read_text(encoding="utf-8"))
                         if prior.get("status") == "skipped":  # inactive or never steered: nothing to start from
@@ -1241,7 +1232,7 @@ def dreams_for_variant(
     if priors_dir is not None:
         finished = finished_channels(out_dir)
         missing = [c for c in selected
-                   if c not in finished and not (priors_dir / f"channel_{c:05d}" / "prior.json").is_file()]
+                   if c not in finished and not prior_record_path(priors_dir, c).is_file()]
         if missing:
             blocks = [f"priors[{variant}:{first}-{last}]" for first, last in spec.channel_blocks()
                       if any(first <= c <= last for c in missing)]

@@ -431,11 +431,11 @@ def significant_families(row: dict[str, Any], families: Sequence[str], alpha: fl
 
 def prior_images(priors_dir: str | Path, channels: Sequence[int]) -> list[tuple[int, str]]:
     """``(channel, image path relative to the data root)`` of every finished prior image."""
-    from ddr_core.priors import read_prior
+    from ddr_core.channel_store import read_prior
 
     images = []
     for channel in channels:
-        record = read_prior(priors_dir, channel) if Path(priors_dir).is_dir() else None
+        record = read_prior(priors_dir, channel)
         if record and record.get("status") == "done":
             images += [(int(channel), str(path)) for path in record.get("images") or []]
     return images
@@ -443,14 +443,13 @@ def prior_images(priors_dir: str | Path, channels: Sequence[int]) -> list[tuple[
 
 def dream_images(dreams_dir: str | Path, channels: Sequence[int]) -> list[tuple[int, str]]:
     """``(channel, image path relative to the data root)`` of every final dream image (all timesteps)."""
-    from ddr_core.dreams import DREAM_FILE, channel_dir
+    from ddr_core.channel_store import read_dream
 
     images = []
     for channel in channels:
-        path = channel_dir(dreams_dir, channel) / DREAM_FILE
-        if not path.is_file():
+        record = read_dream(dreams_dir, channel)
+        if record is None:
             continue
-        record = json.loads(path.read_text(encoding="utf-8"))
         for timestep in sorted(record.get("results") or {}, key=int, reverse=True):
             images += [(int(channel), str(p)) for p in record["results"][timestep].get("images") or []]
     return images

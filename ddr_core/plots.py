@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddr_core.atomic import atomic_path, remove_temporaries_of
+from ddr_core.channel_store import channel_file, channel_name
 from ddr_core.statistics import interpolate_profile, read_summary
 
 PROFILE_COLOR = "#2ecc71"
@@ -247,7 +248,7 @@ def save_activity_figure(
 
 def figure_names(channel: int) -> tuple[str, str]:
     """The two possible figure files of a channel: ``channel_<c:05d>.png`` and ``.gif``."""
-    return f"channel_{channel:05d}.png", f"channel_{channel:05d}.gif"
+    return channel_file("", channel, ".png").name, channel_file("", channel, ".gif").name
 
 
 def write_channel_figures(
@@ -286,7 +287,7 @@ def write_channel_figures(
         remove_temporaries_of(out, [name for c in channels for name in figure_names(c)])
         for channel in channels:
             frames = render_channel_figure(stats_dir, channel, image_root, dpi=dpi)
-            path = save_activity_figure(frames, out / f"channel_{channel:05d}", duration_ms=duration_ms)
+            path = save_activity_figure(frames, out / channel_name(channel), duration_ms=duration_ms)
             for name in figure_names(channel):
                 if name != path.name:
                     (out / name).unlink(missing_ok=True)

@@ -69,7 +69,6 @@ deletes the temporaries it left in their folders. The ranks of a multi-GPU job
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -83,6 +82,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
+from ddr_core.channel_store import PRIOR_FILE, channel_dir, read_prior  # noqa: F401 - read_prior re-exported
+from ddr_core.channel_store import PRIOR_LATENTS_FILE as LATENTS_FILE
 from ddr_core.config import config_hash
 from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported for callers of this module)
     ChannelsLockedError,
@@ -96,8 +97,6 @@ LogFn = Callable[[str], None]
 TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks"]
 
 FORMAT = "ddr.priors/1"
-PRIOR_FILE = "prior.json"
-LATENTS_FILE = "latents.safetensors"
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 DEFAULT_STEER_STRENGTH_SCALE: dict[str, float] = {"raw": 50.0, "sae": 500.0}
 PRIOR_PROMPT = ""
@@ -439,19 +438,6 @@ class PriorsResult:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3) if self.images else None,
         }
-
-
-def channel_dir(out_dir: str | Path, channel: int) -> Path:
-    """``out_dir/channel_<c:05d>``."""
-    return Path(out_dir) / f"channel_{int(channel):05d}"
-
-
-def read_prior(out_dir: str | Path, channel: int) -> dict[str, Any] | None:
-    """The ``prior.json`` of a finished channel, or ``None`` when it is not finished."""
-    path = channel_dir(out_dir, channel) / PRIOR_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def check_channels(channels: Sequence[int], n_features: int, what: str) -> list[int]:

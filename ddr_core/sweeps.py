@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json
+from ddr_core.channel_store import channel_name
 from ddr_core.dreams import (
     DREAM_FILE,
     QUALITY_FILE,
@@ -183,7 +184,7 @@ def setting_dir(root: Path, index: int) -> Path:
 
 
 def contact_sheet_path(root: Path, channel: int) -> Path:
-    return Path(root) / f"contact_sheet_channel_{channel:05d}.png"
+    return Path(root) / f"contact_sheet_{channel_name(channel)}.png"
 
 
 def _column_value(value: Any) -> Any:
