@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
-import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -22,11 +20,8 @@ import pytest
 from ddr_core import cli
 from ddr_core import representation as rep
 from ddr_core.html_export import export_html
+from tests.browser_support import CHROMEDRIVER, CHROMIUM, free_port, headless_chromium, screenshot
 from tests.representation_data import VARIANT, make_toy_data_root
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 pytestmark = [
     pytest.mark.skipif(
@@ -41,12 +36,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory):
     toy = make_toy_data_root(tmp_path_factory.mktemp("browser") / "data")
@@ -57,25 +46,14 @@ def toy(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def driver():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1500,1100"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    browser.set_page_load_timeout(60)
-    yield browser
-    browser.quit()
+    with headless_chromium() as browser:
+        yield browser
 
 
 @contextlib.contextmanager
 def _serve_inspector(data_root: Path, log_dir: Path):
     """``ddr inspect`` on ``data_root`` (a Streamlit server on a free loopback port): its URL."""
-    port = _free_port()
+    port = free_port()
     log = log_dir / "streamlit.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen(cli.inspector_command(str(data_root), "default", port=port),
@@ -115,11 +93,6 @@ def _loaded_images(browser, selector: str) -> list[int]:
         ".filter(i => i.complete).map(i => i.naturalWidth);", selector)
 
 
-def _screenshot(browser, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    browser.save_screenshot(str(path))
-    return path
 
 
 def test_inspector_renders_charts_and_images(driver, inspector_url) -> None:
@@ -134,7 +107,7 @@ def test_inspector_renders_charts_and_images(driver, inspector_url) -> None:
         "return Array.from(document.querySelectorAll('[data-testid=\"stVegaLiteChart\"] canvas'))"
         ".map(c => [c.width, c.height]);")
     assert all(w > 100 and h > 100 for w, h in canvas_sizes), canvas_sizes
-    shot = _screenshot(driver, "inspector_channel0.png")
+    shot = screenshot(driver, "inspector_channel0.png")
     assert shot.stat().st_size > 10_000
 
     # next channel via the sidebar button, then the dataset-examples tab
@@ -143,7 +116,7 @@ def test_inspector_renders_charts_and_images(driver, inspector_url) -> None:
     tab = driver.find_element(By.XPATH, "//*[@role='tab'][contains(., 'Dataset examples')]")
     tab.click()
     wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 2)
-    _screenshot(driver, "inspector_channel1_examples.png")
+    screenshot(driver, "inspector_channel1_examples.png")
 
 
 def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
@@ -160,7 +133,7 @@ def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
     header.click()
     header.click()  # descending
     assert first_column() == ["3", "2", "1", "0"]
-    _screenshot(driver, "export_index.png")
+    screenshot(driver, "export_index.png")
 
     driver.find_element(By.LINK_TEXT, "0").click()
     WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg polyline.curve")) == 2)
@@ -169,7 +142,7 @@ def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
     assert len(widths) == 32 and all(w > 0 for w in widths)
     box = driver.execute_script("return document.querySelector('svg').getBoundingClientRect().width;")
     assert box > 300
-    _screenshot(driver, "export_channel0.png")
+    screenshot(driver, "export_channel0.png")
 
 
 class _Attacker:
@@ -225,7 +198,7 @@ def test_hostile_prompt_is_shown_as_text_and_nothing_is_fetched(driver, tmp_path
                 ".filter(e => (e.src || e.href).includes(arguments[0]))"
                 ".map(e => (e.closest('[data-testid]') || e).outerHTML);", attacker.url)
             prompt_as_text = driver.execute_script("return document.body.innerText.includes(arguments[0]);", prompt)
-            _screenshot(driver, "inspector_hostile_prompt.png")
+            screenshot(driver, "inspector_hostile_prompt.png")
         assert attacker.requests == []
         assert live == []
         assert prompt_as_text

@@ -16,9 +16,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,10 +28,9 @@ from urllib.parse import urlencode
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+from tests.browser_support import CHROMEDRIVER, CHROMIUM, free_port, headless_chromium, screenshot
+
 ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = ROOT / "test-artifacts"
 TOKEN = "browser-test-token-0123456789"
 LOCATION = "dagster_project.definitions"  # code location name of workspace.yaml
 
@@ -58,16 +55,12 @@ LAUNCH_VARIABLES = json.dumps({"p": {
     "mode": "default", "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "sd-v1-4"}]}}})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory: pytest.TempPathFactory):
     """``(url, instance, log path)`` of the guarded UI started as ``make dev`` starts it (without the daemon)."""
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("dagster_home")
     (home / ".nux").mkdir()  # the "Join the Dagster community" prompt was seen (dagster._core.nux)
     (home / ".nux" / "nux.yaml").write_text("seen: 1\n", encoding="utf-8")
@@ -108,26 +101,10 @@ def ui(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def driver():
-    from selenium.webdriver.chrome.options import Options
-    from selenium.webdriver.chrome.service import Service
-
-    options = Options()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage",
-                 "--window-size=1500,1100"):
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    browser.set_page_load_timeout(60)
-    yield browser
-    browser.quit()
+    with headless_chromium() as browser:
+        yield browser
 
 
-def _screenshot(browser, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    browser.save_screenshot(str(path))
-    return path
 
 
 def _click(wait: WebDriverWait, xpath: str) -> None:
@@ -157,12 +134,12 @@ def test_guarded_ui_loads_and_launches_a_materialization(driver, ui) -> None:
 
     driver.get(f"{url}/assets/models")
     wait.until(lambda d: d.find_elements(By.XPATH, "//button[contains(., 'Materialize')]"))
-    _screenshot(driver, "ui_guard_asset_models.png")
+    screenshot(driver, "ui_guard_asset_models.png")
     _click(wait, "//button[contains(., 'Materialize')]")
     _click(wait, "//*[contains(text(), 'Select a partition')]")
     _click(wait, "//span[normalize-space(text())='tiny']")
     wait.until(lambda d: d.find_elements(By.XPATH, "//button[normalize-space()='Launch 1 run']"))
-    _screenshot(driver, "ui_guard_launch_dialog.png")
+    screenshot(driver, "ui_guard_launch_dialog.png")
     before = len(_runs(instance))
     _click(wait, "//button[normalize-space()='Launch 1 run']")
     deadline = time.monotonic() + 30
@@ -174,7 +151,7 @@ def test_guarded_ui_loads_and_launches_a_materialization(driver, ui) -> None:
 
     driver.get(f"{url}/runs")
     wait.until(lambda d: runs[0].run_id[:8] in d.page_source)
-    _screenshot(driver, "ui_guard_runs.png")
+    screenshot(driver, "ui_guard_runs.png")
     refused = [line for line in log.read_text(errors="replace").splitlines() if "refused" in line]
     assert not refused, f"the guard refused the UI's own requests: {refused}"
 
@@ -230,7 +207,7 @@ def test_a_page_from_another_origin_cannot_launch_runs(driver, ui, tmp_path: Pat
             driver.get(f"http://{host}:{server.server_address[1]}/attack.html")
             WebDriverWait(driver, 30).until(lambda d: d.execute_script("return window.done;") >= 102)
             time.sleep(2)  # let the last requests finish on the server
-            _screenshot(driver, f"ui_guard_attack_page_{host}.png")
+            screenshot(driver, f"ui_guard_attack_page_{host}.png")
             lines = [line for line in log.read_text(errors="replace").splitlines() if "refused" in line]
             refusals[host] = lines[seen:]
     finally:
@@ -256,7 +233,7 @@ def inspector_url(tmp_path_factory: pytest.TempPathFactory):
     toy = make_toy_data_root(tmp_path_factory.mktemp("inspector") / "data")
     rep.build_shards(toy.layout, VARIANT)
     rep.build_index(toy.layout, VARIANT)
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("inspector_log") / "inspector.log"
     with open(log, "wb") as sink:
         process = subprocess.Popen([sys.executable, "-m", "dagster_project.launcher", "inspector", "--host",
@@ -292,4 +269,4 @@ def test_guarded_inspector_renders_with_the_token(driver, inspector_url) -> None
     wait.until(lambda d: len(d.find_elements(
         By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg')) >= 2)
     assert "channel 00000" in driver.page_source
-    _screenshot(driver, "ui_guard_inspector.png")
+    screenshot(driver, "ui_guard_inspector.png")
