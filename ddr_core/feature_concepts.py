@@ -924,7 +924,10 @@ def load_baseline(path: str | Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"feature-concepts baseline {path} does not exist; write one with "
                                 f"`python -m ddr_core.feature_concepts baseline --summary <summary.json> --out {path}`")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    from ddr_core.json_input import read_json_file
+
+    data = read_json_file(path, "fix the file by hand or rewrite it with `python -m ddr_core.feature_concepts "
+                                "baseline --summary <summary.json> --out <this file>`")
     if not isinstance(data, dict) or not isinstance(data.get("variants", {}), dict):
         raise ValueError(f"{path}: expected an object with a 'variants' mapping")
     return data
@@ -1111,7 +1114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: result.summary[k] for k in ("counts", "figures")}, indent=2))
     else:
         out = Path(args.out)
-        current = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {
+        current = load_baseline(out) if out.is_file() else {
             "description": "Committed feature_concepts figures; the asset check fails when one drops by more "
                            "than the tolerance.", "tolerance": 0.05, "variants": {}}
         if args.tolerance is not None:

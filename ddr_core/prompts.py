@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ddr_core.json_input import parse_json
+
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TEXT_SUFFIXES = (".txt",)
 
@@ -86,21 +88,6 @@ _UNUSABLE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
 """Control characters (Unicode category Cc) except tab, and surrogates (:func:`text_problem`)."""
 
 
-class _DuplicateKeyError(ValueError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    record: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in record:
-            raise _DuplicateKeyError(key)
-        record[key] = value
-    return record
-
-
 def text_problem(text: str) -> str | None:
     """Why ``text`` cannot be used as a prompt or label, or ``None``.
 
@@ -156,19 +143,10 @@ def iter_lines(path: Path, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tup
 
 
 def parse_json_line(line: str) -> tuple[Any, str | None]:
-    """``(value, None)`` for a line holding one JSON value, else ``(None, reason)``: invalid JSON, nested
-    too deeply (which would exhaust Python's recursion limit), a number too long to convert, or an object
-    with a repeated key (which value counts would be a guess)."""
-    try:
-        return json.loads(line, object_pairs_hook=_no_duplicate_keys), None
-    except RecursionError:
-        return None, "invalid JSON (nested too deeply)"
-    except _DuplicateKeyError as error:
-        return None, f"duplicate key {error.key!r}"
-    except json.JSONDecodeError as error:
-        return None, f"invalid JSON ({error.msg})"
-    except ValueError:  # int() of a number literal over sys.get_int_max_str_digits() digits
-        return None, "invalid JSON (a number too long to read)"
+    """``(value, None)`` for a line holding one JSON value, else ``(None, reason)``
+    (:func:`ddr_core.json_input.parse_json`: invalid or too deeply nested JSON, a number too long to convert,
+    a key written twice)."""
+    return parse_json(line)
 
 
 def prompt_from_record(record: Any, text_field: str) -> tuple[str | None, str | None]:

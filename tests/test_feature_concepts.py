@@ -623,3 +623,19 @@ def test_basis_gap_is_sae_minus_raw_with_an_interval() -> None:
     # selective share over the scored channels only (the unscored fourth raw channel is left out): 1 - 1/3
     assert gap["selective_share"]["gap"] == pytest.approx(2 / 3)
     assert gap["selective_share"]["interval"][0] >= 0.0 and gap["selective_share"]["interval"][1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('{"variants": {}', r"invalid JSON \(Expecting ',' delimiter\) at line 1 column 16"),
+    ('{"variants": ' + "[" * 100_000 + "]" * 100_000 + "}", r"invalid JSON \(nested too deeply\)"),
+    ('{"tolerance": 0.05, "tolerance": 0.5, "variants": {}}', r"duplicate key 'tolerance'"),
+    ('{"tolerance": ' + "1" * 5000 + "}", r"invalid JSON \(a number too long to read\)"),
+], ids=["truncated", "nested", "repeated-key", "long-number"])
+def test_a_hand_edited_baseline_is_refused_naming_the_file_and_the_fix(tmp_path: Path, text: str, says: str) -> None:
+    """The baseline is a committed file people edit: a mistake in it names the file, where, and the fix (it raised
+    a bare JSONDecodeError / RecursionError, or kept the second of two values silently)."""
+    path = tmp_path / "baseline.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"baseline\.json: {says}; fix the file by hand or rewrite it with "
+                                         r"`python -m ddr_core\.feature_concepts baseline"):
+        load_baseline(path)
