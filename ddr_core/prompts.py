@@ -84,16 +84,18 @@ and skipped without being held in memory (a prompt is at most a few hundred byte
 77 tokens)."""
 
 _READ_CHUNK = 1 << 16
-_UNUSABLE_CHAR = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\ud800-\udfff]")
-"""Control characters (Unicode category Cc) except tab, and surrogates (:func:`text_problem`)."""
+_UNUSABLE_CHAR = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\ud800-\udfff]")
+"""Control characters (Unicode category Cc) that are not whitespace, and surrogates (:func:`text_problem`)."""
 
 
 def text_problem(text: str) -> str | None:
     """Why ``text`` cannot be used as a prompt or label, or ``None``.
 
     Refused: a lone surrogate (JSON ``"\\ud800"``: not encodable as UTF-8, so the tokenizer fails on it)
-    and control characters (NUL, escape sequences, line breaks inside a JSON string ...; Unicode category
-    ``Cc``), except tab. The reason names the first offending character.
+    and the control characters that are not whitespace (NUL, escape sequences, backspace, DEL ...: Unicode
+    category ``Cc`` less ``str.isspace``). Whitespace controls (tab, a line break inside a JSON string) are kept:
+    the tokenizer reads them as spaces, and every display escapes them. The reason names the first offending
+    character.
     """
     match = _UNUSABLE_CHAR.search(text)
     if match is None:
@@ -210,6 +212,19 @@ def load_prompts(path: str | Path, text_field: str = "text", limit: int | None =
     seen: set[str] = set()
     invalid: list[InvalidLine] = []
     n_lines = n_valid = n_duplicates = 0
+
+    def _add(line_number: int, prompt: str | None, reason: str | None) -> None:
+        nonlocal n_valid, n_duplicates
+        if prompt is None:
+            invalid.append(InvalidLine(line_number, reason or "invalid"))
+        elif prompt in seen:
+            n_valid += 1
+            n_duplicates += 1
+        else:
+            n_valid += 1
+            seen.add(prompt)
+            texts.append(prompt)
+
     for line_number, line, reason in iter_lines(path, max_line_bytes):
         n_lines += 1
         prompt: str | None = None
@@ -218,17 +233,13 @@ def load_prompts(path: str | Path, text_field: str = "text", limit: int | None =
                 record, reason = parse_json_line(line)
                 if reason is None:
                     prompt, reason = prompt_from_record(record, text_field)
-            else:
-                prompt, reason = _usable(line, "line")
-        if prompt is None:
-            invalid.append(InvalidLine(line_number, reason or "invalid"))
-            continue
-        n_valid += 1
-        if prompt in seen:
-            n_duplicates += 1
-            continue
-        seen.add(prompt)
-        texts.append(prompt)
+            else:  # text file: other line separators (\r, \f, U+2028, ...) end a prompt too, on the same line
+                pieces = [piece for piece in line.splitlines() if piece.strip()]
+                n_lines += len(pieces) - 1
+                for piece in pieces:
+                    _add(line_number, *_usable(piece, "line"))
+                continue
+        _add(line_number, prompt, reason)
 
     if n_lines == 0:
         raise PromptFileError(f"Prompt file {path} is empty; re-provision it or choose another prompt file.")

@@ -230,30 +230,32 @@ def test_lone_surrogate_and_control_characters_are_counted_invalid_naming_the_li
         json.dumps({"text": "a cat"}),
         '{"text": "a \\ud800 cat"}',  # a lone surrogate: the tokenizer raised a TypeError naming no line
         '{"text": "nul\\u0000byte"}',
-        '{"text": "\\u001b[31mred"}',
-        '{"text": "two\\nlines"}',
-        '{"text": "a\\ttab"}',  # tab is whitespace, kept
+        '{"text": "\\u001b[31mred"}',  # a terminal escape sequence
+        '{"text": "del\\u007f"}',
+        '{"text": "two\\nlines"}',  # whitespace controls are kept: the tokenizer reads them as spaces
+        '{"text": "a\\ttab"}',
         '{"text": "a smiley \\ud83d\\ude00"}',  # a surrogate *pair* is one valid character
     ]
     path = write_lines(tmp_path / "p.jsonl", lines)
     prompts = load_prompts(path)
-    assert prompts.texts == ["a cat", "a\ttab", "a smiley \U0001F600"]
+    assert prompts.texts == ["a cat", "two\nlines", "a\ttab", "a smiley \U0001F600"]
     assert [(i.line_number, i.reason) for i in prompts.invalid] == [
         (2, "'text': lone surrogate U+D800 (not encodable as UTF-8)"),
         (3, "'text': control character U+0000"),
         (4, "'text': control character U+001B"),
-        (5, "'text': control character U+000A"),
+        (5, "'text': control character U+007F"),
     ]
-    assert len(tiny_clip_tokenizer(prompts.texts)["input_ids"]) == 3  # every loaded prompt tokenizes
+    assert len(tiny_clip_tokenizer(prompts.texts)["input_ids"]) == 4  # every loaded prompt tokenizes
 
 
 def test_txt_line_with_a_control_character_is_invalid(tmp_path: Path) -> None:
     path = tmp_path / "p.txt"
-    path.write_bytes(b"a cat\nnul\x00byte\nold\rmac\n")
+    path.write_bytes(b"a cat\nnul\x00byte\nold\rmac\nesc\x1b[0m\n")
     prompts = load_prompts(path)
-    assert prompts.texts == ["a cat"]
+    assert prompts.texts == ["a cat", "old", "mac"]  # a lone \r still ends a prompt in a text file
     assert [(i.line_number, i.reason) for i in prompts.invalid] == [
-        (2, "line: control character U+0000"), (3, "line: control character U+000D")]
+        (2, "line: control character U+0000"), (4, "line: control character U+001B")]
+    assert prompts.n_lines == 5
 
 
 def test_unicode_line_separator_inside_a_json_string_stays_one_line(tmp_path: Path) -> None:
