@@ -18,9 +18,15 @@ Vocabulary:
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import importlib
 import json
+import math
 import os
+import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,13 +43,35 @@ DEFAULT_LAYER = "up_blocks.1.attentions.1"
 OVERRIDE_STAGES: tuple[str, ...] = ("priors", "dreams")
 """Stages whose parameters a variant may override (``variants.<v>.overrides.<stage>``)."""
 
+OVERRIDE_MODELS: dict[str, str] = {"priors": "ddr_core.priors:PriorsConfig", "dreams": "ddr_core.dreams:DreamConfig"}
+"""The config model of each override stage (``module:class``), imported when a variant overrides that stage
+(both modules import torch, as every caller of :func:`load_project_config` does anyway)."""
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest configuration file read (the shipped one is a few KiB)."""
+
+MAX_CONFIG_VALUES = 100_000
+"""Most YAML values (mapping entries and list items, counted through aliases) in a configuration: a file of
+nested aliases ("billion laughs") expands to more than this and is refused before anything walks it."""
+
+MAX_CHANNEL_BLOCKS = 10_000
+"""Most channel-range partitions (``width / block_size``) of one variant."""
+
 
 class ConfigError(ValueError):
     """The project configuration is invalid; the message names the field and the file."""
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: YAML gives native types, so `width: true`, `width: "64"` or `width: 64.5` are mistakes, not values
+    # to coerce (pydantic's lax mode reads true as 1 and "64" as 64).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _not_blank(value: str | None, what: str) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{what} is empty; give a value or leave the field out")
+    return value
 
 
 class HubSourceConfig(_Strict):
@@ -51,6 +79,22 @@ class HubSourceConfig(_Strict):
     revision: str = "main"
     allow_patterns: list[str] | None = None
     repo_type: Literal["model", "dataset"] = "model"
+
+    @field_validator("repo_id", "revision")
+    @classmethod
+    def _given(cls, value: str, info: Any) -> str:
+        return _not_blank(value, info.field_name)  # type: ignore[return-value]
+
+    @field_validator("allow_patterns")
+    @classmethod
+    def _patterns_given(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("allow_patterns is an empty list (nothing would be downloaded); list the file "
+                                 "patterns to fetch, or leave the field out to fetch every file")
+            for index, pattern in enumerate(value):
+                _not_blank(pattern, f"allow_patterns[{index}]")
+        return value
 
 
 class GoogleDriveSourceConfig(_Strict):
@@ -62,6 +106,11 @@ class GoogleDriveSourceConfig(_Strict):
     @classmethod
     def _filename_inside(cls, value: str | None) -> str | None:
         return _relative_inside(value, "filename")
+
+    @field_validator("file_id", "folder_id")
+    @classmethod
+    def _id_given(cls, value: str | None, info: Any) -> str | None:
+        return _not_blank(value, info.field_name)
 
     @model_validator(mode="after")
     def _one_id(self) -> GoogleDriveSourceConfig:
@@ -133,6 +182,64 @@ def _name(value: str | None, what: str) -> str | None:
         raise ValueError(str(exc)) from None
 
 
+def override_model(stage: str) -> type[BaseModel]:
+    """The config model whose fields ``variants.<v>.overrides.<stage>`` may set (:data:`OVERRIDE_MODELS`)."""
+    module, name = OVERRIDE_MODELS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def nearest(name: str, choices: Any) -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a misspelt ``name`` (difflib), or ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def override_problems(stage: str, values: dict[str, Any]) -> list[str]:
+    """What is wrong with the override values of one stage, each as ``<stage>.<field>: <problem and fix>``.
+
+    Every field must be a parameter of the stage's config model and its value valid for it, judged strictly
+    (no ``"0.5"`` for a number, no ``1`` for a boolean) as a run that sets nothing else would use it. Rules
+    between fields (e.g. enough seeds for ``n_results``) are left to the run, whose config may set the others.
+    """
+    model = override_model(stage)
+    problems = [f"{stage}.{name}: {stage} has no parameter {name!r}{nearest(name, model.model_fields)}; "
+                f"its parameters: {sorted(model.model_fields)}"
+                for name in values if name not in model.model_fields]
+    if problems:
+        return problems
+    try:
+        model.model_validate(values, strict=True)
+    except ValidationError as exc:
+        for error in exc.errors():
+            if error["loc"]:  # a field's own value; loc () is a rule between fields, checked at run time
+                where = ".".join(str(part) for part in error["loc"])
+                problems.append(f"{stage}.{where}: {error['msg'].removeprefix('Value error, ')}"
+                                f"{_got(error)}")
+    return problems
+
+
+def _got(error: Any) -> str:
+    """`` (got true, a bool; write a whole number)`` for a type error, else ``""``."""
+    hint = _TYPE_HINTS.get(error["type"])
+    if hint is None:
+        return ""
+    value = error.get("input")
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    kind = type(value).__name__
+    return f" (got {shown}, {'an' if kind[0] in 'aeiou' else 'a'} {kind}; {hint})"
+
+
+_TYPE_HINTS = {
+    "int_type": "write a whole number without quotes, e.g. 64",
+    "float_type": "write a number without quotes, e.g. 0.5",
+    "bool_type": "write true or false without quotes",
+    "string_type": "write text; quote it if YAML reads it as a number, date or boolean",
+    "list_type": "write a list, e.g. [a, b]",
+    "dict_type": "write a mapping of `key: value` lines",
+    "model_type": "write a mapping of `key: value` lines",
+}
+
+
 class ModelConfig(_Strict):
     source: SourceConfig
     default_layer: str = DEFAULT_LAYER
@@ -185,6 +292,8 @@ class ConceptLabelsConfig(_Strict):
 
     @model_validator(mode="after")
     def _families_known(self) -> ConceptLabelsConfig:
+        for index, family in enumerate(self.families):
+            _not_blank(family, f"families[{index}]")
         if len(set(self.families)) != len(self.families):
             raise ValueError(f"families repeat: {self.families}")
         if self.parser is not None:
@@ -207,8 +316,18 @@ class PromptDatasetConfig(_Strict):
     def _file_inside(cls, value: str) -> str:
         return _relative_inside(value, "file")
 
+    @field_validator("text_field")
+    @classmethod
+    def _text_field_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text_field is empty; name the JSON field holding each prompt, e.g. text")
+        return value
+
     @model_validator(mode="after")
     def _label_fields_need_jsonl(self) -> PromptDatasetConfig:
+        if self.labels is not None and self.labels.parser is None and self.text_field in self.labels.families:
+            raise ValueError(f"labels.families includes the text field {self.text_field!r}: a label family is "
+                             f"its own JSONL field beside the prompt; rename the family or the text_field")
         if self.labels is not None and self.labels.parser is None and not self.file.lower().endswith(
                 (".jsonl", ".ndjson")):
             raise ValueError(f"labels without a parser are read from JSONL fields, but file {self.file!r} is not "
@@ -241,6 +360,9 @@ class VariantConfig(_Strict):
         if unknown:
             raise ValueError(f"overrides: unknown stage(s) {unknown}; a variant may override the parameters of "
                              f"{list(OVERRIDE_STAGES)}")
+        problems = [problem for stage, values in value.items() for problem in override_problems(stage, values)]
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     @field_validator("block_size")
@@ -266,8 +388,13 @@ class VariantConfig(_Strict):
     def _sae_given(self) -> VariantConfig:
         if self.basis == "sae" and not self.sae:
             raise ValueError("basis 'sae' needs `sae: <name of an entry under saes>`")
-        if self.basis == "raw" and self.sae:
+        if self.basis == "raw" and self.sae is not None:
             raise ValueError("basis 'raw' takes no `sae`; use basis: sae")
+        blocks = math.ceil(self.width / self.block_size)
+        if blocks > MAX_CHANNEL_BLOCKS:
+            raise ValueError(f"width {self.width} / block_size {self.block_size} makes {blocks} channel-range "
+                             f"partitions, more than {MAX_CHANNEL_BLOCKS}; raise block_size to at least "
+                             f"{math.ceil(self.width / MAX_CHANNEL_BLOCKS)}")
         return self
 
 
@@ -355,8 +482,131 @@ def config_path() -> Path:
     return Path(os.environ.get("DDR_CONFIG") or DEFAULT_CONFIG_PATH)
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, where: str, key: Any, first: int, second: int) -> None:
+        super().__init__(where)
+        self.where, self.key, self.first, self.second = where, key, first, second
+
+
+def _walk_yaml(root: yaml.Node) -> dict[tuple[str, ...], int]:
+    """The 1-based line of every key path in a composed YAML document (``("variants", "tiny-raw",
+    "width") -> 97``; list items by index), refusing a key repeated in one mapping (:class:`_DuplicateKey`)
+    and a document of more than :data:`MAX_CONFIG_VALUES` values (aliases included, so a nested-alias bomb
+    stops here, before it is expanded)."""
+    lines: dict[tuple[str, ...], int] = {(): root.start_mark.line + 1}
+    stack: list[tuple[tuple[str, ...], yaml.Node]] = [((), root)]
+    visited = 0
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                visited += 1
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue  # `<<: *base` entries may be overridden; complex keys: refused when built
+                line = key_node.start_mark.line + 1
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise _DuplicateKey(".".join(path) or "(top level)", key_node.value, seen[key], line)
+                seen[key] = line
+                lines.setdefault((*path, key_node.value), line)
+                stack.append(((*path, key_node.value), value_node))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                visited += 1
+                lines.setdefault((*path, str(index)), item.start_mark.line + 1)
+                stack.append(((*path, str(index)), item))
+        if visited > MAX_CONFIG_VALUES:
+            raise ConfigError(f"more than {MAX_CONFIG_VALUES} values (counting through aliases); a configuration "
+                              f"is a few hundred: remove the nested aliases (`*name`) that multiply it")
+    return lines
+
+
+def _read_yaml(path: Path) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The YAML document of ``path`` and the line of each key path (:func:`_walk_yaml`)."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size} bytes, more than the {MAX_CONFIG_BYTES} a configuration may have; "
+                          f"is this the right file?")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes().count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 (byte 0x{path.read_bytes()[exc.start]:02x} on line {line}); "
+                          f"re-save the file as UTF-8") from None
+    loader = yaml.SafeLoader(text)
+    loader.name = str(path)  # YAML's own messages then name the file, not "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, {}
+        lines = _walk_yaml(node)
+        return loader.construct_document(node), lines
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: key {exc.key!r} appears twice in {exc.where} (lines {exc.first} and "
+                          f"{exc.second}); YAML would silently keep the second: delete one of them") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _field_names_at(loc: tuple[Any, ...]) -> list[str]:
+    """The field names of the config model that holds the field at ``loc`` (for a misspelt key), or ``[]``."""
+    annotation: Any = ProjectConfig
+    for part in loc[:-1]:
+        annotation = _unwrap(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if part not in annotation.model_fields:
+                return []
+            annotation = annotation.model_fields[part].annotation
+        elif typing.get_origin(annotation) in (dict, list):
+            annotation = typing.get_args(annotation)[-1]
+        else:
+            return []
+    annotation = _unwrap(annotation)
+    return list(annotation.model_fields) if isinstance(annotation, type) and issubclass(annotation, BaseModel) else []
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``X | None``."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        return args[0] if len(args) == 1 else annotation
+    return annotation
+
+
+def _describe(error: Any, lines: dict[tuple[str, ...], int], source: Path) -> str:
+    """One validation error as ``  <file>:<line>: <field>: <problem and fix>`` (the form editors jump to)."""
+    loc = tuple(error["loc"])
+    where = ".".join(str(part) for part in loc) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        known = _field_names_at(loc)
+        message = (f"unknown field {loc[-1]!r}{nearest(str(loc[-1]), known)}; the fields here: {sorted(known)}"
+                   if known else "unknown field; remove it")
+    else:
+        message += _got(error)
+    path = tuple(str(part) for part in loc)
+    leading = re.match(r"([\w-]+(?:\.[\w-]+)*): ", message)  # "<stage>.<field>: ..." of an override problem
+    if leading and (*path, *leading.group(1).split(".")) in lines:
+        path = (*path, *leading.group(1).split("."))
+    while path and path not in lines:
+        path = path[:-1]
+    line = f"{source}:{lines[path]}: " if path in lines else ""
+    return f"  {line}{where}: {message}"
+
+
 def load_project_config(path: str | Path | None = None) -> ProjectConfig:
     """Read and validate the project configuration.
+
+    Refused, each naming the file, the field (its dotted path and line) and the fix: a key written twice in one
+    mapping (YAML would keep the second silently), a value of the wrong type (strict: ``width: true`` is not 1,
+    ``width: "64"`` is not 64), an unknown field (with the nearest known name), an empty name, text field or
+    source id, a variant override that is not a valid parameter of its stage (:func:`override_problems`), a file
+    over :data:`MAX_CONFIG_BYTES` or expanding to over :data:`MAX_CONFIG_VALUES` values, nesting too deep.
 
     Raises:
         ConfigError: the file is missing, is not YAML, or a field is invalid (the field is named).
@@ -366,19 +616,17 @@ def load_project_config(path: str | Path | None = None) -> ProjectConfig:
         raise ConfigError(f"config file {path} does not exist; set DDR_CONFIG to your config or restore "
                           f"{DEFAULT_CONFIG_PATH.relative_to(PROJECT_ROOT)}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw, lines = _read_yaml(path)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     try:
         config = ProjectConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            lines.append(f"  {where}: {err['msg'].removeprefix('Value error, ')}")
-        raise ConfigError(f"{path}: invalid configuration\n" + "\n".join(lines)) from None
+        described = "\n".join(_describe(err, lines, path) for err in exc.errors())
+        raise ConfigError(f"{path}: invalid configuration\n{described}") from None
     experiment = os.environ.get("DDR_EXPERIMENT")
     if experiment:
         try:

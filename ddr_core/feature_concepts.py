@@ -174,12 +174,15 @@ def prompt_labels(prompts_file: str | Path, labels: ConceptLabelsConfig, text_fi
 
     With ``labels.parser`` the labels come from the prompt text of ``prompts`` (default: the prompts
     of ``prompts_file``); a prompt the parser rejects gets nulls. Without a parser every JSONL line
-    of ``prompts_file`` with a string ``text_field`` gives a row; its family fields must be strings
-    (missing: null). Prompt text is stripped, as :func:`ddr_core.prompts.load_prompts` does.
+    of ``prompts_file`` that :func:`ddr_core.prompts.load_prompts` accepts gives a row (the lines it counts
+    invalid give none); its family fields must be strings (missing: null). Prompt text is stripped, as
+    :func:`ddr_core.prompts.load_prompts` does.
 
     Raises:
         FileNotFoundError: the prompt file is missing (JSONL mode).
-        ValueError: a label field holds a non-string, or one prompt has two different label sets.
+        ValueError: a label field holds a non-string, a lone surrogate or a control character, or one prompt
+            has two different label sets (naming the line); the file is not UTF-8
+            (:class:`ddr_core.prompts.PromptFileError`, naming the line).
     """
     families = list(labels.families)
     rows: dict[str, dict[str, str | None]] = {}
@@ -196,17 +199,21 @@ def prompt_labels(prompts_file: str | Path, labels: ConceptLabelsConfig, text_fi
                 parsed = {}
             rows[prompt.strip()] = {family: parsed.get(family) for family in families}
     else:
+        from ddr_core.prompts import iter_lines, parse_json_line, prompt_from_record, text_problem
+
         path = Path(prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file {path} does not exist; provision the prompt dataset first")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
+        # Read line by line as load_prompts does (same line numbers, same bounded line length); a line it
+        # counts invalid (bad JSON, too long, no usable text field) gives no labels either.
+        for number, line, reason in iter_lines(path):
+            if line is None:
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # counted as invalid by the prompt loader; no labels either
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            record, reason = parse_json_line(line)
+            if reason is not None:
+                continue
+            text, reason = prompt_from_record(record, text_field)
+            if text is None:
                 continue
             values: dict[str, str | None] = {}
             for family in families:
@@ -214,8 +221,11 @@ def prompt_labels(prompts_file: str | Path, labels: ConceptLabelsConfig, text_fi
                 if value is not None and not isinstance(value, str):
                     raise ValueError(f"{path} line {number}: label field {family!r} is {type(value).__name__}, "
                                      f"not a string")
+                problem = None if value is None else text_problem(value)
+                if problem is not None:
+                    raise ValueError(f"{path} line {number}: label field {family!r}: {problem}; fix the label "
+                                     f"(a plain string such as \"red\")")
                 values[family] = value
-            text = record[text_field].strip()
             if text in rows and rows[text] != values:
                 raise ValueError(f"{path} line {number}: prompt {text!r} appears with two label sets "
                                  f"({rows[text]} and {values})")
@@ -913,7 +923,10 @@ def load_baseline(path: str | Path | None = None) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"feature-concepts baseline {path} does not exist; write one with "
                                 f"`python -m ddr_core.feature_concepts baseline --summary <summary.json> --out {path}`")
-    data = json.loads(path.read_text(encoding="utf-8"))
+    from ddr_core.json_input import read_json_file
+
+    data = read_json_file(path, "fix the file by hand or rewrite it with `python -m ddr_core.feature_concepts "
+                                "baseline --summary <summary.json> --out <this file>`")
     if not isinstance(data, dict) or not isinstance(data.get("variants", {}), dict):
         raise ValueError(f"{path}: expected an object with a 'variants' mapping")
     return data
@@ -1100,7 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps({k: result.summary[k] for k in ("counts", "figures")}, indent=2))
     else:
         out = Path(args.out)
-        current = json.loads(out.read_text(encoding="utf-8")) if out.is_file() else {
+        current = load_baseline(out) if out.is_file() else {
             "description": "Committed feature_concepts figures; the asset check fails when one drops by more "
                            "than the tolerance.", "tolerance": 0.05, "variants": {}}
         if args.tolerance is not None:

@@ -40,6 +40,23 @@ def test_dagster_cli_validates_the_definitions(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def test_dagster_cli_refuses_a_misspelt_variant_override(tmp_path):
+    """``make validate`` (``dagster definitions validate``) fails on an override the stage does not have, naming
+    the file, the variant, the stage, the field and the nearest real one; it used to pass and the stage failed
+    at run time."""
+    config = tmp_path / "ddr.yaml"
+    config.write_text((ROOT / "config" / "ddr.yaml").read_text().replace(
+        "priors: {steer_strength_scale: 15.0}", "priors: {steer_strenght_scale: 15.0}", 1))
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path), "DDR_CONFIG": str(config)}
+    out = subprocess.run([sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    output = out.stdout + out.stderr
+    assert out.returncode != 0, output
+    assert str(config) in output and "variants.toy-raw.overrides" in output, output
+    assert "priors.steer_strenght_scale: priors has no parameter 'steer_strenght_scale' " \
+           "(did you mean 'steer_strength_scale'?)" in output, output
+
+
 def test_channel_blocks_cover_each_variant_exactly():
     keys = block_keys()
     assert "tiny-raw:0-15" in keys and "tiny-raw:48-63" in keys and "tiny-sae:192-255" in keys

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,9 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_project_config(tmp_path / "none.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("models: [unclosed")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as error:
         load_project_config(bad)
+    assert f'in "{bad}", line 1' in str(error.value)  # YAML's own position names the file
 
 
 def test_experiment_env_override(monkeypatch):
@@ -270,3 +272,168 @@ def test_file_inside_refuses_a_link_out_of_the_folder(tmp_path):
     for relative in ("prompts.jsonl", "sub/secret.jsonl", "sub"):
         with pytest.raises(UnsafePathError, match=r"prompt_datasets.p.file .*leads outside"):
             file_inside(folder, relative, "prompt_datasets.p.file")
+
+
+# --- input errors caught at load, naming the file, the field, its line and the fix -------------------------
+
+
+def _edit(tmp_path: Path, old: str, new: str) -> Path:
+    """The shipped config with one text edit (keeps its layout, so line numbers are meaningful)."""
+    text = DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
+    assert old in text, old
+    path = tmp_path / "ddr.yaml"
+    path.write_text(text.replace(old, new, 1), encoding="utf-8")
+    return path
+
+
+def _line_of(path: Path, fragment: str, occurrence: int = 1) -> int:
+    lines = [number for number, line in enumerate(path.read_text().splitlines(), start=1) if fragment in line]
+    return lines[occurrence - 1]
+
+
+def test_a_key_written_twice_is_refused_naming_the_key_and_both_lines(tmp_path):
+    path = _edit(tmp_path, "    width: 64\n    block_size: 16\n", "    width: 64\n    block_size: 16\n    width: 32\n")
+    first, second = _line_of(path, "width: 64"), _line_of(path, "width: 32")
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    assert str(error.value) == (f"{path}: key 'width' appears twice in variants.tiny-raw (lines {first} and "
+                                f"{second}); YAML would silently keep the second: delete one of them")
+    top = tmp_path / "top.yaml"
+    top.write_text(DEFAULT_CONFIG_PATH.read_text() + "\nexperiment: other\n")
+    with pytest.raises(ConfigError, match=r"key 'experiment' appears twice in \(top level\)"):
+        load_project_config(top)
+
+
+def test_a_merge_key_may_still_be_overridden(tmp_path):
+    """``<<: *base`` then the same key is YAML's way to override a shared block, not a repeated key."""
+    path = _edit(tmp_path, "  tiny-raw:\n    model: tiny\n    basis: raw\n    prompts: tiny-prompts\n"
+                           "    width: 64\n    block_size: 16\n",
+                 "  tiny-raw: &raw\n    model: tiny\n    basis: raw\n    prompts: tiny-prompts\n"
+                 "    width: 64\n    block_size: 16\n"
+                 "  tiny-raw-2:\n    <<: *raw\n    width: 32\n    capture: tiny-2\n")
+    cfg = load_project_config(path)
+    assert cfg.variants["tiny-raw-2"].width == 32 and cfg.variants["tiny-raw-2"].block_size == 16
+
+
+@pytest.mark.parametrize(("old", "new", "field", "got"), [
+    ("    width: 64\n", "    width: true\n", "variants.tiny-raw.width", "True, a bool"),
+    ("    width: 64\n", "    width: '64'\n", "variants.tiny-raw.width", "'64', a str"),
+    ("    width: 64\n", "    width: 64.0\n", "variants.tiny-raw.width", "64.0, a float"),
+    ("    block_size: 16\n", "    block_size: false\n", "variants.tiny-raw.block_size", "False, a bool"),
+    ("        revision: main\n", "        revision: 1.4\n", "models.sd-v1-4.source.hub.revision", "1.4, a float"),
+    ("experiment: default", "experiment: 2024", "experiment", "2024, an int"),
+], ids=["width-true", "width-str", "width-float", "block-false", "revision-float", "experiment-int"])
+def test_values_of_the_wrong_type_are_refused_not_coerced(tmp_path, old, new, field, got):
+    path = _edit(tmp_path, old, new)
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    message = str(error.value)
+    line = _line_of(path, new.strip())
+    assert f"  {path}:{line}: {field}: " in message and f"(got {got}; write " in message, message
+
+
+EMPTY_OR_BAD_SIZE = [
+    (("prompt_datasets", "unlearn-canvas", "text_field"), "", "prompt_datasets.unlearn-canvas.text_field",
+     "text_field is empty; name the JSON field"),
+    (("prompt_datasets", "unlearn-canvas", "text_field"), "  ", "prompt_datasets.unlearn-canvas.text_field",
+     "text_field is empty"),
+    (("models", "sd-v1-4", "source", "hub", "repo_id"), "", "models.sd-v1-4.source.hub.repo_id", "repo_id is empty"),
+    (("models", "sd-v1-4", "source", "hub", "revision"), "", "models.sd-v1-4.source.hub.revision",
+     "revision is empty"),
+    (("models", "sd-v1-4", "source", "hub", "allow_patterns"), [], "models.sd-v1-4.source.hub.allow_patterns",
+     "allow_patterns is an empty list"),
+    (("models", "sd-v1-4", "source", "hub", "allow_patterns"), ["unet/*", ""],
+     "models.sd-v1-4.source.hub.allow_patterns", "allow_patterns[1] is empty"),
+    (("models", "style50", "source", "gdrive", "folder_id"), "", "models.style50.source.gdrive.folder_id",
+     "folder_id is empty"),
+    (("prompt_datasets", "toy-world-prompts", "labels", "families"), ["colour", ""],
+     "prompt_datasets.toy-world-prompts.labels", "families[1] is empty"),
+    (("prompt_datasets", "toy-world-prompts", "labels", "families"), ["colour", "text"],
+     "prompt_datasets.toy-world-prompts", "labels.families includes the text field 'text'"),
+    (("variants", "tiny-raw", "sae"), "", "variants.tiny-raw", "basis 'raw' takes no `sae`"),
+    (("variants", "tiny-raw", "layer"), "", "variants.tiny-raw.layer", "not a safe folder name"),
+    (("models", "tiny", "default_layer"), "", "models.tiny.default_layer", "not a safe folder name"),
+    (("variants", "tiny-raw", "width"), -64, "variants.tiny-raw.width", "width must be >= 1"),
+    (("variants", "tiny-raw", "block_size"), -1, "variants.tiny-raw.block_size", "block_size must be >= 1"),
+]
+
+
+@pytest.mark.parametrize(("keys", "bad", "field", "says"), EMPTY_OR_BAD_SIZE,
+                         ids=[f"{keys[-1]}={bad!r}" for keys, bad, _, _ in EMPTY_OR_BAD_SIZE])
+def test_empty_names_and_sizes_are_refused_at_load(tmp_path, keys, bad, field, says):
+    data = _base()
+    _set(*keys)(data, bad)
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    message = str(error.value)
+    assert re.search(rf"  {re.escape(str(path))}:\d+: {re.escape(field)}: .*{re.escape(says)}", message), message
+
+
+def test_a_variant_with_too_many_channel_blocks_is_refused(tmp_path):
+    path = _edit(tmp_path, "    width: 64\n    block_size: 16\n", "    width: 1000000\n    block_size: 1\n")
+    with pytest.raises(ConfigError, match=r"ddr\.yaml:\d+: variants\.tiny-raw: width 1000000 / block_size 1 makes "
+                                          r"1000000 channel-range partitions, more than 10000; raise block_size to "
+                                          r"at least 100"):
+        load_project_config(path)
+
+
+def test_a_misspelt_field_names_the_nearest_known_one(tmp_path):
+    path = _edit(tmp_path, "    block_size: 16\n", "    block_sise: 16\n")
+    with pytest.raises(ConfigError, match=rf"ddr\.yaml:{_line_of(path, 'block_sise')}: variants\.tiny-raw\.block_sise: "
+                                          r"unknown field 'block_sise' \(did you mean 'block_size'\?\)"):
+        load_project_config(path)
+
+
+@pytest.mark.parametrize(("old", "new", "says"), [
+    ("priors: {steer_strength_scale: 15.0}", "priors: {steer_strenght_scale: 15.0}",
+     "priors.steer_strenght_scale: priors has no parameter 'steer_strenght_scale' "
+     "(did you mean 'steer_strength_scale'?)"),
+    ("learning_rate: 0.02}", "learning_rate: '0.02'}",
+     "dreams.learning_rate: Input should be a valid number (got '0.02', a str; write a number"),
+    ("learning_rate: 0.02}", "learning_rate: -1.0}", "dreams.learning_rate: Input should be greater than 0"),
+    ("gradient_smoothing_kernel_size: 3,", "gradient_smoothing_kernel_size: 4,",
+     "dreams.gradient_smoothing_kernel_size: gradient_smoothing_kernel_size must be odd, got 4"),
+    ("priors: {steer_strength_scale: 15.0}", "priors: {steer_strength_scale: 15.0, timesteps: some}",
+     "priors.timesteps: Input should be 'active_timesteps', 'all_timesteps' or 'activity_peaks'"),
+], ids=["misspelt", "quoted-number", "out-of-range", "cross-check", "literal"])
+def test_variant_overrides_are_validated_at_load_against_the_stage_config(tmp_path, old, new, says):
+    """A misspelt or invalid ``variants.<v>.overrides.<stage>`` value used to pass ``dagster definitions
+    validate`` and fail only when the stage ran, naming neither the variant nor the file."""
+    path = _edit(tmp_path, old, new)
+    with pytest.raises(ConfigError) as error:
+        load_project_config(path)
+    message = str(error.value)
+    line = _line_of(path, new)
+    assert f"{path}: invalid configuration\n  {path}:{line}: variants.toy-raw.overrides: {says}" in message, message
+
+
+def test_overrides_keep_the_shipped_values_and_rules_between_fields_are_left_to_the_run(tmp_path):
+    cfg = load_project_config()
+    assert cfg.variants["toy-sae"].overrides["dreams"]["learning_rate"] == 0.02
+    # n_results 10 with use_prior false needs 10 seeds: a run may give them, so the load does not refuse it
+    path = _edit(tmp_path, "priors: {steer_strength_scale: 15.0}\n      dreams: {",
+                 "priors: {steer_strength_scale: 15.0}\n      dreams: {n_results: 10, use_prior: false, ")
+    assert load_project_config(path).variants["toy-raw"].overrides["dreams"]["n_results"] == 10
+
+
+def test_hostile_yaml_is_refused_without_exhausting_memory_or_the_stack(tmp_path):
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{name}: &{name} [{', '.join([f'*{previous}'] * 10)}]" for previous, name in zip("abcdefg", "bcdefgh", strict=True)]
+    bomb.write_text("\n".join(levels) + "\n")  # 10**8 values once expanded
+    with pytest.raises(ConfigError, match=r"bomb.yaml: more than 100000 values \(counting through aliases\)"):
+        load_project_config(bomb)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("models: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    with pytest.raises(ConfigError, match=r"deep.yaml: not valid YAML: nested too deeply"):
+        load_project_config(deep)
+    huge = tmp_path / "huge.yaml"
+    with huge.open("wb") as handle:
+        handle.truncate(2 << 20)
+    with pytest.raises(ConfigError, match=r"huge.yaml: 2097152 bytes, more than the 1048576"):
+        load_project_config(huge)
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"experiment: caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not UTF-8 \(byte 0xe9 on line 1\)"):
+        load_project_config(latin1)

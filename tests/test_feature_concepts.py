@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +189,31 @@ def test_labels_from_jsonl_fields_and_from_the_parser(tmp_path: Path) -> None:
         prompt_labels(bad, ConceptLabelsConfig(families=["colour"]))
     with pytest.raises(ValueError, match="gives the families"):
         ConceptLabelsConfig(families=["size"], parser="toy-world")
+
+
+def test_labels_skip_the_lines_load_prompts_counts_invalid_and_name_the_line_of_a_bad_label(tmp_path: Path) -> None:
+    """The label reader reads line by line as load_prompts does: a deeply nested, repeated-key, overlong or
+    unusable-text line gives no labels (it raised RecursionError / held the whole file before); a label
+    holding a lone surrogate or a control character is refused naming its line."""
+    from ddr_core.prompts import load_prompts
+
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join([
+        json.dumps({"text": "a red circle", "colour": "red"}),
+        "[" * 100_000 + "]" * 100_000,
+        '{"text": "a blue circle", "text": "a red square", "colour": "blue"}',
+        json.dumps({"text": "x" * (1 << 20), "colour": "green"}),  # over the 1 MiB line bound
+        '{"text": "a \\ud800 circle", "colour": "red"}',
+        json.dumps({"text": "a blue square", "colour": "blue"}),
+    ]) + "\n", encoding="utf-8")
+    labels = prompt_labels(path, ConceptLabelsConfig(families=["colour"]))
+    assert labels.rows() == [("a red circle", "red"), ("a blue square", "blue")]
+    assert labels["prompt"].to_list() == load_prompts(path).texts
+    for label, problem in (("\\ud800", "lone surrogate U+D800"), ("re\\u0000d", "control character U+0000")):
+        path.write_text(json.dumps({"text": "a cat", "colour": "red"}) + "\n"
+                        + '{"text": "a dog", "colour": "' + label + '"}\n', encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"p\.jsonl line 2: label field 'colour': {re.escape(problem)}"):
+            prompt_labels(path, ConceptLabelsConfig(families=["colour"]))
 
 
 def test_label_parsers_match_the_config_schema() -> None:
@@ -597,3 +623,19 @@ def test_basis_gap_is_sae_minus_raw_with_an_interval() -> None:
     # selective share over the scored channels only (the unscored fourth raw channel is left out): 1 - 1/3
     assert gap["selective_share"]["gap"] == pytest.approx(2 / 3)
     assert gap["selective_share"]["interval"][0] >= 0.0 and gap["selective_share"]["interval"][1] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ('{"variants": {}', r"invalid JSON \(Expecting ',' delimiter\) at line 1 column 16"),
+    ('{"variants": ' + "[" * 100_000 + "]" * 100_000 + "}", r"invalid JSON \(nested too deeply\)"),
+    ('{"tolerance": 0.05, "tolerance": 0.5, "variants": {}}', r"duplicate key 'tolerance'"),
+    ('{"tolerance": ' + "1" * 5000 + "}", r"invalid JSON \(a number too long to read\)"),
+], ids=["truncated", "nested", "repeated-key", "long-number"])
+def test_a_hand_edited_baseline_is_refused_naming_the_file_and_the_fix(tmp_path: Path, text: str, says: str) -> None:
+    """The baseline is a committed file people edit: a mistake in it names the file, where, and the fix (it raised
+    a bare JSONDecodeError / RecursionError, or kept the second of two values silently)."""
+    path = tmp_path / "baseline.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"baseline\.json: {says}; fix the file by hand or rewrite it with "
+                                         r"`python -m ddr_core\.feature_concepts baseline"):
+        load_baseline(path)

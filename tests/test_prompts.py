@@ -170,3 +170,102 @@ def test_truncation_warning_text() -> None:
 
 def test_invalid_line_is_plain_data() -> None:
     assert InvalidLine(3, "x") == InvalidLine(3, "x")
+
+
+# --- hostile prompt files: every bad line is counted with its number and reason, nothing crashes ---------
+
+
+def test_deeply_nested_json_line_is_an_invalid_line_not_a_recursion_error(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "p.jsonl", [json.dumps({"text": "a cat"}), "[" * 100_000 + "]" * 100_000,
+                                              '{"text": ' + "[" * 50_000 + "]" * 50_000 + "}"])
+    prompts = load_prompts(path)
+    assert prompts.texts == ["a cat"]
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [
+        (2, "invalid JSON (nested too deeply)"), (3, "invalid JSON (nested too deeply)")]
+
+
+def test_repeated_key_and_overlong_number_are_invalid_lines(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "p.jsonl", ['{"text": "a cat", "text": "a dog"}', '{"n": ' + "1" * 5000 + "}",
+                                              json.dumps({"text": "a cow"})])
+    prompts = load_prompts(path)
+    assert prompts.texts == ["a cow"]
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [
+        (1, "duplicate key 'text'"), (2, "invalid JSON (a number too long to read)")]
+
+
+def test_huge_line_is_skipped_without_being_read_into_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    path = tmp_path / "p.jsonl"
+    size = 64 << 20
+    with path.open("wb") as handle:
+        handle.write(b'{"text": "a cat"}\n')
+        handle.truncate(handle.tell() + size)  # a 64 MiB line of NUL bytes (a sparse file: no disk used)
+        handle.seek(0, 2)
+        handle.write(b'\n{"text": "a dog"}\n')
+    tracemalloc.start()
+    try:
+        prompts = load_prompts(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak} bytes for a {size}-byte line"
+    assert prompts.texts == ["a cat", "a dog"]
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [(2, "line longer than 1048576 bytes")]
+
+
+def test_line_length_bound_is_a_parameter_and_counts_the_line_end_out(tmp_path: Path) -> None:
+    exact = json.dumps({"text": "x" * 100})
+    path = tmp_path / "p.jsonl"
+    path.write_bytes((exact + "\r\n" + json.dumps({"text": "y" * 101}) + "\n" + exact[:-1]).encode())
+    prompts = load_prompts(path, max_line_bytes=len(exact))
+    assert prompts.texts == ["x" * 100]
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [
+        (2, f"line longer than {len(exact)} bytes"), (3, "invalid JSON (Expecting ',' delimiter)")]
+
+
+def test_lone_surrogate_and_control_characters_are_counted_invalid_naming_the_line(
+        tmp_path: Path, tiny_clip_tokenizer) -> None:
+    lines = [
+        json.dumps({"text": "a cat"}),
+        '{"text": "a \\ud800 cat"}',  # a lone surrogate: the tokenizer raised a TypeError naming no line
+        '{"text": "nul\\u0000byte"}',
+        '{"text": "\\u001b[31mred"}',  # a terminal escape sequence
+        '{"text": "del\\u007f"}',
+        '{"text": "two\\nlines"}',  # whitespace controls are kept: the tokenizer reads them as spaces
+        '{"text": "a\\ttab"}',
+        '{"text": "a smiley \\ud83d\\ude00"}',  # a surrogate *pair* is one valid character
+    ]
+    path = write_lines(tmp_path / "p.jsonl", lines)
+    prompts = load_prompts(path)
+    assert prompts.texts == ["a cat", "two\nlines", "a\ttab", "a smiley \U0001F600"]
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [
+        (2, "'text': lone surrogate U+D800 (not encodable as UTF-8)"),
+        (3, "'text': control character U+0000"),
+        (4, "'text': control character U+001B"),
+        (5, "'text': control character U+007F"),
+    ]
+    assert len(tiny_clip_tokenizer(prompts.texts)["input_ids"]) == 4  # every loaded prompt tokenizes
+
+
+def test_txt_line_with_a_control_character_is_invalid(tmp_path: Path) -> None:
+    path = tmp_path / "p.txt"
+    path.write_bytes(b"a cat\nnul\x00byte\nold\rmac\nesc\x1b[0m\n")
+    prompts = load_prompts(path)
+    assert prompts.texts == ["a cat", "old", "mac"]  # a lone \r still ends a prompt in a text file
+    assert [(i.line_number, i.reason) for i in prompts.invalid] == [
+        (2, "line: control character U+0000"), (4, "line: control character U+001B")]
+    assert prompts.n_lines == 5
+
+
+def test_unicode_line_separator_inside_a_json_string_stays_one_line(tmp_path: Path) -> None:
+    # json.dumps(ensure_ascii=False) writes U+2028 raw; str.splitlines() used to cut the line there.
+    path = write_prompts_jsonl(["first\u2028second", "other"], tmp_path / "p.jsonl")
+    prompts = load_prompts(path)
+    assert prompts.texts == ["first\u2028second", "other"] and prompts.invalid == []
+
+
+def test_write_refuses_a_prompt_load_would_refuse(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"prompt 1 'a \\ud800': prompt: lone surrogate U\+D800"):
+        write_prompts_jsonl(["ok", "a \ud800"], tmp_path / "p.jsonl")
+    assert not (tmp_path / "p.jsonl").exists()
