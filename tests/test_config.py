@@ -93,7 +93,7 @@ def test_toy_world_entries_and_labelled_variants():
     assert cfg.variants["toy-sae"].channel_blocks()[-1] == (192, 255)
     assert cfg.models["toy-world"].concept_classifier == "concept_classifier"
     assert cfg.models["toy-world"].source.local == str(PROJECT_ROOT / "models" / "toy-world")  # anchored
-    assert cfg.prompt_datasets["toy-world-prompts"].labels.families == ["colour", "shape"]
+    assert cfg.prompt_datasets["toy-world-prompts"].labels.families == ["colour", "shape", "background"]
     assert cfg.default_variants == ["toy-raw", "toy-sae"]  # the demo runs the trained toy world
 
 
