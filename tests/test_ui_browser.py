@@ -125,7 +125,7 @@ def _runs(instance) -> list:
 
 def test_guarded_ui_loads_and_launches_a_materialization(driver, ui) -> None:
     url, instance, log = ui
-    wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+    wait = WebDriverWait(driver, 180, poll_frequency=0.5)  # generous: the UI loads slowly on a busy 2-core machine
     driver.get(f"{url}/?token={TOKEN}")
     wait.until(lambda d: "token=" not in d.current_url and d.find_elements(By.XPATH, "//a[contains(., 'Runs')]"))
     cookie = next(c for c in driver.get_cookies() if c["name"] == f"ddr_token_{url.rsplit(':', 1)[1]}")
@@ -261,7 +261,7 @@ def inspector_url(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_guarded_inspector_renders_with_the_token(driver, inspector_url) -> None:
-    wait = WebDriverWait(driver, 60, poll_frequency=0.5)
+    wait = WebDriverWait(driver, 180, poll_frequency=0.5)  # generous: the UI loads slowly on a busy 2-core machine
     driver.get(inspector_url)
     assert "access token required" in driver.page_source
     driver.get(f"{inspector_url}/?token={TOKEN}")
