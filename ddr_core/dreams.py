@@ -1226,9 +1226,11 @@ def dreams_for_variant(
         IndexError: a channel outside the variant's declared width (before the model is loaded).
         FileNotFoundError: an upstream stage is missing (before the model is loaded).
         ChannelsLockedError: another live run is writing some of the channels.
+        ddr_core.variants.WeightsChangedError: the model / SAE was provisioned again with other weights since
+            the variant's capture (its statistics describe the old ones).
     """
     from ddr_core.pipeline import load_pipeline
-    from ddr_core.variants import load_variant_basis
+    from ddr_core.variants import check_weights_match_capture, load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -1262,6 +1264,7 @@ def dreams_for_variant(
                 f"{priors_dir}: materialize {', '.join(blocks)} first, or set use_prior: false to start dreams "
                 f"from seeded noise"
             )
+    check_weights_match_capture(project, layout, variant)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
     sae, _ = load_variant_basis(project, layout, variant, pipe, device)
     result = run_dreams(

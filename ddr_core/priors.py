@@ -690,10 +690,12 @@ def priors_for_variant(
         FileNotFoundError: the variant's timestep statistics are missing (names what to materialize).
         ValueError: the config's ``width`` disagrees with the model layer / SAE.
         ChannelsLockedError: another live run is writing some of the channels (see :func:`run_priors`).
+        ddr_core.variants.WeightsChangedError: the model / SAE was provisioned again with other weights since
+            the variant's capture (its statistics describe the old ones).
     """
     from ddr_core.activations import resolve_dtype
     from ddr_core.pipeline import load_pipeline
-    from ddr_core.variants import load_variant_basis
+    from ddr_core.variants import check_weights_match_capture, load_variant_basis
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -711,6 +713,7 @@ def priors_for_variant(
             f"--partition {variant}`)"
         ) from None
 
+    check_weights_match_capture(project, layout, variant)
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
     sae, _ = load_variant_basis(project, layout, variant, pipe, device)

@@ -1102,6 +1102,7 @@ def reprovision_hint(folder: str | Path) -> str:
 
 
 _UNVERIFIED_WARNED: set[str] = set()
+_REHASHED_WARNED: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def verify_provisioned(folder: str | Path, *, what: str = "provisioned folder", full: bool = False) -> str | None:
@@ -1150,7 +1151,8 @@ def verify_provisioned(folder: str | Path, *, what: str = "provisioned folder", 
             f"are not used. To use what was provisioned, {reprovision_hint(root)}; to use a changed model on "
             "purpose, change its source in the config and provision that"
         )
-    if rehashed:
+    if rehashed and (str(root.resolve()), tuple(sorted(rehashed))) not in _REHASHED_WARNED:
+        _REHASHED_WARNED.add((str(root.resolve()), tuple(sorted(rehashed))))
         logger.warning(
             "%s %s: %d file(s) have other modification times than when provisioned but the same content "
             "(each load hashes them again); re-provisioning records the new times: %s",
@@ -1169,12 +1171,16 @@ def check_intact(dest_dir: str | Path, verify: bool = True) -> ProvisionResult |
     """The result of an intact provisioned copy at ``dest_dir`` (``skipped=True``), or ``None``.
 
     Intact: a manifest is present and every file it lists is there with its size (and sha256 when
-    ``verify``), with no leftover partial download.
+    ``verify``), with no leftover partial download and no file it does not list. When ``verify`` found it
+    intact, the files' current modification times are recorded in the manifest (an old manifest has none),
+    so :func:`verify_provisioned` stays a stat-only check.
     """
     dest = Path(dest_dir)
     manifest = read_manifest(dest)
     if manifest is None or _intact_problems(dest, manifest, verify):
         return None
+    if verify:
+        _refresh_times(dest, manifest, logger.info)
     return _result(dest, manifest["files"], skipped=True, fetched=[], refetched=[])
 
 

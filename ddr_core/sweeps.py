@@ -286,9 +286,11 @@ class _Models:
 
     def get(self, dtype_name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         from ddr_core.pipeline import load_pipeline
-        from ddr_core.variants import load_variant_basis
+        from ddr_core.variants import check_weights_match_capture, load_variant_basis
 
         spec = self.project.variants[self.variant]
+        if not self._pipes:
+            check_weights_match_capture(self.project, self.layout, self.variant)
         if dtype_name not in self._pipes:
             self._pipes[dtype_name] = load_pipeline(self.layout.model_dir(spec.model), device=self.device,
                                                     dtype=dtype)

@@ -259,3 +259,11 @@ def test_a_damaged_builtin_marker_rebuilds_instead_of_crashing(tmp_path: Path) -
     rebuilt = catalog.provision_source(source, dest)
     assert json.loads((dest / catalog.BUILTIN_MARKER).read_text())["builtin"] == "tiny-prompts"
     assert rebuilt.n_files == 1
+
+    # an intact builtin copy with a version-1 manifest (no times) gets them when found intact
+    manifest = json.loads((dest / MANIFEST_NAME).read_text())
+    for entry in manifest["files"].values():
+        del entry["mtime_ns"]
+    (dest / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert catalog.provision_source(source, dest).skipped
+    assert all("mtime_ns" in entry for entry in json.loads((dest / MANIFEST_NAME).read_text())["files"].values())
