@@ -42,6 +42,25 @@ def upstream_versions(storage: DdrStorage, group: str, required_by: str) -> dict
             for asset, key in needed}
 
 
+def loaded_versions(context: dg.AssetExecutionContext, recorded: dict[str, str],
+                    loaded: dict[str, str]) -> dict[str, str]:
+    """The upstream versions of what the capture actually loaded: the content hash of each model / SAE
+    folder as verified at load time, in place of its provisioning record's when they differ (the folder was
+    re-provisioned outside this asset graph, e.g. by SAE training), with a warning naming the fix."""
+    versions = dict(recorded)
+    for key, version in sorted(loaded.items()):
+        if key in versions and versions[key] != version:
+            asset, _, partition = key.partition("/")
+            context.log.warning(
+                f"{key}: the folder loaded has content hash {version[:12]}, its provisioning record says "
+                f"{versions[key][:12]} (it was provisioned again outside this asset); recording what was loaded. "
+                f"Materialize {asset}[{partition}] to bring its record up to date: `dagster asset materialize "
+                f"-m dagster_project.definitions --select {asset} --partition {partition}`"
+            )
+        versions[key] = version
+    return versions
+
+
 def image_preview(paths: list[Path], size: int = 96) -> dg.MetadataValue:
     """A few images inline in the asset's metadata (markdown with data URLs)."""
     from PIL import Image
@@ -92,6 +111,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                         f"(re-run any shard afterwards to finalize)",
             metadata={"batches_written": len(result["batches_done"])},
         )
+    upstream = loaded_versions(context, upstream, summary.get("inputs") or {})
     run_config = capture_config.model_dump(mode="json")
     data_version = config_hash({"plan": summary["plan"]["plan_hash"], "generations": summary["generations"],
                                 "channels": summary["channels"], "upstream": upstream})

@@ -220,11 +220,13 @@ def check_capture_sizes(pipe: Any, height: int, width: int, num_inference_steps:
                          f"{train_steps} train timesteps: use at most {train_steps}")
 
 
-def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
+def fix_plan(root: Path, plan: CapturePlan, log: LogFn | None = None) -> CapturePlan:
     """Write the plan if the store has none; otherwise check that the existing one matches.
 
     The base seed of a plan that was drawn at random is taken from the existing plan, so a resumed
-    or sharded run continues the same capture.
+    or sharded run continues the same capture. ``model_version`` (the content hashes of the model and SAEs)
+    must match too: batches made with other weights are never mixed in; a store written before versions
+    were recorded (``""``) is continued with a warning.
     """
     path = Path(root) / PLAN_FILE
     if path.is_file():
@@ -235,13 +237,20 @@ def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
         theirs = stored.identity()
         if plan.base_seed < 0:  # random seed requested: adopt the stored one
             mine["base_seed"] = theirs["base_seed"]
+        if not theirs["model_version"] and mine["model_version"]:
+            mine["model_version"] = ""
+            if log:
+                log(f"{root}: this capture was started before model / SAE versions were recorded; continuing "
+                    "it without checking that its batches were made with the weights now provisioned")
         diff = sorted(k for k in theirs if theirs[k] != mine.get(k))
         if diff and not _has_generations(Path(root)):  # a plan that never got a generation is replaced
             path.unlink(missing_ok=True)
-            return fix_plan(root, plan)
+            return fix_plan(root, plan, log)
         if diff:
+            why = (" (the model or SAE weights were re-provisioned since this capture began: its batches "
+                   "come from the old weights)" if "model_version" in diff else "")
             raise CapturePlanMismatch(
-                f"{root} already holds a capture with different {', '.join(diff)}; use another "
+                f"{root} already holds a capture with different {', '.join(diff)}{why}; use another "
                 f"experiment name (DDR_EXPERIMENT), or delete {root} to start over"
             )
         return stored
@@ -256,7 +265,7 @@ def fix_plan(root: Path, plan: CapturePlan) -> CapturePlan:
         os.link(candidate, path)
     except FileExistsError:  # another shard fixed it first: adopt its plan (and its random seed)
         plan.base_seed = requested_seed
-        return fix_plan(root, plan)
+        return fix_plan(root, plan, log)
     finally:
         candidate.unlink(missing_ok=True)
     return plan
@@ -375,13 +384,13 @@ def _run_capture_locked(
     # otherwise. A shard that is not alone waits for the shared lock *before* writing its plan candidate, so an
     # exclusive holder's clean-up (which removes temporaries) can never remove a file another shard is writing.
     if alone:  # no other shard is writing: every leftover of a killed run can go
-        plan = fix_plan(root, new_plan)
+        plan = fix_plan(root, new_plan, log)
         store.clean_unfinished()
         group_lock.release()
     group_lock.shared = True
     group_lock.acquire(wait=FINALIZE_LOCK_WAIT_S)  # excludes finalize / full cleaning by others
     if not alone:  # others may be writing their batches: remove only the leftovers of ours
-        plan = fix_plan(root, new_plan)
+        plan = fix_plan(root, new_plan, log)
         _remove_unfinished_batch_files(store, _shard_batches(plan, config))
     sampling = (VectorSamplingConfig(positions_per_call=config.sae_vector_positions_per_call,
                                      every_n_timesteps=config.sae_vector_every_n_timesteps, seed=plan.base_seed)
@@ -458,11 +467,16 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     Checks everything before generating or writing: the model folder, the layer name, each variant's
     width, the SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted
     and warned. ``lock_wait`` / ``lock_owner``: see :func:`run_capture`.
+
+    The model and SAE folders are checked against their provisioning manifests as they load; their content
+    hashes go into the plan (``model_version``: a store never mixes batches of other weights) and into
+    ``summary["inputs"]`` (``"models/<name>"`` / ``"saes/<name>"`` -> hash, for folders with a manifest).
     """
     from ddr_core.basis import load_basis
     from ddr_core.paths import file_inside
     from ddr_core.pipeline import load_pipeline
     from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
+    from ddr_core.provisioning import provisioned_content_hash
 
     root = layout.activations_dir(group)  # refuses an unsafe group name before any model is loaded
     model_name, layer_name, prompts_name = project.capture_spec(group)
@@ -481,11 +495,17 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
 
     reducers: dict[str, Reducer] = {}
     info: dict[str, dict[str, Any]] = {}
+    inputs = {f"models/{model_name}": provisioned_content_hash(layout.model_dir(model_name))}
     for variant in variants:
         spec = project.variants[variant]
         basis = load_basis(project, layout, variant, pipe, device)
         reducers[variant] = basis.reduce
         info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": basis.width}
-    return run_capture(pipe, layer_name, reducers, prompts, root, layout.data_root,
-                       config, variant_info=info, log=log, stop_after_batches=stop_after_batches,
-                       lock_wait=lock_wait, lock_owner=lock_owner)
+        if spec.sae:
+            inputs[f"saes/{spec.sae}"] = provisioned_content_hash(layout.sae_dir(spec.sae))
+    known = {key: value for key, value in sorted(inputs.items()) if value is not None}
+    result = run_capture(pipe, layer_name, reducers, prompts, root, layout.data_root,
+                         config, variant_info=info, model_version=config_hash(inputs) if known else "", log=log,
+                         stop_after_batches=stop_after_batches, lock_wait=lock_wait, lock_owner=lock_owner)
+    result.summary["inputs"] = known
+    return result

@@ -15,6 +15,7 @@ A new kind of SAE is one subclass registered in :data:`BASES` (its ``kind`` is t
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -153,3 +154,45 @@ def load_basis(project: Any, layout: Any, variant: str, pipe: Any, device: torch
         raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} basis "
                          f"has {basis.width}: set `width: {basis.width}`")
     return basis
+
+
+class WeightsChangedError(ValueError):
+    """A variant's model or SAE folder holds other weights than its capture (and so its statistics) was made with."""
+
+
+def check_weights_match_capture(project: Any, layout: Any, variant: str) -> None:
+    """Refuse to steer ``variant`` with other weights than its capture recorded.
+
+    Priors, dreams and sweeps pick channels and timesteps from statistics of the ``activations`` capture;
+    the capture's record names the content hash of the model and SAE it loaded (``upstream``). When the
+    folder now provisioned has another content hash, the statistics describe weights that are gone.
+    Nothing is compared when there is no capture record or a folder has no manifest.
+
+    Raises:
+        WeightsChangedError: naming the model / SAE, both hashes and the fix.
+    """
+    from ddr_core.provisioning import provisioned_content_hash
+    from ddr_core.records import record_path
+
+    spec = project.variants[variant]
+    group = project.capture_of(variant)
+    path = record_path(layout.records_dir, "activations", group)
+    try:
+        upstream = json.loads(path.read_text(encoding="utf-8")).get("upstream")
+    except (OSError, ValueError, AttributeError):
+        return
+    if not isinstance(upstream, dict):
+        return
+    folders = {("model", spec.model): layout.model_dir(spec.model)}
+    if spec.sae:
+        folders[("SAE", spec.sae)] = layout.sae_dir(spec.sae)
+    for (kind, name), folder in folders.items():
+        captured = upstream.get(f"{'models' if kind == 'model' else 'saes'}/{name}")
+        now = provisioned_content_hash(folder)
+        if isinstance(captured, str) and now is not None and captured != now:
+            raise WeightsChangedError(
+                f"{kind} {name!r} now holds other weights (content hash {now[:12]}) than activations[{group}] "
+                f"was captured with ({captured[:12]}): the statistics and channels of variant {variant!r} "
+                f"describe the old weights. Materialize activations[{group}] again and what depends on it "
+                f"(timestep_stats, priors, dreams), or provision the weights it was captured with again"
+            )

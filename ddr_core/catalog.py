@@ -50,6 +50,14 @@ def _build_builtin(builder: str, out_dir: Path) -> None:
         raise ValueError(f"unknown builtin {builder!r}")
 
 
+def _read_marker(path: Path) -> object:
+    """The builtin marker's content, or ``None`` when absent or not JSON (the copy is then rebuilt)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def provision_source(source: SourceConfig, dest: Path, log: LogFn | None = None,
                      verify: bool = True) -> ProvisionResult:
     """Provision one source into ``dest`` (skipped when an intact copy is there)."""
@@ -58,7 +66,7 @@ def provision_source(source: SourceConfig, dest: Path, log: LogFn | None = None,
         marker = {"builtin": source.builtin, "version": BUILTIN_VERSION}
         marker_path = dest / BUILTIN_MARKER
         intact = check_intact(dest, verify=verify)
-        if intact is not None and marker_path.is_file() and json.loads(marker_path.read_text()) == marker:
+        if intact is not None and _read_marker(marker_path) == marker:
             if log:
                 log(f"intact build of builtin {source.builtin!r} at {dest}: skipping")
             return intact

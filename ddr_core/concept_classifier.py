@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -68,7 +69,7 @@ class ConceptClassifierConfig:
                 norm_groups=int(data["norm_groups"]),
                 heads={str(name): tuple(str(v) for v in labels) for name, labels in data["heads"].items()},
             )
-        except (KeyError, TypeError, AttributeError) as error:
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ValueError(
                 f"Classifier config is missing or has a malformed field ({error}); rewrite it with "
                 "save_concept_classifier."
@@ -279,12 +280,25 @@ def load_concept_classifier(folder: str | Path) -> ConceptClassifier:
                 f"Concept classifier folder {root} has no {name}; train and save one with "
                 "ddr_core.concept_classifier.save_concept_classifier."
             )
-    config = ConceptClassifierConfig.from_json_dict(
-        json.loads((root / CONFIG_FILENAME).read_text(encoding="utf-8"))
-    )
+    fix = "re-provision the model folder that holds it, or rewrite it with save_concept_classifier"
+    config_path = root / CONFIG_FILENAME
+    try:
+        raw = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"Classifier config {config_path} is not valid JSON ({error}); {fix}.") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"Classifier config {config_path} holds a JSON {type(raw).__name__}, not an object; {fix}.")
+    try:
+        config = ConceptClassifierConfig.from_json_dict(raw)
+    except ValueError as error:
+        raise ValueError(f"Classifier config {config_path}: {error}") from error
     model = ConceptClassifier(config)
     try:
-        model.load_state_dict(load_file(str(root / WEIGHTS_FILENAME)), strict=True)
+        tensors = load_file(str(root / WEIGHTS_FILENAME))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"Classifier weights {root / WEIGHTS_FILENAME} are corrupt ({error}); {fix}.") from error
+    try:
+        model.load_state_dict(tensors, strict=True)
     except RuntimeError as error:
         raise ValueError(
             f"Weights in {root / WEIGHTS_FILENAME} do not match {CONFIG_FILENAME}: {error}"

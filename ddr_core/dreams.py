@@ -1205,8 +1205,10 @@ def dreams_for_variant(
         IndexError: a channel outside the variant's declared width (before the model is loaded).
         FileNotFoundError: an upstream stage is missing (before the model is loaded).
         ChannelsLockedError: another live run is writing some of the channels.
+        ddr_core.basis.WeightsChangedError: the model / SAE was provisioned again with other weights since
+            the variant's capture (its statistics describe the old ones).
     """
-    from ddr_core.basis import load_basis
+    from ddr_core.basis import check_weights_match_capture, load_basis
     from ddr_core.pipeline import load_pipeline
 
     if variant not in project.variants:
@@ -1241,6 +1243,7 @@ def dreams_for_variant(
                 f"{priors_dir}: materialize {', '.join(blocks)} first, or set use_prior: false to start dreams "
                 f"from seeded noise"
             )
+    check_weights_match_capture(project, layout, variant)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
     basis = load_basis(project, layout, variant, pipe, device)
     result = run_dreams(

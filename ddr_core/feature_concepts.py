@@ -1058,9 +1058,11 @@ images (and the capture's generations, as the reference) come to the world's ren
             generation_images = load_images(layout.data_root, paths) if paths else None
     if model.concept_classifier:
         from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
+        from ddr_core.pipeline import check_provisioned_model
 
         field = f"models.{spec.model}.concept_classifier"
         model_dir = layout.model_dir(spec.model)
+        check_provisioned_model(model_dir)  # the classifier's files were provisioned with the model: unchanged?
         for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):  # no link out of the model folder, at any level
             file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
         classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))

@@ -41,6 +41,26 @@ class LayerNotFoundError(ValueError):
     """A dotted layer name does not exist in a module; the message lists the closest valid names."""
 
 
+def _header_end(header: object) -> int:
+    """The end of the data the safetensors ``header`` describes; ``ValueError`` when it is not shaped as the
+    format says (an object of tensor name -> object with a ``data_offsets`` pair of byte offsets)."""
+    if not isinstance(header, dict):
+        raise ValueError(f"the header is a JSON {type(header).__name__}, not an object of tensor entries")
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict):
+                raise ValueError(f"__metadata__ is a JSON {type(entry).__name__}, not an object")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {key[:80]!r} has no valid data_offsets (two byte offsets, start <= end)")
+        end = max(end, offsets[1])
+    return end
+
+
 def _check_safetensors_file(path: Path, component: str) -> None:
     """Validate a safetensors header and that the file holds every byte the header promises.
 
@@ -55,12 +75,8 @@ def _check_safetensors_file(path: Path, component: str) -> None:
             (header_length,) = struct.unpack("<Q", prefix)
             if header_length > size - 8:
                 raise ValueError(f"header claims {header_length} bytes but the file has {size}")
-            header = json.loads(handle.read(header_length))
-        data_end = max(
-            (int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"),
-            default=0,
-        )
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
+            data_end = _header_end(json.loads(handle.read(header_length)))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise ModelFolderError(
             f"Weights file {path} of component {component!r} is corrupt ({error}). {_REPROVISION_HINT}"
         ) from error
@@ -68,6 +84,18 @@ def _check_safetensors_file(path: Path, component: str) -> None:
         raise ModelFolderError(
             f"Weights file {path} of component {component!r} is truncated: it has {size} bytes, the "
             f"header needs {8 + header_length + data_end}. {_REPROVISION_HINT}"
+        )
+
+
+def _check_json_object(path: Path, what: str) -> None:
+    """``path`` must hold a JSON object (diffusers / transformers read these and fail obscurely otherwise)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
+        raise ModelFolderError(f"{what} {path} is not valid JSON ({error}). {_REPROVISION_HINT}") from error
+    if not isinstance(value, dict):
+        raise ModelFolderError(
+            f"{what} {path} holds a JSON {type(value).__name__}, not an object. {_REPROVISION_HINT}"
         )
 
 
@@ -82,6 +110,7 @@ def check_model_folder(model_dir: str | Path) -> Path:
         raise ModelFolderError(f"Model folder {root} does not exist. {_REPROVISION_HINT}")
     if not (root / "model_index.json").is_file():
         raise ModelFolderError(f"Model folder {root} has no model_index.json. {_REPROVISION_HINT}")
+    _check_json_object(root / "model_index.json", "Model index")
     for component, required_files in REQUIRED_COMPONENTS.items():
         folder = root / component
         if not folder.is_dir():
@@ -93,6 +122,8 @@ def check_model_folder(model_dir: str | Path) -> Path:
                 raise ModelFolderError(
                     f"Component {component!r} of {root} is missing {name}. {_REPROVISION_HINT}"
                 )
+        for json_file in sorted(folder.glob("*.json")):
+            _check_json_object(json_file, f"File of component {component!r}")
         if component == "tokenizer":
             has_files = (folder / "tokenizer.json").is_file() or (
                 (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
@@ -120,6 +151,24 @@ def check_model_folder(model_dir: str | Path) -> Path:
     return root
 
 
+def check_provisioned_model(model_dir: str | Path) -> str | None:
+    """The model folder's content hash after checking it against its provisioning manifest (``None``: no
+    manifest; see :func:`ddr_core.provisioning.verify_provisioned`).
+
+    Raises:
+        ModelFolderError: a file changed, missing or added since provisioning (named, with the fix).
+    """
+    from ddr_core.provisioning import ProvisionedFolderChangedError, verify_provisioned
+
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ModelFolderError(f"Model folder {root} does not exist. {_REPROVISION_HINT}")
+    try:
+        return verify_provisioned(root, what="Model folder")
+    except ProvisionedFolderChangedError as error:
+        raise ModelFolderError(str(error)) from None
+
+
 def load_pipeline(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
@@ -128,12 +177,18 @@ def load_pipeline(
     No safety checker and no feature extractor are loaded; the progress bar is disabled; all
     modules are in eval mode on ``device`` with ``dtype``.
 
+    A provisioned folder is first checked against its manifest (:func:`check_provisioned_model`): a weights
+    or config file changed, missing or added since provisioning is an error naming it and the command that
+    re-provisions. A folder without a manifest (built in a test, copied by hand) loads with a warning.
+
     Raises:
-        ModelFolderError: for a missing component folder/file or a truncated/corrupt weights file.
+        ModelFolderError: for a missing component folder/file, a truncated/corrupt weights file, or a folder
+            that no longer matches its provisioning manifest.
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.pipelines import pipeline_utils
 
+    check_provisioned_model(model_dir)
     root = check_model_folder(model_dir)
     # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns).
     dtype_keyword = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"

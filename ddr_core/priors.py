@@ -671,9 +671,11 @@ def priors_for_variant(
         FileNotFoundError: the variant's timestep statistics are missing (names what to materialize).
         ValueError: the config's ``width`` disagrees with the model layer / SAE.
         ChannelsLockedError: another live run is writing some of the channels (see :func:`run_priors`).
+        ddr_core.basis.WeightsChangedError: the model / SAE was provisioned again with other weights since
+            the variant's capture (its statistics describe the old ones).
     """
     from ddr_core.activations import resolve_dtype
-    from ddr_core.basis import load_basis
+    from ddr_core.basis import check_weights_match_capture, load_basis
     from ddr_core.pipeline import load_pipeline
 
     if variant not in project.variants:
@@ -692,6 +694,7 @@ def priors_for_variant(
             f"--partition {variant}`)"
         ) from None
 
+    check_weights_match_capture(project, layout, variant)
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
     return run_priors(pipe, load_basis(project, layout, variant, pipe, device), layer_name, stats_dir, selected, layout.stage_dir("priors", variant),

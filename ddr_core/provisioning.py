@@ -4,9 +4,16 @@ Guarantees, whatever the source:
 
 * Every file is written to ``<name>.part`` and renamed into place only once it is complete and
   verified (size, and the hub's sha256 / git blob hash where the source publishes one).
-* ``<dest>/.ddr_manifest.json`` (relative path -> size and sha256, a description of the source and a
-  ``content_hash`` = sha256 over the sorted ``(path, sha256)`` pairs) is written last and atomically,
-  so its presence means the copy was complete.
+* ``<dest>/.ddr_manifest.json`` (relative path -> size, sha256 and the file's mtime in ns, a
+  description of the source and a ``content_hash`` = sha256 over the sorted ``(path, sha256)`` pairs)
+  is written last and atomically, so its presence means the copy was complete. Manifests of version 1
+  (no ``mtime_ns``) are still read; re-provisioning an intact copy adds the times.
+* Whoever loads a provisioned folder checks it with :func:`verify_provisioned`: every file of the
+  manifest present with its size and mtime (sha256 only when the time differs), no file the manifest
+  does not list; a mismatch is an error naming the files and the command that re-provisions.
+* A ``local`` source is copied without following links out of it or in loops, and only regular files
+  (a FIFO or device would block or never end); a download never reads more bytes than the source lists
+  (or announces, or :data:`DEFAULT_MAX_FILE_BYTES` when neither says), and a size mismatch is not retried.
 * An intact copy (manifest for the same source, every file present with its size and, when
   ``verify``, its sha256) is skipped without touching the network.
 * A partial or damaged copy (missing files, a leftover ``.part``, a wrong size, a file changed on
@@ -28,6 +35,7 @@ import logging
 import os
 import re
 import shutil
+import stat as stat_module
 import time
 import urllib.error
 import urllib.parse
@@ -44,7 +52,10 @@ from ddr_core.locks import partition_lock
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = ".ddr_manifest.json"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: entries carry mtime_ns (1 is still read)
+RESERVED_PREFIX = ".ddr_"
+"""Top-level names of a provisioned folder starting with this are ddr's own bookkeeping (the manifest, the
+builtin marker), never content: not listed in the manifest, not an "extra" file, never pruned."""
 PART_SUFFIX = ".part"
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 DEFAULT_DRIVE_BASE_URL = "https://drive.usercontent.google.com"
@@ -56,6 +67,12 @@ RETRY_BACKOFF_S = 1.0
 HTTP_TIMEOUT_S = 60.0
 MAX_HTML_BYTES = 4 << 20
 MAX_DRIVE_FOLDER_DEPTH = 12
+MAX_LISTING_BYTES = 64 << 20
+"""Most bytes read from one page of a hub tree listing (a hostile endpoint could send an endless one)."""
+DEFAULT_MAX_FILE_BYTES = 64 << 30
+"""Most bytes one downloaded file may have when neither the listing nor the server states its size (a Drive
+file sent without Content-Length); ``DDR_MAX_DOWNLOAD_BYTES`` or ``provision(max_file_bytes=...)`` change it."""
+MAX_DOWNLOAD_BYTES_ENV = "DDR_MAX_DOWNLOAD_BYTES"
 
 ProgressFn = Callable[[str], None]
 
@@ -70,6 +87,14 @@ class DownloadError(ProvisionError):
 
 class SourceNotFoundError(ProvisionError, FileNotFoundError):
     """A local source path does not exist."""
+
+
+class UnsafeSourceError(ProvisionError):
+    """A local source holds something ddr will not copy: a link out of it or in a loop, a FIFO or device."""
+
+
+class ProvisionedFolderChangedError(ProvisionError):
+    """A provisioned folder no longer matches its manifest (a file changed, went missing or was added)."""
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -210,8 +235,34 @@ def content_hash_of(files: dict[str, dict[str, Any]]) -> str:
     return digest.hexdigest()
 
 
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _valid_entry(relative: object, entry: object) -> bool:
+    """A manifest entry as ddr writes it: a safe relative path -> ``size``, ``sha256`` (+ ``mtime_ns``, ``stamp``)."""
+    if not isinstance(relative, str) or not isinstance(entry, dict):
+        return False
+    try:
+        if _safe_relative_path(relative) != relative:
+            return False
+    except ProvisionError:
+        return False
+    return (
+        _is_count(entry.get("size"))
+        and isinstance(entry.get("sha256"), str)
+        and _SHA256_RE.fullmatch(entry["sha256"]) is not None
+        and ("mtime_ns" not in entry or _is_count(entry["mtime_ns"]))
+        and ("stamp" not in entry or isinstance(entry["stamp"], str))
+    )
+
+
 def read_manifest(dest_dir: str | Path) -> dict[str, Any] | None:
-    """The manifest of a provisioned folder, or ``None`` when absent or unreadable."""
+    """The manifest of a provisioned folder, or ``None`` when absent, unreadable or not shaped as ddr writes
+    it (a JSON object whose ``files`` map safe relative paths to ``size`` / ``sha256`` entries)."""
     path = Path(dest_dir) / MANIFEST_NAME
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
@@ -219,7 +270,52 @@ def read_manifest(dest_dir: str | Path) -> dict[str, Any] | None:
         return None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         return None
+    if not all(_valid_entry(relative, entry) for relative, entry in manifest["files"].items()):
+        return None
     return manifest
+
+
+def _file_entry(path: Path, size: int, sha256: str, stamp: str | None = None) -> dict[str, Any]:
+    """The manifest entry of the file now at ``path`` (its size and content verified by the caller)."""
+    entry: dict[str, Any] = {"size": size, "sha256": sha256, "mtime_ns": path.stat().st_mtime_ns}
+    if stamp:
+        entry["stamp"] = stamp
+    return entry
+
+
+def _is_reserved(relative: str) -> bool:
+    return "/" not in relative and relative.startswith(RESERVED_PREFIX)
+
+
+def _walk_without_links(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """``(relative path, lstat)`` of every entry below ``root`` that is not a directory; links are listed,
+    never followed (so a loop of links cannot make this walk endless)."""
+    stack = [(root, "")]
+    while stack:
+        directory, prefix = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            relative = prefix + entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat_module.S_ISDIR(info.st_mode):
+                stack.append((Path(entry.path), relative + "/"))
+            else:
+                yield relative, info
+
+
+def _extra_files(dest: Path, manifest_files: dict[str, Any]) -> list[str]:
+    """Files (and links, FIFOs, ...) below ``dest`` that the manifest does not list (ddr's own files aside)."""
+    return sorted(
+        relative
+        for relative, _ in _walk_without_links(dest)
+        if relative not in manifest_files and not _is_reserved(relative)
+    )
 
 
 def _safe_relative_path(name: str) -> str:
@@ -348,17 +444,19 @@ def _content_length(response: http.client.HTTPResponse) -> int | None:
         return None
 
 
-def _stream_to(response: BinaryIO, handle: BinaryIO, hasher: _Hasher) -> str | None:
-    """Copy the body into ``handle``; returns a failure reason when the connection broke."""
-    while True:
+def _stream_to(response: BinaryIO, handle: BinaryIO, hasher: _Hasher, limit: int) -> str | None:
+    """Copy the body into ``handle``, reading at most ``limit + 1`` bytes (one more than allowed shows that the
+    body is too long, and the rest is never read); returns a failure reason when the connection broke."""
+    while hasher.n_bytes <= limit:
         try:
-            chunk = response.read(CHUNK_BYTES)
+            chunk = response.read(min(CHUNK_BYTES, limit + 1 - hasher.n_bytes))
         except (TimeoutError, http.client.HTTPException, OSError) as error:
             return f"connection broke ({type(error).__name__})"
         if not chunk:
             return None
         handle.write(chunk)
         hasher.update(chunk)
+    return None
 
 
 @dataclass
@@ -410,10 +508,11 @@ def hub_endpoint(source: HubSource) -> str:
 
 
 class _HubBackend:
-    def __init__(self, source: HubSource, http: _Http):
+    def __init__(self, source: HubSource, http: _Http, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.source = source
         self.http = http
         self.endpoint = hub_endpoint(source)
+        self.max_file_bytes = max_file_bytes
 
     def _tree_pages(self) -> Iterator[list[dict[str, Any]]]:
         s = self.source
@@ -422,8 +521,14 @@ class _HubBackend:
         while url:
             response = self.http.open(url, f"listing hub repo {s.repo_id}@{s.revision}")
             with response:
+                body = response.read(MAX_LISTING_BYTES + 1)
+                if len(body) > MAX_LISTING_BYTES:
+                    raise DownloadError(
+                        f"listing hub repo {s.repo_id}: a tree API page is longer than {MAX_LISTING_BYTES} bytes; "
+                        "stopped reading (check the endpoint)"
+                    )
                 try:
-                    page = json.loads(response.read())
+                    page = json.loads(body)
                 except ValueError as error:
                     raise DownloadError(
                         f"listing hub repo {s.repo_id}: the tree API returned invalid JSON ({error})"
@@ -453,19 +558,17 @@ class _HubBackend:
             for entry in page:
                 if not isinstance(entry, dict) or entry.get("type") != "file":
                     continue
-                path = _safe_relative_path(str(entry["path"]))
+                path, size, sha256, git_sha1 = self._file_entry(entry)
                 all_paths.append(path)
                 if s.allow_patterns is not None and not any(fnmatch.fnmatch(path, p) for p in patterns):
                     continue
-                lfs = entry.get("lfs") if isinstance(entry.get("lfs"), dict) else None
-                size = (lfs or {}).get("size", entry.get("size"))
                 files.append(
                     _RemoteFile(
                         path=path,
-                        size=int(size) if size is not None else None,
-                        sha256=(lfs or {}).get("oid"),
-                        git_sha1=None if lfs else entry.get("oid"),
-                        fetch=self._fetcher(path, int(size) if size is not None else None, lfs is None),
+                        size=size,
+                        sha256=sha256,
+                        git_sha1=git_sha1,
+                        fetch=self._fetcher(path, size, sha256 is None),
                         label=path,
                     )
                 )
@@ -475,6 +578,30 @@ class _HubBackend:
                 f"hub repo {s.repo_id}@{s.revision} has no file matching allow_patterns={s.allow_patterns}; it holds: {shown}"
             )
         return files
+
+    def _file_entry(self, entry: dict[str, Any]) -> tuple[str, int, str | None, str | None]:
+        """``(path, size, sha256, git blob sha1)`` of a tree API file entry, its fields' types checked.
+
+        An LFS file has ``lfs.oid`` (sha256) and ``lfs.size``; another file ``oid`` (git blob sha1) and ``size``.
+        """
+        shown = json.dumps(entry)[:200]
+        path = entry.get("path")
+        if not isinstance(path, str):
+            raise DownloadError(f"listing hub repo {self.source.repo_id}: a file entry has no path string: {shown}")
+        path = _safe_relative_path(path)
+        lfs = entry.get("lfs")
+        if lfs is not None and not isinstance(lfs, dict):
+            raise DownloadError(f"listing hub repo {self.source.repo_id}: {path}: 'lfs' is not an object: {shown}")
+        size = (lfs or entry).get("size")
+        sha256 = lfs.get("oid") if lfs else None
+        git_sha1 = None if lfs else entry.get("oid")
+        if not _is_count(size):
+            raise DownloadError(f"listing hub repo {self.source.repo_id}: {path}: size {size!r} is not a byte count")
+        if lfs and not (isinstance(sha256, str) and _SHA256_RE.fullmatch(sha256)):
+            raise DownloadError(f"listing hub repo {self.source.repo_id}: {path}: lfs oid {sha256!r} is not a sha256")
+        if not lfs and not (isinstance(git_sha1, str) and re.fullmatch(r"[0-9a-f]{40}", git_sha1)):
+            raise DownloadError(f"listing hub repo {self.source.repo_id}: {path}: oid {git_sha1!r} is not a git hash")
+        return path, size, sha256, git_sha1
 
     def _fetcher(self, path: str, size: int | None, git_hashed: bool) -> Callable[[Path], _Fetched]:
         s = self.source
@@ -487,7 +614,8 @@ class _HubBackend:
         def fetch(part: Path) -> _Fetched:
             response = self.http.open(url, f"downloading {path} from {s.repo_id}")
             return _download_body(
-                response, part, path, expected_size=size, git_size=size if git_hashed else None
+                response, part, path, expected_size=size, git_size=size if git_hashed else None,
+                max_bytes=self.max_file_bytes,
             )
 
         return fetch
@@ -510,22 +638,50 @@ def _download_body(
     expected_size: int | None,
     git_size: int | None = None,
     name: str | None = None,
+    max_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> _Fetched:
-    """Stream a response into ``part``; raise ``_Truncated`` on a short body."""
+    """Stream a response into ``part``, never reading more than the file may have.
+
+    The bound is the size the source lists (``expected_size``), else the ``Content-Length``, else
+    ``max_bytes``. A body longer than it, a ``Content-Length`` other than the listed size or above
+    ``max_bytes``, is a :class:`DownloadError` at once (a server that sends another file than it lists does
+    so again: not retried); a short body is ``_Truncated`` (retried).
+    """
     with response:
         content_length = _content_length(response)
+        if expected_size is not None and content_length is not None and content_length != expected_size:
+            raise DownloadError(
+                f"{label}: the server announces {content_length} bytes (Content-Length) but the source lists "
+                f"{expected_size}; not downloaded (not retried: a server sending another file than it lists "
+                "does so again; check the endpoint / the repo revision)"
+            )
+        if expected_size is None and content_length is not None and content_length > max_bytes:
+            raise DownloadError(
+                f"{label}: the server announces {content_length} bytes, more than the {max_bytes} allowed for a "
+                f"file whose size the source does not list; raise {MAX_DOWNLOAD_BYTES_ENV} if it is right"
+            )
+        limit = expected_size if expected_size is not None else content_length if content_length is not None else max_bytes
         hasher = _Hasher(git_size)
         part.parent.mkdir(parents=True, exist_ok=True)
         with part.open("wb") as handle:
-            broken = _stream_to(response, handle, hasher)
+            broken = _stream_to(response, handle, hasher, limit)
+    if hasher.n_bytes > limit:
+        part.unlink(missing_ok=True)
+        stated = (
+            f"the source lists {expected_size}" if expected_size is not None
+            else f"the server announced {content_length}" if content_length is not None
+            else f"at most {max_bytes} are allowed for a file of unlisted size ({MAX_DOWNLOAD_BYTES_ENV})"
+        )
+        raise DownloadError(
+            f"{label}: the server sent more than {limit} bytes but {stated}; stopped reading at {hasher.n_bytes} "
+            "bytes (not retried: check the endpoint / the repo revision)"
+        )
     expected = content_length if content_length is not None else expected_size
     if broken or (expected is not None and hasher.n_bytes != expected):
         raise _Truncated(
             f"{label}: received {hasher.n_bytes} of {_describe_expected(expected)} bytes"
             + (f", {broken}" if broken else "")
         )
-    if expected_size is not None and hasher.n_bytes != expected_size:
-        raise _Corrupt(f"{label}: received {hasher.n_bytes} bytes but the source lists {expected_size}")
     return _Fetched(
         name=name,
         size=hasher.n_bytes,
@@ -644,9 +800,10 @@ def _filename_from_disposition(header: str | None) -> str | None:
 
 
 class _DriveBackend:
-    def __init__(self, source: GoogleDriveSource, http: _Http):
+    def __init__(self, source: GoogleDriveSource, http: _Http, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
         self.source = source
         self.http = http
+        self.max_file_bytes = max_file_bytes
 
     def list_files(self) -> list[_RemoteFile]:
         s = self.source
@@ -711,7 +868,8 @@ class _DriveBackend:
                 content_type = response.headers.get_content_type()
                 name = _filename_from_disposition(response.headers.get("Content-Disposition"))
                 if content_type != "text/html" or (name and name.lower().endswith((".html", ".htm"))):
-                    return _download_body(response, part, label, expected_size=None, name=name)
+                    return _download_body(response, part, label, expected_size=None, name=name,
+                                          max_bytes=self.max_file_bytes)
                 with response:
                     page_url = response.geturl()
                     page = response.read(MAX_HTML_BYTES).decode(
@@ -733,64 +891,148 @@ class _DriveBackend:
         return fetch
 
 
+def _file_kind(mode: int) -> str:
+    if stat_module.S_ISFIFO(mode):
+        return "a FIFO (named pipe)"
+    if stat_module.S_ISSOCK(mode):
+        return "a socket"
+    if stat_module.S_ISCHR(mode) or stat_module.S_ISBLK(mode):
+        return "a device file"
+    return "not a regular file"
+
+
 class _LocalBackend:
+    """A local file or folder, copied file by file.
+
+    What it will not copy, each an :class:`UnsafeSourceError` naming the entry: a link leading outside the
+    source folder (a huge or changing file elsewhere would pass for part of the model), a link to a folder
+    the copy already includes (a loop of links would make the copy endless), a broken link, and anything but
+    a regular file (reading a FIFO or device blocks or never ends). Links to files or folders inside the
+    source are followed once.
+    """
+
     def __init__(self, source: LocalSource):
         self.source = source
-        self.root = source.path.expanduser()
-        if not self.root.exists():
+        self.given = source.path.expanduser()
+        if not self.given.exists():
             raise SourceNotFoundError(
-                f"local source {self.root} does not exist; fix the path in the config or create it first"
+                f"local source {self.given} does not exist; fix the path in the config or create it first"
             )
+        self.root = self.given.resolve()
+
+    def _refuse(self, relative: str, reason: str) -> UnsafeSourceError:
+        return UnsafeSourceError(f"local source {self.given}: {relative} {reason}")
+
+    def _entries(self) -> list[tuple[str, Path, os.stat_result]]:
+        """``(relative path, real path, stat)`` of every regular file to copy."""
+        root = self.root
+        info = os.stat(root)
+        if not stat_module.S_ISDIR(info.st_mode):
+            if not stat_module.S_ISREG(info.st_mode):
+                raise UnsafeSourceError(
+                    f"local source {self.given} is {_file_kind(info.st_mode)}; ddr copies regular files only "
+                    "(reading it could block or never end): point the source at a regular file or a folder"
+                )
+            return [(self.given.name, root, info)]
+        pairs: list[tuple[str, Path, os.stat_result]] = []
+        visited = {(info.st_dev, info.st_ino)}
+        stack: list[tuple[Path, str]] = [(root, "")]
+        while stack:
+            directory, prefix = stack.pop()
+            for entry in sorted(os.scandir(directory), key=lambda e: e.name):
+                relative = prefix + entry.name
+                if entry.name == MANIFEST_NAME or entry.name.endswith(PART_SUFFIX):
+                    continue
+                path = Path(entry.path)
+                info = entry.stat(follow_symlinks=False)
+                if stat_module.S_ISLNK(info.st_mode):
+                    target_text = os.readlink(path)
+                    try:
+                        path = path.resolve(strict=True)
+                    except (OSError, RuntimeError):
+                        raise self._refuse(
+                            relative, f"is a link to {target_text!r} that is broken or loops; fix or remove the link"
+                        ) from None
+                    if path != root and root not in path.parents:
+                        raise self._refuse(
+                            relative,
+                            f"is a link to {path}, outside the source folder {root}; ddr copies only what is "
+                            "inside a local source: copy the file itself into the folder (or point the source "
+                            "at the folder that holds it)",
+                        )
+                    info = os.stat(path)
+                if stat_module.S_ISDIR(info.st_mode):
+                    if (info.st_dev, info.st_ino) in visited:
+                        raise self._refuse(
+                            relative,
+                            f"is a link to the folder {path}, which the copy already includes (a loop of links, "
+                            "or a second path to one folder); remove the link",
+                        )
+                    visited.add((info.st_dev, info.st_ino))
+                    stack.append((path, relative + "/"))
+                elif stat_module.S_ISREG(info.st_mode):
+                    pairs.append((relative, path, info))
+                else:
+                    raise self._refuse(
+                        relative,
+                        f"is {_file_kind(info.st_mode)}; ddr copies regular files only (reading it could block "
+                        "or never end): remove it from the source folder",
+                    )
+        return sorted(pairs, key=lambda pair: pair[0])
 
     def list_files(self) -> list[_RemoteFile]:
-        if self.root.is_file():
-            pairs = [(self.root.name, self.root)]
-        else:
-            pairs = []
-            for directory, dirnames, filenames in os.walk(self.root, followlinks=True):
-                dirnames.sort()
-                for filename in sorted(filenames):
-                    if filename == MANIFEST_NAME or filename.endswith(PART_SUFFIX):
-                        continue
-                    full = Path(directory) / filename
-                    pairs.append((full.relative_to(self.root).as_posix(), full))
         files = []
-        for relative, full in pairs:
-            stat = full.stat()
+        for relative, full, info in self._entries():
             files.append(
                 _RemoteFile(
                     path=relative,
-                    size=stat.st_size,
+                    size=info.st_size,
                     sha256=None,
                     git_sha1=None,
-                    fetch=self._copier(full, relative),
-                    stamp=f"{stat.st_size}:{stat.st_mtime_ns}",
+                    fetch=self._copier(full, relative, info.st_size),
+                    stamp=f"{info.st_size}:{info.st_mtime_ns}",
                     sha256_fn=lambda full=full: _hash_file(full).sha256.hexdigest(),
                     label=relative,
                 )
             )
         return files
 
-    @staticmethod
-    def _copier(full: Path, relative: str) -> Callable[[Path], _Fetched]:
+    def _copier(self, full: Path, relative: str, size: int) -> Callable[[Path], _Fetched]:
         def fetch(part: Path) -> _Fetched:
             part.parent.mkdir(parents=True, exist_ok=True)
             hasher = _Hasher()
-            with full.open("rb") as source, part.open("wb") as target:
-                while chunk := source.read(CHUNK_BYTES):
-                    target.write(chunk)
-                    hasher.update(chunk)
+            # no link and no blocking open: the file may have been swapped for a link or a FIFO since listing
+            flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+            try:
+                descriptor = os.open(full, flags)
+            except OSError as error:
+                raise DownloadError(f"{relative}: cannot open {full} ({error.strerror})") from None
+            with os.fdopen(descriptor, "rb") as source:
+                mode = os.fstat(source.fileno()).st_mode
+                if not stat_module.S_ISREG(mode):
+                    raise self._refuse(relative, f"became {_file_kind(mode)} after it was listed; remove it")
+                os.set_blocking(source.fileno(), True)
+                with part.open("wb") as target:
+                    while hasher.n_bytes <= size and (chunk := source.read(min(CHUNK_BYTES, size + 1 - hasher.n_bytes))):
+                        target.write(chunk)
+                        hasher.update(chunk)
+            if hasher.n_bytes != size:
+                raise DownloadError(
+                    f"{relative}: {full} changed while it was copied (listed with {size} bytes, read "
+                    f"{'more' if hasher.n_bytes > size else hasher.n_bytes}); re-run provisioning once it is stable"
+                )
             shutil.copystat(full, part, follow_symlinks=True)
             return _Fetched(name=None, size=hasher.n_bytes, sha256=hasher.sha256.hexdigest())
 
         return fetch
 
 
-def _backend(source: Source, http: _Http) -> _HubBackend | _DriveBackend | _LocalBackend:
+def _backend(source: Source, http: _Http, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+             ) -> _HubBackend | _DriveBackend | _LocalBackend:
     if isinstance(source, HubSource):
-        return _HubBackend(source, http)
+        return _HubBackend(source, http, max_file_bytes)
     if isinstance(source, GoogleDriveSource):
-        return _DriveBackend(source, http)
+        return _DriveBackend(source, http, max_file_bytes)
     if isinstance(source, LocalSource):
         return _LocalBackend(source)
     raise TypeError(f"unsupported source type {type(source).__name__}")
@@ -799,34 +1041,146 @@ def _backend(source: Source, http: _Http) -> _HubBackend | _DriveBackend | _Loca
 # ---- the provisioning engine ---------------------------------------------------------------------
 
 
-def _intact_problems(dest: Path, manifest: dict[str, Any], verify: bool) -> dict[str, str]:
-    """Files of the manifest that are missing or differ from it: relative path -> reason."""
+def _folder_problems(dest: Path, manifest: dict[str, Any], check: str) -> tuple[dict[str, str], list[str]]:
+    """Files of ``dest`` that differ from its manifest: ``(relative path -> reason, files re-hashed)``.
+
+    ``check``: ``"size"`` compares sizes only; ``"stat"`` sizes and modification times, hashing (sha256) only
+    a file whose time differs from the manifest's or that the manifest has no time for; ``"full"`` hashes
+    every file. Every mode also reports a leftover ``.part`` download and any file the manifest does not list
+    (ddr's own ``.ddr_*`` files aside). The second list names the files that were hashed in ``"stat"`` mode
+    and matched (their times changed, their content did not).
+    """
     problems: dict[str, str] = {}
+    rehashed: list[str] = []
     for relative, entry in manifest["files"].items():
         local = dest / relative
-        if not local.is_file():
+        try:
+            info = local.lstat()
+        except OSError:
             problems[relative] = "missing"
-        elif local.stat().st_size != entry.get("size"):
-            problems[relative] = (
-                f"size {local.stat().st_size} differs from the manifest's {entry.get('size')}"
-            )
+            continue
+        if not stat_module.S_ISREG(info.st_mode):
+            problems[relative] = "replaced by a link or something else than a regular file"
+        elif info.st_size != entry["size"]:
+            problems[relative] = f"size {info.st_size} differs from the manifest's {entry['size']}"
         elif (dest / (relative + PART_SUFFIX)).exists():
             problems[relative] = "a leftover .part file"
-        elif verify and _hash_file(local).sha256.hexdigest() != entry.get("sha256"):
-            problems[relative] = "changed on disk since it was provisioned (sha256 differs from the manifest)"
-    return problems
+        elif check == "full" or (check == "stat" and info.st_mtime_ns != entry.get("mtime_ns")):
+            if _hash_file(local).sha256.hexdigest() != entry["sha256"]:
+                problems[relative] = "changed on disk since it was provisioned (sha256 differs from the manifest)"
+            elif check == "stat":
+                rehashed.append(relative)
+    for relative in _extra_files(dest, manifest["files"]):
+        if relative.endswith(PART_SUFFIX) and relative[: -len(PART_SUFFIX)] in problems:
+            continue  # already reported as the leftover of its file
+        problems[relative] = "not in the manifest (added after provisioning)"
+    return problems, rehashed
+
+
+def _intact_problems(dest: Path, manifest: dict[str, Any], verify: bool) -> dict[str, str]:
+    """Files of the manifest that are missing or differ from it, and files it does not list: path -> reason."""
+    return _folder_problems(dest, manifest, "full" if verify else "size")[0]
+
+
+_ASSET_OF_KIND_FOLDER = {"models": "models", "saes": "saes", "prompts": "prompt_datasets"}
+
+
+def reprovision_hint(folder: str | Path) -> str:
+    """How to re-provision ``folder``: the exact ``dagster asset materialize`` command when it is a data root's
+    ``assets/<models|saes|prompts>/<name>`` folder, else a general instruction."""
+    from ddr_core.paths import is_safe_name
+
+    folder = Path(folder)
+    kind_dir = folder.parent
+    asset = _ASSET_OF_KIND_FOLDER.get(kind_dir.name)
+    if asset is not None and kind_dir.parent.name == "assets" and is_safe_name(folder.name):
+        return (
+            f"re-provision it (only the files that differ are fetched again): `dagster asset materialize "
+            f"-m dagster_project.definitions --select {asset} --partition {folder.name}`"
+        )
+    return f"re-provision it (provision its source into {folder} again), or delete {folder} and provision it anew"
+
+
+_UNVERIFIED_WARNED: set[str] = set()
+_REHASHED_WARNED: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def verify_provisioned(folder: str | Path, *, what: str = "provisioned folder", full: bool = False) -> str | None:
+    """Check a provisioned folder against its manifest before its files are used; returns its content hash.
+
+    A cheap check by default: every file of the manifest is there as a regular file with its size and
+    modification time; a file whose time differs (or an old manifest without times) is hashed and compared
+    with the manifest's sha256. ``full`` hashes every file. Any file the manifest does not list is an error
+    too (it could be loaded in place of, or beside, what was provisioned). A content change that keeps both
+    size and modification time (a deliberate ``touch -r``) passes the cheap check; ``full`` catches it.
+
+    A folder without a manifest (the tiny model built by tests or benchmarks, a folder copied by hand) is
+    used as it is, with one logged warning per folder: nothing says what it should hold.
+
+    Returns:
+        The manifest's content hash (sha256 over the sorted ``(path, sha256)`` pairs), or ``None`` when the
+        folder has no manifest.
+
+    Raises:
+        ProvisionedFolderChangedError: naming every differing file and the command that re-provisions.
+    """
+    root = Path(folder)
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.exists() and not manifest_path.is_symlink():
+        key = str(root.resolve())
+        if key not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(key)
+            logger.warning(
+                "%s %s has no provisioning manifest (%s): its files are used unchecked. Provision it (the "
+                "models / saes assets) to have it checked at every load.", what, root, MANIFEST_NAME
+            )
+        return None
+    manifest = read_manifest(root) if stat_module.S_ISREG(manifest_path.lstat().st_mode) else None
+    if manifest is None:
+        raise ProvisionedFolderChangedError(
+            f"{what} {root}: its manifest {MANIFEST_NAME} is damaged (not a JSON object listing each file's "
+            f"size and sha256), so its files cannot be checked; {reprovision_hint(root)}"
+        )
+    problems, rehashed = _folder_problems(root, manifest, "full" if full else "stat")
+    if problems:
+        shown = sorted(problems.items())
+        listed = "; ".join(f"{relative}: {reason}" for relative, reason in shown[:10])
+        more = f"; and {len(shown) - 10} more" if len(shown) > 10 else ""
+        raise ProvisionedFolderChangedError(
+            f"{what} {root} does not match what was provisioned ({MANIFEST_NAME}): {listed}{more}. Its files "
+            f"are not used. To use what was provisioned, {reprovision_hint(root)}; to use a changed model on "
+            "purpose, change its source in the config and provision that"
+        )
+    if rehashed and (str(root.resolve()), tuple(sorted(rehashed))) not in _REHASHED_WARNED:
+        _REHASHED_WARNED.add((str(root.resolve()), tuple(sorted(rehashed))))
+        logger.warning(
+            "%s %s: %d file(s) have other modification times than when provisioned but the same content "
+            "(each load hashes them again); re-provisioning records the new times: %s",
+            what, root, len(rehashed), ", ".join(sorted(rehashed)[:5]),
+        )
+    return content_hash_of(manifest["files"])
+
+
+def provisioned_content_hash(folder: str | Path) -> str | None:
+    """The content hash of ``folder``'s manifest (``None`` without one); no check (see :func:`verify_provisioned`)."""
+    manifest = read_manifest(folder)
+    return content_hash_of(manifest["files"]) if manifest is not None else None
 
 
 def check_intact(dest_dir: str | Path, verify: bool = True) -> ProvisionResult | None:
     """The result of an intact provisioned copy at ``dest_dir`` (``skipped=True``), or ``None``.
 
     Intact: a manifest is present and every file it lists is there with its size (and sha256 when
-    ``verify``), with no leftover partial download.
+    ``verify``), with no leftover partial download and no file it does not list. When ``verify`` found it
+    intact, the files' current modification times are recorded in the manifest (an old manifest has none),
+    so :func:`verify_provisioned` stays a stat-only check.
     """
     dest = Path(dest_dir)
     manifest = read_manifest(dest)
     if manifest is None or _intact_problems(dest, manifest, verify):
         return None
+    if verify:
+        _refresh_times(dest, manifest, logger.info)
     return _result(dest, manifest["files"], skipped=True, fetched=[], refetched=[])
 
 
@@ -840,6 +1194,7 @@ def provision(
     timeout_s: float = HTTP_TIMEOUT_S,
     lock_wait: bool | float = True,
     lock_owner: str = "",
+    max_file_bytes: int | None = None,
 ) -> ProvisionResult:
     """Make ``dest_dir`` an intact copy of ``source`` (see the module docstring for the guarantees).
 
@@ -857,9 +1212,12 @@ def provision(
         attempts: tries per file before a truncated or corrupt download is an error.
         timeout_s: socket timeout per HTTP request.
         lock_wait, lock_owner: see above; the owner text is shown to a run that finds the lock held.
+        max_file_bytes: most bytes a downloaded file may have when neither the source's listing nor the server
+            states its size (default ``$DDR_MAX_DOWNLOAD_BYTES``, else :data:`DEFAULT_MAX_FILE_BYTES`).
 
     Raises:
         SourceNotFoundError: a local source path does not exist.
+        UnsafeSourceError: a local source holds a link out of it or in a loop, or a FIFO / device file.
         DownloadError: listing failed, or files could not be fetched intact (every failing file is
             named; the files that did arrive stay in place, so a re-run fetches only the rest).
     """
@@ -869,12 +1227,31 @@ def provision(
     token = (os.environ.get("HF_TOKEN") or None) if isinstance(source, HubSource) else None
     token_url = hub_endpoint(source) if isinstance(source, HubSource) else None
     http = _Http(token=token, timeout=timeout_s, token_url=token_url)
-    backend = _backend(source, http)  # raises early for a missing local path
+    backend = _backend(source, http, _max_file_bytes(max_file_bytes))  # raises early for a missing local path
 
     dest.mkdir(parents=True, exist_ok=True)
     with partition_lock(dest.parent / f".{dest.name}.lock", wait=lock_wait,
                         owner=lock_owner or f"provisioning {_describe(description)}"):
         return _provision_locked(dest, description, backend, report, verify, attempts)
+
+
+def _max_file_bytes(given: int | None) -> int:
+    if given is not None:
+        if not _is_count(given) or given == 0:
+            raise ValueError(f"max_file_bytes must be a positive whole number of bytes, got {given!r}")
+        return given
+    text = os.environ.get(MAX_DOWNLOAD_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_FILE_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ProvisionError(
+            f"{MAX_DOWNLOAD_BYTES_ENV} is {text!r}; use a positive whole number of bytes (e.g. {DEFAULT_MAX_FILE_BYTES})"
+        )
+    return value
 
 
 def _provision_locked(dest: Path, description: dict[str, Any], backend: Any, report: ProgressFn, verify: bool,
@@ -892,6 +1269,8 @@ def _provision_locked(dest: Path, description: dict[str, Any], backend: Any, rep
             if now != recorded:
                 problems.setdefault("(source)", "the local source changed since it was copied")
         if not problems:
+            if verify:
+                _refresh_times(dest, manifest, report)
             report(
                 f"intact copy of {_describe(description)} at {dest}: {len(manifest['files'])} files, skipping"
             )
@@ -949,6 +1328,9 @@ def _provision_locked(dest: Path, description: dict[str, Any], backend: Any, rep
             + "; ".join(failures)
             + ". Files that arrived intact are kept; re-run provisioning to fetch only the rest."
         )
+    pruned = _prune_extras(dest, files)
+    if pruned:
+        report(f"removed {len(pruned)} file(s) the source does not hold: {', '.join(pruned[:10])}")
     new_manifest = {
         "version": MANIFEST_VERSION,
         "source": description,
@@ -969,6 +1351,33 @@ def _provision_locked(dest: Path, description: dict[str, Any], backend: Any, rep
     return _result(dest, files, skipped=False, fetched=fetched, refetched=refetched)
 
 
+def _refresh_times(dest: Path, manifest: dict[str, Any], report: ProgressFn) -> None:
+    """Record the current modification times in the manifest of a copy whose every file was just hashed and
+    found intact (a manifest of version 1 has none; a touched file has another), so loads stay cheap."""
+    files = manifest["files"]
+    times = {relative: (dest / relative).stat().st_mtime_ns for relative in files}
+    if all(files[relative].get("mtime_ns") == times[relative] for relative in files):
+        return
+    refreshed = dict(manifest, version=MANIFEST_VERSION,
+                     files={relative: dict(entry, mtime_ns=times[relative]) for relative, entry in files.items()})
+    atomic_write_json(dest / MANIFEST_NAME, refreshed)
+    report(f"recorded the files' modification times in {dest / MANIFEST_NAME} (content verified)")
+
+
+def _prune_extras(dest: Path, files: dict[str, Any]) -> list[str]:
+    """Remove what ``dest`` holds beyond ``files`` (left by an earlier source, or added by hand): a provisioned
+    folder holds exactly what its manifest lists, so nothing unlisted can be loaded from it."""
+    extras = _extra_files(dest, files)
+    for relative in extras:
+        (dest / relative).unlink(missing_ok=True)
+    for directory in sorted((p for p in dest.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True):
+        try:
+            directory.rmdir()  # only empty folders
+        except OSError:
+            pass
+    return extras
+
+
 def _keep_existing(
     dest: Path, remote: _RemoteFile, previous: dict[str, dict[str, Any]], verify: bool
 ) -> dict[str, Any] | str:
@@ -980,15 +1389,20 @@ def _keep_existing(
             local = dest / name
             if (
                 local.is_file()
+                and not local.is_symlink()
                 and local.stat().st_size == entry["size"]
                 and (not verify or _hash_file(local).sha256.hexdigest() == entry["sha256"])
             ):
                 remote.path = name
-                return dict(entry)
+                if verify:
+                    return _file_entry(local, entry["size"], entry["sha256"], entry.get("stamp"))
+                return {k: v for k, v in entry.items() if k != "mtime_ns" or v == local.stat().st_mtime_ns}
         return "not present"
     local = dest / remote.path
     if (dest / (remote.path + PART_SUFFIX)).exists() and not local.exists():
         return "an incomplete download (.part) was left over"
+    if local.is_symlink():
+        return "replaced by a link"
     if not local.is_file():
         return "missing"
     size = local.stat().st_size
@@ -997,9 +1411,12 @@ def _keep_existing(
     entry = previous.get(remote.path)
     if entry is not None and size != entry.get("size"):
         return f"size {size} differs from the manifest's {entry.get('size')}"
-    stamp = {"stamp": remote.stamp} if remote.stamp else {}
     if not verify and entry is not None and entry.get("stamp") == remote.stamp:
-        return {"size": size, "sha256": entry["sha256"], **stamp}
+        # not hashed: keep the recorded time only if the file still has it (else a load hashes it)
+        kept = {"size": size, "sha256": entry["sha256"]}
+        if entry.get("mtime_ns") == local.stat().st_mtime_ns:
+            kept["mtime_ns"] = entry["mtime_ns"]
+        return {**kept, **({"stamp": remote.stamp} if remote.stamp else {})}
     hashed = _hash_file(local, with_git_sha1=remote.git_sha1 is not None)
     sha256 = hashed.sha256.hexdigest()
     if remote.sha256 is not None:
@@ -1013,7 +1430,7 @@ def _keep_existing(
             return "content differs from the source"
     elif entry is not None and sha256 != entry.get("sha256"):
         return "changed on disk since it was provisioned (sha256 differs from the manifest)"
-    return {"size": size, "sha256": sha256, **stamp}
+    return _file_entry(local, size, sha256, remote.stamp)
 
 
 def _fetch_one(
@@ -1052,10 +1469,7 @@ def _fetch_one(
         final = dest / relative
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(part, final)
-        entry: dict[str, Any] = {"size": result.size, "sha256": result.sha256}
-        if remote.stamp:
-            entry["stamp"] = remote.stamp
-        return relative, entry
+        return relative, _file_entry(final, result.size, result.sha256, remote.stamp)
     raise DownloadError(f"{last_reason} after {attempts} attempt(s)")
 
 

@@ -68,4 +68,16 @@ def read_record(records_dir: Path, asset: str, partition: str | None, *, require
             f"materialize {asset}[{partition}] first (e.g. `dagster asset materialize --select {asset} "
             f"--partition {partition}`)"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        record = error
+    if not isinstance(record, dict) or not isinstance(record.get("data_version"), str):
+        what = f"is not valid JSON ({record})" if isinstance(record, Exception) else (
+            f"holds a JSON {type(record).__name__}" if not isinstance(record, dict) else "has no data_version")
+        raise MissingUpstreamError(
+            f"the record {path} of asset {asset!r} partition {partition!r} {what}, so it is not a completion "
+            f"report: materialize {asset}[{partition}] again (e.g. `dagster asset materialize --select {asset} "
+            f"--partition {partition}`)"
+        )
+    return record

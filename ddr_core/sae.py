@@ -84,6 +84,10 @@ class SaeConfig:
             missing.append("num_latents or expansion_factor")
         if missing:
             raise SaeFormatError(f"SAE cfg.json is missing required field(s): {', '.join(missing)}.")
+        for name, value in (("d_in", data["d_in"]), ("k", data["k"]), ("num_latents", num_latents),
+                            ("expansion_factor", expansion_factor)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SaeFormatError(f"SAE cfg.json field {name!r} must be a whole number, got {value!r}.")
         d_in = data["d_in"]
         if not num_latents and isinstance(d_in, int) and isinstance(expansion_factor, int):
             num_latents = d_in * expansion_factor
@@ -289,14 +293,14 @@ def load_sae(
             raise SaeFormatError(f"SAE file {path} does not exist; re-provision the SAE checkpoints.")
     try:
         raw_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, UnicodeDecodeError, RecursionError) as error:
         raise SaeFormatError(
             f"SAE config {config_path} is not valid JSON ({error}); re-provision the SAE checkpoints."
         ) from error
     try:
         cfg = SaeConfig.from_json_dict(raw_config)
     except SaeFormatError as error:
-        raise SaeFormatError(f"{config_path}: {error}") from error
+        raise SaeFormatError(f"{config_path}: {error} Re-provision the SAE checkpoints.") from error
     if expected_d_in is not None and cfg.d_in != expected_d_in:
         raise SaeFormatError(
             f"SAE in {folder} has d_in={cfg.d_in} but the hooked layer has width {expected_d_in}; "
@@ -358,19 +362,26 @@ def find_sae_folder(root: str | Path, layer_name: str) -> Path:
 
     ``root`` may be the SAE folder itself, a parent holding ``unet.<layer_name>/`` (or
     ``<layer_name>/``), or a parent holding one more level of folders (e.g. a checkpoint name)
-    that contains it.
+    that contains it. A provisioned ``root`` is first checked against its manifest
+    (:func:`ddr_core.provisioning.verify_provisioned`; without one it is used with a warning).
 
     Raises:
-        SaeFormatError: when not found, listing the SAE folders that do exist under ``root``.
+        SaeFormatError: when not found, listing the SAE folders that do exist under ``root``; or when
+            ``root`` no longer matches its provisioning manifest (naming the files and the fix).
         ddr_core.paths.UnsafePathError: ``layer_name`` is not a safe name, or the folder found (or its
             ``cfg.json`` / ``sae.safetensors``) is a link leading outside ``root``.
     """
     from ddr_core.paths import check_name
+    from ddr_core.provisioning import ProvisionedFolderChangedError, verify_provisioned
 
     check_name(layer_name, "layer")  # the folder is named after it: no '/', '..', absolute path
     root = Path(root)
     if not root.is_dir():
         raise SaeFormatError(f"SAE root {root} does not exist; re-provision the SAE checkpoints.")
+    try:
+        verify_provisioned(root, what="SAE folder")
+    except ProvisionedFolderChangedError as error:
+        raise SaeFormatError(str(error)) from None
     names = [FOLDER_PREFIX + layer_name, layer_name]
     if root.name in names and _is_sae_folder(root):
         return _inside(root, root)

@@ -285,10 +285,12 @@ class _Models:
         self._basis: Any = None
 
     def get(self, dtype_name: str, dtype: torch.dtype) -> tuple[Any, Any]:
-        from ddr_core.basis import load_basis
+        from ddr_core.basis import check_weights_match_capture, load_basis
         from ddr_core.pipeline import load_pipeline
 
         spec = self.project.variants[self.variant]
+        if not self._pipes:
+            check_weights_match_capture(self.project, self.layout, self.variant)
         if dtype_name not in self._pipes:
             self._pipes[dtype_name] = load_pipeline(self.layout.model_dir(spec.model), device=self.device,
                                                     dtype=dtype)

@@ -16,6 +16,13 @@ serves flipped bytes; ``required_token`` answers 401 without ``Authorization: Be
 A hostile or odd hub: ``next_link_base`` is the base URL the paging ``Link`` header names (default this
 server), ``cdn_base`` the base URL LFS files redirect to (default ``http://localhost:<port>``), and
 ``redirects`` maps a request path (with its query) to a ``Location`` answered with a 302.
+A server that sends other bodies than it lists: ``serve_instead[key] = data`` sends ``data`` for a hub file
+or Drive file id while the tree API still lists the real file; ``no_content_length`` (a set of keys) sends
+such a body without ``Content-Length`` (the end is the connection's close); ``endless`` (a set of keys)
+streams bytes without ``Content-Length`` until the client hangs up (capped at ``ENDLESS_CAP`` so a client
+that never stops still ends). ``tree_overrides[path]`` is merged into that file's tree API entry, and
+``tree_padding`` adds that many bytes of whitespace to each tree page. ``body_bytes_sent[key]`` counts the
+body bytes the server managed to write for ``key`` (what a client that stops reading saves shows there).
 Every request is recorded in ``requests`` as ``(path_with_query, headers)``.
 """
 
@@ -28,6 +35,9 @@ import threading
 import urllib.parse
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ENDLESS_CAP = 256 << 20
+STREAM_CHUNK = 64 << 10
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -55,6 +65,12 @@ class FakeRemote:
     next_link_base: str | None = None
     cdn_base: str | None = None
     redirects: dict[str, str] = field(default_factory=dict)
+    serve_instead: dict[str, bytes] = field(default_factory=dict)
+    no_content_length: set[str] = field(default_factory=set)
+    endless: set[str] = field(default_factory=set)
+    tree_overrides: dict[str, dict] = field(default_factory=dict)
+    tree_padding: int = 0
+    body_bytes_sent: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -153,6 +169,7 @@ class FakeRemote:
                     "size": len(data),
                     "pointerSize": 134,
                 }
+            entry.update(self.tree_overrides.get(path, {}))
             entries.append(entry)
         headers = {}
         if self.tree_page_size:
@@ -163,7 +180,8 @@ class FakeRemote:
                 path = urllib.parse.urlsplit(handler.path).path
                 headers["Link"] = f'<{self.next_link_base or self.url}{path}?{next_query}>; rel="next"'
             entries = entries[start:end]
-        self._send(handler, 200, json.dumps(entries).encode(), "application/json", headers)
+        body = json.dumps(entries).encode() + b" " * self.tree_padding
+        self._send(handler, 200, body, "application/json", headers)
 
     def _hub_file(self, handler, repo_type: str, repo_id: str, revision: str, path: str, cdn: bool) -> None:
         if not cdn and not self._authorized(handler):
@@ -230,9 +248,37 @@ class FakeRemote:
 
     # ---- responses ----
 
+    def _stream(self, handler, key: str, chunks, content_type: str, headers: dict[str, str] | None,
+                length: int | None) -> None:
+        """Send ``chunks`` (``Content-Length: length`` unless ``None``), counting what was written."""
+        handler.send_response(200)
+        handler.send_header("Content-Type", content_type)
+        if length is not None:
+            handler.send_header("Content-Length", str(length))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.close_connection = True
+        try:
+            for chunk in chunks:
+                handler.wfile.write(chunk)
+                with self._lock:
+                    self.body_bytes_sent[key] = self.body_bytes_sent.get(key, 0) + len(chunk)
+            handler.wfile.flush()
+        except OSError:  # the client hung up: stop sending
+            pass
+
     def _send_body(
         self, handler, key: str, data: bytes, content_type: str, headers: dict[str, str] | None = None
     ) -> None:
+        if key in self.endless:
+            sizes = (STREAM_CHUNK for _ in range(ENDLESS_CAP // STREAM_CHUNK))
+            return self._stream(handler, key, (b"\x00" * size for size in sizes), content_type, headers, None)
+        if key in self.serve_instead:
+            data = self.serve_instead[key]
+            chunks = (data[i : i + STREAM_CHUNK] for i in range(0, len(data), STREAM_CHUNK))
+            length = None if key in self.no_content_length else len(data)
+            return self._stream(handler, key, chunks, content_type, headers, length)
         if key in self.corrupt and data:
             data = bytes([data[0] ^ 0xFF]) + data[1:]
         with self._lock:

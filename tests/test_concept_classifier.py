@@ -121,3 +121,27 @@ def test_config_validation() -> None:
         ConceptClassifierConfig(channels=(6, 16), norm_groups=4)
     with pytest.raises(ValueError, match="at least two labels"):
         ConceptClassifierConfig(heads={"colour": ("red",)})
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("[1, 2]", "holds a JSON list, not an object"),
+    ("{oops", "is not valid JSON"),
+    ('{"image_size": "big", "channels": [8], "norm_groups": 4, "heads": {}}', "malformed field"),
+])
+def test_load_names_a_wrong_typed_config_file(tmp_path, content: str, problem: str) -> None:
+    from ddr_core.concept_classifier import ConceptClassifier
+
+    folder = save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(channels=(8, 16))), tmp_path / "clf")
+    (folder / CONFIG_FILENAME).write_text(content)
+    with pytest.raises(ValueError, match=rf"{CONFIG_FILENAME}.*{problem}"):
+        load_concept_classifier(folder)
+    (folder / CONFIG_FILENAME).unlink()
+
+
+def test_load_names_corrupt_weights(tmp_path) -> None:
+    from ddr_core.concept_classifier import ConceptClassifier
+
+    folder = save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(channels=(8, 16))), tmp_path / "clf")
+    (folder / WEIGHTS_FILENAME).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00[1, 2]xx")
+    with pytest.raises(ValueError, match=rf"{WEIGHTS_FILENAME} are corrupt.*re-provision"):
+        load_concept_classifier(folder)

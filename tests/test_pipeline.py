@@ -99,3 +99,43 @@ def test_initial_latents_depend_only_on_the_seed(tiny_pipe):
     assert initial_latents(tiny_pipe, [7], 128, 64).shape == (1, 4, 16, 8)
     with pytest.raises(ValueError, match="multiples"):
         initial_latents(tiny_pipe, [0], 60, 64)
+
+
+def _rewrite_header(weights: Path, header: bytes) -> None:
+    """``weights`` with its safetensors header replaced by ``header`` (the data after it kept)."""
+    import struct
+
+    data = weights.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + length:])
+
+
+@pytest.mark.parametrize("header", [
+    b"[1, 2, 3]",  # a JSON list: was AttributeError ('list' object has no attribute 'items')
+    b'{"w": [0, 8]}',  # an entry that is not an object: was TypeError
+    b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}',  # offsets as strings
+    b'{"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}',  # end before start
+    b'{"__metadata__": [1], "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}',
+])
+def test_wrong_typed_safetensors_header_names_the_file_and_the_fix(model_copy: Path, header: bytes):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    _rewrite_header(weights, header)
+    with pytest.raises(ModelFolderError, match=r"diffusion_pytorch_model\.safetensors of component 'unet' is "
+                                               r"corrupt .*Re-provision"):
+        load_pipeline(model_copy)
+
+
+@pytest.mark.parametrize("relative", ["model_index.json", "unet/config.json", "scheduler/scheduler_config.json",
+                                      "tokenizer/vocab.json"])
+def test_json_config_that_is_not_an_object_names_the_file(model_copy: Path, relative: str):
+    """diffusers / transformers fail on these with AttributeError or worse; ddr names the file first."""
+    path = model_copy / relative
+    if not path.exists():
+        pytest.skip(f"the tiny model has no {relative}")
+    path.write_text("[1, 2]")
+    with pytest.raises(ModelFolderError, match=rf"{relative.split('/')[-1]} holds a JSON list, not an object"
+                                               r".*Re-provision"):
+        load_pipeline(model_copy)
+    path.write_text("{oops")
+    with pytest.raises(ModelFolderError, match=rf"{relative.split('/')[-1]} is not valid JSON"):
+        load_pipeline(model_copy)

@@ -337,3 +337,32 @@ def test_priors_for_variant(tiny_model_dir, tiny_sae_root, raw_stats, tmp_path):
     assert find_sae_folder(layout.sae_dir("tiny-sae"), TINY_TARGET_LAYER).is_dir()
     with pytest.raises(FileNotFoundError, match="summary.json"):
         priors_for_variant(project, layout, "tiny-sae", [1], small_config(), "cpu")
+
+
+def test_priors_refuse_weights_other_than_the_capture_was_made_with(tiny_model_dir, raw_stats, tmp_path):
+    """The model was provisioned again with other weights after the capture: its statistics (which channels
+    are active, when) describe weights that are gone, so priors refuse instead of steering the new ones."""
+    from ddr_core.provisioning import LocalSource, provision
+    from ddr_core.records import make_record, write_record
+    from ddr_core.tiny_model import TinyModelConfig, build_tiny_pipeline
+
+    layout = DataLayout(tmp_path / "data", "exp")
+    captured = provision(LocalSource(tiny_model_dir), layout.model_dir("tiny")).content_hash
+    stats = layout.timestep_stats_dir("tiny-raw")
+    stats.parent.mkdir(parents=True)
+    stats.symlink_to(raw_stats)
+    write_record(layout.records_dir, make_record("activations", "tiny", "1", {}, {"models/tiny": captured}, "v1"))
+    project = ProjectConfig.model_validate({
+        "models": {"tiny": {"source": {"builtin": "tiny"}}},
+        "prompt_datasets": {"tiny-prompts": {"source": {"builtin": "tiny-prompts"}}},
+        "variants": {"tiny-raw": {"model": "tiny", "prompts": "tiny-prompts", "width": 64}},
+    })
+    config = small_config(n_results=1, seeds=[3])
+    assert priors_for_variant(project, layout, "tiny-raw", [7], config, "cpu").done == [7]
+
+    other = build_tiny_pipeline(tmp_path / "other", TinyModelConfig(seed=1))
+    provision(LocalSource(other), layout.model_dir("tiny"))
+    with pytest.raises(ValueError, match=r"model 'tiny' now holds other weights .* than activations\[tiny\] was "
+                                         r"captured with .*Materialize activations\[tiny\] again"):
+        priors_for_variant(project, layout, "tiny-raw", [8], config, "cpu")
+    assert not (layout.stage_dir("priors", "tiny-raw") / "channel_00008").exists()

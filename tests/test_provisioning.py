@@ -83,7 +83,9 @@ def test_full_hub_download_writes_files_and_manifest(remote: FakeRemote, tmp_pat
     assert manifest["files"][WEIGHTS] == {
         "size": len(REPO_FILES[WEIGHTS]),
         "sha256": hashlib.sha256(REPO_FILES[WEIGHTS]).hexdigest(),
+        "mtime_ns": (tmp_path / "model" / WEIGHTS).stat().st_mtime_ns,
     }
+    assert manifest["version"] == provisioning.MANIFEST_VERSION == 2
     expected_hash = hashlib.sha256(
         "".join(f"{p}\0{hashlib.sha256(REPO_FILES[p]).hexdigest()}\n" for p in sorted(REPO_FILES)).encode()
     ).hexdigest()
@@ -505,3 +507,170 @@ def test_one_provisioning_at_a_time_per_destination(tmp_path: Path) -> None:
     assert sorted(result.skipped for result in results) == [False, True]
     assert sorted(len(result.fetched) for result in results) == [0, 20]
     assert tree_files(dest) == tree_files(source)
+
+
+# ---- a local source is copied without following links out of it or in loops, regular files only --------
+
+
+def _with_deadline(function, seconds: float = 20.0):
+    """``function()``'s result or exception, failing the test (not hanging it) when it runs past ``seconds``."""
+    import threading
+
+    outcome: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = function()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still running after {seconds} s (a loop of links, or a blocking read)"
+    return outcome
+
+
+def _model_source(root: Path) -> Path:
+    (root / "unet").mkdir(parents=True)
+    (root / "unet" / "w.safetensors").write_bytes(b"\x01" * 1000)
+    (root / "model_index.json").write_text("{}")
+    return root
+
+
+@pytest.mark.parametrize("links, named", [
+    ({"a/to_b": "../b", "b/to_a": "../a"}, "b/to_a"),  # a loop through two folders
+    ({"unet/l1": "..", "unet/l2": ".."}, "unet/l1"),  # two links up: 2**depth paths to walk
+])
+def test_local_source_with_a_loop_of_links_is_refused_naming_the_link(
+    tmp_path: Path, links: dict[str, str], named: str
+) -> None:
+    """Links forming a loop made the copy follow them again and again (2.6 GB in 90 s on a real model; two
+    links to one folder make the walk exponential); now reaching a folder a second time is an error naming
+    the link, before anything is copied."""
+    source = _model_source(tmp_path / "src")
+    (source / "a").mkdir()
+    (source / "b").mkdir()
+    (source / "a" / "x.txt").write_text("x")
+    for link, target in links.items():
+        (source / link).symlink_to(target)
+    outcome = _with_deadline(lambda: provision(LocalSource(source), tmp_path / "dest"))
+    error = outcome.get("error")
+    assert type(error).__name__ == "UnsafeSourceError", outcome
+    assert f"{named} is a link to the folder" in str(error) and "already includes" in str(error)
+    assert "remove the link" in str(error)
+    assert not (tmp_path / "dest" / MANIFEST_NAME).exists()
+    assert sum(1 for _ in (tmp_path / "dest").rglob("*")) < 10  # stopped before copying much
+
+
+def test_local_source_link_to_outside_is_refused(tmp_path: Path) -> None:
+    """A link to a file outside the source (a huge checkpoint elsewhere, /dev/zero) is refused by name; a
+    link to a file inside the source is copied as a file."""
+    source = _model_source(tmp_path / "src")
+    (tmp_path / "elsewhere.bin").write_bytes(b"\x02" * 5000)
+    (source / "unet" / "extra.safetensors").symlink_to(tmp_path / "elsewhere.bin")
+    with pytest.raises(provisioning.ProvisionError,  # UnsafeSourceError
+                       match=r"unet/extra\.safetensors is a link to .*elsewhere\.bin, outside the source"):
+        provision(LocalSource(source), tmp_path / "dest")
+    assert not (tmp_path / "dest" / "unet" / "extra.safetensors").exists()
+
+    (source / "unet" / "extra.safetensors").unlink()
+    (source / "unet" / "zero").symlink_to("/dev/zero")
+    with pytest.raises(provisioning.ProvisionError, match=r"unet/zero is a link to /dev/zero, outside"):
+        provision(LocalSource(source), tmp_path / "dest")
+
+    (source / "unet" / "zero").unlink()
+    (source / "alias.json").symlink_to("model_index.json")  # inside: followed, copied as a file
+    result = provision(LocalSource(source), tmp_path / "dest")
+    assert "alias.json" in result.fetched and not (tmp_path / "dest" / "alias.json").is_symlink()
+
+
+def test_local_source_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    """A FIFO in the source used to be opened for reading, which blocks for ever (no writer)."""
+    import os
+
+    source = _model_source(tmp_path / "src")
+    os.mkfifo(source / "unet" / "pipe.safetensors")
+    outcome = _with_deadline(lambda: provision(LocalSource(source), tmp_path / "dest"))
+    error = outcome.get("error")
+    assert type(error).__name__ == "UnsafeSourceError", outcome
+    assert "unet/pipe.safetensors is a FIFO" in str(error) and "regular files only" in str(error)
+    outcome = _with_deadline(lambda: provision(LocalSource(source / "unet" / "pipe.safetensors"), tmp_path / "d2"))
+    assert type(outcome.get("error")).__name__ == "UnsafeSourceError", outcome
+
+
+# ---- a download never reads more than the source lists; a size violation is not retried ----------------
+
+
+BIG = 20 << 20  # what a hostile server sends in place of a listed 10-byte file
+SMALL = "small.txt"
+
+
+@pytest.fixture
+def liar():
+    server = FakeRemote()
+    server.add_hub_repo(REPO, {SMALL: b"0123456789", "model_index.json": b"{}"})
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+def test_body_longer_than_listed_stops_at_once_and_is_not_retried(
+    liar: FakeRemote, tmp_path: Path, content_length: bool
+) -> None:
+    """The hub lists 10 bytes and sends 20 MB (announced or not): the download stops at the listed size
+    (or before reading, on a Content-Length that says so), fails naming the file and both sizes, and is
+    not tried again: it used to be read whole, three times."""
+    liar.serve_instead[SMALL] = b"x" * BIG
+    if not content_length:
+        liar.no_content_length.add(SMALL)
+    with pytest.raises(DownloadError, match=rf"{SMALL}: .*(20971520|more than 10 bytes).*lists 10|"
+                                            rf"{SMALL}: the server (announces|sent) .*10") as error:
+        provision(HubSource(REPO, endpoint=liar.url), tmp_path / "m")
+    assert "not retried" in str(error.value)
+    assert liar.count(f"/resolve/main/{SMALL}") == 1
+    assert liar.body_bytes_sent.get(SMALL, 0) < 8 << 20  # what sat in socket buffers, not 3 x 20 MB
+    assert not list((tmp_path / "m").rglob("*.part")) and not (tmp_path / "m" / SMALL).exists()
+    assert (tmp_path / "m" / "model_index.json").read_bytes() == b"{}"  # the other file still arrived
+
+
+def test_endless_drive_body_stops_at_the_limit(liar: FakeRemote, tmp_path: Path, monkeypatch) -> None:
+    """A Drive file has no listed size; a server that never ends its body (no Content-Length) is cut at
+    ``max_file_bytes`` / DDR_MAX_DOWNLOAD_BYTES; one that announces more than the limit is not read."""
+    liar.drive_files["f-endless"] = DriveFile("w.bin", b"w" * 100)
+    liar.endless.add("f-endless")
+    with pytest.raises(DownloadError, match=r"w\.bin: the server sent more than 1048576 bytes.*at most 1048576"):
+        provision(drive(liar, file_id="f-endless", filename="w.bin"), tmp_path / "d", max_file_bytes=1 << 20)
+    assert liar.count("id=f-endless") == 1
+    assert liar.body_bytes_sent["f-endless"] < 16 << 20  # not the 256 MB the fake would send
+
+    liar.drive_files["f-big"] = DriveFile("big.bin", b"b" * (3 << 20))
+    monkeypatch.setenv(provisioning.MAX_DOWNLOAD_BYTES_ENV, str(1 << 20))
+    with pytest.raises(DownloadError, match=rf"big\.bin: the server announces {3 << 20} bytes, more than the "
+                                            rf"{1 << 20} allowed.*{provisioning.MAX_DOWNLOAD_BYTES_ENV}"):
+        provision(drive(liar, file_id="f-big", filename="big.bin"), tmp_path / "e")
+    monkeypatch.setenv(provisioning.MAX_DOWNLOAD_BYTES_ENV, "lots")
+    with pytest.raises(provisioning.ProvisionError, match="DDR_MAX_DOWNLOAD_BYTES is 'lots'"):
+        provision(drive(liar, file_id="f-big", filename="big.bin"), tmp_path / "e")
+    monkeypatch.delenv(provisioning.MAX_DOWNLOAD_BYTES_ENV)
+    assert provision(drive(liar, file_id="f-big", filename="big.bin"), tmp_path / "e").n_bytes == 3 << 20
+
+
+def test_hub_listing_of_wrong_types_or_endless_length_is_refused(liar: FakeRemote, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Tree API entries whose size / hash are not what the hub sends, and a listing page longer than
+    MAX_LISTING_BYTES, are clear errors (they were a ValueError / TypeError, or read whole)."""
+    liar.tree_overrides[SMALL] = {"size": "ten"}
+    with pytest.raises(DownloadError, match=rf"{SMALL}: size 'ten' is not a byte count"):
+        provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")
+    liar.tree_overrides[SMALL] = {"size": [10]}
+    with pytest.raises(DownloadError, match=rf"{SMALL}: size \[10\] is not a byte count"):
+        provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")
+    liar.tree_overrides[SMALL] = {"oid": {"sha": 1}}
+    with pytest.raises(DownloadError, match=rf"{SMALL}: oid .* is not a git hash"):
+        provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")
+    liar.tree_overrides.clear()
+    monkeypatch.setattr(provisioning, "MAX_LISTING_BYTES", 4096)
+    liar.tree_padding = 10_000
+    with pytest.raises(DownloadError, match="longer than 4096 bytes"):
+        provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")

@@ -200,3 +200,18 @@ def test_find_sae_folder_lists_what_exists(tmp_path: Path) -> None:
         find_sae_folder(tmp_path, "up_blocks.1.attentions.1")
     with pytest.raises(SaeFormatError, match="does not exist"):
         find_sae_folder(tmp_path / "nope", "up_blocks.1.attentions.1")
+
+
+@pytest.mark.parametrize("cfg, problem", [
+    ([1, 2], "must hold a JSON object, got list"),
+    ({"d_in": 2, "k": 2, "num_latents": "3"}, "'num_latents' must be a whole number, got '3'"),
+    ({"d_in": 2, "k": 2, "num_latents": [3]}, r"'num_latents' must be a whole number, got \[3\]"),
+    ({"d_in": "2", "k": 2, "num_latents": 3}, "'d_in' must be a whole number, got '2'"),
+    ({"d_in": 2, "k": 2, "num_latents": 0, "expansion_factor": "x"}, "'expansion_factor' must be a whole number"),
+])
+def test_wrong_typed_cfg_json_names_the_file_and_the_fix(tmp_path: Path, cfg, problem: str) -> None:
+    """A cfg.json of the wrong shape used to raise TypeError (``'3' % 2``) instead of naming the file."""
+    folder = write_folder(tmp_path / "sae", {"d_in": 2, "num_latents": 3, "k": 2}, hand_tensors())
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SaeFormatError, match=rf"cfg\.json: .*{problem}.*Re-provision the SAE"):
+        load_sae(folder)
