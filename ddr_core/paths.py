@@ -48,11 +48,17 @@ def is_safe_name(name: object) -> bool:
     return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
 
 
-def _shown(value: object) -> str:
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` for a message: its ``repr`` (control characters and NUL bytes escaped), shortened when longer
+    than ``limit`` characters (the start, the end and the length are kept)."""
     text = repr(value)
-    if len(text) > 60:
-        text = f"{text[:40]}...{text[-10:]} ({len(value) if isinstance(value, str) else '?'} characters)"
+    if len(text) > limit:
+        head = max(limit * 2 // 3, 10)
+        text = f"{text[:head]}...{text[-10:]} ({len(value) if isinstance(value, str) else '?'} characters)"
     return text
+
+
+_shown = shown
 
 
 def check_name(name: object, field: str) -> str:
@@ -95,7 +101,10 @@ def check_relative_file(value: object, field: str) -> str:
 
 
 def resolve_inside(root: Path, relative: str | Path) -> Path:
-    """``root / relative`` resolved, refusing anything that escapes ``root`` (``..``, absolute, links)."""
+    """``root / relative`` resolved, refusing anything that escapes ``root`` (``..``, absolute, links) and a
+    path with a NUL byte (which no file system accepts: ``UnsafePathError`` instead of Python's ``ValueError``)."""
+    if "\x00" in str(relative):
+        raise UnsafePathError(f"path {shown(str(relative))} contains a NUL byte")
     root = Path(root).resolve()
     candidate = (root / relative).resolve()
     if candidate != root and root not in candidate.parents:

@@ -34,6 +34,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddr_core.atomic import atomic_path, remove_temporaries_of
+from ddr_core.paths import UnsafePathError, resolve_inside
 from ddr_core.statistics import interpolate_profile, read_summary
 
 PROFILE_COLOR = "#2ecc71"
@@ -149,14 +150,18 @@ def plot_channel_activity(
 
 
 def _load_image(image_root: Path, relative: str | None) -> Image.Image | None:
-    if not relative:
+    """The image, or ``None`` (drawn as a placeholder) when the path is empty, escapes ``image_root``, cannot
+    be a file name (a NUL byte, too long), or the file is missing or not a decodable image."""
+    if not relative or not isinstance(relative, str):
         return None
-    root = image_root.resolve()
-    path = (root / relative).resolve()
-    if root not in path.parents or not path.is_file():
+    try:
+        path = resolve_inside(image_root, relative)
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnsafePathError, OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         return None
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def render_channel_figure(
