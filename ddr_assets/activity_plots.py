@@ -54,7 +54,8 @@ def activity_plots(context: dg.AssetExecutionContext, config: ActivityPlotsRunCo
         if plots_config.only_active:
             channels = channels.filter(pl.col("is_active"))
         block_written = write_channel_figures(
-            stats_dir, channels["channel"].to_list(), layout.activity_plots_dir(variant), layout.data_root,
+            stats_dir, channels["channel"].to_list(),
+            layout.check_output_folder(layout.activity_plots_dir(variant), "figures folder"), layout.data_root,
             dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
             lock_owner=f"dagster run {context.run_id}")
         context.log.info(f"{len(block_written)} figure(s) for channels {first}..{last} of {variant}")

@@ -26,7 +26,7 @@ from ddr_assets.lineage import lineage_metadata, table_preview
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
 from ddr_core.config import config_hash
 from ddr_core.dreams import DreamConfig
-from ddr_core.paths import resolve_inside
+from ddr_core.paths import resolve_in_data_root
 from ddr_core.records import make_record, read_record, write_record
 
 DREAMS_CODE_VERSION = "1"
@@ -127,7 +127,7 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
                                    storage=storage, options=config.slurm)
         reports.append(report)
         result = report["result"]
-        out_dir = resolve_inside(layout.data_root, result["out_dir"])
+        out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])
         totals["channels"] += len(result["channels_done"])
         totals["resumed"] += len(result["channels_skipped"])
         totals["nothing"] += len(result["channels_without_timesteps"])
@@ -136,7 +136,7 @@ def _materialize_dreams(context: dg.AssetExecutionContext, config, storage: DdrS
         totals["seconds"] += result["seconds"]
         if not result.get("quality_path"):
             raise dg.Failure(description=f"{name}: the stage for {variant!r} returned no quality table")
-        quality = pl.read_parquet(resolve_inside(layout.data_root, result["quality_path"]))
+        quality = pl.read_parquet(resolve_in_data_root(layout.data_root, result["quality_path"]))
         quality = quality.filter(pl.col("channel").is_in(channels))
         qualities.append(quality)
         run_config = {**dream_config.model_dump(mode="json"), "channels": config.channels}

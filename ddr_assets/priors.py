@@ -20,7 +20,7 @@ from ddr_assets.configs import (
 )
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import block_to_variant_mapping, channel_block_partitions
-from ddr_core.paths import resolve_inside
+from ddr_core.paths import resolve_in_data_root
 from ddr_core.priors import PriorsConfig, read_prior
 from ddr_core.records import make_record, read_record, write_record
 
@@ -64,7 +64,7 @@ def priors(context: dg.AssetExecutionContext, config: PriorsRunConfig, storage: 
                                    storage=storage, options=config.slurm)
         reports.append(report)
         result = report["result"]
-        out_dir = resolve_inside(layout.data_root, result["out_dir"])
+        out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])
         for key in ("done", "resumed", "skipped"):
             totals[key] += len(result[key])
         totals["images"] += result["images"]

@@ -92,7 +92,7 @@ def html_export(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.Ma
     variant = context.partition_key
     layout = storage.layout
     stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"html_export[{variant}]")
-    out_dir = layout.stage_dir("html_export", variant)
+    out_dir = layout.check_output_folder(layout.stage_dir("html_export", variant), "report folder")
     report = write_html_report(layout, variant, out_dir)
     index = report.index
     pages = len(list((out_dir / "channels").glob("*.html")))

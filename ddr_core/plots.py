@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ddr_core.atomic import atomic_path, remove_temporaries_of
-from ddr_core.paths import UnsafePathError, resolve_inside
+from ddr_core.paths import UnsafePathError, check_output_folder, resolve_in_data_root
 from ddr_core.statistics import interpolate_profile, read_summary
 
 PROFILE_COLOR = "#2ecc71"
@@ -155,7 +155,7 @@ def _load_image(image_root: Path, relative: str | None) -> Image.Image | None:
     if not relative or not isinstance(relative, str):
         return None
     try:
-        path = resolve_inside(image_root, relative)
+        path = resolve_in_data_root(image_root, relative)
         if not path.is_file():
             return None
         with Image.open(path) as image:
@@ -283,7 +283,7 @@ def write_channel_figures(
     """
     from ddr_core.locks import claim_channels
 
-    out = Path(out_dir)
+    out = check_output_folder(Path(out_dir), None, "figures folder")  # not a link, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     written = []

@@ -90,6 +90,7 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
     format_channels,
     stage_locks_dir,
 )
+from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
 
 LogFn = Callable[[str], None]
@@ -471,7 +472,7 @@ def check_channels(channels: Sequence[int], n_features: int, what: str) -> list[
 
 
 def _relative(path: Path, data_root: Path) -> str:
-    return path.resolve().relative_to(data_root).as_posix()
+    return relative_to_data_root(data_root, path)
 
 
 def run_priors(
@@ -522,11 +523,7 @@ def run_priors(
 
     start = time.monotonic()
     out_dir, stats_dir, data_root = Path(out_dir), Path(stats_dir), Path(data_root).resolve()
-    try:
-        out_dir.resolve().relative_to(data_root)
-    except ValueError:
-        raise ValueError(f"out_dir {out_dir} is not below data_root {data_root}; image paths are "
-                         "stored relative to the data root") from None
+    check_output_folder(out_dir, data_root, "priors folder")  # below the data root, not through a link
     basis: Literal["raw", "sae"] = "raw" if sae_or_none is None else "sae"
     width = layer_width(pipe.unet, layer_name)
     if sae_or_none is not None:
@@ -711,6 +708,7 @@ def priors_for_variant(
             f"--partition {variant}`)"
         ) from None
 
+    layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
     sae, _ = load_variant_basis(project, layout, variant, pipe, device)

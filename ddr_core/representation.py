@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
 from ddr_core.locks import claim_channels, partition_lock, stage_locks_dir
-from ddr_core.paths import DataLayout, UnsafePathError, resolve_inside, shown
+from ddr_core.paths import DataLayout, UnsafePathError, check_output_folder, resolve_in_data_root, shown
 from ddr_core.statistics import interpolate_profile, read_summary
 
 LogFn = Callable[[str], None]
@@ -184,7 +184,7 @@ def resolve_file(data_root: str | Path, relative: str | None, what: str = "file"
         raise ShardFileError(f"{what} {shown(relative, 200)} refused: it contains a NUL byte or a control character",
                              "unusable name")
     try:
-        path = resolve_inside(Path(data_root), relative)
+        path = resolve_in_data_root(data_root, relative)
         found = path.is_file()
     except UnsafePathError as error:
         raise ShardFileError(f"{what} {shown(relative, 200)} refused: it escapes the data root {data_root}",
@@ -603,10 +603,8 @@ def build_shards(
     if channels is None:
         channels = range(int(_read_stats_summary(layout, variant)["width"]))
     out = Path(out_dir) if out_dir is not None else representation_dir(layout, variant)
-    try:
-        out.resolve().relative_to(layout.data_root)
-    except ValueError:
-        raise ValueError(f"out_dir {out} is not below the data root {layout.data_root}") from None
+    check_output_folder(out, layout.data_root, "representation folder")  # below the data root, no link
+    check_output_folder(out / "curves", None, "curves folder")
     (out / "curves").mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or f"representation {variant}"):
