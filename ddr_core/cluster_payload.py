@@ -10,7 +10,8 @@ The job's completion report (``<outputs>/_jobs/<invocation_id>.json``) is writte
 **only after the stage function returned**; the Dagster side records a materialization only when
 that report exists and names its invocation, so no scheduler or client state can turn a crashed job
 into a success. A failing stage writes ``<invocation_id>.error.json`` instead (exception, traceback
-tail, SLURM job id) and exits non-zero.
+tail, SLURM job id) and exits non-zero. When that report cannot be written either (the disk is still full),
+the stage's own error is what is raised and logged (naming its file); the report's failure is only mentioned.
 
 Several GPUs in one job (:mod:`ddr_core.distributed`): under ``torchrun`` or ``srun`` (``WORLD_SIZE``
 / ``SLURM_STEP_NUM_TASKS`` > 1) every process is a rank and runs its share -- capture: shard
@@ -117,6 +118,21 @@ def report_path(data_root: str | Path, experiment: str, invocation_id: str) -> P
 
 def error_path(data_root: str | Path, experiment: str, invocation_id: str) -> Path:
     return jobs_dir(data_root, experiment) / f"{invocation_id}.error.json"
+
+
+def _write_error_report(path: Path, report: dict[str, Any], log: LogFn) -> str | None:
+    """Write the error report ``path``; ``None``, or (logged) why it could not be written. Never raises: the
+    caller raises the stage's own error, which must not be replaced by this one (a full disk fails both)."""
+    from ddr_core.atomic import atomic_write_json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, _json_safe(report))
+    except Exception as error:  # OSError (disk full, read-only), or a report that is not JSON
+        problem = f"the error report {path} could not be written either ({type(error).__name__}: {error})"
+        log(problem)
+        return problem
+    return None
 
 
 def _context(request: StageRequest):
@@ -240,16 +256,13 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
     try:
         result = STAGES[request.stage](request, log)
     except BaseException as exc:
-        from ddr_core.atomic import atomic_write_json
-
         tail = "".join(traceback.format_exception(exc))[-4000:]
-        errors.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(errors, _json_safe({**base, "error": f"{type(exc).__name__}: {exc}",
-                                              "traceback_tail": tail,
-                                              "seconds": time.perf_counter() - started}))
         where = f" (SLURM job {job_id})" if job_id else ""
-        raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{where} failed: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        message = f"stage {request.stage!r} invocation {request.invocation_id}{where} failed: {type(exc).__name__}: {exc}"
+        log(message)  # first: the cause is on record even if nothing can be written any more
+        problem = _write_error_report(errors, {**base, "error": f"{type(exc).__name__}: {exc}", "traceback_tail": tail,
+                                               "seconds": time.perf_counter() - started}, log)
+        raise StageFailed(message + (f" [{problem}]" if problem else "")) from exc
     from ddr_core.atomic import atomic_write_json
 
     finished = {**base, "result": result, "seconds": time.perf_counter() - started,
@@ -427,15 +440,16 @@ def _run_stage_as_rank(request: StageRequest, info: Any, log: LogFn) -> dict[str
         first = failed[0]
         names = ", ".join(str(s["rank"]) for s in failed)
         error = f"rank {first['rank']} of {info.world_size} ({first['host']}): {first['error']}"
+        message = f"stage {request.stage!r} invocation {request.invocation_id}{where} failed on rank(s) {names}: {error}"
+        problem = None
         if info.is_main:
-            errors.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(errors, _json_safe({
+            rank_log(message)
+            problem = _write_error_report(errors, {
                 **base, "error": error, "failed_ranks": [s["rank"] for s in failed],
                 "lost_contact": any(s.get("lost_contact") for s in failed),
                 "rank_errors": [{k: s.get(k) for k in ("rank", "host", "error", "traceback_tail")} for s in failed],
-                "traceback_tail": first["traceback_tail"], "seconds": time.perf_counter() - started}))
-        raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{where} failed on "
-                          f"rank(s) {names}: {error}")
+                "traceback_tail": first["traceback_tail"], "seconds": time.perf_counter() - started}, rank_log)
+        raise StageFailed(message + (f" [{problem}]" if problem else ""))
     if not info.is_main:
         return status
     ranks = [{k: s.get(k) for k in ("rank", "host", "device", "seconds", "result")} for s in statuses]

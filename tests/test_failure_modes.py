@@ -585,3 +585,30 @@ def test_symlinked_stage_folder_is_refused_naming_the_link_with_nothing_written(
     assert _tree(layout.data_root, elsewhere) == before, "something was written"
     assert link.is_symlink()
 
+
+def test_disk_full_at_a_stages_first_write_and_at_its_error_report_names_the_first(stage, tmp_path, monkeypatch):
+    """ENOSPC from the stage's first write on (the disk stays full): the job fails with the stage's own error,
+    naming the file it could not write; the error report, which cannot be written either, is only mentioned
+    (before: the failure to write the report was what was raised)."""
+    from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
+
+    layout, _ = stage
+    config = tmp_path / "project.yaml"
+    config.write_text(json.dumps(PROJECT))
+    request = StageRequest(stage="capture_group", args={"group": "tiny", "config": CAPTURE},
+                           data_root=str(layout.data_root), experiment="default", config_path=str(config),
+                           device="cpu", invocation_id="full-disk")
+    monkeypatch.setattr(atomic, "os", FaultyOs(fail_on=1, and_after=True))
+    logged: list[str] = []
+    with pytest.raises(StageFailed) as failure:
+        run_stage(request, log=logged.append)
+    message = str(failure.value)
+    first = message.split(" [the error report ")[0]
+    capture = layout.activations_dir("tiny")
+    assert f"OSError: [Errno 28] could not write file {capture}/" in first, message
+    assert "No space left on device" in first
+    errors = error_path(layout.data_root, "default", "full-disk")
+    assert f"[the error report {errors} could not be written either (OSError: [Errno 28]" in message
+    assert any(f"could not write file {capture}/" in line for line in logged)  # logged before the report try
+    assert isinstance(failure.value.__cause__, OSError) and failure.value.__cause__.errno == errno.ENOSPC
+    assert not errors.exists() and not report_path(layout.data_root, "default", "full-disk").exists()
