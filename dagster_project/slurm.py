@@ -199,8 +199,14 @@ def new_request(stage: str, args: dict[str, Any], *, data_root: str | Path, expe
 
 
 def read_error(request: StageRequest, local_data_root: str | Path) -> dict | None:
+    """The payload's error report, or ``None`` when there is none or it cannot be read: it only adds detail
+    to a failure, so reading it must never replace the failure itself."""
     path = error_path(local_data_root, request.experiment, request.invocation_id)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def run_stage_locally(context: dg.AssetExecutionContext, request: StageRequest) -> dict:
@@ -309,7 +315,9 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
             cause = error.get("error")
         else:
             cause = (f"{exc} -- the job ended without the payload's error report (killed from outside: out of "
-                     f"memory, time limit, scancel, node failure); the tail of its log:\n{log_tail or '(empty)'}")
+                     f"memory, time limit, scancel, node failure; or the report could not be written, e.g. on a "
+                     f"full disk: then the stage's own error is in the log); the tail of its log:\n"
+                     f"{log_tail or '(empty)'}")
         raise dg.Failure(
             description=f"SLURM job {job_id or '(not submitted)'} for {request.stage} failed: {cause}",
             metadata={"slurm_job_id": str(job_id), "invocation_id": request.invocation_id,

@@ -24,7 +24,7 @@ from ddr_assets.partitions import (
 from ddr_core.activations import CaptureConfig
 from ddr_core.config import config_hash
 from ddr_core.markdown_text import escape_markdown
-from ddr_core.paths import resolve_inside
+from ddr_core.paths import resolve_in_data_root
 from ddr_core.records import make_record, read_record, write_record
 
 ACTIVATIONS_CODE_VERSION = "1"
@@ -103,7 +103,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                                storage=storage, options=config.slurm)
     result = report["result"]
     summary = result["summary"]
-    root = resolve_inside(layout.data_root, result["root"])
+    root = resolve_in_data_root(layout.data_root, result["root"])
     if not summary.get("complete"):
         raise dg.Failure(
             description=f"shard {capture_config.shard_index}/{capture_config.num_shards} finished its "

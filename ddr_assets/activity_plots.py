@@ -39,7 +39,8 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
     written, per_block = [], {}
     for key, channels in blocks.items():
         block_written = write_channel_figures(
-            stats_dir, [c for c in channels if c in drawn], layout.activity_plots_dir(variant), layout.data_root,
+            stats_dir, [c for c in channels if c in drawn],
+            layout.check_output_folder(layout.activity_plots_dir(variant), "figures folder"), layout.data_root,
             dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
             lock_owner=f"dagster run {run.context.run_id}")
         run.context.log.info(f"{len(block_written)} figure(s) for channels {channels[0]}..{channels[-1]} of {variant}")

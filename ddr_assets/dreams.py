@@ -24,7 +24,7 @@ from ddr_assets.configs import (
 from ddr_assets.lineage import table_preview
 from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.dreams import DreamConfig
-from ddr_core.paths import resolve_inside
+from ddr_core.paths import resolve_in_data_root
 from ddr_core.records import read_record
 
 DREAMS_CODE_VERSION = "1"
@@ -92,10 +92,10 @@ def _dreams_stage(name: str, no_noise: bool) -> ChannelBlockStage:
                                         "config": dream_config.model_dump(mode="json")},
                                        storage=run.storage, options=config.slurm)
         result = report["result"]
-        out_dir = resolve_inside(layout.data_root, result["out_dir"])
+        out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])
         if not result.get("quality_path"):
             raise dg.Failure(description=f"{name}: the stage for {variant!r} returned no quality table")
-        quality = pl.read_parquet(resolve_inside(layout.data_root, result["quality_path"]))
+        quality = pl.read_parquet(resolve_in_data_root(layout.data_root, result["quality_path"]))
         quality = quality.filter(pl.col("channel").is_in(channels))
         return VariantWork(upstream=upstream, config=dream_config.model_dump(mode="json"),
                            outputs={"dir": result["out_dir"]}, report=report,

@@ -18,7 +18,7 @@ from ddr_assets.configs import (
     with_variant_overrides,
 )
 from ddr_assets.partitions import block_to_variant_mapping
-from ddr_core.paths import resolve_inside
+from ddr_core.paths import resolve_in_data_root
 from ddr_core.priors import PriorsConfig, read_prior
 from ddr_core.records import read_record
 
@@ -38,7 +38,7 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
                                     "config": priors_config.model_dump(mode="json")},
                                    storage=run.storage, options=config.slurm)
     result = report["result"]
-    out_dir = resolve_inside(layout.data_root, result["out_dir"])
+    out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])
     previews = []
     for channel in channels:
         record = read_prior(out_dir, channel)

@@ -7,7 +7,7 @@ from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_
 from ddr_assets.lineage import lineage_metadata, path_metadata
 from ddr_assets.partitions import block_to_variant_mapping, variant_partitions, variant_to_blocks_mapping
 from ddr_core.config import config_hash
-from ddr_core.html_export import export_html
+from ddr_core.html_export import write_html_report
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.representation import representation_for_variant
 
@@ -79,16 +79,21 @@ def html_export(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.Ma
     variant = context.partition_key
     layout = storage.layout
     stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"html_export[{variant}]")
-    out_dir = layout.stage_dir("html_export", variant)
-    index = export_html(layout, variant, out_dir)
+    out_dir = layout.check_output_folder(layout.stage_dir("html_export", variant), "report folder")
+    report = write_html_report(layout, variant, out_dir)
+    index = report.index
     pages = len(list((out_dir / "channels").glob("*.html")))
     context.log.info(f"HTML report of {variant}: open {index} in a browser")
+    if report.problems:
+        context.log.warning(f"{len(report.problems)} problem(s) in the HTML report of {variant} (listed at the top "
+                            f"of {index}): " + "; ".join(p.text() for p in report.problems[:5]))
     upstream = {f"timestep_stats/{variant}": stats["data_version"]}
     write_record(layout.records_dir, make_record("html_export", variant, REPRESENTATION_CODE_VERSION, {}, upstream,
                                                  config_hash(upstream), outputs={"index": layout.relative(index)}))
     return dg.MaterializeResult(metadata={
         "index_html": path_metadata(index),
         "channel_pages": pages,
+        "problems": len(report.problems),
         "open_with": f"file://{index}",
         **lineage_metadata({}, upstream, REPRESENTATION_CODE_VERSION),
     }, data_version=dg.DataVersion(config_hash(upstream)))

@@ -34,7 +34,7 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
     upstream_record = read_record(layout.records_dir, "activations", group,
                                   required_by=f"timestep_stats[{variant}]")
     upstream = {f"activations/{group}": upstream_record["data_version"]}
-    out_dir = layout.timestep_stats_dir(variant)
+    out_dir = layout.check_output_folder(layout.timestep_stats_dir(variant), "statistics folder")
     summary = compute_timestep_stats(ActivationStore(layout.activations_dir(group)), variant, out_dir,
                                      stats_config, log=context.log.info,
                                      lock_owner=f"dagster run {context.run_id}")

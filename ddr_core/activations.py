@@ -50,6 +50,7 @@ from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
 from ddr_core.locks import OwnedFlock, PartitionLockedError, partition_lock
+from ddr_core.paths import check_output_folder, relative_to_data_root
 
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
@@ -322,7 +323,7 @@ def run_capture(
     """
     from ddr_core.pipeline import resolve_layer
 
-    root = Path(root)
+    root = check_output_folder(Path(root), data_root, "capture folder")  # no link out, nothing written yet
     device = pipe.unet.device
     prompts = list(prompts)[: config.n_prompts] if config.n_prompts else list(prompts)
     if not prompts:
@@ -427,7 +428,7 @@ def _run_capture_locked(
                 image_path = images_dir / f"gen_{row['generation_id']:07d}.png"
                 with atomic_path(image_path) as tmp:
                     image.save(tmp, format="PNG")
-                row["image_path"] = image_path.resolve().relative_to(Path(data_root).resolve()).as_posix()
+                row["image_path"] = relative_to_data_root(data_root, image_path)
             per_variant = {}
             for variant in reducers:
                 conditional = recording.conditional[variant].permute(1, 0, 2)  # (g, T, F)
@@ -479,6 +480,7 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     from ddr_core.provisioning import provisioned_content_hash
 
     root = layout.activations_dir(group)  # refuses an unsafe group name before any model is loaded
+    layout.check_output_folder(root, "capture folder")  # and a folder reached through a link
     model_name, layer_name, prompts_name = project.capture_spec(group)
     variants = project.capture_groups()[group]
     dataset = project.prompt_datasets[prompts_name]

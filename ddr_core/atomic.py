@@ -195,6 +195,12 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     is untouched.
     """
     destination = Path(path)
+    if destination.is_symlink():  # the swap would replace the link itself, moving the data off its target
+        from ddr_core.paths import UnsafePathError
+
+        raise UnsafePathError(f"{destination} is a symbolic link (-> {os.readlink(destination)}); "
+                                "a folder written as a whole must be a real folder: replace the link by the "
+                                "folder it points to, or link a folder higher up (the data root)")
     destination.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(destination)
     tmp = temp_sibling(destination)

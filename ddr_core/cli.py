@@ -13,6 +13,9 @@ open (``--no-token`` on a single-user machine; a fixed token from ``$DDR_ACCESS_
 fails at once, naming the port and ``--port``. ``python -m dagster_project.launcher inspector`` is the same.
 ``--data-root`` defaults to ``DDR_DATA_ROOT`` (else ``./data``) and ``--experiment`` to ``DDR_EXPERIMENT``
 (else ``default``).
+
+``export-html`` writes the report even when some entries are bad (an unreadable shard, a missing or refused
+image, ...): it lists each problem on stderr and at the top of the report and then exits with status 1.
 """
 
 from __future__ import annotations
@@ -132,11 +135,15 @@ def main(argv: list[str] | None = None) -> int:
 
     layout = DataLayout(Path(args.data_root), args.experiment)
     if args.command == "export-html":
-        from ddr_core.html_export import export_html
+        from ddr_core.html_export import write_html_report
 
-        index = export_html(layout, args.variant, Path(args.out))
-        print(index)
-        return 0
+        report = write_html_report(layout, args.variant, Path(args.out))
+        for problem in report.problems:
+            print(f"problem: {problem.text()}", file=sys.stderr)
+        if report.problems:
+            print(f"{len(report.problems)} problem(s), listed at the top of {report.index}", file=sys.stderr)
+        print(report.index)
+        return 1 if report.problems else 0
     from ddr_core.representation import representation_for_variant
 
     summary, index_path = representation_for_variant(layout, args.variant, log=lambda m: print(m, file=sys.stderr))

@@ -83,7 +83,8 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
     try:
         result = spec.run(request, log)
     except BaseException as exc:
-        unwritten = reports.write_error(f"{type(exc).__name__}: {exc}", _tail(exc), time.perf_counter() - started)
+        unwritten = reports.write_error(f"{type(exc).__name__}: {exc}", _tail(exc), time.perf_counter() - started,
+                                        log=log)
         raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{reports.where} failed: "
                           f"{type(exc).__name__}: {exc}{unwritten}") from exc
     return reports.write_success(result, time.perf_counter() - started)
@@ -157,7 +158,7 @@ def _run_stage_as_rank(request: StageRequest, info: Any, log: LogFn) -> dict[str
         unwritten = ""
         if info.is_main:
             unwritten = reports.write_error(
-                error, first["traceback_tail"], time.perf_counter() - started,
+                error, first["traceback_tail"], time.perf_counter() - started, log=rank_log,
                 failed_ranks=[s["rank"] for s in failed], lost_contact=any(s.get("lost_contact") for s in failed),
                 rank_errors=[{k: s.get(k) for k in ("rank", "host", "error", "traceback_tail")} for s in failed])
         raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{reports.where} failed on "

@@ -313,6 +313,6 @@ def launch(request: StageRequest, processes: int | None = None, log: LogFn | Non
                    f"others")
     else:
         message = f"torchrun exited with code {code} before the ranks reported"
-    unwritten = reports.write_error(message, text[-4000:], failed_ranks=[int(r) for r in ranks[:1]],
+    unwritten = reports.write_error(message, text[-4000:], log=log, failed_ranks=[int(r) for r in ranks[:1]],
                                     **({"rank_0_saw": error.get("error")} if error else {}))
     raise StageFailed(f"{what} failed: {message}{unwritten}; last output:\n{text[-2000:]}")

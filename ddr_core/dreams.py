@@ -667,9 +667,11 @@ def decode_images(pipe: Any, latents: torch.Tensor, batch_size: int = 8) -> list
 
 
 def _relative(path: Path, root: Path) -> str:
+    from ddr_core.paths import UnsafePathError, relative_to_data_root
+
     try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
+        return relative_to_data_root(root, path)
+    except UnsafePathError:
         return path.as_posix()
 
 
@@ -849,11 +851,12 @@ def run_dreams(
             unfinished channels without a finished prior; nothing is written then.
         ChannelsLockedError: another live run is writing some of ``channels``.
     """
+    from ddr_core.paths import check_output_folder
     from ddr_core.pipeline import layer_width, resolve_layer
     from ddr_core.progress import Progress
 
     start = time.monotonic()
-    out = Path(out_dir)
+    out = check_output_folder(Path(out_dir), data_root, "dreams folder")  # not through a link
     root = Path(data_root) if data_root is not None else out
     batch_size = batch_size or config.batch_size
     layer = resolve_layer(pipe.unet, layer_name)
@@ -1244,6 +1247,7 @@ def dreams_for_variant(
                 f"from seeded noise"
             )
     check_weights_match_capture(project, layout, variant)
+    layout.check_output_folder(out_dir, "dreams folder")  # before the model loads
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
     basis = load_basis(project, layout, variant, pipe, device)
     result = run_dreams(

@@ -469,11 +469,11 @@ def load_images(data_root: str | Path, paths: Sequence[str]) -> list[np.ndarray]
     """RGB ``(H, W, 3)`` uint8 arrays of PNGs below the data root (a path that escapes it is refused)."""
     from PIL import Image
 
-    from ddr_core.paths import resolve_inside
+    from ddr_core.paths import resolve_in_data_root
 
     arrays = []
     for relative in paths:
-        path = resolve_inside(Path(data_root), relative)
+        path = resolve_in_data_root(data_root, relative)
         with Image.open(path) as image:
             arrays.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
     return arrays
@@ -1038,6 +1038,7 @@ images (and the capture's generations, as the reference) come to the world's ren
     except FileNotFoundError as error:
         raise FileNotFoundError(f"the timestep statistics of variant {variant!r} are missing ({error}): "
                                 f"materialize timestep_stats[{variant}] first") from None
+    layout.check_output_folder(feature_concepts_dir(layout, variant), "feature_concepts folder")  # no link
     labels = prompt_labels(file_inside(layout.prompts_dir(spec.prompts), dataset.file,
                                        f"prompt_datasets.{spec.prompts}.file"), dataset.labels, dataset.text_field)
     store = ActivationStore(layout.activations_dir(project.capture_of(variant)))

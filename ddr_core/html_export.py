@@ -12,29 +12,67 @@
 
 The pages need no JavaScript except the table sorting/filter of ``index.html`` (inline, vanilla).
 Images are copied through :func:`ddr_core.representation.resolve_file`: a path in a shard that is
-missing or escapes the data root is not copied and is shown as a placeholder naming it.
+missing, escapes the data root, cannot be a file name (a NUL byte, too long) or names a file that is not a
+readable image is not copied and is shown as a placeholder naming it.
+
+One bad entry never aborts the export: a shard that cannot be read (truncated JSON, wrong field types,
+another channel's), a shard that cannot be built for a channel of the index, an unreadable curve table, an
+unreadable ``index.parquet`` (the index is then rebuilt from the statistics) or ground-truth table is
+skipped or replaced, and each problem is listed, named and with its reason, at the top of ``index.html``
+(and on the channel's page), in ``problems.json`` and in :attr:`HtmlExport.problems`. A failure to *write*
+the report (a full disk) still stops it, naming the file.
 """
 
 from __future__ import annotations
 
 import html
-import shutil
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ddr_core.atomic import atomic_write_text
-from ddr_core.paths import DataLayout, resolve_inside
+from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
+    BadShardError,
+    MissingStatsError,
     ShardFileError,
-    load_curves,
-    load_index,
+    check_image,
+    curves_or_observed,
+    display_path,
+    load_index_or_rebuild,
     load_shard,
+    representation_dir,
     resolve_file,
+    shard_path,
 )
+
+PROBLEMS_FILE = "problems.json"
+
+
+@dataclass
+class ExportProblem:
+    """One entry the export skipped or replaced: ``what`` (e.g. ``"channel 3"``, ``"dataset example image"``),
+    ``name`` (the file or path, escaped for display) and the ``reason``."""
+
+    what: str
+    name: str
+    reason: str
+
+    def text(self) -> str:
+        return f"{self.what} {self.name}: {self.reason}"
+
+
+@dataclass
+class HtmlExport:
+    """What :func:`write_html_report` wrote: the index page, the channels with a full page, and the problems."""
+
+    index: Path
+    channels: list[int] = field(default_factory=list)
+    problems: list[ExportProblem] = field(default_factory=list)
 
 RUN_TITLES = {"noise": "with schedule noise", "no_noise": "without schedule noise"}
 _STYLE = """
@@ -73,29 +111,55 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 
 
 class _Files:
-    """Copies images from the data root into ``out_dir/files`` (path-checked) and makes links."""
+    """Copies images from the data root into ``out_dir/files`` (path-checked, decoded once) and makes links.
+
+    A path that cannot be used or a file that cannot be read or decoded is a problem (recorded once per path,
+    with its reason), never an error; failing to *write* the copy (a full disk) raises, naming the copy.
+    """
 
     def __init__(self, data_root: Path, out_dir: Path) -> None:
         self.data_root, self.files_dir = data_root, out_dir / "files"
-        self.problems: list[str] = []
+        self.problems: list[ExportProblem] = []
+        self._checked: dict[str, str | None] = {}  # relative path -> reason it is unusable, None when copied
 
-    def link(self, relative: str | None, depth: int, what: str) -> str | None:
-        """The link to the copy of ``relative`` from a page ``depth`` folders below ``out_dir``."""
+    def _copy(self, relative: str, what: str) -> str | None:
+        """Copy ``relative`` into the report; ``None``, or the reason it is unusable (without its name)."""
         try:
             source = resolve_file(self.data_root, relative, what)
+            data = source.read_bytes()
         except ShardFileError as error:
-            self.problems.append(str(error))
-            return None
+            return str(error).removeprefix(f"{what} {shown(relative, 200)} ")
+        except OSError as error:
+            return f"cannot be read: {error.strerror or error}"
+        reason = check_image(data)
+        if reason is not None:
+            return f"is {reason}"
         destination = resolve_inside(self.files_dir, relative)  # relative is known to stay inside
-        if not destination.is_file() or destination.stat().st_size != source.stat().st_size:
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, destination)
+        if not destination.is_file() or destination.read_bytes() != data:
+            atomic_write_bytes(destination, data)
+        return None
+
+    def link(self, relative: str | None, depth: int, what: str) -> str | None:
+        """The link to the copy of ``relative`` from a page ``depth`` folders below ``out_dir``, or ``None``
+        (no image recorded, or a problem, recorded once per path)."""
+        if relative is None:
+            return None
+        key = relative if isinstance(relative, str) else repr(relative)
+        if key not in self._checked:
+            reason = self._copy(relative, what) if isinstance(relative, str) else "is not a path"
+            self._checked[key] = reason
+            if reason is not None:
+                self.problems.append(ExportProblem(what, display_path(relative), reason))
+        if self._checked[key] is not None:
+            return None
         return "../" * depth + "files/" + Path(relative).as_posix()
 
     def img(self, relative: str | None, depth: int, what: str, css: str = "", alt: str = "") -> str:
         link = self.link(relative, depth, what)
+        if link is None and relative is None:
+            return f'<div class="missing">no {_e(what)}</div>'
         if link is None:
-            return f'<div class="missing">{_e(what)} unavailable: {_e(relative)}</div>'
+            return f'<div class="missing">{_e(what)} unavailable: {_e(display_path(relative))}</div>'
         return f'<img src="{_e(link)}" class="{css}" alt="{_e(alt or what)}" loading="lazy">'
 
 
@@ -221,16 +285,32 @@ def concept_label(row: dict[str, Any] | None, families: Sequence[str]) -> str:
     return f"selective for {concept}" if concept else "not selective"
 
 
-def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
-                  neighbours: tuple[int | None, int | None], truth: str = "") -> str:
-    channel, total = int(shard["channel"]), int(shard["total_timesteps"])
-    curves = load_curves(layout, shard)
-    activity = curves["activity"].to_numpy()
+def _nav(neighbours: tuple[int | None, int | None]) -> list[str]:
     nav = ['<nav><a href="../index.html">all channels</a>']
     for label, other in zip(("previous", "next"), neighbours, strict=True):
         if other is not None:
             nav.append(f'<a href="channel_{other:05d}.html">{label}: channel {other}</a>')
     nav.append("</nav>")
+    return nav
+
+
+def _failed_channel_page(variant: str, channel: int, problem: ExportProblem,
+                         neighbours: tuple[int | None, int | None]) -> str:
+    body = [*_nav(neighbours), f"<h1>{_e(variant)} - channel {channel}</h1>",
+            f'<p class="failed">This channel could not be exported: {_e(problem.text())}</p>']
+    return _page(f"{variant} channel {channel}", "".join(body))
+
+
+def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files: _Files,
+                  neighbours: tuple[int | None, int | None], truth: str = "",
+                  problems: list[ExportProblem] | None = None) -> str:
+    channel, total = int(shard["channel"]), int(shard["total_timesteps"])
+    curves, curve_problem = curves_or_observed(layout, shard)
+    if curve_problem is not None and problems is not None:
+        problems.append(ExportProblem(f"channel {channel} curve table", display_path(shard.get("curves")),
+                                      curve_problem))
+    activity = curves["activity"].to_numpy()
+    nav = _nav(neighbours)
     peak_markers = [(p["timestep"], p["height"], "#e74c3c", f"peak {p['timestep']}") for p in shard["peaks"]]
     peak_timesteps = {p["timestep"] for p in shard["peaks"]}
     dream_markers = [(t, float(activity[t]) if 0 <= t < total else 0.0, "#2ecc71",
@@ -248,8 +328,11 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
                       "maximum activation over the dataset", "#e67e22",
                       rules=[p["timestep"] for p in shard["peaks"]]),
             "</div>", truth]
+    if curve_problem is not None:
+        body.append(f'<p class="failed">{_e(curve_problem)}</p>')
     for error in shard.get("errors", []):
-        body.append(f'<p class="failed">{_e(error["what"])} {_e(error["file"])}: {_e(error["problem"])}</p>')
+        body.append(f'<p class="failed">{_e(error["what"])} {_e(display_path(error["file"]))}: '
+                    f'{_e(error["problem"])}</p>')
 
     body.append("<h2>Dataset examples</h2>")
     for timestep in sorted({e["timestep"] for e in shard["examples"]}, reverse=True):
@@ -304,47 +387,113 @@ def export_html(
 ) -> Path:
     """Write the static report of ``variant`` into ``out_dir``; returns ``out_dir/index.html``.
 
+    :func:`write_html_report`, returning only the index page (its problems are listed on it and in
+    ``problems.json``).
+    """
+    return write_html_report(layout, variant, out_dir, channels).index
+
+
+def _ground_truth_or_problem(layout: DataLayout, variant: str, problems: list[ExportProblem]
+                             ) -> tuple[dict[int, dict[str, Any]], list[str], float]:
+    from ddr_core.feature_concepts import FeatureConceptsConfig, feature_concepts_dir
+
+    try:
+        return _ground_truth(layout, variant)
+    except Exception as error:  # an unreadable table: the report goes on without the ground truth
+        problems.append(ExportProblem("ground truth", display_path(str(feature_concepts_dir(layout, variant))),
+                                      f"cannot be read ({type(error).__name__}: {str(error)[:200]}); shown "
+                                      "without it: re-materialize feature_concepts"))
+        return {}, [], FeatureConceptsConfig().alpha
+
+
+def _load_channel(layout: DataLayout, variant: str, channel: int, row: dict[str, Any],
+                  problems: list[ExportProblem]) -> tuple[dict[str, Any] | None, ExportProblem | None]:
+    """The channel's shard, or ``None`` and the problem that made it unusable."""
+    path = shard_path(layout, variant, channel)
+    if row.get("has_shard") and not path.is_file():
+        problems.append(ExportProblem(f"channel {channel}", str(path), "the index lists this shard but it is "
+                                      "missing: built from the upstream stages instead; rebuild the shards"))
+    try:
+        return load_shard(layout, variant, channel), None
+    except (BadShardError, MissingStatsError, ShardFileError) as error:
+        reason = str(error)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:  # the in-memory build failed
+        reason = f"the shard cannot be built from the upstream stages ({type(error).__name__}: {str(error)[:300]})"
+    return None, ExportProblem(f"channel {channel}", str(path), f"skipped: {reason}")
+
+
+def _number(value: Any) -> float | None:
+    return None if value is None or not isinstance(value, (int, float)) else value
+
+
+def write_html_report(
+    layout: DataLayout, variant: str, out_dir: str | Path, channels: Iterable[int] | None = None
+) -> HtmlExport:
+    """Write the static report of ``variant`` into ``out_dir``.
+
     Args:
         layout: data root + experiment.
         variant: a variant with finished timestep statistics (shards are read from the representation
             stage, or built in memory where it has not run).
         out_dir: the report folder (created; existing files of a previous export are overwritten).
         channels: channels to include; default: the active channels.
+
+    Returns:
+        An :class:`HtmlExport`: the index page, the channels exported in full, and every problem (a bad shard,
+        image, curve table, index or ground-truth table: skipped or replaced, named with its reason).
+
+    Raises:
+        MissingStatsError: the variant has no finished statistics (nothing to export).
+        OSError: writing the report failed (e.g. a full disk), naming the file.
     """
     out = Path(out_dir).resolve()
     (out / "channels").mkdir(parents=True, exist_ok=True)
-    index = load_index(layout, variant)
+    problems: list[ExportProblem] = []
+    index, index_problem = load_index_or_rebuild(layout, variant)
+    if index_problem is not None:
+        problems.append(ExportProblem("index", str(representation_dir(layout, variant) / "index.parquet"),
+                                      index_problem))
     rows = index.filter(index["is_active"]) if channels is None else index.filter(
         index["channel"].is_in([int(c) for c in channels]))
     selected = [int(c) for c in rows["channel"]]
     files = _Files(layout.data_root, out)
-    truths, families, alpha = _ground_truth(layout, variant)
+    truths, families, alpha = _ground_truth_or_problem(layout, variant, problems)
     table_rows = []
+    exported: list[int] = []
     for position, channel in enumerate(selected):
-        shard = load_shard(layout, variant, channel)
+        row = rows.row(position, named=True)
         neighbours = (selected[position - 1] if position > 0 else None,
                       selected[position + 1] if position + 1 < len(selected) else None)
-        atomic_write_text(out / "channels" / f"channel_{channel:05d}.html",
-                          _channel_page(layout, variant, shard, files, neighbours,
-                                        ground_truth_html(truths.get(channel), families) if families else ""))
-        row = rows.row(position, named=True)
+        page = out / "channels" / f"channel_{channel:05d}.html"
+        shard, failure = _load_channel(layout, variant, channel, row, problems)
+        if shard is None:
+            problems.append(failure)
+            atomic_write_text(page, _failed_channel_page(variant, channel, failure, neighbours))
+            thumbnail = '<div class="missing">shard unreadable</div>'
+        else:
+            atomic_write_text(page, _channel_page(layout, variant, shard, files, neighbours,
+                                                  ground_truth_html(truths.get(channel), families) if families
+                                                  else "", problems))
+            thumbnail = files.img(_thumbnail(shard), 0, "thumbnail", css="thumb")
+            exported.append(channel)
         peaks = row["peak_timesteps"] or []
         cells = [
-            ("", files.img(_thumbnail(shard), 0, "thumbnail", css="thumb")),
-            (channel, f'<a href="channels/channel_{channel:05d}.html">{channel}</a>'),
+            ("", thumbnail),
+            (channel, f'<a href="channels/channel_{channel:05d}.html">{channel}</a>'
+                      + ("" if shard is not None else ' <span class="failed">(skipped)</span>')),
             (row["total_frequency"], _fmt(row["total_frequency"])),
             (row["n_active_timesteps"], _e(row["n_active_timesteps"])),
             (row["top_peak_timestep"], _e(", ".join(str(p) for p in peaks))),
             (row["max_activation"], _fmt(row["max_activation"])),
             (row["n_examples"], _e(row["n_examples"])),
-            (int(row["has_priors"]), "yes" if row["has_priors"] else ""),
+            (int(bool(row["has_priors"])), "yes" if row["has_priors"] else ""),
             (row["n_dreams"], _e(row["n_dreams"] or "")),
             (row["dream_ratio_mean"], _fmt(row["dream_ratio_mean"]) if row["dream_ratio_mean"] is not None else ""),
             (row["top_prompts_text"], _e(row["top_prompts_text"])),
         ]
         if families:
             truth = truths.get(channel)
-            purity = None if truth is None else truth.get("purity")
+            purity = _number(None if truth is None else truth.get("purity"))
             label = concept_label(truth, families)
             cells[2:2] = [(label, _e(label)),
                           (purity, _fmt(purity, 2) if purity is not None else "")]
@@ -356,12 +505,18 @@ def export_html(
     if families:  # ground truth after the channel: its concept and purity
         headers[2:2] = [(f"concept (ground truth, BH q < {alpha:g})", "text"), ("purity", "num")]
     head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
-    problems = "".join(f"<li>{_e(p)}</li>" for p in dict.fromkeys(files.problems))
+    problems += files.problems
+    unique = list({p.text(): p for p in problems}.values())
+    problem_items = "".join(f"<li>{_e(p.text())}</li>" for p in unique)
+    skipped = len(selected) - len(exported)
     body = (f"<h1>{_e(variant)} ({_e(layout.experiment)})</h1>"
-            f"<p>{len(selected)} of {index.height} channels shown ({int(index['is_active'].sum())} active). "
-            "Click a column header to sort.</p>"
+            f"<p>{len(selected)} of {index.height} channels shown ({int(index['is_active'].sum())} active)"
+            + (f", {skipped} of them skipped (unreadable)" if skipped else "") + ". Click a column header to sort.</p>"
             '<p><input id="filter" type="search" placeholder="filter rows (e.g. a prompt word)" size="40"></p>'
-            + (f'<details><summary class="failed">{len(dict.fromkeys(files.problems))} image(s) unavailable'
-               f"</summary><ul>{problems}</ul></details>" if problems else "")
+            + (f'<details id="problems" open><summary class="failed">{len(unique)} problem(s): skipped or '
+               f"unavailable entries</summary><ul>{problem_items}</ul></details>" if unique else "")
             + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>')
-    return atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
+    atomic_write_json(out / PROBLEMS_FILE, [{"what": p.what, "name": p.name, "reason": p.reason} for p in unique])
+    index_page = atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
+    return HtmlExport(index=index_page, channels=exported, problems=unique)
+

@@ -22,6 +22,12 @@ Shards come from ``representation/<variant>/channel_<c>.json`` (built in memory 
 stages when the representation stage has not run). Every file is opened through
 :func:`ddr_core.representation.resolve_file`, so a path in a shard cannot leave the data root.
 
+Bad data never breaks the page: a shard that cannot be read (truncated, wrong field types) is a warning naming
+it and the fix, and every other channel stays reachable; an unreadable index is rebuilt from the statistics,
+an unreadable curve table replaced by the shard's observed points, an unreadable ground-truth table left out,
+and an image that is missing, refused (outside the data root, a NUL byte, a name too long) or not decodable
+is a warning in its place -- each with a warning naming the file.
+
 Text from the data (prompts, concept labels, variant names, file names, failure messages) is shown as
 text: prompts with ``st.text`` (no Markdown at all), and wherever Streamlit renders Markdown (markdown,
 captions, headings, alerts, image captions, button labels) through
@@ -47,10 +53,14 @@ from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
 from ddr_core.representation import (
     DREAM_RUNS,
+    BadShardError,
+    MissingStatsError,
     ShardFileError,
+    check_image,
+    curves_or_observed,
+    display_path,
     list_variants,
-    load_curves,
-    load_index,
+    load_index_or_rebuild,
     load_shard,
     representation_dir,
     resolve_file,
@@ -102,8 +112,10 @@ def _mtime(path: Path) -> float:
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def cached_index(data_root: str, experiment: str, variant: str, stamp: float) -> pd.DataFrame:
-    return load_index(DataLayout(Path(data_root), experiment), variant).to_pandas()
+def cached_index(data_root: str, experiment: str, variant: str, stamp: float) -> tuple[pd.DataFrame, str | None]:
+    """The index and, where ``index.parquet`` was unusable (then rebuilt in memory), why."""
+    frame, problem = load_index_or_rebuild(DataLayout(Path(data_root), experiment), variant)
+    return frame.to_pandas(), problem
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -112,8 +124,22 @@ def cached_shard(data_root: str, experiment: str, variant: str, channel: int, st
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def cached_curves(data_root: str, experiment: str, shard: dict[str, Any]) -> pd.DataFrame:
-    return load_curves(DataLayout(Path(data_root), experiment), shard).to_pandas()
+def cached_curves(data_root: str, experiment: str, shard: dict[str, Any]) -> tuple[pd.DataFrame, str | None]:
+    """The curves and, where the curve table was unusable (then drawn from the observed points), why."""
+    frame, problem = curves_or_observed(DataLayout(Path(data_root), experiment), shard)
+    return frame.to_pandas(), problem
+
+
+def shard_or_problem(layout: DataLayout, variant: str, channel: int, stamp: float
+                     ) -> tuple[dict[str, Any] | None, str | None]:
+    """The channel's shard, or ``None`` and why it cannot be shown (a bad file, or a failed in-memory build)."""
+    try:
+        return cached_shard(str(layout.data_root), layout.experiment, variant, channel, stamp), None
+    except (BadShardError, MissingStatsError, ShardFileError) as error:
+        return None, str(error)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as error:  # the in-memory build failed
+        return None, (f"the shard of channel {channel} cannot be built from the upstream stages "
+                      f"({type(error).__name__}: {str(error)[:300]})")
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -138,11 +164,18 @@ def show_image(layout: DataLayout, relative: str | None, caption: str | None = N
     The caption and the warning (which names the path from the shard) are escaped Markdown.
     """
     try:
-        path = resolve_file(layout.data_root, relative, what)
+        data = resolve_file(layout.data_root, relative, what).read_bytes()
     except ShardFileError as error:
         st.warning(escape_markdown(error))
         return False
-    st.image(str(path), caption=None if caption is None else escape_markdown(caption), width="stretch")
+    except OSError as error:
+        st.warning(escape_markdown(f"{what} {display_path(relative)} cannot be read: {error.strerror or error}"))
+        return False
+    problem = check_image(data)
+    if problem is not None:
+        st.warning(escape_markdown(f"{what} {display_path(relative)} is {problem}"))
+        return False
+    st.image(data, caption=None if caption is None else escape_markdown(caption), width="stretch")
     return True
 
 
@@ -381,9 +414,17 @@ def main() -> None:
     with st.sidebar:
         variant = st.selectbox("Variant", variants, key="variant")
         index_stamp = _mtime(representation_dir(layout, variant) / "index.parquet")
-        index = cached_index(str(layout.data_root), layout.experiment, variant, index_stamp)
+        index, index_problem = cached_index(str(layout.data_root), layout.experiment, variant, index_stamp)
+        if index_problem is not None:
+            st.warning(escape_markdown(index_problem))
         concepts_stamp = _mtime(feature_concepts_dir(layout, variant) / "summary.json")
-        concepts = cached_feature_concepts(str(layout.data_root), layout.experiment, variant, concepts_stamp)
+        try:
+            concepts = cached_feature_concepts(str(layout.data_root), layout.experiment, variant, concepts_stamp)
+        except Exception as error:  # an unreadable table: the page goes on without the ground truth
+            concepts = None
+            st.warning(escape_markdown(f"the ground truth of {variant} ({feature_concepts_dir(layout, variant)}) "
+                                       f"cannot be read ({type(error).__name__}: {str(error)[:200]}); shown "
+                                       "without it: re-materialize feature_concepts"))
         if concepts is not None:
             index = index.merge(concepts[0][["channel", "purity"]], on="channel", how="left")
         channels = filtered_channels(index, layout, variant)
@@ -400,7 +441,10 @@ def main() -> None:
                                format_func=lambda c: f"channel {c:05d}")
 
     shard_stamp = _mtime(representation_dir(layout, variant) / f"channel_{channel:05d}.json")
-    shard = cached_shard(str(layout.data_root), layout.experiment, variant, channel, shard_stamp)
+    shard, shard_problem = shard_or_problem(layout, variant, channel, shard_stamp)
+    if shard is None:  # the other channels stay reachable from the sidebar
+        st.warning(escape_markdown(f"channel {channel} cannot be shown: {shard_problem}"))
+        st.stop()
     if st.session_state.get("_shown") != (variant, channel):
         st.session_state["_shown"] = (variant, channel)
         start = shard["peaks"][0]["timestep"] if shard["peaks"] else (shard["timesteps_with_data"] or [0])[0]
@@ -445,7 +489,9 @@ def main() -> None:
         table, concept_summary = concepts
         rows = table[table["channel"] == channel].to_dict("records")
         st.markdown(ground_truth_text(rows[0] if rows else None, concept_summary))
-    curves = cached_curves(str(layout.data_root), layout.experiment, shard)
+    curves, curve_problem = cached_curves(str(layout.data_root), layout.experiment, shard)
+    if curve_problem is not None:
+        st.warning(escape_markdown(curve_problem))
     col_charts, col_tabs = st.columns([1, 1])
     with col_charts:
         st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")

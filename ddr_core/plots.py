@@ -35,6 +35,7 @@ from PIL import Image
 
 from ddr_core.atomic import atomic_path, remove_temporaries_of
 from ddr_core.channel_store import channel_file, channel_name
+from ddr_core.paths import UnsafePathError, check_output_folder, resolve_in_data_root
 from ddr_core.statistics import interpolate_profile, read_summary
 
 PROFILE_COLOR = "#2ecc71"
@@ -150,14 +151,18 @@ def plot_channel_activity(
 
 
 def _load_image(image_root: Path, relative: str | None) -> Image.Image | None:
-    if not relative:
+    """The image, or ``None`` (drawn as a placeholder) when the path is empty, escapes ``image_root``, cannot
+    be a file name (a NUL byte, too long), or the file is missing or not a decodable image."""
+    if not relative or not isinstance(relative, str):
         return None
-    root = image_root.resolve()
-    path = (root / relative).resolve()
-    if root not in path.parents or not path.is_file():
+    try:
+        path = resolve_in_data_root(image_root, relative)
+        if not path.is_file():
+            return None
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnsafePathError, OSError, SyntaxError, ValueError):  # PIL's UnidentifiedImageError is an OSError
         return None
-    with Image.open(path) as image:
-        return image.convert("RGB")
 
 
 def render_channel_figure(
@@ -279,7 +284,7 @@ def write_channel_figures(
     """
     from ddr_core.locks import claim_channels
 
-    out = Path(out_dir)
+    out = check_output_folder(Path(out_dir), None, "figures folder")  # not a link, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     written = []

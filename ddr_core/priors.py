@@ -91,6 +91,7 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
     format_channels,
     stage_locks_dir,
 )
+from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
 
 LogFn = Callable[[str], None]
@@ -457,7 +458,7 @@ def check_channels(channels: Sequence[int], n_features: int, what: str) -> list[
 
 
 def _relative(path: Path, data_root: Path) -> str:
-    return path.resolve().relative_to(data_root).as_posix()
+    return relative_to_data_root(data_root, path)
 
 
 def run_priors(
@@ -509,11 +510,7 @@ def run_priors(
 
     start = time.monotonic()
     out_dir, stats_dir, data_root = Path(out_dir), Path(stats_dir), Path(data_root).resolve()
-    try:
-        out_dir.resolve().relative_to(data_root)
-    except ValueError:
-        raise ValueError(f"out_dir {out_dir} is not below data_root {data_root}; image paths are "
-                         "stored relative to the data root") from None
+    check_output_folder(out_dir, data_root, "priors folder")  # below the data root, not through a link
     width = layer_width(pipe.unet, layer_name)
     unit_basis = as_basis(basis, width)
     if isinstance(unit_basis, TopKSaeBasis) and unit_basis.sae.d_in != width:
@@ -695,6 +692,7 @@ def priors_for_variant(
         ) from None
 
     check_weights_match_capture(project, layout, variant)
+    layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
     device = torch.device(device)
     pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
     return run_priors(pipe, load_basis(project, layout, variant, pipe, device), layer_name, stats_dir, selected, layout.stage_dir("priors", variant),

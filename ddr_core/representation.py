@@ -59,10 +59,11 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
 from ddr_core.locks import claim_channels, partition_lock, stage_locks_dir
-from ddr_core.paths import DataLayout, UnsafePathError, resolve_inside
+from ddr_core.paths import DataLayout, UnsafePathError, check_output_folder, resolve_in_data_root, shown
 from ddr_core.statistics import interpolate_profile, read_summary
 
 LogFn = Callable[[str], None]
@@ -106,7 +107,20 @@ INDEX_COLUMNS: tuple[str, ...] = tuple(INDEX_SCHEMA.names)
 
 
 class ShardFileError(FileNotFoundError):
-    """A shard references a file that is missing or lies outside the data root."""
+    """A shard references a file that is missing, lies outside the data root or cannot be opened by name.
+
+    ``problem``: ``"missing"``, ``"escapes the data root"`` or ``"unusable name"`` (a NUL byte or control
+    character, a name too long for the file system, a non-string).
+    """
+
+    def __init__(self, message: str, problem: str = "missing") -> None:
+        super().__init__(message)
+        self.problem = problem
+
+
+class BadShardError(ValueError):
+    """A shard, curve table or index on disk that cannot be read or does not have the expected format; the
+    message names the file, what is wrong and the fix (rebuild it)."""
 
 
 class MissingStatsError(FileNotFoundError):
@@ -157,18 +171,51 @@ def resolve_file(data_root: str | Path, relative: str | None, what: str = "file"
     """The file ``relative`` (a path stored in a shard) under ``data_root``.
 
     Raises:
-        ShardFileError: the path is empty, escapes the data root (``..``, absolute, a link out), or
-            the file does not exist; the message names the path.
+        ShardFileError: the path is empty, not a string, has a NUL byte or control character, escapes the
+            data root (``..``, absolute, a link out), cannot be looked up (a name too long for the file
+            system, ...) or the file does not exist; the message names the path (escaped, shortened).
     """
     if not relative:
         raise ShardFileError(f"{what}: no path given")
+    if not isinstance(relative, str):
+        raise ShardFileError(f"{what} {shown(relative, 200)} refused: not a path but a {type(relative).__name__}",
+                             "unusable name")
+    if any(ord(c) < 32 or ord(c) == 127 for c in relative):
+        raise ShardFileError(f"{what} {shown(relative, 200)} refused: it contains a NUL byte or a control character",
+                             "unusable name")
     try:
-        path = resolve_inside(Path(data_root), relative)
+        path = resolve_in_data_root(data_root, relative)
+        found = path.is_file()
     except UnsafePathError as error:
-        raise ShardFileError(f"{what} {relative!r} refused: it escapes the data root {data_root}") from error
-    if not path.is_file():
-        raise ShardFileError(f"{what} {relative!r} is missing (expected at {path})")
+        raise ShardFileError(f"{what} {shown(relative, 200)} refused: it escapes the data root {data_root}",
+                             "escapes the data root") from error
+    except OSError as error:  # ENAMETOOLONG, ELOOP, EACCES on a folder on the way, ...
+        raise ShardFileError(f"{what} {shown(relative, 200)} cannot be looked up: {error.strerror or error}",
+                             "unusable name") from error
+    if not found:
+        raise ShardFileError(f"{what} {shown(relative, 200)} is missing (expected at {display_path(str(path))})")
     return path
+
+
+def display_path(value: Any) -> str:
+    """A path from the data for a page: as it is when printable and short, else escaped and shortened."""
+    if isinstance(value, str) and value.isprintable() and len(value) <= 160:
+        return value
+    return shown(value)
+
+
+def check_image(data: bytes) -> str | None:
+    """``None`` when ``data`` is an image PIL can decode the header and checksums of, else the reason."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        return f"not a readable image ({type(error).__name__}: {str(error)[:120]})"
+    return None
 
 
 def try_resolve_file(data_root: str | Path, relative: str | None) -> Path | None:
@@ -262,10 +309,9 @@ class _FileChecker:
         try:
             resolve_file(self.data_root, relative, what)
         except ShardFileError as error:
-            problem = "escapes the data root" if isinstance(error.__cause__, UnsafePathError) else "missing"
             if self.strict:
-                raise ShardFileError(f"channel {self.channel}: {error}") from error
-            self.errors.append({"file": str(relative), "what": what, "problem": problem})
+                raise ShardFileError(f"channel {self.channel}: {error}", error.problem) from error
+            self.errors.append({"file": str(relative), "what": what, "problem": error.problem})
         return relative
 
 
@@ -557,10 +603,8 @@ def build_shards(
     if channels is None:
         channels = range(int(_read_stats_summary(layout, variant)["width"]))
     out = Path(out_dir) if out_dir is not None else representation_dir(layout, variant)
-    try:
-        out.resolve().relative_to(layout.data_root)
-    except ValueError:
-        raise ValueError(f"out_dir {out} is not below the data root {layout.data_root}") from None
+    check_output_folder(out, layout.data_root, "representation folder")  # below the data root, no link
+    check_output_folder(out / "curves", None, "curves folder")
     (out / "curves").mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or f"representation {variant}"):
@@ -599,23 +643,193 @@ def _write_shards(layout: DataLayout, variant: str, channels: list[int], out: Pa
     return summary
 
 
-def check_shard(shard: dict[str, Any]) -> dict[str, Any]:
-    """``shard`` if it is a shard of this format, else ``ValueError`` naming what is wrong."""
+class _Part(BaseModel):
+    """A part of a shard: the fields the readers use, typed; other fields are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class _Peak(_Part):
+    rank: int
+    timestep: int
+    height: float
+    plateau_start: int | None = None
+    plateau_end: int | None = None
+    observed_timestep: int | None = None
+
+
+class _Example(_Part):
+    timestep: int
+    rank: int
+    generation_id: int | None = None
+    activation: float | None = None
+    prompt: str | None = None
+    image: str | None = None
+
+
+class _Stats(_Part):
+    stats_step: int | None = None
+    activation: float | None = None
+    tv: float | None = None
+    range: float | None = None
+    moment: float | None = None
+    loss: float | None = None
+
+
+class _Step(_Stats):
+    step: int
+    image: str | None = None
+
+
+class _DreamResult(_Part):
+    timestep: int
+    seed: int
+    image: str | None = None
+    latents: str | None = None
+    stats: str | None = None
+    final_activation: float | None = None
+    failed: bool = False
+    failure_reason: str | None = None
+    final_stats: _Stats = Field(default_factory=_Stats)
+    steps: list[_Step] = Field(default_factory=list)
+
+
+class _DreamSection(_Part):
+    results: list[_DreamResult] = Field(default_factory=list)
+    timesteps: list[int] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=list)
+    failures: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class _PriorImage(_Part):
+    seed: int | None = None
+    image: str | None = None
+
+
+class _Priors(_Part):
+    status: str | None = None
+    reason: str | None = None
+    message: str | None = None
+    seeds: list[int] = Field(default_factory=list)
+    images: list[_PriorImage] = Field(default_factory=list)
+    latents: str | None = None
+    steered_timesteps: list[int] = Field(default_factory=list)
+    strengths: list[float] = Field(default_factory=list)
+
+
+class _Observed(_Part):
+    timestep: list[int]
+    frequency: list[float]
+    max_activation: list[float | None]
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> _Observed:
+        if not len(self.timestep) == len(self.frequency) == len(self.max_activation):
+            raise ValueError(f"timestep, frequency and max_activation have {len(self.timestep)}, "
+                             f"{len(self.frequency)} and {len(self.max_activation)} entries (must be equal)")
+        return self
+
+
+class _Summary(_Part):
+    is_active: bool | None = None
+    total_frequency: float | None = None
+    n_active_timesteps: int | None = None
+    max_activation: float | None = None
+
+
+class _QualityRow(_Part):
+    timestep: int
+    seed: int
+    ratio: float | None = None
+
+
+class _FileProblem(_Part):
+    file: str
+    what: str
+    problem: str
+
+
+class _Shard(_Part):
+    """What :func:`_make_shard` writes (the module docstring lists the fields)."""
+
+    format: str
+    channel: int
+    total_timesteps: int = Field(ge=1)
+    observed_timesteps: list[int] = Field(default_factory=list)
+    summary: _Summary = Field(default_factory=_Summary)
+    observed: _Observed
+    curves: str | None = None
+    peaks: list[_Peak] = Field(default_factory=list)
+    examples: list[_Example] = Field(default_factory=list)
+    priors: _Priors | None = None
+    dreams: dict[str, _DreamSection | None] = Field(default_factory=dict)
+    quality: dict[str, list[_QualityRow]] = Field(default_factory=dict)
+    visualised_timesteps: list[int] = Field(default_factory=list)
+    timesteps_with_data: list[int] = Field(default_factory=list)
+    errors: list[_FileProblem] = Field(default_factory=list)
+
+
+def _validation_text(error: ValidationError, limit: int = 3) -> str:
+    parts = []
+    for item in error.errors()[:limit]:
+        where = ".".join(str(part) for part in item["loc"]) or "the shard"
+        parts.append(f"{where}: {item['msg']} (found {shown(item.get('input'))})")
+    more = error.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def check_shard(shard: Any, source: str = "shard", channel: int | None = None) -> dict[str, Any]:
+    """``shard`` checked against the shard format and with its fields typed (numbers as numbers, lists as
+    lists), so that a reader can use it without further checks.
+
+    Raises:
+        BadShardError: (a ``ValueError``) the format marker, a field's type or the channel (when given) is
+            wrong; the message names ``source`` (e.g. the file), the first wrong fields and the fix.
+    """
+    fix = "rebuild it with build_shards (`ddr build-shards` or materialize representation_shards)"
     if not isinstance(shard, dict) or shard.get("format") != SHARD_FORMAT:
         found = shard.get("format") if isinstance(shard, dict) else type(shard).__name__
-        raise ValueError(f"not a representation shard of format {SHARD_FORMAT!r} (found {found!r}): rebuild it "
-                         "with build_shards")
-    return shard
+        raise BadShardError(f"{source} is not a representation shard of format {SHARD_FORMAT!r} (found "
+                            f"{shown(found)}): {fix}")
+    try:
+        checked = _Shard.model_validate(shard).model_dump()
+    except ValidationError as error:
+        raise BadShardError(f"{source} has fields of the wrong type: {_validation_text(error)}; {fix}") from None
+    if channel is not None and checked["channel"] != int(channel):
+        raise BadShardError(f"{source} holds channel {checked['channel']}, not channel {int(channel)}: {fix}")
+    return checked
 
 
 def load_shard(layout: DataLayout, variant: str, channel: int, build_if_missing: bool = True) -> dict[str, Any]:
-    """The shard of ``channel``: read from disk, else (``build_if_missing``) built in memory."""
+    """The shard of ``channel``: read from disk (checked with :func:`check_shard`), else
+    (``build_if_missing``) built in memory.
+
+    Raises:
+        BadShardError: the file cannot be read, is not UTF-8 JSON, or is not a shard of ``channel`` (names
+            the file, the reason and the fix).
+    """
     path = shard_path(layout, variant, channel)
     if path.is_file():
-        return check_shard(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            shard = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            reason = "is not valid JSON (truncated?)" if isinstance(error, json.JSONDecodeError) else \
+                "is not UTF-8" if isinstance(error, UnicodeDecodeError) else "cannot be read"
+            raise BadShardError(f"shard {path} {reason}: {error}; rebuild it with build_shards (`ddr build-shards` "
+                                "or materialize representation_shards)") from None
+        return check_shard(shard, f"shard {path}", channel)
     if not build_if_missing:
         raise FileNotFoundError(f"{path} is missing: run build_shards (materialize representation_shards)")
     return make_shards(layout, variant, [channel])[int(channel)]
+
+
+def observed_curves(shard: dict[str, Any]) -> pl.DataFrame:
+    """The curves of a shard interpolated from its observed points (what a curve table holds)."""
+    observed = shard["observed"]
+    return interpolated_curves(
+        observed["timestep"], observed["frequency"],
+        [np.nan if v is None else v for v in observed["max_activation"]], int(shard["total_timesteps"]),
+    )
 
 
 def load_curves(layout: DataLayout, shard: dict[str, Any]) -> pl.DataFrame:
@@ -623,14 +837,33 @@ def load_curves(layout: DataLayout, shard: dict[str, Any]) -> pl.DataFrame:
 
     Reads the shard's curve table through :func:`resolve_file` when it has one; otherwise (shards
     built in memory) interpolates the observed points the same way.
+
+    Raises:
+        ShardFileError: the table's path is missing or refused.
+        BadShardError: the table cannot be read (truncated, not Parquet) or lacks the columns / rows.
     """
-    if shard.get("curves"):
-        return pl.read_parquet(resolve_file(layout.data_root, shard["curves"], "curve table"))
-    observed = shard["observed"]
-    return interpolated_curves(
-        observed["timestep"], observed["frequency"],
-        [np.nan if v is None else v for v in observed["max_activation"]], int(shard["total_timesteps"]),
-    )
+    if not shard.get("curves"):
+        return observed_curves(shard)
+    path = resolve_file(layout.data_root, shard["curves"], "curve table")
+    try:
+        frame = pl.read_parquet(path, columns=["timestep", "activity", "max_activation"])
+        frame = frame.cast({"timestep": pl.Int32, "activity": pl.Float64, "max_activation": pl.Float64})
+    except Exception as error:  # polars / pyarrow / OS errors: all mean an unreadable table
+        raise BadShardError(f"curve table {path} cannot be read ({type(error).__name__}: "
+                            f"{str(error)[:200]}): rebuild the shards with build_shards") from None
+    if frame.height != int(shard["total_timesteps"]):
+        raise BadShardError(f"curve table {path} has {frame.height} rows, not one per timestep "
+                            f"({shard['total_timesteps']}): rebuild the shards with build_shards")
+    return frame
+
+
+def curves_or_observed(layout: DataLayout, shard: dict[str, Any]) -> tuple[pl.DataFrame, str | None]:
+    """:func:`load_curves`, or where the curve table is unusable the curves interpolated from the shard's
+    observed points (the same numbers) and the reason, for a warning."""
+    try:
+        return load_curves(layout, shard), None
+    except (ShardFileError, BadShardError) as error:
+        return observed_curves(shard), f"{error} (the charts are drawn from the shard's observed points)"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -760,12 +993,51 @@ def _write_index(layout: DataLayout, variant: str, out: Path) -> Path:
     return index_file
 
 
+def check_index(frame: pl.DataFrame, source: str = "index") -> pl.DataFrame:
+    """``frame`` with the columns of :data:`INDEX_SCHEMA` in their types, checked: one row per channel.
+
+    Raises:
+        BadShardError: a column is missing or cannot take its type, or a channel is null or repeated.
+    """
+    fix = "rebuild it with build_index (`ddr build-shards` or materialize representation_shards)"
+    missing = [c for c in INDEX_COLUMNS if c not in frame.columns]
+    if missing:
+        raise BadShardError(f"{source} lacks the column(s) {missing}: {fix}")
+    try:
+        frame = pl.from_arrow(frame.select(list(INDEX_COLUMNS)).to_arrow().cast(INDEX_SCHEMA))
+    except (pa.ArrowException, ValueError, TypeError) as error:
+        raise BadShardError(f"{source} has columns of the wrong type ({str(error)[:200]}): {fix}") from None
+    channels = frame["channel"]
+    if channels.null_count() or channels.n_unique() != frame.height:
+        raise BadShardError(f"{source} has null or repeated channels: {fix}")
+    return frame
+
+
 def load_index(layout: DataLayout, variant: str) -> pl.DataFrame:
-    """``index.parquet`` of ``variant`` when written, else built in memory from the statistics."""
+    """``index.parquet`` of ``variant`` when written (checked with :func:`check_index`), else built in memory
+    from the statistics.
+
+    Raises:
+        BadShardError: ``index.parquet`` cannot be read or has the wrong columns (names the file and the fix).
+    """
     path = representation_dir(layout, variant) / "index.parquet"
     if path.is_file():
-        return pl.read_parquet(path)
+        try:
+            frame = pl.read_parquet(path)
+        except Exception as error:  # polars / pyarrow / OS errors: all mean an unreadable table
+            raise BadShardError(f"index {path} cannot be read ({type(error).__name__}: {str(error)[:200]}): "
+                                "rebuild it with build_index (`ddr build-shards`)") from None
+        return check_index(frame, f"index {path}")
     return make_index_table(layout, variant)
+
+
+def load_index_or_rebuild(layout: DataLayout, variant: str) -> tuple[pl.DataFrame, str | None]:
+    """:func:`load_index`, or where ``index.parquet`` is unusable the index built in memory from the upstream
+    stages and the reason, for a warning."""
+    try:
+        return load_index(layout, variant), None
+    except BadShardError as error:
+        return make_index_table(layout, variant), f"{error} (the index was rebuilt in memory from the statistics)"
 
 
 def search_channels(

@@ -127,9 +127,11 @@ class JobReports:
         atomic_write_json(self.report, json_safe(finished))
         return json.loads(self.report.read_text(encoding="utf-8"))
 
-    def write_error(self, error: str, traceback_tail: str, seconds: float | None = None, **extra: Any) -> str:
-        """Write the error report; returns ``""``, or why the report could not be written (a full disk):
-        the caller raises the stage's own error either way, naming this."""
+    def write_error(self, error: str, traceback_tail: str, seconds: float | None = None, *,
+                    log: LogFn | None = None, **extra: Any) -> str:
+        """Write the error report; returns ``""``, or why it could not be written (a full disk, a value that is
+        not JSON). Never raises: the caller raises the stage's own error, which a failure here must not
+        replace; ``log`` gets the stage's error first, then the report's failure."""
         from ddr_core.atomic import atomic_write_json
 
         payload = {**self.base, "error": error, **extra, "traceback_tail": traceback_tail}
@@ -138,8 +140,12 @@ class JobReports:
         try:
             self.errors.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.errors, json_safe(payload))
-        except OSError as exc:
-            return f" (the error report {self.errors} could not be written either: {exc})"
+        except Exception as exc:  # noqa: BLE001 - reported, never raised over the stage's error
+            problem = f"the error report {self.errors} could not be written either ({type(exc).__name__}: {exc})"
+            if log is not None:
+                log(f"stage {self.request.stage!r} failed: {error}")
+                log(problem)
+            return f" [{problem}]"
         return ""
 
     def read_error(self) -> dict[str, Any]:

@@ -72,6 +72,7 @@ from scipy.signal import find_peaks
 from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
+from ddr_core.paths import check_output_folder
 
 LogFn = Callable[[str], None]
 
@@ -247,7 +248,7 @@ def compute_timestep_stats(
             same ``out_dir``: fail at once, or wait that many seconds).
     """
     config = config or TimestepStatsConfig()
-    out = Path(out_dir)
+    out = check_output_folder(Path(out_dir), None, "statistics folder")  # replaced whole: a link would be lost
     width = store.width(variant)
     if config.top_k > width:
         raise ValueError(

@@ -232,3 +232,51 @@ def write_feature_concepts(layout: DataLayout) -> None:
     pl.DataFrame(rows, schema=schema, orient="row").write_parquet(folder / TABLE_FILE)
     (folder / SUMMARY_FILE).write_text(json.dumps({"variant": VARIANT, "basis": "raw", "families": families,
                                                    "config": {"min_examples": 3}}))
+
+
+LONG_NAME = "outputs/" + "n" * 300 + ".png"  # one component longer than any file system's NAME_MAX (255)
+NUL_NAME = "outputs/default/activations/toy/images/gen\x00.png"
+
+
+def corrupt_toy_data_root(layout: DataLayout) -> dict[str, str]:
+    """Damage a built toy data root (shards and index written) in every way a reader must survive; returns
+    what was done, by the name a reader reports it under.
+
+    - channel 0: a corrupt PNG (a dream image cut short), a missing prior image, an example image path that
+      escapes the data root, and a truncated curve table -- its page must still be written;
+    - channel 1: its shard is truncated JSON; channel 2: its shard has wrong field types (skipped);
+    - channel 3: an example image path with a NUL byte and one with a name too long for the file system;
+    - channel 4 (inactive): its shard deleted though the index lists it (built in memory instead);
+    - an index row for channel 99, which the variant does not have (active: selected by default).
+    """
+    from ddr_core import representation as rep
+
+    shard_0 = json.loads(rep.shard_path(layout, VARIANT, 0).read_text())
+    dream_image = layout.data_root / shard_0["dreams"]["noise"]["results"][0]["image"]
+    dream_image.write_bytes(dream_image.read_bytes()[:60])
+    prior_image = layout.data_root / shard_0["priors"]["images"][1]["image"]
+    prior_image.unlink()
+    shard_0["examples"][0]["image"] = "../../etc/passwd"
+    rep.shard_path(layout, VARIANT, 0).write_text(json.dumps(shard_0))
+    curves = layout.data_root / shard_0["curves"]
+    curves.write_bytes(curves.read_bytes()[:40])
+
+    shard_1 = rep.shard_path(layout, VARIANT, 1)
+    shard_1.write_text(shard_1.read_text()[:150])
+    shard_2 = json.loads(rep.shard_path(layout, VARIANT, 2).read_text())
+    shard_2["peaks"] = "not a list"
+    shard_2["total_timesteps"] = "many"
+    rep.shard_path(layout, VARIANT, 2).write_text(json.dumps(shard_2))
+
+    shard_3 = json.loads(rep.shard_path(layout, VARIANT, 3).read_text())
+    shard_3["examples"][0]["image"] = NUL_NAME
+    shard_3["examples"][1]["image"] = LONG_NAME
+    rep.shard_path(layout, VARIANT, 3).write_text(json.dumps(shard_3))
+
+    rep.shard_path(layout, VARIANT, 4).unlink()
+    index_file = rep.representation_dir(layout, VARIANT) / "index.parquet"
+    index = pl.read_parquet(index_file)
+    extra = index.filter(pl.col("channel") == 0).with_columns(pl.lit(99, dtype=pl.Int32).alias("channel"))
+    pl.concat([index, extra]).write_parquet(index_file)
+    return {"corrupt image": layout.relative(dream_image), "missing image": layout.relative(prior_image),
+            "curve table": layout.relative(curves)}

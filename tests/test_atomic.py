@@ -147,3 +147,21 @@ def test_a_kill_anywhere_in_the_directory_swap_leaves_old_or_new_and_the_next_ru
     with atomic_dir(target) as tmp:
         (tmp / "version.txt").write_text("newer")
     assert (target / "version.txt").read_text() == "newer" and len(list(target.parent.iterdir())) == 1
+
+
+def test_atomic_dir_refuses_to_replace_a_symlink(tmp_path):
+    """A folder written as a whole over a link would replace the link itself (the data silently moving off the
+    link's target): refused before anything is written, link and target untouched."""
+    from ddr_core.paths import UnsafePathError
+
+    target = tmp_path / "scratch" / "stats"
+    target.mkdir(parents=True)
+    (target / "old.txt").write_text("old")
+    link = tmp_path / "data" / "stats"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    with pytest.raises(UnsafePathError, match=rf"{link} is a symbolic link \(-> {target}\)"):
+        with atomic_dir(link) as tmp:
+            (tmp / "new.txt").write_text("new")
+    assert link.is_symlink() and sorted(p.name for p in target.iterdir()) == ["old.txt"]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["stats"]

@@ -1,12 +1,15 @@
 """The stage runner shared by local and SLURM execution: completion report only on success."""
 
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from ddr_core import atomic
 from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
 
 
@@ -48,3 +51,46 @@ def test_payload_script_runs_without_dagster(tmp_path):
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
     assert json.loads(report_path(tmp_path, "default", "inv1").read_text())["result"]["echo"] == "cli"
+
+
+class FullDisk:
+    """``ddr_core.atomic``'s view of ``os`` on a full disk: every ``os.replace`` fails with ENOSPC (the file
+    system keeps failing: the error report cannot be written either)."""
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+    def replace(self, src, dst) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_disk_full_at_the_error_report_raises_the_stages_error_not_the_reports(tmp_path, monkeypatch):
+    """The stage fails, then its error report cannot be written (disk full): what is raised (and logged first)
+    is the stage's own error; the report's failure, with its path, is only mentioned."""
+    logged: list[str] = []
+    monkeypatch.setattr(atomic, "os", FullDisk())
+    with pytest.raises(StageFailed) as failure:
+        run_stage(request(tmp_path, fail=True, message="boom"), log=logged.append)
+    message = str(failure.value)
+    errors = error_path(tmp_path, "default", "inv1")
+    assert message.startswith("stage 'selftest' invocation inv1 failed: RuntimeError: boom [")
+    assert f"the error report {errors} could not be written either (OSError: [Errno 28] could not write file " \
+           f"{errors}: No space left on device" in message
+    assert isinstance(failure.value.__cause__, RuntimeError) and str(failure.value.__cause__) == "boom"
+    assert logged[-2].endswith("failed: RuntimeError: boom") and "could not be written either" in logged[-1]
+    assert not errors.exists() and not report_path(tmp_path, "default", "inv1").exists()
+    assert not [p for p in errors.parent.iterdir() if atomic.is_temp_name(p.name)]
+
+
+def test_an_unreadable_error_report_does_not_replace_the_failure(tmp_path):
+    """The Dagster side reads the error report for detail only: a report it cannot read is no report."""
+    from dagster_project.slurm import read_error
+
+    req = request(tmp_path)
+    path = error_path(tmp_path, "default", "inv1")
+    path.parent.mkdir(parents=True)
+    for content in (b'{"error": "trunc', b"\xff\xfe", b"[1, 2]"):
+        path.write_bytes(content)
+        assert read_error(req, tmp_path) is None
+    path.write_text(json.dumps({"error": "RuntimeError: boom"}))
+    assert read_error(req, tmp_path) == {"error": "RuntimeError: boom"}

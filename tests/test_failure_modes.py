@@ -26,7 +26,7 @@ from ddr_core.activations import CaptureConfig, capture_group, run_capture, shar
 from ddr_core.basis import RawChannels
 from ddr_core.config import ProjectConfig
 from ddr_core.locks import PartitionLockedError, is_locked, partition_lock, read_lock_owner
-from ddr_core.paths import DataLayout
+from ddr_core.paths import DataLayout, UnsafePathError
 from ddr_core.pipeline import LayerNotFoundError, ModelFolderError
 from ddr_core.prompts import PromptFileError
 from ddr_core.sae import SaeFormatError
@@ -81,13 +81,14 @@ def synthetic_store(root: Path, n_batches: int = 2, per_batch: int = 3, width: i
 
 
 class FaultyOs:
-    """``ddr_core.atomic``'s view of ``os``: ``os.replace`` fails with ENOSPC on call number ``fail_on``.
+    """``ddr_core.atomic``'s view of ``os``: ``os.replace`` fails with ENOSPC on call number ``fail_on`` (and
+    every later one with ``and_after``).
 
     Only the atomic write layer sees it (the real ``os`` module is not patched).
     """
 
-    def __init__(self, fail_on: int | None) -> None:
-        self.fail_on = fail_on
+    def __init__(self, fail_on: int | None, and_after: bool = False) -> None:
+        self.fail_on, self.and_after = fail_on, and_after  # and_after: the disk stays full
         self.replace_calls = 0
 
     def __getattr__(self, name: str):
@@ -95,7 +96,8 @@ class FaultyOs:
 
     def replace(self, src, dst) -> None:
         self.replace_calls += 1
-        if self.replace_calls == self.fail_on:
+        if self.fail_on is not None and (self.replace_calls == self.fail_on
+                                         or (self.and_after and self.replace_calls > self.fail_on)):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.replace(src, dst)
 
@@ -485,3 +487,127 @@ def test_statistics_of_a_store_with_inf_name_the_channel(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteActivationsError, match=r"\[per channel 4: 1\], generations \[0\], timesteps \[100\]"):
         compute_timestep_stats(store, "raw", tmp_path / "stats" / "raw", TimestepStatsConfig(top_k=2))
     assert not (tmp_path / "stats" / "raw").exists()
+
+
+# ---- symbolic links: a linked data root or outputs/ works; a linked stage folder is refused ----------
+
+
+def _tree(*roots: Path) -> dict[str, int]:
+    """Every file and link under ``roots`` (not following links) with its size: what was written."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink() or path.is_file():
+                found[str(path)] = path.lstat().st_size
+    return found
+
+
+@pytest.mark.parametrize("linked", ["data root", "outputs/"])
+def test_symlinked_data_root_or_outputs_folder_works_end_to_end(stage, tmp_path, linked):
+    """The data root reached through a link, or its ``outputs/`` linked to another disk (a cluster's scratch):
+    capture (several batches), timestep statistics, shards and the HTML export all work, stored paths are
+    relative to the data root (``outputs/...``), the files lie on the link's target, and a crafted path
+    still cannot leave the data root through the link."""
+    from ddr_core.html_export import write_html_report
+    from ddr_core.representation import ShardFileError, build_index, build_shards, resolve_file
+
+    real_layout, _ = stage
+    scratch = tmp_path / "scratch"
+    if linked == "data root":
+        (tmp_path / "home-link").symlink_to(real_layout.data_root)
+        data_root = tmp_path / "home-link"
+    else:
+        (scratch / "outputs").mkdir(parents=True)
+        (real_layout.data_root / "outputs").symlink_to(scratch / "outputs")
+        data_root = real_layout.data_root
+    layout = DataLayout(data_root)
+    capture = capture_group(_project(), layout, "tiny", CaptureConfig(**CAPTURE), device=_cpu())
+    assert capture.batches_done == [0, 1] and capture.summary["complete"]
+    store = ActivationStore(layout.activations_dir("tiny"))
+    image_paths = store.read_generations()["image_path"].to_list()
+    assert all(p.startswith("outputs/default/activations/tiny/images/") for p in image_paths), image_paths
+    assert all(resolve_file(layout.data_root, p).is_file() for p in image_paths)
+    if linked == "outputs/":
+        assert (scratch / "outputs" / "default" / "activations" / "tiny" / "images").is_dir()  # on the target
+    compute_timestep_stats(store, "tiny-raw", layout.timestep_stats_dir("tiny-raw"), TimestepStatsConfig(top_k=2))
+    summary = build_shards(layout, "tiny-raw", range(8))
+    assert not summary.errors
+    build_index(layout, "tiny-raw")
+    report = write_html_report(layout, "tiny-raw", layout.stage_dir("html_export", "tiny-raw"))
+    assert report.problems == [] and report.channels
+    assert layout.relative(report.index) == "outputs/default/html_export/tiny-raw/index.html"
+    assert "<img" in report.index.read_text()
+    for crafted in ("outputs/../../etc/passwd", "outputs/default/../../../../../etc/passwd", "/etc/passwd"):
+        with pytest.raises(ShardFileError, match="escapes the data root"):
+            resolve_file(layout.data_root, crafted)
+
+
+@pytest.mark.parametrize("where", ["capture folder", "experiment folder", "statistics folder",
+                                   "representation folder", "priors channel folder"])
+def test_symlinked_stage_folder_is_refused_naming_the_link_with_nothing_written(tiny_pipe, tmp_path, where):
+    """A stage, experiment or channel folder inside ``outputs/`` that is a link (here: out of the data root) is
+    refused at the start of the stage, before any model work, naming the link and the fix; nothing is written,
+    neither in the data root nor at the link's target, and the link is left as it was."""
+    from ddr_core.priors import PriorsConfig, run_priors
+    from ddr_core.representation import build_shards
+    from tests.representation_data import VARIANT, make_toy_data_root
+
+    toy = make_toy_data_root(tmp_path / "data", priors=False, dreams=False)
+    layout = toy.layout
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    link = {"capture folder": layout.activations_dir("tiny2"), "experiment folder": layout.outputs_dir,
+            "statistics folder": layout.timestep_stats_dir("tiny-raw"),
+            "representation folder": layout.stage_dir("representation", VARIANT),
+            "priors channel folder": layout.stage_dir("priors", VARIANT) / "channel_00000"}[where]
+    if where == "experiment folder":
+        shutil.move(layout.outputs_dir, elsewhere / "default")
+        elsewhere = elsewhere / "default"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(elsewhere, target_is_directory=True)
+    before = _tree(layout.data_root, elsewhere)
+
+    with pytest.raises(UnsafePathError) as error:
+        if where in ("capture folder", "experiment folder"):
+            run_capture(tiny_pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, TINY_PROMPTS[:2],
+                        layout.activations_dir("tiny2"), layout.data_root, CaptureConfig(**CAPTURE))
+        elif where == "statistics folder":
+            compute_timestep_stats(synthetic_store(tmp_path / "store"), "raw", link, TimestepStatsConfig(top_k=2))
+        elif where == "representation folder":
+            build_shards(layout, VARIANT, [0])
+        else:
+            run_priors(tiny_pipe, None, TINY_TARGET_LAYER, layout.timestep_stats_dir(VARIANT), [0],
+                       layout.stage_dir("priors", VARIANT), PriorsConfig(), layout.data_root)
+    message = str(error.value)
+    assert f"symbolic link {link} -> {elsewhere}" in message, message
+    assert "Replace the link by a real folder" in message and "link the whole data root" in message
+    assert _tree(layout.data_root, elsewhere) == before, "something was written"
+    assert link.is_symlink()
+
+
+def test_disk_full_at_a_stages_first_write_and_at_its_error_report_names_the_first(stage, tmp_path, monkeypatch):
+    """ENOSPC from the stage's first write on (the disk stays full): the job fails with the stage's own error,
+    naming the file it could not write; the error report, which cannot be written either, is only mentioned
+    (before: the failure to write the report was what was raised)."""
+    from ddr_core.cluster_payload import StageFailed, StageRequest, error_path, report_path, run_stage
+
+    layout, _ = stage
+    config = tmp_path / "project.yaml"
+    config.write_text(json.dumps(PROJECT))
+    request = StageRequest(stage="capture_group", args={"group": "tiny", "config": CAPTURE},
+                           data_root=str(layout.data_root), experiment="default", config_path=str(config),
+                           device="cpu", invocation_id="full-disk")
+    monkeypatch.setattr(atomic, "os", FaultyOs(fail_on=1, and_after=True))
+    logged: list[str] = []
+    with pytest.raises(StageFailed) as failure:
+        run_stage(request, log=logged.append)
+    message = str(failure.value)
+    first = message.split(" [the error report ")[0]
+    capture = layout.activations_dir("tiny")
+    assert f"OSError: [Errno 28] could not write file {capture}/" in first, message
+    assert "No space left on device" in first
+    errors = error_path(layout.data_root, "default", "full-disk")
+    assert f"[the error report {errors} could not be written either (OSError: [Errno 28]" in message
+    assert any(f"could not write file {capture}/" in line for line in logged)  # logged before the report try
+    assert isinstance(failure.value.__cause__, OSError) and failure.value.__cause__.errno == errno.ENOSPC
+    assert not errors.exists() and not report_path(layout.data_root, "default", "full-disk").exists()

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from ddr_core import cli
 from ddr_core import representation as rep
-from ddr_core.html_export import export_html, svg_chart
-from tests.representation_data import VARIANT, make_toy_data_root, write_feature_concepts
+from ddr_core.html_export import export_html, svg_chart, write_html_report
+from tests.representation_data import (
+    VARIANT,
+    corrupt_toy_data_root,
+    make_toy_data_root,
+    write_feature_concepts,
+)
 
 
 class _Links(HTMLParser):
@@ -137,7 +144,7 @@ def test_svg_chart_reverses_the_timestep_axis() -> None:
 
 def test_cli(toy, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     command = cli.inspector_command(str(toy.data_root), "default", port=8765)
-    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("inspector_app.py")
+    assert command[1:4] == ["-m", "streamlit", "run"] and command[4].endswith("inspector_server.py")  # inspector_app.py behind the web guard
     assert command[command.index("--server.address") + 1] == "127.0.0.1"
     assert command[command.index("--") + 1:] == ["--data-root", str(toy.data_root), "--experiment", "default"]
     assert cli.main(["export-html", "--data-root", str(toy.data_root), "--variant", VARIANT,
@@ -168,3 +175,76 @@ def test_export_shows_the_ground_truth_when_the_variant_was_scored(toy, tmp_path
     assert "Ground truth: not scored (1 labelled top examples)" in \
         (index.parent / "channels" / "channel_00002.html").read_text()
     _check_self_contained(index.parent)
+
+
+def test_bad_shards_and_files_are_skipped_and_listed_and_the_rest_exported(toy, tmp_path: Path, capsys) -> None:
+    """One bad shard, image, curve table or index row never aborts the export: each is listed (named, with
+    its reason) at the top of index.html and in problems.json, and every good channel is all there."""
+    damage = corrupt_toy_data_root(toy.layout)
+    report = write_html_report(toy.layout, VARIANT, tmp_path / "report", channels=[0, 1, 2, 3, 4, 99])
+    out = report.index.parent
+    assert report.channels == [0, 3, 4]
+    texts = [p.text() for p in report.problems]
+    listed = json.loads((out / "problems.json").read_text())
+    assert [f"{p['what']} {p['name']}: {p['reason']}" for p in listed] == texts
+    index_page = report.index.read_text()
+    assert f"{len(texts)} problem(s)" in index_page
+
+    def problem(*parts: str) -> str:
+        found = [t for t in texts if all(part in t for part in parts)]
+        assert len(found) == 1, (parts, texts)
+        assert html.escape(found[0], quote=True) in index_page  # listed on the index page, as text
+        return found[0]
+
+    problem("channel 1", "channel_00001.json", "is not valid JSON (truncated?)", "rebuild it")
+    problem("channel 2", "channel_00002.json", "wrong type", "total_timesteps", "peaks")
+    problem("channel 99", "cannot be built", "outside 0..5")
+    problem("channel 4", "the index lists this shard but it is missing")
+    problem("channel 0 curve table", damage["curve table"], "cannot be read", "observed points")
+    problem("dream image", damage["corrupt image"], "not a readable image")
+    problem("prior image", damage["missing image"], "is missing")
+    problem("dataset example image ../../etc/passwd", "escapes the data root")
+    problem("dataset example image", "\\x00", "NUL byte")  # escaped, never the raw byte
+    problem("dataset example image", "(312 characters)", "File name too long")
+    assert "\x00" not in index_page and "n" * 200 not in index_page
+
+    # the good channels are all there: full pages (both charts, their images), linked from the table
+    for channel in (0, 3, 4):
+        page = (out / "channels" / f"channel_{channel:05d}.html").read_text()
+        assert page.count("<svg") == 2, channel
+    channel0 = _parse(out / "channels" / "channel_00000.html")
+    assert len(channel0.images) == (6 + 16 + 8 + 2) - 3  # all but the corrupt, the missing and the refused one
+    assert "cannot be read" in (out / "channels" / "channel_00000.html").read_text()
+    # the skipped channels have a page that says why, so the table's links and the neighbours' links work
+    for channel in (1, 2, 99):
+        assert "could not be exported" in (out / "channels" / f"channel_{channel:05d}.html").read_text()
+    assert _parse(report.index).rows == 1 + 6
+    _check_self_contained(out)
+
+    # the command line lists the problems and exits with 1, having written the report
+    assert cli.main(["export-html", "--data-root", str(toy.data_root), "--variant", VARIANT,
+                     "--out", str(tmp_path / "cli-report")]) == 1
+    err = capsys.readouterr().err
+    assert "problem: channel 1 " in err and "problem(s), listed at the top of" in err
+    assert (tmp_path / "cli-report" / "channels" / "channel_00000.html").is_file()
+
+
+def test_unreadable_index_and_ground_truth_tables_are_replaced_and_listed(toy, tmp_path: Path) -> None:
+    from ddr_core.feature_concepts import TABLE_FILE, feature_concepts_dir
+
+    write_feature_concepts(toy.layout)
+    truth = feature_concepts_dir(toy.layout, VARIANT) / TABLE_FILE
+    truth.write_bytes(truth.read_bytes()[:30])
+    index_file = rep.representation_dir(toy.layout, VARIANT) / "index.parquet"
+    index_file.write_bytes(b"PAR1 not really")
+    report = write_html_report(toy.layout, VARIANT, tmp_path / "report")
+    texts = [p.text() for p in report.problems]
+    assert report.channels == [0, 1, 2, 3]  # the index rebuilt from the statistics
+    assert any(t.startswith(f"index {index_file}: ") and "rebuilt in memory" in t for t in texts), texts
+    assert any(t.startswith("ground truth ") and "cannot be read" in t for t in texts), texts
+    assert "concept (ground truth" not in report.index.read_text()
+    # wrong column types in an index that reads fine: the same
+    pl.DataFrame({"channel": ["a", "b"], "is_active": [True, True]}).write_parquet(index_file)
+    report = write_html_report(toy.layout, VARIANT, tmp_path / "report2")
+    assert report.channels == [0, 1, 2, 3]
+    assert any("lacks the column(s)" in p.text() for p in report.problems)

@@ -17,7 +17,12 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from ddr_core import representation as rep  # noqa: E402
 from ddr_core.feature_concepts import TABLE_FILE, feature_concepts_dir  # noqa: E402
 from tests.markdown_check import HOSTILE, live_markup, rendered_text  # noqa: E402
-from tests.representation_data import VARIANT, make_toy_data_root, write_feature_concepts  # noqa: E402
+from tests.representation_data import (  # noqa: E402
+    VARIANT,
+    corrupt_toy_data_root,
+    make_toy_data_root,
+    write_feature_concepts,
+)
 
 APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
 # As `ddr inspect` runs it: no "magic" (Streamlit would build a Python AST of the script in its runner
@@ -229,6 +234,43 @@ def test_crafted_path_in_a_shard_is_refused(toy) -> None:
     warnings = _shown(at.tabs[1].warning)
     assert any("'../../etc/passwd' refused: it escapes the data root" in w for w in warnings)
     assert len(at.tabs[1].get("image")) == baseline - 1
+
+
+def test_bad_shards_and_files_are_warnings_and_the_other_channels_stay(toy) -> None:
+    """A truncated or mistyped shard, a shard that cannot be built, an unreadable curve table and images that
+    are corrupt, missing, refused, or have a NUL byte or an over-long name: each is a warning naming it, never
+    an exception, and every other channel (and the rest of the page) is shown."""
+    damage = corrupt_toy_data_root(toy.layout)
+    at = _app()  # channel 0: its curve table, a dream image and a prior image are bad
+    assert at.selectbox(key="channel").options == [f"channel {c:05d}" for c in (0, 1, 2, 3, 99)]
+    assert len(at.get("vega_lite_chart")) == 2  # drawn from the observed points
+    main = _shown(at.main.warning)
+    assert any(damage["curve table"] in w and "observed points" in w for w in main), main
+    assert any(damage["corrupt image"] in w and "not a readable image" in w for w in _shown(at.tabs[0].warning))
+    assert any(damage["missing image"] in w and "is missing" in w for w in _shown(at.tabs[2].warning))
+    assert len(at.tabs[2].get("image")) == 1  # the other prior
+
+    for channel, reason in ((1, "is not valid JSON"), (2, "has fields of the wrong type"),
+                            (99, "cannot be built from the upstream stages")):
+        at = _run(at.selectbox(key="channel").select(channel))
+        warnings = _shown(at.main.warning)
+        assert any(f"channel {channel} cannot be shown" in w and reason in w for w in warnings), warnings
+        assert at.selectbox(key="channel").options[-1] == "channel 00099"  # the others are still reachable
+
+    at = _run(at.selectbox(key="channel").select(3))
+    at = _run(at.number_input(key="timestep_input").set_value(901))
+    warnings = _shown(at.tabs[1].warning)
+    assert any("\\x00" in w and "NUL byte" in w for w in warnings), warnings  # escaped, not the raw byte
+    assert any("(312 characters)" in w and "File name too long" in w for w in warnings), warnings
+    assert not at.tabs[1].get("image") and len(at.get("vega_lite_chart")) == 2
+
+
+def test_an_unreadable_index_is_rebuilt_with_a_warning(toy) -> None:
+    index_file = rep.representation_dir(toy.layout, VARIANT) / "index.parquet"
+    index_file.write_bytes(b"PAR1 not really")
+    at = _app()
+    assert any(str(index_file) in w and "rebuilt in memory" in w for w in _shown(at.sidebar.warning))
+    assert at.selectbox(key="channel").options == [f"channel {c:05d}" for c in (0, 1, 2, 3)]
 
 
 def test_works_from_statistics_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -151,3 +151,20 @@ def test_write_channel_figures_claims_cleans_and_replaces(stats, tmp_path, monke
     assert (figures / "channel_00000.gif").read_bytes() == before
     # no temporary: the failed write's own is removed, and channel 0's stale one went when it was claimed
     assert not [p.name for p in figures.iterdir() if atomic.is_temp_name(p.name)]
+
+
+def test_unusable_example_images_are_placeholders_not_errors(stats, tmp_path):
+    """A dataset-example image that is corrupt, has a NUL byte or a name too long for the file system, or
+    escapes the image root is drawn as a placeholder (as a missing one is): the stage goes on."""
+    from ddr_core.plots import _load_image
+
+    root, out = stats
+    corrupt = tmp_path / "root" / "images" / "0.png"
+    corrupt.parent.mkdir(parents=True)
+    corrupt.write_bytes((root / "images" / "0.png").read_bytes()[:40])
+    for relative in ("images/0.png", "images/\x00.png", "images/" + "n" * 300 + ".png", "../../etc/passwd", None):
+        assert _load_image(tmp_path / "root", relative) is None, relative
+    assert _load_image(root, "images/1.png").size == (32, 32)
+    for name in ("1.png", "2.png", "3.png"):
+        (tmp_path / "root" / "images" / name).write_bytes(b"not a png")
+    assert len(render_channel_figure(out, 0, image_root=tmp_path / "root")) == 3

@@ -12,7 +12,15 @@ import pytest
 
 from ddr_core import representation as rep
 from ddr_core.paths import DataLayout
-from tests.representation_data import FREQUENCY, OBSERVED, VARIANT, WIDTH, make_toy_data_root
+from tests.representation_data import (
+    FREQUENCY,
+    LONG_NAME,
+    NUL_NAME,
+    OBSERVED,
+    VARIANT,
+    WIDTH,
+    make_toy_data_root,
+)
 
 
 @pytest.fixture()
@@ -208,6 +216,78 @@ def test_bad_inputs_name_the_fix(tmp_path: Path, toy) -> None:
     with pytest.raises(ValueError, match="not a representation shard"):
         rep.check_shard({"format": "pickle"})
     assert rep.list_variants(toy.layout) == [VARIANT]
+
+
+def test_unusable_paths_are_recorded_not_fatal(toy) -> None:
+    """A NUL byte, an over-long name or a non-string where the statistics name an image: recorded in the shard's
+    errors (escaped), not an exception; strict mode raises ShardFileError naming it."""
+    examples_file = toy.layout.timestep_stats_dir(VARIANT) / "dataset_examples.parquet"
+    examples = pl.read_parquet(examples_file)
+    first = (pl.col("channel") == 0) & (pl.col("timestep") == 501)
+    examples.with_columns(
+        pl.when(first & (pl.col("rank") == 0)).then(pl.lit(NUL_NAME))
+        .when(first & (pl.col("rank") == 1)).then(pl.lit(LONG_NAME)).otherwise(pl.col("image_path"))
+        .alias("image_path")).write_parquet(examples_file)
+    summary = rep.build_shards(toy.layout, VARIANT, [0])
+    assert [(e["file"], e["problem"]) for e in summary.errors[0]] == [(NUL_NAME, "unusable name"),
+                                                                      (LONG_NAME, "unusable name")]
+    with pytest.raises(rep.ShardFileError, match=r"'outputs/default/activations/toy/images/gen\\x00\.png' refused: "
+                                                 "it contains a NUL byte"):
+        rep.resolve_file(toy.data_root, NUL_NAME, "image")
+    with pytest.raises(rep.ShardFileError, match=r"\(312 characters\) cannot be looked up: File name too long"):
+        rep.resolve_file(toy.data_root, LONG_NAME, "image")
+    with pytest.raises(rep.ShardFileError, match="not a path but a int"):
+        rep.resolve_file(toy.data_root, 5, "image")  # type: ignore[arg-type]
+    assert rep.try_resolve_file(toy.data_root, NUL_NAME) is None
+    with pytest.raises(rep.ShardFileError, match="channel 0: dataset example image .* NUL byte"):
+        rep.build_shards(toy.layout, VARIANT, [0], strict=True)
+
+
+def test_bad_shard_curve_and_index_files_raise_naming_the_file(toy) -> None:
+    """Readers check what they read: a truncated, mistyped or misplaced shard, an unreadable curve table or
+    index raise BadShardError naming the file, the wrong fields and the fix (never a bare TypeError later)."""
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    path = rep.shard_path(toy.layout, VARIANT, 1)
+    good = path.read_text()
+    path.write_text(good[:80])
+    with pytest.raises(rep.BadShardError, match=rf"shard {path} is not valid JSON .* rebuild it with build_shards"):
+        rep.load_shard(toy.layout, VARIANT, 1)
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(rep.BadShardError, match="is not UTF-8"):
+        rep.load_shard(toy.layout, VARIANT, 1)
+    for change, field in (({"peaks": [{"rank": 0, "timestep": "late", "height": 1.0}]}, "peaks.0.timestep"),
+                          ({"examples": [{"timestep": 501, "rank": 0, "image": 7}]}, "examples.0.image"),
+                          ({"total_timesteps": 0}, "total_timesteps"),
+                          ({"observed": {"timestep": [1, 2], "frequency": [0.5], "max_activation": [None]}},
+                           "observed"),
+                          ({"dreams": {"noise": {"results": [{"timestep": 1}]}}}, "dreams.noise.results.0.seed")):
+        path.write_text(json.dumps({**json.loads(good), **change}))
+        with pytest.raises(rep.BadShardError, match=rf"{path} has fields of the wrong type: {field}"):
+            rep.load_shard(toy.layout, VARIANT, 1)
+    path.write_text(rep.shard_path(toy.layout, VARIANT, 2).read_text())
+    with pytest.raises(rep.BadShardError, match="holds channel 2, not channel 1"):
+        rep.load_shard(toy.layout, VARIANT, 1)
+    path.write_text(good)
+    shard = rep.load_shard(toy.layout, VARIANT, 1)
+    assert isinstance(shard["total_timesteps"], int) and shard["priors"]["images"][0]["seed"] == 7
+
+    curves = toy.data_root / shard["curves"]
+    curves.write_bytes(curves.read_bytes()[:50])
+    with pytest.raises(rep.BadShardError, match=rf"curve table {curves} cannot be read"):
+        rep.load_curves(toy.layout, shard)
+    frame, problem = rep.curves_or_observed(toy.layout, shard)
+    assert frame.equals(rep.observed_curves(shard)) and "observed points" in problem
+
+    index_file = rep.representation_dir(toy.layout, VARIANT) / "index.parquet"
+    index_file.write_bytes(index_file.read_bytes()[:100])
+    with pytest.raises(rep.BadShardError, match=rf"index {index_file} cannot be read"):
+        rep.load_index(toy.layout, VARIANT)
+    frame, problem = rep.load_index_or_rebuild(toy.layout, VARIANT)
+    assert frame.height == WIDTH and "rebuilt in memory" in problem
+    pl.DataFrame({"channel": [0, 0]}).write_parquet(index_file)
+    with pytest.raises(rep.BadShardError, match="lacks the column"):
+        rep.load_index(toy.layout, VARIANT)
 
 
 # --- reliability: disk full, kill -9, concurrent runs ----------------------------------------------------
