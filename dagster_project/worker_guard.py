@@ -91,27 +91,30 @@ class Machine:
 
 @dataclasses.dataclass(frozen=True)
 class WorkerRecord:
-    """The run worker as recorded in the run tag :data:`WORKER_TAG` (JSON)."""
+    """The run worker as recorded in the run tag :data:`WORKER_TAG` (JSON). ``run_id`` is the run it was
+    written for: a re-execution may copy its parent's tags, and the parent's worker is not its own."""
 
+    run_id: str
     machine: Machine
     pid: int
     start_ticks: int | None
     heartbeat_seconds: float
 
     @classmethod
-    def current(cls) -> WorkerRecord:
+    def current(cls, run_id: str) -> WorkerRecord:
         pid = os.getpid()
-        return cls(machine=Machine.current(), pid=pid, start_ticks=_process_stat(pid)[1],
+        return cls(run_id=run_id, machine=Machine.current(), pid=pid, start_ticks=_process_stat(pid)[1],
                    heartbeat_seconds=HEARTBEAT_SECONDS)
 
     def to_tag(self) -> str:
-        return json.dumps({**dataclasses.asdict(self.machine), "pid": self.pid, "start_ticks": self.start_ticks,
-                           "heartbeat_seconds": self.heartbeat_seconds}, sort_keys=True)
+        return json.dumps({"run_id": self.run_id, **dataclasses.asdict(self.machine), "pid": self.pid,
+                           "start_ticks": self.start_ticks, "heartbeat_seconds": self.heartbeat_seconds},
+                          sort_keys=True)
 
     @classmethod
-    def from_tags(cls, tags: Mapping[str, str]) -> WorkerRecord | None:
-        """The record in ``tags``, or None when there is none or it is malformed (run tags are editable
-        in the UI: a malformed one must not make a live run look dead)."""
+    def from_tags(cls, tags: Mapping[str, str], run_id: str) -> WorkerRecord | None:
+        """The record of run ``run_id`` in ``tags``; None when there is none, it is malformed (a tag set
+        by hand must not make a live run look dead) or it was written for another run."""
         text = tags.get(WORKER_TAG)
         if not text:
             return None
@@ -119,13 +122,14 @@ class WorkerRecord:
             data = json.loads(text)
             start = data["start_ticks"]
             record = cls(
+                run_id=str(data["run_id"]),
                 machine=Machine(host=str(data["host"]), boot_id=str(data["boot_id"]),
                                 pid_namespace=str(data["pid_namespace"])),
                 pid=int(data["pid"]), start_ticks=None if start is None else int(start),
                 heartbeat_seconds=float(data["heartbeat_seconds"]))
         except (ValueError, TypeError, KeyError, AttributeError):
             return None
-        if record.pid <= 0 or not record.heartbeat_seconds > 0:
+        if record.run_id != run_id or record.pid <= 0 or not record.heartbeat_seconds > 0:
             return None
         return record
 
@@ -201,10 +205,10 @@ class Verdict:
 
 def judge_worker(run: dg.DagsterRun, now: float | None = None) -> Verdict:
     """Whether the worker recorded on ``run`` is alive (see the module docstring for the rules)."""
-    record = WorkerRecord.from_tags(run.tags)
+    record = WorkerRecord.from_tags(run.tags, run.run_id)
     if record is None:
-        return Verdict("unknown", f"run {run.run_id} has no usable {WORKER_TAG!r} tag (not started by "
-                                  "ddr's guarded executor): cannot tell whether its worker lives")
+        return Verdict("unknown", f"run {run.run_id} has no usable {WORKER_TAG!r} tag of its own (not "
+                                  "started under ddr's worker guard): cannot tell whether its worker lives")
     if record.machine == Machine.current():
         alive, start = _process_stat(record.pid)
         same_process = record.start_ticks is None or start is None or start == record.start_ticks
@@ -323,7 +327,7 @@ class RunGuard:
 
     def __enter__(self) -> RunGuard:
         instance, run = self._instance, self._run
-        instance.add_run_tags(run.run_id, {WORKER_TAG: WorkerRecord.current().to_tag(),
+        instance.add_run_tags(run.run_id, {WORKER_TAG: WorkerRecord.current(run.run_id).to_tag(),
                                            HEARTBEAT_TAG: f"{time.time():.0f}"})
         try:
             for action in free_dead_slot_holders(instance, run.run_id):
@@ -357,7 +361,7 @@ def guard_in_process_run(instance: dg.DagsterInstance | None, run: dg.DagsterRun
     if instance is None or run is None or instance.is_ephemeral:
         return None
     current = instance.get_run_by_id(run.run_id)
-    if current is None or current.is_finished or WORKER_TAG in current.tags:
+    if current is None or current.is_finished or WorkerRecord.from_tags(current.tags, current.run_id):
         return None
     starts = instance.all_logs(run.run_id, of_type=dg.DagsterEventType.RUN_START)
     if not any(entry.dagster_event is not None and entry.dagster_event.pid == os.getpid() for entry in starts):
@@ -459,5 +463,5 @@ class DeadWorkerAwareRunLauncher(DefaultRunLauncher):
         return CheckRunHealthResult(WorkerStatus.RUNNING, verdict.reason)
 
     def get_run_worker_debug_info(self, run: dg.DagsterRun, include_container_logs: bool | None = True) -> str:
-        record = WorkerRecord.from_tags(run.tags)
+        record = WorkerRecord.from_tags(run.tags, run.run_id)
         return f"ddr worker guard: {record.describe() if record else 'no worker recorded'}; {judge_worker(run).reason}"

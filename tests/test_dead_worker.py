@@ -146,8 +146,13 @@ def _hold_the_gpu_from_the_cli(procs: Processes, home: Path, tmp_path: Path) -> 
 # ---------------------------------------------------------------------------------------------------
 
 
-def _run(tags: dict[str, str], status: dg.DagsterRunStatus = dg.DagsterRunStatus.STARTED) -> dg.DagsterRun:
-    return dg.DagsterRun(job_name="gpu_job", run_id=str(uuid.uuid4()), tags=tags, status=status)
+def _run(worker: WorkerRecord | None = None, tags: dict[str, str] | None = None) -> dg.DagsterRun:
+    """A STARTED run; ``worker``: its record (written for this run)."""
+    run_id = str(uuid.uuid4())
+    tags = dict(tags or {})
+    if worker is not None:
+        tags[WORKER_TAG] = dataclasses.replace(worker, run_id=run_id).to_tag()
+    return dg.DagsterRun(job_name="gpu_job", run_id=run_id, tags=tags, status=dg.DagsterRunStatus.STARTED)
 
 
 def _dead_pid() -> int:
@@ -157,46 +162,49 @@ def _dead_pid() -> int:
 
 
 def test_judge_worker_rules():
-    here = WorkerRecord.current()
+    here = WorkerRecord.current("r")
     assert here.start_ticks is not None and here.machine.boot_id and here.machine.pid_namespace
-    assert WorkerRecord.from_tags({WORKER_TAG: here.to_tag()}) == here
+    assert WorkerRecord.from_tags({WORKER_TAG: here.to_tag()}, "r") == here
 
-    def state(record: WorkerRecord, **tags: str) -> str:
-        return judge_worker(_run({WORKER_TAG: record.to_tag(), **tags})).state
+    def judge(record: WorkerRecord, **tags: str):
+        return judge_worker(_run(record, tags))
 
-    assert state(here) == "alive"  # this process
-    assert state(dataclasses.replace(here, pid=_dead_pid())) == "dead"
-    reused = dataclasses.replace(here, start_ticks=here.start_ticks + 1)  # our pid, but another process
-    assert state(reused) == "dead" and "now another process" in judge_worker(_run({WORKER_TAG: reused.to_tag()})).reason
+    assert judge(here).state == "alive"  # this process
+    assert judge(dataclasses.replace(here, pid=_dead_pid())).state == "dead"
+    reused = judge(dataclasses.replace(here, start_ticks=here.start_ticks + 1))  # our pid, another process
+    assert reused.state == "dead" and "now another process" in reused.reason
 
     # another machine: only the heartbeat tells
     other = dataclasses.replace(here, machine=Machine("elsewhere", "boot", "pid:[1]"), pid=_dead_pid())
     limit = STALE_HEARTBEATS * other.heartbeat_seconds
-    assert state(other, **{HEARTBEAT_TAG: f"{time.time() - limit + 30:.0f}"}) == "alive"
-    assert state(other, **{HEARTBEAT_TAG: f"{time.time() - limit - 30:.0f}"}) == "dead"
-    assert state(other) == "unknown"  # no heartbeat recorded: never taken for dead
+    assert judge(other, **{HEARTBEAT_TAG: f"{time.time() - limit + 30:.0f}"}).state == "alive"
+    assert judge(other, **{HEARTBEAT_TAG: f"{time.time() - limit - 30:.0f}"}).state == "dead"
+    assert judge(other).state == "unknown"  # no heartbeat recorded: never taken for dead
 
-    # no record, or one that a hand-edited tag broke: never taken for dead
+    # no record, one a hand-edited tag broke, or one copied from another run (a re-execution may copy
+    # its parent's tags): never taken for dead
+    dead_elsewhere = dataclasses.replace(here, pid=_dead_pid()).to_tag()
     broken = ["", "not json", "[]", '{"pid": 1}', here.to_tag().replace(f'"pid": {here.pid}', '"pid": "x"'),
-              here.to_tag().replace(f'"pid": {here.pid}', '"pid": -5')]
-    assert judge_worker(_run({})).state == "unknown"
+              here.to_tag().replace(f'"pid": {here.pid}', '"pid": -5'), dead_elsewhere]
+    assert judge_worker(_run()).state == "unknown"
     for text in broken:
-        assert WorkerRecord.from_tags({WORKER_TAG: text}) is None, text
-        assert judge_worker(_run({WORKER_TAG: text})).state == "unknown", text
+        run = _run(tags={WORKER_TAG: text})
+        assert WorkerRecord.from_tags(run.tags, run.run_id) is None, text
+        assert judge_worker(run).state == "unknown", text
 
 
 def test_guard_and_launcher_free_only_the_slots_of_dead_workers(home):
     """On a real instance (the shipped dagster.yaml): a STARTED run whose worker is dead is failed and
     its slot and queued step are freed; a live one, one without a record and one whose orphaned
     process (carrying its run id) still runs keep theirs. The launcher's health check agrees."""
-    here = WorkerRecord.current()
+    here = WorkerRecord.current("r")
     dead = dataclasses.replace(here, pid=_dead_pid())
     runs = {
-        "dead": _run({WORKER_TAG: dead.to_tag()}),
-        "alive": _run({WORKER_TAG: here.to_tag()}),
-        "unrecorded": _run({}),
-        "orphaned": _run({WORKER_TAG: dead.to_tag()}),  # a process with its run id lives on
-        "queued_dead": _run({WORKER_TAG: dead.to_tag()}),  # waits for a slot: would get the next one
+        "dead": _run(dead),
+        "alive": _run(here),
+        "unrecorded": _run(),
+        "orphaned": _run(dead),  # a process with its run id lives on
+        "queued_dead": _run(dead),  # waits for a slot: would get the next one
     }
     orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
                               env={**os.environ, RUN_ID_ENV: runs["orphaned"].run_id})
@@ -241,8 +249,8 @@ def test_guard_and_launcher_free_only_the_slots_of_dead_workers(home):
 def test_in_process_guard_only_in_the_process_that_started_the_run(home):
     """ComputeResource's setup guards a run only in the process that started it (in-process execution):
     a step process of a multiprocess run recording itself would make the run look dead when it ends."""
-    def started_by(instance: dg.DagsterInstance, pid: int) -> dg.DagsterRun:
-        run = _run({})
+    def started_by(instance: dg.DagsterInstance, pid: int, tags: dict[str, str] | None = None) -> dg.DagsterRun:
+        run = _run(tags=tags)
         instance.add_run(run)
         instance.report_dagster_event(dg.DagsterEvent(event_type_value=dg.DagsterEventType.RUN_START.value,
                                                       job_name=run.job_name, pid=pid), run_id=run.run_id)
@@ -250,12 +258,13 @@ def test_in_process_guard_only_in_the_process_that_started_the_run(home):
 
     with _instance(home) as instance:
         assert guard_in_process_run(instance, started_by(instance, _dead_pid())) is None  # a step process
-        run = started_by(instance, os.getpid())
+        parent = WorkerRecord.current(str(uuid.uuid4())).to_tag()  # copied by a re-execution: not its own
+        run = started_by(instance, os.getpid(), {WORKER_TAG: parent})
         guard = guard_in_process_run(instance, run)
         assert guard is not None
         try:
             assert os.environ[RUN_ID_ENV] == run.run_id
-            record = WorkerRecord.from_tags(instance.get_run_by_id(run.run_id).tags)
+            record = WorkerRecord.from_tags(instance.get_run_by_id(run.run_id).tags, run.run_id)
             assert record is not None and record.pid == os.getpid()
             assert guard_in_process_run(instance, run) is None  # already guarded
         finally:
@@ -280,7 +289,7 @@ def test_cli_run_takes_the_slot_of_a_killed_cli_run_without_a_daemon(home, procs
     with _instance(home) as instance:
         run = instance.get_run_by_id(run_a)
         assert run.status == dg.DagsterRunStatus.STARTED
-        record = WorkerRecord.from_tags(run.tags)
+        record = WorkerRecord.from_tags(run.tags, run_a)
         assert record is not None and record.pid == worker.pid, run.tags.get(WORKER_TAG)
         verdict = judge_worker(run)
         assert verdict.state == "alive" and str(step_pid) in verdict.reason, verdict
@@ -342,7 +351,7 @@ def test_in_process_run_takes_the_slot_of_a_killed_in_process_run(home, procs, t
     with _instance(home) as instance:
         run_a = _the_run(instance)
         assert run_a is not None and _slot_holders(instance) == [run_a.run_id]
-        assert WorkerRecord.from_tags(run_a.tags).pid == worker.pid  # the in-process worker, not a step
+        assert WorkerRecord.from_tags(run_a.tags, run_a.run_id).pid == worker.pid  # the in-process worker, not a step
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait(timeout=10)
 
@@ -407,7 +416,7 @@ def test_daemon_frees_the_slot_of_a_killed_launched_run_for_a_queued_run(home, p
     step_pid = int(_wait(marker.read_text, 5, "the step pid"))
     with _instance(home) as instance:
         run_a = _the_run(instance, job="hold_gpu")
-        record = WorkerRecord.from_tags(run_a.tags)
+        record = WorkerRecord.from_tags(run_a.tags, run_a.run_id)
         assert record is not None and _slot_holders(instance) == [run_a.run_id]
     os.kill(record.pid, signal.SIGKILL)
     os.kill(step_pid, signal.SIGKILL)
