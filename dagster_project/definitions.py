@@ -7,11 +7,15 @@ import dagster as dg
 from dagster_project.jobs import JOBS
 from dagster_project.resources import ComputeResource, DdrStorage
 from dagster_project.schedules import SCHEDULES
+from dagster_project.worker_guard import free_dead_worker_pool_slots, guarded_executor
 from ddr_assets import ALL_ASSETS
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=JOBS,
     schedules=SCHEDULES,
+    sensors=[free_dead_worker_pool_slots],
     resources={"storage": DdrStorage(), "compute": ComputeResource()},
+    # Dagster's default executor plus the worker record and freeing of dead runs' pool slots
+    executor=guarded_executor,
 )

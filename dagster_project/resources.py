@@ -7,7 +7,7 @@ from functools import cached_property
 from typing import Any
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from ddr_core.config import ProjectConfig, config_path, data_root, load_project_config
 from ddr_core.paths import DataLayout
@@ -54,6 +54,20 @@ class ComputeResource(dg.ConfigurableResource):
     mode: str | None = Field(default=None, description="local | slurm; unset: DDR_COMPUTE_MODE, else local")
     processes: int | None = Field(default=None, ge=1,
                                   description="ranks per stage call (one per GPU); unset: DDR_PROCESSES, else 1")
+    _run_guard: Any = PrivateAttr(default=None)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """A run executed in process (``dg.materialize``, ``make demo``) bypasses the job's guarded
+        executor: guard it here, before its steps claim ``gpu`` slots, so that a killed run's slot is
+        given back and a dead one's is taken (dagster_project/worker_guard.py)."""
+        from dagster_project.worker_guard import guard_in_process_run
+
+        self._run_guard = guard_in_process_run(context.instance, context.dagster_run)
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        if self._run_guard is not None:
+            self._run_guard.__exit__(None, None, None)
+            self._run_guard = None
 
     def process_count(self) -> int:
         value = self.processes if self.processes is not None else os.environ.get("DDR_PROCESSES", "1").strip()

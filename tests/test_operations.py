@@ -22,6 +22,26 @@ def test_instance_settings_queue_runs_and_limit_the_gpu_pool(tmp_path, monkeypat
     assert type(instance.run_coordinator).__name__ == "QueuedRunCoordinator"
 
 
+def test_instance_settings_detect_dead_run_workers(tmp_path, monkeypatch):
+    """A killed run worker must not keep its pool slot: the shipped launcher answers run monitoring's
+    health check, monitoring is on, and every job runs under the guarded executor beside the sensor
+    that frees dead runs' slots in the daemon (the behaviour: tests/test_dead_worker.py)."""
+    from dagster_project.worker_guard import DeadWorkerAwareRunLauncher
+
+    shutil.copy(ROOT / "dagster_project" / "dagster.yaml", tmp_path / "dagster.yaml")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path))
+    instance = dg.DagsterInstance.get()
+    assert isinstance(instance.run_launcher, DeadWorkerAwareRunLauncher)
+    assert instance.run_monitoring_enabled and instance.run_launcher.supports_check_run_worker_health
+    assert instance.run_monitoring_poll_interval_seconds <= 30
+    assert defs.executor is not None and defs.executor.name == "ddr_guarded_executor"
+    for job in (defs.resolve_implicit_global_asset_job_def(), defs.resolve_job_def("capture_activations"),
+                defs.resolve_job_def("visualise_channel_blocks")):  # `dagster asset materialize` runs the first
+        assert job.executor_def.name == "ddr_guarded_executor", job.name
+    sensor = defs.resolve_sensor_def("free_dead_worker_pool_slots")
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+
+
 def test_gpu_assets_share_the_gpu_pool():
     graph = defs.resolve_asset_graph()
     for name in ("activations", "priors", "dreams", "dreams_no_noise", "dream_sweeps"):
