@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,19 +70,32 @@ def run_inspector(data_root: str, experiment: str, host: str = "127.0.0.1", port
         return 2
     env = {**os.environ, GUARD_ENV: guard.model_dump_json()}
     env.pop("DDR_ACCESS_TOKEN", None)
-    process = subprocess.Popen(inspector_command(data_root, experiment, host, port), env=env)
-    if wait_for_port(host, port, timeout_s=120, alive=lambda: process.poll() is None):
-        # after Streamlit's own banner, whose URL lacks the token
-        print(f"\nddr inspector: open {guard.url()}\n", file=sys.stderr, flush=True)
-        if open_browser:
-            import webbrowser
 
-            webbrowser.open(guard.url())
+    def stop(signum: int, _frame: object) -> None:  # SIGTERM (kill, systemd, a cluster's job end)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)  # before the child exists: it never outlives us
+    process = subprocess.Popen(inspector_command(data_root, experiment, host, port), env=env)
     try:
+        if wait_for_port(host, port, timeout_s=120, alive=lambda: process.poll() is None):
+            # after Streamlit's own banner, whose URL lacks the token
+            print(f"\nddr inspector: open {guard.url()}\n", file=sys.stderr, flush=True)
+            if open_browser:
+                import webbrowser
+
+                webbrowser.open(guard.url())
         return process.wait()
     except KeyboardInterrupt:
-        process.terminate()
-        return process.wait()
+        return 130
+    finally:  # never leave Streamlit listening behind a stopped `ddr inspect`
+        signal.signal(signal.SIGTERM, previous)
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 def add_guard_options(parser: argparse.ArgumentParser, default_port: int) -> None:

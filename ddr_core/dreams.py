@@ -132,7 +132,7 @@ class DreamConfig(BaseModel):
     scale_max: float | None = Field(None, ge=1.0, le=4.0, description="overrides the preset (zoom)")
     snapshot_every: int = Field(10, ge=0, description="snapshot image + stats every n steps; 0: none")
     quality_noise_draws: int = Field(4, ge=1, le=64, description="noise draws averaged by the quality check")
-    batch_size: int = Field(16, ge=1, description="(channel, timestep, seed) elements per optimisation batch")
+    batch_size: int = Field(16, ge=1, le=4096, description="(channel, timestep, seed) elements per optimisation batch")
     random_seed: int = Field(0, ge=0, description="base seed of augmentation and noise draws")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="UNet dtype of the forward pass (latents stay float32)"

@@ -109,7 +109,7 @@ class PriorsConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_results: int = Field(default=5, ge=1, description="images per channel, one per seed")
+    n_results: int = Field(default=5, ge=1, le=1024, description="images per channel, one per seed")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS),
                              description="one seed per result; len(seeds) == n_results")
     timesteps: TimestepSelection = Field(default="active_timesteps",
@@ -118,10 +118,12 @@ class PriorsConfig(BaseModel):
         default=None, allow_inf_nan=False,
         description="strength = max activation x this; None: 50 (raw) / 500 (SAE)",
     )
-    num_inference_steps: int = Field(default=50, ge=1)
-    batch_size: int = Field(default=16, ge=1, description="generations (channel x seed) per forward batch")
-    height: int | None = Field(default=None, ge=8, description="image height; None: the model's default")
-    width: int | None = Field(default=None, ge=8, description="image width; None: the model's default")
+    num_inference_steps: int = Field(default=50, ge=1, le=1000)
+    batch_size: int = Field(default=16, ge=1, le=1024, description="generations (channel x seed) per forward batch")
+    height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8,
+                               description="image height (a multiple of 8); None: the model's default")
+    width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8,
+                              description="image width (a multiple of 8); None: the model's default")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
 
     @field_validator("seeds")

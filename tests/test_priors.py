@@ -90,6 +90,10 @@ def test_config_defaults_and_validation_names_fields():
         PriorsConfig(n_results=2, seeds=[1, 1])
     with pytest.raises(ValidationError, match="batch_size"):
         PriorsConfig(batch_size=0)
+    for field, value in (("height", 12), ("width", 65536), ("num_inference_steps", 100000), ("n_results", 100000),
+                         ("batch_size", 100000)):  # bounded when the config is read, before any model loads
+        with pytest.raises(ValidationError, match=field):
+            PriorsConfig(**{field: value})
     with pytest.raises(ValidationError, match="num_inference_steps"):
         PriorsConfig(num_inference_steps=0)
     with pytest.raises(ValidationError, match="timesteps"):

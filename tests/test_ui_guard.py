@@ -429,3 +429,34 @@ def test_guard_allows_only_this_servers_names() -> None:
         GuardConfig(bind_host="127.0.0.1", port=3000, token="short")
     with pytest.raises(ValueError):
         GuardConfig(bind_host="127.0.0.1", port=3000, extra_hosts=("bad host/",))
+
+
+def test_ddr_inspect_stopped_with_sigterm_takes_streamlit_down(tmp_path: Path) -> None:
+    """`ddr inspect` killed with SIGTERM (kill, systemd, the end of a cluster job) stops the Streamlit server it
+    started: nothing is left listening on the port."""
+    import signal
+
+    port = _free_port()
+    process = subprocess.Popen([sys.executable, "-m", "ddr_core.cli", "inspect", "--data-root", str(tmp_path),
+                                "--port", str(port), "--no-token"], cwd=ROOT, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def listening() -> bool:
+        with socket.socket() as probe:
+            probe.settimeout(1)
+            return probe.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        deadline = time.monotonic() + 120
+        while not listening():
+            assert process.poll() is None and time.monotonic() < deadline, "the inspector never started"
+            time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) != 0
+        deadline = time.monotonic() + 30
+        while listening() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not listening(), "Streamlit is still listening after `ddr inspect` was stopped"
+    finally:
+        if process.poll() is None:
+            process.kill()
