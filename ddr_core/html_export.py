@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ddr_core.channel_store import channel_file
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -464,7 +465,7 @@ def write_html_report(
         row = rows.row(position, named=True)
         neighbours = (selected[position - 1] if position > 0 else None,
                       selected[position + 1] if position + 1 < len(selected) else None)
-        page = out / "channels" / f"channel_{channel:05d}.html"
+        page = channel_file(out / "channels", channel, ".html")
         shard, failure = _load_channel(layout, variant, channel, row, problems)
         if shard is None:
             problems.append(failure)

@@ -65,6 +65,7 @@ from ddr_core.representation import (
     representation_dir,
     resolve_file,
     search_channels,
+    shard_path,
 )
 
 DEFAULT_DAGSTER_URL = "http://127.0.0.1:3000"
@@ -440,7 +441,7 @@ def main() -> None:
         channel = st.selectbox(f"Channel ({len(channels)} of {n_active} active)", channels, key="channel",
                                format_func=lambda c: f"channel {c:05d}")
 
-    shard_stamp = _mtime(representation_dir(layout, variant) / f"channel_{channel:05d}.json")
+    shard_stamp = _mtime(shard_path(layout, variant, channel))
     shard, shard_problem = shard_or_problem(layout, variant, channel, shard_stamp)
     if shard is None:  # the other channels stay reachable from the sidebar
         st.warning(escape_markdown(f"channel {channel} cannot be shown: {shard_problem}"))

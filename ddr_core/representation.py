@@ -62,6 +62,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
+from ddr_core.channel_store import channel_dir, channel_file, channel_name, read_dream, read_prior
 from ddr_core.locks import claim_channels, partition_lock, stage_locks_dir
 from ddr_core.paths import DataLayout, UnsafePathError, check_output_folder, resolve_in_data_root, shown
 from ddr_core.statistics import interpolate_profile, read_summary
@@ -160,11 +161,11 @@ def representation_dir(layout: DataLayout, variant: str) -> Path:
 
 
 def shard_path(layout: DataLayout, variant: str, channel: int) -> Path:
-    return representation_dir(layout, variant) / f"channel_{int(channel):05d}.json"
+    return channel_file(representation_dir(layout, variant), channel, ".json")
 
 
 def curves_path(layout: DataLayout, variant: str, channel: int) -> Path:
-    return representation_dir(layout, variant) / "curves" / f"channel_{int(channel):05d}.parquet"
+    return channel_file(representation_dir(layout, variant) / "curves", channel, ".parquet")
 
 
 def resolve_file(data_root: str | Path, relative: str | None, what: str = "file") -> Path:
@@ -279,11 +280,11 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_prior(layout: DataLayout, variant: str, channel: int) -> dict[str, Any] | None:
-    return _read_json(layout.stage_dir(PRIORS_STAGE, variant) / f"channel_{channel:05d}" / "prior.json")
+    return read_prior(layout.stage_dir(PRIORS_STAGE, variant), channel)
 
 
 def _read_dream(layout: DataLayout, variant: str, run: str, channel: int) -> dict[str, Any] | None:
-    return _read_json(layout.stage_dir(DREAM_RUNS[run], variant) / f"channel_{channel:05d}" / "dream.json")
+    return read_dream(layout.stage_dir(DREAM_RUNS[run], variant), channel)
 
 
 def _read_quality(layout: DataLayout, variant: str, run: str, channels: Sequence[int] | None) -> pl.DataFrame | None:
@@ -413,7 +414,7 @@ def _dream_section(
     dream = _read_dream(layout, variant, run, channel)
     if dream is None:
         return None
-    channel_folder = layout.stage_dir(DREAM_RUNS[run], variant) / f"channel_{channel:05d}"
+    channel_folder = channel_dir(layout.stage_dir(DREAM_RUNS[run], variant), channel)
     failures = {(int(f["timestep"]), int(f["seed"])): f for f in dream.get("failures", [])}
     results: list[dict[str, Any]] = []
     for key, per_t in sorted(dream.get("results", {}).items(), key=lambda kv: -int(kv[0])):
@@ -608,8 +609,8 @@ def build_shards(
     (out / "curves").mkdir(parents=True, exist_ok=True)
     channels = [int(c) for c in channels]
     with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or f"representation {variant}"):
-        remove_temporaries_of(out, [f"channel_{c:05d}.json" for c in channels])
-        remove_temporaries_of(out / "curves", [f"channel_{c:05d}.parquet" for c in channels])
+        remove_temporaries_of(out, [f"{channel_name(c)}.json" for c in channels])
+        remove_temporaries_of(out / "curves", [f"{channel_name(c)}.parquet" for c in channels])
         return _write_shards(layout, variant, channels, out, strict, log)
 
 
@@ -622,11 +623,11 @@ def _write_shards(layout: DataLayout, variant: str, channels: list[int], out: Pa
             shard["observed"]["timestep"], shard["observed"]["frequency"],
             [np.nan if v is None else v for v in shard["observed"]["max_activation"]], shard["total_timesteps"],
         )
-        curve_file = out / "curves" / f"channel_{channel:05d}.parquet"
+        curve_file = channel_file(out / "curves", channel, ".parquet")
         with atomic_path(curve_file) as tmp:
             curves.write_parquet(tmp, compression="zstd")
         shard["curves"] = layout.relative(curve_file)
-        atomic_write_json(out / f"channel_{channel:05d}.json", shard, indent=None)
+        atomic_write_json(channel_file(out, channel, ".json"), shard, indent=None)
         summary.channels.append(channel)
         if shard["summary"].get("is_active"):
             summary.active_channels.append(channel)
@@ -914,14 +915,14 @@ def make_index_table(layout: DataLayout, variant: str) -> pl.DataFrame:
     priors_root = layout.stage_dir(PRIORS_STAGE, variant)
     has_priors = []
     for c in channels:
-        prior = _read_json(priors_root / f"channel_{c:05d}" / "prior.json")
+        prior = read_prior(priors_root, c)
         has_priors.append(bool(prior and prior.get("status") == "done"))
     dream_flags: dict[str, list[bool]] = {}
     for run, stage in DREAM_RUNS.items():
         root = layout.stage_dir(stage, variant)
         flags = []
         for c in channels:
-            dream = _read_json(root / f"channel_{c:05d}" / "dream.json") if root.is_dir() else None
+            dream = read_dream(root, c) if root.is_dir() else None
             flags.append(bool(dream and dream.get("results")))
         dream_flags[run] = flags
     quality = _read_quality(layout, variant, "noise", None)
@@ -944,7 +945,7 @@ def make_index_table(layout: DataLayout, variant: str) -> pl.DataFrame:
         pl.Series("has_priors", has_priors, dtype=pl.Boolean),
         pl.Series("has_dreams", dream_flags["noise"], dtype=pl.Boolean),
         pl.Series("has_dreams_no_noise", dream_flags["no_noise"], dtype=pl.Boolean),
-        pl.Series("has_shard", [(rep / f"channel_{c:05d}.json").is_file() for c in channels], dtype=pl.Boolean),
+        pl.Series("has_shard", [channel_file(rep, c, ".json").is_file() for c in channels], dtype=pl.Boolean),
     ).join(quality_summary, on="channel", how="left").with_columns(
         pl.col("n_dreams").fill_null(0), pl.col("n_failed_dreams").fill_null(0),
     )
