@@ -70,7 +70,8 @@ def test_dot_env_is_ignored_and_the_example_documents_every_variable():
                  "DDR_SLURM_ACCOUNT"):
         assert name in assigned, name
     # every DDR_* variable the code, scripts, Makefile or CI read is documented (internal hand-offs excepted)
-    internal = {"DDR_WEB_GUARD"}  # the launcher's guard settings for its own subprocess
+    # internal hand-offs: the launcher's guard settings for its own subprocess; a run's id in its processes
+    internal = {"DDR_WEB_GUARD", "DDR_DAGSTER_RUN_ID"}
     used = set()
     for folder in ("ddr_core", "ddr_assets", "dagster_project", "scripts", ".ci"):
         for path in (ROOT / folder).rglob("*"):

@@ -133,7 +133,19 @@ def test_guarded_ui_loads_and_launches_a_materialization(driver, ui) -> None:
     assert TOKEN not in driver.execute_script("return document.cookie;")
 
     driver.get(f"{url}/assets/models")
-    wait.until(lambda d: d.find_elements(By.XPATH, "//button[contains(., 'Materialize')]"))
+
+    def materialize_enabled(browser) -> bool:
+        """The code location loads in the background (importing torch takes a while on a busy machine): until
+        it has, the asset shows as external with a disabled button; reload until the button is enabled."""
+        if browser.find_elements(By.XPATH, "//button[contains(., 'Materialize') and not(@disabled)]"):
+            return True
+        if time.monotonic() - materialize_enabled.reloaded > 10:
+            browser.refresh()
+            materialize_enabled.reloaded = time.monotonic()
+        return False
+
+    materialize_enabled.reloaded = time.monotonic()
+    wait.until(materialize_enabled, message="the models asset never became materializable (code location not loaded?)")
     screenshot(driver, "ui_guard_asset_models.png")
     _click(wait, "//button[contains(., 'Materialize')]")
     _click(wait, "//*[contains(text(), 'Select a partition')]")
