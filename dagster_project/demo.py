@@ -30,8 +30,10 @@ DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
     "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
                                   "batch_size": 36}},
 }
-# Plots, priors and dreams run on the first channel block of each variant (every block: --all-blocks),
-# priors and dreams on its first DEMO_CHANNELS channels.
+# Plots run on the first channel block of each variant (every block: --all-blocks). Priors and dreams run on
+# DEMO_CHANNELS channels per variant: for a variant with ground truth, the channels significantly selective for
+# a concept (scored first, BH q < alpha) with the lowest q; otherwise the first channels (every channel of every
+# block: --all-blocks).
 DEMO_BLOCKS = 1
 DEMO_CHANNELS = 16
 
@@ -59,6 +61,43 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
+
+
+def demo_blocks_of(variant: str, channels: list[int]) -> list[str]:
+    """The channel blocks of ``variant`` that hold some of ``channels``."""
+    return [block_key(variant, first, last) for first, last in project().variants[variant].channel_blocks()
+            if any(first <= c <= last for c in channels)]
+
+
+def visualised_channels(layout, variant: str) -> tuple[list[int], str]:
+    """The channels the demo makes priors and dreams for, and why (see ``DEMO_CHANNELS``): for a variant with
+    ground truth its purity verdicts are computed first (no pictures yet, into a temporary folder: the
+    ``feature_concepts`` asset scores the pictures at the end)."""
+    import tempfile
+
+    from ddr_core.feature_concepts import FeatureConceptsConfig, feature_concepts_for_variant
+
+    cfg = project()
+    first, last = cfg.variants[variant].channel_blocks()[0]
+    first_channels = list(range(first, min(last + 1, first + DEMO_CHANNELS)))
+    if variant not in cfg.labelled_variants():
+        return first_channels, "no ground truth: the first channels"
+    with tempfile.TemporaryDirectory(prefix="ddr-demo-concepts-") as folder:
+        result = feature_concepts_for_variant(cfg, layout, variant, FeatureConceptsConfig(priors=False, dreams=False),
+                                              out_dir=Path(folder) / "scores")
+    chosen, n_selective = most_selective_channels(result.table, result.summary.get("families", []), DEMO_CHANNELS)
+    if not chosen:
+        return first_channels, "no channel is selective for a concept: the first channels"
+    return chosen, (f"the {len(chosen)} of its {n_selective} channels selective for a concept (BH q < "
+                    f"{result.summary['config']['alpha']:g}) with the lowest q")
+
+
+def most_selective_channels(table, families: list[str], limit: int) -> tuple[list[int], int]:
+    """``(channels, n)``: of the ``n`` channels of a ``feature_concepts`` table with a verdict (``n_concepts`` >
+    0), the ``limit`` with the lowest q-value of any family (ties: the lower channel), in channel order."""
+    selective = [(min(row[f"q_{f}"] for f in families if row.get(f"q_{f}") is not None), row["channel"])
+                 for row in table.iter_rows(named=True) if row.get("n_concepts")]
+    return sorted(channel for _, channel in sorted(selective)[:limit]), len(selective)
 
 
 def _model_of(asset_name: str, key: str) -> str | None:
@@ -92,14 +131,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ddr demo: variants {variants}; data root {storage.layout.data_root}; "
           f"experiment {storage.layout.experiment}")
     start = time.monotonic()
+    chosen: dict[str, list[int]] = {}
     for asset_name, keys in demo_plan(variants, args.all_blocks):
+        if asset_name == "priors" and not args.all_blocks:  # the channels to show, once they are scored
+            keys = []
+            for variant in variants:
+                chosen[variant], why = visualised_channels(storage.layout, variant)
+                print(f"  priors and dreams of {variant}: {why}: {chosen[variant]}")
+                keys += demo_blocks_of(variant, chosen[variant])
+        if asset_name == "dreams" and not args.all_blocks:
+            keys = [key for variant in variants for key in demo_blocks_of(variant, chosen[variant])]
         for key in keys:
             t0 = time.monotonic()
             op_config = {**DEMO_RUN_CONFIG.get(asset_name, {}),
                          **DEMO_MODEL_RUN_CONFIG.get(_model_of(asset_name, key), {}).get(asset_name, {})}
             if asset_name in ("priors", "dreams") and not args.all_blocks:
-                _, first, last = parse_block_key(key)
-                op_config["channels"] = list(range(first, min(last + 1, first + DEMO_CHANNELS)))
+                variant, first, last = parse_block_key(key)
+                op_config["channels"] = [c for c in chosen[variant] if first <= c <= last]
             run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
             result = dg.materialize([_asset_by_name(asset_name)], partition_key=key, instance=instance,
                                     resources={"storage": storage, "compute": ComputeResource()},

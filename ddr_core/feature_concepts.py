@@ -1008,14 +1008,14 @@ def feature_concepts_dir(layout: Any, variant: str) -> Path:
 
 def feature_concepts_for_variant(project: Any, layout: Any, variant: str,
                                  config: FeatureConceptsConfig | None = None,
-                                 log: LogFn | None = None) -> FeatureConceptsResult:
+                                 log: LogFn | None = None, out_dir: str | Path | None = None) -> FeatureConceptsResult:
     """Score one variant of the project config from its timestep statistics, priors and dreams.
 
     Reads the prompt dataset's labels (``prompt_datasets.<p>.labels``), the capture's generations (for
     the chance purity), and, when the model declares a ``concept_classifier``, classifies the images
     of ``priors/<variant>`` and ``dreams/<variant>``; when it declares a ``world``, measures how close those
 images (and the capture's generations, as the reference) come to the world's renders. Writes
-``feature_concepts/<variant>/``.
+``feature_concepts/<variant>/`` (or ``out_dir``).
 
     Raises:
         ValueError: the variant's prompt dataset has no labels (names the config field to add).
@@ -1074,7 +1074,7 @@ images (and the capture's generations, as the reference) come to the world's ren
                                 f"ranked for the top examples; materialize activations[{project.capture_of(variant)}] "
                                 f"first (or score the recorded examples: examples='top_peak')")
     return compute_feature_concepts(
-        stats_dir, labels, dataset.labels.families, feature_concepts_dir(layout, variant), variant=variant,
+        stats_dir, labels, dataset.labels.families, out_dir or feature_concepts_dir(layout, variant), variant=variant,
         basis=spec.basis, config=config, data_root=layout.data_root,
         priors_dir=layout.stage_dir("priors", variant), dreams_dir=layout.stage_dir("dreams", variant),
         classifier=classifier, generation_pool=pool if pool is not None and pool.height else None,

@@ -639,3 +639,14 @@ def test_a_hand_edited_baseline_is_refused_naming_the_file_and_the_fix(tmp_path:
     with pytest.raises(ValueError, match=rf"baseline\.json: {says}; fix the file by hand or rewrite it with "
                                          r"`python -m ddr_core\.feature_concepts baseline"):
         load_baseline(path)
+
+
+def test_the_demo_shows_the_most_selective_channels() -> None:
+    """make demo makes priors and dreams for the channels with a verdict and the lowest q (not channels 0-15)."""
+    from dagster_project.demo import most_selective_channels
+
+    table = pl.DataFrame({"channel": [0, 1, 2, 3, 4], "n_concepts": [0, 1, 2, 1, 1],
+                          "q_colour": [0.5, 0.04, 0.001, None, 0.02], "q_shape": [0.9, 0.3, 0.01, 0.03, 0.02]})
+    assert most_selective_channels(table, FAMILIES, 2) == ([2, 4], 4)  # q 0.001 and 0.02; channel 0 has no verdict
+    assert most_selective_channels(table, FAMILIES, 10) == ([1, 2, 3, 4], 4)
+    assert most_selective_channels(table.with_columns(pl.lit(0).alias("n_concepts")), FAMILIES, 3) == ([], 0)
