@@ -46,3 +46,45 @@ def screenshot(browser, name: str) -> Path:
     path = ARTIFACTS / name
     browser.save_screenshot(str(path))
     return path
+
+
+@contextlib.contextmanager
+def guarded_inspector(command: list[str], workdir: Path, token: str, env: dict[str, str]) -> Iterator[tuple[str, object]]:
+    """The guarded inspector on a toy data root, started by ``command`` (``ddr inspect`` or the launcher; this
+    adds ``--data-root`` and ``--port``) with the access token ``token``: ``(url, process)``, stopped on exit."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ddr_core import representation as rep
+    from tests.representation_data import VARIANT, make_toy_data_root
+
+    toy = make_toy_data_root(workdir / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    port = free_port()
+    log = workdir / "inspector.log"
+    with open(log, "wb") as sink:
+        process = subprocess.Popen([sys.executable, *command, "--data-root", str(toy.data_root), "--port", str(port)],
+                                   cwd=Path(__file__).resolve().parents[1], stdout=sink, stderr=subprocess.STDOUT,
+                                   env={**env, "DDR_ACCESS_TOKEN": token}, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while f"open {url}/?token={token}" not in log.read_text(errors="replace"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the inspector did not start: {log.read_text(errors='replace')[-3000:]}")
+            time.sleep(0.3)
+        yield url, process
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

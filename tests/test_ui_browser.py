@@ -239,37 +239,11 @@ def test_a_page_from_another_origin_cannot_launch_runs(driver, ui, tmp_path: Pat
 def inspector_url(tmp_path_factory: pytest.TempPathFactory):
     """The inspector on toy data as ``make inspect`` starts it (launcher, access token on)."""
     pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
-    from ddr_core import representation as rep
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.browser_support import guarded_inspector
 
-    toy = make_toy_data_root(tmp_path_factory.mktemp("inspector") / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
-    port = free_port()
-    log = tmp_path_factory.mktemp("inspector_log") / "inspector.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "dagster_project.launcher", "inspector", "--host",
-                                    "127.0.0.1", "--port", str(port), "--data-root", str(toy.data_root)],
-                                   cwd=ROOT, env={**os.environ, "DDR_ACCESS_TOKEN": TOKEN}, stdout=sink,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while f"open {url}/?token={TOKEN}" not in log.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the inspector did not start: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
+    with guarded_inspector(["-m", "dagster_project.launcher", "inspector", "--host", "127.0.0.1"],
+                           tmp_path_factory.mktemp("inspector"), TOKEN, dict(os.environ)) as (url, _process):
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_guarded_inspector_renders_with_the_token(driver, inspector_url) -> None:

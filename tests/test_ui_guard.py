@@ -326,36 +326,11 @@ def test_launcher_passes_read_only_and_guard_options() -> None:
 @pytest.fixture(scope="module")
 def inspector(tmp_path_factory: pytest.TempPathFactory):
     """``(url, process)`` of ``ddr inspect`` (toy data) with the access token TOKEN."""
-    from ddr_core import representation as rep
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.browser_support import guarded_inspector
 
-    toy = make_toy_data_root(tmp_path_factory.mktemp("inspector") / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
-    port = _free_port()
-    log = tmp_path_factory.mktemp("inspector_log") / "inspector.log"
-    with open(log, "wb") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "ddr_core.cli", "inspect", "--data-root", str(toy.data_root),
-                                    "--port", str(port)], cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
-                                   env={**_env(), "DDR_ACCESS_TOKEN": TOKEN}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while f"open {url}/?token={TOKEN}" not in log.read_text(errors="replace"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the inspector did not start: {log.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.3)
-        yield url, process
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    with guarded_inspector(["-m", "ddr_core.cli", "inspect"], tmp_path_factory.mktemp("inspector"), TOKEN,
+                           _env()) as served:
+        yield served
 
 
 def _http(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], str]:
@@ -434,7 +409,6 @@ def test_guard_allows_only_this_servers_names() -> None:
 def test_ddr_inspect_stopped_with_sigterm_takes_streamlit_down(tmp_path: Path) -> None:
     """`ddr inspect` killed with SIGTERM (kill, systemd, the end of a cluster job) stops the Streamlit server it
     started: nothing is left listening on the port."""
-    import signal
 
     port = _free_port()
     process = subprocess.Popen([sys.executable, "-m", "ddr_core.cli", "inspect", "--data-root", str(tmp_path),
