@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from ddr_core.basis import RawChannels, TopKSaeBasis
-from ddr_core.hooks import TimestepTracker, capture_activations
-from ddr_core.pipeline import initial_latents, layer_width, load_pipeline, resolve_layer
+from ddr_core.families import load_model
+from ddr_core.hooks import capture_activations
 from ddr_core.sae import Sae
 from ddr_core.tiny_model import TINY_PROMPTS, build_tiny_pipeline
 
@@ -38,22 +38,23 @@ def main() -> None:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or build_tiny_pipeline(Path(tmp) / "tiny")
-        pipe = load_pipeline(model_dir, device=device, dtype=dtype)
-    layer = resolve_layer(pipe.unet, args.layer)
-    width = layer_width(pipe.unet, args.layer)
+        model = load_model(model_dir, device=device, dtype=dtype)
+    pipe = model.pipe
+    layer = model.resolve_layer(args.layer)
+    width = model.layer_width(args.layer)
     sae = Sae.random(width, width * args.sae_expansion, k=32, seed=0).to(device)
     reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(args.batch_size)]
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = model.default_size[0]
 
     def generate(capture: bool) -> float:
-        latents = initial_latents(pipe, list(range(args.batch_size)), size, size, dtype=dtype, device=device)
+        latents = model.initial_latents(list(range(args.batch_size)), size, size, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
             if capture:
-                with TimestepTracker(pipe.unet) as tracker, capture_activations(layer, tracker, reducers, cfg=True):
+                with model.track_timesteps() as tracker, capture_activations(layer, tracker, reducers, cfg=True):
                     pipe(prompt=prompts, latents=latents, num_inference_steps=args.steps, output_type="pil")
             else:
                 pipe(prompt=prompts, latents=latents, num_inference_steps=args.steps, output_type="pil")

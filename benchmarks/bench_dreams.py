@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ddr_core.dreams import DreamConfig, DreamObjective, element_generators, element_seed, optimise_dreams
-from ddr_core.pipeline import layer_width, load_pipeline, resolve_layer
+from ddr_core.families import load_model
 from ddr_core.tiny_model import TINY_TARGET_LAYER, build_tiny_pipeline
 
 
@@ -49,12 +49,11 @@ def _parse() -> argparse.Namespace:
 def _elements(args: argparse.Namespace, pipe, width: int):
     channels = [c % width for c in range(args.channels)]
     timesteps = [int(50 + (900 * i) // max(args.channels - 1, 1)) for i in range(args.channels)]
-    config = pipe.unet.config
-    size = config.sample_size if isinstance(config.sample_size, int) else config.sample_size[0]
+    channels_in, size, _ = pipe.latent_shape(*pipe.default_size)
     rows = []
     for channel, timestep in zip(channels, timesteps, strict=True):
         for seed in range(args.seeds):
-            latent = torch.randn(1, config.in_channels, size, size,
+            latent = torch.randn(1, channels_in, size, size,
                                  generator=torch.Generator().manual_seed(1000 + seed))
             rows.append((channel, timestep, seed, latent))
     return rows
@@ -71,7 +70,7 @@ def _run(pipe, layer, rows, config, group_size: int) -> tuple[float, torch.Tenso
         result = optimise_dreams(pipe, layer, objective, torch.cat([r[3] for r in group]),
                                  [r[1] for r in group], config, generators)
         finals.append(result.latents)
-    if pipe.unet.device.type == "cuda":
+    if pipe.device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, torch.cat(finals)
 
@@ -82,11 +81,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or build_tiny_pipeline(Path(tmp) / "tiny")
-        pipe = load_pipeline(model_dir, device=args.device,
-                             dtype={"float32": torch.float32, "float16": torch.float16,
-                                    "bfloat16": torch.bfloat16}[args.dtype])
-    layer = resolve_layer(pipe.unet, args.layer)
-    width = layer_width(pipe.unet, args.layer)
+        pipe = load_model(model_dir, device=args.device,
+                          dtype={"float32": torch.float32, "float16": torch.float16,
+                                 "bfloat16": torch.bfloat16}[args.dtype])
+    layer = pipe.resolve_layer(args.layer)
+    width = pipe.layer_width(args.layer)
     config = DreamConfig(num_steps=args.steps, snapshot_every=0, use_prior=False, n_results=1, seeds=[0],
                          dtype=args.dtype)
     rows = _elements(args, pipe, width)
@@ -98,7 +97,7 @@ def main() -> None:
     looped_s, looped_latents = _run(pipe, layer, rows, config, args.seeds)
 
     channel_steps = args.channels * args.steps
-    device = torch.cuda.get_device_name() if pipe.unet.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else f"cpu x{torch.get_num_threads()} threads"
     print(f"device: {device}; model: {model_dir if args.model_dir else 'tiny (embedded)'}; layer {args.layer}")
     print(f"{args.channels} channels x 1 timestep x {args.seeds} seed(s), {args.steps} steps; "
           f"batch {args.batch_size} elements vs {args.seeds} (one channel at a time)")

@@ -61,12 +61,13 @@ from torch import nn
 
 from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.dreams import DreamConfig, DreamObjective, element_generators, element_seed, optimise_dreams
+from ddr_core.families import as_model
 from ddr_core.hooks import (
     TimestepTracker,
     capture_activations,
     forward_to_layer,
 )
-from ddr_core.pipeline import initial_latents, resolve_layer
+from ddr_core.pipeline import resolve_layer
 from ddr_core.priors import generate_priors
 from ddr_core.sae import Sae
 from ddr_core.tiny_model import TINY_PROMPTS, tiny_vocabulary
@@ -458,7 +459,7 @@ def bench_capture(args, pipe, flops: dict, entry: dict) -> None:
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
 
     def generate(steps: int) -> float:
-        latents = initial_latents(pipe, list(range(batch)), side, side, dtype=pipe.unet.dtype, device=device)
+        latents = as_model(pipe).initial_latents(list(range(batch)), side, side, dtype=pipe.unet.dtype, device=device)
         synchronize(device)
         start = time.perf_counter()
         with torch.inference_mode(), TimestepTracker(pipe.unet) as tracker, \

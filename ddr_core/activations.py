@@ -204,18 +204,19 @@ def _has_generations(root: Path) -> bool:
     return any(p.is_file() for p in root.rglob("*") if p.parent != root)
 
 
-def check_capture_sizes(pipe: Any, height: int, width: int, num_inference_steps: int) -> None:
-    """Refuse sizes and step counts this model cannot run, before anything is written.
+def check_capture_sizes(model: Any, height: int, width: int, num_inference_steps: int) -> None:
+    """Refuse sizes and step counts this model (a :class:`~ddr_core.families.ModelFamily`) cannot run, before
+    anything is written.
 
     Raises:
         ValueError: naming the field, the model's limit and the fix.
     """
-    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    scale = model.vae_scale_factor
     for name, value in (("height", height), ("width", width)):
         if value % scale:
             raise ValueError(f"capture {name} {value} is not a multiple of the model's VAE scale factor {scale}: "
                              f"use {value // scale * scale or scale} or {value // scale * scale + scale}")
-    train_steps = int(pipe.scheduler.config.num_train_timesteps)
+    train_steps = model.num_train_timesteps
     if num_inference_steps > train_steps:
         raise ValueError(f"capture num_inference_steps {num_inference_steps} exceeds the scheduler's "
                          f"{train_steps} train timesteps: use at most {train_steps}")
@@ -308,8 +309,9 @@ def run_capture(
     """Generate and record; resumable and shardable (see the module docstring).
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (already on its device and dtype).
-        layer_name: dotted name of the UNet module to record.
+        pipe: a :class:`~ddr_core.families.ModelFamily` or a loaded diffusers pipeline of a supported family
+            (already on its device and dtype).
+        layer_name: dotted name of the denoiser module to record.
         reducers: variant -> function mapping layer tokens ``(batch, positions, channels)`` (float32)
             to per-sample activations ``(batch, features)``.
         prompts: the unique prompts, in order (``config.n_prompts`` takes the first N).
@@ -321,19 +323,20 @@ def run_capture(
 
     Everything is checked (prompts, layer name) before anything is written under ``root``.
     """
-    from ddr_core.pipeline import resolve_layer
+    from ddr_core.families import as_model
 
+    model = as_model(pipe)
     root = check_output_folder(Path(root), data_root, "capture folder")  # no link out, nothing written yet
-    device = pipe.unet.device
+    device = model.device
     prompts = list(prompts)[: config.n_prompts] if config.n_prompts else list(prompts)
     if not prompts:
         raise ValueError("no prompts to capture: the prompt dataset is empty")
     images_per_prompt = config.num_images_per_prompt or (5 if device.type == "cuda" else 1)
-    scale = pipe.vae_scale_factor
-    height = config.height or pipe.unet.config.sample_size * scale
-    width = config.width or pipe.unet.config.sample_size * scale
-    layer = resolve_layer(pipe.unet, layer_name)  # a wrong name fails here, before anything is written
-    check_capture_sizes(pipe, height, width, config.num_inference_steps)  # likewise
+    default_height, default_width = model.default_size
+    height = config.height or default_height
+    width = config.width or default_width
+    layer = model.hook_point(layer_name)  # a wrong name fails here, before anything is written
+    check_capture_sizes(model, height, width, config.num_inference_steps)  # likewise
     owner = lock_owner or f"capture {root.name} shard {config.shard_index}/{config.num_shards}"
     root.mkdir(parents=True, exist_ok=True)
     with partition_lock(shard_lock_path(root, config.shard_index, config.num_shards), wait=lock_wait,
@@ -346,7 +349,7 @@ def run_capture(
             except PartitionLockedError:
                 alone = False
             return _run_capture_locked(
-                pipe, layer, layer_name, reducers, prompts, root, data_root, config, group_lock, alone,
+                model, layer, layer_name, reducers, prompts, root, data_root, config, group_lock, alone,
                 CapturePlan(
                     prompts=prompts, num_images_per_prompt=images_per_prompt, batch_size=config.batch_size,
                     base_seed=config.seed if config.seed is not None else -1,
@@ -361,7 +364,7 @@ def run_capture(
 
 
 def _run_capture_locked(
-    pipe: Any, layer: Any, layer_name: str, reducers: dict[str, Reducer], prompts: list[str], root: Path,
+    model: Any, layer: Any, layer_name: str, reducers: dict[str, Reducer], prompts: list[str], root: Path,
     data_root: Path, config: CaptureConfig, group_lock: OwnedFlock, alone: bool, new_plan: CapturePlan, *,
     log: LogFn | None, stop_after_batches: int | None,
 ) -> CaptureResult:
@@ -369,17 +372,16 @@ def _run_capture_locked(
 
     ``group_lock`` is held exclusively when ``alone`` (no other shard running), else not held.
     """
-    from ddr_core.hooks import TimestepTracker, capture_activations
+    from ddr_core.hooks import capture_activations
     from ddr_core.layer_vectors import (
         VECTORS_DIRNAME,
         VectorSamplingConfig,
         maybe_collect_layer_vectors,
         write_vector_batch,
     )
-    from ddr_core.pipeline import initial_latents
     from ddr_core.progress import Progress
 
-    device = pipe.unet.device
+    device = model.device
     store = ActivationStore(root)
     # Nothing is written under ``root`` without the group lock: exclusive (alone) for the full clean-up, shared
     # otherwise. A shard that is not alone waits for the shared lock *before* writing its plan candidate, so an
@@ -403,7 +405,7 @@ def _run_capture_locked(
     if result.batches_skipped and log:
         log(f"resuming: {len(result.batches_skipped)} of {len(mine)} batches already finished")
 
-    cfg = plan.guidance_scale > 1.0
+    cfg = model.uses_cfg(plan.guidance_scale)
     images_dir = root / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
@@ -411,20 +413,20 @@ def _run_capture_locked(
                   initial=len(result.batches_skipped)) as progress:
         for batch_index in todo:
             rows = plan.batch_generations(batch_index)
-            latents = initial_latents(pipe, [r["seed"] for r in rows], plan.height, plan.width,
-                                      dtype=pipe.unet.dtype, device=device)
+            latents = model.initial_latents([r["seed"] for r in rows], plan.height, plan.width,
+                                            dtype=model.dtype, device=device)
             generation_ids = [r["generation_id"] for r in rows]
-            with TimestepTracker(pipe.unet) as tracker, capture_activations(
+            with model.track_timesteps() as tracker, capture_activations(
                 layer, tracker, reducers, cfg=cfg, keep_unconditional=config.keep_unconditional
             ) as recording, maybe_collect_layer_vectors(
                 layer, tracker, cfg, sampling, generation_ids
             ) as vectors, torch.inference_mode():
-                output = pipe(
-                    prompt=[r["prompt"] for r in rows], latents=latents, height=plan.height,
+                images = model.generate(
+                    prompts=[r["prompt"] for r in rows], latents=latents, height=plan.height,
                     width=plan.width, num_inference_steps=plan.num_inference_steps,
                     guidance_scale=plan.guidance_scale, output_type="pil",
                 )
-            for row, image in zip(rows, output.images, strict=True):
+            for row, image in zip(rows, images, strict=True):
                 image_path = images_dir / f"gen_{row['generation_id']:07d}.png"
                 with atomic_path(image_path) as tmp:
                     image.save(tmp, format="PNG")
@@ -474,8 +476,8 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     ``summary["inputs"]`` (``"models/<name>"`` / ``"saes/<name>"`` -> hash, for folders with a manifest).
     """
     from ddr_core.basis import load_basis
+    from ddr_core.families import load_model
     from ddr_core.paths import file_inside
-    from ddr_core.pipeline import load_pipeline
     from ddr_core.prompts import check_prompt_lengths, load_prompts, truncation_warning
     from ddr_core.provisioning import provisioned_content_hash
 
@@ -489,24 +491,24 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     if prompt_set.invalid and log:
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
     dtype = resolve_dtype(config.dtype, device)
-    pipe = load_pipeline(layout.model_dir(model_name), device=device, dtype=dtype)
+    model = load_model(layout.model_dir(model_name), device=device, dtype=dtype)
     prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts
-    too_long = check_prompt_lengths(prompts, pipe.tokenizer)
+    too_long = check_prompt_lengths(prompts, model.tokenizer)
     if too_long and log:
-        log(truncation_warning(len(too_long), len(prompts), pipe.tokenizer.model_max_length))
+        log(truncation_warning(len(too_long), len(prompts), model.tokenizer.model_max_length))
 
     reducers: dict[str, Reducer] = {}
     info: dict[str, dict[str, Any]] = {}
     inputs = {f"models/{model_name}": provisioned_content_hash(layout.model_dir(model_name))}
     for variant in variants:
         spec = project.variants[variant]
-        basis = load_basis(project, layout, variant, pipe, device)
+        basis = load_basis(project, layout, variant, model, device)
         reducers[variant] = basis.reduce
         info[variant] = {"basis": spec.basis, "sae": spec.sae, "layer": layer_name, "width": basis.width}
         if spec.sae:
             inputs[f"saes/{spec.sae}"] = provisioned_content_hash(layout.sae_dir(spec.sae))
     known = {key: value for key, value in sorted(inputs.items()) if value is not None}
-    result = run_capture(pipe, layer_name, reducers, prompts, root, layout.data_root,
+    result = run_capture(model, layer_name, reducers, prompts, root, layout.data_root,
                          config, variant_info=info, model_version=config_hash(inputs) if known else "", log=log,
                          stop_after_batches=stop_after_batches, lock_wait=lock_wait, lock_owner=lock_owner)
     result.summary["inputs"] = known

@@ -131,20 +131,20 @@ def as_basis(value: Basis | Any | None, layer_width: int) -> Basis:
     return TopKSaeBasis(value)
 
 
-def load_basis(project: Any, layout: Any, variant: str, pipe: Any, device: torch.device | str) -> Basis:
-    """The basis of ``variant`` for the loaded ``pipe``: its SAE (SAeUron folder under ``layout.sae_dir``)
+def load_basis(project: Any, layout: Any, variant: str, model: Any, device: torch.device | str) -> Basis:
+    """The basis of ``variant`` for the loaded ``model`` (a :class:`~ddr_core.families.ModelFamily` or pipeline): its SAE (SAeUron folder under ``layout.sae_dir``)
     checked against the layer's width, or the layer's raw channels; and its declared ``width`` checked.
 
     Raises:
         ValueError: the declared width differs from the model / SAE (the message gives the fix).
         ddr_core.sae.SaeFormatError: a missing or broken SAE, or ``d_in`` not matching the layer.
     """
-    from ddr_core.pipeline import layer_width
+    from ddr_core.families import as_model
     from ddr_core.sae import find_sae_folder, load_sae
 
     spec = project.variants[variant]
     layer_name = project.layer_of(variant)
-    width = layer_width(pipe.unet, layer_name)
+    width = as_model(model).layer_width(layer_name)
     if spec.basis == "sae":
         folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
         basis: Basis = TopKSaeBasis(load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))

@@ -36,18 +36,10 @@ LogFn = Callable[[str], None]
 
 
 def _build_builtin(builder: str, out_dir: Path) -> None:
-    """Build an embedded asset into ``out_dir`` (deterministic, seeded)."""
-    from ddr_core import tiny_model
+    """Build an embedded asset into ``out_dir`` (deterministic, seeded; see :mod:`ddr_core.builtins`)."""
+    from ddr_core.builtins import builtin_builder
 
-    if builder == "tiny":
-        tiny_model.build_tiny_pipeline(out_dir)
-    elif builder == "tiny-sae":
-        tiny_model.build_tiny_sae(out_dir)
-    elif builder == "tiny-prompts":
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tiny_model.write_builtin_prompts(out_dir / "prompts.jsonl")
-    else:  # guarded by the config schema
-        raise ValueError(f"unknown builtin {builder!r}")
+    builtin_builder(builder)(out_dir)
 
 
 def _read_marker(path: Path) -> object:

@@ -126,10 +126,17 @@ class SourceConfig(_Strict):
     ``ddr_core``), whatever the working directory; ``~`` is expanded.
     """
 
-    builtin: Literal["tiny", "tiny-sae", "tiny-prompts"] | None = None
+    builtin: str | None = Field(None, description="an embedded asset built locally (ddr_core.builtins.BUILTINS)")
     hub: HubSourceConfig | None = None
     gdrive: GoogleDriveSourceConfig | None = None
     local: str | None = None
+
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        from ddr_core.builtins import check_builtin
+
+        return None if value is None else check_builtin(value)
 
     @field_validator("local")
     @classmethod

@@ -74,6 +74,7 @@ from ddr_core.channel_store import (  # noqa: F401 - channel_dir, timestep_dir_n
 )
 from ddr_core.channel_store import finished_channels as store_finished_channels
 from ddr_core.config import config_hash
+from ddr_core.hooks import HookPoint
 from ddr_core.locks import claim_channels, format_channels, partition_lock, stage_locks_dir
 from ddr_core.priors import check_channels
 from ddr_core.regularisation import (
@@ -303,15 +304,6 @@ def element_seed(random_seed: int, channel: int, timestep: int, seed: int, draw:
     return int(state.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
-def empty_prompt_embedding(pipe: Any) -> torch.Tensor:
-    """The text conditioning of the empty prompt, ``(1, tokens, dim)`` on the UNet's device and dtype."""
-    with torch.no_grad():
-        embeds, _ = pipe.encode_prompt(
-            prompt="", device=pipe.unet.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-    return embeds.to(device=pipe.unet.device, dtype=pipe.unet.dtype)
-
-
 def _resolve_generators(generator: Any, batch: int) -> list[torch.Generator]:
     if isinstance(generator, Sequence) and not isinstance(generator, str):
         if len(generator) != batch:
@@ -322,11 +314,10 @@ def _resolve_generators(generator: Any, batch: int) -> list[torch.Generator]:
     return element_generators(seeds)
 
 
-def _check_timesteps(timesteps: torch.Tensor, batch: int, scheduler: Any) -> torch.Tensor:
+def _check_timesteps(timesteps: torch.Tensor, batch: int, total: int) -> torch.Tensor:
     timesteps = torch.as_tensor(timesteps, dtype=torch.long).flatten()
     if timesteps.numel() != batch:
         raise ValueError(f"timesteps must be (batch,) = ({batch},), got {tuple(timesteps.shape)}")
-    total = int(getattr(scheduler.config, "num_train_timesteps", 1000))
     if batch and (int(timesteps.min()) < 0 or int(timesteps.max()) >= total):
         raise ValueError(f"timesteps must lie in [0, {total}) (the scheduler's train timesteps), got "
                          f"{sorted(set(timesteps.tolist()))}")
@@ -335,7 +326,7 @@ def _check_timesteps(timesteps: torch.Tensor, batch: int, scheduler: Any) -> tor
 
 def optimise_dreams(
     pipe: Any,
-    layer: nn.Module | str,
+    layer: HookPoint | nn.Module | str,
     objective: DreamObjective,
     init_latents: torch.Tensor,
     timesteps: torch.Tensor | Sequence[int],
@@ -346,8 +337,8 @@ def optimise_dreams(
     """Optimise ``B`` dream latents at once (see the module docstring for one step).
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (UNet, scheduler, text encoder used).
-        layer: the target layer module of ``pipe.unet`` or its dotted name.
+        pipe: a :class:`~ddr_core.families.ModelFamily` or a loaded diffusers pipeline.
+        layer: the target hook point (:meth:`~ddr_core.families.ModelFamily.hook_point`), layer module or dotted name.
         objective: what each element maximises (``len(objective) == B``).
         init_latents: ``(B, 4, h, w)`` starting latents (e.g. priors).
         timesteps: ``(B,)`` integer timestep per element.
@@ -360,24 +351,23 @@ def optimise_dreams(
     Returns:
         A :class:`DreamBatchResult`.
     """
-    from ddr_core.hooks import forward_to_layer
-    from ddr_core.pipeline import resolve_layer
+    from ddr_core.families import as_model
 
     start = time.monotonic()
-    unet = pipe.unet
-    layer_module = resolve_layer(unet, layer) if isinstance(layer, str) else layer
+    model = as_model(pipe)
+    layer_module = model.hook_point(layer) if isinstance(layer, str) else layer
     if init_latents.ndim != 4:
         raise ValueError(f"init_latents must be (batch, channels, height, width), got {tuple(init_latents.shape)}")
     batch = init_latents.shape[0]
     if len(objective) != batch:
         raise ValueError(f"objective has {len(objective)} elements but init_latents has {batch}")
-    timesteps = _check_timesteps(timesteps, batch, pipe.scheduler)
+    timesteps = _check_timesteps(timesteps, batch, model.num_train_timesteps)
     generators = _resolve_generators(generator, batch)
     every = config.snapshot_every if snapshot_every is None else snapshot_every
-    device = unet.device
-    unet_dtype = unet.dtype
+    device = model.device
+    model_dtype = model.dtype
     augmentation = config.augmentation()
-    context = empty_prompt_embedding(pipe)
+    context = model.encode_prompt("")
     timesteps_device = timesteps.to(device)
 
     latents = init_latents.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
@@ -405,10 +395,9 @@ def optimise_dreams(
         augmented = augmentation(current, element_gens)
         if config.see_through_schedule_noise:
             noise = torch.cat([torch.randn((1, *current.shape[1:]), generator=g) for g in element_gens])
-            augmented = pipe.scheduler.add_noise(augmented, noise.to(device), timesteps_device[rows_device])
-        output = forward_to_layer(
-            unet, layer_module, augmented.to(unet_dtype), timesteps_device[rows_device],
-            context.expand(rows.numel(), -1, -1),
+            augmented = model.add_noise(augmented, noise.to(device), timesteps_device[rows_device])
+        output = model.forward_to_layer(
+            layer_module, augmented.to(model_dtype), timesteps_device[rows_device], context.expand(rows.numel()),
         )
         activation = objective.activations(output, rows)
         tv = total_variation(current)
@@ -472,7 +461,7 @@ def optimise_dreams(
 @torch.no_grad()
 def measure_activations(
     pipe: Any,
-    layer: nn.Module | str,
+    layer: HookPoint | nn.Module | str,
     objective: DreamObjective,
     latents: torch.Tensor,
     timesteps: torch.Tensor | Sequence[int],
@@ -489,23 +478,22 @@ def measure_activations(
     Returns:
         ``(B,)`` float64 CPU; NaN where the latent is not finite.
     """
-    from ddr_core.hooks import forward_to_layer
-    from ddr_core.pipeline import resolve_layer
+    from ddr_core.families import as_model
 
-    unet = pipe.unet
-    layer_module = resolve_layer(unet, layer) if isinstance(layer, str) else layer
+    model = as_model(pipe)
+    layer_module = model.hook_point(layer) if isinstance(layer, str) else layer
     batch = latents.shape[0]
-    timesteps = _check_timesteps(timesteps, batch, pipe.scheduler).to(unet.device)
-    context = empty_prompt_embedding(pipe).expand(batch, -1, -1)
-    clean = latents.to(device=unet.device, dtype=torch.float32)
+    timesteps = _check_timesteps(timesteps, batch, model.num_train_timesteps).to(model.device)
+    context = model.encode_prompt("").expand(batch)
+    clean = latents.to(device=model.device, dtype=torch.float32)
     draws = noise_generators if noise_generators else [None]
     total = torch.zeros(batch, dtype=torch.float64)
     for generators in draws:
         sample = clean
         if generators is not None:
             noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g) for g in generators])
-            sample = pipe.scheduler.add_noise(clean, noise.to(unet.device), timesteps)
-        output = forward_to_layer(unet, layer_module, sample.to(unet.dtype), timesteps, context)
+            sample = model.add_noise(clean, noise.to(model.device), timesteps)
+        output = model.forward_to_layer(layer_module, sample.to(model.dtype), timesteps, context)
         total += objective.activations(output).double().cpu()
     return total / len(draws)
 
@@ -597,15 +585,6 @@ def load_prior_latents(priors_dir: str | Path, channel: int, n_results: int) -> 
     return latents, seeds
 
 
-def noise_latents(pipe: Any, seeds: Sequence[int]) -> torch.Tensor:
-    """Seeded standard-normal start latents ``(n, in_channels, sample_size, sample_size)`` float32 CPU."""
-    config = pipe.unet.config
-    size = config.sample_size
-    height, width = (size, size) if isinstance(size, int) else tuple(size)
-    shape = (1, config.in_channels, height, width)
-    return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage over channels
 # --------------------------------------------------------------------------------------------------
@@ -650,22 +629,6 @@ def finished_channels(out_dir: str | Path) -> set[int]:
     return store_finished_channels(out_dir, DREAM_FILE)
 
 
-@torch.no_grad()
-def decode_images(pipe: Any, latents: torch.Tensor, batch_size: int = 8) -> list[Any]:
-    """VAE-decode latents ``(n, 4, h, w)`` to PIL images (``(x + 1) / 2`` clamped, like the pipeline)."""
-    from PIL import Image
-
-    vae = pipe.vae
-    images = []
-    for chunk in latents.split(batch_size):
-        chunk = torch.nan_to_num(chunk.float(), nan=0.0, posinf=0.0, neginf=0.0)
-        decoded = vae.decode((chunk / vae.config.scaling_factor).to(device=vae.device, dtype=vae.dtype)).sample
-        pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        for array in pixels.permute(0, 2, 3, 1).cpu().numpy():
-            images.append(Image.fromarray(array))
-    return images
-
-
 def _relative(path: Path, root: Path) -> str:
     from ddr_core.paths import UnsafePathError, relative_to_data_root
 
@@ -680,7 +643,7 @@ def _json_float(value: float) -> float | None:
 
 
 def _write_channel(
-    pipe: Any,
+    model: Any,
     out_dir: Path,
     plan: ChannelPlan,
     results: dict[tuple[int, int], dict[str, Any]],
@@ -706,7 +669,7 @@ def _write_channel(
                 },
                 str(folder / "latents.safetensors"),
             )
-            for seed, image in zip(plan.seeds, decode_images(pipe, final, config.batch_size), strict=True):
+            for seed, image in zip(plan.seeds, model.decode(final, config.batch_size), strict=True):
                 image.save(folder / f"seed_{seed}.png", format="PNG")
             snapshot_latents, snapshot_names = [], []
             for seed, result in zip(plan.seeds, element_results, strict=True):
@@ -714,7 +677,7 @@ def _write_channel(
                     snapshot_latents.append(latent)
                     snapshot_names.append(f"seed_{seed}_step_{step:04d}.png")
             if snapshot_latents:
-                images = decode_images(pipe, torch.stack(snapshot_latents), config.batch_size)
+                images = model.decode(torch.stack(snapshot_latents), config.batch_size)
                 for name, image in zip(snapshot_names, images, strict=True):
                     image.save(folder / "steps" / name, format="PNG")
             rows: dict[str, list] = {"seed": [], "step": [], **{name: [] for name in STAT_NAMES}}
@@ -769,7 +732,7 @@ def _remove_channel_leftovers(out_dir: Path, channel: int) -> None:
 
 
 def check_dream_inputs(
-    pipe: Any,
+    model: Any,
     stats_dir: str | Path | None,
     priors_dir: str | Path | None,
     channels: Sequence[int],
@@ -778,6 +741,7 @@ def check_dream_inputs(
     """Check what a dream run reads, before anything is optimised or written.
 
     Args:
+        model: the loaded :class:`~ddr_core.families.ModelFamily` (its train timesteps bound integer timesteps).
         stats_dir: the timestep statistics folder (its tables are needed by timestep keywords).
         priors_dir: the priors folder when dreams start from priors, else ``None``.
         channels: the channels still to dream (each needs a finished prior when ``priors_dir`` is set).
@@ -787,7 +751,7 @@ def check_dream_inputs(
         FileNotFoundError: a keyword's statistics table is missing, or channels have no finished prior
             (``prior.json``); the message names the fix.
     """
-    total = int(getattr(pipe.scheduler.config, "num_train_timesteps", 1000))
+    total = model.num_train_timesteps
     too_late = [t for t in config.timesteps if isinstance(t, int) and not 0 <= t < total]
     if too_late:
         raise ValueError(f"timesteps {too_late} lie outside the scheduler's train timesteps 0..{total - 1}; "
@@ -830,7 +794,8 @@ def run_dreams(
     when all its elements are done. Channels already holding ``dream.json`` are skipped.
 
     Args:
-        pipe: loaded pipeline (its UNet dtype is used for the forward pass).
+        pipe: a :class:`~ddr_core.families.ModelFamily` or a loaded diffusers pipeline (its denoiser's dtype is
+            used for the forward pass).
         basis: the variant's :class:`~ddr_core.basis.Basis` (an SAE or ``None`` for raw channels are
             taken as their basis); ``channels`` are its units.
         layer_name: dotted name of the target layer.
@@ -851,16 +816,17 @@ def run_dreams(
             unfinished channels without a finished prior; nothing is written then.
         ChannelsLockedError: another live run is writing some of ``channels``.
     """
+    from ddr_core.families import as_model
     from ddr_core.paths import check_output_folder
-    from ddr_core.pipeline import layer_width, resolve_layer
     from ddr_core.progress import Progress
 
     start = time.monotonic()
     out = check_output_folder(Path(out_dir), data_root, "dreams folder")  # not through a link
     root = Path(data_root) if data_root is not None else out
     batch_size = batch_size or config.batch_size
-    layer = resolve_layer(pipe.unet, layer_name)
-    basis = as_basis(basis, layer_width(pipe.unet, layer_name))
+    model = as_model(pipe)
+    layer = model.hook_point(layer_name)
+    basis = as_basis(basis, model.layer_width(layer_name))
     channels = sorted({int(c) for c in channels})
     basis.check_units(channels)
     use_prior = config.use_prior and priors_dir is not None
@@ -868,7 +834,7 @@ def run_dreams(
         log("dreams: no priors folder given; starting from seeded noise")
     info = {"basis": basis.kind, "layer": layer_name, "use_prior": use_prior}
     # Everything that can be checked is checked before anything is written.
-    check_dream_inputs(pipe, stats_dir, priors_dir if use_prior else None,
+    check_dream_inputs(model, stats_dir, priors_dir if use_prior else None,
                        [c for c in channels if c not in finished_channels(out)], config)
 
     with claim_channels(out, channels, wait=lock_wait,
@@ -909,7 +875,7 @@ def run_dreams(
                     latents, seeds = load_prior_latents(priors_dir, channel, config.n_results)
                 else:
                     seeds = list(config.seeds[: config.n_results])
-                    latents = noise_latents(pipe, seeds)
+                    latents = model.initial_latents(seeds, *model.default_size)
                 yield ChannelPlan(channel, timesteps, seeds, latents)
 
         pending: dict[int, tuple[ChannelPlan, dict[tuple[int, int], dict[str, Any]]]] = {}
@@ -938,7 +904,7 @@ def run_dreams(
                 generators = element_generators(
                     [element_seed(config.random_seed, p.channel, t, s) for p, t, s, _ in batch]
                 )
-                batch_result = optimise_dreams(pipe, layer, objective, init, timesteps, config, generators)
+                batch_result = optimise_dreams(model, layer, objective, init, timesteps, config, generators)
                 final_activation = batch_result.final_activation
                 last_step = config.num_steps
                 for position, (plan, timestep, seed, _) in enumerate(batch):
@@ -963,7 +929,7 @@ def run_dreams(
                     plan, results = pending[channel]
                     if len(results) < plan.n_elements:
                         continue
-                    failures = _write_channel(pipe, out, plan, results, config, root, info)
+                    failures = _write_channel(model, out, plan, results, config, root, info)
                     result.failures.extend(failures)
                     result.channels_done.append(channel)
                     del pending[channel]
@@ -1052,20 +1018,21 @@ def measure_dream_quality(
     Returns:
         The rows of ``channels`` (columns of :data:`QUALITY_SCHEMA`).
     """
-    from ddr_core.pipeline import layer_width
+    from ddr_core.families import as_model
 
+    model = as_model(pipe)
     dreams_dir = Path(dreams_dir)
-    basis = as_basis(basis, layer_width(pipe.unet, layer_name))
+    basis = as_basis(basis, model.layer_width(layer_name))
     with partition_lock(stage_locks_dir(dreams_dir) / QUALITY_LOCK_FILE, wait=True, owner=f"dream quality {dreams_dir.name}"):
         for leftover in [*dreams_dir.glob(f".{QUALITY_FILE}{TEMP_MARKER}*"),
                          *dreams_dir.glob(f"channel_*/.{QUALITY_FILE}{TEMP_MARKER}*")]:
             leftover.unlink(missing_ok=True)  # a measurement killed mid-write (all writers hold this lock)
-        return _measure_dream_quality_locked(pipe, basis, layer_name, dreams_dir, stats_dir, config, channels,
+        return _measure_dream_quality_locked(model, basis, layer_name, dreams_dir, stats_dir, config, channels,
                                              batch_size, reuse)
 
 
 def _measure_dream_quality_locked(
-    pipe: Any,
+    model: Any,
     basis: Basis,
     layer_name: str,
     dreams_dir: Path,
@@ -1075,9 +1042,7 @@ def _measure_dream_quality_locked(
     batch_size: int | None,
     reuse: bool,
 ) -> pl.DataFrame:
-    from ddr_core.pipeline import resolve_layer
-
-    layer = resolve_layer(pipe.unet, layer_name)
+    layer = model.hook_point(layer_name)
     batch_size = batch_size or config.batch_size
     finished = finished_channels(dreams_dir)
     wanted = sorted(finished if channels is None else finished & {int(c) for c in channels})
@@ -1122,7 +1087,7 @@ def _measure_dream_quality_locked(
                     for d in range(config.quality_noise_draws)
                 ]
             values = measure_activations(
-                pipe, layer, objective, torch.stack(source[first: first + batch_size]), timesteps, draws
+                model, layer, objective, torch.stack(source[first: first + batch_size]), timesteps, draws
             )
             sink.extend(values.tolist())
 
@@ -1212,7 +1177,7 @@ def dreams_for_variant(
             the variant's capture (its statistics describe the old ones).
     """
     from ddr_core.basis import check_weights_match_capture, load_basis
-    from ddr_core.pipeline import load_pipeline
+    from ddr_core.families import load_model
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -1248,13 +1213,13 @@ def dreams_for_variant(
             )
     check_weights_match_capture(project, layout, variant)
     layout.check_output_folder(out_dir, "dreams folder")  # before the model loads
-    pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
-    basis = load_basis(project, layout, variant, pipe, device)
+    model = load_model(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
+    basis = load_basis(project, layout, variant, model, device)
     result = run_dreams(
-        pipe, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
+        model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
         lock_wait=lock_wait, lock_owner=lock_owner,
     )
-    result.quality = measure_dream_quality(pipe, basis, layer_name, out_dir, stats_dir, config, channels=selected)
+    result.quality = measure_dream_quality(model, basis, layer_name, out_dir, stats_dir, config, channels=selected)
     result.quality_path = out_dir / QUALITY_FILE
     return result

@@ -59,6 +59,46 @@ def replace_layer_output(output: Any, tensor: torch.Tensor) -> Any:
     )
 
 
+def _read_output(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+    return layer_output_tensor(output)
+
+
+def _write_output(args: tuple, kwargs: dict, output: Any, tensor: torch.Tensor) -> Any:
+    return replace_layer_output(output, tensor)
+
+
+@dataclass(frozen=True)
+class HookPoint:
+    """A named activation inside the denoiser: the module whose call carries it, and how it is read from and
+    written back into that call (TransformerLens' hook points, as a value).
+
+    ``read(args, kwargs, output)`` returns the activation ``(B, C, H, W)`` or ``(B, N, C)``;
+    ``write(args, kwargs, output, tensor)`` returns the module output with the activation replaced by ``tensor``.
+    The default reads and writes the module's output tensor (:func:`layer_output_tensor`); a family whose block
+    returns several streams (a DiT block's text and image tokens) or a residual update (output minus input)
+    gives its own pair (:meth:`ddr_core.families.ModelFamily.hook_point`).
+    """
+
+    name: str
+    module: nn.Module
+    read: Callable[[tuple, dict, Any], torch.Tensor] = _read_output
+    write: Callable[[tuple, dict, Any, torch.Tensor], Any] = _write_output
+
+    def register(self, hook: Callable[[tuple, dict, Any], Any]) -> torch.utils.hooks.RemovableHandle:
+        """Register ``hook(args, kwargs, output)`` as a forward hook of :attr:`module` (its return, if not
+        ``None``, replaces the output); the caller removes the handle."""
+        return self.module.register_forward_hook(
+            lambda module, args, kwargs, output: hook(args, kwargs, output), with_kwargs=True
+        )
+
+
+def as_hook_point(layer: nn.Module | HookPoint) -> HookPoint:
+    """``layer`` as a :class:`HookPoint` (a bare module: its output tensor)."""
+    if isinstance(layer, HookPoint):
+        return layer
+    return HookPoint(type(layer).__name__, layer)
+
+
 def activation_tokens(activation: torch.Tensor) -> torch.Tensor:
     """Per-position tokens ``(batch, positions, channels)`` from ``(batch, channels, height, width)``
     (positions in row-major order) or an already token-shaped ``(batch, positions, channels)``."""
@@ -186,7 +226,7 @@ class ActivationRecording:
 
 @contextmanager
 def capture_activations(
-    layer: nn.Module,
+    layer: nn.Module | HookPoint,
     tracker: TimestepTracker,
     reducers: Mapping[str, Reducer],
     cfg: bool,
@@ -195,7 +235,7 @@ def capture_activations(
     """Record reduced activations of ``layer`` at every call (one call per denoising step).
 
     Args:
-        layer: Module whose output is recorded (``(B, C, H, W)``, ``(B, HW, C)``, tuple or BaseOutput).
+        layer: Hook point (or module, whose output is read) recorded (``(B, C, H, W)`` or ``(B, HW, C)``).
         tracker: Active :class:`TimestepTracker` on the UNet (gives each call's timestep).
         reducers: Name -> function from float32 tokens ``(B, N, C)`` to ``(B, F)``
             (e.g. :meth:`ddr_core.basis.Basis.reduce`).
@@ -210,10 +250,12 @@ def capture_activations(
         reducer_names=tuple(reducers), keep_unconditional=keep_unconditional and cfg
     )
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    point = as_hook_point(layer)
+
+    def hook(args: tuple, kwargs: dict, output: Any) -> None:
         timestep = tracker.require_current()
         with torch.no_grad():
-            tokens = activation_tokens(layer_output_tensor(output)).detach().float()
+            tokens = activation_tokens(point.read(args, kwargs, output)).detach().float()
             if cfg:
                 if tokens.shape[0] % 2:
                     raise ValueError(
@@ -229,7 +271,7 @@ def capture_activations(
                     recording._unconditional_steps[name].append(reduce(unconditional_tokens).float().cpu())
         recording.timesteps.append(timestep)
 
-    handle = layer.register_forward_hook(hook)
+    handle = point.register(hook)
     try:
         yield recording
     finally:
@@ -262,7 +304,7 @@ def _strengths_at(strengths: StrengthSchedule, timestep: int, batch: int) -> tor
 
 @contextmanager
 def steer_layer(
-    layer: nn.Module,
+    layer: nn.Module | HookPoint,
     tracker: TimestepTracker,
     directions: torch.Tensor,
     strengths: StrengthSchedule,
@@ -275,7 +317,7 @@ def steer_layer(
     Elements with strength 0 at the current timestep are left bit-identical.
 
     Args:
-        layer: Module to steer; output ``(L, C, H, W)`` or ``(L, HW, C)`` with ``L % B == 0``.
+        layer: Hook point (or module, whose output is steered); ``(L, C, H, W)`` or ``(L, HW, C)``, ``L % B == 0``.
         tracker: Active :class:`TimestepTracker` on the UNet.
         directions: ``(B, C)`` directions (:meth:`ddr_core.basis.Basis.directions`).
         strengths: ``(B, num_train_timesteps)`` table indexed by the current timestep, or a
@@ -290,12 +332,13 @@ def steer_layer(
             f"strengths must be (batch={directions.shape[0]}, num_train_timesteps), got {tuple(strengths.shape)}."
         )
     batch = directions.shape[0]
+    point = as_hook_point(layer)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> Any:
+    def hook(args: tuple, kwargs: dict, output: Any) -> Any:
         values = _strengths_at(strengths, tracker.require_current(), batch)
         if not bool((values != 0).any()):
             return None
-        activation = layer_output_tensor(output)
+        activation = point.read(args, kwargs, output)
         layer_batch = activation.shape[0]
         if layer_batch % batch:
             raise ValueError(
@@ -314,9 +357,9 @@ def steer_layer(
             steered = activation + offsets[:, None, :]
         else:
             raise ValueError(f"Cannot steer a layer output of shape {tuple(activation.shape)}.")
-        return replace_layer_output(output, steered)
+        return point.write(args, kwargs, output, steered)
 
-    handle = layer.register_forward_hook(hook)
+    handle = point.register(hook)
     try:
         yield
     finally:
@@ -329,7 +372,7 @@ def steer_layer(
 
 
 class StopForward(Exception):  # noqa: N818 - control-flow signal, not an error
-    """Raised by :func:`stop_after_layer` to abort a forward pass; ``.output`` is the layer output."""
+    """Raised by :func:`stop_after_layer` to abort a forward pass; ``.output`` is the hook point's activation."""
 
     def __init__(self, output: Any):
         super().__init__("forward stopped after the hooked layer")
@@ -337,13 +380,14 @@ class StopForward(Exception):  # noqa: N818 - control-flow signal, not an error
 
 
 @contextmanager
-def stop_after_layer(layer: nn.Module) -> Iterator[None]:
-    """Make ``layer`` raise :class:`StopForward` carrying its output, skipping the rest of the network."""
+def stop_after_layer(layer: nn.Module | HookPoint) -> Iterator[None]:
+    """Make ``layer`` raise :class:`StopForward` carrying its activation, skipping the rest of the network."""
+    point = as_hook_point(layer)
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
-        raise StopForward(output)
+    def hook(args: tuple, kwargs: dict, output: Any) -> None:
+        raise StopForward(point.read(args, kwargs, output))
 
-    handle = layer.register_forward_hook(hook)
+    handle = point.register(hook)
     try:
         yield
     finally:
@@ -352,7 +396,7 @@ def stop_after_layer(layer: nn.Module) -> Iterator[None]:
 
 def forward_to_layer(
     unet: nn.Module,
-    layer: nn.Module,
+    layer: nn.Module | HookPoint,
     sample: torch.Tensor,
     timestep: torch.Tensor | int,
     encoder_hidden_states: torch.Tensor,
@@ -366,5 +410,5 @@ def forward_to_layer(
         try:
             unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
         except StopForward as stop:
-            return layer_output_tensor(stop.output)
+            return stop.output
     raise RuntimeError("forward_to_layer: the UNet forward pass never called the requested layer.")

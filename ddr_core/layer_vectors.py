@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ddr_core.atomic import atomic_path
-from ddr_core.hooks import TimestepTracker, activation_tokens, layer_output_tensor
+from ddr_core.hooks import HookPoint, TimestepTracker, activation_tokens, as_hook_point
 from ddr_core.tensor_files import canonical_metadata, read_metadata
 
 VECTORS_DIRNAME = "sae_vectors"
@@ -104,7 +104,7 @@ def _position_draw(seed: int, generation_id: int, step: int, half: int, n_positi
 
 @contextmanager
 def collect_layer_vectors(
-    layer: nn.Module,
+    layer: nn.Module | HookPoint,
     tracker: TimestepTracker,
     cfg: bool,
     sampling: VectorSamplingConfig | None = None,
@@ -113,7 +113,7 @@ def collect_layer_vectors(
     """Keep the per-position channel vectors of ``layer`` at every call of a generation.
 
     Args:
-        layer: module whose output ``(B, C, H, W)`` (or ``(B, HW, C)``, tuple, BaseOutput) is read.
+        layer: hook point (or module whose output is read): ``(B, C, H, W)`` or ``(B, HW, C)``.
         tracker: active :class:`~ddr_core.hooks.TimestepTracker` on the UNet.
         cfg: whether the layer's batch is ``[unconditional; conditional]`` (guidance on).
         sampling: what to keep (default: everything).
@@ -127,14 +127,16 @@ def collect_layer_vectors(
     recorded = LayerVectors(sampling=sampling)
     store_dtype = sampling.torch_dtype()
 
-    def hook(module: nn.Module, args: tuple, output: Any) -> None:
+    point = as_hook_point(layer)
+
+    def hook(args: tuple, kwargs: dict, output: Any) -> None:
         step = recorded.calls
         recorded.calls += 1
         if step % sampling.every_n_timesteps:
             return
         timestep = tracker.require_current()
         with torch.no_grad():
-            tokens = activation_tokens(layer_output_tensor(output)).detach()  # (L, N, C)
+            tokens = activation_tokens(point.read(args, kwargs, output)).detach()  # (L, N, C)
             if cfg:
                 if tokens.shape[0] % 2:
                     raise ValueError(f"collect_layer_vectors(cfg=True) got an odd layer batch of {tokens.shape[0]}; "
@@ -165,7 +167,7 @@ def collect_layer_vectors(
                     recorded._parts["positions"].append(positions.to(torch.int32))
                     recorded._parts["steps"].append(torch.full((keep,), step, dtype=torch.int32))
 
-    handle = layer.register_forward_hook(hook)
+    handle = point.register(hook)
     try:
         yield recorded
     finally:
@@ -173,7 +175,7 @@ def collect_layer_vectors(
 
 
 def maybe_collect_layer_vectors(
-    layer: nn.Module,
+    layer: nn.Module | HookPoint,
     tracker: TimestepTracker,
     cfg: bool,
     sampling: VectorSamplingConfig | None,

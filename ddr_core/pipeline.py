@@ -11,8 +11,8 @@ from __future__ import annotations
 import difflib
 import json
 import struct
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,11 +99,11 @@ def _check_json_object(path: Path, what: str) -> None:
         )
 
 
-def check_model_folder(model_dir: str | Path) -> Path:
-    """Check that ``model_dir`` is a complete diffusers SD folder with intact safetensors weights.
+def check_model_index(model_dir: str | Path) -> dict:
+    """The folder's ``model_index.json`` as a dict, after checking the folder exists and the file is a JSON object.
 
     Raises:
-        ModelFolderError: naming the missing component folder / file or the corrupt weights file.
+        ModelFolderError: naming the missing folder / file or the malformed index, with the fix.
     """
     root = Path(model_dir)
     if not root.is_dir():
@@ -111,6 +111,17 @@ def check_model_folder(model_dir: str | Path) -> Path:
     if not (root / "model_index.json").is_file():
         raise ModelFolderError(f"Model folder {root} has no model_index.json. {_REPROVISION_HINT}")
     _check_json_object(root / "model_index.json", "Model index")
+    return json.loads((root / "model_index.json").read_text(encoding="utf-8"))
+
+
+def check_model_folder(model_dir: str | Path) -> Path:
+    """Check that ``model_dir`` is a complete diffusers SD folder with intact safetensors weights.
+
+    Raises:
+        ModelFolderError: naming the missing component folder / file or the corrupt weights file.
+    """
+    root = Path(model_dir)
+    check_model_index(root)
     for component, required_files in REQUIRED_COMPONENTS.items():
         folder = root / component
         if not folder.is_dir():
@@ -169,13 +180,45 @@ def check_provisioned_model(model_dir: str | Path) -> str | None:
         raise ModelFolderError(str(error)) from None
 
 
+def reprovision_hint() -> str:
+    """The fix for a broken model folder (used in every :class:`ModelFolderError`)."""
+    return _REPROVISION_HINT
+
+
+def load_diffusers_folder(pipeline_class: Any, root: Path, device: str | torch.device, dtype: torch.dtype,
+                          **components: Any) -> Any:
+    """``pipeline_class.from_pretrained(root)`` offline, safetensors only, progress bar off, every module in eval
+    mode on ``device`` with ``dtype`` (``components``: extra keyword arguments, e.g. ``safety_checker=None``).
+
+    Raises:
+        ModelFolderError: diffusers / transformers could not load the folder (the cause is kept).
+    """
+    from diffusers.pipelines import pipeline_utils
+
+    # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns).
+    dtype_keyword = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+    try:
+        pipe = pipeline_class.from_pretrained(
+            root, **{dtype_keyword: dtype}, local_files_only=True, low_cpu_mem_usage=False, use_safetensors=True,
+            **components,
+        )
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelFolderError(
+            f"Could not load the pipeline from {root}: {error}. {_REPROVISION_HINT}"
+        ) from error
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    for module in pipe.components.values():
+        if isinstance(module, nn.Module):
+            module.eval()
+    return pipe
+
+
 def load_pipeline(
     model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ):
-    """Load a local diffusers ``StableDiffusionPipeline`` (offline, safetensors only).
-
-    No safety checker and no feature extractor are loaded; the progress bar is disabled; all
-    modules are in eval mode on ``device`` with ``dtype``.
+    """The diffusers pipeline of a local model folder of any supported family (offline, safetensors only):
+    ``load_model(...).pipe`` (see :func:`ddr_core.families.load_model`).
 
     A provisioned folder is first checked against its manifest (:func:`check_provisioned_model`): a weights
     or config file changed, missing or added since provisioning is an error naming it and the command that
@@ -185,33 +228,9 @@ def load_pipeline(
         ModelFolderError: for a missing component folder/file, a truncated/corrupt weights file, or a folder
             that no longer matches its provisioning manifest.
     """
-    from diffusers import StableDiffusionPipeline
-    from diffusers.pipelines import pipeline_utils
+    from ddr_core.families import load_model
 
-    check_provisioned_model(model_dir)
-    root = check_model_folder(model_dir)
-    # diffusers >= 0.36 renamed torch_dtype to dtype (the old name warns).
-    dtype_keyword = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            root,
-            **{dtype_keyword: dtype},
-            local_files_only=True,
-            low_cpu_mem_usage=False,
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ModelFolderError(
-            f"Could not load the pipeline from {root}: {error}. {_REPROVISION_HINT}"
-        ) from error
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
-        module.eval()
-    return pipe
+    return load_model(model_dir, device=device, dtype=dtype).pipe
 
 
 def resolve_layer(root_module: nn.Module, dotted_name: str) -> nn.Module:
@@ -233,55 +252,3 @@ def resolve_layer(root_module: nn.Module, dotted_name: str) -> nn.Module:
         f"Layer {dotted_name!r} does not exist in {type(root_module).__name__}.{hint} "
         "Use a dotted name from named_modules(), e.g. 'up_blocks.1.attentions.1'."
     )
-
-
-def _probe_inputs(unet: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = unet.config
-    parameter = next(unet.parameters())
-    side = 2 ** max(len(config.down_block_types) - 1, 0)
-    sample = torch.zeros(1, config.in_channels, side, side, device=parameter.device, dtype=parameter.dtype)
-    cross_dim = config.cross_attention_dim
-    cross_dim = cross_dim[0] if isinstance(cross_dim, list | tuple) else cross_dim
-    context = torch.zeros(1, 1, cross_dim, device=parameter.device, dtype=parameter.dtype)
-    timestep = torch.tensor([0], device=parameter.device)
-    return sample, timestep, context
-
-
-def layer_width(unet: nn.Module, layer_name: str) -> int:
-    """Channels of ``layer_name``'s output, from a probe forward on a minimal input.
-
-    The probe uses a ``2**(levels-1)``-pixel latent, so it costs a fraction of a real step.
-    """
-    from ddr_core.hooks import forward_to_layer
-
-    layer = resolve_layer(unet, layer_name)
-    sample, timestep, context = _probe_inputs(unet)
-    with torch.no_grad():
-        output = forward_to_layer(unet, layer, sample, timestep, context)
-    return int(output.shape[1])
-
-
-def initial_latents(
-    pipe,
-    seeds: Sequence[int],
-    height: int,
-    width: int,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Initial noise ``(batch, latent_channels, height // s, width // s)`` with ``s`` the VAE scale factor.
-
-    Each row comes from its own CPU ``torch.Generator`` seeded with ``seeds[i]``, so an image depends
-    only on its seed (and prompt), never on the batch it was generated in or on the device. Pass the
-    result as ``pipe(..., latents=...)``; the pipeline multiplies by ``scheduler.init_noise_sigma``.
-    """
-    scale = pipe.vae_scale_factor
-    if height % scale or width % scale:
-        raise ValueError(
-            f"height and width must be multiples of the VAE scale factor {scale}, got {height}x{width}."
-        )
-    shape = (1, pipe.unet.config.in_channels, height // scale, width // scale)
-    rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds]
-    if not rows:
-        raise ValueError("initial_latents needs at least one seed.")
-    return torch.cat(rows).to(device=device, dtype=dtype)

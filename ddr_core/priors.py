@@ -286,18 +286,6 @@ def steering_schedule(
 # --------------------------------------------------------------------------------------------------
 
 
-def scheduler_timesteps(pipe: Any, num_inference_steps: int) -> list[int]:
-    """The generation's scheduler timesteps (denoising order), from a copy of the pipe's scheduler."""
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    scheduler.set_timesteps(num_inference_steps)
-    return [int(t) for t in scheduler.timesteps.tolist()]
-
-
-def _default_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
-    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
-    return (height or side, width or side)
-
-
 def generate_priors(
     pipe: Any,
     layer_name: str,
@@ -320,23 +308,23 @@ def generate_priors(
     not on which batch it ran in (up to float rounding of batched kernels).
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
-        layer_name: dotted UNet module name to steer.
+        pipe: a :class:`~ddr_core.families.ModelFamily` or a loaded diffusers pipeline (on its device and dtype).
+        layer_name: dotted denoiser module name to steer.
         directions: ``(n_channels, layer_channels)`` steering directions (one-hot rows for raw
             channels, SAE decoder rows for features).
         schedule: ``(n_channels, num_train_timesteps)`` strengths (:func:`steering_schedule`).
         seeds: the seeds, one image per seed and channel.
         num_inference_steps: denoising steps.
         batch_size: generations per pipeline call.
-        height, width: image size; default the model's (``sample_size * vae_scale_factor``).
+        height, width: image size; default the model's (:attr:`~ddr_core.families.ModelFamily.default_size`).
         on_batch: called with the number of generations after each batch (progress).
 
     Returns:
         ``(latents, images)``: final denoised latents ``(n_channels, n_seeds, latent_channels, h, w)``
         float32 on CPU, and ``images[channel_row][seed_index]`` PIL images.
     """
-    from ddr_core.hooks import TimestepTracker, steer_layer
-    from ddr_core.pipeline import initial_latents, resolve_layer
+    from ddr_core.families import as_model
+    from ddr_core.hooks import steer_layer
 
     if directions.ndim != 2 or schedule.ndim != 2 or directions.shape[0] != schedule.shape[0]:
         raise ValueError(
@@ -348,38 +336,32 @@ def generate_priors(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("generate_priors needs at least one seed")
+    model = as_model(pipe)
     n_channels, n_seeds = directions.shape[0], len(seeds)
-    height, width = _default_size(pipe, height, width)
-    device = pipe.unet.device
-    layer = resolve_layer(pipe.unet, layer_name)
+    height, width = height or model.default_size[0], width or model.default_size[1]
+    device = model.device
+    layer = model.hook_point(layer_name)
     directions = directions.detach().float().cpu()
     schedule = schedule.detach().float().cpu()
 
-    scale = pipe.vae_scale_factor
-    latents = torch.empty(n_channels, n_seeds, pipe.unet.config.in_channels, height // scale, width // scale)
+    latents = torch.empty(n_channels, n_seeds, *model.latent_shape(height, width))
     images: list[list[Any]] = [[None] * n_seeds for _ in range(n_channels)]
     if n_channels == 0:
         return latents, images
-    with torch.inference_mode():
-        empty_embeds, _ = pipe.encode_prompt(PRIOR_PROMPT, device, 1, False)
+    empty = model.encode_prompt(PRIOR_PROMPT)
     elements = [(row, seed_index) for row in range(n_channels) for seed_index in range(n_seeds)]
     for start in range(0, len(elements), batch_size):
         batch = elements[start:start + batch_size]
         rows = [row for row, _ in batch]
-        noise = initial_latents(pipe, [seeds[s] for _, s in batch], height, width,
-                                dtype=pipe.unet.dtype, device=device)
-        with TimestepTracker(pipe.unet) as tracker, steer_layer(
+        noise = model.initial_latents([seeds[s] for _, s in batch], height, width, dtype=model.dtype, device=device)
+        with model.track_timesteps() as tracker, steer_layer(
             layer, tracker, directions[rows], schedule[rows]
         ), torch.inference_mode():
-            final = pipe(
-                prompt_embeds=empty_embeds.repeat(len(batch), 1, 1), latents=noise, height=height,
-                width=width, num_inference_steps=num_inference_steps,
-                guidance_scale=PRIOR_GUIDANCE_SCALE, output_type="latent",
-            ).images
-            decoded = pipe.vae.decode(final / pipe.vae.config.scaling_factor, return_dict=False)[0]
-            pil_images = pipe.image_processor.postprocess(
-                decoded, output_type="pil", do_denormalize=[True] * len(batch)
+            final = model.generate(
+                conditioning=empty.repeat(len(batch)), latents=noise, height=height, width=width,
+                num_inference_steps=num_inference_steps, guidance_scale=PRIOR_GUIDANCE_SCALE, output_type="latent",
             )
+            pil_images = model.decode(final, batch_size=len(batch))
         final = final.float().cpu()
         for index, (row, seed_index) in enumerate(batch):
             latents[row, seed_index] = final[index]
@@ -484,7 +466,7 @@ def run_priors(
     same ``out_dir`` (other blocks of the variant) run side by side.
 
     Args:
-        pipe: a loaded ``StableDiffusionPipeline`` (on its device and dtype).
+        pipe: a :class:`~ddr_core.families.ModelFamily` or a loaded diffusers pipeline (on its device and dtype).
         basis: the variant's :class:`~ddr_core.basis.Basis` (an SAE, or ``None`` for raw channels, are taken
             as their basis); each unit is steered along :meth:`~ddr_core.basis.Basis.directions`.
         layer_name: dotted UNet module name that is steered (the SAE's layer).
@@ -506,14 +488,15 @@ def run_priors(
     from safetensors.torch import save_file
 
     from ddr_core.basis import TopKSaeBasis, as_basis
-    from ddr_core.pipeline import layer_width
+    from ddr_core.families import as_model
     from ddr_core.progress import Progress
     from ddr_core.tensor_files import canonical_metadata
 
     start = time.monotonic()
     out_dir, stats_dir, data_root = Path(out_dir), Path(stats_dir), Path(data_root).resolve()
     check_output_folder(out_dir, data_root, "priors folder")  # below the data root, not through a link
-    width = layer_width(pipe.unet, layer_name)
+    model = as_model(pipe)
+    width = model.layer_width(layer_name)
     unit_basis = as_basis(basis, width)
     if isinstance(unit_basis, TopKSaeBasis) and unit_basis.sae.d_in != width:
         raise ValueError(f"the SAE reads d_in={unit_basis.sae.d_in} channels but layer {layer_name!r} "
@@ -528,9 +511,9 @@ def run_priors(
                          f"{n_features} channels; they belong to another variant")
 
     scale = config.resolved_scale(basis)
-    height, width_px = _default_size(pipe, config.height, config.width)
-    timesteps = scheduler_timesteps(pipe, config.num_inference_steps)
-    num_train = int(pipe.scheduler.config.num_train_timesteps)
+    height, width_px = config.height or model.default_size[0], config.width or model.default_size[1]
+    timesteps = model.scheduler_timesteps(config.num_inference_steps)
+    num_train = model.num_train_timesteps
     settings = {
         "format": FORMAT, "basis": basis, "layer": layer_name, "prompt": PRIOR_PROMPT,
         "guidance_scale": PRIOR_GUIDANCE_SCALE, "timesteps_mode": config.timesteps,
@@ -602,7 +585,7 @@ def run_priors(
                 group = to_generate[first:first + chunk]
                 rows = [row_of[c] for c in group]
                 latents, images = generate_priors(
-                    pipe, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
+                    model, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
                     num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
                     height=height, width=width_px, on_batch=progress.update,
                 )
@@ -675,7 +658,7 @@ def priors_for_variant(
     """
     from ddr_core.activations import resolve_dtype
     from ddr_core.basis import check_weights_match_capture, load_basis
-    from ddr_core.pipeline import load_pipeline
+    from ddr_core.families import load_model
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -696,7 +679,7 @@ def priors_for_variant(
     check_weights_match_capture(project, layout, variant)
     layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
     device = torch.device(device)
-    pipe = load_pipeline(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
-    return run_priors(pipe, load_basis(project, layout, variant, pipe, device), layer_name, stats_dir, selected, layout.stage_dir("priors", variant),
-                      config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
+    model = load_model(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
+    return run_priors(model, load_basis(project, layout, variant, model, device), layer_name, stats_dir, selected,
+                      layout.stage_dir("priors", variant), config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -277,7 +277,7 @@ def summarise(comparison: pl.DataFrame | None, settings: list[dict[str, Any]]) -
 
 
 class _Models:
-    """The variant's pipeline (one per dtype) and SAE, loaded on first use."""
+    """The variant's model (one per dtype) and basis, loaded on first use."""
 
     def __init__(self, project: Any, layout: Any, variant: str, device: torch.device):
         self.project, self.layout, self.variant, self.device = project, layout, variant, device
@@ -286,14 +286,13 @@ class _Models:
 
     def get(self, dtype_name: str, dtype: torch.dtype) -> tuple[Any, Any]:
         from ddr_core.basis import check_weights_match_capture, load_basis
-        from ddr_core.pipeline import load_pipeline
+        from ddr_core.families import load_model
 
         spec = self.project.variants[self.variant]
         if not self._pipes:
             check_weights_match_capture(self.project, self.layout, self.variant)
         if dtype_name not in self._pipes:
-            self._pipes[dtype_name] = load_pipeline(self.layout.model_dir(spec.model), device=self.device,
-                                                    dtype=dtype)
+            self._pipes[dtype_name] = load_model(self.layout.model_dir(spec.model), device=self.device, dtype=dtype)
         pipe = self._pipes[dtype_name]
         if self._basis is None:
             self._basis = load_basis(self.project, self.layout, self.variant, pipe, self.device)

@@ -233,9 +233,9 @@ def build_tiny_pipeline(out_dir: str | Path, config: TinyModelConfig = TinyModel
 
 def tiny_layer_width(layer_name: str = TINY_TARGET_LAYER, config: TinyModelConfig = TinyModelConfig()) -> int:
     """Output channels of ``layer_name`` in the tiny UNet of ``config`` (probe forward, no files)."""
-    from ddr_core.pipeline import layer_width
+    from ddr_core.families.sd import unet_layer_width
 
-    return layer_width(build_tiny_unet(config), layer_name)
+    return unet_layer_width(build_tiny_unet(config), layer_name)
 
 
 def build_tiny_sae(
@@ -271,6 +271,11 @@ def build_tiny_sae(
 
     folder = Path(out_root) / f"unet.{check_name(layer_name, 'layer')}"
     return Path(save_sae(sae, folder))
+
+
+def build_tiny_prompts(out_dir: str | Path) -> Path:
+    """The builtin prompt dataset folder: ``prompts.jsonl`` (:func:`write_builtin_prompts`) in ``out_dir``."""
+    return write_builtin_prompts(Path(out_dir) / "prompts.jsonl")
 
 
 def write_builtin_prompts(path: str | Path) -> Path:

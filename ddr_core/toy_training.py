@@ -558,15 +558,16 @@ def generate_world_images(
     guidance_rescale: float = 0.0,
 ) -> np.ndarray:
     """Generate one image per (prompt, seed) pair: float ``(batch, H, W, 3)`` in ``[0, 1]``."""
-    from ddr_core.pipeline import initial_latents
+    from ddr_core.families import as_model
 
     if len(prompts) != len(seeds):
         raise ValueError(f"Need one seed per prompt, got {len(prompts)} prompts and {len(seeds)} seeds.")
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    model = as_model(pipe)
+    size = model.default_size[0]
     images = []
     for start in range(0, len(prompts), batch_size):
         chunk_prompts = list(prompts[start : start + batch_size])
-        latents = initial_latents(pipe, seeds[start : start + batch_size], size, size)
+        latents = model.initial_latents(seeds[start : start + batch_size], size, size)
         output = pipe(
             chunk_prompts,
             height=size,

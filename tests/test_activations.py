@@ -12,6 +12,7 @@ import pytest
 from ddr_core.activation_store import ActivationStore
 from ddr_core.activations import CaptureConfig, CapturePlanMismatch, generation_seed, run_capture
 from ddr_core.basis import RawChannels, TopKSaeBasis
+from ddr_core.families import as_model
 from ddr_core.sae import load_sae
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
@@ -109,10 +110,10 @@ def test_a_generation_is_regenerated_exactly_from_its_seed(tiny_pipe, reducers, 
     row = gens.filter(pl.col("generation_id") == 7).to_dicts()[0]
     # alone, in a batch of one, with its recorded seed: same activations as inside its batch
     from ddr_core.hooks import TimestepTracker, capture_activations
-    from ddr_core.pipeline import initial_latents, resolve_layer
+    from ddr_core.pipeline import resolve_layer
 
     layer = resolve_layer(tiny_pipe.unet, TINY_TARGET_LAYER)
-    latents = initial_latents(tiny_pipe, [row["seed"]], 64, 64)
+    latents = as_model(tiny_pipe).initial_latents([row["seed"]], 64, 64)
     with TimestepTracker(tiny_pipe.unet) as tracker, capture_activations(
         layer, tracker, {"raw": RawChannels(None).reduce}, cfg=True
     ) as recording:
@@ -237,12 +238,12 @@ def test_bad_sizes_are_refused_before_anything_is_written(tiny_pipe, reducers, t
         with pytest.raises(ValueError, match=message) as error:
             CaptureConfig(**{field: value})
         assert field in str(error.value)
-    coarse = SimpleNamespace(vae_scale_factor=16, scheduler=SimpleNamespace(config=SimpleNamespace(num_train_timesteps=100)))
+    coarse = SimpleNamespace(vae_scale_factor=16, num_train_timesteps=100)  # what a ModelFamily tells
     with pytest.raises(ValueError, match="height 40 is not a multiple of the model's VAE scale factor 16: use 32 or 48"):
         check_capture_sizes(coarse, 40, 64, 10)
     with pytest.raises(ValueError, match="num_inference_steps 101 exceeds the scheduler's 100 train timesteps"):
         check_capture_sizes(coarse, 64, 64, 101)
-    check_capture_sizes(tiny_pipe, 64, 64, 1000)
+    check_capture_sizes(as_model(tiny_pipe), 64, 64, 1000)
 
 
 def test_a_plan_that_never_got_a_generation_is_replaced(tiny_pipe, reducers, reference, tmp_path):

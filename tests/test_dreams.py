@@ -20,11 +20,11 @@ from ddr_core.dreams import (
     load_prior_latents,
     measure_activations,
     measure_dream_quality,
-    noise_latents,
     optimise_dreams,
     resolve_dream_timesteps,
     run_dreams,
 )
+from ddr_core.families import as_model
 from ddr_core.hooks import activation_tokens, forward_to_layer
 from ddr_core.pipeline import resolve_layer
 from ddr_core.tiny_model import TINY_TARGET_LAYER
@@ -33,6 +33,12 @@ FAST = {"num_steps": 4, "snapshot_every": 2, "batch_size": 4}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def noise_latents(pipe, seeds):
+    """Seeded start latents at the model's native size (what dreams start from without priors)."""
+    model = as_model(pipe)
+    return model.initial_latents(seeds, *model.default_size)
 
 
 def _generators(seeds):

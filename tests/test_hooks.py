@@ -10,6 +10,7 @@ from diffusers.utils import BaseOutput
 from torch import nn
 
 from ddr_core.basis import RawChannels, TopKSaeBasis
+from ddr_core.families import as_model
 from ddr_core.hooks import (
     StopForward,
     TimestepTracker,
@@ -21,7 +22,7 @@ from ddr_core.hooks import (
     steer_layer,
     stop_after_layer,
 )
-from ddr_core.pipeline import initial_latents, resolve_layer
+from ddr_core.pipeline import resolve_layer
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
 STEPS = 4
@@ -45,7 +46,7 @@ def layer(tiny_pipe) -> nn.Module:
 
 
 def _run(pipe, prompts, seeds, guidance_scale=7.5, steps=STEPS, **kwargs):
-    latents = initial_latents(pipe, seeds, 64, 64, torch.float32, "cpu")
+    latents = as_model(pipe).initial_latents(seeds, 64, 64, torch.float32, "cpu")
     return pipe(
         list(prompts),
         latents=latents,
@@ -354,7 +355,7 @@ def test_per_element_channels_in_one_batch_equal_single_runs(tiny_pipe, layer):
 
 
 def _unet_inputs(pipe, batch: int = 2):
-    sample = initial_latents(pipe, list(range(batch)), 64, 64).requires_grad_(True)
+    sample = as_model(pipe).initial_latents(list(range(batch)), 64, 64).requires_grad_(True)
     ids = pipe.tokenizer(PROMPTS[:batch], padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
         context = pipe.text_encoder(ids)[0]

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddr_core.families import as_model
 from ddr_core.pipeline import (
     LayerNotFoundError,
     ModelFolderError,
-    initial_latents,
-    layer_width,
     load_pipeline,
     resolve_layer,
 )
@@ -84,21 +83,23 @@ def test_unknown_layer_lists_close_names(tiny_pipe):
 
 
 def test_layer_width(tiny_pipe):
-    assert layer_width(tiny_pipe.unet, TINY_TARGET_LAYER) == 64
-    assert layer_width(tiny_pipe.unet, "up_blocks.2.attentions.1") == 32
-    assert layer_width(tiny_pipe.unet, "down_blocks.0.attentions.0") == 32
+    model = as_model(tiny_pipe)
+    assert model.layer_width(TINY_TARGET_LAYER) == 64
+    assert model.layer_width("up_blocks.2.attentions.1") == 32
+    assert model.layer_width("down_blocks.0.attentions.0") == 32
     assert not tiny_pipe.unet.up_blocks[1].attentions[1]._forward_hooks
 
 
 def test_initial_latents_depend_only_on_the_seed(tiny_pipe):
-    batch = initial_latents(tiny_pipe, [3, 7, 11], 64, 64, torch.float32, "cpu")
+    initial_latents = as_model(tiny_pipe).initial_latents
+    batch = initial_latents([3, 7, 11], 64, 64, torch.float32, "cpu")
     assert batch.shape == (3, 4, 8, 8)
-    alone = initial_latents(tiny_pipe, [7], 64, 64, torch.float32, "cpu")
+    alone = initial_latents([7], 64, 64, torch.float32, "cpu")
     assert torch.equal(batch[1:2], alone)
     assert not torch.equal(batch[0], batch[1])
-    assert initial_latents(tiny_pipe, [7], 128, 64).shape == (1, 4, 16, 8)
+    assert initial_latents([7], 128, 64).shape == (1, 4, 16, 8)
     with pytest.raises(ValueError, match="multiples"):
-        initial_latents(tiny_pipe, [0], 60, 64)
+        initial_latents([0], 60, 64)
 
 
 def _rewrite_header(weights: Path, header: bytes) -> None:

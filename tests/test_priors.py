@@ -13,6 +13,7 @@ from safetensors import safe_open
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.basis import RawChannels
 from ddr_core.config import ProjectConfig
+from ddr_core.families import as_model
 from ddr_core.paths import DataLayout
 from ddr_core.priors import (
     PriorsConfig,
@@ -22,7 +23,6 @@ from ddr_core.priors import (
     priors_for_variant,
     read_prior,
     run_priors,
-    scheduler_timesteps,
     steering_schedule,
 )
 from ddr_core.sae import find_sae_folder, load_sae
@@ -106,7 +106,7 @@ def test_config_defaults_and_validation_names_fields():
 
 
 def test_scheduler_timesteps_match_hand_made_stats(tiny_pipe):
-    assert scheduler_timesteps(tiny_pipe, STEPS) == TIMESTEPS
+    assert as_model(tiny_pipe).scheduler_timesteps(STEPS) == TIMESTEPS
 
 
 def test_schedule_active_timesteps(raw_stats):
@@ -278,7 +278,7 @@ def test_channel_whose_timesteps_miss_the_schedule_is_skipped(tiny_pipe, raw_sta
     # One DDIM step runs at t=1 only: channel 5 (active 252..750) gets no steered step and is skipped
     # with a reason; channel 7 (active 0..250) is steered at t=1 with its max activation there.
     config = small_config(num_inference_steps=1)
-    assert scheduler_timesteps(tiny_pipe, 1) == [1]
+    assert as_model(tiny_pipe).scheduler_timesteps(1) == [1]
     result = run_priors(tiny_pipe, None, TINY_TARGET_LAYER, raw_stats, [5, 7], tmp_path / "priors", config, tmp_path)
     assert result.skipped == {5: "no_steered_timesteps"} and result.done == [7]
     skipped = read_prior(tmp_path / "priors", 5)

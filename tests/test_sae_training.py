@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ddr_core.basis import RawChannels
+from ddr_core.families import as_model
 from ddr_core.hooks import TimestepTracker, capture_activations
-from ddr_core.pipeline import initial_latents, resolve_layer
+from ddr_core.pipeline import resolve_layer
 from ddr_core.sae import find_sae_folder, load_sae
 from ddr_core.sae_training import (
     SaeTrainingConfig,
@@ -36,7 +37,7 @@ STEPS = 3
 def _generate(pipe, ids, sampling, guidance_scale=2.0, with_means=False):
     layer = resolve_layer(pipe.unet, TINY_TARGET_LAYER)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latents = initial_latents(pipe, [100 + g for g in ids], size, size)
+    latents = as_model(pipe).initial_latents([100 + g for g in ids], size, size)
     cfg = guidance_scale > 1
     with TimestepTracker(pipe.unet) as tracker, collect_layer_vectors(
         layer, tracker, cfg, sampling, ids

@@ -134,17 +134,17 @@ def _tiny_data_root(tmp_path: Path, tiny_model_dir: Path):
 
 
 def _spy_on_model_loading(monkeypatch) -> list:
-    """Calls of ``load_pipeline`` (the first GPU work of a capture), passed through unchanged."""
-    import ddr_core.pipeline
+    """Calls of ``load_model`` (the first GPU work of a capture), passed through unchanged."""
+    import ddr_core.families
 
     calls: list = []
-    real = ddr_core.pipeline.load_pipeline
+    real = ddr_core.families.load_model
 
     def spy(*args, **kwargs):
         calls.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ddr_core.pipeline, "load_pipeline", spy)
+    monkeypatch.setattr(ddr_core.families, "load_model", spy)
     return calls
 
 

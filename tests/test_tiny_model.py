@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from ddr_core.pipeline import layer_width, resolve_layer
+from ddr_core.families.sd import unet_layer_width
+from ddr_core.pipeline import resolve_layer
 from ddr_core.tiny_model import (
     TINY_PROMPTS,
     TINY_TARGET_LAYER,
@@ -53,7 +54,7 @@ def test_loaded_components_match_sd_naming(tiny_pipe):
     assert tiny_pipe.text_encoder.config.max_position_embeddings == 77
     assert tiny_pipe.unet.config.cross_attention_dim == tiny_pipe.text_encoder.config.hidden_size
     resolve_layer(tiny_pipe.unet, TINY_TARGET_LAYER)
-    assert layer_width(tiny_pipe.unet, TINY_TARGET_LAYER) == config.unet_block_out_channels[-2] == 64
+    assert unet_layer_width(tiny_pipe.unet, TINY_TARGET_LAYER) == config.unet_block_out_channels[-2] == 64
     assert tiny_pipe.safety_checker is None
 
 

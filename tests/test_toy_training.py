@@ -137,7 +137,8 @@ def _tiny_training(**overrides) -> ToyTrainingConfig:
 
 def test_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path, one_thread) -> None:
     from ddr_core.concept_classifier import load_concept_classifier
-    from ddr_core.pipeline import layer_width, load_pipeline, resolve_layer
+    from ddr_core.families.sd import unet_layer_width
+    from ddr_core.pipeline import load_pipeline, resolve_layer
     from ddr_core.toy_training import generate_world_images
 
     evaluation = ToyEvaluationConfig(images_per_prompt=1, num_inference_steps=2)
@@ -163,7 +164,7 @@ def test_training_runs_end_to_end_and_saves_a_loadable_pipeline(tmp_path, one_th
     assert pipe.vae.config.scaling_factor == pytest.approx(report["vae_scaling_factor"])
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     resolve_layer(pipe.unet, TOY_TARGET_LAYER)
-    assert layer_width(pipe.unet, TOY_TARGET_LAYER) == ToyModelConfig().unet_block_out_channels[1]
+    assert unet_layer_width(pipe.unet, TOY_TARGET_LAYER) == ToyModelConfig().unet_block_out_channels[1]
     images = generate_world_images(pipe, world_prompts()[:2], [0, 1], num_inference_steps=2)
     assert images.shape == (2, 32, 32, 3) and np.isfinite(images).all()
 

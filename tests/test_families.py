@@ -1,0 +1,64 @@
+"""Model families: a diffusers folder is loaded as the family its model_index.json names."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddr_core.families import (
+    Conditioning,
+    as_model,
+    family_class,
+    family_of_folder,
+    load_model,
+)
+from ddr_core.families.sd import StableDiffusionFamily
+from ddr_core.pipeline import ModelFolderError
+from ddr_core.tiny_model import TINY_TARGET_LAYER
+
+
+def test_the_tiny_folder_is_stable_diffusion(tiny_model_dir: Path, tiny_pipe) -> None:
+    assert family_of_folder(tiny_model_dir) is StableDiffusionFamily
+    model = load_model(tiny_model_dir)
+    assert isinstance(model, StableDiffusionFamily) and model.denoiser is model.pipe.unet
+    wrapped = as_model(tiny_pipe)
+    assert isinstance(wrapped, StableDiffusionFamily) and wrapped.pipe is tiny_pipe
+    assert as_model(wrapped) is wrapped
+    assert wrapped.default_size == (64, 64) and wrapped.latent_shape(64, 32) == (4, 8, 4)
+    assert wrapped.num_train_timesteps == 1000
+    assert wrapped.layer_width(TINY_TARGET_LAYER) == 64
+
+
+def test_a_pipeline_no_family_loads_is_refused_by_name(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index["_class_name"] = "KandinskyPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelFolderError, match=r"KandinskyPipeline.*StableDiffusionPipeline"):
+        load_model(folder)
+    (folder / "model_index.json").write_text("[1, 2]")
+    with pytest.raises(ModelFolderError, match="model_index.json holds a JSON list"):
+        family_of_folder(folder)
+    with pytest.raises(ValueError, match="known families: sd"):
+        family_class("nope")
+
+
+def test_conditioning_repeats_and_expands_along_the_batch() -> None:
+    one = Conditioning({"prompt_embeds": torch.arange(6.0).reshape(1, 3, 2), "pooled": torch.ones(1, 4)})
+    assert one.batch == 1
+    three = one.repeat(3)
+    assert three["prompt_embeds"].shape == (3, 3, 2) and three["pooled"].shape == (3, 4)
+    view = one.expand(5)
+    assert view["prompt_embeds"].shape == (5, 3, 2) and view["prompt_embeds"].data_ptr() == one["prompt_embeds"].data_ptr()
+
+
+def test_an_unknown_builtin_is_refused_when_the_config_loads() -> None:
+    from ddr_core.config import SourceConfig
+
+    with pytest.raises(ValueError, match="unknown builtin 'tiny-xl'; known builtins: tiny, tiny-prompts, tiny-sae"):
+        SourceConfig(builtin="tiny-xl")
+    assert SourceConfig(builtin="tiny").describe() == "builtin:tiny"
