@@ -16,6 +16,11 @@ def _format_seconds(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def plural(noun: str) -> str:
+    """The English plural of a unit noun: ``batch`` -> ``batches``, ``image`` -> ``images``."""
+    return noun + ("es" if noun.endswith(("s", "sh", "ch", "x", "z")) else "s")
+
+
 class Progress:
     """Counts units of work and reports ``done/total``, rate and ETA.
 
@@ -46,7 +51,7 @@ class Progress:
         rate = new / elapsed if elapsed > 0 else 0.0
         remaining = self.total - self.done
         eta = _format_seconds(remaining / rate) if rate > 0 else "?"
-        return (f"{self.desc}: {self.done}/{self.total} {self.unit}s, {rate:.2f} {self.unit}/s, "
+        return (f"{self.desc}: {self.done}/{self.total} {plural(self.unit)}, {rate:.2f} {self.unit}/s, "
                 f"elapsed {_format_seconds(elapsed)}, ETA {eta}")
 
     def update(self, n: int = 1) -> None:
