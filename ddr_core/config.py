@@ -5,7 +5,7 @@ It is parsed into explicit pydantic objects; every validation error names the of
 
 Vocabulary:
 
-- a **model** is a diffusers Stable Diffusion folder, provisioned from a *source*;
+- a **model** is a diffusers folder of a supported family (:mod:`ddr_core.families`), provisioned from a *source*;
 - an **SAE** is a SAeUron-format sparse autoencoder for one layer of a model;
 - a **prompt dataset** is a JSONL (``text`` field) or text file of prompts; it may declare ground-truth
   concept ``labels`` of its prompts (JSONL fields, or a parser of the prompt text), which enables the
@@ -14,6 +14,10 @@ Vocabulary:
   every per-channel stage is partitioned by variant;
 - a **capture group** is the set of variants sharing model, layer and prompts: one generation pass
   records all of them at once (no generation is repeated per variant).
+
+Why one module over 600 lines: it is the schema of one file. Every config model sits here in the order the
+YAML reads (sources, models, SAEs, prompt datasets, variants, the project) next to the loader that reports a
+field's dotted path and line, so a reader checks the schema against ``config/ddr.yaml`` in one place.
 """
 
 from __future__ import annotations
