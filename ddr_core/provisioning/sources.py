@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
 MANIFEST_NAME = ".ddr_manifest.json"
 MANIFEST_VERSION = 2  # 2: entries carry mtime_ns (1 is still read)
 RESERVED_PREFIX = ".ddr_"
@@ -69,8 +72,13 @@ class HubSource:
     def __post_init__(self) -> None:
         if self.repo_type not in ("model", "dataset", "space"):
             raise ValueError(f"repo_type must be 'model', 'dataset' or 'space', got {self.repo_type!r}.")
-        if not self.repo_id or self.repo_id.startswith("/") or ".." in self.repo_id.split("/"):
-            raise ValueError(f"invalid hub repo_id {self.repo_id!r}; expected 'owner/name'.")
+        try:
+            validate_repo_id(self.repo_id)  # huggingface_hub's rule: [owner/]name of letters, digits, - _ .
+        except HFValidationError:
+            raise ValueError(
+                f"invalid hub repo_id {self.repo_id!r}; expected 'owner/name' (letters, digits, '-', '_', '.'; no "
+                "'--' or '..'), as in the repo's URL on the hub"
+            ) from None
 
     def describe(self) -> dict[str, Any]:
         """Identity of the content (the endpoint is left out: a mirror serves the same files)."""
