@@ -90,7 +90,7 @@ def provision(
     lock_owner: str = "",
     max_file_bytes: int | None = None,
 ) -> ProvisionResult:
-    """Make ``dest_dir`` an intact copy of ``source`` (see the module docstring for the guarantees).
+    """Make ``dest_dir`` an intact copy of ``source`` (the guarantees: :mod:`ddr_core.provisioning`).
 
     One provisioning at a time per destination: the run holds the lock file ``.<dest name>.lock``
     beside ``dest_dir`` throughout. A second run waits for it (``lock_wait``: ``True`` without limit, a
