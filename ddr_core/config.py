@@ -89,6 +89,19 @@ class HubSourceConfig(_Strict):
     def _given(cls, value: str, info: Any) -> str:
         return _not_blank(value, info.field_name)  # type: ignore[return-value]
 
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id_shape(cls, value: str) -> str:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        try:
+            validate_repo_id(value)  # it becomes part of every hub URL: nothing that changes the URL's shape
+        except HFValidationError:
+            raise ValueError(f"repo_id {value!r} is not a hub repo id; expected 'owner/name' (letters, digits, "
+                             "'-', '_', '.'; no '--' or '..'), as in the repo's URL on the hub") from None
+        return value
+
     @field_validator("allow_patterns")
     @classmethod
     def _patterns_given(cls, value: list[str] | None) -> list[str] | None:

@@ -23,7 +23,8 @@ streams bytes without ``Content-Length`` until the client hangs up (capped at ``
 that never stops still ends). ``tree_overrides[path]`` is merged into that file's tree API entry, and
 ``tree_padding`` adds that many bytes of whitespace to each tree page. ``body_bytes_sent[key]`` counts the
 body bytes the server managed to write for ``key`` (what a client that stops reading saves shows there).
-Every request is recorded in ``requests`` as ``(path_with_query, headers)``.
+Every request is recorded in ``requests`` as ``(path_with_query, headers)``, header names spelled
+``Authorization`` / ``User-Agent`` whatever case the client used.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ENDLESS_CAP = 256 << 20
 STREAM_CHUNK = 64 << 10
+
+
+def _canonical(header: str) -> str:
+    """A header name as ``Authorization`` / ``User-Agent`` whatever case the client sent (httpx sends lower
+    case), so a test asking for ``"Authorization"`` cannot pass because of the spelling alone."""
+    return "-".join(part.capitalize() for part in header.split("-"))
 
 
 def git_blob_sha1(data: bytes) -> str:
@@ -80,7 +87,7 @@ class FakeRemote:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - http.server hook
                 with remote._lock:
-                    remote.requests.append((self.path, {k: v for k, v in self.headers.items()}))
+                    remote.requests.append((self.path, {_canonical(k): v for k, v in self.headers.items()}))
                 remote._route(self)
 
             def log_message(self, format: str, *args: object) -> None:  # silence

@@ -17,9 +17,11 @@ from ddr_core.provisioning import (
     LocalSource,
     SourceNotFoundError,
     content_hash_of,
+    engine,
     provision,
     read_manifest,
 )
+from ddr_core.provisioning import hub as hub_module
 from tests.fake_remote import DriveFile, FakeRemote
 
 REPO = "acme/tiny-sd"
@@ -46,7 +48,7 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         "ALL_PROXY",
     ):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(provisioning, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(engine, "RETRY_BACKOFF_S", 0.0)
 
 
 @pytest.fixture
@@ -670,7 +672,7 @@ def test_hub_listing_of_wrong_types_or_endless_length_is_refused(liar: FakeRemot
     with pytest.raises(DownloadError, match=rf"{SMALL}: oid .* is not a git hash"):
         provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")
     liar.tree_overrides.clear()
-    monkeypatch.setattr(provisioning, "MAX_LISTING_BYTES", 4096)
+    monkeypatch.setattr(hub_module, "MAX_LISTING_BYTES", 4096)
     liar.tree_padding = 10_000
     with pytest.raises(DownloadError, match="longer than 4096 bytes"):
         provision(HubSource(REPO, endpoint=liar.url), tmp_path / "a")
