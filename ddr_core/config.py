@@ -40,10 +40,11 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "ddr.yaml"
 DEFAULT_DATA_ROOT = PROJECT_ROOT / "data"
 DEFAULT_LAYER = "up_blocks.1.attentions.1"
 
-OVERRIDE_STAGES: tuple[str, ...] = ("priors", "dreams")
+OVERRIDE_STAGES: tuple[str, ...] = ("timestep_stats", "priors", "dreams")
 """Stages whose parameters a variant may override (``variants.<v>.overrides.<stage>``)."""
 
-OVERRIDE_MODELS: dict[str, str] = {"priors": "ddr_core.priors:PriorsConfig", "dreams": "ddr_core.dreams:DreamConfig"}
+OVERRIDE_MODELS: dict[str, str] = {"timestep_stats": "ddr_core.statistics:TimestepStatsConfig",
+                                   "priors": "ddr_core.priors:PriorsConfig", "dreams": "ddr_core.dreams:DreamConfig"}
 """The config model of each override stage (``module:class``), imported when a variant overrides that stage
 (both modules import torch, as every caller of :func:`load_project_config` does anyway)."""
 
