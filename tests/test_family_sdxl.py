@@ -447,6 +447,27 @@ def test_the_whole_graph_runs_on_the_tiny_sdxl_variant(tmp_path: Path) -> None:
                                          "timesteps": ["0", "activity_peaks"], "snapshot_every": 3})
     run("representation_shards", "tiny-sdxl-raw:0-15")
     run("html_export", "tiny-sdxl-raw")
+
+    # Turbo: one step without CFG; the variant's overrides give timestep_stats `profile: sampled` (an interpolated
+    # profile of one timestep is refused) and priors 4 Turbo steps steering the scheduler step nearest each peak
+    run("models", "tiny-sdxl-turbo")
+    run("activations", "tiny-sdxl-turbo", {"n_prompts": 4, "batch_size": 4, "num_inference_steps": 1,
+                                           "guidance_scale": 0.0, "seed": 1})
+    run("timestep_stats", "tiny-sdxl-turbo-raw", {"top_k": 8})
+    stats = tmp_path / "outputs" / "default" / "timestep_stats" / "tiny-sdxl-turbo-raw"
+    assert json.loads((stats / "summary.json").read_text())["config"]["profile"] == "sampled"
+    assert set(pl.read_parquet(stats / "activity_peaks.parquet")["timestep"].to_list()) == {999}
+    turbo_active = pl.read_parquet(stats / "channels.parquet").filter(
+        pl.col("is_active") & (pl.col("channel") < 16))["channel"].to_list()[:1]
+    run("priors", "tiny-sdxl-turbo-raw:0-15", {"channels": turbo_active, "n_results": 1, "seeds": [5]})
+    run("dreams", "tiny-sdxl-turbo-raw:0-15", {"channels": turbo_active, "n_results": 1, "num_steps": 2,
+                                               "timesteps": ["activity_peaks"]})
+    prior = json.loads(next((tmp_path / "outputs" / "default" / "priors" / "tiny-sdxl-turbo-raw").rglob(
+        "prior.json")).read_text())
+    assert prior["num_inference_steps"] == 4 and prior["steered_timesteps"] == [999]
+    dream = json.loads(next((tmp_path / "outputs" / "default" / "dreams" / "tiny-sdxl-turbo-raw").rglob(
+        "dream.json")).read_text())
+    assert dream["timesteps"] == [999]
     assert time.monotonic() - start < 300
     assert results[("timestep_stats", "tiny-sdxl-raw")]["channels"] == 32
     assert results[("timestep_stats", "tiny-sdxl-sae")]["channels"] == 128
