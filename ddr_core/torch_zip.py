@@ -69,6 +69,11 @@ def read_torch_zip_tensors(path: str | Path) -> Any:
             raise UnsupportedCheckpointError(f"{path}: data.pkl is {info.file_size} bytes, more than a state dict's")
         program = archive.read(programs[0])
 
+        compressed = [i.filename for i in archive.infolist() if i.compress_type != zipfile.ZIP_STORED]
+        if compressed:  # torch.save stores entries uncompressed: a compressed one could inflate without bound
+            raise UnsupportedCheckpointError(f"{path} holds compressed entries ({compressed[0]}), which torch.save "
+                                             "never writes")
+
         def storage(record: tuple) -> tuple[torch.Tensor, torch.dtype]:
             if len(record) != 5 or record[0] != "storage" or not isinstance(record[1], _Global):
                 raise UnsupportedCheckpointError(f"{path}: unsupported persistent record {record!r:.80}")
@@ -80,7 +85,10 @@ def read_torch_zip_tensors(path: str | Path) -> Any:
             flat = torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)
             return flat, dtype
 
-        return _run(program, storage, path)
+        try:
+            return _run(program, storage, path)
+        except (KeyError, IndexError, TypeError, AttributeError, RuntimeError) as error:
+            raise UnsupportedCheckpointError(f"{path}: malformed data.pkl ({type(error).__name__}: {error})") from None
 
 
 def _rebuild(args: tuple, path: Path) -> torch.Tensor:

@@ -172,6 +172,16 @@ def test_a_folder_without_the_second_text_encoder_is_refused_by_name(sdxl_dir: P
         load_model(folder)
 
 
+def test_a_folder_of_fp16_weights_loads_as_the_fp16_variant(sdxl: StableDiffusionXLFamily, tmp_path: Path) -> None:
+    """stabilityai/sdxl-turbo is provisioned with its *.fp16.safetensors files only (config/ddr.yaml)."""
+    sdxl.pipe.save_pretrained(tmp_path / "fp16", safe_serialization=True, variant="fp16")
+    assert (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert not (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    model = load_model(tmp_path / "fp16")
+    for name, parameter in model.denoiser.named_parameters():
+        torch.testing.assert_close(parameter, sdxl.denoiser.get_parameter(name))
+
+
 def test_the_tiny_sdxl_builders_are_deterministic_and_fast(tmp_path: Path) -> None:
     start = time.monotonic()
     first = build_tiny_sdxl_pipeline(tmp_path / "a")
