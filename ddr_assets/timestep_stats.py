@@ -4,7 +4,7 @@
 import dagster as dg
 
 from dagster_project.resources import DdrStorage
-from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.configs import dagster_config_from, fields_set_in_run_config, with_variant_overrides
 from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
 from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
 from ddr_core.activation_store import ActivationStore
@@ -28,7 +28,9 @@ TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStats
 def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunConfig,
                    storage: DdrStorage) -> dg.MaterializeResult:
     variant = context.partition_key
-    stats_config = to_core(config, TimestepStatsConfig, asset="timestep_stats")
+    stats_config = with_variant_overrides(  # a variant's overrides.timestep_stats (e.g. profile: sampled)
+        config, TimestepStatsConfig, storage.project.variants[variant].overrides.get("timestep_stats", {}),
+        asset="timestep_stats", set_fields=fields_set_in_run_config(context))
     layout = storage.layout
     group = storage.project.capture_of(variant)
     upstream_record = read_record(layout.records_dir, "activations", group,

@@ -492,6 +492,7 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
     dtype = resolve_dtype(config.dtype, device)
     model = load_model(layout.model_dir(model_name), device=device, dtype=dtype)
+    model.read_layer_as(layer_name, project.hook_of(variants[0]))  # one hook per capture group (config checks)
     prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts
     too_long = check_prompt_lengths(prompts, model.tokenizer)
     if too_long and log:

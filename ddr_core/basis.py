@@ -117,7 +117,40 @@ class TopKSaeBasis(Basis):
             return self.sae.decoder_directions(index).detach().float().cpu()
 
 
-BASES: dict[str, type[Basis]] = {RawChannels.kind: RawChannels, TopKSaeBasis.kind: TopKSaeBasis}
+class UnboxSaeBasis(Basis):
+    """The features of an sdxl-unbox SAE (:class:`ddr_core.sae_unbox.UnboxSae`), read on the block's residual
+    update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``; its
+    steering direction is its decoder column ``decoder.weight[:, f]`` (unit norm)."""
+
+    kind = "sdxl-unbox"
+
+    def __init__(self, sae: Any) -> None:
+        self.sae = sae
+        self.width = int(sae.num_latents)
+
+    @property
+    def unit_name(self) -> str:
+        return "SAE features"
+
+    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.sae.feature_activations(tokens).mean(dim=1)
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        units = units.to(self.sae.pre_bias.device)
+        weight = self.sae.encoder.weight[units]  # (n, d)
+        bias = self.sae.latent_bias[units]  # (n,)
+        inputs = tokens.to(dtype=weight.dtype, device=weight.device) - self.sae.pre_bias
+        pre = torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
+        return torch.relu(pre).mean(dim=1).float()
+
+    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        index = self.check_units(units).to(self.sae.pre_bias.device)
+        with torch.no_grad():
+            return self.sae.decoder.weight[:, index].T.detach().float().cpu()
+
+
+BASES: dict[str, type[Basis]] = {RawChannels.kind: RawChannels, TopKSaeBasis.kind: TopKSaeBasis,
+                                 UnboxSaeBasis.kind: UnboxSaeBasis}
 """Config ``basis`` -> its class."""
 
 
@@ -132,7 +165,8 @@ def as_basis(value: Basis | Any | None, layer_width: int) -> Basis:
 
 
 def load_basis(project: Any, layout: Any, variant: str, model: Any, device: torch.device | str) -> Basis:
-    """The basis of ``variant`` for the loaded ``model`` (a :class:`~ddr_core.families.ModelFamily` or pipeline): its SAE (SAeUron folder under ``layout.sae_dir``)
+    """The basis of ``variant`` for the loaded ``model`` (a :class:`~ddr_core.families.ModelFamily` or pipeline): its SAE
+    (``basis: sae``: SAeUron folder under ``layout.sae_dir``; ``basis: sdxl-unbox``: :mod:`ddr_core.sae_unbox`)
     checked against the layer's width, or the layer's raw channels; and its declared ``width`` checked.
 
     Raises:
@@ -148,6 +182,11 @@ def load_basis(project: Any, layout: Any, variant: str, model: Any, device: torc
     if spec.basis == "sae":
         folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
         basis: Basis = TopKSaeBasis(load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))
+    elif spec.basis == UnboxSaeBasis.kind:
+        from ddr_core.sae_unbox import find_unbox_folder, load_unbox_sae
+
+        folder = find_unbox_folder(layout.sae_dir(spec.sae), layer_name)
+        basis = UnboxSaeBasis(load_unbox_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))
     else:
         basis = RawChannels(width)
     if basis.width != spec.width:

@@ -15,6 +15,9 @@ BUILTINS: dict[str, str] = {
     "tiny": "ddr_core.tiny_model:build_tiny_pipeline",
     "tiny-sae": "ddr_core.tiny_model:build_tiny_sae",
     "tiny-prompts": "ddr_core.tiny_model:build_tiny_prompts",
+    "tiny-sdxl": "ddr_core.families.sdxl:build_tiny_sdxl_pipeline",
+    "tiny-sdxl-turbo": "ddr_core.families.sdxl:build_tiny_sdxl_turbo_pipeline",
+    "tiny-sdxl-sae": "ddr_core.families.sdxl:build_tiny_sdxl_sae",
 }
 """Builtin name -> ``module:function`` building it into a folder."""
 

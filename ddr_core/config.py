@@ -44,10 +44,11 @@ DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "ddr.yaml"
 DEFAULT_DATA_ROOT = PROJECT_ROOT / "data"
 DEFAULT_LAYER = "up_blocks.1.attentions.1"
 
-OVERRIDE_STAGES: tuple[str, ...] = ("priors", "dreams")
+OVERRIDE_STAGES: tuple[str, ...] = ("timestep_stats", "priors", "dreams")
 """Stages whose parameters a variant may override (``variants.<v>.overrides.<stage>``)."""
 
-OVERRIDE_MODELS: dict[str, str] = {"priors": "ddr_core.priors:PriorsConfig", "dreams": "ddr_core.dreams:DreamConfig"}
+OVERRIDE_MODELS: dict[str, str] = {"timestep_stats": "ddr_core.statistics:TimestepStatsConfig",
+                                   "priors": "ddr_core.priors:PriorsConfig", "dreams": "ddr_core.dreams:DreamConfig"}
 """The config model of each override stage (``module:class``), imported when a variant overrides that stage
 (both modules import torch, as every caller of :func:`load_project_config` does anyway)."""
 
@@ -364,9 +365,13 @@ class VariantConfig(_Strict):
 
     model: str
     prompts: str
-    basis: Literal["raw", "sae"] = "raw"
+    basis: Literal["raw", "sae", "sdxl-unbox"] = Field(
+        default="raw", description="raw layer channels, a SAeUron-format SAE (sae) or an sdxl-unbox SAE (sdxl-unbox)")
     sae: str | None = None
     layer: str | None = Field(default=None, description="dotted UNet module name; default: the model's")
+    hook: Literal["output", "residual"] = Field(
+        default="output", description="what is read and steered at the layer: its output, or its residual update "
+                                      "(output minus input, what sdxl-unbox's SAEs read)")
     capture: str | None = Field(default=None, description="capture group name; default: the model's name")
     width: int = Field(description="channels of the layer (raw) or features of the SAE; checked at run time")
     block_size: int = Field(default=64, description="channels per channel-range partition")
@@ -410,8 +415,10 @@ class VariantConfig(_Strict):
 
     @model_validator(mode="after")
     def _sae_given(self) -> VariantConfig:
-        if self.basis == "sae" and not self.sae:
-            raise ValueError("basis 'sae' needs `sae: <name of an entry under saes>`")
+        if self.basis != "raw" and not self.sae:
+            raise ValueError(f"basis {self.basis!r} needs `sae: <name of an entry under saes>`")
+        if self.basis == "sdxl-unbox" and self.hook != "residual":
+            raise ValueError("basis 'sdxl-unbox' reads the block's residual update: set `hook: residual`")
         if self.basis == "raw" and self.sae is not None:
             raise ValueError("basis 'raw' takes no `sae`; use basis: sae")
         blocks = math.ceil(self.width / self.block_size)
@@ -453,9 +460,11 @@ class ProjectConfig(_Strict):
                                  f"declared: {sorted(self.prompt_datasets)}")
             if variant.sae and variant.sae not in self.saes:
                 raise ValueError(f"variants.{name}.sae: unknown SAE {variant.sae!r}; declared: {sorted(self.saes)}")
-        groups: dict[str, tuple[str, str, str]] = {}
+        groups: dict[str, tuple[str, ...]] = {}
         for name in self.variants:
             key = (self.variants[name].model, self.layer_of(name), self.variants[name].prompts)
+            if self.variants[name].hook != "output":
+                key = (*key, f"hook {self.variants[name].hook}")
             group = self.capture_of(name)
             if groups.setdefault(group, key) != key:
                 raise ValueError(
@@ -471,6 +480,10 @@ class ProjectConfig(_Strict):
     def layer_of(self, variant: str) -> str:
         v = self.variants[variant]
         return v.layer or self.models[v.model].default_layer
+
+    def hook_of(self, variant: str) -> str:
+        """What ``variant`` reads at its layer: ``"output"`` or ``"residual"``."""
+        return self.variants[variant].hook
 
     def capture_of(self, variant: str) -> str:
         v = self.variants[variant]
@@ -493,7 +506,11 @@ class ProjectConfig(_Strict):
         return [name for name, v in self.variants.items() if self.prompt_datasets[v.prompts].labels is not None]
 
     def variant_hash(self, variant: str) -> str:
-        return config_hash(self.variants[variant].model_dump(mode="json"))
+        # hook: output (the default, and all there was before the field) stays out, so older hashes hold
+        data = self.variants[variant].model_dump(mode="json")
+        if data.get("hook") == "output":
+            data.pop("hook")
+        return config_hash(data)
 
 
 def config_hash(payload: Any) -> str:

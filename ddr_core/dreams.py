@@ -1214,6 +1214,7 @@ def dreams_for_variant(
     check_weights_match_capture(project, layout, variant)
     layout.check_output_folder(out_dir, "dreams folder")  # before the model loads
     model = load_model(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
+    model.read_layer_as(layer_name, project.hook_of(variant))
     basis = load_basis(project, layout, variant, model, device)
     result = run_dreams(
         model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,

@@ -92,6 +92,43 @@ class HookPoint:
         )
 
 
+HOOK_KINDS: tuple[str, ...] = ("output", "residual")
+"""What a variant reads at its layer: the module's ``output``, or its ``residual`` update (output minus input)."""
+
+
+def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    value = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(value, torch.Tensor):
+        raise TypeError("a residual hook point needs a module called with its input tensor first (or as "
+                        "hidden_states=); this module was not: use hook: output")
+    return value
+
+
+def _read_residual(args: tuple, kwargs: dict, output: Any) -> torch.Tensor:
+    update = layer_output_tensor(output)
+    block_input = _block_input(args, kwargs)
+    if block_input.shape != update.shape:
+        raise ValueError(f"a residual hook point needs the module's output shaped like its input, got "
+                         f"{tuple(update.shape)} from {tuple(block_input.shape)}: use hook: output")
+    return update - block_input
+
+
+def _write_residual(args: tuple, kwargs: dict, output: Any, tensor: torch.Tensor) -> Any:
+    return replace_layer_output(output, _block_input(args, kwargs) + tensor)
+
+
+def hook_point_of(name: str, module: nn.Module, hook: str = "output") -> HookPoint:
+    """The :class:`HookPoint` of ``module`` reading its output (``hook="output"``) or its residual update
+    ``output - input`` (``"residual"``, what sdxl-unbox's SAEs read on a transformer block; writing a tensor
+    back sets the output to ``input + tensor``, so a steering offset added to the update is added to the output).
+    """
+    if hook == "output":
+        return HookPoint(name, module)
+    if hook == "residual":
+        return HookPoint(name, module, _read_residual, _write_residual)
+    raise ValueError(f"unknown hook {hook!r}; use one of {list(HOOK_KINDS)}")
+
+
 def as_hook_point(layer: nn.Module | HookPoint) -> HookPoint:
     """``layer`` as a :class:`HookPoint` (a bare module: its output tensor)."""
     if isinstance(layer, HookPoint):
@@ -400,15 +437,18 @@ def forward_to_layer(
     sample: torch.Tensor,
     timestep: torch.Tensor | int,
     encoder_hidden_states: torch.Tensor,
+    **unet_kwargs: Any,
 ) -> torch.Tensor:
     """Run ``unet`` only up to ``layer`` and return its output ``(B, C, H, W)`` (autograd intact).
+
+    ``unet_kwargs``: further keyword arguments of the UNet call (SDXL's ``added_cond_kwargs``).
 
     Raises:
         RuntimeError: if the forward pass finished without calling ``layer``.
     """
     with stop_after_layer(layer):
         try:
-            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+            unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False, **unet_kwargs)
         except StopForward as stop:
             return stop.output
     raise RuntimeError("forward_to_layer: the UNet forward pass never called the requested layer.")

@@ -99,7 +99,7 @@ TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks
 
 FORMAT = "ddr.priors/1"
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
-DEFAULT_STEER_STRENGTH_SCALE: dict[str, float] = {"raw": 50.0, "sae": 500.0}
+DEFAULT_STEER_STRENGTH_SCALE: dict[str, float] = {"raw": 50.0, "sae": 500.0, "sdxl-unbox": 500.0}
 PRIOR_PROMPT = ""
 PRIOR_GUIDANCE_SCALE = 1.0
 
@@ -141,7 +141,7 @@ class PriorsConfig(BaseModel):
             raise ValueError(f"seeds must be distinct (one image file per seed), got {seeds}")
         return seeds
 
-    def resolved_scale(self, basis: Literal["raw", "sae"]) -> float:
+    def resolved_scale(self, basis: str) -> float:
         """``steer_strength_scale``, or the basis default (50 raw, 500 SAE) when unset."""
         if self.steer_strength_scale is not None:
             return float(self.steer_strength_scale)
@@ -502,7 +502,7 @@ def run_priors(
         raise ValueError(f"the SAE reads d_in={unit_basis.sae.d_in} channels but layer {layer_name!r} "
                          f"has {width}; use the SAE trained for this layer")
     n_features = unit_basis.width
-    what = f"the SAE of layer {layer_name!r}" if unit_basis.kind == "sae" else f"layer {layer_name!r}"
+    what = f"layer {layer_name!r}" if unit_basis.kind == "raw" else f"the SAE of layer {layer_name!r}"
     basis = unit_basis.kind
     channels = check_channels(channels, n_features, what)
     summary = read_summary(stats_dir)
@@ -680,6 +680,7 @@ def priors_for_variant(
     layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
     device = torch.device(device)
     model = load_model(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
+    model.read_layer_as(layer_name, project.hook_of(variant))
     return run_priors(model, load_basis(project, layout, variant, model, device), layer_name, stats_dir, selected,
                       layout.stage_dir("priors", variant), config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -127,14 +127,22 @@ class TimestepStatsConfig(BaseModel):
     top_peak_count: int = Field(3, ge=1, description="peaks kept per channel, highest first")
     n_examples: int | None = Field(None, ge=1, description="dataset examples per (channel, timestep); None: top_k")
     half: Literal["conditional", "unconditional"] = Field("conditional", description="CFG half analysed")
+    profile: Literal["interpolated", "sampled"] = Field(
+        "interpolated", description="interpolated: the frequencies linearly interpolated between the observed "
+        "timesteps (edges held); sampled: the frequencies at the observed timesteps only, 0 elsewhere (few-step "
+        "models such as SDXL-Turbo, whose 1-4 timesteps say nothing about the others)")
 
     @property
     def resolved_n_examples(self) -> int:
         return self.n_examples if self.n_examples is not None else self.top_k
 
     def resolved(self) -> dict[str, Any]:
-        """The config as a plain dict with ``n_examples`` filled in."""
-        return {**self.model_dump(), "n_examples": self.resolved_n_examples}
+        """The config as a plain dict with ``n_examples`` filled in (``profile`` only when ``sampled``: the
+        interpolated profile is what every earlier statistics folder was made with, so their hashes hold)."""
+        data = {**self.model_dump(), "n_examples": self.resolved_n_examples}
+        if data["profile"] == "interpolated":
+            data.pop("profile")
+        return data
 
     def config_hash(self) -> str:
         """16 hex digits identifying the resolved config."""
@@ -174,6 +182,13 @@ def interpolate_profile(
         np.asarray(observed_timesteps, dtype=np.float64)[order],
         np.asarray(frequency, dtype=np.float64)[order],
     )
+
+
+def sampled_profile(observed_timesteps: np.ndarray, frequency: np.ndarray, total_timesteps: int) -> np.ndarray:
+    """``frequency`` at the observed timesteps, 0 at every other of ``0..total_timesteps-1`` (``profile: sampled``)."""
+    profile = np.zeros(total_timesteps, dtype=np.float64)
+    profile[np.asarray(observed_timesteps, dtype=np.int64)] = np.asarray(frequency, dtype=np.float64)
+    return profile
 
 
 def nearest_observed_timestep(observed_timesteps: np.ndarray, timestep: int) -> int:
@@ -260,6 +275,12 @@ def compute_timestep_stats(
         raise ValueError(
             f"recorded timesteps span {observed.min()}..{observed.max()}, outside 0..{config.total_timesteps - 1}; "
             f"set total_timesteps to the scheduler's number of train timesteps"
+        )
+    if config.profile == "interpolated" and len(observed) < 2:
+        raise ValueError(
+            f"the capture of {variant!r} observed only timestep {observed.tolist()} (a one-step generation, e.g. "
+            f"SDXL-Turbo): an interpolated profile would hold that value at every timestep; set profile: sampled "
+            f"(frequencies at the observed timesteps only)"
         )
     with partition_lock(stats_lock_path(out), wait=lock_wait,
                         owner=lock_owner or f"timestep_stats {variant}"):
@@ -442,7 +463,8 @@ def _profile_tables(
             buffer_values: list[np.ndarray] = []
             buffered = 0
             for channel in np.nonzero(frequency.sum(axis=1) > 0)[0]:
-                profile = interpolate_profile(observed, frequency[channel], config.total_timesteps)
+                make_profile = sampled_profile if config.profile == "sampled" else interpolate_profile
+                profile = make_profile(observed, frequency[channel], config.total_timesteps)
                 active_steps = np.nonzero(profile > 0)[0]
                 n_active[channel] = active_steps.size
                 if active_steps.size:

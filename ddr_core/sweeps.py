@@ -293,6 +293,8 @@ class _Models:
             check_weights_match_capture(self.project, self.layout, self.variant)
         if dtype_name not in self._pipes:
             self._pipes[dtype_name] = load_model(self.layout.model_dir(spec.model), device=self.device, dtype=dtype)
+            self._pipes[dtype_name].read_layer_as(self.project.layer_of(self.variant),
+                                                  self.project.hook_of(self.variant))
         pipe = self._pipes[dtype_name]
         if self._basis is None:
             self._basis = load_basis(self.project, self.layout, self.variant, pipe, self.device)

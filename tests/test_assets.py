@@ -227,8 +227,9 @@ def test_every_variant_override_in_the_project_config_is_a_valid_stage_parameter
     from ddr_core.config import load_project_config
     from ddr_core.dreams import DreamConfig
     from ddr_core.priors import PriorsConfig
+    from ddr_core.statistics import TimestepStatsConfig
 
-    stages = {"priors": PriorsConfig, "dreams": DreamConfig}
+    stages = {"timestep_stats": TimestepStatsConfig, "priors": PriorsConfig, "dreams": DreamConfig}
     project = load_project_config()
     for name, variant in project.variants.items():
         for stage, values in variant.overrides.items():

@@ -208,7 +208,7 @@ def test_good_names_still_load(tmp_path):
 def test_overrides_name_known_stages_only(tmp_path):
     data = _base()
     data["variants"]["tiny-sae"]["overrides"]["../dreams"] = {"num_steps": 2}
-    with pytest.raises(ConfigError, match=r"variants.tiny-sae.overrides.*unknown stage.*\['priors', 'dreams'\]"):
+    with pytest.raises(ConfigError, match=r"variants.tiny-sae.overrides.*unknown stage.*\['timestep_stats', 'priors', 'dreams'\]"):
         load_project_config(_write(tmp_path, data))
 
 

@@ -79,6 +79,9 @@ class ModelFamily(ABC):
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
+        self.layer_hooks: dict[str, str] = {}
+        """Layer name -> ``"output"`` / ``"residual"``: what :meth:`hook_point` reads there when not told
+        (:meth:`read_layer_as`; unset layers read their output)."""
 
     # ----------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -116,9 +119,24 @@ class ModelFamily(ABC):
 
         return resolve_layer(self.denoiser, layer_name)
 
-    def hook_point(self, layer_name: str) -> HookPoint:
-        """The activation a variant on ``layer_name`` reads and steers (default: the module's output tensor)."""
-        return HookPoint(layer_name, self.resolve_layer(layer_name))
+    def read_layer_as(self, layer_name: str, hook: str) -> ModelFamily:
+        """Make :meth:`hook_point` of ``layer_name`` read ``hook`` (``"output"`` or ``"residual"``): a variant's
+        ``hook`` field, set by the stage that loads the model for it; returns ``self``."""
+        from ddr_core.hooks import HOOK_KINDS
+
+        if hook not in HOOK_KINDS:
+            raise ValueError(f"unknown hook {hook!r}; use one of {list(HOOK_KINDS)}")
+        self.layer_hooks[layer_name] = hook
+        return self
+
+    def hook_point(self, layer_name: str, hook: str | None = None) -> HookPoint:
+        """The activation a variant on ``layer_name`` reads and steers: the module's output tensor
+        (``hook="output"``) or its residual update, output minus input (``"residual"``;
+        :func:`ddr_core.hooks.hook_point_of`). ``None``: what :meth:`read_layer_as` set, else the output."""
+        from ddr_core.hooks import hook_point_of
+
+        chosen = hook if hook is not None else self.layer_hooks.get(layer_name, "output")
+        return hook_point_of(layer_name, self.resolve_layer(layer_name), chosen)
 
     @abstractmethod
     def layer_width(self, layer_name: str) -> int:
