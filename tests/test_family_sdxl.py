@@ -322,12 +322,11 @@ variants:
 
 def test_the_real_sdxl_entries_download_from_a_fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The config's stabilityai/sdxl-turbo and surokpro2/sdxl-saes sources fetch exactly the chosen files."""
-    from ddr_core import provisioning
     from ddr_core.config import load_project_config
-    from ddr_core.provisioning import HubSource, provision
+    from ddr_core.provisioning import HubSource, engine, provision
     from tests.fake_remote import FakeRemote
 
-    monkeypatch.setattr(provisioning, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(engine, "RETRY_BACKOFF_S", 0.0)
     for name in ("HF_TOKEN", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     project = load_project_config()
