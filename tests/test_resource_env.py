@@ -66,21 +66,27 @@ def test_a_variable_reaches_the_resources_through_the_definitions_and_run_config
                                "processes": 2}
 
 
-def test_unset_or_empty_variables_give_the_defaults(monkeypatch, tmp_path):
-    """``.env.example`` ships ``DDR_PROCESSES=`` ("an empty value means use the default"): an empty variable
-    is neither wired as a dg.EnvVar nor read as a value."""
+def test_an_empty_variable_means_the_default(monkeypatch):
+    """``.env.example`` ships ``DDR_PROCESSES=`` ("an empty value means use the default"): before, an empty
+    DDR_PROCESSES failed every GPU stage ("DDR_PROCESSES is ''")."""
     for name in VARIABLES:
         monkeypatch.setenv(name, "")
-    assert DdrStorage.from_env().model_dump() == {"data_root": None, "experiment": None}
-    compute = ComputeResource.from_env()
-    assert (compute.mode, compute.processes) == (None, None)
+    compute = ComputeResource()
     assert (compute.compute_mode(), compute.process_count()) == ("local", 1)
-    assert ComputeResource().process_count() == 1
     storage = DdrStorage()
     assert storage.layout.data_root == (ROOT / "data").resolve()
     assert storage.layout.experiment == storage.project.experiment
     monkeypatch.setenv("DDR_PROCESSES", " 2 ")
     assert ComputeResource().process_count() == 2
+
+
+def test_an_empty_variable_is_not_wired_as_an_env_var(monkeypatch):
+    """dg.EnvVar would hand the empty text to the field (and dg.EnvVar.int fail the run): not wired at all."""
+    for name in VARIABLES:
+        monkeypatch.setenv(name, "")
+    assert DdrStorage.from_env().model_dump() == {"data_root": None, "experiment": None}
+    compute = ComputeResource.from_env(device="cpu")
+    assert (compute.device, compute.mode, compute.processes) == ("cpu", None, None)
 
 
 def test_a_bad_value_names_where_it_came_from(monkeypatch):
