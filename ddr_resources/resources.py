@@ -23,6 +23,7 @@ location loads, so it is read there (:func:`ddr_core.config.config_path`), not p
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from functools import cached_property
 from typing import Any, Self
 
@@ -46,12 +47,27 @@ def env_value(name: str) -> str | None:
     return value or None
 
 
-def env_fields(variables: dict[str, str], int_fields: set[str] = frozenset()) -> dict[str, Any]:
+def env_fields(variables: dict[str, str], int_fields: Collection[str] = ()) -> dict[str, Any]:
     """``{field: dg.EnvVar(variable)}`` (``dg.EnvVar.int`` for ``int_fields``) for each variable that is set
     and not empty now: Dagster resolves it when a run launches. Unset ones are left out (``dg.EnvVar``
     fails a run when its variable is unset, and these settings are optional)."""
     return {field: (dg.EnvVar.int(name) if field in int_fields else dg.EnvVar(name))
             for field, name in variables.items() if env_value(name) is not None}
+
+
+def refuse_unresolved(resource: dg.ConfigurableResource, fields: Collection[str]) -> None:
+    """Raise when one of ``fields`` still holds a ``dg.EnvVar`` (or ``dg.EnvVar.int``): a resource of
+    :meth:`DdrStorage.from_env` / :meth:`ComputeResource.from_env` used outside a run, where Dagster has not
+    resolved it. Its stand-in value is the variable's *name* (or 0), which must never become a folder or a
+    setting."""
+    for field in fields:
+        value = getattr(resource, field)
+        name = value.env_var_name if isinstance(value, dg.EnvVar) else getattr(value, "name", None)
+        if isinstance(value, dg.EnvVar) or (isinstance(value, int) and isinstance(name, str)):
+            kind = type(resource).__name__
+            raise dg.DagsterInvariantViolationError(
+                f"{kind}.{field} is dg.EnvVar({name!r}), which Dagster resolves only when a run launches; "
+                f"outside a run use {kind}(), which reads {name} itself")
 
 
 class DdrStorage(dg.ConfigurableResource):
@@ -80,12 +96,7 @@ class DdrStorage(dg.ConfigurableResource):
 
     @cached_property
     def layout(self) -> DataLayout:
-        for field in ("data_root", "experiment"):
-            value = getattr(self, field)
-            if isinstance(value, dg.EnvVar):  # the variable's *name* must never become a folder
-                raise dg.DagsterInvariantViolationError(
-                    f"DdrStorage.{field} is dg.EnvVar({value.env_var_name!r}), which Dagster resolves only when "
-                    f"a run launches; outside a run use DdrStorage(), which reads {value.env_var_name} itself")
+        refuse_unresolved(self, STORAGE_ENV)
         root = self.data_root or str(data_root())  # data_root(): DDR_DATA_ROOT, else <project>/data
         if not self.experiment:  # the config's experiment, DDR_EXPERIMENT applied (and checked) by ddr_core
             return DataLayout(root, self.project.experiment)
@@ -144,6 +155,7 @@ class ComputeResource(dg.ConfigurableResource):
         Raises:
             dagster.Failure: the value is not a whole number >= 1 (the message names where it came from).
         """
+        refuse_unresolved(self, ["processes"])
         if self.processes is not None:
             value: Any = self.processes
             source = "ComputeResource.processes (from the run config or DDR_PROCESSES)"
@@ -163,6 +175,7 @@ class ComputeResource(dg.ConfigurableResource):
         Raises:
             dagster.Failure: another value (the message names where it came from).
         """
+        refuse_unresolved(self, ["mode"])
         if self.mode:
             mode, source = self.mode, "ComputeResource.mode"
         else:

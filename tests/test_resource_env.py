@@ -102,9 +102,16 @@ def test_a_bad_value_names_where_it_came_from(monkeypatch):
 
 
 def test_an_unresolved_env_var_never_becomes_a_folder(monkeypatch):
-    """Outside a run a dg.EnvVar is only the variable's name: the storage refuses it instead of writing to
-    ``./DDR_DATA_ROOT``."""
-    monkeypatch.setenv("DDR_DATA_ROOT", "/tmp/somewhere")
+    """Outside a run a dg.EnvVar is only the variable's name (dg.EnvVar.int: 0): the resources refuse it
+    instead of writing to ``./DDR_DATA_ROOT`` or reading a mode ``ddr_compute_mode``."""
+    for name, value in {"DDR_DATA_ROOT": "/tmp/somewhere", "DDR_COMPUTE_MODE": "local", "DDR_PROCESSES": "2"}.items():
+        monkeypatch.setenv(name, value)
     storage = DdrStorage.from_env()
     with pytest.raises(dg.DagsterInvariantViolationError, match=r"dg.EnvVar\('DDR_DATA_ROOT'\).*DdrStorage\(\)"):
         _ = storage.layout
+    compute = ComputeResource.from_env()
+    with pytest.raises(dg.DagsterInvariantViolationError, match=r"ComputeResource.mode is dg.EnvVar\('DDR_COMPUTE_MODE'"):
+        compute.compute_mode()
+    with pytest.raises(dg.DagsterInvariantViolationError, match=r"ComputeResource.processes is dg.EnvVar\('DDR_PROC"):
+        compute.process_count()
+    assert (ComputeResource().compute_mode(), ComputeResource().process_count()) == ("local", 2)
