@@ -35,7 +35,7 @@ browser-deps:
 
 test: setup browser-deps
 	@mkdir -p $(DAGSTER_HOME)
-	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks examples
+	$(VENV)/bin/ruff check ddr_core ddr_resources ddr_assets dagster_project tests benchmarks examples
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # A persistent Dagster instance with the project's settings (run queue, GPU concurrency pool).
@@ -47,7 +47,7 @@ demo: setup dagster-home
 	$(PY) -m dagster_project.demo
 
 lint: setup
-	$(VENV)/bin/ruff check ddr_core ddr_assets dagster_project tests benchmarks examples
+	$(VENV)/bin/ruff check ddr_core ddr_resources ddr_assets dagster_project tests benchmarks examples
 
 validate: setup
 	@mkdir -p $(DAGSTER_HOME)

@@ -5,17 +5,19 @@ from __future__ import annotations
 import dagster as dg
 
 from dagster_project.jobs import JOBS
-from dagster_project.resources import ComputeResource, DdrStorage
 from dagster_project.schedules import SCHEDULES
 from dagster_project.worker_guard import free_dead_worker_pool_slots, guarded_executor
 from ddr_assets import ALL_ASSETS
+from ddr_resources.resources import ComputeResource, DdrStorage
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     jobs=JOBS,
     schedules=SCHEDULES,
     sensors=[free_dead_worker_pool_slots],
-    resources={"storage": DdrStorage(), "compute": ComputeResource()},
+    # each DDR_* variable set when the code location loads is a dg.EnvVar, resolved when a run launches; the
+    # launchpad's resources config wins over it (ddr_resources/resources.py)
+    resources={"storage": DdrStorage.from_env(), "compute": ComputeResource.from_env()},
     # Dagster's default executor plus the worker record and freeing of dead runs' pool slots
     executor=guarded_executor,
 )

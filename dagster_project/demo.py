@@ -14,8 +14,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage
 from ddr_assets.partitions import block_key, parse_block_key, project
+from ddr_resources.resources import ComputeResource, DdrStorage
 
 # Run config of the demo: a fixed seed so two demos give the same pictures.
 # Lighter than the stage defaults so the whole demo stays within minutes on a laptop CPU.

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata, path_metadata
 from ddr_assets.partitions import (
@@ -26,6 +25,7 @@ from ddr_core.config import config_hash
 from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import resolve_in_data_root
 from ddr_core.records import make_record, read_record, write_record
+from ddr_resources.resources import ComputeResource, DdrStorage, compute_metadata
 
 ACTIVATIONS_CODE_VERSION = "1"
 ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig", extra={"slurm": SLURM_FIELD})

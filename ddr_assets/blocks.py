@@ -18,11 +18,11 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from dagster_project.resources import ComputeResource, DdrStorage, compute_metadata
 from ddr_assets.lineage import lineage_metadata
 from ddr_assets.partitions import channel_block_partitions, parse_block_key
 from ddr_core.config import config_hash
 from ddr_core.records import make_record, write_record
+from ddr_resources.resources import ComputeResource, DdrStorage, compute_metadata
 
 CHANNELS_FIELD = (
     list[int] | None,

@@ -14,7 +14,6 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata, path_metadata
 from ddr_assets.partitions import block_keys, parse_block_key, project
@@ -32,6 +31,7 @@ from ddr_core.feature_concepts import (
     read_feature_concepts,
 )
 from ddr_core.records import make_record, read_record, write_record
+from ddr_resources.resources import DdrStorage
 
 FEATURE_CONCEPTS_CODE_VERSION = "2"
 CHECK_NAME = "feature_concepts_baseline"

@@ -9,12 +9,12 @@ data version, so downstream assets turn stale when a provisioned input changes.
 
 import dagster as dg
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
 from ddr_assets.partitions import model_partitions, project, prompt_dataset_partitions, sae_partitions
 from ddr_core import catalog
 from ddr_core.paths import file_inside
 from ddr_core.records import make_record, write_record
+from ddr_resources.resources import DdrStorage
 
 PROVISIONING_CODE_VERSION = "1"
 

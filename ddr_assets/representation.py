@@ -2,7 +2,6 @@
 
 import dagster as dg
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.lineage import lineage_metadata, path_metadata
 from ddr_assets.partitions import block_to_variant_mapping, variant_partitions, variant_to_blocks_mapping
@@ -10,6 +9,7 @@ from ddr_core.config import config_hash
 from ddr_core.html_export import write_html_report
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.representation import representation_for_variant
+from ddr_resources.resources import DdrStorage
 
 REPRESENTATION_CODE_VERSION = "1"
 

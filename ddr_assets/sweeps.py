@@ -7,7 +7,6 @@ and resumes per setting. See :mod:`ddr_core.sweeps`.
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage
 from ddr_assets.activations import image_preview
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
@@ -15,6 +14,7 @@ from ddr_assets.partitions import block_key
 from ddr_core.config import config_hash
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.sweeps import SweepConfig, run_sweep
+from ddr_resources.resources import ComputeResource, DdrStorage
 
 DREAM_SWEEPS_CODE_VERSION = "1"
 DreamSweepsConfig = dagster_config_from(SweepConfig, "DreamSweepsConfig")

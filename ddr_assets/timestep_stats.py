@@ -3,13 +3,13 @@
 
 import dagster as dg
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.configs import dagster_config_from, fields_set_in_run_config, with_variant_overrides
 from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
 from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
 from ddr_core.activation_store import ActivationStore
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
+from ddr_resources.resources import DdrStorage
 
 TIMESTEP_STATS_CODE_VERSION = "1"
 TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStatsRunConfig")

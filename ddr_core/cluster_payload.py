@@ -171,7 +171,7 @@ def _run_stage_as_rank(request: StageRequest, info: Any, log: LogFn) -> dict[str
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of a job run from a JSON request file. Under Dagster Pipes (a SLURM job launched by
-    dagster-slurm) the entry point is ``dagster_project/slurm_payload.py``, which reads the request from
+    dagster-slurm) the entry point is ``ddr_resources/slurm_payload.py``, which reads the request from
     the Pipes extras and calls :func:`run_stage`; this module stays free of any Dagster import."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:

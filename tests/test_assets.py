@@ -242,8 +242,8 @@ def test_channel_block_assets_come_from_one_factory_and_their_data_versions_matc
     """priors, dreams, dreams_no_noise, representation_shards and activity_plots are built by
     ddr_assets.blocks.channel_block_asset; each returns one dg.DataVersion, the one its records carry, so
     Dagster's staleness view and the _records/ lineage agree."""
-    from dagster_project.resources import DdrStorage
     from ddr_core.records import read_record
+    from ddr_resources.resources import DdrStorage
 
     data_root, instance, _ = graph_run
     records_dir = DdrStorage(data_root=str(data_root)).layout.records_dir

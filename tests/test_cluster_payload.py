@@ -46,7 +46,7 @@ def test_payload_script_runs_without_dagster(tmp_path):
     path = tmp_path / "request.json"
     path.write_text(req.model_dump_json())
     script = ("import sys, runpy; sys.modules['dagster'] = None; sys.argv = ['x', sys.argv[1]]; "
-              "runpy.run_path('dagster_project/slurm_payload.py', run_name='__main__')")
+              "runpy.run_path('ddr_resources/slurm_payload.py', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
                           cwd=Path(__file__).parents[1])
     assert done.returncode == 0, done.stderr
@@ -84,7 +84,7 @@ def test_disk_full_at_the_error_report_raises_the_stages_error_not_the_reports(t
 
 def test_an_unreadable_error_report_does_not_replace_the_failure(tmp_path):
     """The Dagster side reads the error report for detail only: a report it cannot read is no report."""
-    from dagster_project.slurm import read_error
+    from ddr_resources.slurm import read_error
 
     req = request(tmp_path)
     path = error_path(tmp_path, "default", "inv1")

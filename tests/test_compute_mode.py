@@ -10,9 +10,9 @@ import sys
 import dagster as dg
 import pytest
 
-from dagster_project.resources import ComputeResource, DdrStorage
-from dagster_project.slurm import SlurmJobOptions, SlurmSettings, new_request, run_stage_on_slurm
 from ddr_assets.configs import SlurmRunConfig
+from ddr_resources.resources import ComputeResource, DdrStorage
+from ddr_resources.slurm import SlurmJobOptions, SlurmSettings, new_request, run_stage_on_slurm
 from tests.tiny_graph import asset_def
 
 CLUSTER_ENV = {"DDR_SLURM_HOST": "login.example.org", "DDR_SLURM_USER": "plgsomeone",
@@ -145,7 +145,7 @@ def test_local_mode_never_imports_dagster_slurm(tmp_path):
 import sys
 import dagster as dg
 from dagster_project.definitions import defs
-from dagster_project.resources import ComputeResource, DdrStorage
+from ddr_resources.resources import ComputeResource, DdrStorage
 
 @dg.asset
 def selftest(context: dg.AssetExecutionContext, storage: DdrStorage, compute: ComputeResource):

@@ -1,4 +1,5 @@
-"""A run worker killed with ``kill -9`` must not keep the ``gpu`` pool slot (dagster_project/worker_guard.py).
+"""A run worker killed with ``kill -9`` must not keep the ``gpu`` pool slot (ddr_resources/run_guard.py,
+dagster_project/worker_guard.py).
 
 Real processes against a temporary DAGSTER_HOME holding the shipped ``dagster_project/dagster.yaml``;
 the code location is tests/dead_worker_defs.py (two cheap assets in the pool ``gpu``, the project's
@@ -22,12 +23,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagster_project.worker_guard import (
+from dagster_project.worker_guard import DeadWorkerAwareRunLauncher
+from ddr_resources.run_guard import (
     HEARTBEAT_TAG,
     RUN_ID_ENV,
     STALE_HEARTBEATS,
     WORKER_TAG,
-    DeadWorkerAwareRunLauncher,
     Machine,
     WorkerRecord,
     free_dead_slot_holders,
@@ -320,7 +321,7 @@ IN_PROCESS = """
 import os, sys, time
 from pathlib import Path
 import dagster as dg
-from dagster_project.resources import ComputeResource
+from ddr_resources.resources import ComputeResource
 
 @dg.asset(pool="gpu")
 def gpu_hold(compute: ComputeResource) -> None:

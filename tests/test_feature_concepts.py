@@ -555,7 +555,6 @@ def test_stage_reads_the_project_config(tmp_path: Path) -> None:
 def test_asset_partitions_mappings_and_materialization(tmp_path: Path) -> None:
     import dagster as dg
 
-    from dagster_project.resources import ComputeResource, DdrStorage
     from ddr_assets import ALL_ASSETS
     from ddr_assets.feature_concepts import CHECK_NAME, feature_concepts
     from ddr_core.concept_classifier import (
@@ -564,6 +563,7 @@ def test_asset_partitions_mappings_and_materialization(tmp_path: Path) -> None:
         save_concept_classifier,
     )
     from ddr_core.records import make_record, read_record, write_record
+    from ddr_resources.resources import ComputeResource, DdrStorage
 
     defs = dg.Definitions(assets=[*ALL_ASSETS, feature_concepts],
                           resources={"storage": DdrStorage(), "compute": ComputeResource()})

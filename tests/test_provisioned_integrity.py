@@ -197,9 +197,9 @@ def test_capture_records_the_weights_it_loaded_and_never_mixes_old_batches(tmp_p
     content hash it loaded as its upstream version, so its data version moves."""
     import dagster as dg
 
-    from dagster_project.resources import DdrStorage
     from ddr_core.records import read_record
     from ddr_core.tiny_model import TinyModelConfig, build_tiny_pipeline
+    from ddr_resources.resources import DdrStorage
     from tests.tiny_graph import materialize, step_error
 
     data_root = tmp_path / "data"

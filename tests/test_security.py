@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-CODE_DIRS = ("ddr_core", "ddr_assets", "dagster_project")
+CODE_DIRS = ("ddr_core", "ddr_resources", "ddr_assets", "dagster_project")
 
 FORBIDDEN = {
     "pickle": re.compile(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b|\bpickle\.(loads?|dumps?|Unpickler)\b",
@@ -73,7 +73,7 @@ def test_dot_env_is_ignored_and_the_example_documents_every_variable():
     # internal hand-offs: the launcher's guard settings for its own subprocess; a run's id in its processes
     internal = {"DDR_WEB_GUARD", "DDR_DAGSTER_RUN_ID"}
     used = set()
-    for folder in ("ddr_core", "ddr_assets", "dagster_project", "scripts", ".ci"):
+    for folder in ("ddr_core", "ddr_resources", "ddr_assets", "dagster_project", "scripts", ".ci"):
         for path in (ROOT / folder).rglob("*"):
             if path.is_file() and path.suffix in {".py", ".sh", ""}:
                 used |= set(re.findall(r"\bDDR_[A-Z0-9_]*[A-Z0-9]\b", path.read_text(encoding="utf-8", errors="ignore")))

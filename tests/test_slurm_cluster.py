@@ -25,7 +25,7 @@ import polars as pl
 import pytest
 from safetensors.numpy import load_file
 
-from dagster_project.resources import ComputeResource, DdrStorage
+from ddr_resources.resources import ComputeResource, DdrStorage
 from tests.tiny_graph import asset_def, metadata, step_error
 
 

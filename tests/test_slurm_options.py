@@ -7,17 +7,21 @@ script. Hostile values are refused where they enter (run config, environment, pe
 ones give exactly the expected options, directives, ``sbatch`` command line and job script.
 """
 
+import os
 import shlex
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
 
 import dagster as dg
 import pytest
 
-import dagster_project.slurm as slurm_module
-from dagster_project.resources import ComputeResource, DdrStorage
-from dagster_project.slurm import SlurmJobOptions, SlurmSettings
+import ddr_resources.slurm as slurm_module
 from ddr_assets.activations import ActivationsConfig
 from ddr_assets.configs import SlurmRunConfig
 from ddr_core.cluster_payload import StageRequest, run_stage
+from ddr_resources.resources import ComputeResource, DdrStorage
+from ddr_resources.slurm import SlurmJobOptions, SlurmSettings
 from tests.tiny_graph import asset_def
 
 CLUSTER_ENV = {"DDR_SLURM_HOST": "login.example.org", "DDR_SLURM_USER": "plgsomeone",
@@ -343,3 +347,61 @@ def test_the_job_script_launcher_and_the_log_reader_refuse_what_is_not_theirs():
     files = object.__new__(slurm_module._JobFiles)  # no SSH connection: it must not get that far
     for job_id in ("1; touch /tmp/x", "$(id)", "12\n13", "-1"):
         assert files.log_tail(job_id) == ""
+
+
+class _LocalShell:
+    """An ``SSHConnectionPool`` stand-in that runs each command in a local bash whose ``$HOME`` is ``home``:
+    the cluster's file system, for the job-folder commands."""
+
+    def __init__(self, home: Path):
+        self.home, self.commands = home, []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        return None
+
+    def run(self, command: str) -> str:
+        self.commands.append(command)
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=30,
+                              env={"HOME": str(self.home), "PATH": os.environ["PATH"]})
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+
+@pytest.mark.parametrize("remote_base", [None, "$HOME/jobs", "ABSOLUTE"])
+def test_the_job_folder_is_found_by_its_job_id_without_private_dagster_slurm_api(tmp_path, remote_base):
+    """dagster-slurm puts a job's script and ``slurm-<id>.out/.err`` in ``<remote_base>/runs/<run id>/<step>``
+    (``remote_base`` default ``$HOME/pipelines``): the log tail and the removal find that folder by the job id,
+    and touch nothing else; without a job id the removal is dagster-slurm's public deferred clean-up."""
+    home = tmp_path / "home"
+    if remote_base == "ABSOLUTE":
+        remote_base = str(tmp_path / "shared" / "ddr-jobs")
+    base = Path(str(remote_base or "$HOME/pipelines").replace("$HOME", str(home)))
+    run_id = "3f2b6c1e-8a4d-4c2b-9e1f-0123456789ab"
+    job_dir = base / "runs" / run_id / "priors__partition=tiny-raw_0-15"
+    other = base / "runs" / run_id / "dreams"
+    older_run = base / "runs" / "0f2b6c1e-8a4d-4c2b-9e1f-0123456789ab" / "priors"
+    for folder, job in ((job_dir, "123"), (other, "124"), (older_run, "123")):
+        folder.mkdir(parents=True)
+        (folder / f"slurm-{job}.out").write_text(f"JOB {job} ON node1\nline two\n")
+        (folder / f"slurm-{job}.err").write_text("oom-kill event\n")
+        (folder / "job.sh").write_text("#!/bin/bash\n")
+    shell = _LocalShell(home)
+    cleaned = []
+    compute = SimpleNamespace(slurm=SimpleNamespace(ssh="ssh-config"),
+                              cleanup_deferred_run_dir=lambda context: cleaned.append(context))
+    context = SimpleNamespace(run=SimpleNamespace(run_id=run_id), log=SimpleNamespace(warning=print))
+    files = slurm_module._JobFiles(compute, context, remote_base, pool_factory=lambda ssh: shell)
+
+    tail = files.log_tail("123")
+    assert "--- slurm-123.out (last 40 lines) ---\nJOB 123 ON node1\nline two" in tail
+    assert "--- slurm-123.err (last 40 lines) ---\noom-kill event" in tail
+    assert files.log_tail("999") == ""  # no such job in this run: nothing, and no error
+    files.remove("123")
+    assert not job_dir.exists() and other.is_dir() and older_run.is_dir()  # only this job's folder
+    assert cleaned == []
+    files.remove(None)  # never submitted: dagster-slurm's own (public) deferred clean-up
+    assert cleaned == [context]
+    assert not any("$(" in c or "`" in c for c in shell.commands)

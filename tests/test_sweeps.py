@@ -214,9 +214,9 @@ def test_other_settings_under_the_same_name_are_refused(sweep, data_layout):
 
 
 def test_dream_sweeps_asset(tiny_model_dir, tmp_path):
-    from dagster_project.resources import ComputeResource, DdrStorage
     from ddr_assets import ALL_ASSETS
     from ddr_core.records import make_record, write_record
+    from ddr_resources.resources import ComputeResource, DdrStorage
 
     storage = DdrStorage(data_root=str(tmp_path))
     layout = storage.layout

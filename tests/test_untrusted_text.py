@@ -94,9 +94,9 @@ def test_json_md_cannot_be_closed_by_its_content() -> None:
 
 def test_prompt_datasets_materialization_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real asset: a prompt dataset of hostile prompts; its metadata preview shows them as text."""
-    from dagster_project.resources import ComputeResource, DdrStorage
     from ddr_assets.provisioning import prompt_datasets
     from ddr_core.config import DEFAULT_CONFIG_PATH
+    from ddr_resources.resources import ComputeResource, DdrStorage
 
     prompts = tmp_path / "source" / "prompts.jsonl"
     prompts.parent.mkdir()

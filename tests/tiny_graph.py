@@ -6,8 +6,8 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagster_project.resources import ComputeResource, DdrStorage
 from ddr_assets import ALL_ASSETS
+from ddr_resources.resources import ComputeResource, DdrStorage
 
 
 def asset_def(name: str) -> dg.AssetsDefinition:

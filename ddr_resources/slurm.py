@@ -1,7 +1,7 @@
 """Run a GPU stage locally (in-process) or as a SLURM job through ``dagster-slurm``.
 
 Both ways call the same :func:`ddr_core.cluster_payload.run_stage`; the SLURM way submits the thin
-payload script ``dagster_project/slurm_payload.py`` (no Dagster import; it runs
+payload script ``ddr_resources/slurm_payload.py`` (no Dagster import; it runs
 ``ddr_core.cluster_payload.main`` in the cluster's pre-deployed venv) with the
 :class:`~ddr_core.cluster_payload.StageRequest` as a Dagster Pipes extra. Success needs both the job
 succeeding *and* the payload's own completion report for this invocation; otherwise a
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import shlex
 import uuid
@@ -227,50 +228,89 @@ def run_stage_locally(context: dg.AssetExecutionContext, request: StageRequest) 
         error_path(request.data_root, request.experiment, request.invocation_id).unlink(missing_ok=True)
 
 
-class _JobFiles:
-    """The remote folder of one dagster-slurm job (``<remote_base>/runs/<run_id>/<step>``): its log tail
-    (``slurm-<id>.out`` / ``.err``) for failures, then its removal.
+_JOB_ID = re.compile(r"[0-9]+(?:_[0-9]+)?")
+_RUN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|[0-9a-f]{32}")
 
-    dagster-slurm derives the folder from the run and the step, so two calls in one step (a run over
-    several variants) share it: the calls use ``defer_cleanup`` and the folder is removed here,
-    synchronously, after each call, instead of dagster-slurm's background ``rm -rf`` racing the next
-    upload.
+
+def remote_shell_path(path: str) -> str:
+    """A remote path as one shell word: a leading ``$HOME`` is left for the remote shell to expand (the
+    one ``$`` a :data:`~ddr_core.slurm_options.RemoteBase` may hold), the rest is quoted."""
+    if path.startswith("$HOME"):
+        rest = path[len("$HOME"):]
+        return '"$HOME"' + (shlex.quote(rest) if rest else "")
+    return shlex.quote(path)
+
+
+class _JobFiles:
+    """The remote folder of one dagster-slurm job, found through public configuration and the job id: its
+    log tail (``slurm-<id>.out`` / ``.err``) for failures, then its removal.
+
+    dagster-slurm gives every step its folder under ``<remote_base>/runs/<run id>/`` (``remote_base``:
+    ``DDR_SLURM_REMOTE_BASE``, unset: ``$HOME/pipelines``, dagster-slurm's default) and has the job write its
+    log there as ``slurm-<job id>.out``; job ids are unique, so the folder holding that file is the job's.
+    Two calls in one step (a run over several variants) share the folder: the calls use ``defer_cleanup``
+    and the folder is removed here, synchronously, after each call, instead of dagster-slurm's background
+    ``rm -rf`` racing the next upload. Without a job id (the job was never submitted) the step fails
+    anyway, so dagster-slurm's own deferred clean-up (:meth:`cleanup_deferred_run_dir`) removes it.
     """
 
-    def __init__(self, compute, context: dg.AssetExecutionContext, launcher):
-        self.client = compute.get_pipes_client(context, launcher=launcher)
-        self.context = context
+    def __init__(self, compute, context: dg.AssetExecutionContext, remote_base: str | None, *,
+                 pool_factory=None):
+        self.compute, self.context = compute, context
+        self.ssh = compute.slurm.ssh
+        run_id = context.run.run_id
+        if not _RUN_ID.fullmatch(run_id):
+            raise ValueError(f"run id {run_id!r} is not a Dagster run id")
+        self.runs_dir = f"{remote_base or '$HOME/pipelines'}/runs/{run_id}"
+        self.pool_factory = pool_factory
 
-    def _run_dir(self, pool) -> str:
-        run_id = self.context.run.run_id
-        return self.client._get_remote_run_dir(self.client._get_remote_base(run_id, pool), run_id,
-                                               self.context.op_execution_context)
+    def _pool(self):
+        if self.pool_factory is not None:
+            return self.pool_factory(self.ssh)
+        from dagster_slurm.helpers import SSHConnectionPool
+
+        return SSHConnectionPool(self.ssh)
+
+    def _job_dir(self, pool, job_id: str) -> str | None:
+        """The folder holding ``slurm-<job_id>.out`` one level below this run's folder, or None."""
+        found = pool.run(f"find {remote_shell_path(self.runs_dir)} -mindepth 2 -maxdepth 2 -type f "
+                         f"-name slurm-{job_id}.out -print -quit 2>/dev/null || true").strip().splitlines()
+        path = found[-1].strip() if found else ""
+        folder, name = posixpath.split(path)
+        run_id = self.runs_dir.rsplit("/", 1)[-1]
+        if name != f"slurm-{job_id}.out" or posixpath.basename(posixpath.dirname(folder)) != run_id:
+            return None
+        return folder
 
     def log_tail(self, job_id: str | None, lines: int = 40) -> str:
         """The last ``lines`` lines of the job's stdout and stderr files ('' when unreadable)."""
-        if not job_id or not re.fullmatch(r"[0-9]+(?:_[0-9]+)?", str(job_id)):  # a job id, nothing else
+        if not job_id or not _JOB_ID.fullmatch(str(job_id)):  # a job id, nothing else
             return ""
-        from dagster_slurm.helpers.ssh_pool import SSHConnectionPool
-
         try:
-            with SSHConnectionPool(self.client.slurm.ssh) as pool:
-                run_dir = self._run_dir(pool)
+            with self._pool() as pool:
+                folder = self._job_dir(pool, str(job_id))
+                if folder is None:
+                    return ""
                 parts = []
                 for suffix in ("out", "err"):
-                    path = shlex.quote(f"{run_dir}/slurm-{job_id}.{suffix}")
-                    text = pool.run(f"tail -n {lines} {path} 2>/dev/null || true").rstrip()
+                    path = shlex.quote(f"{folder}/slurm-{job_id}.{suffix}")
+                    text = pool.run(f"tail -n {int(lines)} {path} 2>/dev/null || true").rstrip()
                     if text:
                         parts.append(f"--- slurm-{job_id}.{suffix} (last {lines} lines) ---\n{text}")
                 return "\n".join(parts)
         except Exception as exc:  # the log is a diagnostic: never hide the job's own failure behind it
             return f"(could not read the job log over SSH: {exc})"
 
-    def remove(self) -> None:
-        from dagster_slurm.helpers.ssh_pool import SSHConnectionPool
-
+    def remove(self, job_id: str | None) -> None:
+        """Remove the job's folder now (job id known), else leave it to dagster-slurm's deferred clean-up."""
         try:
-            with SSHConnectionPool(self.client.slurm.ssh) as pool:
-                pool.run(f"rm -rf {shlex.quote(self._run_dir(pool))}")
+            if job_id and _JOB_ID.fullmatch(str(job_id)):
+                with self._pool() as pool:
+                    folder = self._job_dir(pool, str(job_id))
+                    if folder is not None:
+                        pool.run(f"rm -rf {shlex.quote(folder)}")
+                        return
+            self.compute.cleanup_deferred_run_dir(self.context)
         except Exception as exc:
             self.context.log.warning(f"could not remove the remote job folder: {exc}")
 
@@ -296,7 +336,7 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
     compute = compute or build_slurm_compute(settings)
     launcher = _directives_launcher_class()(sbatch_directives=job.sbatch_directives())
     report_file = report_path(local_data_root, request.experiment, request.invocation_id)
-    files = _JobFiles(compute, context, launcher) if hasattr(compute, "get_pipes_client") else None
+    files = _JobFiles(compute, context, settings.remote_base) if hasattr(compute, "slurm") else None
     context.log.info(f"submitting {request.stage} (invocation {request.invocation_id}) to SLURM "
                      f"{settings.user}@{settings.host}:{settings.port} with {job.extra_slurm_opts()}"
                      + (f" and {job.sbatch_directives()}" if job.sbatch_directives() else ""))
@@ -310,7 +350,7 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
         job_id = error.get("slurm_job_id") or (match.group(1) if match else None)
         log_tail = files.log_tail(job_id) if files else ""
         if files and not settings.keep_run_dirs:
-            files.remove()
+            files.remove(job_id)
         if error:
             cause = error.get("error")
         else:
@@ -326,18 +366,26 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
                                                                        "the job died before or outside the stage)")),
                       "job_log_tail": dg.MetadataValue.text(log_tail or "(empty)")},
         ) from exc
+    report = _read_report(report_file)
     if files and not settings.keep_run_dirs:
-        files.remove()
-    if not report_file.is_file():
+        files.remove((report or {}).get("slurm_job_id"))
+    if report is None:
         raise dg.Failure(description=f"the SLURM job for {request.stage} ended without its completion report "
                                      f"{report_file} (invocation {request.invocation_id}); not recording a "
                                      f"materialization. Either the job never ran the stage to its end (a cluster "
                                      f"without accounting lets the client take a vanished job for a finished "
                                      f"one) or the data root is not shared (DDR_SLURM_DATA_ROOT).",
                          metadata={"invocation_id": request.invocation_id})
-    report = json.loads(report_file.read_text(encoding="utf-8"))
     if report.get("invocation_id") != request.invocation_id:
         raise dg.Failure(description=f"completion report {report_file} belongs to another invocation")
     context.log.info(f"SLURM job {report.get('slurm_job_id')} finished {request.stage} in "
                      f"{report.get('seconds', 0):.1f}s on {report.get('host')}")
     return report
+
+
+def _read_report(path: Path) -> dict | None:
+    """The completion report at ``path``, or None when there is none."""
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text(encoding="utf-8"))
+    return report if isinstance(report, dict) else None
