@@ -76,7 +76,6 @@ from ddr_core.channel_store import finished_channels as store_finished_channels
 from ddr_core.config import config_hash
 from ddr_core.hooks import HookPoint
 from ddr_core.locks import claim_channels, format_channels, partition_lock, stage_locks_dir
-from ddr_core.priors import check_channels
 from ddr_core.regularisation import (
     LatentAugmentation,
     fourier_precondition,
@@ -86,6 +85,7 @@ from ddr_core.regularisation import (
     smoothing_sigma,
     total_variation,
 )
+from ddr_core.variant_inputs import load_variant_model, select_variant_channels
 
 LogFn = Callable[[str], None]
 TimestepKeyword = Literal["activity_peaks", "active_timesteps"]
@@ -1176,16 +1176,8 @@ def dreams_for_variant(
         ddr_core.basis.WeightsChangedError: the model / SAE was provisioned again with other weights since
             the variant's capture (its statistics describe the old ones).
     """
-    from ddr_core.basis import check_weights_match_capture, load_basis
-    from ddr_core.families import load_model
-
-    if variant not in project.variants:
-        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
-    device = torch.device(device)
-    spec = project.variants[variant]
-    layer_name = project.layer_of(variant)
-    what = f"variant {variant!r} ({spec.basis} basis of layer {layer_name!r})"
-    selected = list(range(spec.width)) if channels is None else check_channels(channels, spec.width, what)
+    variant_channels = select_variant_channels(project, variant, channels)
+    spec, layer_name, selected = variant_channels.spec, variant_channels.layer_name, variant_channels.channels
     stats_dir = layout.timestep_stats_dir(variant)
     out_dir = layout.stage_dir(stage, variant)
     priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
@@ -1211,10 +1203,7 @@ def dreams_for_variant(
                 f"{priors_dir}: materialize {', '.join(blocks)} first, or set use_prior: false to start dreams "
                 f"from seeded noise"
             )
-    check_weights_match_capture(project, layout, variant)
-    layout.check_output_folder(out_dir, "dreams folder")  # before the model loads
-    model = load_model(layout.model_dir(spec.model), device=device, dtype=config.torch_dtype())
-    basis = load_basis(project, layout, variant, model, device)
+    model, basis = load_variant_model(project, layout, variant, out_dir, "dreams folder", device, config.dtype)
     result = run_dreams(
         model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
