@@ -1,5 +1,4 @@
-"""The dreams stage for one variant of the project configuration (:func:`dreams_for_variant`).
-"""
+"""The dreams stage for one variant of the project configuration (:func:`dreams_for_variant`)."""
 
 from __future__ import annotations
 

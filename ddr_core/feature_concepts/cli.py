@@ -1,5 +1,4 @@
-"""``python -m ddr_core.feature_concepts``: write labelled prompts, score a variant, record a baseline.
-"""
+"""``python -m ddr_core.feature_concepts``: write labelled prompts, score a variant, record a baseline."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Parameters of the feature-concepts scores (:class:`FeatureConceptsConfig`) and the names of its outputs.
-"""
+"""Parameters of the feature-concepts scores (:class:`FeatureConceptsConfig`) and the names of its outputs."""
 
 from __future__ import annotations
 

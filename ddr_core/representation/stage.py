@@ -1,5 +1,4 @@
-"""The representation stage for one variant (:func:`representation_for_variant`).
-"""
+"""The representation stage for one variant (:func:`representation_for_variant`)."""
 
 from __future__ import annotations
 
