@@ -93,6 +93,7 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
 )
 from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
+from ddr_core.variant_inputs import channel_list, check_channels, load_variant_model, select_variant_channels
 
 LogFn = Callable[[str], None]
 TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks"]
@@ -153,10 +154,6 @@ class PriorsConfig(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 
-def _channel_list(channels: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:
-    return [int(c) for c in torch.as_tensor(channels, dtype=torch.long).flatten().tolist()]
-
-
 def _stats_width(summary: dict[str, Any], stats_dir: Path, channels: list[int]) -> int:
     width = int(summary["width"])
     bad = [c for c in channels if not 0 <= c < width]
@@ -171,7 +168,7 @@ def _stats_width(summary: dict[str, Any], stats_dir: Path, channels: list[int]) 
 def channel_is_active(stats_dir: str | Path, channels: Sequence[int]) -> np.ndarray:
     """``(len(channels),)`` bool: whether each channel has any active timestep in the statistics."""
     stats_dir = Path(stats_dir)
-    channels = _channel_list(channels)
+    channels = channel_list(channels)
     _stats_width(read_summary(stats_dir), stats_dir, channels)
     active = set(
         pl.scan_parquet(stats_dir / "active_timesteps.parquet")
@@ -218,7 +215,7 @@ def steering_schedule(
         )
     stats_dir = Path(stats_dir)
     summary = read_summary(stats_dir)
-    channels = _channel_list(channels)
+    channels = channel_list(channels)
     _stats_width(summary, stats_dir, channels)
     profile_length = int(summary["config"]["total_timesteps"])
     if profile_length != num_train_timesteps:
@@ -423,22 +420,6 @@ class PriorsResult:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 3) if self.images else None,
         }
-
-
-def check_channels(channels: Sequence[int], n_features: int, what: str) -> list[int]:
-    """Channels as a list of ints (duplicates dropped, order kept), all in ``[0, n_features)``.
-
-    Raises:
-        IndexError: naming the channels out of range and the valid range.
-    """
-    channels = list(dict.fromkeys(_channel_list(channels)))
-    bad = [c for c in channels if not 0 <= c < n_features]
-    if bad:
-        raise IndexError(
-            f"channel index(es) {bad} out of range: {what} has {n_features} channels, "
-            f"valid indices are 0..{n_features - 1}"
-        )
-    return channels
 
 
 def _relative(path: Path, data_root: Path) -> str:
@@ -656,16 +637,8 @@ def priors_for_variant(
         ddr_core.basis.WeightsChangedError: the model / SAE was provisioned again with other weights since
             the variant's capture (its statistics describe the old ones).
     """
-    from ddr_core.activations import resolve_dtype
-    from ddr_core.basis import check_weights_match_capture, load_basis
-    from ddr_core.families import load_model
-
-    if variant not in project.variants:
-        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
-    spec = project.variants[variant]
-    layer_name = project.layer_of(variant)
-    what = f"variant {variant!r} ({spec.basis} basis of layer {layer_name!r})"
-    selected = list(range(spec.width)) if channels is None else check_channels(channels, spec.width, what)
+    variant_channels = select_variant_channels(project, variant, channels)
+    layer_name, selected = variant_channels.layer_name, variant_channels.channels
     stats_dir = layout.timestep_stats_dir(variant)
     try:
         read_summary(stats_dir)  # fail before loading the model when the statistics are missing
@@ -676,11 +649,8 @@ def priors_for_variant(
             f"--partition {variant}`)"
         ) from None
 
-    check_weights_match_capture(project, layout, variant)
-    layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
-    device = torch.device(device)
-    model = load_model(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
-    model.read_layer_as(layer_name, project.hook_of(variant))
-    return run_priors(model, load_basis(project, layout, variant, model, device), layer_name, stats_dir, selected,
-                      layout.stage_dir("priors", variant), config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
+    out_dir = layout.stage_dir("priors", variant)
+    model, basis = load_variant_model(project, layout, variant, out_dir, "priors folder", device, config.dtype)
+    return run_priors(model, basis, layer_name, stats_dir, selected, out_dir, config, layout.data_root, log=log,
+                      stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -70,6 +70,7 @@ from ddr_core.layer_vectors import (  # noqa: F401 - the collection API, re-expo
     write_vector_batch,
 )
 from ddr_core.sae import FOLDER_PREFIX, Sae, SaeConfig, save_sae
+from ddr_core.variant_inputs import variant_spec
 
 LogFn = Callable[[str], None]
 
@@ -99,9 +100,7 @@ def capture_vectors_for_variant(
     from ddr_core.catalog import provision_entry
     from ddr_core.paths import DataLayout
 
-    if variant not in project.variants:
-        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
-    spec = project.variants[variant]
+    spec = variant_spec(project, variant)
     if spec.basis != "raw":
         raise ValueError(f"variant {variant!r} has basis {spec.basis!r}; SAE training data comes from the raw "
                          f"layer: pass the raw variant of the same model and layer")

@@ -111,13 +111,11 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
 # ------------------------------------------------------------------------------------------- split
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
-    from ddr_core.priors import check_channels
+    from ddr_core.variant_inputs import check_channels, variant_spec
 
     project, _ = _context(request)
     variant = request.args["variant"]
-    if variant not in project.variants:
-        raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
-    width = project.variants[variant].width
+    width = variant_spec(project, variant).width
     channels = request.args.get("channels")
     if channels is None:
         return list(range(width))

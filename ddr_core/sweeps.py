@@ -41,17 +41,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json
-from ddr_core.channel_store import channel_name
-from ddr_core.dreams import (
-    DREAM_FILE,
-    QUALITY_FILE,
-    DreamConfig,
-    channel_dir,
-    finished_channels,
-    measure_dream_quality,
-    run_dreams,
-    timestep_dir_name,
-)
+from ddr_core.channel_store import DREAM_FILE, channel_dir, channel_name, timestep_dir_name
+from ddr_core.dreams import QUALITY_FILE, DreamConfig, finished_channels, measure_dream_quality, run_dreams
 from ddr_core.paths import UnsafePathError, check_name
 
 LogFn = Callable[[str], None]

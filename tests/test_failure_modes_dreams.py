@@ -27,11 +27,12 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from ddr_assets.dreams import quality_check
-from ddr_core import atomic, dreams
+from ddr_core import atomic
 from ddr_core.config import ProjectConfig
 from ddr_core.dreams import (
     DreamConfig,
     DreamObjective,
+    channel_files,
     dreams_for_variant,
     finished_channels,
     measure_dream_quality,
@@ -90,6 +91,7 @@ STALLED_RUN = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     import ddr_core.dreams as dreams
+    import ddr_core.dreams.channel_files as dream_files
     import ddr_core.priors as priors
     from ddr_core.pipeline import load_pipeline
     from ddr_core.tiny_model import TINY_TARGET_LAYER
@@ -115,7 +117,7 @@ STALLED_RUN = textwrap.dedent("""
         priors.run_priors(pipe, None, TINY_TARGET_LAYER, Path(args["stats"]), args["channels"], Path(args["out"]),
                           priors.PriorsConfig(**args["config"]), Path(args["root"]), lock_owner="run A")
     else:
-        dreams.atomic_dir = stalling(dreams.atomic_dir)
+        dream_files.atomic_dir = stalling(dream_files.atomic_dir)
         config = dreams.DreamConfig(**args["config"])
         dreams.run_dreams(pipe, None, TINY_TARGET_LAYER, Path(args["stats"]), Path(args["priors"]),
                           args["channels"], Path(args["out"]), config, data_root=Path(args["root"]),
@@ -287,14 +289,14 @@ def test_disk_full_while_writing_a_dream_keeps_finished_channels(tiny_pipe, tmp_
                          batch_size=1, quality_noise_draws=1)
     out = tmp_path / "dreams"
     if where == "safetensors writer":
-        real_save = dreams.save_file
+        real_save = channel_files.save_file
 
         def save_file(tensors, filename, *args, **kwargs):
             if ".channel_00001.tmp-" in str(filename):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
             return real_save(tensors, filename, *args, **kwargs)
 
-        monkeypatch.setattr(dreams, "save_file", save_file)
+        monkeypatch.setattr(channel_files, "save_file", save_file)
     else:
         monkeypatch.setattr(atomic, "os", FailingOs("channel_00001"))
     with pytest.raises(OSError) as error:

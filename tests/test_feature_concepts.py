@@ -31,13 +31,13 @@ from ddr_core.feature_concepts import (
     feature_concepts_for_variant,
     label_parser,
     load_baseline,
-    main,
     markdown_table,
     prompt_labels,
     read_feature_concepts,
     top_examples,
     write_labelled_prompts,
 )
+from ddr_core.feature_concepts.cli import main
 from ddr_core.paths import DataLayout
 from ddr_core.toy_world import COLOUR_RGB, world_prompts
 from tests.markdown_check import rendered_text

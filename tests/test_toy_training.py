@@ -23,9 +23,9 @@ from ddr_core.toy_training import (
     agreement_from_predictions,
     build_toy_scheduler,
     evaluation_prompts,
-    main,
     train_toy_model,
 )
+from ddr_core.toy_training.cli import main
 from ddr_core.toy_world import world_prompts
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[1] / "models" / "toy-world"
@@ -241,7 +241,7 @@ def test_shipped_model_is_small_safe_and_draws_what_it_is_asked(one_thread) -> N
 def test_reproduction_check_compares_quality_figures_and_weights(tmp_path, capsys):
     import shutil
 
-    from ddr_core.toy_training import REPORT_FILENAME, compare_with_shipped, main, quality_figures
+    from ddr_core.toy_training import REPORT_FILENAME, compare_with_shipped, quality_figures
 
     shipped = Path(__file__).resolve().parents[1] / "models" / "toy-world"
     figures = quality_figures(json.loads((shipped / REPORT_FILENAME).read_text()))

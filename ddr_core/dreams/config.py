@@ -1,0 +1,168 @@
+"""Parameters of the deep-dream stage (:class:`DreamConfig`) and what each batch element maximises
+(:class:`DreamObjective`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from ddr_core.basis import Basis, RawChannels, TopKSaeBasis
+from ddr_core.config import config_hash
+from ddr_core.regularisation import LatentAugmentation
+
+LogFn = Callable[[str], None]
+TimestepKeyword = Literal["activity_peaks", "active_timesteps"]
+TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps")
+DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
+STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
+
+
+class DreamConfig(BaseModel):
+    """Parameters of the deep-dream stage (defaults as in the thesis' final deep-dream run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    timesteps: list[int | TimestepKeyword] = Field(
+        default_factory=lambda: [0, "activity_peaks"], min_length=1,
+        description="fixed timesteps and/or 'activity_peaks' / 'active_timesteps' (from the timestep stats)",
+    )
+    use_just_one_timestep: bool = Field(False, description="only the first resolved timestep per channel")
+    use_prior: bool = Field(True, description="start from the priors' latents; else from seeded noise")
+    n_results: int = Field(5, ge=1, le=1024, description="dreams per (channel, timestep): seeds / priors used")
+    seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1,
+                             description="noise seeds when use_prior is false")
+    num_steps: int = Field(100, ge=1, le=100_000, description="optimisation steps")
+    learning_rate: float = Field(0.05, gt=0.0, le=10.0)
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay")
+    see_through_schedule_noise: bool = Field(True, description="add the scheduler's noise for t each step")
+    total_variation_weight: float = Field(0.5, ge=0.0)
+    range_penalty_weight: float = Field(0.5, ge=0.0)
+    range_penalty_threshold: float = Field(3.0, gt=0.0)
+    moment_penalty_weight: float = Field(0.0, ge=0.0)
+    fourier_preconditioning: bool = Field(True, description="scale gradient spectrum by 1/(|f|+1)")
+    gradient_smoothing_kernel_size: int = Field(9, ge=1, le=63)
+    gradient_smoothing_sigma_start: float = Field(0.5, ge=0.0)
+    gradient_smoothing_sigma_end: float = Field(0.0, ge=0.0)
+    augmentation_level: int = Field(1, ge=0, le=3, description="preset: jitter/rotate/scale 0-3")
+    jitter_max: int | None = Field(None, ge=0, le=256, description="overrides the preset (latent pixels)")
+    rotate_max: float | None = Field(None, ge=0.0, le=180.0, description="overrides the preset (degrees)")
+    scale_max: float | None = Field(None, ge=1.0, le=4.0, description="overrides the preset (zoom)")
+    snapshot_every: int = Field(10, ge=0, description="snapshot image + stats every n steps; 0: none")
+    quality_noise_draws: int = Field(4, ge=1, le=64, description="noise draws averaged by the quality check")
+    batch_size: int = Field(16, ge=1, le=4096, description="(channel, timestep, seed) elements per optimisation batch")
+    random_seed: int = Field(0, ge=0, description="base seed of augmentation and noise draws")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="UNet dtype of the forward pass (latents stay float32)"
+    )
+
+    @field_validator("timesteps", mode="before")
+    @classmethod
+    def _known_timesteps(cls, value: Any) -> Any:
+        if not isinstance(value, list | tuple):
+            raise ValueError("timesteps must be a list of integers and/or 'activity_peaks' / 'active_timesteps'")
+        # integers may come as strings (Dagster run config holds the list as strings)
+        value = [int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v for v in value]
+        for item in value:
+            if isinstance(item, bool) or (not isinstance(item, int | str)):
+                raise ValueError(f"timesteps: {item!r} is neither an integer timestep nor a keyword")
+            if isinstance(item, str) and item not in TIMESTEP_KEYWORDS:
+                raise ValueError(
+                    f"timesteps: unknown keyword {item!r}; use an integer timestep or one of {list(TIMESTEP_KEYWORDS)}"
+                )
+            if isinstance(item, int) and item < 0:
+                raise ValueError(f"timesteps: {item} is negative; timesteps lie in 0..num_train_timesteps-1")
+        return list(value)
+
+    @field_validator("gradient_smoothing_kernel_size")
+    @classmethod
+    def _odd_kernel(cls, value: int) -> int:
+        if value % 2 == 0:
+            raise ValueError(f"gradient_smoothing_kernel_size must be odd, got {value}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds must be unique, got {value}")
+        if any(seed < 0 for seed in value):
+            raise ValueError(f"seeds must be >= 0, got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_seeds(self) -> DreamConfig:
+        if not self.use_prior and self.n_results > len(self.seeds):
+            raise ValueError(
+                f"n_results={self.n_results} needs at least as many seeds (use_prior is false), got "
+                f"{len(self.seeds)}: add seeds or lower n_results"
+            )
+        return self
+
+    def augmentation(self) -> LatentAugmentation:
+        """The preset of ``augmentation_level`` with the explicit overrides applied."""
+        return LatentAugmentation.preset(
+            self.augmentation_level, self.jitter_max, self.rotate_max, self.scale_max
+        )
+
+    def torch_dtype(self) -> torch.dtype:
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
+
+    def config_hash(self) -> str:
+        return config_hash(self.model_dump(mode="json"))
+
+
+@dataclass(frozen=True)
+class DreamObjective:
+    """What each batch element maximises: a unit of the variant's basis (:mod:`ddr_core.basis`): a raw
+    channel, or an SAE feature's pre-top-k activation (only the encoder rows of the chosen features are
+    computed), averaged over positions.
+
+    Attributes:
+        channels: ``(batch,)`` long: channel (raw) or feature index (SAE) per element.
+        basis: the variant's :class:`~ddr_core.basis.Basis` (default: raw channels).
+    """
+
+    channels: torch.Tensor
+    basis: Basis = field(default_factory=lambda: RawChannels(None))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "channels", torch.as_tensor(self.channels, dtype=torch.long).flatten())
+
+    @classmethod
+    def raw(cls, channels: Sequence[int] | torch.Tensor) -> DreamObjective:
+        return cls(torch.as_tensor(channels, dtype=torch.long))
+
+    @classmethod
+    def sae_features(cls, sae: nn.Module, features: Sequence[int] | torch.Tensor) -> DreamObjective:
+        return cls(torch.as_tensor(features, dtype=torch.long), TopKSaeBasis(sae))
+
+    def __len__(self) -> int:
+        return int(self.channels.numel())
+
+    def select(self, rows: torch.Tensor | Sequence[int]) -> DreamObjective:
+        """The objective of a subset of elements."""
+        return DreamObjective(self.channels[torch.as_tensor(rows, dtype=torch.long)], self.basis)
+
+    def activations(self, layer_output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Spatial-mean activation of each element's unit.
+
+        Args:
+            layer_output: ``(n, C, H, W)`` or ``(n, positions, C)`` output of the layer.
+            rows: which elements of the objective the ``n`` outputs belong to (default: all).
+
+        Returns:
+            ``(n,)`` float32, differentiable.
+        """
+        from ddr_core.hooks import activation_tokens
+
+        channels = self.channels if rows is None else self.channels[rows.to(self.channels.device)]
+        tokens = activation_tokens(layer_output).float()  # (n, N, C)
+        if tokens.shape[0] != channels.numel():
+            raise ValueError(f"layer batch {tokens.shape[0]} != {channels.numel()} objective elements")
+        return self.basis.unit_activations(tokens, channels)

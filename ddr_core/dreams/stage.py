@@ -1,0 +1,84 @@
+"""The dreams stage for one variant of the project configuration (:func:`dreams_for_variant`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ddr_core.channel_store import prior_record_path
+from ddr_core.dreams.channel_files import finished_channels
+from ddr_core.dreams.config import DreamConfig, LogFn
+from ddr_core.dreams.quality import QUALITY_FILE, measure_dream_quality
+from ddr_core.dreams.run import DreamsResult, run_dreams
+from ddr_core.locks import format_channels
+from ddr_core.variant_inputs import load_variant_model, select_variant_channels
+
+
+def dreams_for_variant(
+    project: Any,
+    layout: Any,
+    variant: str,
+    channels: Sequence[int] | None,
+    config: DreamConfig,
+    device: torch.device | str,
+    log: LogFn | None = None,
+    stop_after_channels: int | None = None,
+    stage: str = "dreams",
+    lock_wait: bool | float = False,
+    lock_owner: str = "",
+) -> DreamsResult:
+    """Dream the channels of one variant: reads its priors and timestep statistics, writes
+    ``layout.stage_dir(stage, variant)`` and its ``quality.parquet`` (``stage`` is ``dreams``, or
+    ``dreams_no_noise`` for the run without schedule noise).
+
+    Checks before optimising: the channel range and the upstream stages (the statistics tables the
+    timestep keywords need, and, with ``use_prior``, a finished prior for every channel still to dream:
+    the error names ``timestep_stats[<variant>]`` / ``priors[<block>]`` to materialize), then the model
+    folder, the layer, the SAE's ``d_in`` and the variant's width. ``channels=None`` means every
+    channel of the variant. ``lock_wait``/``lock_owner``: see :func:`run_dreams`.
+
+    Raises:
+        IndexError: a channel outside the variant's declared width (before the model is loaded).
+        FileNotFoundError: an upstream stage is missing (before the model is loaded).
+        ChannelsLockedError: another live run is writing some of the channels.
+        ddr_core.basis.WeightsChangedError: the model / SAE was provisioned again with other weights since
+            the variant's capture (its statistics describe the old ones).
+    """
+    variant_channels = select_variant_channels(project, variant, channels)
+    spec, layer_name, selected = variant_channels.spec, variant_channels.layer_name, variant_channels.channels
+    stats_dir = layout.timestep_stats_dir(variant)
+    out_dir = layout.stage_dir(stage, variant)
+    priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
+    # The upstream stages, before the model is loaded; nothing is written when they are missing.
+    keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
+    absent = [k for k in keywords if not (stats_dir / f"{k}.parquet").is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / f'{absent[0]}.parquet'} "
+            f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
+            f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
+            f"integer timesteps only"
+        )
+    if priors_dir is not None:
+        finished = finished_channels(out_dir)
+        missing = [c for c in selected
+                   if c not in finished and not prior_record_path(priors_dir, c).is_file()]
+        if missing:
+            blocks = [f"priors[{variant}:{first}-{last}]" for first, last in spec.channel_blocks()
+                      if any(first <= c <= last for c in missing)]
+            raise FileNotFoundError(
+                f"no finished priors for channel(s) {format_channels(missing)} of variant {variant!r} in "
+                f"{priors_dir}: materialize {', '.join(blocks)} first, or set use_prior: false to start dreams "
+                f"from seeded noise"
+            )
+    model, basis = load_variant_model(project, layout, variant, out_dir, "dreams folder", device, config.dtype)
+    result = run_dreams(
+        model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
+        data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
+        lock_wait=lock_wait, lock_owner=lock_owner,
+    )
+    result.quality = measure_dream_quality(model, basis, layer_name, out_dir, stats_dir, config, channels=selected)
+    result.quality_path = out_dir / QUALITY_FILE
+    return result

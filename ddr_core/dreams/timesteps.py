@@ -1,0 +1,63 @@
+"""The timesteps a channel is dreamed at: integers of the config and the keywords ``activity_peaks`` /
+``active_timesteps`` expanded from the timestep statistics.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+from ddr_core.dreams.config import TIMESTEP_KEYWORDS
+
+
+@functools.lru_cache(maxsize=8)
+def _timestep_table(path: str, mtime_ns: int, kind: str) -> dict[int, list[int]]:
+    frame = pl.read_parquet(path)
+    if kind == "activity_peaks":
+        frame = frame.sort(["channel", "peak_rank"])
+    else:
+        frame = frame.sort(["channel", "timestep"])
+    grouped = frame.group_by("channel", maintain_order=True).agg(pl.col("timestep"))
+    return {int(c): [int(t) for t in ts] for c, ts in zip(grouped["channel"], grouped["timestep"], strict=True)}
+
+
+def _load_timestep_table(stats_dir: Path, kind: str) -> dict[int, list[int]]:
+    path = Path(stats_dir) / f"{kind}.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: the dream timesteps use {kind!r}, which comes from the timestep statistics; "
+            f"compute the timestep_stats stage for this variant first, or use integer timesteps only"
+        )
+    return _timestep_table(str(path.resolve()), path.stat().st_mtime_ns, kind)
+
+
+def resolve_dream_timesteps(
+    stats_dir: str | Path | None, channel: int, spec: Sequence[int | str]
+) -> list[int]:
+    """The timesteps to dream ``channel`` at: ``spec``'s integers plus its keywords expanded.
+
+    ``activity_peaks`` adds the channel's peaks (highest first), ``active_timesteps`` every timestep
+    where its activity profile is > 0 (ascending). Order follows ``spec``; duplicates are dropped.
+    A channel without peaks / active timesteps contributes none for that keyword.
+
+    Raises:
+        FileNotFoundError: a keyword is used but its table is missing from ``stats_dir``.
+        ValueError: an unknown keyword.
+    """
+    resolved: list[int] = []
+    for item in spec:
+        if isinstance(item, str):
+            if item not in TIMESTEP_KEYWORDS:
+                raise ValueError(f"unknown timestep keyword {item!r}; use one of {list(TIMESTEP_KEYWORDS)}")
+            if stats_dir is None:
+                raise FileNotFoundError(f"timestep keyword {item!r} needs the timestep statistics folder")
+            values = _load_timestep_table(Path(stats_dir), item).get(int(channel), [])
+        else:
+            values = [int(item)]
+        for value in values:
+            if value not in resolved:
+                resolved.append(value)
+    return resolved
