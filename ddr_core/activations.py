@@ -216,6 +216,10 @@ def check_capture_sizes(model: Any, height: int, width: int, num_inference_steps
         if value % scale:
             raise ValueError(f"capture {name} {value} is not a multiple of the model's VAE scale factor {scale}: "
                              f"use {value // scale * scale or scale} or {value // scale * scale + scale}")
+    try:  # a family's own size rule (FLUX: multiples of 16 pixels, for its 2x2 latent patches)
+        model.latent_shape(height, width)
+    except ValueError as error:
+        raise ValueError(f"capture size {height}x{width}: {error}") from None
     train_steps = model.num_train_timesteps
     if num_inference_steps > train_steps:
         raise ValueError(f"capture num_inference_steps {num_inference_steps} exceeds the scheduler's "

@@ -15,6 +15,8 @@ BUILTINS: dict[str, str] = {
     "tiny": "ddr_core.tiny_model:build_tiny_pipeline",
     "tiny-sae": "ddr_core.tiny_model:build_tiny_sae",
     "tiny-prompts": "ddr_core.tiny_model:build_tiny_prompts",
+    "tiny-flux": "ddr_core.families.flux:build_tiny_flux",
+    "tiny-flux-sae": "ddr_core.families.flux:build_tiny_flux_sae",
 }
 """Builtin name -> ``module:function`` building it into a folder."""
 

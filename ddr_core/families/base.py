@@ -174,8 +174,12 @@ class ModelFamily(ABC):
         """Length of every per-timestep profile: timesteps are integers in ``[0, num_train_timesteps)``."""
 
     @abstractmethod
-    def scheduler_timesteps(self, num_inference_steps: int) -> list[int]:
-        """A generation's timesteps in denoising order (on the integer scale above)."""
+    def scheduler_timesteps(self, num_inference_steps: int, height: int | None = None,
+                            width: int | None = None) -> list[int]:
+        """A generation's timesteps in denoising order (on the integer scale above), as the tracker records them.
+
+        ``height`` / ``width`` (pixels; default :attr:`default_size`) matter only to a family whose schedule
+        depends on the image size (FLUX.1-dev's resolution-dependent shift); others ignore them."""
 
     @abstractmethod
     def track_timesteps(self) -> Any:
