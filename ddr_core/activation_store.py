@@ -552,7 +552,9 @@ class ActivationStore:
             with safe_open(str(path), framework="numpy") as handle:
                 if half not in handle.keys():
                     raise ActivationStoreError(
-                        f"{path} has no {half!r} activations (the capture did not record that half)"
+                        f"{path} has no {half!r} activations (the capture did not record that half: guidance "
+                        "was off (guidance_scale <= 1), keep_unconditional was false, or the model has no "
+                        "classifier-free guidance at all, as FLUX.1); analyse half='conditional'"
                     )
                 yield (
                     handle.get_tensor("generation_ids").astype(np.int64),

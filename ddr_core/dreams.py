@@ -88,8 +88,11 @@ from ddr_core.regularisation import (
 )
 
 LogFn = Callable[[str], None]
-TimestepKeyword = Literal["activity_peaks", "active_timesteps"]
-TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps")
+TimestepKeyword = Literal["activity_peaks", "active_timesteps", "observed_peaks"]
+TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps", "observed_peaks")
+_KEYWORD_TABLES: dict[str, str] = {"activity_peaks": "activity_peaks", "active_timesteps": "active_timesteps",
+                                   "observed_peaks": "activity_peaks"}
+"""Timestep keyword -> the statistics table (``<name>.parquet``) it is read from."""
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 QUALITY_FILE = "quality.parquet"
 QUALITY_LOCK_FILE = "quality.lock"
@@ -108,7 +111,8 @@ class DreamConfig(BaseModel):
 
     timesteps: list[int | TimestepKeyword] = Field(
         default_factory=lambda: [0, "activity_peaks"], min_length=1,
-        description="fixed timesteps and/or 'activity_peaks' / 'active_timesteps' (from the timestep stats)",
+        description="fixed timesteps and/or 'activity_peaks' / 'active_timesteps' / 'observed_peaks' (from the "
+                    "timestep stats)",
     )
     use_just_one_timestep: bool = Field(False, description="only the first resolved timestep per channel")
     use_prior: bool = Field(True, description="start from the priors' latents; else from seeded noise")
@@ -143,7 +147,8 @@ class DreamConfig(BaseModel):
     @classmethod
     def _known_timesteps(cls, value: Any) -> Any:
         if not isinstance(value, list | tuple):
-            raise ValueError("timesteps must be a list of integers and/or 'activity_peaks' / 'active_timesteps'")
+            raise ValueError("timesteps must be a list of integers and/or 'activity_peaks' / 'active_timesteps' / "
+                             "'observed_peaks'")
         # integers may come as strings (Dagster run config holds the list as strings)
         value = [int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v for v in value]
         for item in value:
@@ -506,7 +511,9 @@ def measure_activations(
 @functools.lru_cache(maxsize=8)
 def _timestep_table(path: str, mtime_ns: int, kind: str) -> dict[int, list[int]]:
     frame = pl.read_parquet(path)
-    if kind == "activity_peaks":
+    if kind == "observed_peaks":  # the observed timestep nearest each peak (a step the model really ran)
+        frame = frame.sort(["channel", "peak_rank"]).select("channel", pl.col("observed_timestep").alias("timestep"))
+    elif kind == "activity_peaks":
         frame = frame.sort(["channel", "peak_rank"])
     else:
         frame = frame.sort(["channel", "timestep"])
@@ -515,7 +522,7 @@ def _timestep_table(path: str, mtime_ns: int, kind: str) -> dict[int, list[int]]
 
 
 def _load_timestep_table(stats_dir: Path, kind: str) -> dict[int, list[int]]:
-    path = Path(stats_dir) / f"{kind}.parquet"
+    path = Path(stats_dir) / f"{_KEYWORD_TABLES.get(kind, kind)}.parquet"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: the dream timesteps use {kind!r}, which comes from the timestep statistics; "
@@ -529,8 +536,11 @@ def resolve_dream_timesteps(
 ) -> list[int]:
     """The timesteps to dream ``channel`` at: ``spec``'s integers plus its keywords expanded.
 
-    ``activity_peaks`` adds the channel's peaks (highest first), ``active_timesteps`` every timestep
-    where its activity profile is > 0 (ascending). Order follows ``spec``; duplicates are dropped.
+    ``activity_peaks`` adds the channel's peaks (highest first), ``observed_peaks`` the observed (capture)
+    timestep nearest each peak (highest peak first; for a few-step model such as FLUX.1-schnell, whose profile
+    is interpolated between 1-4 observed timesteps, a plateau's middle is often a timestep the model never ran
+    at), ``active_timesteps`` every timestep where its activity profile is > 0 (ascending). Order follows
+    ``spec``; duplicates are dropped.
     A channel without peaks / active timesteps contributes none for that keyword.
 
     Raises:
@@ -1191,10 +1201,10 @@ def dreams_for_variant(
     priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
     # The upstream stages, before the model is loaded; nothing is written when they are missing.
     keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
-    absent = [k for k in keywords if not (stats_dir / f"{k}.parquet").is_file()]
+    absent = [k for k in keywords if not (stats_dir / f"{_KEYWORD_TABLES.get(k, k)}.parquet").is_file()]
     if absent:
         raise FileNotFoundError(
-            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / f'{absent[0]}.parquet'} "
+            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / (_KEYWORD_TABLES.get(absent[0], absent[0]) + '.parquet')} "
             f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
             f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
             f"integer timesteps only"

@@ -52,7 +52,9 @@ def test_packing_round_trips_and_matches_the_pipeline() -> None:
     assert torch.equal(unpack_latents(tokens, 6, 10), FluxPipeline._unpack_latents(tokens, 48, 80, 8))
     # token i*5 + j is the 2x2 patch at row i, column j (row-major), and img_ids say so
     assert torch.equal(tokens[:, 1 * 5 + 2].reshape(3, 16, 2, 2), latents[:, :, 2:4, 4:6])
-    assert torch.equal(latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(3, 3, 5, "cpu", torch.float32))
+    assert torch.equal(
+        latent_image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(3, 3, 5, "cpu", torch.float32)
+    )
     with pytest.raises(ValueError, match="even height and width"):
         pack_latents(torch.zeros(1, 16, 5, 4))
 
@@ -84,7 +86,12 @@ def test_the_tiny_flux_folder_loads_as_the_flux_family(flux_dir: Path, flux: Flu
 def test_layer_width_is_the_hidden_size(flux: FluxFamily) -> None:
     hidden = TinyFluxConfig().hidden_size
     assert hidden == 32
-    for layer in ("transformer_blocks.0", TINY_FLUX_LAYER, "single_transformer_blocks.1", f"{TINY_FLUX_LAYER}.residual"):
+    for layer in (
+        "transformer_blocks.0",
+        TINY_FLUX_LAYER,
+        "single_transformer_blocks.1",
+        f"{TINY_FLUX_LAYER}.residual",
+    ):
         assert flux.layer_width(layer) == hidden
     with pytest.raises(ValueError, match="applies to a FLUX transformer block"):
         flux.hook_point("x_embedder.residual")
@@ -111,7 +118,11 @@ def test_the_hook_point_selects_and_replaces_only_the_image_tokens(flux: FluxFam
     sample = flux.initial_latents([3], 64, 32)
     io = _block_io(flux, layer, sample, conditioning)
     text, image = io["output"]
-    assert text.shape == (1, flux.max_sequence_length, 32) and image.shape == (1, 4 * 2, 32)  # (64/16)x(32/16)
+    assert text.shape == (1, flux.max_sequence_length, 32) and image.shape == (
+        1,
+        4 * 2,
+        32,
+    )  # (64/16)x(32/16)
     point = flux.hook_point(layer)
     assert torch.equal(point.read((), {"hidden_states": io["input"]}, io["output"]), image)
     written = point.write((), {}, io["output"], torch.zeros_like(image))
@@ -129,17 +140,37 @@ def test_one_step_generation_tracks_the_mapped_timestep_and_reads_image_tokens(f
     assert flux.scheduler_timesteps(1) == [999]
     assert flux.scheduler_timesteps(4) == [999, 750, 500, 250]
     latents = flux.initial_latents([1, 2], 64, 64)
-    with flux.track_timesteps() as tracker, capture_activations(
-        flux.hook_point(TINY_FLUX_LAYER), tracker, {"mean": lambda tokens: tokens.mean(dim=1)}, cfg=False,
-    ) as recording, torch.inference_mode():
-        images = flux.generate(prompts=["a red circle", "a blue star"], latents=latents, height=64, width=64,
-                               num_inference_steps=1, guidance_scale=0.0)
+    with (
+        flux.track_timesteps() as tracker,
+        capture_activations(
+            flux.hook_point(TINY_FLUX_LAYER),
+            tracker,
+            {"mean": lambda tokens: tokens.mean(dim=1)},
+            cfg=False,
+        ) as recording,
+        torch.inference_mode(),
+    ):
+        images = flux.generate(
+            prompts=["a red circle", "a blue star"],
+            latents=latents,
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            guidance_scale=0.0,
+        )
     assert tracker.history == [999] == recording.timesteps
     assert recording.conditional["mean"].shape == (1, 2, 32) and recording.unconditional is None
     assert [image.size for image in images] == [(64, 64), (64, 64)]
     with flux.track_timesteps() as tracker, torch.inference_mode():
-        final = flux.generate(conditioning=flux.encode_prompt("").repeat(2), latents=latents, height=64, width=64,
-                              num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+        final = flux.generate(
+            conditioning=flux.encode_prompt("").repeat(2),
+            latents=latents,
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            output_type="latent",
+        )
     assert tracker.history == flux.scheduler_timesteps(4)
     assert final.shape == (2, 16, 8, 8) and torch.isfinite(final).all()
     assert [image.size for image in flux.decode(final)] == [(64, 64), (64, 64)]
@@ -153,18 +184,33 @@ def test_steering_moves_only_image_tokens_at_the_steered_timesteps(flux: FluxFam
     table[0, 750] = 100.0
 
     def run(strengths: torch.Tensor) -> tuple[torch.Tensor, list]:
-        with flux.track_timesteps() as tracker, capture_activations(
-            flux.hook_point(TINY_FLUX_LAYER), tracker, {"c3": lambda t: t[..., 3:4].mean(dim=1)}, cfg=False,
-        ) as recording, steer_layer(flux.hook_point(TINY_FLUX_LAYER), tracker, direction, strengths), \
-                torch.inference_mode():
-            flux.generate(conditioning=flux.encode_prompt(""), latents=latents, height=64, width=64,
-                          num_inference_steps=4, guidance_scale=1.0, output_type="latent")
+        with (
+            flux.track_timesteps() as tracker,
+            capture_activations(
+                flux.hook_point(TINY_FLUX_LAYER),
+                tracker,
+                {"c3": lambda t: t[..., 3:4].mean(dim=1)},
+                cfg=False,
+            ) as recording,
+            steer_layer(flux.hook_point(TINY_FLUX_LAYER), tracker, direction, strengths),
+            torch.inference_mode(),
+        ):
+            flux.generate(
+                conditioning=flux.encode_prompt(""),
+                latents=latents,
+                height=64,
+                width=64,
+                num_inference_steps=4,
+                guidance_scale=1.0,
+                output_type="latent",
+            )
         return recording.conditional["c3"].flatten(), recording.timesteps
 
     plain, timesteps = run(torch.zeros(1, 1000))
     steered, _ = run(table)
     assert timesteps == [999, 750, 500, 250]
-    # the capture hook runs before the steering hook: the steered step itself reads unsteered, later ones differ
+    # the capture hook runs before the steering hook: the steered step itself reads unsteered, later
+    # ones differ
     assert torch.equal(plain[:2], steered[:2]) and not torch.allclose(plain[2:], steered[2:])
 
 
@@ -180,10 +226,18 @@ def test_dreams_optimise_token_activations_of_a_block(flux: FluxFamily) -> None:
     from ddr_core.dreams import DreamConfig, DreamObjective, optimise_dreams
 
     config = DreamConfig(num_steps=3, n_results=2, use_prior=False, augmentation_level=0, snapshot_every=0)
-    result = optimise_dreams(flux, TINY_FLUX_LAYER, DreamObjective.raw([1, 2]), flux.initial_latents([1, 2], 64, 64),
-                             [999, 250], config)
+    result = optimise_dreams(
+        flux,
+        TINY_FLUX_LAYER,
+        DreamObjective.raw([1, 2]),
+        flux.initial_latents([1, 2], 64, 64),
+        [999, 250],
+        config,
+    )
     assert result.latents.shape == (2, 16, 8, 8) and result.failed == [None, None]
-    assert (result.history["activation"].shape == (3, 2)) and torch.isfinite(torch.tensor(result.history["loss"])).all()
+    assert (result.history["activation"].shape == (3, 2)) and torch.isfinite(
+        torch.tensor(result.history["loss"])
+    ).all()
 
 
 def test_a_capture_size_flux_cannot_pack_is_refused_before_anything_is_written(flux: FluxFamily) -> None:
@@ -199,10 +253,16 @@ def test_the_unconditional_half_is_refused_with_a_reason(flux: FluxFamily, tmp_p
     from ddr_core.activation_store import ActivationStore, ActivationStoreError, VariantBatch
 
     store = ActivationStore(tmp_path / "store")
-    rows = [{"generation_id": 0, "prompt_index": 0, "prompt": "a", "image_index": 0, "seed": 1, "image_path": "x"}]
+    rows = [
+        {"generation_id": 0, "prompt_index": 0, "prompt": "a", "image_index": 0, "seed": 1, "image_path": "x"}
+    ]
     store.write_batch(0, rows, [999], {"v": VariantBatch(torch.ones(1, 1, 4), None)}, capture_top_k=2)
     store.finalize()
-    with pytest.raises(ActivationStoreError, match="no 'unconditional' activations"):
+    with pytest.raises(
+        ActivationStoreError,
+        match=r"no 'unconditional' activations .*as FLUX.1\); analyse "
+        r"half='conditional'",
+    ):
         next(iter(store.iter_dense("v", "unconditional")))
 
 
@@ -260,17 +320,21 @@ def test_the_flux_schnell_entry_downloads_the_diffusers_folders_only(tmp_path: P
     finally:
         server.close()
     folder = layout.model_dir("flux-schnell")
-    got = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*")
-           if p.is_file() and p.name != provisioning.MANIFEST_NAME}
+    got = {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in folder.rglob("*")
+        if p.is_file() and p.name != provisioning.MANIFEST_NAME
+    }
     assert got == FAKE_FLUX_FILES and sorted(result.fetched) == sorted(FAKE_FLUX_FILES)
     assert server.count("/resolve/main/flux1-schnell.safetensors") == 0
 
 
-# ---- the whole graph on the tiny FLUX variant ----------------------------------------------------------------
+# ---- the whole graph on the tiny FLUX variant -------------------------------------------------------
 
 
 def build_tiny_flux_graph(data_root: Path, instance) -> dict:
-    """Provisioning -> capture -> stats -> plots -> priors -> dreams -> shards -> export on ``tiny-flux-raw``."""
+    """Provisioning -> capture -> stats -> plots -> priors -> dreams -> shards -> export on
+    ``tiny-flux-raw``."""
     from tests.tiny_graph import materialize, metadata, step_error
 
     results = {}
@@ -278,14 +342,25 @@ def build_tiny_flux_graph(data_root: Path, instance) -> dict:
         ("models", "tiny-flux", None),
         ("saes", "tiny-flux-sae", None),
         ("prompt_datasets", "tiny-prompts", None),
-        ("activations", "tiny-flux", {"n_prompts": 6, "batch_size": 6, "num_inference_steps": 4,
-                                      "guidance_scale": 0.0, "seed": 1}),
+        (
+            "activations",
+            "tiny-flux",
+            {"n_prompts": 6, "batch_size": 6, "num_inference_steps": 4, "guidance_scale": 0.0, "seed": 1},
+        ),
         ("timestep_stats", "tiny-flux-raw", {"top_k": 5, "peak_separation": 50}),
         ("timestep_stats", "tiny-flux-sae", {"top_k": 10}),
         ("activity_plots", "tiny-flux-raw:0-15", None),
-        ("priors", "tiny-flux-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "seeds": [11, 12]}),
-        ("dreams", "tiny-flux-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "num_steps": 4,
-                                          "timesteps": ["0", "activity_peaks"], "snapshot_every": 2}),
+        ("priors", "tiny-flux-raw:0-15", {"channels": [3, 4, 10], "n_results": 2, "seeds": [11, 12]}),
+        (
+            "dreams",
+            "tiny-flux-raw:0-15",
+            {
+                "channels": [3, 4, 10],
+                "n_results": 2,
+                "num_steps": 4,  # timesteps: the variant's override [0, observed_peaks]
+                "snapshot_every": 2,
+            },
+        ),
         ("representation_shards", "tiny-flux-raw:0-15", None),
         ("html_export", "tiny-flux-raw", None),
     ]:
@@ -308,13 +383,47 @@ def test_the_whole_graph_runs_on_the_tiny_flux_variant(tmp_path: Path) -> None:
     assert stats["timesteps"] == [999, 750, 500, 250]  # schnell-like 4 steps, sigma -> round(1000 sigma)
     assert stats["config"]["total_timesteps"] == 1000
     priors = layout.stage_dir("priors", "tiny-flux-raw")
-    for channel in (0, 1, 2):
+    for channel in (3, 4, 10):  # active channels of this capture (fixed seed)
         record = json.loads((priors / f"channel_{channel:05d}" / "prior.json").read_text())
         assert record["num_inference_steps"] == 4 and record["guidance_scale"] == 1.0
         assert set(record["steered_timesteps"]) <= {999, 750, 500, 250}
-    shard = json.loads((layout.stage_dir("representation", "tiny-flux-raw") / "channel_00000.json").read_text())
-    assert shard["observed_timesteps"] == [999, 750, 500, 250] and shard["total_timesteps"] == 1000
-    assert shard["errors"] == []
-    exported = list(layout.stage_dir("html_export", "tiny-flux-raw").rglob("*.html")) if layout.stage_dir(
-        "html_export", "tiny-flux-raw").exists() else []
-    assert exported or list(tmp_path.rglob("*.html"))
+    dreams = layout.stage_dir("dreams", "tiny-flux-raw")
+    dreamed = {c: json.loads((dreams / f"channel_{c:05d}" / "dream.json").read_text()) for c in (3, 4, 10)}
+    timesteps = {c: record["timesteps"] for c, record in dreamed.items()}
+    assert all(ts and ts[0] == 0 and set(ts) <= {0, 999, 750, 500, 250} for ts in timesteps.values()), (
+        timesteps
+    )
+    assert any(len(ts) > 1 for ts in timesteps.values())
+    for channel in (3, 4, 10):
+        shard = json.loads(
+            (layout.stage_dir("representation", "tiny-flux-raw") / f"channel_{channel:05d}.json").read_text()
+        )
+        assert shard["observed_timesteps"] == [999, 750, 500, 250] and shard["total_timesteps"] == 1000
+        assert shard["errors"] == [] and shard["priors"]["status"] == "done"
+        assert {r["timestep"] for r in shard["dreams"]["noise"]["results"]} == set(timesteps[channel])
+    index = layout.stage_dir("html_export", "tiny-flux-raw") / "index.html"
+    assert index.is_file() and "tiny-flux-raw" in index.read_text(encoding="utf-8")
+
+
+def test_observed_peaks_are_the_captured_steps_nearest_the_activity_peaks(tmp_path: Path) -> None:
+    """With 4 observed steps a plateau's middle (the peak's `timestep`) is often a step the model never ran at;
+    the `observed_peaks` keyword dreams at the observed step nearest each peak instead (highest peak first)."""
+    import polars as pl
+
+    from ddr_core.dreams import DreamConfig, resolve_dream_timesteps
+
+    pl.DataFrame(
+        {
+            "channel": [2, 3, 3],
+            "peak_rank": [0, 1, 0],
+            "timestep": [125, 999, 499],
+            "height": [0.2, 0.1, 0.3],
+            "plateau_start": [0, 999, 0],
+            "plateau_end": [250, 999, 999],
+            "observed_timestep": [250, 999, 500],
+        }
+    ).write_parquet(tmp_path / "activity_peaks.parquet")
+    assert resolve_dream_timesteps(tmp_path, 2, [0, "observed_peaks"]) == [0, 250]
+    assert resolve_dream_timesteps(tmp_path, 3, ["observed_peaks", "activity_peaks"]) == [500, 999, 499]
+    assert resolve_dream_timesteps(tmp_path, 7, ["observed_peaks"]) == []
+    assert DreamConfig(timesteps=["0", "observed_peaks"]).timesteps == [0, "observed_peaks"]

@@ -12,7 +12,8 @@ normalised space (``(z - shift_factor) * scaling_factor`` of the VAE's ``z``), a
 returns them; :meth:`FluxFamily.decode` undoes it.
 
 **Conditioning** (:meth:`FluxFamily.encode_prompt`): ``prompt_embeds`` ``(B, L, 4096)`` from the T5 encoder
-(``text_encoder_2``, ``L`` = :attr:`FluxFamily.max_sequence_length`), ``pooled_prompt_embeds`` ``(B, 768)`` from
+(``text_encoder_2``, ``L`` = :attr:`FluxFamily.max_sequence_length`: 256 schnell, 512 dev),
+``pooled_prompt_embeds`` ``(B, 768)`` from
 CLIP's pooled output (the transformer's ``pooled_projections``) and ``txt_ids`` ``(B, L, 3)`` (zeros, the text
 tokens' rotary positions; the transformer takes one row). The image tokens' positions ``img_ids``
 ``(H/16 * W/16, 3)`` depend on the latent's size, not on the prompt, and are computed from it at each call
@@ -40,13 +41,14 @@ resolution-dependent shift ``mu`` for a variant with dynamic shifting), so the t
 agree. The only non-invertible point is ``sigma = 1`` (pure noise), recorded as ``t = 999`` and mapped back to
 ``sigma = 0.999``. :meth:`FluxFamily.add_noise` is the flow-matching forward process at ``sigma(t)``.
 
-**Layers and hook points.** Variants sit on a transformer block: ``transformer_blocks.N`` (dual-stream, 19 in
-FLUX.1) or ``single_transformer_blocks.N`` (single-stream, 38). Both return ``(text_tokens, image_tokens)`` in
-diffusers 0.42; the hook point (:meth:`FluxFamily.hook_point`) reads and replaces only the image tokens
-``(B, H/16 * W/16, hidden)``: channels are the hidden dimension (3072 in FLUX.1), positions the image tokens on
-the ``(H/16) x (W/16)`` grid, row-major. Any other module is read through its output tensor (the default hook
-point). :meth:`FluxFamily.hook_point` also accepts ``<block>.residual``: the block's residual update of the
-image stream (output minus input), read and steered as such (writing ``u'`` makes the block return
+**Layers and hook points.** Variants sit on a transformer block: ``transformer_blocks.N`` (dual-stream,
+19 in FLUX.1) or ``single_transformer_blocks.N`` (single-stream, 38). Both return
+``(text_tokens, image_tokens)`` in diffusers 0.42; the hook point (:meth:`FluxFamily.hook_point`) reads and
+replaces only the image tokens ``(B, H/16 * W/16, hidden)``: channels are the hidden dimension (3072 in
+FLUX.1), positions the image tokens on the ``(H/16) x (W/16)`` grid, row-major. Any other module is read
+through its output tensor (the default hook point). :meth:`FluxFamily.hook_point` also accepts
+``<block>.residual`` (e.g. ``transformer_blocks.18.residual``): the block's residual update of the image
+stream (output minus input), read and steered as such (writing ``u'`` makes the block return
 ``input + u'``).
 
 The tiny random FLUX-architecture model (:func:`build_tiny_flux`, builtin ``tiny-flux``) and its random SAE
@@ -75,7 +77,10 @@ DREAM_GUIDANCE = 1.0
 """Embedded guidance of calls outside a generation (dreams) for a guidance-distilled variant."""
 
 MAX_T5_TOKENS = 512
-"""FluxPipeline's limit on ``max_sequence_length``."""
+"""FluxPipeline's limit on ``max_sequence_length`` (and FLUX.1-dev's prompt length)."""
+
+SCHNELL_T5_TOKENS = 256
+"""FLUX.1-schnell's T5 prompt length (its training length, as in the reference implementation)."""
 
 RESIDUAL_SUFFIX = ".residual"
 """``<block>.residual``: the block's residual update of the image stream instead of its output."""
@@ -105,8 +110,10 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """Image-shaped ``(B, C, h, w)`` -> tokens ``(B, h/2 * w/2, 4C)`` (2x2 patches, row-major; as
     ``FluxPipeline._pack_latents``)."""
     if latents.ndim != 4 or latents.shape[2] % PATCH or latents.shape[3] % PATCH:
-        raise ValueError(f"FLUX latents must be (batch, channels, height, width) with even height and width, "
-                         f"got {tuple(latents.shape)}")
+        raise ValueError(
+            f"FLUX latents must be (batch, channels, height, width) with even height and width, "
+            f"got {tuple(latents.shape)}"
+        )
     b, c, h, w = latents.shape
     patches = latents.reshape(b, c, h // PATCH, PATCH, w // PATCH, PATCH).permute(0, 2, 4, 1, 3, 5)
     return patches.reshape(b, (h // PATCH) * (w // PATCH), c * PATCH * PATCH)
@@ -123,7 +130,9 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
     return grid.reshape(b, c, height, width)
 
 
-def latent_image_ids(height: int, width: int, device: Any = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def latent_image_ids(
+    height: int, width: int, device: Any = "cpu", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """Rotary positions ``(h/2 * w/2, 3)`` of the image tokens of an ``h x w`` latent: ``(0, row, column)``
     (as ``FluxPipeline._prepare_latent_image_ids``)."""
     rows, columns = height // PATCH, width // PATCH
@@ -144,8 +153,13 @@ def timestep_to_sigma(timesteps: torch.Tensor, num_train_timesteps: int = 1000) 
     return torch.as_tensor(timesteps).to(torch.float32) / num_train_timesteps
 
 
-def _calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
-                     base_shift: float = 0.5, max_shift: float = 1.15) -> float:
+def _calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
     """FluxPipeline's resolution-dependent shift ``mu`` (``diffusers.pipelines.flux.pipeline_flux``)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return image_seq_len * slope + base_shift - slope * base_seq_len
@@ -157,11 +171,16 @@ def _calculate_shift(image_seq_len: int, base_seq_len: int = 256, max_seq_len: i
 
 
 def _block_output(output: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    if (isinstance(output, tuple | list) and len(output) == 2
-            and all(isinstance(item, torch.Tensor) for item in output)):
+    if (
+        isinstance(output, tuple | list)
+        and len(output) == 2
+        and all(isinstance(item, torch.Tensor) for item in output)
+    ):
         return output[0], output[1]
-    raise TypeError(f"a FLUX transformer block returned {type(output).__name__}, expected the tuple "
-                    "(text_tokens, image_tokens) of diffusers 0.42; check the installed diffusers version")
+    raise TypeError(
+        f"a FLUX transformer block returned {type(output).__name__}, expected the tuple "
+        "(text_tokens, image_tokens) of diffusers 0.42; check the installed diffusers version"
+    )
 
 
 def _block_input(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -223,44 +242,59 @@ class FluxFamily(ModelFamily):
         for component, required_files in REQUIRED_COMPONENTS.items():
             folder = root / component
             if not folder.is_dir():
-                raise ModelFolderError(f"Model folder {root} is missing the component folder {component!r}. "
-                                       f"{reprovision_hint()}")
+                raise ModelFolderError(
+                    f"Model folder {root} is missing the component folder {component!r}. {reprovision_hint()}"
+                )
             for name in required_files:
                 if not (folder / name).is_file():
-                    raise ModelFolderError(f"Component {component!r} of {root} is missing {name}. "
-                                           f"{reprovision_hint()}")
+                    raise ModelFolderError(
+                        f"Component {component!r} of {root} is missing {name}. {reprovision_hint()}"
+                    )
             for json_file in sorted(folder.glob("*.json")):
                 _check_json_object(json_file, f"File of component {component!r}")
             if component.startswith("tokenizer") and not any(
                 (folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "spiece.model")
             ):
-                raise ModelFolderError(f"Component {component!r} of {root} has no tokenizer files (tokenizer.json, "
-                                       f"vocab.json + merges.txt or spiece.model). {reprovision_hint()}")
+                raise ModelFolderError(
+                    f"Component {component!r} of {root} has no tokenizer files (tokenizer.json, "
+                    f"vocab.json + merges.txt or spiece.model). {reprovision_hint()}"
+                )
             if component in _WEIGHTED_COMPONENTS:
                 weights = sorted(folder.glob("*.safetensors"))
                 if not weights:
-                    raise ModelFolderError(f"Component {component!r} of {root} has no *.safetensors weights. "
-                                           f"{reprovision_hint()}")
+                    raise ModelFolderError(
+                        f"Component {component!r} of {root} has no *.safetensors weights. "
+                        f"{reprovision_hint()}"
+                    )
                 for index in sorted(folder.glob("*.safetensors.index.json")):
                     weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
                     shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
                     missing = [s for s in shards if not isinstance(s, str) or not (folder / s).is_file()]
                     if missing:
-                        raise ModelFolderError(f"Component {component!r} of {root}: {index.name} names shard(s) "
-                                               f"{missing[:3]} that are missing. {reprovision_hint()}")
+                        raise ModelFolderError(
+                            f"Component {component!r} of {root}: {index.name} names shard(s) "
+                            f"{missing[:3]} that are missing. {reprovision_hint()}"
+                        )
                 for weights_file in weights:
                     _check_safetensors_file(weights_file, component)
         return root
 
     @classmethod
-    def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> FluxFamily:
+    def load(
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> FluxFamily:
         from diffusers import FluxPipeline
 
         from ddr_core.pipeline import load_diffusers_folder
 
-        pipe = load_diffusers_folder(FluxPipeline, cls.check_folder(model_dir), device, dtype,
-                                     image_encoder=None, feature_extractor=None)
+        pipe = load_diffusers_folder(
+            FluxPipeline,
+            cls.check_folder(model_dir),
+            device,
+            dtype,
+            image_encoder=None,
+            feature_extractor=None,
+        )
         return cls(pipe)
 
     # ------------------------------------------------------------------------------------- the denoiser
@@ -279,16 +313,19 @@ class FluxFamily(ModelFamily):
         return int(config.num_attention_heads * config.attention_head_dim)
 
     def hook_point(self, layer_name: str) -> HookPoint:
-        """The image tokens ``(B, N, hidden)`` of a transformer block (``<block>.residual``: its image update);
+        """The image tokens ``(B, N, hidden)`` of a transformer block (``<block>.residual``: its image
+        update);
         any other module: its output tensor."""
         residual = layer_name.endswith(RESIDUAL_SUFFIX)
         module_name = layer_name[: -len(RESIDUAL_SUFFIX)] if residual else layer_name
         module = self.resolve_layer(module_name)
         if type(module).__name__ not in BLOCK_CLASSES:
             if residual:
-                raise ValueError(f"{layer_name!r}: {RESIDUAL_SUFFIX} applies to a FLUX transformer block "
-                                 f"(transformer_blocks.N or single_transformer_blocks.N), not to a "
-                                 f"{type(module).__name__}")
+                raise ValueError(
+                    f"{layer_name!r}: {RESIDUAL_SUFFIX} applies to a FLUX transformer block "
+                    f"(transformer_blocks.N or single_transformer_blocks.N), not to a "
+                    f"{type(module).__name__}"
+                )
             return HookPoint(layer_name, module)
         if residual:
             return HookPoint(layer_name, module, read_image_update, write_image_update)
@@ -296,19 +333,24 @@ class FluxFamily(ModelFamily):
 
     def _probe_conditioning(self) -> Conditioning:
         config, device, dtype = self.denoiser.config, self.device, self.dtype
-        return Conditioning({
-            "prompt_embeds": torch.zeros(1, 1, config.joint_attention_dim, device=device, dtype=dtype),
-            "pooled_prompt_embeds": torch.zeros(1, config.pooled_projection_dim, device=device, dtype=dtype),
-            "txt_ids": torch.zeros(1, 1, 3, device=device, dtype=dtype),
-        })
+        return Conditioning(
+            {
+                "prompt_embeds": torch.zeros(1, 1, config.joint_attention_dim, device=device, dtype=dtype),
+                "pooled_prompt_embeds": torch.zeros(
+                    1, config.pooled_projection_dim, device=device, dtype=dtype
+                ),
+                "txt_ids": torch.zeros(1, 1, 3, device=device, dtype=dtype),
+            }
+        )
 
     def layer_width(self, layer_name: str) -> int:
         """Channels of the hook point's activation (a block's: the hidden size), from a one-token probe."""
         point = self.hook_point(layer_name)
         sample = torch.zeros(1, self.latent_channels, PATCH, PATCH, device=self.device, dtype=self.dtype)
         with torch.no_grad():
-            output = self.forward_to_layer(point, sample, torch.zeros(1, dtype=torch.long),
-                                           self._probe_conditioning())
+            output = self.forward_to_layer(
+                point, sample, torch.zeros(1, dtype=torch.long), self._probe_conditioning()
+            )
         return int(output.shape[1] if output.ndim == 4 else output.shape[-1])
 
     # ------------------------------------------------------------------------------------------ latents
@@ -331,9 +373,11 @@ class FluxFamily(ModelFamily):
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         step = self.vae_scale_factor * PATCH
         if height % step or width % step:
-            raise ValueError(f"FLUX image sides must be multiples of {step} pixels (VAE scale factor "
-                             f"{self.vae_scale_factor} x the 2x2 patches), got {height}x{width}: use "
-                             f"{height // step * step or step}x{width // step * step or step}")
+            raise ValueError(
+                f"FLUX image sides must be multiples of {step} pixels (VAE scale factor "
+                f"{self.vae_scale_factor} x the 2x2 patches), got {height}x{width}: use "
+                f"{height // step * step or step}x{width // step * step or step}"
+            )
         return super().latent_shape(height, width)
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -365,10 +409,12 @@ class FluxFamily(ModelFamily):
     def num_train_timesteps(self) -> int:
         return int(getattr(self.pipe.scheduler.config, "num_train_timesteps", 1000))
 
-    def scheduler_timesteps(self, num_inference_steps: int, height: int | None = None,
-                            width: int | None = None) -> list[int]:
+    def scheduler_timesteps(
+        self, num_inference_steps: int, height: int | None = None, width: int | None = None
+    ) -> list[int]:
         """The integer timesteps the tracker records in a generation of ``num_inference_steps`` at
-        ``height x width`` (default: :attr:`default_size`; only a variant with dynamic shifting depends on it).
+        ``height x width`` (default: :attr:`default_size`; only a variant with dynamic shifting depends on
+        it).
 
         Computed as FluxPipeline does: sigmas ``linspace(1, 1/n, n)``, the scheduler's shift, the scheduler
         timestep ``sigma * 1000`` cast to the model dtype and divided by 1000, then :func:`sigma_to_timestep`.
@@ -381,9 +427,13 @@ class FluxFamily(ModelFamily):
         sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         if getattr(config, "use_flow_sigmas", False):
             sigmas = None
-        mu = _calculate_shift((h // PATCH) * (w // PATCH), config.get("base_image_seq_len", 256),
-                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                              config.get("max_shift", 1.15))
+        mu = _calculate_shift(
+            (h // PATCH) * (w // PATCH),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
         if sigmas is None:
             scheduler.set_timesteps(num_inference_steps, mu=mu)
         else:
@@ -406,54 +456,84 @@ class FluxFamily(ModelFamily):
 
     @property
     def max_sequence_length(self) -> int:
-        """T5 tokens per prompt: the T5 tokenizer's ``model_max_length``, at most 512."""
+        """T5 tokens per prompt, as Black Forest Labs' reference code sets them: 256 for schnell (no guidance
+        embedding), 512 for a guidance-distilled variant (dev); at most the T5 tokenizer's
+        ``model_max_length``."""
         limit = getattr(self.pipe.tokenizer_2, "model_max_length", MAX_T5_TOKENS) or MAX_T5_TOKENS
-        return int(min(limit, MAX_T5_TOKENS))
+        return int(min(limit, MAX_T5_TOKENS if self.guidance_embeds else SCHNELL_T5_TOKENS))
 
     def encode_prompt(self, prompt: str) -> Conditioning:
         with torch.no_grad():
             embeds, pooled, text_ids = self.pipe.encode_prompt(
-                prompt=prompt, prompt_2=None, device=self.device, num_images_per_prompt=1,
+                prompt=prompt,
+                prompt_2=None,
+                device=self.device,
+                num_images_per_prompt=1,
                 max_sequence_length=self.max_sequence_length,
             )
-        return Conditioning({
-            "prompt_embeds": embeds.to(device=self.device, dtype=self.dtype),
-            "pooled_prompt_embeds": pooled.to(device=self.device, dtype=self.dtype),
-            "txt_ids": text_ids.to(device=self.device, dtype=self.dtype)[None],
-        })
+        return Conditioning(
+            {
+                "prompt_embeds": embeds.to(device=self.device, dtype=self.dtype),
+                "pooled_prompt_embeds": pooled.to(device=self.device, dtype=self.dtype),
+                "txt_ids": text_ids.to(device=self.device, dtype=self.dtype)[None],
+            }
+        )
 
     def uses_cfg(self, guidance_scale: float) -> bool:
         """Never: FLUX.1 is guidance-distilled (schnell ignores ``guidance_scale``, dev embeds it)."""
         return False
 
     # -------------------------------------------------------------------------------------------- calls
-    def generate(self, *, latents: torch.Tensor, height: int, width: int, num_inference_steps: int,
-                 guidance_scale: float, prompts: Sequence[str] | None = None,
-                 conditioning: Conditioning | None = None, output_type: str = "pil") -> Any:
+    def generate(
+        self,
+        *,
+        latents: torch.Tensor,
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        prompts: Sequence[str] | None = None,
+        conditioning: Conditioning | None = None,
+        output_type: str = "pil",
+    ) -> Any:
         """A whole FluxPipeline generation from image-shaped ``latents`` (packed here; ``"latent"`` output is
         unpacked back to ``(B, 16, h, w)``)."""
         _, h, w = self.latent_shape(height, width)
         if tuple(latents.shape[1:]) != (self.latent_channels, h, w):
-            raise ValueError(f"latents of shape {tuple(latents.shape)} do not fit a {height}x{width} FLUX image "
-                             f"(expected (batch, {self.latent_channels}, {h}, {w}))")
+            raise ValueError(
+                f"latents of shape {tuple(latents.shape)} do not fit a {height}x{width} FLUX image "
+                f"(expected (batch, {self.latent_channels}, {h}, {w}))"
+            )
         if prompts is not None:
             text: dict[str, Any] = {"prompt": list(prompts)}
         elif conditioning is not None:
-            text = {"prompt_embeds": conditioning["prompt_embeds"],
-                    "pooled_prompt_embeds": conditioning["pooled_prompt_embeds"]}
+            text = {
+                "prompt_embeds": conditioning["prompt_embeds"],
+                "pooled_prompt_embeds": conditioning["pooled_prompt_embeds"],
+            }
         else:
             raise ValueError("generate needs prompts or conditioning")
         images = self.pipe(
-            **text, latents=pack_latents(latents.to(self.dtype)), height=height, width=width,
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, output_type=output_type,
+            **text,
+            latents=pack_latents(latents.to(self.dtype)),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            output_type=output_type,
             max_sequence_length=self.max_sequence_length,
         ).images
         if output_type == "latent":
             return unpack_latents(images, h, w)
         return images
 
-    def forward_to_layer(self, layer: HookPoint | nn.Module, sample: torch.Tensor, timesteps: torch.Tensor,
-                         conditioning: Conditioning) -> torch.Tensor:
+    def forward_to_layer(
+        self,
+        layer: HookPoint | nn.Module,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> torch.Tensor:
         """One transformer call on image-shaped ``sample`` at integer ``timesteps`` (``sigma = t / 1000``),
         stopped after ``layer``; its activation (image tokens for a block), autograd intact."""
         from ddr_core.hooks import StopForward, stop_after_layer
@@ -461,19 +541,28 @@ class FluxFamily(ModelFamily):
         batch, _, h, w = sample.shape
         sigma = timestep_to_sigma(timesteps, self.num_train_timesteps).to(self.device).flatten()
         sigma = sigma.expand(batch) if sigma.numel() == 1 else sigma
-        guidance = (torch.full((batch,), DREAM_GUIDANCE, device=self.device, dtype=torch.float32)
-                    if self.guidance_embeds else None)
+        guidance = (
+            torch.full((batch,), DREAM_GUIDANCE, device=self.device, dtype=torch.float32)
+            if self.guidance_embeds
+            else None
+        )
         with stop_after_layer(layer):
             try:
                 self.denoiser(
-                    hidden_states=pack_latents(sample), encoder_hidden_states=conditioning["prompt_embeds"],
-                    pooled_projections=conditioning["pooled_prompt_embeds"], timestep=sigma.to(sample.dtype),
+                    hidden_states=pack_latents(sample),
+                    encoder_hidden_states=conditioning["prompt_embeds"],
+                    pooled_projections=conditioning["pooled_prompt_embeds"],
+                    timestep=sigma.to(sample.dtype),
                     img_ids=latent_image_ids(h, w, self.device, sample.dtype),
-                    txt_ids=conditioning["txt_ids"][0], guidance=guidance, return_dict=False,
+                    txt_ids=conditioning["txt_ids"][0],
+                    guidance=guidance,
+                    return_dict=False,
                 )
             except StopForward as stop:
                 return stop.output
-        raise RuntimeError("forward_to_layer: the FLUX transformer forward pass never called the requested layer.")
+        raise RuntimeError(
+            "forward_to_layer: the FLUX transformer forward pass never called the requested layer."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -541,9 +630,16 @@ def build_t5_word_tokenizer(words: Sequence[str], out_dir: str | Path, model_max
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     backend.post_processor = processors.TemplateProcessing(
-        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, 1)])
-    tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token=T5_EOS, unk_token=T5_UNK, pad_token=T5_PAD,
-                                extra_ids=0, model_max_length=model_max_length)
+        single=f"$A {T5_EOS}", pair=f"$A {T5_EOS} $B {T5_EOS}", special_tokens=[(T5_EOS, 1)]
+    )
+    tokenizer = T5TokenizerFast(
+        tokenizer_object=backend,
+        eos_token=T5_EOS,
+        unk_token=T5_UNK,
+        pad_token=T5_PAD,
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(out_path)
@@ -551,17 +647,23 @@ def build_t5_word_tokenizer(words: Sequence[str], out_dir: str | Path, model_max
 
 
 def build_tiny_flux_transformer(config: TinyFluxConfig = TinyFluxConfig()) -> nn.Module:
-    """The tiny ``FluxTransformer2DModel`` (seeded, float32, eval mode); schnell-like (no guidance embedding)."""
+    """The tiny ``FluxTransformer2DModel`` (seeded, float32, eval mode); schnell-like (no guidance
+    embedding)."""
     from diffusers import FluxTransformer2DModel
 
     from ddr_core.tiny_model import _seeded
 
     with _seeded(config.seed * 1000 + 11):
         return FluxTransformer2DModel(
-            patch_size=1, in_channels=config.latent_channels * PATCH * PATCH, num_layers=config.num_layers,
-            num_single_layers=config.num_single_layers, attention_head_dim=config.attention_head_dim,
-            num_attention_heads=config.num_attention_heads, joint_attention_dim=config.t5_d_model,
-            pooled_projection_dim=config.text_hidden_size, guidance_embeds=False,
+            patch_size=1,
+            in_channels=config.latent_channels * PATCH * PATCH,
+            num_layers=config.num_layers,
+            num_single_layers=config.num_single_layers,
+            attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads,
+            joint_attention_dim=config.t5_d_model,
+            pooled_projection_dim=config.text_hidden_size,
+            guidance_embeds=False,
             axes_dims_rope=config.axes_dims_rope,
         ).eval()
 
@@ -569,7 +671,8 @@ def build_tiny_flux_transformer(config: TinyFluxConfig = TinyFluxConfig()) -> nn
 def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig = TinyFluxConfig()) -> Path:
     """Build the tiny random FLUX-architecture model as a diffusers ``FluxPipeline`` folder, offline.
 
-    Components (the types of FLUX.1-schnell): ``FluxTransformer2DModel`` (2 dual + 2 single blocks, hidden 32),
+    Components (the types of FLUX.1-schnell): ``FluxTransformer2DModel`` (2 dual + 2 single blocks,
+    hidden 32),
     ``AutoencoderKL`` with 16 latent channels and FLUX's scaling / shift factors (8x downscale), a tiny
     ``CLIPTextModel`` over the word tokenizer (:mod:`ddr_core.tokenizer`), a tiny ``T5EncoderModel`` over a
     T5-style word tokenizer (:func:`build_t5_word_tokenizer`), and ``FlowMatchEulerDiscreteScheduler``
@@ -589,22 +692,42 @@ def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig = TinyFluxConfig
     levels = len(config.vae_block_out_channels)
     with _seeded(config.seed * 1000 + 12):
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=config.vae_block_out_channels,
-            layers_per_block=1, latent_channels=config.latent_channels, norm_num_groups=config.vae_norm_num_groups,
-            sample_size=config.image_size, scaling_factor=0.3611, shift_factor=0.1159,
-            use_quant_conv=False, use_post_quant_conv=False,
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            block_out_channels=config.vae_block_out_channels,
+            layers_per_block=1,
+            latent_channels=config.latent_channels,
+            norm_num_groups=config.vae_norm_num_groups,
+            sample_size=config.image_size,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
         ).eval()
     t5_config = T5Config(
-        vocab_size=len(tokenizer_2), d_model=config.t5_d_model, d_kv=config.t5_d_model // config.t5_heads,
-        d_ff=config.t5_d_ff, num_layers=config.t5_layers, num_heads=config.t5_heads,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+        vocab_size=len(tokenizer_2),
+        d_model=config.t5_d_model,
+        d_kv=config.t5_d_model // config.t5_heads,
+        d_ff=config.t5_d_ff,
+        num_layers=config.t5_layers,
+        num_heads=config.t5_heads,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
     )
     with _seeded(config.seed * 1000 + 13):
         text_encoder_2 = T5EncoderModel(t5_config).eval()
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False
+        ),
         vae=vae,
         text_encoder=build_clip_text_encoder(config, tokenizer, config.seed).eval(),
         tokenizer=tokenizer,
@@ -619,8 +742,14 @@ def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig = TinyFluxConfig
     return out_path
 
 
-def build_tiny_flux_sae(out_root: str | Path, layer_name: str = TINY_FLUX_LAYER, expansion_factor: int = 4,
-                        k: int = 8, seed: int = 0, config: TinyFluxConfig = TinyFluxConfig()) -> Path:
+def build_tiny_flux_sae(
+    out_root: str | Path,
+    layer_name: str = TINY_FLUX_LAYER,
+    expansion_factor: int = 4,
+    k: int = 8,
+    seed: int = 0,
+    config: TinyFluxConfig = TinyFluxConfig(),
+) -> Path:
     """A random TopK SAE (SAeUron format) for a block of the tiny FLUX model, in ``out_root/<layer_name>/``
     (``d_in`` = the hidden size, 32; ``expansion_factor * 32`` features)."""
     from ddr_core.paths import check_name
