@@ -1203,8 +1203,9 @@ def dreams_for_variant(
     keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
     absent = [k for k in keywords if not (stats_dir / f"{_KEYWORD_TABLES.get(k, k)}.parquet").is_file()]
     if absent:
+        missing_table = stats_dir / f"{_KEYWORD_TABLES.get(absent[0], absent[0])}.parquet"
         raise FileNotFoundError(
-            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / (_KEYWORD_TABLES.get(absent[0], absent[0]) + '.parquet')} "
+            f"the timestep statistics of variant {variant!r} are missing ({missing_table} "
             f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
             f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
             f"integer timesteps only"
