@@ -133,10 +133,17 @@ class CaptureConfig(BaseModel):
         return self
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: float16 on CUDA, float32 elsewhere."""
+def resolve_dtype(name: str, device: torch.device, model_dir: str | Path | None = None) -> torch.dtype:
+    """``auto``: float32 off CUDA; on CUDA the family's :attr:`~ddr_core.families.ModelFamily.cuda_auto_dtype` of
+    the model folder ``model_dir`` (float16 for Stable Diffusion, bfloat16 for FLUX), float16 without a folder."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        if model_dir is None:
+            return torch.float16
+        from ddr_core.families import family_of_folder
+
+        return family_of_folder(model_dir).cuda_auto_dtype
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -494,7 +501,7 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     prompt_set = load_prompts(prompt_file, text_field=dataset.text_field)
     if prompt_set.invalid and log:
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, layout.model_dir(model_name))
     model = load_model(layout.model_dir(model_name), device=device, dtype=dtype)
     prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts
     too_long = check_prompt_lengths(prompts, model.tokenizer)

@@ -679,7 +679,8 @@ def priors_for_variant(
     check_weights_match_capture(project, layout, variant)
     layout.check_output_folder(layout.stage_dir("priors", variant), "priors folder")  # before the model loads
     device = torch.device(device)
-    model = load_model(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(config.dtype, device))
+    model_dir = layout.model_dir(spec.model)
+    model = load_model(model_dir, device=device, dtype=resolve_dtype(config.dtype, device, model_dir))
     return run_priors(model, load_basis(project, layout, variant, model, device), layer_name, stats_dir, selected,
                       layout.stage_dir("priors", variant), config, layout.data_root, log=log, stop_after_channels=stop_after_channels,
                       lock_wait=lock_wait, lock_owner=lock_owner)

@@ -427,3 +427,14 @@ def test_observed_peaks_are_the_captured_steps_nearest_the_activity_peaks(tmp_pa
     assert resolve_dream_timesteps(tmp_path, 3, ["observed_peaks", "activity_peaks"]) == [500, 999, 499]
     assert resolve_dream_timesteps(tmp_path, 7, ["observed_peaks"]) == []
     assert DreamConfig(timesteps=["0", "observed_peaks"]).timesteps == [0, "observed_peaks"]
+
+
+def test_auto_dtype_on_cuda_is_the_family_s(flux_dir: Path, tiny_model_dir: Path) -> None:
+    """`dtype: auto` means bfloat16 for FLUX on a GPU (it overflows in float16), float16 for Stable Diffusion."""
+    from ddr_core.activations import resolve_dtype
+
+    cuda = torch.device("cuda")
+    assert resolve_dtype("auto", cuda, flux_dir) == torch.bfloat16
+    assert resolve_dtype("auto", cuda, tiny_model_dir) == torch.float16
+    assert resolve_dtype("auto", torch.device("cpu"), flux_dir) == torch.float32
+    assert resolve_dtype("float16", cuda, flux_dir) == torch.float16  # an explicit choice stands

@@ -76,6 +76,8 @@ class ModelFamily(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]
     cfg_batch_order: ClassVar[str] = "unconditional, conditional"
     """The layer's batch under classifier-free guidance (diffusers concatenates ``[negative; positive]``)."""
+    cuda_auto_dtype: ClassVar[torch.dtype] = torch.float16
+    """What a stage's ``dtype: auto`` means on a CUDA device (:func:`ddr_core.activations.resolve_dtype`)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe

@@ -223,6 +223,8 @@ class FluxFamily(ModelFamily):
     name: ClassVar[str] = "flux"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     cfg_batch_order: ClassVar[str] = "none: FLUX.1 has no classifier-free guidance batch (conditional only)"
+    cuda_auto_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    """FLUX.1 is trained and released in bfloat16; its T5 encoder and transformer overflow in float16."""
 
     # ----------------------------------------------------------------------------------------- loading
     @classmethod
