@@ -438,3 +438,45 @@ def test_auto_dtype_on_cuda_is_the_family_s(flux_dir: Path, tiny_model_dir: Path
     assert resolve_dtype("auto", cuda, tiny_model_dir) == torch.float16
     assert resolve_dtype("auto", torch.device("cpu"), flux_dir) == torch.float32
     assert resolve_dtype("float16", cuda, flux_dir) == torch.float16  # an explicit choice stands
+
+
+def test_a_guidance_distilled_variant_embeds_the_guidance_and_shifts_by_resolution(flux: FluxFamily) -> None:
+    """FLUX.1-dev's path: guidance_scale goes in as the embedded `guidance` (never a CFG batch), dreams use
+    guidance 1, and the dynamic shift makes the timesteps depend on the image size, as the tracker sees them."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from ddr_core.families.flux import DREAM_GUIDANCE, build_tiny_flux_transformer
+
+    components = dict(flux.pipe.components)
+    components["transformer"] = build_tiny_flux_transformer(TinyFluxConfig(guidance_embeds=True))
+    components["scheduler"] = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    dev = FluxFamily(FluxPipeline(**components))
+    dev.pipe.set_progress_bar_config(disable=True)
+    assert dev.guidance_embeds and not dev.uses_cfg(3.5) and dev.max_sequence_length == 16
+    guidance: list[torch.Tensor] = []
+    handle = dev.denoiser.register_forward_pre_hook(
+        lambda module, args, kwargs: guidance.append(kwargs["guidance"]), with_kwargs=True
+    )
+    try:
+        latents = dev.initial_latents([1, 2], 64, 64)
+        with dev.track_timesteps() as tracker, torch.inference_mode():
+            final = dev.generate(
+                prompts=["a red circle", "a star"],
+                latents=latents,
+                height=64,
+                width=64,
+                num_inference_steps=3,
+                guidance_scale=3.5,
+                output_type="latent",
+            )
+        assert final.shape == (2, 16, 8, 8) and len(guidance) == 3
+        assert all(g.shape == (2,) and torch.allclose(g, torch.full((2,), 3.5)) for g in guidance)
+        assert tracker.history == dev.scheduler_timesteps(3, 64, 64) == dev.scheduler_timesteps(3)
+        assert dev.scheduler_timesteps(3, 64, 64) != dev.scheduler_timesteps(3, 1024, 1024)
+        assert tracker.history[0] == 999 and tracker.history != flux.scheduler_timesteps(3)  # shifted
+        dev.forward_to_layer(
+            dev.hook_point(TINY_FLUX_LAYER), latents, torch.tensor([500, 20]), dev.encode_prompt("").expand(2)
+        )
+        assert torch.equal(guidance[-1], torch.full((2,), DREAM_GUIDANCE))
+    finally:
+        handle.remove()

@@ -598,6 +598,7 @@ class TinyFluxConfig:
     t5_heads: int = 4
     t5_d_ff: int = 64
     t5_max_length: int = 16
+    guidance_embeds: bool = False
 
     @property
     def hidden_size(self) -> int:
@@ -649,8 +650,8 @@ def build_t5_word_tokenizer(words: Sequence[str], out_dir: str | Path, model_max
 
 
 def build_tiny_flux_transformer(config: TinyFluxConfig = TinyFluxConfig()) -> nn.Module:
-    """The tiny ``FluxTransformer2DModel`` (seeded, float32, eval mode); schnell-like (no guidance
-    embedding)."""
+    """The tiny ``FluxTransformer2DModel`` (seeded, float32, eval mode); schnell-like (no guidance embedding)
+    unless ``config.guidance_embeds`` (dev-like)."""
     from diffusers import FluxTransformer2DModel
 
     from ddr_core.tiny_model import _seeded
@@ -665,7 +666,7 @@ def build_tiny_flux_transformer(config: TinyFluxConfig = TinyFluxConfig()) -> nn
             num_attention_heads=config.num_attention_heads,
             joint_attention_dim=config.t5_d_model,
             pooled_projection_dim=config.text_hidden_size,
-            guidance_embeds=False,
+            guidance_embeds=config.guidance_embeds,
             axes_dims_rope=config.axes_dims_rope,
         ).eval()
 
