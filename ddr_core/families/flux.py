@@ -51,6 +51,22 @@ through its output tensor (the default hook point). :meth:`FluxFamily.hook_point
 stream (output minus input), read and steered as such (writing ``u'`` makes the block return
 ``input + u'``).
 
+**What the stages' words mean here** (no CFG, 1-4 steps):
+
+* *statistics* (``timestep_stats``) are over the only batch there is, the conditional one; ``half:
+  unconditional`` is refused (the capture has no such half) with the reason;
+* *observed timesteps* are the 1-4 mapped sigmas (schnell, 4 steps: ``999, 750, 500, 250``; 1 step: ``999``);
+  the *activity profile* is interpolated between them onto ``0..999`` and held beyond them (with 4 steps,
+  ``0..249`` take the value at 250: the last Euler step goes from sigma 0.25 to 0 without another call), so
+  *active timesteps* cover whole ranges and an *activity peak* of a flat stretch sits at its middle, often a
+  timestep the model never ran at (each peak row also names the nearest ``observed_timestep``);
+* *priors* steer the scheduler steps selected by the statistics (``active_timesteps``: every step where the
+  channel was in a top-k; FLUX variants override ``num_inference_steps: 4``);
+* *dream timesteps*: the FLUX variants dream at ``[0, observed_peaks]``: ``t = 0`` (sigma 0, the clean latent)
+  and the observed step nearest each peak (:func:`ddr_core.dreams.resolve_dream_timesteps`), i.e. a sigma the
+  model ran at during capture; ``activity_peaks`` stays available;
+* there is no *CFG half* to view or to steer separately: steering adds to the one batch.
+
 The tiny random FLUX-architecture model (:func:`build_tiny_flux`, builtin ``tiny-flux``) and its random SAE
 (:func:`build_tiny_flux_sae`, builtin ``tiny-flux-sae``) are built here, offline, in seconds on a CPU.
 """
