@@ -32,7 +32,8 @@ DreamsRunConfig = dagster_config_from(DreamConfig, "DreamsRunConfig", extra={
     "channels": CHANNELS_FIELD,
     # Dagster config has no int-or-keyword union: integers are written as strings here, e.g. ["0", "activity_peaks"]
     "timesteps": (list[str], Field(default=["0", "activity_peaks"],
-                                   description="integer timesteps and/or 'activity_peaks' / 'active_timesteps'")),
+                                   description="integer timesteps and/or 'activity_peaks' / 'active_timesteps' / "
+                                               "'observed_peaks'")),
     "slurm": SLURM_FIELD,
 })
 

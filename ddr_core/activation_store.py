@@ -552,8 +552,10 @@ class ActivationStore:
             with safe_open(str(path), framework="numpy") as handle:
                 if half not in handle.keys():
                     raise ActivationStoreError(
-                        f"{path} has no {half!r} activations (the capture did not record that half: guidance was "
-                        f"off, e.g. SDXL-Turbo at guidance_scale 0, or keep_unconditional false); use half: conditional"
+                        f"{path} has no {half!r} activations (the capture did not record that half: guidance "
+                        "was off (guidance_scale <= 1, e.g. SDXL-Turbo at guidance_scale 0), keep_unconditional was "
+                        "false, or the model has no classifier-free guidance at all, as FLUX.1); analyse "
+                        "half='conditional'"
                     )
                 yield (
                     handle.get_tensor("generation_ids").astype(np.int64),

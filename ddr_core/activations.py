@@ -133,10 +133,17 @@ class CaptureConfig(BaseModel):
         return self
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: float16 on CUDA, float32 elsewhere."""
+def resolve_dtype(name: str, device: torch.device, model_dir: str | Path | None = None) -> torch.dtype:
+    """``auto``: float32 off CUDA; on CUDA the family's :attr:`~ddr_core.families.ModelFamily.cuda_auto_dtype` of
+    the model folder ``model_dir`` (float16 for Stable Diffusion, bfloat16 for FLUX), float16 without a folder."""
     if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if torch.device(device).type != "cuda":
+            return torch.float32
+        if model_dir is None:
+            return torch.float16
+        from ddr_core.families import family_of_folder
+
+        return family_of_folder(model_dir).cuda_auto_dtype
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -216,6 +223,10 @@ def check_capture_sizes(model: Any, height: int, width: int, num_inference_steps
         if value % scale:
             raise ValueError(f"capture {name} {value} is not a multiple of the model's VAE scale factor {scale}: "
                              f"use {value // scale * scale or scale} or {value // scale * scale + scale}")
+    try:  # a family's own size rule (FLUX: multiples of 16 pixels, for its 2x2 latent patches)
+        model.latent_shape(height, width)
+    except ValueError as error:
+        raise ValueError(f"capture size {height}x{width}: {error}") from None
     train_steps = model.num_train_timesteps
     if num_inference_steps > train_steps:
         raise ValueError(f"capture num_inference_steps {num_inference_steps} exceeds the scheduler's "
@@ -490,7 +501,7 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     prompt_set = load_prompts(prompt_file, text_field=dataset.text_field)
     if prompt_set.invalid and log:
         log(f"prompt file: {len(prompt_set.invalid)} invalid line(s) skipped ({prompt_set.summary()})")
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = resolve_dtype(config.dtype, device, layout.model_dir(model_name))
     model = load_model(layout.model_dir(model_name), device=device, dtype=dtype)
     model.read_layer_as(layer_name, project.hook_of(variants[0]))  # one hook per capture group (config checks)
     prompts = prompt_set.texts[: config.n_prompts] if config.n_prompts else prompt_set.texts

@@ -18,6 +18,8 @@ BUILTINS: dict[str, str] = {
     "tiny-sdxl": "ddr_core.families.sdxl:build_tiny_sdxl_pipeline",
     "tiny-sdxl-turbo": "ddr_core.families.sdxl:build_tiny_sdxl_turbo_pipeline",
     "tiny-sdxl-sae": "ddr_core.families.sdxl:build_tiny_sdxl_sae",
+    "tiny-flux": "ddr_core.families.flux:build_tiny_flux",
+    "tiny-flux-sae": "ddr_core.families.flux:build_tiny_flux_sae",
 }
 """Builtin name -> ``module:function`` building it into a folder."""
 

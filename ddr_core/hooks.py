@@ -149,7 +149,8 @@ def activation_tokens(activation: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _scalar_timestep(timestep: Any) -> int:
+def _timestep_value(timestep: Any) -> float:
+    """The one timestep value of a denoiser call (a number or a tensor of equal values), as passed."""
     if isinstance(timestep, torch.Tensor):
         values = timestep.detach().flatten()
         if values.numel() == 0:
@@ -158,8 +159,8 @@ def _scalar_timestep(timestep: Any) -> int:
             raise ValueError(
                 f"TimestepTracker needs one timestep per UNet call, got differing values {values.tolist()}."
             )
-        return int(round(float(values[0])))
-    return int(round(float(timestep)))
+        return float(values[0])
+    return float(timestep)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,10 +176,14 @@ class TimestepTracker:
     Attributes:
         current: Timestep of the UNet call in progress (or the last one); ``None`` before the first.
         history: Timesteps of all UNet calls, in order.
+
+    ``to_timestep`` maps the value the denoiser receives to the integer timestep recorded (default: rounded).
+    A flow-matching family passes its sigma -> timestep mapping (e.g. :func:`ddr_core.families.flux.sigma_to_timestep`).
     """
 
-    def __init__(self, unet: nn.Module):
+    def __init__(self, unet: nn.Module, to_timestep: Callable[[float], int] | None = None):
         self.unet = unet
+        self.to_timestep = to_timestep
         self.current: int | None = None
         self.history: list[int] = []
         self._handle: torch.utils.hooks.RemovableHandle | None = None
@@ -190,7 +195,8 @@ class TimestepTracker:
             timestep = args[1]
         else:
             raise ValueError("TimestepTracker: the UNet was called without a timestep argument.")
-        self.current = _scalar_timestep(timestep)
+        value = _timestep_value(timestep)
+        self.current = int(round(value)) if self.to_timestep is None else int(self.to_timestep(value))
         self.history.append(self.current)
 
     def __enter__(self) -> TimestepTracker:

@@ -493,7 +493,7 @@ def run_priors(
 
     scale = config.resolved_scale(basis)
     height, width_px = config.height or model.default_size[0], config.width or model.default_size[1]
-    timesteps = model.scheduler_timesteps(config.num_inference_steps)
+    timesteps = model.scheduler_timesteps(config.num_inference_steps, height, width_px)
     num_train = model.num_train_timesteps
     settings = {
         "format": FORMAT, "basis": basis, "layer": layer_name, "prompt": PRIOR_PROMPT,

@@ -107,6 +107,7 @@ def load_variant_model(
     layout.check_output_folder(out_dir, folder_what)  # before the model loads
     device = torch.device(device)
     # looked up on the module at call time, as the stages did (a test may wrap ddr_core.families.load_model)
-    model = families.load_model(layout.model_dir(spec.model), device=device, dtype=resolve_dtype(dtype, device))
+    model_dir = layout.model_dir(spec.model)
+    model = families.load_model(model_dir, device=device, dtype=resolve_dtype(dtype, device, model_dir))
     model.read_layer_as(project.layer_of(variant), project.hook_of(variant))  # the variant's hook (output / residual)
     return model, load_basis(project, layout, variant, model, device)

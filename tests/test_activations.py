@@ -238,7 +238,8 @@ def test_bad_sizes_are_refused_before_anything_is_written(tiny_pipe, reducers, t
         with pytest.raises(ValueError, match=message) as error:
             CaptureConfig(**{field: value})
         assert field in str(error.value)
-    coarse = SimpleNamespace(vae_scale_factor=16, num_train_timesteps=100)  # what a ModelFamily tells
+    coarse = SimpleNamespace(vae_scale_factor=16, num_train_timesteps=100,  # what a ModelFamily tells
+                             latent_shape=lambda height, width: (4, height // 16, width // 16))
     with pytest.raises(ValueError, match="height 40 is not a multiple of the model's VAE scale factor 16: use 32 or 48"):
         check_capture_sizes(coarse, 40, 64, 10)
     with pytest.raises(ValueError, match="num_inference_steps 101 exceeds the scheduler's 100 train timesteps"):

@@ -43,7 +43,7 @@ def test_a_pipeline_no_family_loads_is_refused_by_name(tiny_model_dir: Path, tmp
     (folder / "model_index.json").write_text("[1, 2]")
     with pytest.raises(ModelFolderError, match="model_index.json holds a JSON list"):
         family_of_folder(folder)
-    with pytest.raises(ValueError, match="known families: sd"):
+    with pytest.raises(ValueError, match=r"known families: .*\bsd\b"):
         family_class("nope")
 
 
@@ -59,6 +59,6 @@ def test_conditioning_repeats_and_expands_along_the_batch() -> None:
 def test_an_unknown_builtin_is_refused_when_the_config_loads() -> None:
     from ddr_core.config import SourceConfig
 
-    with pytest.raises(ValueError, match="unknown builtin 'tiny-xl'; known builtins: tiny, tiny-prompts, tiny-sae"):
+    with pytest.raises(ValueError, match=r"unknown builtin 'tiny-xl'; known builtins: tiny, .*tiny-prompts, tiny-sae"):
         SourceConfig(builtin="tiny-xl")
     assert SourceConfig(builtin="tiny").describe() == "builtin:tiny"

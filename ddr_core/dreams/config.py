@@ -17,8 +17,11 @@ from ddr_core.config import config_hash
 from ddr_core.regularisation import LatentAugmentation
 
 LogFn = Callable[[str], None]
-TimestepKeyword = Literal["activity_peaks", "active_timesteps"]
-TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps")
+TimestepKeyword = Literal["activity_peaks", "active_timesteps", "observed_peaks"]
+TIMESTEP_KEYWORDS: tuple[str, ...] = ("activity_peaks", "active_timesteps", "observed_peaks")
+KEYWORD_TABLES: dict[str, str] = {"activity_peaks": "activity_peaks", "active_timesteps": "active_timesteps",
+                                  "observed_peaks": "activity_peaks"}
+"""Timestep keyword -> the statistics table (``<name>.parquet``) it is read from."""
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
 
@@ -30,7 +33,8 @@ class DreamConfig(BaseModel):
 
     timesteps: list[int | TimestepKeyword] = Field(
         default_factory=lambda: [0, "activity_peaks"], min_length=1,
-        description="fixed timesteps and/or 'activity_peaks' / 'active_timesteps' (from the timestep stats)",
+        description="fixed timesteps and/or 'activity_peaks' / 'active_timesteps' / 'observed_peaks' (from the "
+                    "timestep stats)",
     )
     use_just_one_timestep: bool = Field(False, description="only the first resolved timestep per channel")
     use_prior: bool = Field(True, description="start from the priors' latents; else from seeded noise")
@@ -65,7 +69,8 @@ class DreamConfig(BaseModel):
     @classmethod
     def _known_timesteps(cls, value: Any) -> Any:
         if not isinstance(value, list | tuple):
-            raise ValueError("timesteps must be a list of integers and/or 'activity_peaks' / 'active_timesteps'")
+            raise ValueError("timesteps must be a list of integers and/or 'activity_peaks' / 'active_timesteps' / "
+                             "'observed_peaks'")
         # integers may come as strings (Dagster run config holds the list as strings)
         value = [int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v for v in value]
         for item in value:

@@ -9,7 +9,7 @@ import torch
 
 from ddr_core.channel_store import prior_record_path
 from ddr_core.dreams.channel_files import finished_channels
-from ddr_core.dreams.config import DreamConfig, LogFn
+from ddr_core.dreams.config import KEYWORD_TABLES, DreamConfig, LogFn
 from ddr_core.dreams.quality import QUALITY_FILE, measure_dream_quality
 from ddr_core.dreams.run import DreamsResult, run_dreams
 from ddr_core.locks import format_channels
@@ -53,10 +53,11 @@ def dreams_for_variant(
     priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
     # The upstream stages, before the model is loaded; nothing is written when they are missing.
     keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
-    absent = [k for k in keywords if not (stats_dir / f"{k}.parquet").is_file()]
+    absent = [k for k in keywords if not (stats_dir / f"{KEYWORD_TABLES.get(k, k)}.parquet").is_file()]
     if absent:
+        missing_table = stats_dir / f"{KEYWORD_TABLES.get(absent[0], absent[0])}.parquet"
         raise FileNotFoundError(
-            f"the timestep statistics of variant {variant!r} are missing ({stats_dir / f'{absent[0]}.parquet'} "
+            f"the timestep statistics of variant {variant!r} are missing ({missing_table} "
             f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
             f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
             f"integer timesteps only"

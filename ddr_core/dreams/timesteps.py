@@ -10,13 +10,15 @@ from pathlib import Path
 
 import polars as pl
 
-from ddr_core.dreams.config import TIMESTEP_KEYWORDS
+from ddr_core.dreams.config import KEYWORD_TABLES, TIMESTEP_KEYWORDS
 
 
 @functools.lru_cache(maxsize=8)
 def _timestep_table(path: str, mtime_ns: int, kind: str) -> dict[int, list[int]]:
     frame = pl.read_parquet(path)
-    if kind == "activity_peaks":
+    if kind == "observed_peaks":  # the observed timestep nearest each peak (a step the model really ran)
+        frame = frame.sort(["channel", "peak_rank"]).select("channel", pl.col("observed_timestep").alias("timestep"))
+    elif kind == "activity_peaks":
         frame = frame.sort(["channel", "peak_rank"])
     else:
         frame = frame.sort(["channel", "timestep"])
@@ -25,7 +27,7 @@ def _timestep_table(path: str, mtime_ns: int, kind: str) -> dict[int, list[int]]
 
 
 def _load_timestep_table(stats_dir: Path, kind: str) -> dict[int, list[int]]:
-    path = Path(stats_dir) / f"{kind}.parquet"
+    path = Path(stats_dir) / f"{KEYWORD_TABLES.get(kind, kind)}.parquet"
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} is missing: the dream timesteps use {kind!r}, which comes from the timestep statistics; "
@@ -39,8 +41,11 @@ def resolve_dream_timesteps(
 ) -> list[int]:
     """The timesteps to dream ``channel`` at: ``spec``'s integers plus its keywords expanded.
 
-    ``activity_peaks`` adds the channel's peaks (highest first), ``active_timesteps`` every timestep
-    where its activity profile is > 0 (ascending). Order follows ``spec``; duplicates are dropped.
+    ``activity_peaks`` adds the channel's peaks (highest first), ``observed_peaks`` the observed (capture)
+    timestep nearest each peak (highest peak first; for a few-step model such as FLUX.1-schnell, whose profile
+    is interpolated between 1-4 observed timesteps, a plateau's middle is often a timestep the model never ran
+    at), ``active_timesteps`` every timestep where its activity profile is > 0 (ascending). Order follows
+    ``spec``; duplicates are dropped.
     A channel without peaks / active timesteps contributes none for that keyword.
 
     Raises:

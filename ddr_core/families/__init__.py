@@ -18,6 +18,7 @@ from ddr_core.families.base import Conditioning, ModelFamily
 FAMILY_MODULES: dict[str, str] = {
     "sd": "ddr_core.families.sd:StableDiffusionFamily",
     "sdxl": "ddr_core.families.sdxl:StableDiffusionXLFamily",
+    "flux": "ddr_core.families.flux:FluxFamily",
 }
 """Family name -> ``module:class``; imported on first use (a family's diffusers classes load only when used)."""
 

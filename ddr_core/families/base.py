@@ -76,6 +76,8 @@ class ModelFamily(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]
     cfg_batch_order: ClassVar[str] = "unconditional, conditional"
     """The layer's batch under classifier-free guidance (diffusers concatenates ``[negative; positive]``)."""
+    cuda_auto_dtype: ClassVar[torch.dtype] = torch.float16
+    """What a stage's ``dtype: auto`` means on a CUDA device (:func:`ddr_core.activations.resolve_dtype`)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -192,8 +194,12 @@ class ModelFamily(ABC):
         """Length of every per-timestep profile: timesteps are integers in ``[0, num_train_timesteps)``."""
 
     @abstractmethod
-    def scheduler_timesteps(self, num_inference_steps: int) -> list[int]:
-        """A generation's timesteps in denoising order (on the integer scale above)."""
+    def scheduler_timesteps(self, num_inference_steps: int, height: int | None = None,
+                            width: int | None = None) -> list[int]:
+        """A generation's timesteps in denoising order (on the integer scale above), as the tracker records them.
+
+        ``height`` / ``width`` (pixels; default :attr:`default_size`) matter only to a family whose schedule
+        depends on the image size (FLUX.1-dev's resolution-dependent shift); others ignore them."""
 
     @abstractmethod
     def track_timesteps(self) -> Any:

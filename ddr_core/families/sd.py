@@ -69,7 +69,8 @@ class UNetFamily(ModelFamily):
     def tokenizer(self) -> Any:
         return self.pipe.tokenizer
 
-    def scheduler_timesteps(self, num_inference_steps: int) -> list[int]:
+    def scheduler_timesteps(self, num_inference_steps: int, height: int | None = None,
+                            width: int | None = None) -> list[int]:
         scheduler = type(self.pipe.scheduler).from_config(self.pipe.scheduler.config)
         scheduler.set_timesteps(num_inference_steps)
         return [int(t) for t in scheduler.timesteps.tolist()]
