@@ -25,8 +25,8 @@ counted FLOPs by ``--mfu`` x ``--peak-tflops`` (989: H100 SXM dense BF16). The M
 SD v1.4 benchmark measured 21-24% for capture and batched dreams on an H100, BENCHMARKS.md), not a
 measurement of FLUX.
 
-    .venv/bin/python benchmarks/flux_flops.py                  # about a minute on a CPU, little memory
-    .venv/bin/python benchmarks/flux_flops.py --size 512 --json flux_flops.json
+    .venv/bin/python benchmarks/flops_flux.py                  # about a minute on a CPU, little memory
+    .venv/bin/python benchmarks/flops_flux.py --size 512 --json flops_flux.json
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def analytic_transformer(
     return blocks * (24 * hidden**2 * tokens + 4 * tokens**2 * hidden)
 
 
-def count_flux_flops(
+def count_flops_flux(
     size: int = 1024, text_tokens: int = 256, layer: str = "transformer_blocks.18"
 ) -> dict[str, Any]:
     """FLOPs per element of one FLUX.1-schnell capture step, dream step, VAE decode and text encoding."""
@@ -265,7 +265,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
-    flops = count_flux_flops(args.size, args.text_tokens, args.layer)
+    flops = count_flops_flux(args.size, args.text_tokens, args.layer)
     result = {"flops_per_element": flops, "job": job_estimate(flops, args)}
     tera = {
         k: round(v / 1e12, 2)
