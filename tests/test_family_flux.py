@@ -299,16 +299,16 @@ NOT_FETCHED = {  # the repo's single-file checkpoints and extras beside the diff
 
 
 def test_the_flux_schnell_entry_downloads_the_diffusers_folders_only(tmp_path: Path, monkeypatch) -> None:
-    from ddr_core import provisioning
     from ddr_core.catalog import provision_entry
     from ddr_core.config import load_project_config
     from ddr_core.paths import DataLayout
+    from ddr_core.provisioning import MANIFEST_NAME, engine
     from tests.fake_remote import FakeRemote
 
     project = load_project_config()
     hub = project.models["flux-schnell"].source.hub
     assert hub is not None and hub.repo_id == FLUX_REPO
-    monkeypatch.setattr(provisioning, "RETRY_BACKOFF_S", 0.0)
+    monkeypatch.setattr(engine, "RETRY_BACKOFF_S", 0.0)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     server = FakeRemote()
     server.add_hub_repo(FLUX_REPO, {**FAKE_FLUX_FILES, **NOT_FETCHED})
@@ -322,7 +322,7 @@ def test_the_flux_schnell_entry_downloads_the_diffusers_folders_only(tmp_path: P
     got = {
         p.relative_to(folder).as_posix(): p.read_bytes()
         for p in folder.rglob("*")
-        if p.is_file() and p.name != provisioning.MANIFEST_NAME
+        if p.is_file() and p.name != MANIFEST_NAME
     }
     assert got == FAKE_FLUX_FILES and sorted(result.fetched) == sorted(FAKE_FLUX_FILES)
     assert server.count("/resolve/main/flux1-schnell.safetensors") == 0
