@@ -1,0 +1,89 @@
+"""``visual_benchmark``: methods x metrics of one labelled variant's visualisations (toy world ground truth).
+
+Partitioned like ``feature_concepts`` (the variants whose prompts carry concept labels) and downstream of it:
+it reads its verdicts and classifier predictions, the priors' and dreams' records and the dream quality
+table, and runs no model. The work is :func:`ddr_core.visual_benchmark.compute_visual_benchmark`; the
+metadata carries the table (Markdown, data escaped), the contact sheet and the coverage gaps.
+"""
+
+import dagster as dg
+
+from dagster_project.resources import DdrStorage
+from ddr_assets.activations import image_preview
+from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.feature_concepts import labelled_variant_identity_mapping, labelled_variant_partitions
+from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
+from ddr_assets.partitions import block_keys, parse_block_key
+from ddr_core.config import config_hash
+from ddr_core.feature_concepts import feature_concepts_dir, markdown_table
+from ddr_core.records import make_record, read_record, write_record
+from ddr_core.visual_benchmark import (
+    CONTACT_SHEET_FILE,
+    METHODS,
+    VisualBenchmarkConfig,
+    benchmark_rows,
+    compute_visual_benchmark,
+)
+
+VISUAL_BENCHMARK_CODE_VERSION = "1"
+VisualBenchmarkRunConfig = dagster_config_from(VisualBenchmarkConfig, "VisualBenchmarkRunConfig")
+
+
+def _upstream(records_dir, variant: str) -> dict[str, str]:
+    """Data versions of what the benchmark reads: feature_concepts[variant] (required) and every block of its
+    priors / dreams / dreams_no_noise that has a record."""
+    upstream = {f"feature_concepts/{variant}": read_record(records_dir, "feature_concepts", variant,
+                                                           required_by=f"visual_benchmark[{variant}]")["data_version"]}
+    for key in (k for k in block_keys() if parse_block_key(k)[0] == variant):
+        for method in METHODS:
+            try:
+                upstream[f"{method.stage}/{key}"] = read_record(records_dir, method.stage, key)["data_version"]
+            except Exception:  # that block has no such output: nothing of it is read
+                continue
+    return upstream
+
+
+@dg.asset(
+    partitions_def=labelled_variant_partitions(),
+    deps=[dg.AssetDep("feature_concepts", partition_mapping=labelled_variant_identity_mapping())],
+    group_name="ground_truth",
+    code_version=VISUAL_BENCHMARK_CODE_VERSION,
+    kinds={"parquet"},
+    description="Visualisation benchmark of a labelled variant: per method (priors, dreams, dreams without "
+                "schedule noise) agreement with the selective channels' concepts (per-image chance, "
+                "channel-permutation p), recognisability, activation gain over the start and the no-op dreams, "
+                "diversity across seeds and coverage of the selective channels, with bootstrap intervals over "
+                "channels; a contact sheet of the selective channels' images.",
+)
+def visual_benchmark(context: dg.AssetExecutionContext, config: VisualBenchmarkRunConfig,
+                     storage: DdrStorage) -> dg.MaterializeResult:
+    variant = context.partition_key
+    core_config = to_core(config, VisualBenchmarkConfig, asset="visual_benchmark")
+    layout = storage.layout
+    upstream = _upstream(layout.records_dir, variant)
+    out_dir = layout.check_output_folder(layout.stage_dir("visual_benchmark", variant), "visual_benchmark folder")
+    stage_dirs = {method.stage: layout.stage_dir(method.stage, variant) for method in METHODS}
+    result = compute_visual_benchmark(variant, layout.data_root, feature_concepts_dir(layout, variant), stage_dirs,
+                                      out_dir, core_config, log=context.log.info)
+    data_version = config_hash({"config": core_config.config_hash(), "upstream": upstream,
+                                "code": VISUAL_BENCHMARK_CODE_VERSION})
+    run_config = core_config.model_dump(mode="json")
+    write_record(layout.records_dir, make_record(
+        "visual_benchmark", variant, VISUAL_BENCHMARK_CODE_VERSION, run_config, upstream, data_version,
+        outputs={"dir": layout.relative(result.out_dir), "rows": result.table.height},
+    ))
+    missing = result.coverage.filter(~result.coverage["visualised"])
+    return dg.MaterializeResult(
+        metadata={
+            "path": path_metadata(result.out_dir),
+            "benchmark": dg.MetadataValue.md(markdown_table(benchmark_rows(result.table))),
+            "contact_sheet": path_metadata(result.out_dir / CONTACT_SHEET_FILE),
+            "contact_sheet_preview": image_preview([result.out_dir / CONTACT_SHEET_FILE], size=512),
+            "methods": dg.MetadataValue.json(result.summary["methods"]),
+            "selective_channels": int(result.summary["selective_channels"]),
+            "channels_not_visualised": table_preview(missing.select("method", "channel", "concept", "reason")
+                                                     .to_dicts(), limit=40),
+            **lineage_metadata(run_config, upstream, VISUAL_BENCHMARK_CODE_VERSION),
+        },
+        data_version=dg.DataVersion(data_version),
+    )
