@@ -43,6 +43,30 @@ def _upstream(records_dir, variant: str) -> dict[str, str]:
     return upstream
 
 
+def random_baseline_of(storage: DdrStorage, variant: str, config: VisualBenchmarkConfig):
+    """The benchmark's random-latent baseline for ``variant``: loads the variant's model and basis on the CPU
+    (once, on first use) and measures :func:`ddr_core.random_baseline.random_latent_activations` under a dream
+    method's recorded settings (schedule noise on or off, its noise draws and seed)."""
+    loaded: dict[str, object] = {}
+
+    def measure(pairs, settings, size):
+        from ddr_core.basis import load_basis
+        from ddr_core.families import load_model
+        from ddr_core.random_baseline import random_latent_activations
+
+        project, layout = storage.project, storage.layout
+        if not loaded:
+            loaded["model"] = load_model(layout.model_dir(project.variants[variant].model), device="cpu")
+            loaded["basis"] = load_basis(project, layout, variant, loaded["model"], "cpu")
+        return random_latent_activations(
+            loaded["model"], loaded["basis"], project.layer_of(variant), pairs, height=size[0], width=size[1],
+            n_random=config.random_latents, noise_draws=int(settings.get("quality_noise_draws") or 4),
+            schedule_noise=bool(settings.get("see_through_schedule_noise", True)),
+            seed=int(settings.get("random_seed") or 0) + 1)
+
+    return measure
+
+
 @dg.asset(
     partitions_def=labelled_variant_partitions(),
     deps=[dg.AssetDep("feature_concepts", partition_mapping=labelled_variant_identity_mapping())],
@@ -63,8 +87,9 @@ def visual_benchmark(context: dg.AssetExecutionContext, config: VisualBenchmarkR
     upstream = _upstream(layout.records_dir, variant)
     out_dir = layout.check_output_folder(layout.stage_dir("visual_benchmark", variant), "visual_benchmark folder")
     stage_dirs = {method.stage: layout.stage_dir(method.stage, variant) for method in METHODS}
+    baseline = random_baseline_of(storage, variant, core_config) if core_config.random_latents else None
     result = compute_visual_benchmark(variant, layout.data_root, feature_concepts_dir(layout, variant), stage_dirs,
-                                      out_dir, core_config, log=context.log.info)
+                                      out_dir, core_config, log=context.log.info, random_baseline=baseline)
     data_version = config_hash({"config": core_config.config_hash(), "upstream": upstream,
                                 "code": VISUAL_BENCHMARK_CODE_VERSION})
     run_config = core_config.model_dump(mode="json")

@@ -17,8 +17,9 @@ variant, from what the stages wrote (no model is run here):
   (``noise_sd_multiple`` x the standard deviation over seeds of the start activations of the same channel and
   timestep; the variant's median where one seed). A dream that is not raised (e.g. every dream at t >= 959 of
   a zero-terminal-SNR schedule, whose gradient is 0) is counted as a no-op, never as a success, and its
-  images are left out of the agreement, recognisability and diversity scores. ``gain_over_best_random``
-  is reported as not measured: no stage records random latents' activations.
+  images are left out of the agreement, recognisability and diversity scores. ``gain_over_best_random`` /
+  ``beats_best_random``: the dream's activation minus (above) the best of a few seeded random latents at its
+  timestep (:mod:`ddr_core.random_baseline`, measured by the caller with the model; not measured without).
 - ``seed_diversity`` / ``seed_disagreement``: per channel (and timestep), the mean pairwise pixel RMSE (0-1)
   of its images across seeds, and the share of image pairs whose predicted labels differ; reference: the
   RMSE between images of the *same seed* for two different channels (how much the channel, rather than the
@@ -29,7 +30,7 @@ variant, from what the stages wrote (no model is run here):
 Intervals are 95% percentile bootstraps over **channels** (a channel's images and dreams stay together:
 its seeds share a prompt-free start and its families share images). Outputs (``out_dir``, replaced as a
 whole): ``benchmark.parquet`` (:data:`BENCHMARK_SCHEMA`), ``coverage.parquet``, ``images.parquet`` (the
-per-image table scored), ``summary.json`` and ``contact_sheet.png`` (:mod:`ddr_core.contact_sheet`).
+per-image table scored), ``random_baseline.parquet`` (when measured), ``summary.json`` and ``contact_sheet.png`` (:mod:`ddr_core.contact_sheet`).
 """
 
 from __future__ import annotations
@@ -46,16 +47,19 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from ddr_core.benchmark_stats import cluster_bootstrap, pairwise_rmse, sign_flip_test
 from ddr_core.config import config_hash
 
 FORMAT = "ddr.visual_benchmark/1"
 BENCHMARK_FILE = "benchmark.parquet"
 COVERAGE_FILE = "coverage.parquet"
 IMAGES_FILE = "images.parquet"
+RANDOM_BASELINE_FILE = "random_baseline.parquet"
 SUMMARY_FILE = "summary.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 NO_OP_TIMESTEP = 959  # at and above it the toy schedule's sqrt(alpha_bar) < 0.02: no gradient reaches the latent
 LogFn = Callable[[str], None]
+RandomBaseline = Callable[[list[tuple[int, int]], dict[str, Any], tuple[int, int]], pl.DataFrame]
 
 
 @dataclass(frozen=True)
@@ -96,58 +100,15 @@ class VisualBenchmarkConfig(BaseModel):
     noise_sd_multiple: float = Field(
         1.0, ge=0.0, description="a dream is raised when its gain over its start exceeds this many standard "
                                  "deviations of the start activation across seeds (same channel and timestep)")
+    random_latents: int = Field(
+        8, ge=0, le=64, description="seeded random latents per dreamed (channel, timestep) for the best-random "
+                                    "baseline (measured with the variant's model by the asset); 0: not measured")
     contact_rows: int = Field(16, ge=1, le=64, description="selective channels shown in the contact sheet")
     contact_columns: int = Field(4, ge=1, le=8, description="images per method and channel in the contact sheet")
     contact_cell: int = Field(64, ge=16, le=256, description="pixel side of an image in the contact sheet")
 
     def config_hash(self) -> str:
         return config_hash(self.model_dump(mode="json"))
-
-
-# --------------------------------------------------------------------------------------------------
-# Statistics (known answers in tests/test_visual_benchmark.py)
-# --------------------------------------------------------------------------------------------------
-
-
-def cluster_bootstrap(values: Sequence[float], clusters: Sequence[Any], *, level: float = 0.95,
-                      resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile interval of the mean of ``values`` when whole clusters (channels) are resampled with
-    replacement (a resample's mean is over every value of the clusters drawn). ``(nan, nan)`` with fewer than
-    two clusters; NaN values are dropped."""
-    pairs = [(float(v), c) for v, c in zip(values, clusters, strict=True) if v is not None and not math.isnan(v)]
-    names = sorted({c for _, c in pairs}, key=str)
-    if len(names) < 2:
-        return float("nan"), float("nan")
-    index = {c: i for i, c in enumerate(names)}
-    sums, counts = np.zeros(len(names)), np.zeros(len(names))
-    for value, cluster in pairs:
-        sums[index[cluster]] += value
-        counts[index[cluster]] += 1
-    draws = np.random.default_rng(seed).integers(0, len(names), size=(resamples, len(names)))
-    means = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    tail = (1 - level) / 2 * 100
-    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
-
-
-def sign_flip_test(values: Sequence[float], *, permutations: int = 10000, seed: int = 0) -> float:
-    """One-sided p-value of ``mean(values) > 0`` for independent units (channels) symmetric about 0 under the
-    null: exact over every sign vector when ``2**n <= permutations`` (n positive distinct values: ``2**-n``),
-    else ``(1 + #flips >= observed) / (1 + permutations)``. NaN without values."""
-    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    if data.size == 0:
-        return float("nan")
-    observed = data.mean() - 1e-12 * max(1.0, abs(data.mean()))
-    if 2 ** data.size <= permutations:
-        signs = 1 - 2 * ((np.arange(2 ** data.size)[:, None] >> np.arange(data.size)) & 1)
-        return float(((signs * data).mean(axis=1) >= observed).mean())
-    signs = np.random.default_rng(seed).choice([-1.0, 1.0], size=(permutations, data.size))
-    return float((1 + ((signs * data).mean(axis=1) >= observed).sum()) / (1 + permutations))
-
-
-def pairwise_rmse(images: Sequence[np.ndarray]) -> list[float]:
-    """RMSE (pixels scaled to 0-1) of every pair of same-shaped images."""
-    arrays = [np.asarray(image, dtype=np.float64) / 255.0 for image in images]
-    return [float(np.sqrt(np.mean((a - b) ** 2))) for a, b in combinations(arrays, 2) if a.shape == b.shape]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +123,8 @@ def _settings(record: dict[str, Any] | None, kind: str) -> dict[str, Any]:
         keys = ("num_inference_steps", "steer_strength_scale", "guidance_scale", "timesteps_mode", "config_hash")
         return {k: record.get(k) for k in keys}
     config = record.get("config") or {}
-    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "timesteps", "n_results")
+    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "timesteps", "n_results",
+            "quality_noise_draws", "random_seed")
     return {**{k: config.get(k) for k in keys}, "config_hash": record.get("config_hash")}
 
 
@@ -287,8 +249,10 @@ def recognisable_row(scored: pl.DataFrame, threshold: float, reference: float | 
                 note=f"RMSE < {threshold:g} to the nearest render of the world")
 
 
-def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig) -> list[dict[str, Any]]:
-    """``gain_over_start``, ``raised_share``, ``no_op_dreams``, ``no_op_dreams_t959``, ``gain_over_best_random``."""
+def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig,
+              baseline: pl.DataFrame | None = None) -> list[dict[str, Any]]:
+    """``gain_over_start``, ``raised_share``, ``no_op_dreams``, ``no_op_dreams_t959`` and, with a random-latent
+    ``baseline`` (:mod:`ddr_core.random_baseline`), ``gain_over_best_random`` / ``beats_best_random``."""
     boot = {"level": config.level, "resamples": config.bootstrap_resamples, "seed": config.seed}
     measured = dreams.filter(pl.col("gain").is_not_null() & pl.col("gain").is_finite())
     rows = []
@@ -313,8 +277,27 @@ def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig) -> list[dict[
     rows.append(_row("no_op_dreams_t959", float(late.filter(~pl.col("raised")).height), n=late.height, null=noise,
                      note=f"count of no-ops among the {late.height} dreams at t >= {NO_OP_TIMESTEP} "
                           f"(zero-terminal-SNR: no gradient)"))
-    rows.append(_row("gain_over_best_random", None, n=0,
-                     note="not measured: no stage records the activation of random latents"))
+    if baseline is None or baseline.height == 0:
+        rows.append(_row("gain_over_best_random", None, n=0,
+                         note="not measured: no random-latent baseline (random_latents = 0 or no model)"))
+        return rows
+    versus = (dreams.join(baseline.select("channel", "timestep", "best_random", "n_random"),
+                          on=["channel", "timestep"], how="inner")
+              .filter(pl.col("final_activation").is_not_null() & pl.col("best_random").is_not_null())
+              .with_columns((pl.col("final_activation") - pl.col("best_random")).alias("over_random")))
+    if versus.height == 0:
+        rows.append(_row("gain_over_best_random", None, note="not measured: no dream has a baseline"))
+        return rows
+    over, channels = versus["over_random"].to_list(), versus["channel"].to_list()
+    per_channel = versus.group_by("channel").agg(pl.col("over_random").mean())["over_random"].to_list()
+    drawn = f"best of {int(versus['n_random'].max())} seeded random latents at the dream's timestep"
+    rows.append(_row("gain_over_best_random", float(np.mean(over)), interval=cluster_bootstrap(over, channels, **boot),
+                     p_value=sign_flip_test(per_channel, permutations=config.permutations, seed=config.seed),
+                     n=len(over), chance=0.0, null="0; p: signs of the channels' mean differences flipped",
+                     note=f"dream activation minus the {drawn} (all dreams, no-ops included)"))
+    beats = [float(v > 0) for v in over]
+    rows.append(_row("beats_best_random", float(np.mean(beats)), interval=cluster_bootstrap(beats, channels, **boot),
+                     n=len(beats), note=f"share of dreams above the {drawn}"))
     return rows
 
 
@@ -389,9 +372,14 @@ class VisualBenchmarkResult:
 def compute_visual_benchmark(
     variant: str, data_root: str | Path, feature_concepts_dir: str | Path, stage_dirs: dict[str, Path],
     out_dir: str | Path, config: VisualBenchmarkConfig | None = None, log: LogFn | None = None,
+    random_baseline: RandomBaseline | None = None,
 ) -> VisualBenchmarkResult:
     """Score every method with outputs in ``stage_dirs`` (stage name -> its folder for ``variant``; a missing
     folder skips the method) against ``feature_concepts_dir``'s verdicts and write ``out_dir``.
+
+    ``random_baseline(pairs, settings, image_size)``: the random-latent activations
+    (:func:`ddr_core.random_baseline.random_latent_activations`) of a dream method's ``(channel, timestep)``
+    pairs under its recorded settings; ``None``: ``gain_over_best_random`` is reported as not measured.
 
     Raises:
         FileNotFoundError: ``feature_concepts_dir`` holds no finished scores (names what to materialize).
@@ -420,7 +408,7 @@ def compute_visual_benchmark(
             cache[path] = load_images(data_root, [path])[0]
         return cache[path]
 
-    rows, coverage, all_images, settings_of = [], [], [], {}
+    rows, coverage, all_images, baselines, settings_of = [], [], [], [], {}
     for method in METHODS:
         stage_dir = stage_dirs.get(method.stage)
         if stage_dir is None or not Path(stage_dir).is_dir():
@@ -449,7 +437,13 @@ def compute_visual_benchmark(
                             for r in agreement_rows(every, units, families, config)]
         method_rows.append(recognisable_row(scored, threshold, reference, config))
         if method.kind == "dream":
-            method_rows += gain_rows(images, config)
+            baseline = None
+            if random_baseline is not None:
+                size = loader(images["image"][0]).shape[:2]
+                pairs = sorted(set(images.select("channel", "timestep").iter_rows()))
+                baseline = random_baseline(pairs, settings, (int(size[0]), int(size[1])))
+                baselines.append(baseline.with_columns(pl.lit(method.name).alias("method")))
+            method_rows += gain_rows(images, config, baseline)
         method_rows += diversity_rows(scored, families, loader, config)
         cover = coverage_rows(variant, method, expected, images, problems)
         shown = sum(r["visualised"] for r in cover)
@@ -480,6 +474,8 @@ def compute_visual_benchmark(
         benchmark.write_parquet(staging / BENCHMARK_FILE)
         coverage_frame.write_parquet(staging / COVERAGE_FILE)
         images_frame.write_parquet(staging / IMAGES_FILE)
+        if baselines:
+            pl.concat(baselines).write_parquet(staging / RANDOM_BASELINE_FILE)
         write_contact_sheet(staging / CONTACT_SHEET_FILE, data_root, table, images_frame, families,
                             rows=config.contact_rows, columns=config.contact_columns, cell=config.contact_cell,
                             title=f"{variant}: selective channels x methods",
@@ -532,6 +528,9 @@ def benchmark_lines(table: pl.DataFrame) -> list[str]:
             r, late = m["no_op_dreams"], m.get("no_op_dreams_t959") or {}
             parts.append(f"no-ops {int(r['value'])} of {r['n']} ({int(late.get('value') or 0)} of "
                          f"{late.get('n', 0)} at t>={NO_OP_TIMESTEP})")
+        if (m.get("beats_best_random") or {}).get("value") is not None:
+            r = m["beats_best_random"]
+            parts.append(f"above the best random latent {fmt(r['value'])} [{fmt(r['low'])}, {fmt(r['high'])}]")
         if "seed_diversity" in m:
             r = m["seed_diversity"]
             parts.append(f"seed diversity {fmt(r['value'], 3)} (same seed, other channel {fmt(r['chance'], 3)})")

@@ -13,15 +13,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
+from ddr_core.benchmark_stats import cluster_bootstrap, pairwise_rmse, sign_flip_test
 from ddr_core.contact_sheet import plain_label
 from ddr_core.paths import DataLayout
-from ddr_core.visual_benchmark import (
-    VisualBenchmarkConfig,
-    cluster_bootstrap,
-    compute_visual_benchmark,
-    pairwise_rmse,
-    sign_flip_test,
-)
+from ddr_core.visual_benchmark import VisualBenchmarkConfig, compute_visual_benchmark
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 FAST = VisualBenchmarkConfig(permutations=10000, bootstrap_resamples=2000, contact_columns=2, contact_cell=32)
@@ -118,10 +113,11 @@ def write_root(root: Path, hostile: str = "colour=red") -> DataLayout:
     return layout
 
 
-def _run(layout: DataLayout):
+def _run(layout: DataLayout, random_baseline=None):
     stages = {s: layout.stage_dir(s, "toy-raw") for s in ("priors", "dreams", "dreams_no_noise")}
     return compute_visual_benchmark("toy-raw", layout.data_root, layout.stage_dir("feature_concepts", "toy-raw"),
-                                    stages, layout.stage_dir("visual_benchmark", "toy-raw"), FAST)
+                                    stages, layout.stage_dir("visual_benchmark", "toy-raw"), FAST,
+                                    random_baseline=random_baseline)
 
 
 def _metric(table: pl.DataFrame, method: str, metric: str) -> dict:
@@ -152,6 +148,7 @@ def test_benchmark_table_has_the_known_figures(tmp_path: Path) -> None:
     # channel means 0.5, 1, 0: of the 8 exact sign flips, the two that keep 0.5 and 1 positive reach the mean
     assert gain["p_value"] == pytest.approx(2 / 8)
     assert _metric(table, "dreams", "gain_over_best_random")["value"] is None  # not measured, said so
+    assert "not measured" in _metric(table, "dreams", "gain_over_best_random")["note"]
     # raised dreams of channels 0 and 1: seed 1 in the channel's colour, seed 2 red -> agreement (1 + 0.5) / 2
     assert _metric(table, "dreams", "agreement_selective")["value"] == pytest.approx(0.75)
     assert _metric(table, "dreams", "seed_diversity")["value"] == pytest.approx((0.0 + np.sqrt(2 / 3)) / 2)
@@ -162,6 +159,26 @@ def test_benchmark_table_has_the_known_figures(tmp_path: Path) -> None:
     assert 4 not in reasons  # not selective: not expected
     saved = pl.read_parquet(result.out_dir / "benchmark.parquet")
     assert saved.columns[:4] == ["variant", "method", "metric", "value"] and saved.height == table.height
+
+
+def test_dreams_are_compared_with_the_best_random_latent(tmp_path: Path) -> None:
+    calls = []
+
+    def baseline(pairs, settings, size):  # the best random latent fires at 0.5 everywhere
+        calls.append((pairs, settings["num_steps"], size))
+        return pl.DataFrame({"channel": [c for c, _ in pairs], "timestep": [t for _, t in pairs],
+                             "best_random": [0.5] * len(pairs), "n_random": [8] * len(pairs)},
+                            schema_overrides={"channel": pl.Int32})
+
+    table = _run(write_root(tmp_path), baseline).table
+    assert calls == [([(0, 519), (0, 979), (1, 519), (2, 979)], 4, (8, 8))]  # dreams only, their settings
+    # finals 1.0 / 1.2 at t=519 (channels 0, 1), 0.0 / 0.2 at t=979 (channels 0, 2); minus 0.5: 0.5, 0.7, -0.5,
+    # -0.3 for channel 0, 0.5, 0.7 for 1, -0.5, -0.3 for 2: mean 0.8 / 8 = 0.1
+    versus = _metric(table, "dreams", "gain_over_best_random")
+    assert versus["value"] == pytest.approx(0.1)
+    assert _metric(table, "dreams", "beats_best_random")["value"] == pytest.approx(4 / 8)
+    # channel means 0.1, 0.6, -0.4 (sum 0.3): the sign flips reaching it are +++, ++-, -+-: 3 of 8
+    assert versus["p_value"] == pytest.approx(3 / 8)
 
 
 def test_contact_sheet_rows_are_the_selective_channels(tmp_path: Path) -> None:
@@ -187,11 +204,12 @@ def test_asset_materializes_with_escaped_metadata(tmp_path: Path) -> None:
     graph = defs.resolve_asset_graph()
     assert dg.AssetKey("feature_concepts") in graph.get(dg.AssetKey("visual_benchmark")).parent_keys
     layout = write_root(tmp_path / "data", hostile="![x](http://attacker.example/t.png)")
-    result = dg.materialize([visual_benchmark], partition_key="toy-raw", raise_on_error=False,
+    no_model = {"ops": {"visual_benchmark": {"config": {"random_latents": 0}}}}  # the synthetic root has none
+    result = dg.materialize([visual_benchmark], partition_key="toy-raw", raise_on_error=False, run_config=no_model,
                             resources={"storage": DdrStorage(data_root=str(layout.data_root))})
     assert not result.success  # feature_concepts[toy-raw] has no record yet: named
     write_record(layout.records_dir, make_record("feature_concepts", "toy-raw", "2", {}, {}, "fc-v1"))
-    result = dg.materialize([visual_benchmark], partition_key="toy-raw",
+    result = dg.materialize([visual_benchmark], partition_key="toy-raw", run_config=no_model,
                             resources={"storage": DdrStorage(data_root=str(layout.data_root))})
     event = result.get_asset_materialization_events()[0].materialization
     meta = {k: v.value for k, v in event.metadata.items()}
@@ -218,6 +236,7 @@ def test_asset_on_a_copy_of_the_demo(tmp_path: Path) -> None:
     for part in ("feature_concepts", "priors", "dreams", "_records"):
         shutil.copytree(DEMO / "outputs/default" / part, tmp_path / "outputs/default" / part,
                         ignore=shutil.ignore_patterns("steps", "*.safetensors", ".*"))
+    shutil.copytree(DEMO / "assets", tmp_path / "assets")  # the model, for the random-latent baseline
     result = dg.materialize([visual_benchmark], partition_key="toy-raw",
                             resources={"storage": DdrStorage(data_root=str(tmp_path))})
     assert result.success
@@ -227,5 +246,6 @@ def test_asset_on_a_copy_of_the_demo(tmp_path: Path) -> None:
     late = images.filter((pl.col("method") == "dreams") & (pl.col("timestep") >= 959))
     assert late.height > 0 and not late["raised"].any()  # the t >= 959 dreams never count as dreams
     assert _metric(table, "dreams", "no_op_dreams_t959")["value"] == late.height
+    assert 0 < _metric(table, "dreams", "beats_best_random")["value"] < 1  # measured with the toy model
     lines = visual_benchmark_lines(layout, ["toy-raw"])
     assert lines[0].startswith("Visualisation benchmark") and "toy-raw dreams: agreement" in lines[2]
