@@ -7,6 +7,7 @@ metadata carries the table (Markdown, data escaped), the contact sheet and the c
 """
 
 import dagster as dg
+import polars as pl
 
 from dagster_project.resources import DdrStorage
 from ddr_assets.activations import image_preview
@@ -67,6 +68,48 @@ def random_baseline_of(storage: DdrStorage, variant: str, config: VisualBenchmar
     return measure
 
 
+def classifier_of(storage: DdrStorage, variant: str):
+    """Classify and measure (world RMSE) the images of a method ``feature_concepts`` did not score
+    (``dreams_no_noise``) as it does: the model's concept classifier (its provisioned files checked, no link out
+    of the model folder) and, for the toy world, the distance to its renders. ``None`` without a classifier."""
+    project, layout = storage.project, storage.layout
+    spec = project.variants[variant]
+    model = project.models[spec.model]
+    if not model.concept_classifier:
+        return None
+    renders_of: dict = {}
+
+    def classify(paths: list[str], families: list[str]) -> pl.DataFrame:
+        from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
+        from ddr_core.feature_concepts import classify_images, load_images
+        from ddr_core.paths import file_inside
+        from ddr_core.pipeline import check_provisioned_model
+
+        model_dir, field = layout.model_dir(spec.model), f"models.{spec.model}.concept_classifier"
+        check_provisioned_model(model_dir)
+        for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
+            file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
+        classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
+        images = load_images(layout.data_root, paths)
+        frame = pl.DataFrame({"image": paths, **classify_images(classifier, images, families)})
+        if model.world == "toy-world" and images:
+            import numpy as np
+
+            from ddr_core.toy_world import ToyWorldConfig, nearest_render_rmse, reference_renders
+
+            rmse = []
+            for image in images:  # renders at each image's size (one size per method in practice: cached)
+                renders = renders_of.get(image.shape[0])
+                if renders is None:
+                    renders = renders_of[image.shape[0]] = reference_renders(
+                        config=ToyWorldConfig(image_size=image.shape[0]))
+                rmse.append(float(nearest_render_rmse(np.array(image[None]), renders)[0]))
+            frame = frame.with_columns(pl.Series("world_rmse", np.asarray(rmse), dtype=pl.Float64))
+        return frame
+
+    return classify
+
+
 @dg.asset(
     partitions_def=labelled_variant_partitions(),
     deps=[dg.AssetDep("feature_concepts", partition_mapping=labelled_variant_identity_mapping())],
@@ -89,7 +132,8 @@ def visual_benchmark(context: dg.AssetExecutionContext, config: VisualBenchmarkR
     stage_dirs = {method.stage: layout.stage_dir(method.stage, variant) for method in METHODS}
     baseline = random_baseline_of(storage, variant, core_config) if core_config.random_latents else None
     result = compute_visual_benchmark(variant, layout.data_root, feature_concepts_dir(layout, variant), stage_dirs,
-                                      out_dir, core_config, log=context.log.info, random_baseline=baseline)
+                                      out_dir, core_config, log=context.log.info, random_baseline=baseline,
+                                      classify=classifier_of(storage, variant))
     data_version = config_hash({"config": core_config.config_hash(), "upstream": upstream,
                                 "code": VISUAL_BENCHMARK_CODE_VERSION})
     run_config = core_config.model_dump(mode="json")

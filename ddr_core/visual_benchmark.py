@@ -60,6 +60,7 @@ CONTACT_SHEET_FILE = "contact_sheet.png"
 NO_OP_TIMESTEP = 959  # at and above it the toy schedule's sqrt(alpha_bar) < 0.02: no gradient reaches the latent
 LogFn = Callable[[str], None]
 RandomBaseline = Callable[[list[tuple[int, int]], dict[str, Any], tuple[int, int]], pl.DataFrame]
+Classify = Callable[[list[str], list[str]], pl.DataFrame]
 
 
 @dataclass(frozen=True)
@@ -372,7 +373,7 @@ class VisualBenchmarkResult:
 def compute_visual_benchmark(
     variant: str, data_root: str | Path, feature_concepts_dir: str | Path, stage_dirs: dict[str, Path],
     out_dir: str | Path, config: VisualBenchmarkConfig | None = None, log: LogFn | None = None,
-    random_baseline: RandomBaseline | None = None,
+    random_baseline: RandomBaseline | None = None, classify: Classify | None = None,
 ) -> VisualBenchmarkResult:
     """Score every method with outputs in ``stage_dirs`` (stage name -> its folder for ``variant``; a missing
     folder skips the method) against ``feature_concepts_dir``'s verdicts and write ``out_dir``.
@@ -380,6 +381,9 @@ def compute_visual_benchmark(
     ``random_baseline(pairs, settings, image_size)``: the random-latent activations
     (:func:`ddr_core.random_baseline.random_latent_activations`) of a dream method's ``(channel, timestep)``
     pairs under its recorded settings; ``None``: ``gain_over_best_random`` is reported as not measured.
+    ``classify(image paths, families)``: ``image`` + one predicted column per family (+ ``world_rmse``) for a
+    method ``feature_concepts`` did not classify (``dreams_no_noise``); ``None``: its agreement and
+    recognisability are reported as not measured.
 
     Raises:
         FileNotFoundError: ``feature_concepts_dir`` holds no finished scores (names what to materialize).
@@ -423,8 +427,9 @@ def compute_visual_benchmark(
                                  config.noise_sd_multiple)
         predictions_path = Path(feature_concepts_dir) / method.predictions if method.predictions else None
         if predictions_path is not None and predictions_path.is_file():
-            predicted = pl.read_parquet(predictions_path).drop("channel")
-            images = images.join(predicted, on="image", how="left")
+            images = images.join(pl.read_parquet(predictions_path).drop("channel"), on="image", how="left")
+        elif classify is not None:
+            images = images.join(classify(images["image"].to_list(), families), on="image", how="left")
         scored = images.filter(pl.col("raised")) if method.kind == "dream" else images
         classified = scored.drop_nulls([f for f in families if f in scored.columns]) if all(
             f in scored.columns for f in families) else scored.head(0)

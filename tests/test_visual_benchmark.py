@@ -113,11 +113,11 @@ def write_root(root: Path, hostile: str = "colour=red") -> DataLayout:
     return layout
 
 
-def _run(layout: DataLayout, random_baseline=None):
+def _run(layout: DataLayout, random_baseline=None, classify=None):
     stages = {s: layout.stage_dir(s, "toy-raw") for s in ("priors", "dreams", "dreams_no_noise")}
     return compute_visual_benchmark("toy-raw", layout.data_root, layout.stage_dir("feature_concepts", "toy-raw"),
                                     stages, layout.stage_dir("visual_benchmark", "toy-raw"), FAST,
-                                    random_baseline=random_baseline)
+                                    random_baseline=random_baseline, classify=classify)
 
 
 def _metric(table: pl.DataFrame, method: str, metric: str) -> dict:
@@ -179,6 +179,25 @@ def test_dreams_are_compared_with_the_best_random_latent(tmp_path: Path) -> None
     assert _metric(table, "dreams", "beats_best_random")["value"] == pytest.approx(4 / 8)
     # channel means 0.1, 0.6, -0.4 (sum 0.3): the sign flips reaching it are +++, ++-, -+-: 3 of 8
     assert versus["p_value"] == pytest.approx(3 / 8)
+
+
+def test_a_method_feature_concepts_did_not_classify_is_classified_by_the_callable(tmp_path: Path) -> None:
+    layout = write_root(tmp_path)
+    shutil.copytree(layout.stage_dir("dreams", "toy-raw"), layout.stage_dir("dreams_no_noise", "toy-raw"))
+    seen = []
+
+    def classify(paths, families):  # everything is predicted blue, far from the world
+        seen.extend(paths)
+        return pl.DataFrame({"image": paths, **{f: ["blue"] * len(paths) for f in families},
+                             "world_rmse": [0.5] * len(paths)})
+
+    table = _run(layout, classify=classify).table
+    assert len(seen) == 8  # the no-noise run's images only (the others have feature_concepts' predictions)
+    # raised no-noise dreams: channels 0 (red) and 1 (green), predicted blue: agreement 0; none recognisable
+    assert _metric(table, "dreams_no_noise", "agreement_selective")["value"] == 0.0
+    assert _metric(table, "dreams_no_noise", "recognisable")["value"] == 0.0
+    without = _run(layout).table
+    assert "not measured" in _metric(without, "dreams_no_noise", "agreement_selective")["note"]
 
 
 def test_contact_sheet_rows_are_the_selective_channels(tmp_path: Path) -> None:
@@ -247,5 +266,13 @@ def test_asset_on_a_copy_of_the_demo(tmp_path: Path) -> None:
     assert late.height > 0 and not late["raised"].any()  # the t >= 959 dreams never count as dreams
     assert _metric(table, "dreams", "no_op_dreams_t959")["value"] == late.height
     assert 0 < _metric(table, "dreams", "beats_best_random")["value"] < 1  # measured with the toy model
+    # the asset's classifier (used for dreams_no_noise) predicts what feature_concepts saved for the same images
+    from ddr_assets.visual_benchmark import classifier_of
+
+    saved = pl.read_parquet(layout.stage_dir("feature_concepts", "toy-raw") / "dream_predictions.parquet").head(12)
+    families = ["colour", "shape", "background"]
+    again = classifier_of(DdrStorage(data_root=str(tmp_path)), "toy-raw")(saved["image"].to_list(), families)
+    assert again.select(families).equals(saved.select(families))
+    assert np.allclose(again["world_rmse"].to_numpy(), saved["world_rmse"].to_numpy(), atol=1e-6)
     lines = visual_benchmark_lines(layout, ["toy-raw"])
     assert lines[0].startswith("Visualisation benchmark") and "toy-raw dreams: agreement" in lines[2]
