@@ -417,7 +417,8 @@ def compute_visual_benchmark(
         stage_dir = stage_dirs.get(method.stage)
         if stage_dir is None or not Path(stage_dir).is_dir():
             continue
-        images, problems, settings = method_images(method, Path(stage_dir), sorted(set(range(int(table.height)))))
+        channels = sorted(int(c) for c in table["channel"].to_list())
+        images, problems, settings = method_images(method, Path(stage_dir), channels)
         if images.height == 0:
             continue
         settings_of[method.name] = settings
