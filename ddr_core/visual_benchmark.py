@@ -259,7 +259,7 @@ def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig,
     rows = []
     if measured.height:
         gains, channels = measured["gain"].to_list(), measured["channel"].to_list()
-        per_channel = measured.group_by("channel").agg(pl.col("gain").mean())["gain"].to_list()
+        per_channel = measured.group_by("channel").agg(pl.col("gain").mean()).sort("channel")["gain"].to_list()
         rows.append(_row("gain_over_start", float(np.mean(gains)), interval=cluster_bootstrap(gains, channels, **boot),
                          p_value=sign_flip_test(per_channel, permutations=config.permutations, seed=config.seed),
                          n=len(gains), chance=0.0, null="0; p: signs of the channels' mean gains flipped",
@@ -290,7 +290,7 @@ def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig,
         rows.append(_row("gain_over_best_random", None, note="not measured: no dream has a baseline"))
         return rows
     over, channels = versus["over_random"].to_list(), versus["channel"].to_list()
-    per_channel = versus.group_by("channel").agg(pl.col("over_random").mean())["over_random"].to_list()
+    per_channel = versus.group_by("channel").agg(pl.col("over_random").mean()).sort("channel")["over_random"].to_list()
     drawn = f"best of {int(versus['n_random'].max())} seeded random latents at the dream's timestep"
     rows.append(_row("gain_over_best_random", float(np.mean(over)), interval=cluster_bootstrap(over, channels, **boot),
                      p_value=sign_flip_test(per_channel, permutations=config.permutations, seed=config.seed),
