@@ -59,6 +59,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("dreams", few),
         ("representation_shards", blocks),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
+        ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
 
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
-    for line in ground_truth_lines(layout, variants):
+    for line in ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants):
         print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"
@@ -224,6 +225,22 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
     if lines:
         lines.insert(0, "Ground truth (feature_concepts; BENCHMARKS.md explains the figures; [95% bootstrap intervals]):")
     return lines
+
+
+def visual_benchmark_lines(layout, variants: list[str]) -> list[str]:
+    """Per scored variant and method (``visual_benchmark``): agreement with the selective concepts vs per-image
+    chance (p), recognisability, the dreams' gain over their start and their no-ops, seed diversity and
+    coverage of the selective channels."""
+    import polars as pl
+
+    from ddr_core.visual_benchmark import benchmark_lines, read_visual_benchmark
+
+    tables = [found[0] for found in (read_visual_benchmark(layout.stage_dir("visual_benchmark", v)) for v in variants)
+              if found is not None]
+    if not tables:
+        return []
+    return ["Visualisation benchmark (visual_benchmark; BENCHMARKS.md; [95% bootstrap intervals over channels]):",
+            *benchmark_lines(pl.concat(tables))]
 
 
 def basis_gap_lines(layout, variants: list[str]) -> list[str]:

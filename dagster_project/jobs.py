@@ -25,6 +25,9 @@ channel_block_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("activity_plots", "priors", "dreams", "representation_shards"),
     description="Plots, priors, dreams and representation shards of channel blocks (partition = "
                 "'<variant>:<first>-<last>'; a backfill over a range runs as one run per asset).")
+ground_truth_job = dg.define_asset_job(
+    "score_ground_truth", selection=dg.AssetSelection.assets("feature_concepts", "visual_benchmark"),
+    description="Concept scores and the visualisation benchmark of one labelled variant (partition = variant).")
 
 JOBS = [provision_models_job, provision_saes_job, provision_prompts_job, activations_job, timestep_stats_job,
-        channel_block_job]
+        channel_block_job, ground_truth_job]

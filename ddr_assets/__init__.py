@@ -9,6 +9,8 @@ from ddr_assets.provisioning import PROVISIONING_ASSETS
 from ddr_assets.representation import html_export, representation_shards
 from ddr_assets.sweeps import dream_sweeps
 from ddr_assets.timestep_stats import timestep_stats
+from ddr_assets.visual_benchmark import visual_benchmark
 
 ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, activity_plots, priors, dreams, dreams_no_noise,
-              representation_shards, html_export, dream_sweeps, feature_concepts]
+              representation_shards, html_export, dream_sweeps, feature_concepts,
+              visual_benchmark]
