@@ -9,7 +9,6 @@ metadata carries the table (Markdown, data escaped), the contact sheet and the c
 import dagster as dg
 import polars as pl
 
-from dagster_project.resources import DdrStorage
 from ddr_assets.activations import image_preview
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.feature_concepts import labelled_variant_identity_mapping, labelled_variant_partitions
@@ -25,6 +24,7 @@ from ddr_core.visual_benchmark import (
     benchmark_rows,
     compute_visual_benchmark,
 )
+from ddr_resources.resources import DdrStorage
 
 VISUAL_BENCHMARK_CODE_VERSION = "1"
 VisualBenchmarkRunConfig = dagster_config_from(VisualBenchmarkConfig, "VisualBenchmarkRunConfig")
@@ -58,6 +58,7 @@ def random_baseline_of(storage: DdrStorage, variant: str, config: VisualBenchmar
         project, layout = storage.project, storage.layout
         if not loaded:
             loaded["model"] = load_model(layout.model_dir(project.variants[variant].model), device="cpu")
+            loaded["model"].read_layer_as(project.layer_of(variant), project.hook_of(variant))
             loaded["basis"] = load_basis(project, layout, variant, loaded["model"], "cpu")
         return random_latent_activations(
             loaded["model"], loaded["basis"], project.layer_of(variant), pairs, height=size[0], width=size[1],

@@ -213,10 +213,10 @@ def test_contact_sheet_rows_are_the_selective_channels(tmp_path: Path) -> None:
 def test_asset_materializes_with_escaped_metadata(tmp_path: Path) -> None:
     import dagster as dg
 
-    from dagster_project.resources import ComputeResource, DdrStorage
     from ddr_assets import ALL_ASSETS
     from ddr_assets.visual_benchmark import visual_benchmark
     from ddr_core.records import make_record, read_record, write_record
+    from ddr_resources.resources import ComputeResource, DdrStorage
 
     defs = dg.Definitions(assets=ALL_ASSETS, resources={"storage": DdrStorage(), "compute": ComputeResource()})
     dg.Definitions.validate_loadable(defs)
@@ -249,8 +249,8 @@ def test_asset_on_a_copy_of_the_demo(tmp_path: Path) -> None:
     import dagster as dg
 
     from dagster_project.demo import visual_benchmark_lines
-    from dagster_project.resources import DdrStorage
     from ddr_assets.visual_benchmark import visual_benchmark
+    from ddr_resources.resources import DdrStorage
 
     for part in ("feature_concepts", "priors", "dreams", "_records"):
         shutil.copytree(DEMO / "outputs/default" / part, tmp_path / "outputs/default" / part,
