@@ -114,15 +114,60 @@ def check_model_index(model_dir: str | Path) -> dict:
     return json.loads((root / "model_index.json").read_text(encoding="utf-8"))
 
 
-def check_model_folder(model_dir: str | Path) -> Path:
-    """Check that ``model_dir`` is a complete diffusers SD folder with intact safetensors weights.
+def _check_tokenizer_folder(folder: Path, component: str, root: Path) -> None:
+    has_files = (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file() or (
+        (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
+    )
+    if not has_files:
+        raise ModelFolderError(
+            f"Component {component!r} of {root} has neither tokenizer.json nor vocab.json + merges.txt (nor "
+            f"spiece.model). {_REPROVISION_HINT}"
+        )
+
+
+def _check_weights_folder(folder: Path, component: str, root: Path) -> None:
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        extra = (
+            f" Only pickle weights ({', '.join(pickled)}) are present; ddr loads safetensors only, "
+            "convert them or fetch the safetensors files."
+            if pickled
+            else ""
+        )
+        raise ModelFolderError(
+            f"Component {component!r} of {root} has no *.safetensors weights.{extra} {_REPROVISION_HINT}"
+        )
+    for index in sorted(folder.glob("*.safetensors.index.json")):  # a sharded checkpoint names its shards
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+        missing = [s for s in shards if not isinstance(s, str) or not (folder / s).is_file()]
+        if missing:
+            raise ModelFolderError(
+                f"Component {component!r} of {root}: {index.name} names shard(s) {missing[:3]} that are "
+                f"missing. {_REPROVISION_HINT}"
+            )
+    for weights_file in weights:
+        _check_safetensors_file(weights_file, component)
+
+
+def check_model_folder(
+    model_dir: str | Path,
+    components: dict[str, tuple[str, ...]] = REQUIRED_COMPONENTS,
+    weighted: tuple[str, ...] = _WEIGHTED_COMPONENTS,
+) -> Path:
+    """Check that ``model_dir`` is a complete diffusers folder with intact safetensors weights: each folder of
+    ``components`` (component -> files that must exist in it; default Stable Diffusion's) exists with those
+    files, its JSON files are objects, a ``tokenizer*`` folder holds tokenizer files, and each ``weighted``
+    component has safetensors weights whose headers (and sharded index) are intact. Every family's
+    :meth:`~ddr_core.families.ModelFamily.check_folder` calls this with its own components.
 
     Raises:
         ModelFolderError: naming the missing component folder / file or the corrupt weights file.
     """
     root = Path(model_dir)
     check_model_index(root)
-    for component, required_files in REQUIRED_COMPONENTS.items():
+    for component, required_files in components.items():
         folder = root / component
         if not folder.is_dir():
             raise ModelFolderError(
@@ -135,30 +180,10 @@ def check_model_folder(model_dir: str | Path) -> Path:
                 )
         for json_file in sorted(folder.glob("*.json")):
             _check_json_object(json_file, f"File of component {component!r}")
-        if component == "tokenizer":
-            has_files = (folder / "tokenizer.json").is_file() or (
-                (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()
-            )
-            if not has_files:
-                raise ModelFolderError(
-                    f"Component 'tokenizer' of {root} has neither tokenizer.json nor vocab.json + "
-                    f"merges.txt. {_REPROVISION_HINT}"
-                )
-        if component in _WEIGHTED_COMPONENTS:
-            weights = sorted(folder.glob("*.safetensors"))
-            if not weights:
-                pickled = sorted(p.name for p in folder.glob("*.bin"))
-                extra = (
-                    f" Only pickle weights ({', '.join(pickled)}) are present; ddr loads safetensors only, "
-                    "convert them or fetch the safetensors files."
-                    if pickled
-                    else ""
-                )
-                raise ModelFolderError(
-                    f"Component {component!r} of {root} has no *.safetensors weights.{extra} {_REPROVISION_HINT}"
-                )
-            for weights_file in weights:
-                _check_safetensors_file(weights_file, component)
+        if component.startswith("tokenizer"):
+            _check_tokenizer_folder(folder, component, root)
+        if component in weighted:
+            _check_weights_folder(folder, component, root)
     return root
 
 

@@ -131,12 +131,13 @@ def build_sd_unet(config: Any, seed: int):
         )
 
 
-def build_sd_vae(config: Any, seed: int, scaling_factor: float = 0.18215):
-    """An ``AutoencoderKL`` with one down/up block per ``vae_block_out_channels`` entry, seeded."""
+def build_sd_vae(config: Any, seed: int, scaling_factor: float = 0.18215, seed_offset: int = 2, **extra: Any):
+    """An ``AutoencoderKL`` with one down/up block per ``vae_block_out_channels`` entry, seeded
+    (``seed * 1000 + seed_offset``); ``extra``: further ``AutoencoderKL`` arguments (FLUX: ``shift_factor``)."""
     from diffusers import AutoencoderKL
 
     levels = len(config.vae_block_out_channels)
-    with _seeded(seed * 1000 + 2):
+    with _seeded(seed * 1000 + seed_offset):
         return AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -148,6 +149,7 @@ def build_sd_vae(config: Any, seed: int, scaling_factor: float = 0.18215):
             norm_num_groups=config.vae_norm_num_groups,
             sample_size=config.image_size,
             scaling_factor=scaling_factor,
+            **extra,
         )
 
 

@@ -72,7 +72,6 @@ The tiny random FLUX-architecture model (:func:`build_tiny_flux`, builtin ``tiny
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,54 +243,9 @@ class FluxFamily(ModelFamily):
     def check_folder(cls, model_dir: str | Path) -> Path:
         """Check a diffusers FLUX folder: components, JSON configs, every safetensors header (sharded
         checkpoints: every shard the index names)."""
-        from ddr_core.pipeline import (
-            ModelFolderError,
-            _check_json_object,
-            _check_safetensors_file,
-            check_model_index,
-            reprovision_hint,
-        )
+        from ddr_core.pipeline import check_model_folder
 
-        root = Path(model_dir)
-        check_model_index(root)
-        for component, required_files in REQUIRED_COMPONENTS.items():
-            folder = root / component
-            if not folder.is_dir():
-                raise ModelFolderError(
-                    f"Model folder {root} is missing the component folder {component!r}. {reprovision_hint()}"
-                )
-            for name in required_files:
-                if not (folder / name).is_file():
-                    raise ModelFolderError(
-                        f"Component {component!r} of {root} is missing {name}. {reprovision_hint()}"
-                    )
-            for json_file in sorted(folder.glob("*.json")):
-                _check_json_object(json_file, f"File of component {component!r}")
-            if component.startswith("tokenizer") and not any(
-                (folder / name).is_file() for name in ("tokenizer.json", "vocab.json", "spiece.model")
-            ):
-                raise ModelFolderError(
-                    f"Component {component!r} of {root} has no tokenizer files (tokenizer.json, "
-                    f"vocab.json + merges.txt or spiece.model). {reprovision_hint()}"
-                )
-            if component in _WEIGHTED_COMPONENTS:
-                weights = sorted(folder.glob("*.safetensors"))
-                if not weights:
-                    raise ModelFolderError(
-                        f"Component {component!r} of {root} has no *.safetensors weights. "
-                        f"{reprovision_hint()}"
-                    )
-                for index in sorted(folder.glob("*.safetensors.index.json")):
-                    weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-                    shards = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
-                    missing = [s for s in shards if not isinstance(s, str) or not (folder / s).is_file()]
-                    if missing:
-                        raise ModelFolderError(
-                            f"Component {component!r} of {root}: {index.name} names shard(s) "
-                            f"{missing[:3]} that are missing. {reprovision_hint()}"
-                        )
-                for weights_file in weights:
-                    _check_safetensors_file(weights_file, component)
+        root = check_model_folder(model_dir, REQUIRED_COMPONENTS, _WEIGHTED_COMPONENTS)
         return root
 
     @classmethod
@@ -692,10 +646,10 @@ def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig = TinyFluxConfig
     T5-style word tokenizer (:func:`build_t5_word_tokenizer`), and ``FlowMatchEulerDiscreteScheduler``
     configured like schnell (shift 1, no dynamic shifting). Safetensors only; byte-identical for one config.
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
     from transformers import T5Config, T5EncoderModel
 
-    from ddr_core.tiny_model import _seeded, build_clip_text_encoder, tiny_vocabulary
+    from ddr_core.tiny_model import _seeded, build_clip_text_encoder, build_sd_vae, tiny_vocabulary
     from ddr_core.tokenizer import build_word_tokenizer
 
     out_path = Path(out_dir)
@@ -703,23 +657,8 @@ def build_tiny_flux(out_dir: str | Path, config: TinyFluxConfig = TinyFluxConfig
     words = tiny_vocabulary()
     tokenizer = build_word_tokenizer(words, out_path / "tokenizer")
     tokenizer_2 = build_t5_word_tokenizer(words, out_path / "tokenizer_2", config.t5_max_length)
-    levels = len(config.vae_block_out_channels)
-    with _seeded(config.seed * 1000 + 12):
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * levels,
-            up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=config.vae_block_out_channels,
-            layers_per_block=1,
-            latent_channels=config.latent_channels,
-            norm_num_groups=config.vae_norm_num_groups,
-            sample_size=config.image_size,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+    vae = build_sd_vae(config, config.seed, scaling_factor=0.3611, seed_offset=12, shift_factor=0.1159,
+                       use_quant_conv=False, use_post_quant_conv=False).eval()
     t5_config = T5Config(
         vocab_size=len(tokenizer_2),
         d_model=config.t5_d_model,

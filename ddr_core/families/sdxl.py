@@ -67,38 +67,6 @@ TURBO_NOTE = (
 )
 
 
-def _sdxl_check_components(root: Path) -> None:
-    from ddr_core.pipeline import (
-        ModelFolderError,
-        _check_json_object,
-        _check_safetensors_file,
-        reprovision_hint,
-    )
-
-    for component, required_files in SDXL_COMPONENTS.items():
-        folder = root / component
-        if not folder.is_dir():
-            raise ModelFolderError(f"SDXL model folder {root} is missing the component folder {component!r}. "
-                                   f"{reprovision_hint()}")
-        for name in required_files:
-            if not (folder / name).is_file():
-                raise ModelFolderError(f"Component {component!r} of {root} is missing {name}. {reprovision_hint()}")
-        for json_file in sorted(folder.glob("*.json")):
-            _check_json_object(json_file, f"File of component {component!r}")
-        if component.startswith("tokenizer"):
-            if not ((folder / "tokenizer.json").is_file()
-                    or ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file())):
-                raise ModelFolderError(f"Component {component!r} of {root} has neither tokenizer.json nor "
-                                       f"vocab.json + merges.txt. {reprovision_hint()}")
-        if component in ("unet", "vae", "text_encoder", "text_encoder_2"):
-            weights = sorted(folder.glob("*.safetensors"))
-            if not weights:
-                raise ModelFolderError(f"Component {component!r} of {root} has no *.safetensors weights (ddr "
-                                       f"loads safetensors only). {reprovision_hint()}")
-            for weights_file in weights:
-                _check_safetensors_file(weights_file, component)
-
-
 def _weights_variant(root: Path) -> str | None:
     """``"fp16"`` when the folder holds only ``*.fp16.safetensors`` UNet weights (a hub ``variant``)."""
     unet = root / "unet"
@@ -116,12 +84,9 @@ class StableDiffusionXLFamily(UNetFamily):
 
     @classmethod
     def check_folder(cls, model_dir: str | Path) -> Path:
-        from ddr_core.pipeline import check_model_index
+        from ddr_core.pipeline import check_model_folder
 
-        root = Path(model_dir)
-        check_model_index(root)
-        _sdxl_check_components(root)
-        return root
+        return check_model_folder(model_dir, SDXL_COMPONENTS, ("unet", "vae", "text_encoder", "text_encoder_2"))
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
