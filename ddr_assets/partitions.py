@@ -19,8 +19,9 @@ from ddr_core.config import ProjectConfig, load_project_config
 
 @cache
 def project() -> ProjectConfig:
-    """The configuration the code location was loaded with (partitions are fixed at load time)."""
-    return load_project_config()
+    """The configuration the code location was loaded with, restricted to the active profile (``DDR_PROFILE``,
+    else the config's ``profile``): its variants are the partitions (fixed at load time)."""
+    return load_project_config().for_profile()
 
 
 def model_partitions() -> dg.StaticPartitionsDefinition:

@@ -429,6 +429,10 @@ class VariantConfig(_Strict):
         return self
 
 
+ALL_PROFILE = "all"
+"""The profile name that means every declared variant."""
+
+
 class ProjectConfig(_Strict):
     experiment: str = "default"
     models: dict[str, ModelConfig]
@@ -436,6 +440,11 @@ class ProjectConfig(_Strict):
     prompt_datasets: dict[str, PromptDatasetConfig]
     variants: dict[str, VariantConfig]
     default_variants: list[str] = Field(default_factory=list)
+    profiles: dict[str, list[str]] = Field(
+        default_factory=dict, description="named sets of variants the Dagster UI offers as partitions")
+    profile: str = Field(
+        "all", description="the profile(s) whose variants are partitions: a name, several joined by ',', or "
+                           "'all' (DDR_PROFILE overrides)")
 
     @field_validator("experiment")
     @classmethod
@@ -474,7 +483,59 @@ class ProjectConfig(_Strict):
         for name in self.default_variants:
             if name not in self.variants:
                 raise ValueError(f"default_variants: unknown variant {name!r}")
+        for profile, members in self.profiles.items():
+            _name(profile, "profiles name")
+            if profile == ALL_PROFILE:
+                raise ValueError(f"profiles.{profile}: {ALL_PROFILE!r} is reserved (every variant); rename it")
+            for name in members:
+                if name not in self.variants:
+                    close = difflib.get_close_matches(name, list(self.variants), n=1)
+                    hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    raise ValueError(f"profiles.{profile}: unknown variant {name!r}{hint}")
+        self.profile_variants(self.profile, "profile")  # a profile that does not exist fails at load
+        missing = [v for v in self.default_variants if v not in self.profile_variants(self.profile, "profile")]
+        if missing:
+            raise ValueError(f"default_variants {missing} are not in profile {self.profile!r}: `make demo` runs them "
+                             f"through their partitions; add them to the profile")
         return self
+
+    def profile_variants(self, profile: str, where: str = "DDR_PROFILE") -> list[str]:
+        """The variants of ``profile`` (``'all'``, one name, or several joined by ``,``), in declaration order.
+
+        Raises:
+            ValueError: a profile name that is not declared (names ``where`` it came from and the known ones).
+        """
+        names = [n.strip() for n in profile.split(",") if n.strip()]
+        if not names:
+            raise ValueError(f"{where}: empty profile; use {ALL_PROFILE!r} or one of {sorted(self.profiles)}")
+        if ALL_PROFILE in names:
+            return list(self.variants)
+        unknown = [n for n in names if n not in self.profiles]
+        if unknown:
+            raise ValueError(f"{where}: unknown profile(s) {unknown}; declared: {sorted(self.profiles)} (or "
+                             f"{ALL_PROFILE!r})")
+        chosen = {v for n in names for v in self.profiles[n]}
+        return [v for v in self.variants if v in chosen]
+
+    def for_profile(self, profile: str | None = None) -> ProjectConfig:
+        """This config restricted to a profile's variants and the models, SAEs and prompt datasets they use: what
+        the Dagster code location offers as partitions. ``profile``: default ``DDR_PROFILE``, else the config's
+        ``profile``. Stages run from Python keep the whole config."""
+        chosen = profile or os.environ.get("DDR_PROFILE", "").strip() or self.profile
+        where = "profile" if profile else ("DDR_PROFILE" if os.environ.get("DDR_PROFILE", "").strip() else "profile")
+        variants = self.profile_variants(chosen, where)
+        if len(variants) == len(self.variants):
+            return self
+        kept = {name: self.variants[name] for name in variants}
+        used = lambda attr: {getattr(v, attr) for v in kept.values()}  # noqa: E731
+        return self.model_copy(update={
+            "variants": kept,
+            "models": {k: v for k, v in self.models.items() if k in used("model")},
+            "saes": {k: v for k, v in self.saes.items() if k in used("sae")},
+            "prompt_datasets": {k: v for k, v in self.prompt_datasets.items() if k in used("prompts")},
+            "default_variants": [v for v in self.default_variants if v in kept],
+            "profile": chosen,
+        })
 
     # --- derived views -------------------------------------------------------------------------
     def layer_of(self, variant: str) -> str:

@@ -57,11 +57,32 @@ def test_dagster_cli_refuses_a_misspelt_variant_override(tmp_path):
            "(did you mean 'steer_strength_scale'?)" in output, output
 
 
+def test_profiles_choose_the_variants_offered_as_partitions(monkeypatch):
+    """The UI offers the active profile's variants (and only the entries they use); the thesis' are one switch
+    away; a profile that does not exist is refused naming DDR_PROFILE."""
+    from ddr_core.config import load_project_config
+
+    full = load_project_config()
+    default = full.for_profile()
+    assert "toy-raw" in default.variants and "tiny-sdxl-raw" in default.variants
+    assert "style50-sae" not in default.variants and "sd-v1-4" not in default.models
+    monkeypatch.setenv("DDR_PROFILE", "default,thesis")
+    thesis = full.for_profile()
+    assert {"style50-sae", "toy-raw"} <= set(thesis.variants) and "style50" in thesis.models
+    assert sum(1 for name, first_last in ((n, b) for n, v in thesis.variants.items() for b in v.channel_blocks())
+               if name == "style50-sae") == 80
+    monkeypatch.setenv("DDR_PROFILE", "all")
+    assert full.for_profile() is full
+    monkeypatch.setenv("DDR_PROFILE", "thesys")
+    with pytest.raises(ValueError, match=r"DDR_PROFILE: unknown profile\(s\) \['thesys'\]"):
+        full.for_profile()
+
+
 def test_channel_blocks_cover_each_variant_exactly():
     keys = block_keys()
     assert "tiny-raw:0-15" in keys and "tiny-raw:48-63" in keys and "tiny-sae:192-255" in keys
     assert not any(k.startswith("tiny-raw:64") for k in keys)  # no cells beyond a variant's width
-    assert sum(1 for k in keys if k.startswith("style50-sae:")) == 80
+    assert not any(k.startswith("style50-sae:") for k in keys)  # not in the default profile (needs its weights)
     with pytest.raises(ValueError, match="not a channel-block partition key"):
         parse_block_key("tiny-raw:0")
 
