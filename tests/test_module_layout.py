@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ddr_core", "ddr_assets", "dagster_project")
-MAX_LINES = 700  # "about 600": a module past this is split into a package of cohesive modules
-TOO_LONG_FOR_NOW = {"ddr_core/provisioning.py"}  # being reworked separately (issue #16 follow-up)
+PACKAGES = ("ddr_core", "ddr_resources", "ddr_assets", "dagster_project")
+MAX_LINES = 700  # "about 600": a module past this is split into a package of cohesive modules ...
+REASON = "Why one module over 600 lines:"  # ... unless its docstring says why it stays whole
+HARD_LIMIT = 900  # not even with a reason
 
 
 def _modules() -> dict[str, Path]:
@@ -27,13 +28,17 @@ def _modules() -> dict[str, Path]:
 
 
 def test_no_module_is_longer_than_about_600_lines():
-    too_long = {
-        path.relative_to(ROOT).as_posix(): n
-        for path in _modules().values()
-        if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
-        and path.relative_to(ROOT).as_posix() not in TOO_LONG_FOR_NOW
-    }
-    assert not too_long, f"modules over {MAX_LINES} lines (split them into a package): {too_long}"
+    """Over 700 lines only with a reason at the top (``Why one module over 600 lines: ...`` in the module
+    docstring), and never over 900."""
+    too_long = {}
+    for path in _modules().values():
+        text = path.read_text(encoding="utf-8")
+        lines = len(text.splitlines())
+        reason = REASON in (ast.get_docstring(ast.parse(text)) or "")
+        if lines > HARD_LIMIT or (lines > MAX_LINES and not reason):
+            too_long[path.relative_to(ROOT).as_posix()] = lines
+    assert not too_long, (f"modules over {MAX_LINES} lines without a reason at their top ({REASON!r}), or over "
+                          f"{HARD_LIMIT}: split them into a package: {too_long}")
 
 
 def test_module_level_imports_form_no_cycle():
