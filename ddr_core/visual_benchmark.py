@@ -1,7 +1,8 @@
 """The visualisation benchmark: methods x variants x metrics on a world with ground truth (the toy world).
 
 Does a visualisation method show what its channel stands for? For each method (``priors``: steered
-generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise`` where it ran) and
+generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise``,
+``dreams_pre_activation`` and ``dreams_example`` (:data:`METHODS`) where they ran) and
 variant, from what the stages wrote (no model is run here):
 
 - ``agreement_selective``: over the (channel, family) pairs a channel is significantly selective for
@@ -12,7 +13,7 @@ variant, from what the stages wrote (no model is run here):
 - ``recognisable``: share of the method's images within ``recognisable_rmse`` of a render of the world
   (the per-image RMSE ``feature_concepts`` saved); reference: the capture's own generations.
 - ``gain_over_start`` (dreams): dream activation minus the activation of the latent it started from (the
-  prior), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
+  prior, seeded noise or the dataset example), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
   ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the seed-to-seed noise
   (``noise_sd_multiple`` x the standard deviation over seeds of the start activations of the same channel and
   timestep; the variant's median where one seed). A dream that is not raised (e.g. every dream at t >= 959 of
@@ -78,7 +79,13 @@ METHODS: tuple[Method, ...] = (
     Method("priors", "priors", "prior", "prior_predictions.parquet"),
     Method("dreams", "dreams", "dream", "dream_predictions.parquet"),
     Method("dreams_no_noise", "dreams_no_noise", "dream", None),
+    Method("dreams_pre_activation", "dreams_pre_activation", "dream", None),
+    Method("dreams_example", "dreams_example", "dream", None),
 )
+"""The methods scored where their stage folder exists. ``dreams_pre_activation``: dreams maximising an SAE
+feature's pre-activation (``objective: pre_activation``); ``dreams_example``: dreams started from the channel's
+top dataset examples (``start: example``, feature accentuation). Their images are classified by the caller's
+``classify`` (``feature_concepts`` scores only priors and dreams)."""
 
 BENCHMARK_SCHEMA: dict[str, Any] = {
     "variant": pl.String, "method": pl.String, "metric": pl.String, "value": pl.Float64, "low": pl.Float64,
@@ -124,8 +131,8 @@ def _settings(record: dict[str, Any] | None, kind: str) -> dict[str, Any]:
         keys = ("num_inference_steps", "steer_strength_scale", "guidance_scale", "timesteps_mode", "config_hash")
         return {k: record.get(k) for k in keys}
     config = record.get("config") or {}
-    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "timesteps", "n_results",
-            "quality_noise_draws", "random_seed")
+    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "start", "objective",
+            "timesteps", "n_results", "quality_noise_draws", "random_seed")
     return {**{k: config.get(k) for k in keys}, "config_hash": record.get("config_hash")}
 
 
