@@ -22,7 +22,7 @@ import argparse
 import json
 import time
 
-from ddr_assets.visual_benchmark import classifier_of, random_baseline_of
+from ddr_assets.visual_benchmark import classifier_of, generation_images_of, random_baseline_of
 from ddr_core.dreams import DreamConfig, dreams_for_variant
 from ddr_core.feature_concepts import feature_concepts_dir
 from ddr_core.visual_benchmark import (
@@ -62,7 +62,8 @@ def main() -> None:
             variant, layout.data_root, feature_concepts_dir(layout, variant),
             {m.stage: layout.stage_dir(m.stage, variant) for m in METHODS},
             layout.stage_dir("visual_benchmark", variant), bench, log=print,
-            random_baseline=random_baseline_of(storage, variant, bench), classify=classifier_of(storage, variant))
+            random_baseline=random_baseline_of(storage, variant, bench), classify=classifier_of(storage, variant),
+            generation_images=generation_images_of(storage, variant))
         tables.append(found.table)
     import polars as pl
 

@@ -220,3 +220,48 @@ def test_start_example_dreams_from_the_regenerated_top_examples(tiny_pipe, captu
     assert not torch.equal(tensors["latents"], expected)  # and the optimiser moved them
     empty = json.loads((tmp_path / "out" / "channel_00001" / "dream.json").read_text())
     assert "no dataset example" in empty["skipped"]
+
+
+# --- the benchmark's start-image baseline of start: example ------------------------------------------
+
+
+def test_benchmark_scores_the_start_images_of_example_dreams(tmp_path):
+    """dreams_example = the synthetic root's dreams (raised: channel 0 red/red, channel 1 green/red at t=519)
+    started from generation 1 (red) for seed 1 and generation 2 (green) for seed 2."""
+    import shutil
+
+    from ddr_core.visual_benchmark import compute_visual_benchmark
+    from tests.test_visual_benchmark import COLOURS, FAST, _metric, _png, write_root
+
+    layout = write_root(tmp_path)
+    example = layout.stage_dir("dreams_example", "toy-raw")
+    shutil.copytree(layout.stage_dir("dreams", "toy-raw"), example)
+    for record in example.glob("channel_*/dream.json"):
+        dream = json.loads(record.read_text())
+        record.write_text(json.dumps({**dream, "config": {**dream["config"], "start": "example"}}))
+    generations = {1: _png(tmp_path, "outputs/default/activations/toy/images/gen_1.png", "red"),
+                   2: _png(tmp_path, "outputs/default/activations/toy/images/gen_2.png", "green")}
+    names = {rgb: name for name, rgb in COLOURS.items()}
+
+    def classify(paths, families):  # the true colour of the (solid) image
+        colours = [names[Image.open(tmp_path / p).convert("RGB").getpixel((0, 0))] for p in paths]
+        return pl.DataFrame({"image": paths, "colour": colours, "shape": ["circle"] * len(paths),
+                             "world_rmse": [0.1] * len(paths)})
+
+    def run(images):
+        stages = {s: layout.stage_dir(s, "toy-raw") for s in ("priors", "dreams", "dreams_example")}
+        return compute_visual_benchmark("toy-raw", layout.data_root, layout.stage_dir("feature_concepts", "toy-raw"),
+                                        stages, layout.stage_dir("visual_benchmark", "toy-raw"), FAST,
+                                        classify=classify, generation_images=images).table
+
+    table = run(generations)
+    # the dreams: channel 0 red, red (1), channel 1 green, red (0.5)
+    assert _metric(table, "dreams_example", "agreement_selective")["value"] == pytest.approx(0.75)
+    # their starts: red (gen 1), green (gen 2) for both channels: 0.5 each
+    start = _metric(table, "dreams_example", "agreement_selective_start")
+    assert start["value"] == pytest.approx(0.5) and start["n"] == 2
+    # dream vs start: red/red 0, red/green, green/red, red/green sqrt(2/3) each
+    distance = _metric(table, "dreams_example", "distance_to_start")
+    assert distance["value"] == pytest.approx(3 * np.sqrt(2 / 3) / 4) and distance["n"] == 4
+    assert table.filter(pl.col("metric") == "agreement_selective_start")["method"].to_list() == ["dreams_example"]
+    assert "agreement_selective_start" not in run(None)["metric"].to_list()
