@@ -83,10 +83,14 @@ def _dreams_stage(name: str, no_noise: bool) -> ChannelBlockStage:
             dream_config = dream_config.model_copy(update={"see_through_schedule_noise": False})
         stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"{name}[{next(iter(blocks))}]")
         upstream = {f"timestep_stats/{variant}": stats["data_version"]}
-        if dream_config.use_prior:
+        if dream_config.start_from == "prior":
             for key in blocks:
                 upstream[f"priors/{key}"] = read_record(layout.records_dir, "priors", key,
                                                         required_by=f"{name}[{key}]")["data_version"]
+        if dream_config.start_from == "example":  # regenerated from the capture's recorded seeds
+            capture = run.project.capture_of(variant)
+            upstream[f"activations/{capture}"] = read_record(layout.records_dir, "activations", capture,
+                                                             required_by=f"{name}[{next(iter(blocks))}]")["data_version"]
         channels = [c for chans in blocks.values() for c in chans]
         report = run.compute.run_stage(context, "dreams_for_variant",
                                        {"variant": variant, "channels": channels, "stage": name,

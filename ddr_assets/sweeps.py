@@ -49,7 +49,7 @@ def dream_sweeps(context: dg.AssetExecutionContext, config: DreamSweepsConfig, s
     stats = read_record(layout.records_dir, "timestep_stats", sweep.variant, required_by=required_by)
     upstream = {f"timestep_stats/{sweep.variant}": stats["data_version"]}
     overrides = project.variants[sweep.variant].overrides.get("dreams", {})
-    if any(setting.use_prior for setting in sweep.settings(overrides)):
+    if any(setting.start_from == "prior" for setting in sweep.settings(overrides)):
         for key in _blocks_of(project, sweep.variant, sweep.channels):
             upstream[f"priors/{key}"] = read_record(layout.records_dir, "priors", key,
                                                     required_by=required_by)["data_version"]

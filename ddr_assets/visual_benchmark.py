@@ -111,6 +111,16 @@ def classifier_of(storage: DdrStorage, variant: str):
     return classify
 
 
+def generation_images_of(storage: DdrStorage, variant: str) -> dict[int, str] | None:
+    """Generation id -> data-root relative image of ``variant``'s capture (the start images of ``start:
+    example`` dreams), or ``None`` without a finished generations table."""
+    path = storage.layout.activations_dir(storage.project.capture_of(variant)) / "generations.parquet"
+    if not path.is_file():
+        return None
+    table = pl.read_parquet(path, columns=["generation_id", "image_path"])
+    return {int(g): str(p) for g, p in table.iter_rows() if p is not None}
+
+
 @dg.asset(
     partitions_def=labelled_variant_partitions(),
     deps=[dg.AssetDep("feature_concepts", partition_mapping=labelled_variant_identity_mapping())],
@@ -134,7 +144,8 @@ def visual_benchmark(context: dg.AssetExecutionContext, config: VisualBenchmarkR
     baseline = random_baseline_of(storage, variant, core_config) if core_config.random_latents else None
     result = compute_visual_benchmark(variant, layout.data_root, feature_concepts_dir(layout, variant), stage_dirs,
                                       out_dir, core_config, log=context.log.info, random_baseline=baseline,
-                                      classify=classifier_of(storage, variant))
+                                      classify=classifier_of(storage, variant),
+                                      generation_images=generation_images_of(storage, variant))
     data_version = config_hash({"config": core_config.config_hash(), "upstream": upstream,
                                 "code": VISUAL_BENCHMARK_CODE_VERSION})
     run_config = core_config.model_dump(mode="json")

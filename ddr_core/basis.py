@@ -5,7 +5,9 @@ Every stage that touches a unit goes through a :class:`Basis`:
 - capture: :meth:`Basis.reduce` turns the layer's tokens ``(batch, positions, channels)`` into one value
   per unit ``(batch, width)`` (the spatial mean of the unit's per-position activation);
 - dreams: :meth:`Basis.unit_activations` is the differentiable objective, each batch element's own unit
-  ``(n, positions, channels) -> (n,)``, computing only what that unit needs;
+  ``(n, positions, channels) -> (n,)``, computing only what that unit needs; :meth:`Basis.unit_pre_activations`
+  the same before the unit's ReLU (an SAE feature's encoder output: a gradient even where the feature is
+  inactive; raw channels have no ReLU of their own, so it equals the activation);
 - priors: :meth:`Basis.directions` is the steering direction of each unit in the layer's channel space
   ``(n,) -> (n, channels)``.
 
@@ -51,6 +53,11 @@ class Basis(ABC):
         """``(n, positions, channels)``, ``(n,)`` -> ``(n,)`` float32, differentiable: element ``i``'s
         activation of unit ``units[i]``, averaged over positions."""
 
+    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Like :meth:`unit_activations` but before the unit's ReLU, averaged over positions (``(n,)`` float32,
+        differentiable). Default: the activation itself (a unit without a ReLU of its own)."""
+        return self.unit_activations(tokens, units)
+
     @abstractmethod
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``(n,) -> (n, channels)`` float32 on the CPU: each unit's steering direction in the layer."""
@@ -86,7 +93,9 @@ class TopKSaeBasis(Basis):
     """The features of a TopK SAE (SAeUron format, :class:`ddr_core.sae.Sae`).
 
     A feature's activation is its pre-top-k value ``relu(W_enc[f] . (x - b_dec) + b_enc[f])``: the objective
-    of a dream keeps a gradient where the top-k would cut it. Its steering direction is its decoder row.
+    of a dream keeps a gradient where the top-k would cut it. Its pre-activation (:meth:`unit_pre_activations`)
+    drops the ReLU too: a gradient also where the feature is inactive (``pre < 0``). Its steering direction is
+    its decoder row.
     """
 
     kind = "sae"
@@ -104,12 +113,18 @@ class TopKSaeBasis(Basis):
         features = self.sae.feature_activations(tokens.to(device=parameter.device, dtype=parameter.dtype))
         return features.mean(dim=1)
 
-    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    def _pre(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions)``: each element's feature before the ReLU, per position."""
         units = units.to(tokens.device)
         weight, bias = self.sae.encoder_rows(units)  # (n, d_in), (n,)
         inputs = self.sae.prepare_input(tokens) - self.sae.b_dec  # (n, N, d_in)
-        pre = torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-        return torch.relu(pre).mean(dim=1).float()
+        return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
+
+    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self._pre(tokens, units).mean(dim=1).float()
 
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         index = self.check_units(units).to(self.sae.W_dec.device)
@@ -119,8 +134,9 @@ class TopKSaeBasis(Basis):
 
 class UnboxSaeBasis(Basis):
     """The features of an sdxl-unbox SAE (:class:`ddr_core.sae_unbox.UnboxSae`), read on the block's residual
-    update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``; its
-    steering direction is its decoder column ``decoder.weight[:, f]`` (unit norm)."""
+    update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``, its
+    pre-activation the same without the ReLU; its steering direction is its decoder column
+    ``decoder.weight[:, f]`` (unit norm)."""
 
     kind = "sdxl-unbox"
 
@@ -135,13 +151,19 @@ class UnboxSaeBasis(Basis):
     def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.sae.feature_activations(tokens).mean(dim=1)
 
-    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    def _pre(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions)``: each element's feature before the ReLU, per position."""
         units = units.to(self.sae.pre_bias.device)
         weight = self.sae.encoder.weight[units]  # (n, d)
         bias = self.sae.latent_bias[units]  # (n,)
         inputs = tokens.to(dtype=weight.dtype, device=weight.device) - self.sae.pre_bias
-        pre = torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-        return torch.relu(pre).mean(dim=1).float()
+        return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
+
+    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self._pre(tokens, units).mean(dim=1).float()
 
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         index = self.check_units(units).to(self.sae.pre_bias.device)

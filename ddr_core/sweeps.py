@@ -346,7 +346,7 @@ def run_sweep(
             log(f"dream_sweeps: setting {index + 1}/{len(settings)}: {label}")
         pipe, basis = models.get(dream_config.dtype, dream_config.torch_dtype())
         dreams = run_dreams(
-            pipe, basis, layer_name, stats_dir, priors_dir if dream_config.use_prior else None,
+            pipe, basis, layer_name, stats_dir, priors_dir if dream_config.start_from == "prior" else None,
             config.channels, folder, dream_config, data_root=layout.data_root, log=log,
         )
         measure_dream_quality(pipe, basis, layer_name, folder, stats_dir, dream_config, channels=config.channels)

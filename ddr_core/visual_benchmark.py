@@ -1,7 +1,8 @@
 """The visualisation benchmark: methods x variants x metrics on a world with ground truth (the toy world).
 
 Does a visualisation method show what its channel stands for? For each method (``priors``: steered
-generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise`` where it ran) and
+generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise``,
+``dreams_pre_activation`` and ``dreams_example`` (:data:`METHODS`) where they ran) and
 variant, from what the stages wrote (no model is run here):
 
 - ``agreement_selective``: over the (channel, family) pairs a channel is significantly selective for
@@ -12,7 +13,7 @@ variant, from what the stages wrote (no model is run here):
 - ``recognisable``: share of the method's images within ``recognisable_rmse`` of a render of the world
   (the per-image RMSE ``feature_concepts`` saved); reference: the capture's own generations.
 - ``gain_over_start`` (dreams): dream activation minus the activation of the latent it started from (the
-  prior), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
+  prior, seeded noise or the dataset example), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
   ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the seed-to-seed noise
   (``noise_sd_multiple`` x the standard deviation over seeds of the start activations of the same channel and
   timestep; the variant's median where one seed). A dream that is not raised (e.g. every dream at t >= 959 of
@@ -26,6 +27,10 @@ variant, from what the stages wrote (no model is run here):
   seed, sets the picture).
 - ``coverage``: channels visualised of those that should be (the selective ones), each missing one listed
   with its reason in ``coverage.parquet``.
+- ``agreement_selective_start`` / ``distance_to_start`` (dreams that started from dataset examples,
+  ``start: example``, when the caller passes the capture's ``generation_images``): the agreement of the
+  scored dreams' *start* images (the captured examples, classified the same way), i.e. what the dream
+  inherits from its start, and the mean pixel RMSE (0-1) between each scored dream and its start image.
 
 Intervals are 95% percentile bootstraps over **channels** (a channel's images and dreams stay together:
 its seeds share a prompt-free start and its families share images). Outputs (``out_dir``, replaced as a
@@ -78,7 +83,13 @@ METHODS: tuple[Method, ...] = (
     Method("priors", "priors", "prior", "prior_predictions.parquet"),
     Method("dreams", "dreams", "dream", "dream_predictions.parquet"),
     Method("dreams_no_noise", "dreams_no_noise", "dream", None),
+    Method("dreams_pre_activation", "dreams_pre_activation", "dream", None),
+    Method("dreams_example", "dreams_example", "dream", None),
 )
+"""The methods scored where their stage folder exists. ``dreams_pre_activation``: dreams maximising an SAE
+feature's pre-activation (``objective: pre_activation``); ``dreams_example``: dreams started from the channel's
+top dataset examples (``start: example``, feature accentuation). Their images are classified by the caller's
+``classify`` (``feature_concepts`` scores only priors and dreams)."""
 
 BENCHMARK_SCHEMA: dict[str, Any] = {
     "variant": pl.String, "method": pl.String, "metric": pl.String, "value": pl.Float64, "low": pl.Float64,
@@ -124,8 +135,8 @@ def _settings(record: dict[str, Any] | None, kind: str) -> dict[str, Any]:
         keys = ("num_inference_steps", "steer_strength_scale", "guidance_scale", "timesteps_mode", "config_hash")
         return {k: record.get(k) for k in keys}
     config = record.get("config") or {}
-    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "timesteps", "n_results",
-            "quality_noise_draws", "random_seed")
+    keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "start", "objective",
+            "timesteps", "n_results", "quality_noise_draws", "random_seed")
     return {**{k: config.get(k) for k in keys}, "config_hash": record.get("config_hash")}
 
 
@@ -370,10 +381,40 @@ class VisualBenchmarkResult:
     out_dir: Path
 
 
+def start_rows(scored: pl.DataFrame, generation_images: dict[int, str], units: list[tuple[int, str, str]],
+               families: Sequence[str], classify: Classify | None, loader: Callable[[str], np.ndarray],
+               config: VisualBenchmarkConfig) -> list[dict[str, Any]]:
+    """``agreement_selective_start`` and ``distance_to_start`` of dreams started from dataset examples (their
+    seed is the example's generation id; ``generation_images``: generation id -> its captured image)."""
+    boot = {"level": config.level, "resamples": config.bootstrap_resamples, "seed": config.seed}
+    pairs = scored.select("channel", "timestep", "seed", pl.col("image").alias("dream_image")).with_columns(
+        pl.col("seed").replace_strict(generation_images, default=None, return_dtype=pl.String).alias("image"))
+    pairs = pairs.drop_nulls("image")
+    note = "the scored dreams' start images (their dataset examples): what a dream inherits from its start"
+    if pairs.height == 0:
+        return [_row("agreement_selective_start", None, note="not measured: no start image found")]
+    rows = []
+    if classify is not None:
+        starts = pairs.join(classify(sorted(set(pairs["image"].to_list())), list(families)), on="image", how="left")
+        rows += [{**r, "metric": "agreement_selective_start", "note": f"{r['note']}; {note}"}
+                 for r in agreement_rows(starts.drop_nulls([f for f in families if f in starts.columns]),
+                                         units, families, config)]
+    else:
+        rows.append(_row("agreement_selective_start", None, note="not measured: no classifier for the start images"))
+    distances = [pairwise_rmse([loader(a), loader(b)])[0] if loader(a).shape == loader(b).shape else math.nan
+                 for a, b in pairs.select("dream_image", "image").iter_rows()]
+    kept = [(d, c) for d, c in zip(distances, pairs["channel"].to_list(), strict=True) if not math.isnan(d)]
+    rows.append(_row("distance_to_start", float(np.mean([d for d, _ in kept])) if kept else None, n=len(kept),
+                     interval=cluster_bootstrap([d for d, _ in kept], [c for _, c in kept], **boot),
+                     note="mean pixel RMSE (0-1) between a scored dream and its start image"))
+    return rows
+
+
 def compute_visual_benchmark(
     variant: str, data_root: str | Path, feature_concepts_dir: str | Path, stage_dirs: dict[str, Path],
     out_dir: str | Path, config: VisualBenchmarkConfig | None = None, log: LogFn | None = None,
     random_baseline: RandomBaseline | None = None, classify: Classify | None = None,
+    generation_images: dict[int, str] | None = None,
 ) -> VisualBenchmarkResult:
     """Score every method with outputs in ``stage_dirs`` (stage name -> its folder for ``variant``; a missing
     folder skips the method) against ``feature_concepts_dir``'s verdicts and write ``out_dir``.
@@ -383,7 +424,9 @@ def compute_visual_benchmark(
     pairs under its recorded settings; ``None``: ``gain_over_best_random`` is reported as not measured.
     ``classify(image paths, families)``: ``image`` + one predicted column per family (+ ``world_rmse``) for a
     method ``feature_concepts`` did not classify (``dreams_no_noise``); ``None``: its agreement and
-    recognisability are reported as not measured.
+    recognisability are reported as not measured. ``generation_images``: generation id -> data-root relative
+    image of the variant's capture (the start images of ``start: example`` dreams); ``None``: their
+    ``agreement_selective_start`` / ``distance_to_start`` are not reported.
 
     Raises:
         FileNotFoundError: ``feature_concepts_dir`` holds no finished scores (names what to materialize).
@@ -442,6 +485,8 @@ def compute_visual_benchmark(
                              "note": r["note"] + "; no-op dreams included"}
                             for r in agreement_rows(every, units, families, config)]
         method_rows.append(recognisable_row(scored, threshold, reference, config))
+        if method.kind == "dream" and settings.get("start") == "example" and generation_images is not None:
+            method_rows += start_rows(scored, generation_images, units, families, classify, loader, config)
         if method.kind == "dream":
             baseline = None
             if random_baseline is not None:
@@ -525,6 +570,10 @@ def benchmark_lines(table: pl.DataFrame) -> list[str]:
             r = m["agreement_selective"]
             parts.append(f"agreement {fmt(r['value'])} [{fmt(r['low'])}, {fmt(r['high'])}] vs chance "
                          f"{fmt(r['chance'])} (p {p(r['p_value'])}, {r['n']} pairs)")
+        if (m.get("agreement_selective_start") or {}).get("value") is not None:
+            r = m["agreement_selective_start"]
+            parts.append(f"(its start images {fmt(r['value'])} [{fmt(r['low'])}, {fmt(r['high'])}]; dream-to-start "
+                         f"RMSE {fmt((m.get('distance_to_start') or {}).get('value'), 3)})")
         if "recognisable" in m:
             parts.append(f"recognisable {fmt(m['recognisable']['value'])}")
         if "gain_over_start" in m and m["gain_over_start"]["value"] is not None:

@@ -12,6 +12,13 @@ denoises that latent at ``t`` with the empty prompt. The UNet stops right after 
 4. gradient w.r.t. the latent, then Fourier preconditioning and Gaussian smoothing per element;
 5. an AdamW step.
 
+**Start and objective.** ``start`` (:class:`DreamConfig`): ``prior`` (the priors' latents; ``use_prior``),
+``noise`` (seeded noise) or ``example``: feature accentuation (Hamblin et al. 2024), the final latents of the
+channel's top dataset examples regenerated from the capture's recorded seed and prompt
+(:mod:`ddr_core.regenerate`); the element's seed is then the example's generation id. ``objective``:
+``activation`` (default) or ``pre_activation`` (an SAE feature's encoder output before its ReLU: a gradient
+where the feature is inactive); the recorded activation is always the real one.
+
 **Batching.** A batch element is ``(channel, timestep, seed)``. The UNet takes a per-element timestep
 tensor, so elements of many channels and timesteps share one forward pass. Penalties, gradient
 transforms, augmentation and noise are per element and each element draws its random numbers from

@@ -23,6 +23,8 @@ KEYWORD_TABLES: dict[str, str] = {"activity_peaks": "activity_peaks", "active_ti
                                   "observed_peaks": "activity_peaks"}
 """Timestep keyword -> the statistics table (``<name>.parquet``) it is read from."""
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
+StartKind = Literal["prior", "noise", "example"]
+ObjectiveKind = Literal["activation", "pre_activation"]
 STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
 
 
@@ -37,7 +39,16 @@ class DreamConfig(BaseModel):
                     "timestep stats)",
     )
     use_just_one_timestep: bool = Field(False, description="only the first resolved timestep per channel")
-    use_prior: bool = Field(True, description="start from the priors' latents; else from seeded noise")
+    use_prior: bool = Field(True, description="start from the priors' latents; else from seeded noise "
+                                              "(``start`` overrides it)")
+    start: Literal["auto", "prior", "noise", "example"] = Field(
+        "auto", description="where each dream starts: 'prior' (the priors' latents), 'noise' (seeded noise) or "
+                          "'example' (the final latent of one of the channel's top dataset examples, regenerated "
+                          "from its recorded seed and prompt; feature accentuation); 'auto': use_prior decides")
+    objective: ObjectiveKind = Field(
+        "activation", description="what the optimiser maximises: the unit's activation, or (SAE features) its "
+                                  "pre-activation, the encoder output before the ReLU, which has a gradient where "
+                                  "the feature is inactive; the reported activation is always the real one")
     n_results: int = Field(5, ge=1, le=1024, description="dreams per (channel, timestep): seeds / priors used")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1,
                              description="noise seeds when use_prior is false")
@@ -102,12 +113,23 @@ class DreamConfig(BaseModel):
 
     @model_validator(mode="after")
     def _enough_seeds(self) -> DreamConfig:
-        if not self.use_prior and self.n_results > len(self.seeds):
+        if self.start != "auto" and "use_prior" in self.model_fields_set and self.use_prior != (
+                self.start == "prior") and self.start != "example":
+            raise ValueError(f"use_prior: {str(self.use_prior).lower()} contradicts start: {self.start}; set only "
+                             f"start (prior | noise | example)")
+        if self.start_from == "noise" and self.n_results > len(self.seeds):
             raise ValueError(
-                f"n_results={self.n_results} needs at least as many seeds (use_prior is false), got "
+                f"n_results={self.n_results} needs at least as many seeds (dreams start from noise), got "
                 f"{len(self.seeds)}: add seeds or lower n_results"
             )
         return self
+
+    @property
+    def start_from(self) -> StartKind:
+        """Where dreams start: ``start``, or (``auto``) ``prior`` / ``noise`` from ``use_prior``."""
+        if self.start != "auto":
+            return self.start
+        return "prior" if self.use_prior else "noise"
 
     def augmentation(self) -> LatentAugmentation:
         """The preset of ``augmentation_level`` with the explicit overrides applied."""
@@ -119,7 +141,17 @@ class DreamConfig(BaseModel):
         return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.dtype]
 
     def config_hash(self) -> str:
-        return config_hash(self.model_dump(mode="json"))
+        """16 hex digits identifying what the config does. ``start`` and ``objective`` enter only where they
+        change something (``start: example``, ``objective: pre_activation``): a config that leaves them at
+        their defaults hashes as before they existed, so earlier dream folders keep their hash (and
+        ``start: prior`` / ``noise`` hash like ``use_prior: true`` / ``false``)."""
+        payload = self.model_dump(mode="json")
+        if self.start_from != "example":
+            payload.pop("start")
+            payload["use_prior"] = self.start_from == "prior"
+        if self.objective == "activation":
+            payload.pop("objective")
+        return config_hash(payload)
 
 
 @dataclass(frozen=True)
@@ -154,6 +186,15 @@ class DreamObjective:
         """The objective of a subset of elements."""
         return DreamObjective(self.channels[torch.as_tensor(rows, dtype=torch.long)], self.basis)
 
+    def _tokens(self, layer_output: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        from ddr_core.hooks import activation_tokens
+
+        channels = self.channels if rows is None else self.channels[rows.to(self.channels.device)]
+        tokens = activation_tokens(layer_output).float()  # (n, N, C)
+        if tokens.shape[0] != channels.numel():
+            raise ValueError(f"layer batch {tokens.shape[0]} != {channels.numel()} objective elements")
+        return tokens, channels
+
     def activations(self, layer_output: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Spatial-mean activation of each element's unit.
 
@@ -164,10 +205,18 @@ class DreamObjective:
         Returns:
             ``(n,)`` float32, differentiable.
         """
-        from ddr_core.hooks import activation_tokens
-
-        channels = self.channels if rows is None else self.channels[rows.to(self.channels.device)]
-        tokens = activation_tokens(layer_output).float()  # (n, N, C)
-        if tokens.shape[0] != channels.numel():
-            raise ValueError(f"layer batch {tokens.shape[0]} != {channels.numel()} objective elements")
+        tokens, channels = self._tokens(layer_output, rows)
         return self.basis.unit_activations(tokens, channels)
+
+    def targets(self, layer_output: torch.Tensor, rows: torch.Tensor | None = None,
+                kind: ObjectiveKind = "activation") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(maximised, activation)``, each ``(n,)`` float32 and differentiable: what the optimiser maximises
+        (``kind``: the activation, or the pre-activation of :meth:`~ddr_core.basis.Basis.unit_pre_activations`)
+        and the real activation (what is reported)."""
+        tokens, channels = self._tokens(layer_output, rows)
+        activation = self.basis.unit_activations(tokens, channels)
+        if kind == "activation":
+            return activation, activation
+        if kind == "pre_activation":
+            return self.basis.unit_pre_activations(tokens, channels), activation
+        raise ValueError(f"objective must be 'activation' or 'pre_activation', got {kind!r}")

@@ -33,7 +33,8 @@ class DreamBatchResult:
         latents: ``(B, 4, h, w)`` float32 CPU final latents (failed elements: last finite value).
         history: stat name (``activation, tv, range, moment, loss``) -> ``(num_steps, B)`` float64;
             NaN where an element did not run that step. Penalties are unweighted; ``loss`` is the
-            weighted total of the element. ``activation`` is measured on the augmented, noised input.
+            weighted total of the element (with ``objective: pre_activation``, minus the pre-activation).
+            ``activation`` is the unit's real activation, measured on the augmented, noised input.
         snapshots: step -> ``(B, 4, h, w)`` CPU latents at the start of that step.
         failed: per element ``None`` or the reason it stopped.
         failed_step: per element the step it failed at, or ``None``.
@@ -168,17 +169,17 @@ def optimise_dreams(
         output = model.forward_to_layer(
             layer_module, augmented.to(model_dtype), timesteps_device[rows_device], context.expand(rows.numel()),
         )
-        activation = objective.activations(output, rows)
+        maximised, activation = objective.targets(output, rows, config.objective)
         tv = total_variation(current)
         out_of_range = range_penalty(current, config.range_penalty_threshold)
         moments = moment_penalty(current)
         loss = (
-            -activation
+            -maximised
             + config.total_variation_weight * tv
             + config.range_penalty_weight * out_of_range
             + config.moment_penalty_weight * moments
         )
-        finite = torch.isfinite(loss) & torch.isfinite(activation)
+        finite = torch.isfinite(loss) & torch.isfinite(activation) & torch.isfinite(maximised)
         (grad,) = torch.autograd.grad(torch.where(finite, loss, torch.zeros_like(loss)).sum(), latents)
         element_grad = grad[rows_device]
         grad_finite = torch.isfinite(element_grad).flatten(1).all(dim=1)

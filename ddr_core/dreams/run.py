@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,7 @@ def run_dreams(
     stop_after_channels: int | None = None,
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    example_start: Callable[[int, int], tuple[torch.Tensor, list[int]]] | None = None,
 ) -> DreamsResult:
     """Dream every channel of ``channels`` at its timesteps from each start latent; resumable.
 
@@ -129,6 +130,8 @@ def run_dreams(
             (:func:`ddr_core.locks.claim_channels`): another live run holding any of them makes it
             fail at once with :class:`~ddr_core.locks.ChannelsLockedError`, or wait ``lock_wait``
             seconds; runs on other channels of the same folder run side by side.
+        example_start: ``(channel, n) -> (latents, generation ids)`` of ``start: example``
+            (:func:`ddr_core.regenerate.example_starts`); its generation ids are the elements' seeds.
 
     Raises:
         ValueError: a channel outside the layer / SAE, or an integer timestep outside the scheduler's.
@@ -149,10 +152,15 @@ def run_dreams(
     basis = as_basis(basis, model.layer_width(layer_name))
     channels = sorted({int(c) for c in channels})
     basis.check_units(channels)
-    use_prior = config.use_prior and priors_dir is not None
-    if config.use_prior and priors_dir is None and log:
+    start_from = config.start_from
+    use_prior = start_from == "prior" and priors_dir is not None
+    if start_from == "prior" and priors_dir is None and log:
         log("dreams: no priors folder given; starting from seeded noise")
-    info = {"basis": basis.kind, "layer": layer_name, "use_prior": use_prior}
+    if start_from == "example" and example_start is None:
+        raise ValueError("start: example needs the capture's dataset examples: run it through dreams_for_variant "
+                         "(or pass example_start), or use start: prior / noise")
+    info = {"basis": basis.kind, "layer": layer_name, "use_prior": use_prior,
+            **({"start": start_from} if start_from == "example" else {})}
     # Everything that can be checked is checked before anything is written.
     check_dream_inputs(model, stats_dir, priors_dir if use_prior else None,
                        [c for c in channels if c not in finished_channels(out)], config)
@@ -193,6 +201,12 @@ def run_dreams(
                             result.channels_without_timesteps.append(channel)
                             continue
                     latents, seeds = load_prior_latents(priors_dir, channel, config.n_results)
+                elif start_from == "example":
+                    latents, seeds = example_start(channel, config.n_results)
+                    if not seeds:
+                        _empty_channel(out, channel, config, info, "no dataset example to start from")
+                        result.channels_without_timesteps.append(channel)
+                        continue
                 else:
                     seeds = list(config.seeds[: config.n_results])
                     latents = model.initial_latents(seeds, *model.default_size)

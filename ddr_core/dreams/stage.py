@@ -34,7 +34,8 @@ def dreams_for_variant(
     ``dreams_no_noise`` for the run without schedule noise).
 
     Checks before optimising: the channel range and the upstream stages (the statistics tables the
-    timestep keywords need, and, with ``use_prior``, a finished prior for every channel still to dream:
+    timestep keywords need, with ``start: prior`` a finished prior for every channel still to dream, with
+    ``start: example`` the statistics' dataset examples (regenerated from the capture's recorded seeds):
     the error names ``timestep_stats[<variant>]`` / ``priors[<block>]`` to materialize), then the model
     folder, the layer, the SAE's ``d_in`` and the variant's width. ``channels=None`` means every
     channel of the variant. ``lock_wait``/``lock_owner``: see :func:`run_dreams`.
@@ -50,7 +51,12 @@ def dreams_for_variant(
     spec, layer_name, selected = variant_channels.spec, variant_channels.layer_name, variant_channels.channels
     stats_dir = layout.timestep_stats_dir(variant)
     out_dir = layout.stage_dir(stage, variant)
-    priors_dir = layout.stage_dir("priors", variant) if config.use_prior else None
+    priors_dir = layout.stage_dir("priors", variant) if config.start_from == "prior" else None
+    capture_root = layout.activations_dir(project.capture_of(variant))
+    if config.start_from == "example" and not (stats_dir / "dataset_examples.parquet").is_file():
+        raise FileNotFoundError(f"start: example begins from the channels' top dataset examples, but "
+                                f"{stats_dir / 'dataset_examples.parquet'} does not exist: materialize "
+                                f"timestep_stats[{variant}] first")
     # The upstream stages, before the model is loaded; nothing is written when they are missing.
     keywords = [t for t in dict.fromkeys(config.timesteps) if isinstance(t, str)]
     absent = [k for k in keywords if not (stats_dir / f"{KEYWORD_TABLES.get(k, k)}.parquet").is_file()]
@@ -75,10 +81,17 @@ def dreams_for_variant(
                 f"from seeded noise"
             )
     model, basis = load_variant_model(project, layout, variant, out_dir, "dreams folder", device, config.dtype)
+    example_start = None
+    if config.start_from == "example":
+        from ddr_core.regenerate import example_starts
+
+        def example_start(channel: int, n: int) -> tuple[torch.Tensor, list[int]]:
+            return example_starts(model, capture_root, stats_dir, channel, n)
+
     result = run_dreams(
         model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
         data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
-        lock_wait=lock_wait, lock_owner=lock_owner,
+        lock_wait=lock_wait, lock_owner=lock_owner, example_start=example_start,
     )
     result.quality = measure_dream_quality(model, basis, layer_name, out_dir, stats_dir, config, channels=selected)
     result.quality_path = out_dir / QUALITY_FILE
