@@ -11,8 +11,8 @@ Every stage that touches a unit goes through a :class:`Basis`:
 - priors: :meth:`Basis.directions` is the steering direction of each unit in the layer's channel space
   ``(n,) -> (n, channels)``.
 
-A new kind of SAE is one subclass registered in :data:`BASES` (its ``kind`` is the config's ``basis``);
-:func:`load_basis` builds a variant's basis on a loaded pipeline and checks its declared width.
+A new kind of SAE is one module (its format reader and its subclass) named in :data:`BASES` (its ``kind`` is the
+config's ``basis``); :func:`load_basis` builds a variant's basis on a loaded model and checks its declared width.
 """
 
 from __future__ import annotations
@@ -26,10 +26,23 @@ import torch
 
 
 class Basis(ABC):
-    """The units of a variant on one layer (see the module docstring). ``width``: number of units."""
+    """The units of a variant on one layer (see the module docstring). ``width``: number of units.
+
+    A kind declares what the config needs to know about it: ``kind`` (the config's ``basis``),
+    ``default_steer_scale`` (priors' strength scale when the run sets none), ``required_hook`` (the hook point it
+    reads, e.g. ``"residual"``; ``None``: any), and :meth:`load` (its weights for a variant's layer).
+    """
 
     kind: ClassVar[str]
+    default_steer_scale: ClassVar[float] = 500.0
+    required_hook: ClassVar[str | None] = None
     width: int | None
+
+    @classmethod
+    @abstractmethod
+    def load(cls, sae_dir: Any, layer_name: str, layer_width: int, device: torch.device | str) -> Basis:
+        """The basis for a layer ``layer_width`` wide: its SAE read from the provisioned folder ``sae_dir``
+        (``None`` for kinds without weights), checked against the layer's width."""
 
     def check_units(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``units`` as a ``(n,)`` long tensor; raises naming them when one lies outside ``[0, width)``."""
@@ -71,6 +84,12 @@ class RawChannels(Basis):
 
     kind = "raw"
 
+    default_steer_scale = 50.0
+
+    @classmethod
+    def load(cls, sae_dir: Any, layer_name: str, layer_width: int, device: torch.device | str) -> RawChannels:
+        return cls(layer_width)
+
     def __init__(self, width: int | None) -> None:
         self.width = None if width is None else int(width)
 
@@ -99,6 +118,13 @@ class TopKSaeBasis(Basis):
     """
 
     kind = "sae"
+
+    @classmethod
+    def load(cls, sae_dir: Any, layer_name: str, layer_width: int, device: torch.device | str) -> TopKSaeBasis:
+        from ddr_core.sae import find_sae_folder, load_sae
+
+        folder = find_sae_folder(sae_dir, layer_name)
+        return cls(load_sae(folder, expected_d_in=layer_width, device=device, dtype=torch.float32))
 
     def __init__(self, sae: Any) -> None:
         self.sae = sae
@@ -132,48 +158,23 @@ class TopKSaeBasis(Basis):
             return self.sae.decoder_directions(index).detach().float().cpu()
 
 
-class UnboxSaeBasis(Basis):
-    """The features of an sdxl-unbox SAE (:class:`ddr_core.sae_unbox.UnboxSae`), read on the block's residual
-    update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``, its
-    pre-activation the same without the ReLU; its steering direction is its decoder column
-    ``decoder.weight[:, f]`` (unit norm)."""
-
-    kind = "sdxl-unbox"
-
-    def __init__(self, sae: Any) -> None:
-        self.sae = sae
-        self.width = int(sae.num_latents)
-
-    @property
-    def unit_name(self) -> str:
-        return "SAE features"
-
-    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.sae.feature_activations(tokens).mean(dim=1)
-
-    def _pre(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        """``(n, positions)``: each element's feature before the ReLU, per position."""
-        units = units.to(self.sae.pre_bias.device)
-        weight = self.sae.encoder.weight[units]  # (n, d)
-        bias = self.sae.latent_bias[units]  # (n,)
-        inputs = tokens.to(dtype=weight.dtype, device=weight.device) - self.sae.pre_bias
-        return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-
-    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
-
-    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return self._pre(tokens, units).mean(dim=1).float()
-
-    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        index = self.check_units(units).to(self.sae.pre_bias.device)
-        with torch.no_grad():
-            return self.sae.decoder.weight[:, index].T.detach().float().cpu()
+BASES: dict[str, str] = {
+    "raw": "ddr_core.basis:RawChannels",
+    "sae": "ddr_core.basis:TopKSaeBasis",
+    "sdxl-unbox": "ddr_core.sae_unbox:UnboxSaeBasis",
+}
+"""Config ``basis`` -> ``module:class`` of its :class:`Basis` (imported on first use). A new SAE kind is one module
+holding its format reader and its ``Basis`` subclass, plus its line here."""
 
 
-BASES: dict[str, type[Basis]] = {RawChannels.kind: RawChannels, TopKSaeBasis.kind: TopKSaeBasis,
-                                 UnboxSaeBasis.kind: UnboxSaeBasis}
-"""Config ``basis`` -> its class."""
+def basis_class(kind: str) -> type[Basis]:
+    """The :class:`Basis` subclass of the config's ``basis: kind`` (``ValueError`` listing the known kinds)."""
+    import importlib
+
+    if kind not in BASES:
+        raise ValueError(f"unknown basis {kind!r}; known: {', '.join(BASES)}")
+    module_name, class_name = BASES[kind].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def as_basis(value: Basis | Any | None, layer_width: int) -> Basis:
@@ -187,30 +188,20 @@ def as_basis(value: Basis | Any | None, layer_width: int) -> Basis:
 
 
 def load_basis(project: Any, layout: Any, variant: str, model: Any, device: torch.device | str) -> Basis:
-    """The basis of ``variant`` for the loaded ``model`` (a :class:`~ddr_core.families.ModelFamily` or pipeline): its SAE
-    (``basis: sae``: SAeUron folder under ``layout.sae_dir``; ``basis: sdxl-unbox``: :mod:`ddr_core.sae_unbox`)
-    checked against the layer's width, or the layer's raw channels; and its declared ``width`` checked.
+    """The basis of ``variant`` for the loaded ``model`` (a :class:`~ddr_core.families.ModelFamily` or pipeline): its
+    kind's :meth:`Basis.load` (an SAE under ``layout.sae_dir`` checked against the layer's width, or the layer's raw
+    channels), and its declared ``width`` checked.
 
     Raises:
         ValueError: the declared width differs from the model / SAE (the message gives the fix).
         ddr_core.sae.SaeFormatError: a missing or broken SAE, or ``d_in`` not matching the layer.
     """
     from ddr_core.families import as_model
-    from ddr_core.sae import find_sae_folder, load_sae
 
     spec = project.variants[variant]
     layer_name = project.layer_of(variant)
     width = as_model(model).layer_width(layer_name)
-    if spec.basis == "sae":
-        folder = find_sae_folder(layout.sae_dir(spec.sae), layer_name)
-        basis: Basis = TopKSaeBasis(load_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))
-    elif spec.basis == UnboxSaeBasis.kind:
-        from ddr_core.sae_unbox import find_unbox_folder, load_unbox_sae
-
-        folder = find_unbox_folder(layout.sae_dir(spec.sae), layer_name)
-        basis = UnboxSaeBasis(load_unbox_sae(folder, expected_d_in=width, device=device, dtype=torch.float32))
-    else:
-        basis = RawChannels(width)
+    basis = basis_class(spec.basis).load(layout.sae_dir(spec.sae) if spec.sae else None, layer_name, width, device)
     if basis.width != spec.width:
         raise ValueError(f"variants.{variant}.width is {spec.width} in the config but the {spec.basis} basis "
                          f"has {basis.width}: set `width: {basis.width}`")

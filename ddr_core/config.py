@@ -365,8 +365,9 @@ class VariantConfig(_Strict):
 
     model: str
     prompts: str
-    basis: Literal["raw", "sae", "sdxl-unbox"] = Field(
-        default="raw", description="raw layer channels, a SAeUron-format SAE (sae) or an sdxl-unbox SAE (sdxl-unbox)")
+    basis: str = Field(
+        default="raw", description="raw layer channels, a SAeUron-format SAE (sae) or an sdxl-unbox SAE (sdxl-unbox): "
+                                   "a kind of ddr_core.basis.BASES")
     sae: str | None = None
     layer: str | None = Field(default=None, description="dotted UNet module name; default: the model's")
     hook: Literal["output", "residual"] = Field(
@@ -415,10 +416,13 @@ class VariantConfig(_Strict):
 
     @model_validator(mode="after")
     def _sae_given(self) -> VariantConfig:
+        from ddr_core.basis import basis_class
+
+        required = basis_class(self.basis).required_hook  # an unknown kind fails here, listing the known ones
         if self.basis != "raw" and not self.sae:
             raise ValueError(f"basis {self.basis!r} needs `sae: <name of an entry under saes>`")
-        if self.basis == "sdxl-unbox" and self.hook != "residual":
-            raise ValueError("basis 'sdxl-unbox' reads the block's residual update: set `hook: residual`")
+        if required and self.hook != required:
+            raise ValueError(f"basis {self.basis!r} reads the block's {required} update: set `hook: {required}`")
         if self.basis == "raw" and self.sae is not None:
             raise ValueError("basis 'raw' takes no `sae`; use basis: sae")
         blocks = math.ceil(self.width / self.block_size)

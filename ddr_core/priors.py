@@ -100,7 +100,6 @@ TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks
 
 FORMAT = "ddr.priors/1"
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
-DEFAULT_STEER_STRENGTH_SCALE: dict[str, float] = {"raw": 50.0, "sae": 500.0, "sdxl-unbox": 500.0}
 PRIOR_PROMPT = ""
 PRIOR_GUIDANCE_SCALE = 1.0
 
@@ -146,7 +145,9 @@ class PriorsConfig(BaseModel):
         """``steer_strength_scale``, or the basis default (50 raw, 500 SAE) when unset."""
         if self.steer_strength_scale is not None:
             return float(self.steer_strength_scale)
-        return DEFAULT_STEER_STRENGTH_SCALE[basis]
+        from ddr_core.basis import basis_class
+
+        return basis_class(basis).default_steer_scale
 
 
 # --------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddr_core.basis import Basis
 from ddr_core.sae import SaeFormatError
 
 CONFIG_FILENAME = "config.json"
@@ -260,3 +262,48 @@ def find_unbox_folder(root: str | Path, layer_name: str) -> Path:
         if (folder / name).exists():
             file_inside(root, f"{relative}/{name}", f"SAE file {name} of {root}")
     return folder
+
+
+class UnboxSaeBasis(Basis):
+    """The features of an sdxl-unbox SAE (:class:`ddr_core.sae_unbox.UnboxSae`), read on the block's residual
+    update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``, its
+    pre-activation the same without the ReLU; its steering direction is its decoder column
+    ``decoder.weight[:, f]`` (unit norm)."""
+
+    kind = "sdxl-unbox"
+    required_hook = "residual"  # their SAEs read the block's update, output minus input
+
+    @classmethod
+    def load(cls, sae_dir: Any, layer_name: str, layer_width: int, device: torch.device | str) -> UnboxSaeBasis:
+        folder = find_unbox_folder(sae_dir, layer_name)
+        return cls(load_unbox_sae(folder, expected_d_in=layer_width, device=device, dtype=torch.float32))
+
+    def __init__(self, sae: Any) -> None:
+        self.sae = sae
+        self.width = int(sae.num_latents)
+
+    @property
+    def unit_name(self) -> str:
+        return "SAE features"
+
+    def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.sae.feature_activations(tokens).mean(dim=1)
+
+    def _pre(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions)``: each element's feature before the ReLU, per position."""
+        units = units.to(self.sae.pre_bias.device)
+        weight = self.sae.encoder.weight[units]  # (n, d)
+        bias = self.sae.latent_bias[units]  # (n,)
+        inputs = tokens.to(dtype=weight.dtype, device=weight.device) - self.sae.pre_bias
+        return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
+
+    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self._pre(tokens, units).mean(dim=1).float()
+
+    def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        index = self.check_units(units).to(self.sae.pre_bias.device)
+        with torch.no_grad():
+            return self.sae.decoder.weight[:, index].T.detach().float().cpu()

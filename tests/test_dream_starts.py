@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from ddr_core.activation_store import ActivationStore
 from ddr_core.activations import CaptureConfig, run_capture
-from ddr_core.basis import RawChannels, TopKSaeBasis, UnboxSaeBasis
+from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.dreams import DreamConfig, DreamObjective, optimise_dreams, run_dreams
 from ddr_core.families import as_model
 from ddr_core.regenerate import example_starts, read_generations, regenerate_latents, top_example_generations
 from ddr_core.sae import Sae, SaeConfig, load_sae
-from ddr_core.sae_unbox import UnboxSae, UnboxSaeConfig
+from ddr_core.sae_unbox import UnboxSae, UnboxSaeBasis, UnboxSaeConfig
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

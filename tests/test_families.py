@@ -62,3 +62,30 @@ def test_an_unknown_builtin_is_refused_when_the_config_loads() -> None:
     with pytest.raises(ValueError, match=r"unknown builtin 'tiny-xl'; known builtins: tiny, .*tiny-prompts, tiny-sae"):
         SourceConfig(builtin="tiny-xl")
     assert SourceConfig(builtin="tiny").describe() == "builtin:tiny"
+
+
+def test_a_new_sae_kind_is_one_module_and_its_bases_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The config, the priors' default scale and load_basis learn a kind from its class alone."""
+    from ddr_core.basis import BASES, basis_class
+    from ddr_core.config import VariantConfig
+    from ddr_core.priors import PriorsConfig
+
+    (tmp_path / "my_sae_kind.py").write_text(
+        "import torch\n"
+        "from ddr_core.basis import RawChannels\n"
+        "class MyBasis(RawChannels):\n"
+        "    kind = 'mine'\n"
+        "    required_hook = 'residual'\n"
+        "    default_steer_scale = 7.0\n"
+        "    @classmethod\n"
+        "    def load(cls, sae_dir, layer_name, layer_width, device):\n"
+        "        return cls(layer_width)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(BASES, "mine", "my_sae_kind:MyBasis")
+    assert basis_class("mine").kind == "mine" and PriorsConfig().resolved_scale("mine") == 7.0
+    with pytest.raises(ValueError, match="basis 'mine' reads the block's residual update: set `hook: residual`"):
+        VariantConfig(model="m", prompts="p", basis="mine", sae="s", width=4)
+    assert VariantConfig(model="m", prompts="p", basis="mine", sae="s", width=4, hook="residual").basis == "mine"
+    with pytest.raises(ValueError, match="unknown basis 'nope'; known: raw, sae, sdxl-unbox, mine"):
+        VariantConfig(model="m", prompts="p", basis="nope", width=4)

@@ -260,8 +260,7 @@ def test_a_checkpoint_that_names_another_callable_is_refused(tmp_path: Path) -> 
 
 
 def test_unbox_basis_reduces_dreams_and_steers_along_decoder_columns(tmp_path: Path) -> None:
-    from ddr_core.basis import UnboxSaeBasis
-    from ddr_core.sae_unbox import load_unbox_sae
+    from ddr_core.sae_unbox import UnboxSaeBasis, load_unbox_sae
 
     sae = load_unbox_sae(_their_layout(tmp_path, "mid_block.attentions.0"))
     basis = UnboxSaeBasis(sae)
