@@ -8,7 +8,8 @@ and exits with status 2 and one short message:
   run and its materializations would never show in the UI (``make dev`` uses ``<repo>/.dagster_home``);
 * ``dagster asset materialize --partition KEY`` (or ``--partition-range FIRST...LAST``) with a key that some
   selected asset does not have: Dagster's own error is a 60-line traceback naming only the wrong key; this
-  names the asset, the nearest valid keys and ``python -m dagster_project.partitions``.
+  names the asset, the nearest valid keys and ``python -m dagster_project.partitions``. Likewise an unknown
+  asset name in ``--select`` and a partitioned asset without ``--partition``.
 """
 
 from __future__ import annotations
@@ -69,26 +70,38 @@ def nearest_keys(key: str, valid: Sequence[str], limit: int = SHOWN_KEYS) -> lis
 
 
 def bad_partition(argv: Sequence[str], defs: Any) -> str | None:
-    """The message for a ``--partition`` / ``--partition-range`` key that a selected asset lacks (None when
-    every key is valid or the selection cannot be read here: Dagster reports that itself)."""
+    """The message for an unknown asset name in ``--select``, a partitioned asset without ``--partition``, or a
+    ``--partition`` / ``--partition-range`` key that a selected asset lacks (None when all is well or the
+    selection cannot be read here: Dagster reports that itself)."""
     import dagster as dg
 
     select = _option(argv, "--select")
     partition = _option(argv, "--partition")
     span = _option(argv, "--partition-range")
-    if not select or not (partition or span):
+    if not select:
         return None
     keys = [partition] if partition else [k for k in (span or "").split("...") if k]
     graph = defs.resolve_asset_graph()
+    names = sorted(key.to_user_string() for key in graph.get_all_asset_keys())
+    unknown = [name for name in select.split(",") if name and "*" not in name and "+" not in name
+               and ":" not in name and name not in names]
+    if unknown:
+        guesses = sorted({g for name in unknown for g in difflib.get_close_matches(name, names, n=2)})
+        hint = f"did you mean {', '.join(guesses)}? " if guesses else ""
+        return f"--select {select}: no asset named {', '.join(unknown)}; {hint}assets: {', '.join(names)}"
     try:
         selected = dg.AssetSelection.from_coercible(select.split(",")).resolve(graph)
-    except Exception:  # noqa: BLE001 - an unknown asset: Dagster's own error names it
+    except Exception:  # noqa: BLE001 - a selection syntax Dagster reports itself
         return None
     for asset_key in sorted(selected, key=lambda k: k.to_user_string()):
         partitions = graph.get(asset_key).partitions_def
         if partitions is None:
             continue
         valid = list(partitions.get_partition_keys())
+        if not keys:
+            name = asset_key.to_user_string()
+            return (f"{name} is partitioned ({len(valid)} keys): add --partition KEY, e.g. --partition {valid[0]}. "
+                    f"List them: python -m dagster_project.partitions {name}")
         for key in keys:
             if key in valid:
                 continue

@@ -12,10 +12,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagster_project.cli_checks import cli_problem, dagster_cli_command, nearest_keys
 from dagster_project.definitions import defs
-from dagster_project.jobs import JOBS, job_of_asset
-from dagster_project.run_tags import ddr_run_tags
 from ddr_assets import ALL_ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +82,8 @@ def test_wrong_partition_key_is_one_short_error_listing_the_valid_keys(tmp_path,
 
 
 def test_cli_checks_read_only_the_dagster_run_commands():
+    from dagster_project.cli_checks import cli_problem, dagster_cli_command, nearest_keys
+
     assert dagster_cli_command(["/x/.venv/bin/dagster", "asset", "materialize", "-m", "m"]) == ("asset", "materialize")
     assert dagster_cli_command(["/x/site-packages/dagster/__main__.py", "job", "execute"]) == ("job", "execute")
     assert dagster_cli_command(["/x/bin/pytest", "asset", "materialize"]) is None
@@ -97,6 +96,11 @@ def test_cli_checks_read_only_the_dagster_run_commands():
                           home, defs)
     assert problem and "'toy-rwa' is not a partition of timestep_stats" in problem and "toy-raw" in problem
     assert "DAGSTER_HOME" in cli_problem(["dagster", "job", "execute", "-j", "export_html"], {}, defs)
+    problem = cli_problem(["dagster", "asset", "materialize", "--select", "prior", "--partition", "tiny"], home, defs)
+    assert problem and "no asset named prior; did you mean priors?" in problem
+    problem = cli_problem(["dagster", "asset", "materialize", "--select", "priors"], home, defs)
+    assert problem and "priors is partitioned" in problem and "--partition tiny-raw:0-15" in problem
+    assert cli_problem(["dagster", "asset", "materialize", "--select", "dream_sweeps"], home, defs) is None
     keys = [f"v:{i}-{i + 15}" for i in range(0, 320, 16)] + ["w:0-15"]
     near = nearest_keys("v:0-99", keys, limit=3)
     assert len(near) == 3 and all(k.startswith("v:") for k in near) and "v:0-15" in near
@@ -129,6 +133,8 @@ def test_the_warning_filter_is_narrow():
 
 
 def test_every_asset_has_a_named_job_tagged_with_its_stage():
+    from dagster_project.jobs import JOBS, job_of_asset
+
     for asset in ALL_ASSETS:
         name = asset.key.to_user_string()
         job = defs.resolve_job_def(job_of_asset(name))
@@ -138,6 +144,8 @@ def test_every_asset_has_a_named_job_tagged_with_its_stage():
 
 
 def test_tags_of_each_kind_of_partition():
+    from dagster_project.run_tags import ddr_run_tags
+
     assert ddr_run_tags(["priors"], "toy-raw:16-31", experiment="e1") == {
         "ddr/stage": "priors", "ddr/variant": "toy-raw", "ddr/block": "16-31", "ddr/experiment": "e1"}
     assert ddr_run_tags(["dreams"], partition_range=("toy-raw:0-15", "toy-raw:48-63"), experiment="e1")[
