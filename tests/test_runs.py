@@ -200,3 +200,55 @@ def test_demo_runs_are_named_and_tagged_on_the_tiny_model(tmp_path):
     # the UI's run list filters by these tags
     filtered = instance.get_run_records(dg.RunsFilter(tags={"ddr/variant": "tiny-raw", "ddr/block": "16-31"}))
     assert [r.dagster_run.job_name for r in filtered] == ["visualise_channel_blocks"]
+
+
+RUNS_QUERY = """query Runs($tags: [ExecutionTag!]) { runsOrError(filter: {tags: $tags}) {
+  ... on Runs { results { jobName status tags { key value } } } ... on PythonError { message } } }"""
+LAUNCH_ASSETS = """mutation Launch($p: ExecutionParams!) { launchRun(executionParams: $p) { __typename
+  ... on LaunchRunSuccess { run { runId } } ... on PythonError { message } } }"""
+
+
+def test_a_run_launched_from_the_ui_on_an_asset_gets_ddr_tags(tmp_path, monkeypatch):
+    """The UI's asset page launches Dagster's implicit ``__ASSET_JOB`` with only ``dagster/partition``; ddr's
+    executor tags the run, and the run list (GraphQL ``runsOrError``) filters by the ddr tags."""
+    import time
+
+    pytest.importorskip("httpx2", reason="starlette.testclient needs httpx2 (a huggingface_hub dependency)")
+    from starlette.testclient import TestClient
+
+    from dagster_project.launcher import build_ui_app, ui_process_context
+    from ddr_core.web_guard import GuardConfig
+
+    home = tmp_path / "home"
+    home.mkdir()
+    # the project's settings minus the run queue (no daemon here to dequeue): the run starts at once
+    (home / "dagster.yaml").write_text(
+        "telemetry:\n  enabled: false\nrun_coordinator:\n  module: dagster._core.run_coordinator\n"
+        "  class: DefaultRunCoordinator\nrun_launcher:\n  module: dagster_project.worker_guard\n"
+        "  class: DeadWorkerAwareRunLauncher\n")
+    monkeypatch.setenv("DDR_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    base, origin = "http://127.0.0.1:3000", {"Origin": "http://127.0.0.1:3000"}
+    with dg.DagsterInstance.from_config(str(home)) as instance, \
+            ui_process_context(instance, ROOT / "workspace.yaml", read_only=False) as context, \
+            TestClient(build_ui_app(context, GuardConfig(bind_host="127.0.0.1", port=3000)), base_url=base) as client:
+        location = client.post("/graphql", headers=origin, json={
+            "query": "{ workspaceOrError { ... on Workspace { locationEntries { name } } } }"}
+        ).json()["data"]["workspaceOrError"]["locationEntries"][0]["name"]
+        params = {"selector": {"repositoryLocationName": location, "repositoryName": "__repository__",
+                               "jobName": "__ASSET_JOB", "assetSelection": [{"path": ["models"]}]},
+                  "mode": "default", "executionMetadata": {"tags": [{"key": "dagster/partition", "value": "tiny"}]}}
+        launched = client.post("/graphql", headers=origin, json={"query": LAUNCH_ASSETS, "variables": {"p": params}})
+        assert launched.json()["data"]["launchRun"]["__typename"] == "LaunchRunSuccess", launched.text
+        run_id = launched.json()["data"]["launchRun"]["run"]["runId"]
+        deadline = time.monotonic() + 240
+        while not instance.get_run_by_id(run_id).is_finished and time.monotonic() < deadline:
+            assert instance.get_run_by_id(run_id).status != dg.DagsterRunStatus.QUEUED, "queued: no coordinator"
+            time.sleep(1)
+        assert instance.get_run_by_id(run_id).is_success, instance.get_run_by_id(run_id).status
+        found = client.post("/graphql", headers=origin, json={"query": RUNS_QUERY, "variables": {
+            "tags": [{"key": "ddr/stage", "value": "models"}, {"key": "ddr/model", "value": "tiny"}]}}).json()
+    runs = found["data"]["runsOrError"]["results"]
+    assert len(runs) == 1 and runs[0]["status"] == "SUCCESS"
+    tags = {tag["key"]: tag["value"] for tag in runs[0]["tags"]}
+    assert tags["ddr/experiment"] == "default" and tags["dagster/partition"] == "tiny"
