@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dagster as dg
 
+from dagster_project.cli_checks import refuse_bad_cli_command
 from dagster_project.jobs import JOBS
 from dagster_project.schedules import SCHEDULES
 from dagster_project.worker_guard import free_dead_worker_pool_slots, guarded_executor
@@ -21,3 +22,7 @@ defs = dg.Definitions(
     # Dagster's default executor plus the worker record and freeing of dead runs' pool slots
     executor=guarded_executor,
 )
+
+# `dagster asset materialize` / `dagster job execute` without DAGSTER_HOME or with a wrong partition key: one
+# line naming the fix instead of a run on a throw-away instance or a traceback (dagster_project/cli_checks.py)
+refuse_bad_cli_command(defs)

@@ -110,13 +110,27 @@ def _model_of(asset_name: str, key: str) -> str | None:
     return cfg.variants[variant].model if variant in cfg.variants else None
 
 
-def _asset_by_name(name: str) -> dg.AssetsDefinition:
+def stage_definitions(storage: DdrStorage, compute: ComputeResource | None = None) -> dg.Definitions:
+    """The project's assets and named jobs with the demo's resources (its runs execute in process)."""
+    from dagster_project.jobs import JOBS
     from ddr_assets import ALL_ASSETS
 
-    for asset in ALL_ASSETS:
-        if asset.key == dg.AssetKey(name):
-            return asset
-    raise KeyError(name)
+    return dg.Definitions(assets=ALL_ASSETS, jobs=JOBS,
+                          resources={"storage": storage, "compute": compute or ComputeResource()})
+
+
+def run_stage(defs: dg.Definitions, asset_name: str, key: str, instance: dg.DagsterInstance,
+              run_config: dict | None, experiment: str) -> dg.ExecuteInProcessResult:
+    """Materialize ``asset_name[key]`` as a run of its named job (``capture_activations``, ...) tagged
+    ``ddr/stage``, ``ddr/variant``, ``ddr/block``, ``ddr/experiment`` (:mod:`dagster_project.run_tags`) and
+    ``ddr/launched_by=demo``, so the UI's run list tells the demo's runs apart."""
+    from dagster_project.jobs import job_of_asset
+    from dagster_project.run_tags import ddr_run_tags
+
+    tags = {**ddr_run_tags([asset_name], key, experiment=experiment), "ddr/launched_by": "demo"}
+    return defs.resolve_job_def(job_of_asset(asset_name)).execute_in_process(
+        run_config=run_config, instance=instance, partition_key=key, asset_selection=[dg.AssetKey(asset_name)],
+        tags=tags, raise_on_error=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ddr demo: variants {variants}; data root {storage.layout.data_root}; "
           f"experiment {storage.layout.experiment}")
     start = time.monotonic()
+    demo_defs = stage_definitions(storage)
     chosen: dict[str, list[int]] = {}
     for asset_name, keys in demo_plan(variants, args.all_blocks):
         if asset_name == "priors" and not args.all_blocks:  # the channels to show, once they are scored
@@ -150,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 variant, first, last = parse_block_key(key)
                 op_config["channels"] = [c for c in chosen[variant] if first <= c <= last]
             run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
-            result = dg.materialize([_asset_by_name(asset_name)], partition_key=key, instance=instance,
-                                    resources={"storage": storage, "compute": ComputeResource()},
-                                    run_config=run_config, raise_on_error=False)
+            result = run_stage(demo_defs, asset_name, key, instance, run_config, storage.layout.experiment)
             status = "ok" if result.success else "FAILED"
             print(f"  {asset_name}[{key}]: {status} in {time.monotonic() - t0:.1f}s")
             if not result.success:

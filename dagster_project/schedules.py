@@ -10,6 +10,7 @@
 import dagster as dg
 
 from dagster_project.jobs import activations_job
+from dagster_project.run_tags import ddr_run_tags
 from ddr_assets.partitions import project
 
 
@@ -19,7 +20,8 @@ def nightly_capture(context: dg.ScheduleEvaluationContext):
     cfg = project()
     groups = list(dict.fromkeys(cfg.capture_of(v) for v in cfg.default_variants))
     for group in groups:
-        yield dg.RunRequest(run_key=f"{group}-{context.scheduled_execution_time:%Y%m%d}", partition_key=group)
+        yield dg.RunRequest(run_key=f"{group}-{context.scheduled_execution_time:%Y%m%d}", partition_key=group,
+                            tags={**ddr_run_tags(["activations"], group), "ddr/launched_by": "nightly_capture"})
 
 
 SCHEDULES = [nightly_capture]

@@ -5,6 +5,7 @@ launcher and the sensor that give a killed run's pool slots back.
   daemon runs) runs Dagster's executor inside a :class:`~ddr_resources.run_guard.RunGuard`; runs executed
   in process (``dg.materialize``, ``make demo``) ignore the job's executor and are guarded from the setup
   of :class:`~ddr_resources.resources.ComputeResource` instead.
+  It also gives the run its ``ddr/*`` tags (:mod:`dagster_project.run_tags`).
 * :class:`DeadWorkerAwareRunLauncher` (``run_launcher`` in ``dagster_project/dagster.yaml``) is
   Dagster's default launcher plus :meth:`~DeadWorkerAwareRunLauncher.check_run_worker_health`, so
   run monitoring in the daemon (``run_monitoring.enabled``) marks such a run failed even when no
@@ -30,6 +31,7 @@ from dagster._core.executor.base import Executor
 from dagster._core.launcher import CheckRunHealthResult, WorkerStatus
 from dagster._core.launcher.default_run_launcher import DefaultRunLauncher
 
+from dagster_project.run_tags import tag_run
 from ddr_resources.run_guard import RunGuard, WorkerRecord, free_dead_slot_holders, judge_worker
 
 
@@ -48,6 +50,8 @@ class WorkerGuardExecutor(Executor):
         return self._inner.step_dependency_config
 
     def execute(self, plan_context: Any, execution_plan: Any) -> Iterator[dg.DagsterEvent]:
+        # the run list's ddr/* tags (variant, block, stage, ...), whoever launched the run (UI, CLI, daemon)
+        tag_run(plan_context.instance, plan_context.dagster_run, execution_plan.step_keys_to_execute)
         with RunGuard(plan_context.instance, plan_context.dagster_run):
             yield from self._inner.execute(plan_context, execution_plan)
 

@@ -11,6 +11,7 @@ agree. What differs between stages is a :class:`ChannelBlockStage`: how a varian
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,6 +167,14 @@ def channel_block_asset(stage: ChannelBlockStage) -> dg.AssetsDefinition:
     materialize.__doc__ = stage.description
     materialize.__signature__ = signature  # type: ignore[attr-defined]
     materialize.__annotations__ = {p.name: p.annotation for p in parameters} | {"return": dg.MaterializeResult}
+    with warnings.catch_warnings():
+        # BackfillPolicy.single_run() is what makes a block range one run; Dagster marks the parameter beta and
+        # would warn on every CLI call and code-location load. Only that warning, only here.
+        warnings.filterwarnings("ignore", category=dg.BetaWarning, message=r"Parameter `backfill_policy`")
+        return _block_asset(stage, materialize)
+
+
+def _block_asset(stage: ChannelBlockStage, materialize: Callable[..., dg.MaterializeResult]) -> dg.AssetsDefinition:
     return dg.asset(
         name=stage.name,
         partitions_def=channel_block_partitions(),
