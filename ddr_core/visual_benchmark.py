@@ -13,9 +13,9 @@ variant, from what the stages wrote (no model is run here):
   (the per-image RMSE ``feature_concepts`` saved); reference: the capture's own generations.
 - ``gain_over_start`` (dreams): dream activation minus the activation of the latent it started from (the
   prior), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
-  ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the seed-to-seed noise
-  (``noise_sd_multiple`` x the standard deviation over seeds of the start activations of the same channel and
-  timestep; the variant's median where one seed). A dream that is not raised (e.g. every dream at t >= 959 of
+  ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the noise of its start
+  (``noise_sd_multiple`` x ``noise_sd``: the start activations' spread over the seeds and schedule-noise draws of
+  the same channel and timestep; :func:`ddr_core.dream_verdict.with_raised`, the one definition). A dream that is not raised (e.g. every dream at t >= 959 of
   a zero-terminal-SNR schedule, whose gradient is 0) is counted as a no-op, never as a success, and its
   images are left out of the agreement, recognisability and diversity scores. ``gain_over_best_random`` /
   ``beats_best_random``: the dream's activation minus (above) the best of a few seeded random latents at its
@@ -100,7 +100,8 @@ class VisualBenchmarkConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the permutations and resamples")
     noise_sd_multiple: float = Field(
         1.0, ge=0.0, description="a dream is raised when its gain over its start exceeds this many standard "
-                                 "deviations of the start activation across seeds (same channel and timestep)")
+                                 "deviations of the start activation across seeds and schedule-noise draws (same "
+                                 "channel and timestep; ddr_core.dream_verdict.with_raised)")
     random_latents: int = Field(
         8, ge=0, le=64, description="seeded random latents per dreamed (channel, timestep) for the best-random "
                                     "baseline (measured with the variant's model by the asset); 0: not measured")
@@ -164,25 +165,20 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
 
 def mark_raised(images: pl.DataFrame, quality: pl.DataFrame | None, multiple: float) -> pl.DataFrame:
     """Dream images with ``start_activation, final_activation, gain, noise_sd, raised`` from the dream quality
-    table (``prior_activation``, ``dream_activation``; see the module docstring for ``noise_sd``). A dream
-    without a quality row or with a failed / non-finite one is not raised."""
+    table: the verdict of :func:`ddr_core.dream_verdict.with_raised` (the one definition; ``noise_sd`` pools the
+    start's spread over seeds and schedule-noise draws). A dream without a quality row is not raised."""
+    from ddr_core.dream_verdict import with_raised
+
     if quality is None or quality.height == 0:
         return images.with_columns(pl.lit(None, pl.Float64).alias(c) for c in
                                    ("start_activation", "final_activation", "gain", "noise_sd")
                                    ).with_columns(pl.lit(False).alias("raised"))
-    q = quality.select(pl.col("channel").cast(pl.Int32), pl.col("timestep").cast(pl.Int64),
-                       pl.col("seed").cast(pl.Int64), pl.col("failed"),
-                       pl.col("prior_activation").alias("start_activation"),
-                       pl.col("dream_activation").alias("final_activation"))
-    noise = q.group_by("channel", "timestep").agg(pl.col("start_activation").std(ddof=1).alias("noise_sd"))
-    fallback = noise["noise_sd"].drop_nulls().drop_nans().median() if noise.height else None
-    noise = noise.with_columns(pl.col("noise_sd").fill_nan(None).fill_null(fallback))
-    out = (images.join(q, on=["channel", "timestep", "seed"], how="left")
-           .join(noise, on=["channel", "timestep"], how="left")
-           .with_columns((pl.col("final_activation") - pl.col("start_activation")).alias("gain")))
-    raised = (pl.col("gain").is_not_null() & pl.col("gain").is_finite() & ~pl.col("failed").fill_null(True)
-              & (pl.col("gain") > multiple * pl.col("noise_sd").fill_null(0.0)))
-    return out.with_columns(raised.fill_null(False).alias("raised")).drop("failed")
+    q = with_raised(quality, multiple).select(
+        pl.col("channel").cast(pl.Int32), pl.col("timestep").cast(pl.Int64), pl.col("seed").cast(pl.Int64),
+        pl.col("prior_activation").alias("start_activation"), pl.col("dream_activation").alias("final_activation"),
+        "gain", "noise_sd", "raised")
+    out = images.join(q, on=["channel", "timestep", "seed"], how="left", maintain_order="left")
+    return out.with_columns(pl.col("raised").fill_null(False))
 
 
 # --------------------------------------------------------------------------------------------------

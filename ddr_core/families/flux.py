@@ -399,6 +399,15 @@ class FluxFamily(ModelFamily):
         sigma = sigma.reshape(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
         return (1 - sigma) * clean + sigma * noise.to(clean.dtype)
 
+    def signal_fraction(self, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Flow matching keeps ``1 - sigma`` of the clean latent, ``sigma = t / num_train_timesteps``
+        (:func:`timestep_to_sigma`): 1 at ``t = 0``, 0.001 at ``t = 999``."""
+        total = self.num_train_timesteps
+        index = torch.as_tensor(timesteps).long().flatten().cpu()
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= total):
+            raise ValueError(f"timesteps {sorted(set(index.tolist()))} lie outside 0..{total - 1}")
+        return (1.0 - timestep_to_sigma(index, total).double()).clamp(0.0, 1.0)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Any]:
         """VAE-decode ``(n, 16, h, w)`` (``z = x / scaling_factor + shift_factor``) to PIL images."""
