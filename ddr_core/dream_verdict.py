@@ -41,10 +41,16 @@ def with_raised(quality: pl.DataFrame, multiple: float = NOISE_SD_MULTIPLE) -> p
     ``N = sum k_i`` single start measurements have the pooled variance
     ``(sum (k_i - 1) s_i^2 + k_i (m_i - M)^2) / (N - 1)`` around their mean ``M``; ``noise_sd`` is its root and
     ``noise_samples`` is ``N`` (rows with a non-finite start left out). ``N <= 1``: the median ``noise_sd`` of the
-    table (no such median: 0, so only ``gain > 0`` is asked). ``gain = dream_activation - prior_activation``;
+    table (no such median: 0, so only ``gain > 0`` is asked). A table with a ``variant`` column is judged per
+    variant. ``gain = dream_activation - prior_activation``;
     ``raised = not failed and gain > 0 and gain > multiple * noise_sd`` (false wherever anything is missing).
     """
     frame = quality.drop([c for c in VERDICT_SCHEMA if c in quality.columns])
+    if "variant" in frame.columns and frame["variant"].n_unique() > 1:  # several variants: each on its own
+        frame = frame.with_row_index("_row")
+        parts = [with_raised(part.drop("_row"), multiple).with_columns(part["_row"])
+                 for _, part in frame.group_by("variant", maintain_order=True)]
+        return pl.concat(parts, how="vertical").sort("_row").drop("_row")
     if "prior_draw_sd" not in frame.columns:
         frame = frame.with_columns(pl.lit(None, pl.Float64).alias("prior_draw_sd"))
     if "noise_draws" not in frame.columns:
