@@ -163,6 +163,15 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
     return pl.DataFrame(rows, schema=schema, orient="row"), problems, settings
 
 
+def skipped_dream_timesteps(stage_dir: Path, channels: Sequence[int]) -> list[tuple[int, int]]:
+    """``(channel, timestep)`` pairs the dream run skipped for lack of signal (``dream.json``'s
+    ``skipped_timesteps``)."""
+    from ddr_core.channel_store import read_dream
+
+    return [(int(channel), int(item.get("timestep", -1))) for channel in channels
+            for item in ((read_dream(stage_dir, channel) or {}).get("skipped_timesteps") or [])]
+
+
 def mark_raised(images: pl.DataFrame, quality: pl.DataFrame | None, multiple: float) -> pl.DataFrame:
     """Dream images with ``start_activation, final_activation, gain, noise_sd, raised`` from the dream quality
     table: the verdict of :func:`ddr_core.dream_verdict.with_raised` (the one definition; ``noise_sd`` pools the
@@ -263,14 +272,15 @@ def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig,
     else:
         rows.append(_row("gain_over_start", None, note="not measured: no dream quality rows"))
     raised = dreams["raised"].cast(pl.Float64).to_list()
-    noise = f"gain > {config.noise_sd_multiple:g} x sd over seeds of the start activation"
+    noise = (f"gain > {config.noise_sd_multiple:g} x sd of the start activation over seeds and schedule-noise "
+             f"draws (ddr_core.dream_verdict)")
     rows.append(_row("raised_share", float(np.mean(raised)) if raised else None, n=len(raised), null=noise,
                      interval=cluster_bootstrap(raised, dreams["channel"].to_list(), **boot),
-                     note="dreams whose activation the optimiser raised above seed-to-seed noise"))
+                     note="dreams whose activation the optimiser raised above their start's noise"))
     no_op = dreams.filter(~pl.col("raised"))
     late = dreams.filter(pl.col("timestep") >= NO_OP_TIMESTEP)
     rows.append(_row("no_op_dreams", float(no_op.height), n=dreams.height, null=noise,
-                     note="count (not a share): dreams not raised above seed noise; not scored, not successes"))
+                     note="count (not a share): dreams not raised above their start's noise; not scored, not shown"))
     rows.append(_row("no_op_dreams_t959", float(late.filter(~pl.col("raised")).height), n=late.height, null=noise,
                      note=f"count of no-ops among the {late.height} dreams at t >= {NO_OP_TIMESTEP} "
                           f"(zero-terminal-SNR: no gradient)"))
@@ -439,6 +449,11 @@ def compute_visual_benchmark(
                             for r in agreement_rows(every, units, families, config)]
         method_rows.append(recognisable_row(scored, threshold, reference, config))
         if method.kind == "dream":
+            skipped = skipped_dream_timesteps(Path(stage_dir), channels)
+            method_rows.append(_row("skipped_timesteps", float(len(skipped)),
+                                    n=len(skipped) + images.select("channel", "timestep").n_unique(),
+                                    note="count of (channel, timestep) pairs not dreamed: signal fraction below "
+                                         "min_signal (DreamConfig), the objective's gradient ~0 there"))
             baseline = None
             if random_baseline is not None:
                 size = loader(images["image"][0]).shape[:2]
@@ -530,6 +545,9 @@ def benchmark_lines(table: pl.DataFrame) -> list[str]:
             r, late = m["no_op_dreams"], m.get("no_op_dreams_t959") or {}
             parts.append(f"no-ops {int(r['value'])} of {r['n']} ({int(late.get('value') or 0)} of "
                          f"{late.get('n', 0)} at t>={NO_OP_TIMESTEP})")
+        if (m.get("skipped_timesteps") or {}).get("value"):
+            r = m["skipped_timesteps"]
+            parts.append(f"{int(r['value'])} of {r['n']} (channel, timestep) pairs skipped: no signal")
         if (m.get("beats_best_random") or {}).get("value") is not None:
             r = m["beats_best_random"]
             parts.append(f"above the best random latent {fmt(r['value'])} [{fmt(r['low'])}, {fmt(r['high'])}]")

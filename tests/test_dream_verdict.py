@@ -223,6 +223,9 @@ def test_a_not_raised_dream_is_never_a_dream_in_the_shard_index_or_html_export(t
     assert unshown_dream_lines(noise) == ["t=999: skipped: no signal at t=999: <b>0</b>",
                                           "t=501, seed 11: not raised (gain 0.001 vs noise 0.00778)",
                                           "t=0, seed 22: failed: non-finite loss"]
+    from ddr_core.visual_benchmark import skipped_dream_timesteps
+
+    assert skipped_dream_timesteps(toy.layout.stage_dir("dreams", VARIANT), [0, 1, 2]) == [(0, 999)]
     index = rep.make_index_table(toy.layout, VARIANT).row(0, named=True)
     assert index["n_dreams"] == 2 and index["n_not_raised_dreams"] == 2
 
