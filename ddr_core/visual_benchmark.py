@@ -155,7 +155,8 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
             results = record.get("results") or {}
             if not results:
                 failures = record.get("failures") or []
-                problems[channel] = f"no dream: {record.get('reason') or f'{len(failures)} failure(s), no timestep'}"
+                why = record.get("reason") or record.get("skipped") or f"{len(failures)} failure(s), no timestep"
+                problems[channel] = f"no dream: {why}"
             for timestep, result in results.items():
                 for seed, image in zip(result.get("seeds") or [], result.get("images") or [], strict=False):
                     rows.append({"channel": channel, "timestep": int(timestep), "seed": int(seed), "image": str(image)})
@@ -359,7 +360,7 @@ def coverage_rows(variant: str, method: Method, expected: dict[int, str], images
         elif mine.height == 0:
             reason = "no images recorded"
         elif shown.height == 0:
-            reason = f"every dream a no-op: {mine.height} dream(s), none raised above seed noise"
+            reason = f"every dream a no-op: {mine.height} dream(s), none raised above its start's noise"
         else:
             reason = ""
         rows.append({"variant": variant, "method": method.name, "channel": channel, "concept": concept,

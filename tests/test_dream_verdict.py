@@ -93,6 +93,11 @@ def test_skipped_timesteps_are_reported_in_dream_json_and_the_run_result(tiny_pi
     dream = json.loads((tmp_path / "out" / "channel_00004" / "dream.json").read_text())
     assert result.channels_without_timesteps == [4] and dream["timesteps"] == []
     assert "no timestep with signal" in dream["skipped"] and dream["skipped_timesteps"][0]["timestep"] == 999
+    from ddr_core.visual_benchmark import METHODS, method_images, skipped_dream_timesteps
+
+    _, problems, _ = method_images(METHODS[1], tmp_path / "out", [4])  # the benchmark's coverage reason
+    assert problems[4].startswith("no dream: no timestep with signal")
+    assert skipped_dream_timesteps(tmp_path / "out", [3, 4]) == [(3, 999), (4, 999)]
 
 
 # --- the raised verdict --------------------------------------------------------------------------
