@@ -35,6 +35,7 @@ import numpy as np
 
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ddr_core.channel_store import channel_file
+from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -348,7 +349,13 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
     any_dream = False
     for run in DREAM_RUNS:
         section = shard["dreams"].get(run)
-        if not section or not section["results"]:
+        if not section:
+            continue
+        unshown = unshown_dream_lines(section)
+        if unshown:  # not pictures of the channel: their numbers as plain text, no image
+            body.append(f"<h3>{_e(RUN_TITLES.get(run, run))}: not shown as dreams</h3>"
+                        f"<ul class=\"unshown\">{''.join(f'<li>{_e(line)}</li>' for line in unshown)}</ul>")
+        if not section["results"]:
             continue
         any_dream = True
         body.append(f"<h3>{_e(RUN_TITLES.get(run, run))}</h3>")

@@ -48,6 +48,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
@@ -254,9 +255,14 @@ def max_activation_chart(shard: dict[str, Any], curves: pd.DataFrame, current: i
 
 
 def render_visualisation(layout: DataLayout, shard: dict[str, Any], current: int) -> None:
+    for run in DREAM_RUNS:  # not pictures of the channel: listed with their numbers, as plain text
+        lines = unshown_dream_lines(shard["dreams"].get(run) or {})
+        if lines:
+            st.caption(f"{RUN_LABELS.get(run, run)}: not shown as dreams")
+            st.text("\n".join(lines))
     runs = {run: shard["dreams"][run] for run in DREAM_RUNS if (shard["dreams"].get(run) or {}).get("results")}
     if not runs:
-        st.info("No deep dreams for this channel (run the dreams stage).")
+        st.info("No deep dreams for this channel that raised its activation (run the dreams stage).")
         return
     run = st.radio("Run", list(runs), format_func=lambda r: RUN_LABELS.get(r, r), horizontal=True, key="dream_run")
     section = runs.get(run) or next(iter(runs.values()))

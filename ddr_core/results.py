@@ -117,7 +117,9 @@ class Results:
         return pl.DataFrame(section.get("images") or [], schema={"seed": pl.Int64, "image": pl.String})
 
     def dreams(self, variant: str, channel: int) -> pl.DataFrame:
-        """The channel's dreams: ``run, timestep, seed, final_activation, failed, failure_reason, image``."""
+        """The channel's dreams: ``run, timestep, seed, final_activation, failed, failure_reason, image``: only
+        those that raised the channel above their start's noise (:mod:`ddr_core.dream_verdict`); the shard's
+        ``dreams[run]["not_raised"]`` / ``["skipped_timesteps"]`` list the others with their numbers."""
         rows = []
         for run, section in (self.shard(variant, channel).get("dreams") or {}).items():
             for result in (section or {}).get("results") or []:

@@ -105,6 +105,8 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
             "channels_skipped": result.channels_skipped,
             "channels_without_timesteps": result.channels_without_timesteps, "elements": result.elements,
             "element_steps": result.element_steps, "failures": result.failures, "seconds": result.seconds,
+            "skipped_timesteps": [{"channel": int(channel), **item}
+                                  for channel, items in sorted(result.skipped_timesteps.items()) for item in items],
             "quality_path": layout.relative(result.quality_path) if result.quality_path else None}
 
 
@@ -187,6 +189,8 @@ def _merge_dreams(request: StageRequest, results: list[dict[str, Any]]) -> dict[
             "channels_without_timesteps": _union(results, "channels_without_timesteps"),
             "elements": sum(r["elements"] for r in results),
             "element_steps": sum(r["element_steps"] for r in results), "failures": failures,
+            "skipped_timesteps": sorted((s for r in results for s in r.get("skipped_timesteps") or []),
+                                        key=lambda s: (s.get("channel", -1), s.get("timestep", -1))),
             "seconds": max(r["seconds"] for r in results), "quality_path": quality}
 
 

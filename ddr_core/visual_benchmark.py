@@ -14,9 +14,9 @@ variant, from what the stages wrote (no model is run here):
   (the per-image RMSE ``feature_concepts`` saved); reference: the capture's own generations.
 - ``gain_over_start`` (dreams): dream activation minus the activation of the latent it started from (the
   prior, seeded noise or the dataset example), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
-  ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the seed-to-seed noise
-  (``noise_sd_multiple`` x the standard deviation over seeds of the start activations of the same channel and
-  timestep; the variant's median where one seed). A dream that is not raised (e.g. every dream at t >= 959 of
+  ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the noise of its start
+  (``noise_sd_multiple`` x ``noise_sd``: the start activations' spread over the seeds and schedule-noise draws of
+  the same channel and timestep; :func:`ddr_core.dream_verdict.with_raised`, the one definition). A dream that is not raised (e.g. every dream at t >= 959 of
   a zero-terminal-SNR schedule, whose gradient is 0) is counted as a no-op, never as a success, and its
   images are left out of the agreement, recognisability and diversity scores. ``gain_over_best_random`` /
   ``beats_best_random``: the dream's activation minus (above) the best of a few seeded random latents at its
@@ -111,7 +111,8 @@ class VisualBenchmarkConfig(BaseModel):
     seed: int = Field(0, ge=0, description="seed of the permutations and resamples")
     noise_sd_multiple: float = Field(
         1.0, ge=0.0, description="a dream is raised when its gain over its start exceeds this many standard "
-                                 "deviations of the start activation across seeds (same channel and timestep)")
+                                 "deviations of the start activation across seeds and schedule-noise draws (same "
+                                 "channel and timestep; ddr_core.dream_verdict.with_raised)")
     random_latents: int = Field(
         8, ge=0, le=64, description="seeded random latents per dreamed (channel, timestep) for the best-random "
                                     "baseline (measured with the variant's model by the asset); 0: not measured")
@@ -165,7 +166,8 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
             results = record.get("results") or {}
             if not results:
                 failures = record.get("failures") or []
-                problems[channel] = f"no dream: {record.get('reason') or f'{len(failures)} failure(s), no timestep'}"
+                why = record.get("reason") or record.get("skipped") or f"{len(failures)} failure(s), no timestep"
+                problems[channel] = f"no dream: {why}"
             for timestep, result in results.items():
                 for seed, image in zip(result.get("seeds") or [], result.get("images") or [], strict=False):
                     rows.append({"channel": channel, "timestep": int(timestep), "seed": int(seed), "image": str(image)})
@@ -173,27 +175,31 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
     return pl.DataFrame(rows, schema=schema, orient="row"), problems, settings
 
 
+def skipped_dream_timesteps(stage_dir: Path, channels: Sequence[int]) -> list[tuple[int, int]]:
+    """``(channel, timestep)`` pairs the dream run skipped for lack of signal (``dream.json``'s
+    ``skipped_timesteps``)."""
+    from ddr_core.channel_store import read_dream
+
+    return [(int(channel), int(item.get("timestep", -1))) for channel in channels
+            for item in ((read_dream(stage_dir, channel) or {}).get("skipped_timesteps") or [])]
+
+
 def mark_raised(images: pl.DataFrame, quality: pl.DataFrame | None, multiple: float) -> pl.DataFrame:
     """Dream images with ``start_activation, final_activation, gain, noise_sd, raised`` from the dream quality
-    table (``prior_activation``, ``dream_activation``; see the module docstring for ``noise_sd``). A dream
-    without a quality row or with a failed / non-finite one is not raised."""
+    table: the verdict of :func:`ddr_core.dream_verdict.with_raised` (the one definition; ``noise_sd`` pools the
+    start's spread over seeds and schedule-noise draws). A dream without a quality row is not raised."""
+    from ddr_core.dream_verdict import with_raised
+
     if quality is None or quality.height == 0:
         return images.with_columns(pl.lit(None, pl.Float64).alias(c) for c in
                                    ("start_activation", "final_activation", "gain", "noise_sd")
                                    ).with_columns(pl.lit(False).alias("raised"))
-    q = quality.select(pl.col("channel").cast(pl.Int32), pl.col("timestep").cast(pl.Int64),
-                       pl.col("seed").cast(pl.Int64), pl.col("failed"),
-                       pl.col("prior_activation").alias("start_activation"),
-                       pl.col("dream_activation").alias("final_activation"))
-    noise = q.group_by("channel", "timestep").agg(pl.col("start_activation").std(ddof=1).alias("noise_sd"))
-    fallback = noise["noise_sd"].drop_nulls().drop_nans().median() if noise.height else None
-    noise = noise.with_columns(pl.col("noise_sd").fill_nan(None).fill_null(fallback))
-    out = (images.join(q, on=["channel", "timestep", "seed"], how="left")
-           .join(noise, on=["channel", "timestep"], how="left")
-           .with_columns((pl.col("final_activation") - pl.col("start_activation")).alias("gain")))
-    raised = (pl.col("gain").is_not_null() & pl.col("gain").is_finite() & ~pl.col("failed").fill_null(True)
-              & (pl.col("gain") > multiple * pl.col("noise_sd").fill_null(0.0)))
-    return out.with_columns(raised.fill_null(False).alias("raised")).drop("failed")
+    q = with_raised(quality, multiple).select(
+        pl.col("channel").cast(pl.Int32), pl.col("timestep").cast(pl.Int64), pl.col("seed").cast(pl.Int64),
+        pl.col("prior_activation").alias("start_activation"), pl.col("dream_activation").alias("final_activation"),
+        "gain", "noise_sd", "raised")
+    out = images.join(q, on=["channel", "timestep", "seed"], how="left", maintain_order="left")
+    return out.with_columns(pl.col("raised").fill_null(False))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,14 +284,15 @@ def gain_rows(dreams: pl.DataFrame, config: VisualBenchmarkConfig,
     else:
         rows.append(_row("gain_over_start", None, note="not measured: no dream quality rows"))
     raised = dreams["raised"].cast(pl.Float64).to_list()
-    noise = f"gain > {config.noise_sd_multiple:g} x sd over seeds of the start activation"
+    noise = (f"gain > {config.noise_sd_multiple:g} x sd of the start activation over seeds and schedule-noise "
+             f"draws (ddr_core.dream_verdict)")
     rows.append(_row("raised_share", float(np.mean(raised)) if raised else None, n=len(raised), null=noise,
                      interval=cluster_bootstrap(raised, dreams["channel"].to_list(), **boot),
-                     note="dreams whose activation the optimiser raised above seed-to-seed noise"))
+                     note="dreams whose activation the optimiser raised above their start's noise"))
     no_op = dreams.filter(~pl.col("raised"))
     late = dreams.filter(pl.col("timestep") >= NO_OP_TIMESTEP)
     rows.append(_row("no_op_dreams", float(no_op.height), n=dreams.height, null=noise,
-                     note="count (not a share): dreams not raised above seed noise; not scored, not successes"))
+                     note="count (not a share): dreams not raised above their start's noise; not scored, not shown"))
     rows.append(_row("no_op_dreams_t959", float(late.filter(~pl.col("raised")).height), n=late.height, null=noise,
                      note=f"count of no-ops among the {late.height} dreams at t >= {NO_OP_TIMESTEP} "
                           f"(zero-terminal-SNR: no gradient)"))
@@ -364,7 +371,7 @@ def coverage_rows(variant: str, method: Method, expected: dict[int, str], images
         elif mine.height == 0:
             reason = "no images recorded"
         elif shown.height == 0:
-            reason = f"every dream a no-op: {mine.height} dream(s), none raised above seed noise"
+            reason = f"every dream a no-op: {mine.height} dream(s), none raised above its start's noise"
         else:
             reason = ""
         rows.append({"variant": variant, "method": method.name, "channel": channel, "concept": concept,
@@ -488,6 +495,11 @@ def compute_visual_benchmark(
         if method.kind == "dream" and settings.get("start") == "example" and generation_images is not None:
             method_rows += start_rows(scored, generation_images, units, families, classify, loader, config)
         if method.kind == "dream":
+            skipped = skipped_dream_timesteps(Path(stage_dir), channels)
+            method_rows.append(_row("skipped_timesteps", float(len(skipped)),
+                                    n=len(skipped) + images.select("channel", "timestep").n_unique(),
+                                    note="count of (channel, timestep) pairs not dreamed: signal fraction below "
+                                         "min_signal (DreamConfig), the objective's gradient ~0 there"))
             baseline = None
             if random_baseline is not None:
                 size = loader(images["image"][0]).shape[:2]
@@ -583,6 +595,9 @@ def benchmark_lines(table: pl.DataFrame) -> list[str]:
             r, late = m["no_op_dreams"], m.get("no_op_dreams_t959") or {}
             parts.append(f"no-ops {int(r['value'])} of {r['n']} ({int(late.get('value') or 0)} of "
                          f"{late.get('n', 0)} at t>={NO_OP_TIMESTEP})")
+        if (m.get("skipped_timesteps") or {}).get("value"):
+            r = m["skipped_timesteps"]
+            parts.append(f"{int(r['value'])} of {r['n']} (channel, timestep) pairs skipped: no signal")
         if (m.get("beats_best_random") or {}).get("value") is not None:
             r = m["beats_best_random"]
             parts.append(f"above the best random latent {fmt(r['value'])} [{fmt(r['low'])}, {fmt(r['high'])}]")

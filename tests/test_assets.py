@@ -172,7 +172,8 @@ def test_representation_index_and_html_export(graph_run):
     data_root, _, results = graph_run
     shards = results[("representation_shards", "tiny-raw:0-15")]
     assert shards["shards"] == 16 and shards["file_errors"] == 0
-    assert shards["with_dreams"] == results[("dreams", "tiny-raw:0-15")]["channels_done"]
+    # a channel counts with a raised dream only (ddr_core.dream_verdict): some dreamed channels have none
+    assert 1 <= shards["with_dreams"] <= results[("dreams", "tiny-raw:0-15")]["channels_done"]
     index = data_root / "outputs" / "default" / "representation" / "tiny-raw" / "index.parquet"
     con = duckdb.connect()
     assert con.execute(f"select count(*) from read_parquet('{index}') where has_dreams").fetchone()[0] \

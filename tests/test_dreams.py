@@ -300,7 +300,9 @@ def test_run_dreams_writes_the_layout_and_resumes(tiny_pipe, tmp_path):
                                     config.model_copy(update={"quality_noise_draws": 2}))
     assert (straight / "quality.parquet").is_file()
     assert quality.columns == ["channel", "timestep", "seed", "dream_activation", "prior_activation",
-                               "top_example_activation", "example_timestep", "ratio", "failed"]
+                               "top_example_activation", "example_timestep", "ratio", "failed", "prior_draw_sd",
+                               "noise_draws", "gain", "noise_sd", "noise_samples", "raised"]
+    assert quality["noise_draws"].to_list() == [2] * quality.height  # the start's spread over draws is recorded
     assert quality.height == 2 * (3 + 1 + 2)
     row = quality.filter((pl.col("channel") == 0) & (pl.col("timestep") == 700) & (pl.col("seed") == 40)).row(
         0, named=True)

@@ -399,7 +399,9 @@ def test_the_whole_graph_runs_on_the_tiny_flux_variant(tmp_path: Path) -> None:
         )
         assert shard["observed_timesteps"] == [999, 750, 500, 250] and shard["total_timesteps"] == 1000
         assert shard["errors"] == [] and shard["priors"]["status"] == "done"
-        assert {r["timestep"] for r in shard["dreams"]["noise"]["results"]} == set(timesteps[channel])
+        section = shard["dreams"]["noise"]  # raised dreams are dreams; the others are listed with their numbers
+        shown, unshown = {r["timestep"] for r in section["results"]}, {r["timestep"] for r in section["not_raised"]}
+        assert shown | unshown == set(timesteps[channel])
     index = layout.stage_dir("html_export", "tiny-flux-raw") / "index.html"
     assert index.is_file() and "tiny-flux-raw" in index.read_text(encoding="utf-8")
 
@@ -479,3 +481,13 @@ def test_a_guidance_distilled_variant_embeds_the_guidance_and_shifts_by_resoluti
         assert torch.equal(guidance[-1], torch.full((2,), DREAM_GUIDANCE))
     finally:
         handle.remove()
+
+
+def test_signal_fraction_is_one_minus_sigma_the_clean_share_of_add_noise(flux: FluxFamily) -> None:
+    timesteps = torch.tensor([0, 250, 999])
+    assert flux.signal_fraction(timesteps).tolist() == pytest.approx([1.0, 0.75, 0.001], abs=1e-6)
+    clean = torch.ones(3, 16, 2, 2)
+    noised = flux.add_noise(clean, torch.zeros_like(clean), timesteps)
+    assert noised[:, 0, 0, 0].double().tolist() == pytest.approx(flux.signal_fraction(timesteps).tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match=r"outside 0..999"):
+        flux.signal_fraction([1000])

@@ -481,5 +481,15 @@ def test_the_whole_graph_runs_on_the_tiny_sdxl_variant(tmp_path: Path) -> None:
     assert results[("timestep_stats", "tiny-sdxl-sae")]["channels"] == 128
     assert results[("priors", "tiny-sdxl-raw:0-15")]["channels_done"] == 2
     assert results[("dreams", "tiny-sdxl-raw:0-15")]["channels_done"] == 2
-    assert results[("representation_shards", "tiny-sdxl-raw:0-15")]["with_dreams"] == 2
+    assert 1 <= results[("representation_shards", "tiny-sdxl-raw:0-15")]["with_dreams"] <= 2  # raised ones only
     assert Path(results[("html_export", "tiny-sdxl-raw")]["index_html"]).is_file()
+
+
+def test_signal_fraction_is_sqrt_alpha_bar_the_clean_share_of_add_noise(sdxl: StableDiffusionXLFamily) -> None:
+    timesteps = torch.tensor([0, 500, 999])
+    alphas = sdxl.pipe.scheduler.alphas_cumprod
+    signal = sdxl.signal_fraction(timesteps)
+    assert signal.tolist() == pytest.approx(alphas[timesteps].double().sqrt().tolist())
+    clean = torch.ones(3, sdxl.latent_channels, 2, 2)
+    noised = sdxl.add_noise(clean, torch.zeros_like(clean), timesteps)
+    assert noised[:, 0, 0, 0].double().tolist() == pytest.approx(signal.tolist(), rel=1e-5)

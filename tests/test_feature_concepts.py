@@ -128,12 +128,15 @@ def write_priors_and_dreams(data_root: Path, priors_dir: Path, dreams_dir: Path)
     prior(1, "skipped", [])
     prior(2, "done", [("green", "square")])
     folder = dreams_dir / "channel_00000"
-    results = {}
+    results, quality = {}, []
     for timestep in (501, 0):
-        results[str(timestep)] = {"images": [
+        results[str(timestep)] = {"seeds": [1, 2], "images": [
             _png(data_root, f"{folder.relative_to(data_root)}/t_{timestep:04d}/seed_{s}.png", "red", "square")
             for s in (1, 2)]}
+        quality += [{"channel": 0, "timestep": timestep, "seed": s, "prior_activation": 1.0 + s / 10,
+                     "dream_activation": 5.0, "failed": False} for s in (1, 2)]  # every dream raised
     (folder / "dream.json").write_text(json.dumps({"channel": 0, "results": results}))
+    pl.DataFrame(quality).write_parquet(dreams_dir / "quality.parquet")
 
 
 class RuleClassifier(nn.Module):
@@ -284,6 +287,31 @@ def test_top_examples_rank_every_generation_at_the_peak_one_per_prompt(tmp_path:
 def test_dominant_value() -> None:
     assert dominant_value(["red", "blue", "blue", "red"]) == ("blue", 0.5)  # tie: alphabetical
     assert dominant_value([]) == (None, None)
+
+
+def test_dreams_not_raised_above_their_start_s_noise_are_not_scored(scene) -> None:
+    """Two of the four dreams did not raise their channel (gain 0.01 vs a start noise of 0.07): only the other
+    two count in ``n_dream_images`` and the agreement; the predictions file keeps all four (the benchmark's
+    "no-ops included" row)."""
+    data_root, stats_dir, labels = scene
+    path = data_root / "dreams" / "quality.parquet"
+    quality = pl.read_parquet(path).with_columns(
+        pl.when(pl.col("timestep") == 0).then(pl.col("prior_activation") + 0.01).otherwise(pl.col("dream_activation"))
+        .alias("dream_activation"))
+    quality.write_parquet(path)
+    result = compute_feature_concepts(
+        stats_dir, labels, FAMILIES, data_root / "out", variant="toy-raw", basis="raw", data_root=data_root,
+        priors_dir=data_root / "priors", dreams_dir=data_root / "dreams", classifier=RuleClassifier(),
+        config=FeatureConceptsConfig(examples="top_peak", alpha=0.25, permutations=200))
+    zero = result.table.row(0, named=True)
+    assert zero["n_dream_images"] == 2 and zero["dream_agreement_colour"] == 1.0
+    assert pl.read_parquet(data_root / "out" / "dream_predictions.parquet").height == 4
+    (data_root / "dreams" / "quality.parquet").unlink()  # no quality measured: no dream is scored
+    result = compute_feature_concepts(
+        stats_dir, labels, FAMILIES, data_root / "out2", variant="toy-raw", basis="raw", data_root=data_root,
+        priors_dir=data_root / "priors", dreams_dir=data_root / "dreams", classifier=RuleClassifier(),
+        config=FeatureConceptsConfig(examples="top_peak", alpha=0.25, permutations=200))
+    assert not result.table.row(0, named=True)["n_dream_images"]
 
 
 def test_purity_agreement_and_summary_have_the_known_values(scene) -> None:

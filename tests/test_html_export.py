@@ -95,8 +95,10 @@ def test_export_writes_a_self_contained_folder(toy, tmp_path: Path) -> None:
     assert "failed: non-finite loss" in page
     assert "a castle made of glass" in page
     channel0 = _parse(out / "channels" / "channel_00000.html")
-    # 6 examples + noise (4 finals + 12 steps) + no-noise (2 finals + 6 steps) + 2 priors
-    assert len(channel0.images) == 6 + 16 + 8 + 2
+    # 6 examples + noise (3 raised finals + 9 steps; the failed one listed as text) + no-noise (2 finals + 6 steps)
+    # + 2 priors
+    assert len(channel0.images) == 6 + 12 + 8 + 2
+    assert "t=0, seed 22: failed: non-finite loss" in page
     assert _check_self_contained(out) > 30
 
     # relocatable: the copy opens the same way
@@ -213,7 +215,7 @@ def test_bad_shards_and_files_are_skipped_and_listed_and_the_rest_exported(toy, 
         page = (out / "channels" / f"channel_{channel:05d}.html").read_text()
         assert page.count("<svg") == 2, channel
     channel0 = _parse(out / "channels" / "channel_00000.html")
-    assert len(channel0.images) == (6 + 16 + 8 + 2) - 3  # all but the corrupt, the missing and the refused one
+    assert len(channel0.images) == (6 + 12 + 8 + 2) - 3  # all but the corrupt, the missing and the refused one
     assert "cannot be read" in (out / "channels" / "channel_00000.html").read_text()
     # the skipped channels have a page that says why, so the table's links and the neighbours' links work
     for channel in (1, 2, 99):

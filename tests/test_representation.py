@@ -63,9 +63,12 @@ def test_build_shards_writes_every_section(toy) -> None:
     assert shard["priors"]["latents"].endswith("priors/toy-raw/channel_00000/latents.safetensors")
 
     noise = shard["dreams"]["noise"]
-    assert [(r["timestep"], r["seed"]) for r in noise["results"]] == [(501, 11), (501, 22), (0, 11), (0, 22)]
-    failed = [r for r in noise["results"] if r["failed"]]
-    assert [(r["timestep"], r["seed"], r["failure_reason"]) for r in failed] == [(0, 22, "non-finite loss")]
+    # only raised dreams are dreams; the failed one is listed apart with its reason, without its image
+    assert [(r["timestep"], r["seed"]) for r in noise["results"]] == [(501, 11), (501, 22), (0, 11)]
+    assert [(r["timestep"], r["seed"], r["verdict"]) for r in noise["not_raised"]] == [
+        (0, 22, "failed: non-finite loss")]
+    assert "image" not in noise["not_raised"][0] and noise["skipped_timesteps"] == []
+    assert noise["results"][0]["verdict"].startswith("raised (gain 7.49 vs noise 0.00778")
     first = noise["results"][0]
     assert [s["step"] for s in first["steps"]] == [0, 5, 10]
     # snapshot n carries the statistics of step n (the final snapshot, step 10, those of the last step 9)
@@ -73,9 +76,9 @@ def test_build_shards_writes_every_section(toy) -> None:
     assert first["steps"][1]["activation"] == pytest.approx(5 + 11 / 100)
     assert first["final_stats"]["loss"] == pytest.approx(-9.0)
     assert first["final_activation"] == pytest.approx(9.5)
-    assert noise["results"][3]["final_activation"] is None  # null in dream.json stays null
     assert [(r["timestep"], r["seed"]) for r in shard["dreams"]["no_noise"]["results"]] == [(501, 11), (501, 22)]
-    assert len(shard["quality"]["noise"]) == 4 and "no_noise" not in shard["quality"]
+    assert len(shard["quality"]["noise"]) == 4 and len(shard["quality"]["no_noise"]) == 2
+    assert [q["raised"] for q in shard["quality"]["noise"]] == [True, True, True, False]  # the verdict, written
     assert shard["visualised_timesteps"] == [501, 0]
     assert shard["timesteps_with_data"] == [701, 501, 301, 0]
 
@@ -172,7 +175,7 @@ def test_index_is_duckdb_queryable(toy) -> None:
     assert index["has_dreams"].to_list()[:2] == [True, False]
     assert index["has_shard"].to_list() == [True, True, True, True, False, False]
     row = index.row(0, named=True)
-    assert row["n_dreams"] == 4 and row["n_failed_dreams"] == 1
+    assert row["n_dreams"] == 3 and row["n_not_raised_dreams"] == 1 and row["n_failed_dreams"] == 1
     assert row["dream_ratio_mean"] == pytest.approx(1.9) and row["n_examples"] == 6
     assert len(row["top_prompts"]) == 5 and row["top_prompts_text"].count(" | ") == 4
 

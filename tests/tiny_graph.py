@@ -46,7 +46,7 @@ def build_tiny_graph(data_root: Path, instance: dg.DagsterInstance):
         ("activity_plots", "tiny-raw:0-15", None),
         ("priors", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "seeds": [11, 12],
                                      "num_inference_steps": 8}),
-        ("dreams", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "num_steps": 4,
+        ("dreams", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "num_steps": 4, "learning_rate": 1.0,
                                      "timesteps": ["0", "activity_peaks"], "snapshot_every": 2}),
         ("representation_shards", "tiny-raw:0-15", None),
         ("html_export", "tiny-raw", None),

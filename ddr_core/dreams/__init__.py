@@ -37,9 +37,18 @@ On disk (``out_dir``), one folder per channel, written atomically as a whole::
         seed_<s>.png          final image per seed (VAE decode)
         stats.parquet         seed, step, activation, tv, range, moment, loss (one row per step run)
         steps/seed_<s>_step_<n:04d>.png   snapshots every ``snapshot_every`` steps (and the last)
-      dream.json              written last: timesteps, seeds, final activations, failures, config
+      dream.json              written last: timesteps, seeds, final activations, failures, config,
+                              skipped_timesteps (not dreamed: no signal there, see below)
       quality.parquet         added by :func:`measure_dream_quality` (this channel's rows)
-    quality.parquet           union of the channels' quality rows
+    quality.parquet           union of the channels' quality rows, with each dream's raised verdict
+
+**Timesteps without signal.** With schedule noise on, the latent reaches the layer as ``s_t * latent + noise``
+(``s_t`` = :meth:`~ddr_core.families.ModelFamily.signal_fraction`), so the objective's gradient is scaled by
+``s_t``; on a zero-terminal-SNR schedule it is 0 at the last timestep. Timesteps with ``s_t`` below
+``DreamConfig.min_signal`` are not dreamed: each is recorded with its signal and reason
+(:func:`~ddr_core.dreams.timesteps.split_by_signal`). **Raised.** A dream whose activation the optimiser did not
+raise above the start's noise is not a picture of its channel: :func:`~ddr_core.dreams.quality.with_raised`
+gives the verdict every reader (shards, inspector, HTML export, visual benchmark) uses.
 
 and beside it ``.<out_dir name>.locks/``: the channel claims of live runs
 (:func:`ddr_core.locks.claim_channels`) and ``quality.lock``, held while quality files are written.
@@ -89,20 +98,25 @@ from ddr_core.dreams.optimise import (
     optimise_dreams,
 )
 from ddr_core.dreams.quality import (
+    NOISE_SD_MULTIPLE,
     QUALITY_FILE,
     QUALITY_LOCK_FILE,
     QUALITY_SCHEMA,
+    VERDICT_SCHEMA,
     measure_dream_quality,
+    verdict_text,
+    with_raised,
     write_quality_table,
 )
 from ddr_core.dreams.run import DreamsResult, check_dream_inputs, run_dreams
 from ddr_core.dreams.stage import dreams_for_variant
-from ddr_core.dreams.timesteps import resolve_dream_timesteps
+from ddr_core.dreams.timesteps import resolve_dream_timesteps, split_by_signal
 
 __all__ = [
     "ChannelPlan", "DEFAULT_SEEDS", "DreamBatchResult", "DreamConfig", "DreamObjective", "DreamsResult",
-    "LogFn", "QUALITY_FILE", "QUALITY_LOCK_FILE", "QUALITY_SCHEMA", "STAT_NAMES", "TIMESTEP_KEYWORDS",
-    "TimestepKeyword", "check_dream_inputs", "dreams_for_variant", "element_generators", "element_seed",
+    "LogFn", "NOISE_SD_MULTIPLE", "QUALITY_FILE", "QUALITY_LOCK_FILE", "QUALITY_SCHEMA", "STAT_NAMES", "TIMESTEP_KEYWORDS",
+    "TimestepKeyword", "VERDICT_SCHEMA", "check_dream_inputs", "dreams_for_variant", "element_generators", "element_seed",
     "finished_channels", "load_prior_latents", "measure_activations", "measure_dream_quality",
-    "optimise_dreams", "prior_latents_path", "resolve_dream_timesteps", "run_dreams", "write_quality_table",
+    "optimise_dreams", "prior_latents_path", "resolve_dream_timesteps", "run_dreams", "split_by_signal",
+    "verdict_text", "with_raised", "write_quality_table",
 ]

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class ChannelPlan:
     timesteps: list[int]
     seeds: list[int]
     init_latents: torch.Tensor  # (n_seeds, 4, h, w)
+    skipped_timesteps: list[dict[str, Any]] = field(default_factory=list)  # not dreamed: no signal there
 
     @property
     def n_elements(self) -> int:
@@ -144,6 +145,7 @@ def _write_channel(
             "seeds": plan.seeds,
             "results": per_timestep,
             "failures": failures,
+            "skipped_timesteps": plan.skipped_timesteps,
             "config": config.model_dump(mode="json"),
             "config_hash": config.config_hash(),
         }
@@ -151,11 +153,12 @@ def _write_channel(
     return failures
 
 
-def _empty_channel(out_dir: Path, channel: int, config: DreamConfig, info: dict[str, Any], reason: str) -> None:
+def _empty_channel(out_dir: Path, channel: int, config: DreamConfig, info: dict[str, Any], reason: str,
+                   skipped_timesteps: list[dict[str, Any]] | None = None) -> None:
     with atomic_dir(channel_dir(out_dir, channel)) as tmp:
         atomic_write_json(tmp / DREAM_FILE, {
             "channel": channel, **info, "timesteps": [], "seeds": [], "results": {}, "failures": [],
-            "skipped": reason, "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
+            "skipped": reason, "skipped_timesteps": list(skipped_timesteps or []), "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
         })
 
 

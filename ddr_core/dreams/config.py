@@ -56,6 +56,12 @@ class DreamConfig(BaseModel):
     learning_rate: float = Field(0.05, gt=0.0, le=10.0)
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay")
     see_through_schedule_noise: bool = Field(True, description="add the scheduler's noise for t each step")
+    min_signal: float = Field(
+        0.025, ge=0.0, le=1.0,
+        description="with schedule noise on, skip timesteps whose signal fraction (the share of the clean latent "
+                    "that survives the noise: sqrt(alpha_bar_t), 1 - sigma for flow matching) is below this: their "
+                    "gradient is ~0 and the dream would be a no-op. 0.025 from the toy world's zero-terminal-SNR "
+                    "schedule (t >= 959, signal <= 0.019, never raised; t = 919, signal 0.042, raised); 0: keep all")
     total_variation_weight: float = Field(0.5, ge=0.0)
     range_penalty_weight: float = Field(0.5, ge=0.0)
     range_penalty_threshold: float = Field(3.0, gt=0.0)

@@ -1,5 +1,10 @@
 """The quality check of finished dreams: each dream re-measured against its start latent and the dataset's
-best example (:func:`measure_dream_quality`), cached per channel and united in ``quality.parquet``.
+best example (:func:`measure_dream_quality`), cached per channel and united in ``quality.parquet``, with each
+dream's **raised** verdict (:func:`with_raised`, the one definition every reader uses).
+
+**Raised.** The verdict columns (``gain``, ``noise_sd``, ``noise_samples``, ``raised``) of the union table come
+from :func:`ddr_core.dream_verdict.with_raised` (defined there, free of torch, so the inspector can read it;
+re-exported here): the one definition of a raised dream.
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ from torch import nn
 from ddr_core.atomic import TEMP_MARKER, atomic_path
 from ddr_core.basis import Basis, as_basis
 from ddr_core.channel_store import DREAM_FILE, channel_dir, timestep_dir_name
+from ddr_core.dream_verdict import NOISE_SD_MULTIPLE, VERDICT_SCHEMA, verdict_text, with_raised
 from ddr_core.dreams.channel_files import finished_channels
 from ddr_core.dreams.config import DreamConfig, DreamObjective
 from ddr_core.dreams.optimise import element_generators, element_seed, measure_activations
 from ddr_core.locks import partition_lock, stage_locks_dir
+
+__all__ = ["NOISE_SD_MULTIPLE", "QUALITY_FILE", "QUALITY_LOCK_FILE", "QUALITY_SCHEMA", "VERDICT_SCHEMA",
+           "measure_dream_quality", "verdict_text", "with_raised", "write_quality_table"]
 
 QUALITY_FILE = "quality.parquet"
 QUALITY_LOCK_FILE = "quality.lock"
@@ -35,7 +44,11 @@ QUALITY_SCHEMA = {
     "example_timestep": pl.Int32,
     "ratio": pl.Float64,
     "failed": pl.Boolean,
+    "prior_draw_sd": pl.Float64,
+    "noise_draws": pl.Int32,
 }
+"""What the measurement writes per dream (each channel's cached ``quality.parquet``): ``prior_draw_sd`` is the
+standard deviation of the start activation over the ``noise_draws`` schedule-noise draws (0 with one draw)."""
 
 
 def _top_examples(stats_dir: str | Path | None) -> dict[int, list[tuple[int, float]]]:
@@ -91,7 +104,7 @@ def measure_dream_quality(
         channels: channels to measure (default: every finished channel in ``dreams_dir``).
 
     Returns:
-        The rows of ``channels`` (columns of :data:`QUALITY_SCHEMA`).
+        The rows of ``channels`` (columns of :data:`QUALITY_SCHEMA` and the verdict's :data:`VERDICT_SCHEMA`).
     """
     from ddr_core.families import as_model
 
@@ -161,10 +174,22 @@ def _measure_dream_quality_locked(
                     ])
                     for d in range(config.quality_noise_draws)
                 ]
-            values = measure_activations(
-                model, layer, objective, torch.stack(source[first: first + batch_size]), timesteps, draws
-            )
-            sink.extend(values.tolist())
+            stacked = torch.stack(source[first: first + batch_size])
+            if sink is dream_values:
+                sink.extend(measure_activations(model, layer, objective, stacked, timesteps, draws).tolist())
+                continue
+            # the start: one measurement per draw, so its spread over draws is known (the noise of a raised verdict)
+            per_draw = [measure_activations(model, layer, objective, stacked, timesteps, [d] if d else None)
+                        for d in (draws or [None])]
+            total = torch.zeros_like(per_draw[0])
+            for values in per_draw:
+                total += values
+            sink.extend((total / len(per_draw)).tolist())
+            spread = (torch.stack(per_draw).std(dim=0, unbiased=True) if len(per_draw) > 1
+                      else torch.zeros_like(per_draw[0]))
+            for offset, value in enumerate(spread.tolist()):
+                chunk[offset]["prior_draw_sd"] = value if np.isfinite(value) else None
+                chunk[offset]["noise_draws"] = len(per_draw)
 
     rows_by_channel: dict[int, list[dict[str, Any]]] = {channel: [] for channel in to_measure}
     for element, dream_value, start_value in zip(elements, dream_values, start_values, strict=True):
@@ -188,11 +213,18 @@ def _write_quality_union(dreams_dir: Path, finished: set[int]) -> pl.DataFrame:
     """Rewrite ``dreams_dir/quality.parquet`` as the union of the finished channels' cached rows
     (channel order); call with the quality lock held."""
     cached = [channel_dir(dreams_dir, c) / QUALITY_FILE for c in sorted(finished)]
-    frames = [pl.read_parquet(path) for path in cached if path.is_file()]
-    table = pl.concat(frames, how="vertical") if frames else _quality_frame([])
+    frames = [_measured_columns(pl.read_parquet(path)) for path in cached if path.is_file()]
+    table = with_raised(pl.concat(frames, how="vertical") if frames else _quality_frame([]))
     with atomic_path(dreams_dir / QUALITY_FILE) as tmp:
         table.write_parquet(tmp)
     return table
+
+
+def _measured_columns(frame: pl.DataFrame) -> pl.DataFrame:
+    """The measurement columns of a cached table (a cache written before a column existed gets it null)."""
+    return frame.with_columns(pl.lit(None, dtype).alias(name) for name, dtype in QUALITY_SCHEMA.items()
+                              if name not in frame.columns).select(
+        pl.col(name).cast(dtype) for name, dtype in QUALITY_SCHEMA.items())
 
 
 def write_quality_table(dreams_dir: str | Path) -> pl.DataFrame:
@@ -203,7 +235,7 @@ def write_quality_table(dreams_dir: str | Path) -> pl.DataFrame:
     order the ranks finished in. Takes the quality lock (waited for).
 
     Returns:
-        The whole table (columns of :data:`QUALITY_SCHEMA`).
+        The whole table (columns of :data:`QUALITY_SCHEMA` and :data:`VERDICT_SCHEMA`).
     """
     dreams_dir = Path(dreams_dir)
     with partition_lock(stage_locks_dir(dreams_dir) / QUALITY_LOCK_FILE, wait=True,
@@ -212,5 +244,6 @@ def write_quality_table(dreams_dir: str | Path) -> pl.DataFrame:
 
 
 def _quality_frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    rows = [{name: row.get(name) for name in QUALITY_SCHEMA} for row in rows]
     frame = pl.DataFrame(rows, schema=QUALITY_SCHEMA) if rows else pl.DataFrame(schema=QUALITY_SCHEMA)
     return frame.select(list(QUALITY_SCHEMA))

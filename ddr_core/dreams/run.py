@@ -27,7 +27,7 @@ from ddr_core.dreams.channel_files import (
 )
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig, DreamObjective, LogFn
 from ddr_core.dreams.optimise import element_generators, element_seed, optimise_dreams
-from ddr_core.dreams.timesteps import _load_timestep_table, resolve_dream_timesteps
+from ddr_core.dreams.timesteps import _load_timestep_table, resolve_dream_timesteps, split_by_signal
 from ddr_core.locks import claim_channels, format_channels
 
 
@@ -39,6 +39,9 @@ class DreamsResult:
     channels_done: list[int] = field(default_factory=list)
     channels_skipped: list[int] = field(default_factory=list)
     channels_without_timesteps: list[int] = field(default_factory=list)
+    skipped_timesteps: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    """channel -> the timesteps not dreamed for lack of signal (``{"timestep", "signal", "reason"}``;
+    :func:`~ddr_core.dreams.timesteps.split_by_signal`), also in each channel's ``dream.json``."""
     elements: int = 0
     element_steps: int = 0
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -184,11 +187,17 @@ def run_dreams(
 
         def plans() -> Iterator[ChannelPlan]:
             for channel in todo:
-                timesteps = resolve_dream_timesteps(stats_dir, channel, config.timesteps)
+                resolved = resolve_dream_timesteps(stats_dir, channel, config.timesteps)
+                timesteps, skipped = split_by_signal(model, resolved, config)
+                if skipped:
+                    result.skipped_timesteps[channel] = skipped
                 if config.use_just_one_timestep:
                     timesteps = timesteps[:1]
                 if not timesteps:
-                    _empty_channel(out, channel, config, info, "no timesteps (no activity peaks / active timesteps)")
+                    reason = ("no timesteps (no activity peaks / active timesteps)" if not resolved else
+                              f"no timestep with signal: every timestep {resolved} lies below min_signal "
+                              f"{config.min_signal}")
+                    _empty_channel(out, channel, config, info, reason, skipped)
                     result.channels_without_timesteps.append(channel)
                     continue
                 if use_prior:
@@ -210,7 +219,7 @@ def run_dreams(
                 else:
                     seeds = list(config.seeds[: config.n_results])
                     latents = model.initial_latents(seeds, *model.default_size)
-                yield ChannelPlan(channel, timesteps, seeds, latents)
+                yield ChannelPlan(channel, timesteps, seeds, latents, skipped)
 
         pending: dict[int, tuple[ChannelPlan, dict[tuple[int, int], dict[str, Any]]]] = {}
         queue: list[tuple[ChannelPlan, int, int, int]] = []  # plan, timestep, seed, latent index

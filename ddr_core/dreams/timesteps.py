@@ -7,10 +7,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 
-from ddr_core.dreams.config import KEYWORD_TABLES, TIMESTEP_KEYWORDS
+from ddr_core.dreams.config import KEYWORD_TABLES, TIMESTEP_KEYWORDS, DreamConfig
 
 
 @functools.lru_cache(maxsize=8)
@@ -66,3 +67,31 @@ def resolve_dream_timesteps(
             if value not in resolved:
                 resolved.append(value)
     return resolved
+
+
+def split_by_signal(model: Any, timesteps: Sequence[int], config: DreamConfig) -> tuple[list[int], list[dict[str, Any]]]:
+    """``(kept, skipped)``: the timesteps a dream can act at, and those it cannot.
+
+    With ``config.see_through_schedule_noise`` on, the dream's latent enters the layer as
+    ``s_t * latent + noise`` (``s_t`` = :meth:`~ddr_core.families.ModelFamily.signal_fraction`), so the objective's
+    gradient with respect to the latent is scaled by ``s_t``: below ``config.min_signal`` the optimiser cannot
+    raise the activation (on a zero-terminal-SNR schedule ``s_999 = 0``: the gradient is exactly 0) and the
+    dream would be a no-op shown as a picture of the channel. Such timesteps are skipped, each recorded as
+    ``{"timestep", "signal", "reason"}``. Without schedule noise (or ``min_signal = 0``) every timestep is kept.
+    """
+    timesteps = [int(t) for t in timesteps]
+    if not config.see_through_schedule_noise or config.min_signal <= 0 or not timesteps:
+        return timesteps, []
+    signal = model.signal_fraction(timesteps).tolist()
+    kept: list[int] = []
+    skipped: list[dict[str, Any]] = []
+    for timestep, value in zip(timesteps, signal, strict=True):
+        if value >= config.min_signal:
+            kept.append(timestep)
+        else:
+            skipped.append({
+                "timestep": timestep, "signal": round(float(value), 6),
+                "reason": f"no signal at t={timestep}: {float(value):.4f} of the clean latent survives the schedule "
+                          f"noise (min_signal {config.min_signal}); the objective's gradient is ~0",
+            })
+    return kept, skipped

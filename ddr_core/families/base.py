@@ -7,7 +7,8 @@ family for
 * the **denoiser** (the network the layers live in), its layers by dotted name (:meth:`resolve_layer`,
   :meth:`layer_width`) and the activation a variant reads and steers there (:meth:`hook_point`);
 * **latents**: their shape for an image size (:meth:`latent_shape`), seeded starting noise
-  (:meth:`initial_latents`), the scheduler's forward noising (:meth:`add_noise`) and decoding (:meth:`decode`);
+  (:meth:`initial_latents`), the scheduler's forward noising (:meth:`add_noise`), how much of the clean latent
+  survives that noising (:meth:`signal_fraction`) and decoding (:meth:`decode`);
 * **text conditioning** (:meth:`encode_prompt` -> :class:`Conditioning`, a batch-first dict of tensors);
 * **timesteps**: the train-timestep range every statistic is indexed by (:attr:`num_train_timesteps`), a
   generation's timesteps (:meth:`scheduler_timesteps`) and a tracker that knows the timestep of each denoiser
@@ -182,6 +183,18 @@ class ModelFamily(ABC):
     @abstractmethod
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The scheduler's forward process: ``clean`` latents noised to each row's timestep ``(B,)``."""
+
+    @abstractmethod
+    def signal_fraction(self, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """How much of the clean latent survives :meth:`add_noise` at each timestep: the factor ``s_t`` in
+        ``x_t = s_t * clean + n_t * noise`` (``sqrt(alpha_bar_t)`` for DDPM-style schedules, ``1 - sigma`` for
+        flow matching). The gradient of anything computed from ``x_t`` with respect to ``clean`` is scaled by
+        ``s_t``: at ``s_t ~ 0`` (a zero-terminal-SNR schedule's last timesteps) a dream seeing the schedule's
+        noise cannot move its objective (``DreamConfig.min_signal``).
+
+        Returns:
+            ``(len(timesteps),)`` float64 CPU, in ``[0, 1]``.
+        """
 
     @abstractmethod
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Any]:

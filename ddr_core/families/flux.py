@@ -357,6 +357,13 @@ class FluxFamily(ModelFamily):
         sigma = sigma.reshape(-1, *([1] * (clean.ndim - 1))).to(clean.dtype)
         return (1 - sigma) * clean + sigma * noise.to(clean.dtype)
 
+    def signal_fraction(self, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``1 - sigma`` (flow matching), ``sigma = t / N`` (:func:`timestep_to_sigma`): 1 at 0, 0.001 at 999."""
+        index, total = torch.as_tensor(timesteps).long().flatten().cpu(), self.num_train_timesteps
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= total):
+            raise ValueError(f"timesteps {sorted(set(index.tolist()))} lie outside 0..{total - 1}")
+        return (1.0 - index.double() / total).clamp(0.0, 1.0)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Any]:
         """VAE-decode ``(n, 16, h, w)`` (``z = x / scaling_factor + shift_factor``) to PIL images."""

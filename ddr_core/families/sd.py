@@ -40,6 +40,23 @@ def unet_layer_width(unet: nn.Module, layer_name: str) -> int:
     return int(output.shape[1])
 
 
+def unet_signal_fraction(scheduler: Any, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    """``sqrt(alpha_bar_t)`` (float64 CPU) of a DDPM-style scheduler at integer ``timesteps``.
+
+    Raises:
+        ValueError: the scheduler has no ``alphas_cumprod`` or a timestep lies outside it.
+    """
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if alphas is None:
+        raise ValueError(f"scheduler {type(scheduler).__name__} has no alphas_cumprod: its signal fraction is "
+                         f"unknown; use a DDPM-style scheduler (DDPM, DDIM, Euler)")
+    alphas = torch.as_tensor(alphas).detach().cpu().double()
+    index = torch.as_tensor(timesteps).long().flatten().cpu()
+    if index.numel() and (int(index.min()) < 0 or int(index.max()) >= alphas.numel()):
+        raise ValueError(f"timesteps {sorted(set(index.tolist()))} lie outside the scheduler's 0..{alphas.numel() - 1}")
+    return alphas[index].clamp(min=0.0).sqrt()
+
+
 class UNetFamily(ModelFamily):
     """What every diffusers UNet pipeline shares: ``pipe.unet``, ``pipe.vae``, a DDPM-style ``pipe.scheduler``."""
 
@@ -82,6 +99,11 @@ class UNetFamily(ModelFamily):
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.pipe.scheduler.add_noise(clean, noise, timesteps)
+
+    def signal_fraction(self, timesteps: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """``sqrt(alpha_bar_t)`` from the scheduler's ``alphas_cumprod`` (DDPM, DDIM, Euler, ...: every scheduler
+        of a UNet family; SDXL's :meth:`add_noise` mixes with the same factor)."""
+        return unet_signal_fraction(self.pipe.scheduler, timesteps)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, batch_size: int = 8) -> list[Any]:

@@ -25,6 +25,7 @@ from ddr_core.feature_concepts.images import (
     image_predictions,
     load_images,
     prior_images,
+    raised_dream_images,
 )
 from ddr_core.feature_concepts.purity import channel_purity, top_examples
 from ddr_core.feature_concepts.summary import summarise, table_columns
@@ -92,6 +93,7 @@ def compute_feature_concepts(
         f"from {examples.height} examples ({unlabelled.height} without labels)")
     sources: list[str] = []
     predictions_kept: dict[str, pl.DataFrame] = {}
+    predictions_scored: dict[str, pl.DataFrame] = {}
     if classifier is not None:
         channels = list(range(width))
         wanted = {"prior": (config.priors, priors_dir, prior_images),
@@ -109,9 +111,13 @@ def compute_feature_concepts(
             if world_renders is not None:
                 frame = frame.with_columns(pl.Series("world_rmse", _world_rmse(loaded, world_renders),
                                                      dtype=pl.Float64))
+            predictions_kept[source] = frame  # every image's prediction (the benchmark's "no-ops included" row)
+            if source == "dream":  # scored: only dreams that raised their channel (ddr_core.dream_verdict)
+                frame = frame.filter(pl.col("image").is_in(sorted(raised_dream_images(folder, channels))))
+            predictions_scored[source] = frame
+            if world_renders is not None:
                 table = table.join(channel_recognisability(frame, source, config.recognisable_rmse),
                                    on="channel", how="left")
-            predictions_kept[source] = frame
             table = table.join(channel_agreement(table, frame, families, source, config.alpha),
                                on="channel", how="left")
             sources.append(source)
@@ -121,9 +127,9 @@ def compute_feature_concepts(
     world = None
     if world_renders is not None:
         world = {"recognisable_rmse": config.recognisable_rmse,
-                 "sources": {source: _recognisability_summary(predictions_kept[source]["world_rmse"].to_numpy(),
+                 "sources": {source: _recognisability_summary(predictions_scored[source]["world_rmse"].to_numpy(),
                                                               config.recognisable_rmse)
-                             for source in sources if "world_rmse" in predictions_kept[source].columns}}
+                             for source in sources if "world_rmse" in predictions_scored[source].columns}}
         if generation_images:
             world["generations"] = _recognisability_summary(_world_rmse(list(generation_images), world_renders),
                                                             config.recognisable_rmse)
@@ -132,7 +138,7 @@ def compute_feature_concepts(
         "config": config.model_dump(mode="json"), "config_hash": config.config_hash(),
         "stats_config_hash": stats_summary.get("config_hash"), "sources": sources,
         "classifier": classifier is not None, "unlabelled_examples": unlabelled.height,
-        **summarise(table, families, sources, config, world, predictions_kept),
+        **summarise(table, families, sources, config, world, predictions_scored),
     }
     out = Path(out_dir)
     with atomic_dir(out) as staging:

@@ -40,6 +40,31 @@ def dream_images(dreams_dir: str | Path, channels: Sequence[int]) -> list[tuple[
     return images
 
 
+def raised_dream_images(dreams_dir: str | Path, channels: Sequence[int]) -> set[str]:
+    """The final dream images (paths as in :func:`dream_images`) whose dream raised its channel above its start's
+    noise (:func:`ddr_core.dream_verdict.with_raised` on the folder's ``quality.parquet``): the only dreams that
+    are scored. No quality table: none (an unmeasured dream is not shown as a dream either)."""
+    from ddr_core.channel_store import read_dream
+    from ddr_core.dream_verdict import VERDICT_SCHEMA, with_raised
+
+    path = Path(dreams_dir) / "quality.parquet"
+    if not path.is_file():
+        return set()
+    quality = pl.read_parquet(path)
+    if not all(c in quality.columns for c in VERDICT_SCHEMA):
+        quality = with_raised(quality)
+    raised = {(int(c), int(t), int(s)) for c, t, s in
+              quality.filter(pl.col("raised")).select("channel", "timestep", "seed").iter_rows()}
+    images: set[str] = set()
+    for channel in channels:
+        record = read_dream(dreams_dir, channel)
+        for timestep, result in ((record or {}).get("results") or {}).items():
+            for seed, image in zip(result.get("seeds") or [], result.get("images") or [], strict=False):
+                if (int(channel), int(timestep), int(seed)) in raised:
+                    images.add(str(image))
+    return images
+
+
 def load_images(data_root: str | Path, paths: Sequence[str]) -> list[np.ndarray]:
     """RGB ``(H, W, 3)`` uint8 arrays of PNGs below the data root (a path that escapes it is refused)."""
     from PIL import Image

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
 from ddr_core.channel_store import channel_file, read_dream, read_prior
+from ddr_core.dream_verdict import VERDICT_SCHEMA, with_raised
 from ddr_core.locks import partition_lock, stage_locks_dir
 from ddr_core.paths import DataLayout
 from ddr_core.representation.files import (
@@ -46,6 +47,7 @@ INDEX_SCHEMA = pa.schema(
         ("has_dreams", pa.bool_()),
         ("has_dreams_no_noise", pa.bool_()),
         ("n_dreams", pa.int32()),
+        ("n_not_raised_dreams", pa.int32()),
         ("n_failed_dreams", pa.int32()),
         ("dream_ratio_mean", pa.float64()),
         ("dream_ratio_max", pa.float64()),
@@ -101,28 +103,39 @@ def make_index_table(layout: DataLayout, variant: str) -> pl.DataFrame:
     for c in channels:
         prior = read_prior(priors_root, c)
         has_priors.append(bool(prior and prior.get("status") == "done"))
+    # A channel "has dreams" only with a raised one (ddr_core.dreams.quality.with_raised): the others are no
+    # pictures of it. n_dreams and the ratios count raised dreams; n_not_raised_dreams the rest.
     dream_flags: dict[str, list[bool]] = {}
+    qualities: dict[str, pl.DataFrame | None] = {}
     for run, stage in DREAM_RUNS.items():
+        quality = _read_quality(layout, variant, run, None)
+        if quality is not None and quality.height and not all(c in quality.columns for c in VERDICT_SCHEMA):
+            quality = with_raised(quality)
+        qualities[run] = quality
+        raised = (set(quality.filter(pl.col("raised"))["channel"].to_list())
+                  if quality is not None and quality.height else set())
         root = layout.stage_dir(stage, variant)
         flags = []
         for c in channels:
             dream = read_dream(root, c) if root.is_dir() else None
-            flags.append(bool(dream and dream.get("results")))
+            flags.append(bool(dream and dream.get("results")) and c in raised)
         dream_flags[run] = flags
-    quality = _read_quality(layout, variant, "noise", None)
+    quality = qualities["noise"]
     if quality is not None and quality.height:
+        ratio = pl.col("ratio").filter(pl.col("raised") & pl.col("ratio").is_finite())
         quality_summary = quality.group_by("channel").agg(
-            pl.len().cast(pl.Int32).alias("n_dreams"),
+            pl.col("raised").cast(pl.Int32).sum().cast(pl.Int32).alias("n_dreams"),
+            (~pl.col("raised")).cast(pl.Int32).sum().cast(pl.Int32).alias("n_not_raised_dreams"),
             pl.col("failed").cast(pl.Int32).sum().cast(pl.Int32).alias("n_failed_dreams"),
-            pl.col("ratio").filter(pl.col("ratio").is_finite()).mean().alias("dream_ratio_mean"),
-            pl.col("ratio").filter(pl.col("ratio").is_finite()).max().alias("dream_ratio_max"),
-            pl.col("dream_activation").filter(pl.col("dream_activation").is_finite()).mean()
+            ratio.mean().alias("dream_ratio_mean"),
+            ratio.max().alias("dream_ratio_max"),
+            pl.col("dream_activation").filter(pl.col("raised") & pl.col("dream_activation").is_finite()).mean()
             .alias("dream_activation_mean"),
         ).with_columns(pl.col("channel").cast(pl.Int32))
     else:
         quality_summary = pl.DataFrame(schema={
-            "channel": pl.Int32, "n_dreams": pl.Int32, "n_failed_dreams": pl.Int32, "dream_ratio_mean": pl.Float64,
-            "dream_ratio_max": pl.Float64, "dream_activation_mean": pl.Float64,
+            "channel": pl.Int32, "n_dreams": pl.Int32, "n_not_raised_dreams": pl.Int32, "n_failed_dreams": pl.Int32,
+            "dream_ratio_mean": pl.Float64, "dream_ratio_max": pl.Float64, "dream_activation_mean": pl.Float64,
         })
     rep = representation_dir(layout, variant)
     frame = base.with_columns(
@@ -131,7 +144,8 @@ def make_index_table(layout: DataLayout, variant: str) -> pl.DataFrame:
         pl.Series("has_dreams_no_noise", dream_flags["no_noise"], dtype=pl.Boolean),
         pl.Series("has_shard", [channel_file(rep, c, ".json").is_file() for c in channels], dtype=pl.Boolean),
     ).join(quality_summary, on="channel", how="left").with_columns(
-        pl.col("n_dreams").fill_null(0), pl.col("n_failed_dreams").fill_null(0),
+        pl.col("n_dreams").fill_null(0), pl.col("n_not_raised_dreams").fill_null(0),
+        pl.col("n_failed_dreams").fill_null(0),
     )
     frame = pl.from_arrow(frame.select(list(INDEX_COLUMNS)).to_arrow().cast(INDEX_SCHEMA))
     if int(summary["width"]) != frame.height:

@@ -15,6 +15,7 @@ import polars as pl
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temporaries_of
 from ddr_core.channel_store import channel_dir, channel_file, channel_name
+from ddr_core.dream_verdict import VERDICT_SCHEMA, verdict_text, with_raised
 from ddr_core.locks import claim_channels
 from ddr_core.paths import DataLayout, check_output_folder
 from ddr_core.representation.files import DREAM_RUNS, DREAM_STAT_NAMES, SHARD_FORMAT, representation_dir
@@ -84,6 +85,9 @@ def _variant_inputs(layout: DataLayout, variant: str, channels: Sequence[int]) -
     quality: dict[str, dict[int, pl.DataFrame]] = {}
     for run in DREAM_RUNS:
         frame = _read_quality(layout, variant, run, channels)
+        if frame is not None and frame.height:
+            if not all(c in frame.columns for c in VERDICT_SCHEMA):  # a table written before the verdict
+                frame = with_raised(frame)
         quality[run] = _group(frame) if frame is not None else {}
     return _VariantInputs(
         summary=summary,
@@ -142,11 +146,21 @@ def interpolated_curves(
 
 
 def _dream_section(
-    layout: DataLayout, variant: str, run: str, channel: int, checker: _FileChecker
+    layout: DataLayout, variant: str, run: str, channel: int, checker: _FileChecker,
+    quality: pl.DataFrame | None = None,
 ) -> dict[str, Any] | None:
+    """A channel's dreams of one run. ``results`` holds only the **raised** dreams (the quality table's verdict,
+    :func:`ddr_core.dreams.quality.with_raised`): an image whose activation the optimiser did not raise above
+    its start's noise is not a picture of the channel. The others are in ``not_raised`` as numbers and a plain
+    text ``verdict`` (no image), the timesteps not dreamed for lack of signal in ``skipped_timesteps``."""
     dream = _read_dream(layout, variant, run, channel)
     if dream is None:
         return None
+    verdicts: dict[tuple[int, int], dict[str, Any]] = {}
+    if quality is not None and quality.height:
+        frame = quality if all(c in quality.columns for c in VERDICT_SCHEMA) else with_raised(quality)
+        verdicts = {(int(r["timestep"]), int(r["seed"])): r for r in frame.iter_rows(named=True)}
+    not_raised: list[dict[str, Any]] = []
     channel_folder = channel_dir(layout.stage_dir(DREAM_RUNS[run], variant), channel)
     failures = {(int(f["timestep"]), int(f["seed"])): f for f in dream.get("failures", [])}
     results: list[dict[str, Any]] = []
@@ -188,6 +202,21 @@ def _dream_section(
             ]
             final_stats = stats_at(10**9)
             failure = failures.get((timestep, seed))
+            verdict = verdicts.get((timestep, seed))
+            if verdict is None or not verdict.get("raised"):
+                text = ("failed: " + str(failure.get("reason")) if failure is not None else
+                        verdict_text(verdict) if verdict is not None else
+                        "not measured: no quality row (run the dream quality check)")
+                not_raised.append({
+                    "timestep": timestep, "seed": seed,
+                    "start_activation": _finite(verdict.get("prior_activation")) if verdict else None,
+                    "final_activation": _finite(verdict.get("dream_activation")) if verdict else None,
+                    "gain": _finite(verdict.get("gain")) if verdict else None,
+                    "noise_sd": _finite(verdict.get("noise_sd")) if verdict else None,
+                    "failed": failure is not None,
+                    "verdict": text,
+                })
+                continue
             results.append({
                 "timestep": timestep,
                 "seed": seed,
@@ -199,6 +228,10 @@ def _dream_section(
                 "failure_reason": failure.get("reason") if failure else None,
                 "final_stats": final_stats,
                 "steps": steps,
+                "start_activation": _finite(verdict.get("prior_activation")),
+                "gain": _finite(verdict.get("gain")),
+                "noise_sd": _finite(verdict.get("noise_sd")),
+                "verdict": verdict_text(verdict),
             })
     return {
         "run": run,
@@ -207,6 +240,12 @@ def _dream_section(
         "seeds": [int(s) for s in dream.get("seeds", [])],
         "failures": list(failures.values()),
         "results": results,
+        "not_raised": not_raised,
+        "skipped_timesteps": [
+            {"timestep": int(item.get("timestep", -1)), "signal": _finite(item.get("signal")),
+             "reason": str(item.get("reason", ""))}
+            for item in dream.get("skipped_timesteps") or []
+        ],
     }
 
 
@@ -256,7 +295,8 @@ def _make_shard(
                 "prompt": row.get("prompt"),
                 "image": checker.check(row.get("image_path"), "dataset example image"),
             })
-    dreams = {run: _dream_section(layout, variant, run, channel, checker) for run in DREAM_RUNS}
+    dreams = {run: _dream_section(layout, variant, run, channel, checker, inputs.quality.get(run, {}).get(channel))
+              for run in DREAM_RUNS}
     quality = {
         run: [
             {k: (_finite(v) if isinstance(v, float) else v) for k, v in row.items() if k != "channel"}
