@@ -28,7 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<info>[\w-]*)\s*$")
 SHELL_INFOS = {"bash", "sh", "shell"}
 NOT_RUN = re.compile(r"^\s*<!--\s*not-run:\s*(?P<reason>.+?);\s*covered by\s+(?P<cover>\S+)\s*-->\s*$")
-BUDGET_S = 300  # the whole walk on a 2-core machine shared with other jobs (about 2 minutes idle)
+MAKE_WITHOUT_INSTALL = {"dagster-home"}  # make targets that install nothing (they may run here)
+# The whole walk: ~10 `dagster asset materialize` calls on the tiny model (seconds of work each; the CLI's start
+# dominates). Measured 16:28-16:3x UTC on a 2-core machine at load ~3.5: see the notes; a failure past this
+# limit means a long block slipped in: tag it not-run.
+BUDGET_S = 600
 
 
 @dataclass(frozen=True)
@@ -86,9 +90,11 @@ def test_blocks_are_found_and_make_commands_that_install_are_left_out():
                for b in blocks), "the README's CLI walkthrough is not among the blocks that run"
     for block in blocks:
         if block.skip_reason is None:
-            assert not re.search(r"^\s*make\s", block.code, re.M), (
-                f"{block.where}: a `make` command installs things; tag the block not-run with its reason")
-            assert not re.search(r"(^|\s)dagster\s", block.code), (
+            makes = re.findall(r"^\s*make\s+(\S+)", block.code, re.M)
+            assert set(makes) <= MAKE_WITHOUT_INSTALL, (
+                f"{block.where}: `make {makes}` installs things; tag the block not-run with its reason")
+            code = re.sub(r"(^|\s)#.*$", "", block.code, flags=re.M)  # comments
+            assert not re.search(r"(^|[;&|(])\s*dagster\s", code, re.M), (
                 f"{block.where}: a bare `dagster` is not on a fresh clone's PATH; write .venv/bin/dagster")
 
 
