@@ -88,14 +88,20 @@ def test_blocks_are_found_and_make_commands_that_install_are_left_out():
     blocks = all_blocks()
     assert any(b.path.name == "README.md" and "--select activations" in b.code and b.skip_reason is None
                for b in blocks), "the README's CLI walkthrough is not among the blocks that run"
-    for block in blocks:
-        if block.skip_reason is None:
-            makes = re.findall(r"^\s*make\s+(\S+)", block.code, re.M)
-            assert set(makes) <= MAKE_WITHOUT_INSTALL, (
-                f"{block.where}: `make {makes}` installs things; tag the block not-run with its reason")
-            code = re.sub(r"(^|\s)#.*$", "", block.code, flags=re.M)  # comments
-            assert not re.search(r"(^|[;&|(])\s*dagster\s", code, re.M), (
-                f"{block.where}: a bare `dagster` is not on a fresh clone's PATH; write .venv/bin/dagster")
+    problems = [problem for block in blocks if block.skip_reason is None for problem in [unfit(block)] if problem]
+    assert not problems, "\n".join(problems)
+
+
+def unfit(block: Block) -> str | None:
+    """Why ``block`` must not run here untagged (None: it may)."""
+    makes = re.findall(r"^\s*make\s+(\S+)", block.code, re.M)
+    if not set(makes) <= MAKE_WITHOUT_INSTALL:
+        # e.g. `make demo` would run `pip install -e .` from the temporary clone and repoint the .venv at it
+        return f"{block.where}: `make {' '.join(makes)}` installs things; tag the block not-run with its reason"
+    code = re.sub(r"(^|\s)#.*$", "", block.code, flags=re.M)  # comments
+    if re.search(r"(^|[;&|(])\s*dagster\s", code, re.M):
+        return f"{block.where}: a bare `dagster` is not on a fresh clone's PATH; write .venv/bin/dagster"
+    return None
 
 
 def test_every_left_out_block_names_its_reason_and_a_test_that_exists():
@@ -144,6 +150,8 @@ def script_of(blocks: list[Block]) -> str:
 def test_the_docs_commands_run_in_order_on_a_fresh_clone(tmp_path):
     clone = fresh_clone(tmp_path / "clone")
     runnable = [b for b in all_blocks() if b.skip_reason is None]
+    unsafe = [problem for problem in map(unfit, runnable) if problem]
+    assert not unsafe, "not run (untagged blocks that must not run here):\n" + "\n".join(unsafe)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DDR_", "DAGSTER_"))}
     # what a fresh clone has by default: ./data under the clone (the editable install's default is the
     # repository's own data/, so it is named), no instance until the README exports one
