@@ -1,7 +1,7 @@
 """``python -m dagster_project.variant <variant>``: everything for one variant, through Dagster.
 
 Dagster runs one ``dagster asset materialize`` over assets of **one** partitions definition; a variant's graph
-spans six (model, SAE, prompt dataset, capture group, variant, channel block). This prints, or runs, the
+spans several (model, SAE, prompt dataset, capture group, variant, channel block). This prints, or runs, the
 variant's plan as that short sequence of ``dagster asset materialize`` commands (each a named Dagster run in
 ``DAGSTER_HOME``, shown in the UI): provisioning, the capture, the statistics, then plots, priors, dreams and
 representation shards of every channel block in one single-run backfill, the ground-truth scores where the
