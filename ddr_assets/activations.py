@@ -13,7 +13,7 @@ from pathlib import Path
 import dagster as dg
 
 from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, path_metadata
+from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream
 from ddr_assets.partitions import (
     capture_partitions,
     capture_to_model_mapping,
@@ -96,6 +96,7 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                 compute: ComputeResource) -> dg.MaterializeResult:
     group = context.partition_key
     capture_config = to_core(config, CaptureConfig, asset="activations")
+    require_upstream(storage, "activations", group)
     upstream = upstream_versions(storage, group, required_by=f"activations[{group}]")
     layout = storage.layout
     report = compute.run_stage(context, "capture_group",

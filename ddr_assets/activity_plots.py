@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.configs import dagster_config_from, to_core
+from ddr_assets.lineage import require_upstream
 from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.plots import write_channel_figures
 from ddr_core.records import read_record
@@ -29,6 +30,7 @@ ActivityPlotsRunConfig = dagster_config_from(ActivityPlotsConfig, "ActivityPlots
 def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:
     plots_config = to_core(run.config, ActivityPlotsConfig, asset="activity_plots")
     layout = run.layout
+    require_upstream(run.storage, "activity_plots", list(blocks))
     stats_record = read_record(layout.records_dir, "timestep_stats", variant,
                                required_by=f"activity_plots[{next(iter(blocks))}]")
     stats_dir = layout.timestep_stats_dir(variant)

@@ -21,7 +21,7 @@ from ddr_assets.configs import (
     fields_set_in_run_config,
     with_variant_overrides,
 )
-from ddr_assets.lineage import table_preview
+from ddr_assets.lineage import require_upstream, table_preview
 from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.dream_verdict import VERDICT_SCHEMA, with_raised
 from ddr_core.dreams import DreamConfig
@@ -95,6 +95,7 @@ def _dreams_stage(name: str, no_noise: bool) -> ChannelBlockStage:
                                               asset=name, set_fields=fields_set_in_run_config(context))
         if no_noise:
             dream_config = dream_config.model_copy(update={"see_through_schedule_noise": False})
+        require_upstream(run.storage, name, list(blocks), use_prior=dream_config.use_prior)
         stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"{name}[{next(iter(blocks))}]")
         upstream = {f"timestep_stats/{variant}": stats["data_version"]}
         if dream_config.start_from == "prior":

@@ -15,7 +15,7 @@ import dagster as dg
 from pydantic import Field
 
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, path_metadata
+from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream
 from ddr_assets.partitions import block_keys, parse_block_key, project
 from ddr_core.config import PROJECT_ROOT, config_hash
 from ddr_core.feature_concepts import (
@@ -89,6 +89,7 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
     variant = context.partition_key
     core_config = to_core(config, FeatureConceptsConfig, asset="feature_concepts")
     layout, cfg = storage.layout, storage.project
+    require_upstream(storage, "feature_concepts", variant)
     stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"feature_concepts[{variant}]")
     upstream = {f"timestep_stats/{variant}": stats["data_version"]}
     for key in (k for k in block_keys() if parse_block_key(k)[0] == variant):

@@ -49,3 +49,16 @@ def table_preview(rows: list[dict[str, Any]], limit: int = 20) -> dg.MetadataVal
 def json_md(payload: Any) -> dg.MetadataValue:
     """``payload`` as a JSON code block (its strings cannot close the block)."""
     return dg.MetadataValue.md(markdown_code_block(json.dumps(payload, indent=2, default=str), "json"))
+
+
+def require_upstream(storage: Any, asset: str, keys: Any, *, use_prior: bool = True) -> None:
+    """Fail before any work when upstream partitions of ``asset[keys]`` are missing, naming all of them and one
+    command that materializes them (:func:`ddr_core.prerequisites.check_prerequisites`)."""
+    from ddr_core.prerequisites import check_prerequisites
+    from ddr_core.records import MissingUpstreamError
+
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    try:
+        check_prerequisites(storage.project, storage.layout, asset, keys, use_prior=use_prior)
+    except MissingUpstreamError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None

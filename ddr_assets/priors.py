@@ -17,6 +17,7 @@ from ddr_assets.configs import (
     fields_set_in_run_config,
     with_variant_overrides,
 )
+from ddr_assets.lineage import require_upstream
 from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.paths import resolve_in_data_root
 from ddr_core.priors import PriorsConfig, read_prior
@@ -31,6 +32,7 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
     layout, context, config = run.layout, run.context, run.config
     priors_config = with_variant_overrides(config, PriorsConfig, run.project.variants[variant].overrides.get("priors", {}),
                                            asset="priors", set_fields=fields_set_in_run_config(context))
+    require_upstream(run.storage, "priors", list(blocks))
     stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"priors[{next(iter(blocks))}]")
     channels = [c for chans in blocks.values() for c in chans]
     report = run.compute.run_stage(context, "priors_for_variant",

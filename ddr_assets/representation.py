@@ -3,7 +3,7 @@
 import dagster as dg
 
 from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
-from ddr_assets.lineage import lineage_metadata, path_metadata
+from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream
 from ddr_assets.partitions import block_to_variant_mapping, variant_partitions, variant_to_blocks_mapping
 from ddr_core.config import config_hash
 from ddr_core.html_export import write_html_report
@@ -23,6 +23,7 @@ def _optional_record(layout, asset: str, key: str) -> str | None:
 
 def _representation_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:
     layout = run.layout
+    require_upstream(run.storage, "representation_shards", list(blocks))
     stats = read_record(layout.records_dir, "timestep_stats", variant,
                         required_by=f"representation_shards[{next(iter(blocks))}]")
     upstream = {f"timestep_stats/{variant}": stats["data_version"]}
@@ -78,6 +79,7 @@ representation_shards = channel_block_asset(ChannelBlockStage(
 def html_export(context: dg.AssetExecutionContext, storage: DdrStorage) -> dg.MaterializeResult:
     variant = context.partition_key
     layout = storage.layout
+    require_upstream(storage, "html_export", variant)
     stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"html_export[{variant}]")
     out_dir = layout.check_output_folder(layout.stage_dir("html_export", variant), "report folder")
     report = write_html_report(layout, variant, out_dir)

@@ -4,7 +4,7 @@
 import dagster as dg
 
 from ddr_assets.configs import dagster_config_from, fields_set_in_run_config, with_variant_overrides
-from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
+from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream, table_preview
 from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
 from ddr_core.activation_store import ActivationStore
 from ddr_core.records import make_record, read_record, write_record
@@ -33,6 +33,7 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
         asset="timestep_stats", set_fields=fields_set_in_run_config(context))
     layout = storage.layout
     group = storage.project.capture_of(variant)
+    require_upstream(storage, "timestep_stats", variant)
     upstream_record = read_record(layout.records_dir, "activations", group,
                                   required_by=f"timestep_stats[{variant}]")
     upstream = {f"activations/{group}": upstream_record["data_version"]}

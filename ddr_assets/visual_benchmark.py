@@ -12,7 +12,7 @@ import polars as pl
 from ddr_assets.activations import image_preview
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.feature_concepts import labelled_variant_identity_mapping, labelled_variant_partitions
-from ddr_assets.lineage import lineage_metadata, path_metadata, table_preview
+from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream, table_preview
 from ddr_assets.partitions import block_keys, parse_block_key
 from ddr_core.config import config_hash
 from ddr_core.feature_concepts import feature_concepts_dir, markdown_table
@@ -138,6 +138,7 @@ def visual_benchmark(context: dg.AssetExecutionContext, config: VisualBenchmarkR
     variant = context.partition_key
     core_config = to_core(config, VisualBenchmarkConfig, asset="visual_benchmark")
     layout = storage.layout
+    require_upstream(storage, "visual_benchmark", variant)
     upstream = _upstream(layout.records_dir, variant)
     out_dir = layout.check_output_folder(layout.stage_dir("visual_benchmark", variant), "visual_benchmark folder")
     stage_dirs = {method.stage: layout.stage_dir(method.stage, variant) for method in METHODS}

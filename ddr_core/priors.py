@@ -646,7 +646,7 @@ def priors_for_variant(
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"the timestep statistics of variant {variant!r} are missing ({error}): materialize "
-            f"timestep_stats[{variant}] first (e.g. `dagster asset materialize --select timestep_stats "
+            f"timestep_stats[{variant}] first (e.g. `dagster asset materialize -m dagster_project.definitions --select timestep_stats "
             f"--partition {variant}`)"
         ) from None
 

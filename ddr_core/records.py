@@ -65,7 +65,7 @@ def read_record(records_dir: Path, asset: str, partition: str | None, *, require
         who = f" (needed by {required_by})" if required_by else ""
         raise MissingUpstreamError(
             f"asset {asset!r} partition {partition!r} has not been materialized{who}: "
-            f"materialize {asset}[{partition}] first (e.g. `dagster asset materialize --select {asset} "
+            f"materialize {asset}[{partition}] first (e.g. `dagster asset materialize -m dagster_project.definitions --select {asset} "
             f"--partition {partition}`)"
         )
     try:
@@ -77,7 +77,7 @@ def read_record(records_dir: Path, asset: str, partition: str | None, *, require
             f"holds a JSON {type(record).__name__}" if not isinstance(record, dict) else "has no data_version")
         raise MissingUpstreamError(
             f"the record {path} of asset {asset!r} partition {partition!r} {what}, so it is not a completion "
-            f"report: materialize {asset}[{partition}] again (e.g. `dagster asset materialize --select {asset} "
+            f"report: materialize {asset}[{partition}] again (e.g. `dagster asset materialize -m dagster_project.definitions --select {asset} "
             f"--partition {partition}`)"
         )
     return record

@@ -137,7 +137,7 @@ def test_activity_plots_are_written_for_active_channels(graph_run):
 def test_downstream_before_upstream_names_the_asset_to_materialize(tmp_path):
     result = _materialize("timestep_stats", "tiny-raw", tmp_path, dg.DagsterInstance.ephemeral())
     assert not result.success
-    assert "materialize activations[tiny] first" in _error(result)
+    assert "materialize models[tiny], saes[tiny-sae], prompt_datasets[tiny-prompts], activations[tiny] first" in _error(result)
 
 
 def test_bad_config_is_rejected_with_the_field_named(graph_run):

@@ -411,8 +411,10 @@ def test_unknown_partition_key_is_an_understandable_dagster_error(tmp_path):
 
 
 @pytest.mark.parametrize(("asset", "key", "needed"), [
-    ("activations", "tiny", "materialize models[tiny] first"),
-    ("activity_plots", "tiny-raw:0-15", "materialize timestep_stats[tiny-raw] first"),
+    ("activations", "tiny", "materialize models[tiny], saes[tiny-sae], prompt_datasets[tiny-prompts] first"),
+    ("activity_plots", "tiny-raw:0-15",
+     "materialize models[tiny], saes[tiny-sae], prompt_datasets[tiny-prompts], activations[tiny], "
+     "timestep_stats[tiny-raw] first"),
 ])
 def test_downstream_before_upstream_names_what_to_materialize(tmp_path, asset, key, needed):
     import dagster as dg

@@ -533,8 +533,8 @@ def test_bad_input_fails_before_any_work_and_writes_nothing(stage, case, error, 
 @pytest.mark.parametrize(("asset", "key", "config", "message"), [
     ("priors", "tiny-raw:0-15", {"n_results": 3, "seeds": [1, 2]}, "seeds has 2 entries but n_results is 3"),
     ("dreams", "tiny-raw:0-15", {"timesteps": ["0", "peaks"]}, "unknown keyword 'peaks'"),
-    ("priors", "tiny-raw:0-15", None, "materialize timestep_stats[tiny-raw] first"),
-    ("dreams", "tiny-raw:0-15", {"use_prior": False}, "materialize timestep_stats[tiny-raw] first"),
+    ("priors", "tiny-raw:0-15", None, "activations[tiny], timestep_stats[tiny-raw] first"),
+    ("dreams", "tiny-raw:0-15", {"use_prior": False}, "activations[tiny], timestep_stats[tiny-raw] first"),
 ], ids=["priors seeds != n_results", "dreams unknown timestep keyword", "priors before timestep_stats",
         "dreams before timestep_stats"])
 def test_bad_input_through_dagster_names_the_fix_and_writes_nothing(tmp_path, asset, key, config, message):

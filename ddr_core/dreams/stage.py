@@ -65,7 +65,7 @@ def dreams_for_variant(
         raise FileNotFoundError(
             f"the timestep statistics of variant {variant!r} are missing ({missing_table} "
             f"does not exist) but the dream timesteps use {absent}: materialize timestep_stats[{variant}] "
-            f"first (e.g. `dagster asset materialize --select timestep_stats --partition {variant}`), or use "
+            f"first (e.g. `dagster asset materialize -m dagster_project.definitions --select timestep_stats --partition {variant}`), or use "
             f"integer timesteps only"
         )
     if priors_dir is not None:
