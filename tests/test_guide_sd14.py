@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from ddr_core.channel_store import channel_dir
 from tests.sd14_random import build_saeuron_random, build_sd14_random, write_prompts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,8 +68,18 @@ def test_guide_commands_are_extracted() -> None:
     assert "make setup" not in script and "make inspect" not in script  # GPU / server blocks are no-test
 
 
+@pytest.fixture
+def guide_dir(tmp_path: Path):
+    """``tmp_path``, emptied afterwards of the ~4.5 GB of weights and their provisioned copies (pytest keeps the
+    last three temporary folders; the small outputs stay for a look after a failure)."""
+    yield tmp_path
+    for big in ("stable-diffusion-v1-4", "SAeUron", "ddr-data/assets"):
+        shutil.rmtree(tmp_path / big, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_guide_sd14_runs_on_random_sd14_architecture(tmp_path: Path) -> None:
+def test_guide_sd14_runs_on_random_sd14_architecture(guide_dir: Path) -> None:
+    tmp_path = guide_dir
     started = time.monotonic()
     sd14 = build_sd14_random(tmp_path / "stable-diffusion-v1-4", PROMPTS)
     build_saeuron_random(tmp_path / "SAeUron")
@@ -86,9 +98,9 @@ def test_guide_sd14_runs_on_random_sd14_architecture(tmp_path: Path) -> None:
          '"batch_size": 2'),
         ('"n_results": 5, "num_inference_steps": 50, "height": 512, "width": 512',
          '"n_results": 1, "seeds": [1024], "num_inference_steps": 2, "height": 64, "width": 64'),
-        ('"n_results": 5, "num_steps": 100, "batch_size": 64',
+        ('"n_results": 5, "num_steps": 100, "batch_size": 64, "dtype": "bfloat16"',  # bfloat16: for the GPU
          '"n_results": 1, "num_steps": 2, "batch_size": 4, "use_just_one_timestep": true, "snapshot_every": 0, '
-         '"quality_noise_draws": 1'),
+         '"quality_noise_draws": 1, "dtype": "float32"'),
         (".venv/bin/", venv_bin),
     ])
     env = {k: v for k, v in os.environ.items()
@@ -104,10 +116,15 @@ def test_guide_sd14_runs_on_random_sd14_architecture(tmp_path: Path) -> None:
 
     outputs = data / "outputs" / "default"
     assert len(list((outputs / "activations" / "sd-v1-4" / "images").glob("gen_*.png"))) == 2
-    for variant in ("sd14-raw", "sd14-sae"):
-        for channel in (0, 1):
-            assert list((outputs / "priors" / variant / f"channel_{channel}").glob("seed_*.png")), (variant, channel)
-            assert list((outputs / "dreams" / variant / f"channel_{channel}").rglob("seed_*.png")), (variant, channel)
+    chosen = dict(line.split("=", 1) for line in (data / "chosen_channels.sh").read_text().split())
+    for variant, name in (("sd14-raw", "RAW"), ("sd14-sae", "SAE")):
+        assert chosen[f"{name}_BLOCK"].startswith(f"{variant}:"), chosen
+        channels = [int(c) for c in chosen[f"{name}_CHANNELS"].split(",")]
+        assert 1 <= len(channels) <= 2, chosen  # 2 where the block has 2 active (few generations here)
+        for channel in channels:  # drawn, not skipped as inactive
+            assert list(channel_dir(outputs / "priors" / variant, channel).glob("seed_*.png")), (variant, channel)
+            assert list(channel_dir(outputs / "dreams" / variant, channel).rglob("seed_*.png")), (variant, channel)
+            assert (outputs / "representation" / variant / f"{channel_dir(Path(), channel).name}.json").is_file()
         assert (outputs / "html_export" / variant / "index.html").is_file()
     store = sum(f.stat().st_size for f in (outputs / "activations").rglob("*") if f.is_file())
     cpu = sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
