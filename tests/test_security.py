@@ -64,7 +64,7 @@ def test_dot_env_is_ignored_and_the_example_documents_every_variable():
     example_tracked = subprocess.run(["git", "check-ignore", "-q", ".env.example"], cwd=ROOT)
     assert example_tracked.returncode == 1, ".env.example must not be ignored"
     text = (ROOT / ".env.example").read_text(encoding="utf-8")
-    assigned = dict(re.findall(r"^([A-Z_]+)=(.*)$", text, flags=re.MULTILINE))
+    assigned = dict(re.findall(r"^([A-Z][A-Z0-9_]*)=(.*)$", text, flags=re.MULTILINE))
     for name in ("DDR_DATA_ROOT", "DDR_EXPERIMENT", "DDR_CONFIG", "HF_TOKEN", "HF_ENDPOINT", "DAGSTER_HOME",
                  "DDR_SLURM_HOST", "DDR_SLURM_USER", "DDR_SLURM_KEY_PATH", "DDR_SLURM_PARTITION",
                  "DDR_SLURM_ACCOUNT"):

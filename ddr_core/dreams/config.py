@@ -219,10 +219,10 @@ class DreamObjective:
         """``(maximised, activation)``, each ``(n,)`` float32 and differentiable: what the optimiser maximises
         (``kind``: the activation, or the pre-activation of :meth:`~ddr_core.basis.Basis.unit_pre_activations`)
         and the real activation (what is reported)."""
-        tokens, channels = self._tokens(layer_output, rows)
-        activation = self.basis.unit_activations(tokens, channels)
+        activation = self.activations(layer_output, rows)  # the one path of the reported activation
         if kind == "activation":
             return activation, activation
         if kind == "pre_activation":
+            tokens, channels = self._tokens(layer_output, rows)
             return self.basis.unit_pre_activations(tokens, channels), activation
         raise ValueError(f"objective must be 'activation' or 'pre_activation', got {kind!r}")
