@@ -54,6 +54,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("prompt_datasets", prompts),
         ("activations", captures),
         ("timestep_stats", list(variants)),
+        ("cfg_contrast", list(variants)),
         ("activity_plots", few),
         ("priors", few),
         ("dreams", few),
@@ -120,17 +121,33 @@ def stage_definitions(storage: DdrStorage, compute: ComputeResource | None = Non
 
 
 def run_stage(defs: dg.Definitions, asset_name: str, key: str, instance: dg.DagsterInstance,
-              run_config: dict | None, experiment: str) -> dg.ExecuteInProcessResult:
+              run_config: dict | None, experiment: str, log_level: str = "DEBUG") -> dg.ExecuteInProcessResult:
     """Materialize ``asset_name[key]`` as a run of its named job (``capture_activations``, ...) tagged
     ``ddr/stage``, ``ddr/variant``, ``ddr/block``, ``ddr/experiment`` (:mod:`dagster_project.run_tags`) and
-    ``ddr/launched_by=demo``, so the UI's run list tells the demo's runs apart."""
+    ``ddr/launched_by=demo``, so the UI's run list tells the demo's runs apart.
+
+    ``log_level``: what the run prints to the console (Dagster's ``console`` logger); the run's event log in the
+    instance (the UI's run page) keeps every event whatever the level."""
     from dagster_project.jobs import job_of_asset
     from dagster_project.run_tags import ddr_run_tags
 
     tags = {**ddr_run_tags([asset_name], key, experiment=experiment), "ddr/launched_by": "demo"}
+    run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": log_level}}}}
     return defs.resolve_job_def(job_of_asset(asset_name)).execute_in_process(
         run_config=run_config, instance=instance, partition_key=key, asset_selection=[dg.AssetKey(asset_name)],
         tags=tags, raise_on_error=False)
+
+
+def quiet_libraries() -> None:
+    """No per-load progress bars from diffusers / transformers / huggingface_hub ("Loading pipeline components",
+    "Loading weights": dozens of lines per stage in a log); ddr's own progress (:mod:`ddr_core.progress`) still
+    draws a bar on a terminal and logs counts otherwise."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="variants to run (default: the config's default_variants)")
     parser.add_argument("--all-blocks", action="store_true",
                         help="plots, priors and dreams for every channel block (default: the first of each variant)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="print every Dagster event of every run (default: warnings and errors only; the "
+                             "Dagster UI keeps the full event log either way)")
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_libraries()
     variants = args.variants or project().default_variants
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     storage = DdrStorage()
@@ -165,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 variant, first, last = parse_block_key(key)
                 op_config["channels"] = [c for c in chosen[variant] if first <= c <= last]
             run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
-            result = run_stage(demo_defs, asset_name, key, instance, run_config, storage.layout.experiment)
+            result = run_stage(demo_defs, asset_name, key, instance, run_config, storage.layout.experiment,
+                               log_level="DEBUG" if args.verbose else "WARNING")
             status = "ok" if result.success else "FAILED"
             print(f"  {asset_name}[{key}]: {status} in {time.monotonic() - t0:.1f}s")
             if not result.success:

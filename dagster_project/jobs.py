@@ -21,8 +21,8 @@ provision_prompts_job = _job("provision_prompt_datasets", ("prompt_datasets",),
 
 activations_job = _job("capture_activations", ("activations",),
                        "Generate and record activations for one capture group (partition = capture group).")
-timestep_stats_job = _job("compute_timestep_stats", ("timestep_stats",),
-                          "Timestep statistics of one variant (partition = variant).")
+timestep_stats_job = _job("compute_timestep_stats", ("timestep_stats", "cfg_contrast"),
+                          "Timestep statistics and the CFG-half contrast of one variant (partition = variant).")
 channel_block_job = _job(
     "visualise_channel_blocks", ("activity_plots", "priors", "dreams", "representation_shards"),
     "Plots, priors, dreams and representation shards of channel blocks (partition = "

@@ -168,17 +168,19 @@ class _Files:
 def svg_chart(
     timesteps: Sequence[float], values: Sequence[float], total_timesteps: int, title: str, colour: str,
     markers: Iterable[tuple[float, float, str, str]] = (), rules: Iterable[float] = (), fill: bool = False,
-    width: int = 640, height: int = 220,
+    width: int = 640, height: int = 220, more: Sequence[tuple[Sequence[float], str, str]] = (),
 ) -> str:
     """A line chart as inline SVG, timestep axis reversed (``total_timesteps`` left, 0 right).
 
     ``markers``: ``(timestep, value, colour, label)`` drawn as labelled dots; ``rules``: timesteps
-    drawn as vertical dashed lines.
+    drawn as vertical dashed lines; ``more``: further series ``(values, colour, dash)`` over the same
+    timesteps (``dash`` an SVG ``stroke-dasharray``, ``""`` for a solid line).
     """
     left, right, top, bottom = 48, 12, 24, 28
     plot_w, plot_h = width - left - right, height - top - bottom
     ys = np.asarray(values, dtype=np.float64)
-    finite = ys[np.isfinite(ys)]
+    every = np.concatenate([ys, *(np.asarray(v, dtype=np.float64) for v, _, _ in more)])
+    finite = every[np.isfinite(every)]
     low = min(0.0, float(finite.min())) if finite.size else 0.0
     high = float(finite.max()) if finite.size else 1.0
     high = high if high > low else low + 1.0
@@ -206,6 +208,11 @@ def svg_chart(
         parts.append(f'<polygon points="{first_x:.1f},{py(low):.1f} {points} {last_x:.1f},{py(low):.1f}" '
                      f'fill="{colour}" fill-opacity="0.18" stroke="none"/>')
     parts.append(f'<polyline class="curve" points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
+    for series, series_colour, dash in more:
+        line = " ".join(f"{px(t):.1f},{py(v):.1f}" for t, v in zip(timesteps, series, strict=True) if np.isfinite(v))
+        dashing = f' stroke-dasharray="{_e(dash)}"' if dash else ""
+        parts.append(f'<polyline class="curve" points="{line}" fill="none" stroke="{_e(series_colour)}" '
+                     f'stroke-width="1.5"{dashing}/>')
     for rule in rules:
         x = px(rule)
         parts.append(f'<line class="rule" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" '
@@ -336,6 +343,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
         body.append(f'<p class="failed">{_e(error["what"])} {_e(display_path(error["file"]))}: '
                     f'{_e(error["problem"])}</p>')
 
+    body.append(cfg_contrast_section(layout, variant, channel, total))
     body.append("<h2>Dataset examples</h2>")
     for timestep in sorted({e["timestep"] for e in shard["examples"]}, reverse=True):
         cards = [f'<div class="card">{files.img(e["image"], 1, "dataset example image", alt=e["prompt"] or "")}'
@@ -388,6 +396,31 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
     else:
         body.append("<p>No priors.</p>")
     return _page(f"{variant} channel {channel}", "".join(body))
+
+
+def cfg_contrast_section(layout: DataLayout, variant: str, channel: int, total_timesteps: int) -> str:
+    """The feature card's conditional-vs-unconditional section (``cfg_contrast``): both halves' mean activity
+    per timestep, their difference with its interval over prompts, and the channel's sentence (as text)."""
+    from ddr_core.cfg_contrast import channel_contrast, contrast_sentence
+
+    try:
+        summary, profile, row = channel_contrast(layout.stage_dir("cfg_contrast", variant), channel)
+    except Exception as error:  # an unreadable table: the card goes on without it
+        return (f'<h2>Conditional vs unconditional</h2><p class="failed">cfg_contrast cannot be read '
+                f"({_e(type(error).__name__)}: {_e(str(error)[:200])}); re-materialize cfg_contrast</p>")
+    parts = ["<h2>Conditional vs unconditional</h2>", f"<p>{_e(contrast_sentence(summary, row))}</p>"]
+    if profile is not None and profile.height:
+        timesteps = profile["timestep"].to_list()
+        parts += ['<div class="charts">',
+                  svg_chart(timesteps, profile["mean_conditional"].to_numpy(), total_timesteps,
+                            "mean activation: conditional half (solid), unconditional half (dashed)", "#1864ab",
+                            more=[(profile["mean_unconditional"].to_numpy(), "#868e96", "5 3")]),
+                  svg_chart(timesteps, profile["difference"].to_numpy(), total_timesteps,
+                            f"conditional - unconditional, {summary['confidence']:.0%} interval over prompts (dotted)",
+                            "#c2255c", more=[(profile["ci_low"].to_numpy(), "#c2255c", "2 3"),
+                                             (profile["ci_high"].to_numpy(), "#c2255c", "2 3")]),
+                  "</div>"]
+    return "".join(parts)
 
 
 def export_html(

@@ -339,6 +339,35 @@ def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
             show_image(layout, item["image"], caption=f"seed {item['seed']}", what="prior image")
 
 
+def render_cfg_contrast(layout: DataLayout, variant: str, channel: int) -> None:
+    """Both CFG halves' mean activity per timestep and their difference (``cfg_contrast``), with the
+    channel's sentence as plain text."""
+    from ddr_core.cfg_contrast import channel_contrast, contrast_sentence
+
+    try:
+        summary, profile, row = channel_contrast(layout.stage_dir("cfg_contrast", variant), channel)
+    except Exception as error:  # an unreadable table: the page goes on without it
+        st.warning(escape_markdown(f"cfg_contrast cannot be read ({type(error).__name__}: {str(error)[:200]}); "
+                                   "re-materialize cfg_contrast"))
+        return
+    st.text(contrast_sentence(summary, row))
+    if profile is None or not profile.height:
+        return
+    frame = profile.to_pandas()
+    halves = frame.melt(id_vars="timestep", value_vars=["mean_conditional", "mean_unconditional"],
+                        var_name="half", value_name="activation")
+    halves["half"] = halves["half"].str.removeprefix("mean_")
+    axis = alt.X("timestep:Q", scale=alt.Scale(reverse=True), title="timestep")
+    lines = alt.Chart(halves).mark_line().encode(axis, alt.Y("activation:Q", title="mean activation"),
+                                                 alt.Color("half:N"), tooltip=["timestep", "half", "activation"])
+    band = alt.Chart(frame).mark_area(opacity=0.25, color="#c2255c").encode(
+        axis, alt.Y("ci_low:Q", title="conditional - unconditional"), alt.Y2("ci_high:Q"))
+    difference = alt.Chart(frame).mark_line(color="#c2255c").encode(axis, alt.Y("difference:Q"),
+                                                                      tooltip=["timestep", "difference"])
+    st.altair_chart(lines.properties(height=200), width="stretch")
+    st.altair_chart((band + difference).properties(height=160), width="stretch")
+
+
 def _share(value: Any) -> str:
     return "n/a" if value is None or pd.isna(value) else f"{float(value):.2f}"
 
@@ -504,13 +533,16 @@ def main() -> None:
         st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")
         st.altair_chart(max_activation_chart(shard, curves, current, max_height), width="stretch")
     with col_tabs:
-        tab_dreams, tab_examples, tab_priors = st.tabs(["Visualisation", "Dataset examples", "Priors"])
+        tab_dreams, tab_examples, tab_priors, tab_cfg = st.tabs(["Visualisation", "Dataset examples", "Priors",
+                                                                  "Text vs image (CFG halves)"])
         with tab_dreams:
             render_visualisation(layout, shard, current)
         with tab_examples:
             render_examples(layout, shard, current)
         with tab_priors:
             render_priors(layout, shard)
+        with tab_cfg:
+            render_cfg_contrast(layout, variant, channel)
 
 
 if __name__ == "__main__":

@@ -30,12 +30,12 @@ Need = tuple[str, str]
 PROVISIONING_ASSETS = ("models", "saes", "prompt_datasets")
 BLOCK_ASSETS = ("activity_plots", "priors", "dreams", "dreams_no_noise", "representation_shards")
 # The order a plan runs in (every asset after all it may read).
-STAGE_ORDER = ("models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots", "priors",
+STAGE_ORDER = ("models", "saes", "prompt_datasets", "activations", "timestep_stats", "cfg_contrast", "activity_plots", "priors",
                "dreams", "dreams_no_noise", "representation_shards", "feature_concepts", "visual_benchmark",
                "html_export")
 # Which partitions definition an asset has: assets of one kind can share a `dagster asset materialize`.
 PARTITION_KIND = {"models": "model", "saes": "sae", "prompt_datasets": "prompt_dataset", "activations": "capture",
-                  "timestep_stats": "variant", "html_export": "variant", "feature_concepts": "labelled_variant",
+                  "timestep_stats": "variant", "cfg_contrast": "variant", "html_export": "variant", "feature_concepts": "labelled_variant",
                   "visual_benchmark": "labelled_variant", **{a: "block" for a in BLOCK_ASSETS}}
 DEFINITIONS_MODULE = "dagster_project.definitions"
 
@@ -51,7 +51,7 @@ def direct_requirements(project: ProjectConfig, asset: str, key: str, *, use_pri
         model, _, prompts = project.capture_spec(key)
         saes = [project.variants[v].sae for v in project.capture_groups()[key] if project.variants[v].sae]
         return [("models", model), *[("saes", s) for s in dict.fromkeys(saes)], ("prompt_datasets", prompts)]
-    if asset == "timestep_stats":
+    if asset in ("timestep_stats", "cfg_contrast"):
         return [("activations", project.capture_of(key))]
     if asset in ("activity_plots", "priors", "representation_shards", "html_export", "feature_concepts"):
         return [("timestep_stats", block_variant(key))]

@@ -90,6 +90,21 @@ class Results:
         path = feature_concepts_dir(self.layout, variant) / TABLE_FILE
         return pl.read_parquet(path) if path.is_file() else None
 
+    def cfg_contrast(self, variant: str, table: str = "channels") -> pl.DataFrame | None:
+        """The conditional-vs-unconditional table of ``variant`` (``channels``: one row per channel with the
+        prompt's effect, its interval and p over prompts and a verdict; ``profiles``: channel x timestep), or
+        ``None`` for a capture with one CFG half (no guidance). Raises where ``cfg_contrast`` has not run."""
+        from ddr_core.cfg_contrast import CHANNELS_FILE, PROFILES_FILE, read_cfg_contrast
+
+        files = {"channels": CHANNELS_FILE, "profiles": PROFILES_FILE}
+        if table not in files:
+            raise ValueError(f"unknown cfg_contrast table {table!r}; choose one of {', '.join(files)}")
+        folder = self.layout.stage_dir("cfg_contrast", variant)
+        summary = read_cfg_contrast(folder)
+        if summary is None:
+            raise FileNotFoundError(f"{folder} has no summary.json: materialize cfg_contrast[{variant}] first")
+        return pl.read_parquet(folder / files[table]) if summary["halves"] == 2 else None
+
     # ---------------------------------------------------------------------------------------- channels
     def shard(self, variant: str, channel: int) -> dict[str, Any]:
         """Everything about one channel as the inspector reads it (the representation shard, checked)."""

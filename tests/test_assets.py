@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 import duckdb
+import polars as pl
 import pytest
 
 from dagster_project.definitions import defs
@@ -30,7 +31,7 @@ def test_definitions_load_and_list_every_stage():
     dg.Definitions.validate_loadable(defs)
     keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert {"models", "saes", "prompt_datasets", "activations", "timestep_stats", "activity_plots", "priors",
-            "dreams", "dreams_no_noise", "representation_shards", "html_export", "dream_sweeps"} <= keys
+            "dreams", "dreams_no_noise", "representation_shards", "html_export", "dream_sweeps", "cfg_contrast"} <= keys
 
 
 def test_dagster_cli_validates_the_definitions(tmp_path):
@@ -180,6 +181,22 @@ def test_representation_index_and_html_export(graph_run):
         == shards["with_dreams"]
     export = results[("html_export", "tiny-raw")]
     assert export["channel_pages"] > 0 and Path(export["index_html"]).is_file()
+
+
+def test_cfg_contrast_reads_both_halves_and_shows_on_the_channel_page(graph_run):
+    """The tiny capture records both CFG halves: every channel gets a verdict over the 6 prompts, and the HTML
+    channel page shows both halves' chart and the contrast sentence."""
+    data_root, _, results = graph_run
+    found = results[("cfg_contrast", "tiny-raw")]
+    assert found["halves"] == 2 and found["prompts"] == 6 and found["channels"] > 0
+    table = pl.read_parquet(data_root / "outputs" / "default" / "cfg_contrast" / "tiny-raw" / "channels.parquet")
+    assert table.height == found["channels"] and set(table["verdict"]) <= {"text-driven", "text-suppressed",
+                                                                          "no evidence"}
+    assert found["text_driven"] == int((table["verdict"] == "text-driven").sum())
+    index = Path(results[("html_export", "tiny-raw")]["index_html"])
+    page = next((index.parent / "channels").glob("*.html")).read_text()
+    assert "<h2>Conditional vs unconditional</h2><p>Conditional vs unconditional (" in page
+    assert "unconditional half (dashed)" in page
 
 
 def test_variant_overrides_apply_unless_the_run_sets_the_field():

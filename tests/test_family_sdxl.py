@@ -462,6 +462,9 @@ def test_the_whole_graph_runs_on_the_tiny_sdxl_variant(tmp_path: Path) -> None:
     run("activations", "tiny-sdxl-turbo", {"n_prompts": 4, "batch_size": 4, "num_inference_steps": 1,
                                            "guidance_scale": 0.0, "seed": 1})
     run("timestep_stats", "tiny-sdxl-turbo-raw", {"top_k": 8})
+    run("cfg_contrast", "tiny-sdxl-turbo-raw")  # no CFG: one half, said so, no tables
+    assert results[("cfg_contrast", "tiny-sdxl-turbo-raw")]["halves"] == 1
+    assert "only the conditional half" in results[("cfg_contrast", "tiny-sdxl-turbo-raw")]["reason"]
     stats = tmp_path / "outputs" / "default" / "timestep_stats" / "tiny-sdxl-turbo-raw"
     assert json.loads((stats / "summary.json").read_text())["config"]["profile"] == "sampled"
     assert set(pl.read_parquet(stats / "activity_peaks.parquet")["timestep"].to_list()) == {999}

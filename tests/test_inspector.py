@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
@@ -18,7 +19,9 @@ from ddr_core import representation as rep  # noqa: E402
 from ddr_core.feature_concepts import TABLE_FILE, feature_concepts_dir  # noqa: E402
 from tests.markdown_check import HOSTILE, live_markup, rendered_text  # noqa: E402
 from tests.representation_data import (  # noqa: E402
+    OBSERVED,
     VARIANT,
+    WIDTH,
     corrupt_toy_data_root,
     make_toy_data_root,
     write_feature_concepts,
@@ -400,3 +403,25 @@ def test_a_malformed_dagster_url_is_not_made_a_link(toy, monkeypatch: pytest.Mon
     live = [m for _, source in _markdown_sources(at) for m in live_markup(source)]
     assert [m for m in live if "attacker" in m or "javascript" in m] == []
     assert any("DDR_DAGSTER_URL is not a plain" in text for text in _texts(at.sidebar.warning))
+
+
+def test_cfg_halves_tab_shows_both_halves_and_the_contrast(toy, tmp_path) -> None:
+    """The "Text vs image" tab: before cfg_contrast ran it says how to make it; after, both halves' profiles
+    (one chart), the difference with its band (another) and the channel's sentence as plain text."""
+    from ddr_core.activation_store import ActivationStore, VariantBatch
+    from ddr_core.cfg_contrast import compute_cfg_contrast
+
+    at = _app()
+    assert any("not computed (materialize cfg_contrast)" in t for t in _texts(at.text))
+    store = ActivationStore(tmp_path / "capture")
+    rng = np.random.default_rng(0)
+    rows = [{"generation_id": g, "prompt_index": g, "prompt": f"p{g}", "image_index": 0, "seed": g,
+             "image_path": f"images/{g}.png"} for g in range(6)]
+    uncond = rng.normal(size=(6, len(OBSERVED), WIDTH)).astype(np.float32)
+    store.write_batch(0, rows, OBSERVED, {VARIANT: VariantBatch(uncond + 2.0, uncond)})
+    store.finalize()
+    compute_cfg_contrast(store, VARIANT, toy.layout.stage_dir("cfg_contrast", VARIANT))
+    at = _app()
+    sentences = [t for t in _texts(at.text) if t.startswith("Conditional vs unconditional")]
+    assert len(sentences) == 1 and "(text-driven)" in sentences[0] and "over 6 prompts" in sentences[0]
+    assert len(at.tabs[3].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4

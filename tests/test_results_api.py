@@ -75,3 +75,14 @@ def test_the_example_script_runs(tiny_graph, tmp_path, capsys) -> None:
     assert "== tiny-raw: 64 channels" in out and "dreams" in out
     assert saved.is_file() and saved.stat().st_size > 0
     json.dumps(out)  # plain text
+
+
+def test_cfg_contrast_tables_and_their_errors(results: Results) -> None:
+    channels = results.cfg_contrast("tiny-raw")
+    assert channels.height == results.channels("tiny-raw").height and "verdict" in channels.columns
+    profiles = results.cfg_contrast("tiny-raw", "profiles")
+    assert profiles.height == channels.height * profiles["timestep"].n_unique()
+    with pytest.raises(ValueError, match="choose one of channels, profiles"):
+        results.cfg_contrast("tiny-raw", "peaks")
+    with pytest.raises(FileNotFoundError, match=r"materialize cfg_contrast\[tiny-sae\] first"):
+        results.cfg_contrast("tiny-sae")

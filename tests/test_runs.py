@@ -169,8 +169,9 @@ def test_nightly_schedule_tags_its_runs():
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_demo_runs_are_named_and_tagged_on_the_tiny_model(tmp_path):
-    """The demo runner's runs (each stage through its named job) as the run list shows them."""
+def test_demo_runs_are_named_and_tagged_on_the_tiny_model(tmp_path, capfd):
+    """The demo runner's runs (each stage through its named job) as the run list shows them; at the demo's
+    default log level the console gets no per-event lines, the instance's event log keeps every event."""
     from dagster_project.demo import run_stage, stage_definitions
     from ddr_resources.resources import ComputeResource, DdrStorage
 
@@ -184,13 +185,22 @@ def test_demo_runs_are_named_and_tagged_on_the_tiny_model(tmp_path):
         ("activity_plots", "tiny-raw:16-31", None),
     ]:
         run_config = {"ops": {asset: {"config": config}}} if config else None
-        result = run_stage(stage_defs, asset, key, instance, run_config, storage.layout.experiment)
+        result = run_stage(stage_defs, asset, key, instance, run_config, storage.layout.experiment,
+                           log_level="WARNING")
         assert result.success, asset
+    printed = capfd.readouterr()
+    assert "STEP_START" not in printed.out + printed.err
+    plots_run = instance.get_run_records(dg.RunsFilter(tags={"ddr/block": "16-31"}))[0].dagster_run.run_id
+    assert any(e.dagster_event and e.dagster_event.event_type_value == "STEP_START"
+               for e in instance.all_logs(plots_run))
+    result = run_stage(stage_defs, "activity_plots", "tiny-raw:32-47", instance, None, storage.layout.experiment)
+    assert result.success and "STEP_START" in "".join(capfd.readouterr())  # the default (--verbose) prints them
     runs = {(r.dagster_run.job_name, r.dagster_run.tags.get("dagster/partition")): r.dagster_run.tags
             for r in instance.get_run_records()}
     assert set(runs) == {("provision_models", "tiny"), ("provision_saes", "tiny-sae"),
                          ("provision_prompt_datasets", "tiny-prompts"), ("capture_activations", "tiny"),
-                         ("compute_timestep_stats", "tiny-raw"), ("visualise_channel_blocks", "tiny-raw:16-31")}
+                         ("compute_timestep_stats", "tiny-raw"), ("visualise_channel_blocks", "tiny-raw:16-31"),
+                         ("visualise_channel_blocks", "tiny-raw:32-47")}
     block = runs[("visualise_channel_blocks", "tiny-raw:16-31")]
     assert block["ddr/stage"] == "activity_plots" and block["ddr/variant"] == "tiny-raw"
     assert block["ddr/block"] == "16-31" and block["ddr/experiment"] == storage.layout.experiment

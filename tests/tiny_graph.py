@@ -43,6 +43,7 @@ def build_tiny_graph(data_root: Path, instance: dg.DagsterInstance):
         ("activations", "tiny", {"n_prompts": 6, "batch_size": 4, "num_inference_steps": 8, "seed": 1}),
         ("timestep_stats", "tiny-raw", {"top_k": 5, "peak_separation": 50}),
         ("timestep_stats", "tiny-sae", {"top_k": 10}),
+        ("cfg_contrast", "tiny-raw", None),
         ("activity_plots", "tiny-raw:0-15", None),
         ("priors", "tiny-raw:0-15", {"channels": [0, 1, 2], "n_results": 2, "seeds": [11, 12],
                                      "num_inference_steps": 8}),
