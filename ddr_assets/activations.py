@@ -8,6 +8,7 @@ raw channels and every SAE of the group at once. The work runs through ``compute
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -61,21 +62,49 @@ def loaded_versions(context: dg.AssetExecutionContext, recorded: dict[str, str],
     return versions
 
 
-def image_preview(paths: list[Path], size: int = 96) -> dg.MetadataValue:
-    """A few images inline in the asset's metadata (markdown with data URLs)."""
+_LABEL_PARTS = (("channel", re.compile(r"channel_0*(\d+)")), ("t", re.compile(r"^t_0*(\d+)$")),
+                ("seed", re.compile(r"^seed_(-?\d+)\.png$")), ("generation", re.compile(r"^gen_0*(\d+)\.png$")))
+
+
+def preview_label(path: Path) -> str:
+    """A caption from ddr's own file layout: ``channel_00012/t_0501/seed_3.png`` -> ``channel 12, t=501, seed 3``;
+    any other file: its name."""
+    found = []
+    for part in path.parts[-3:]:
+        for name, pattern in _LABEL_PARTS:
+            match = pattern.search(part) if name == "channel" else pattern.fullmatch(part)
+            if match:
+                found.append(f"t={int(match.group(1))}" if name == "t" else f"{name} {int(match.group(1))}")
+    return ", ".join(found) or path.name
+
+
+def image_preview(paths: list[Path] | list[tuple[Path, str]], size: int = 160) -> dg.MetadataValue:
+    """Labelled images inline in the asset's metadata: a Markdown table (captions as the header, data escaped)
+    of data-URL PNGs. An image smaller than ``size`` is enlarged by a whole factor with nearest-neighbour (a
+    32 px toy image stays pixel-sharp, readable); a larger one is shrunk to fit. ``paths``: files (captioned by
+    :func:`preview_label`) or ``(file, caption)`` pairs."""
     from PIL import Image
 
-    cells = []
-    for path in paths:
+    labels, cells = [], []
+    for item in paths:
+        path, label = item if isinstance(item, tuple) else (item, preview_label(Path(item)))
         with Image.open(path) as image:
             image = image.convert("RGB")
-            image.thumbnail((size, size))
+            factor = size // max(image.size)
+            if factor >= 2:
+                image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+            else:
+                image.thumbnail((size, size))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-        # the alt text is a file name (data): escaped; the URL is the data URL made here
+        # the caption and alt text are data (file names, prompts): escaped; the URL is the data URL made here
         encoded = base64.b64encode(buffer.getvalue()).decode()
-        cells.append(f"![{escape_markdown(path.name)}](data:image/png;base64,{encoded})")
-    return dg.MetadataValue.md(" ".join(cells) if cells else "_(no images)_")
+        labels.append(escape_markdown(label))
+        cells.append(f"![{escape_markdown(label)}](data:image/png;base64,{encoded})")
+    if not cells:
+        return dg.MetadataValue.md("_(no images)_")
+    return dg.MetadataValue.md("| " + " | ".join(labels) + " |\n|" + "---|" * len(cells) + "\n| "
+                               + " | ".join(cells) + " |")
 
 
 @dg.asset(

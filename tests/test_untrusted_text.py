@@ -121,3 +121,28 @@ def test_prompt_datasets_materialization_metadata(tmp_path: Path, monkeypatch: p
     for value in metadata.values():  # no other Markdown entry carries the prompts
         if isinstance(value, dg.MarkdownMetadataValue):
             assert live_markup(value.md_str) == []
+
+
+def test_image_preview_is_labelled_and_enlarges_tiny_images_pixel_sharp(tmp_path: Path) -> None:
+    """Dagster UI previews: each image captioned from ddr's layout (channel / timestep / seed), a 32 px toy image
+    enlarged 5x with nearest-neighbour (its pixels stay blocks), a large one shrunk to fit."""
+    import base64
+    import io
+    import re
+
+    from ddr_assets.activations import image_preview
+
+    small = tmp_path / "channel_00012" / "t_0501" / "seed_3.png"
+    small.parent.mkdir(parents=True)
+    tiny = Image.new("RGB", (32, 32), (0, 0, 0))
+    tiny.putpixel((0, 0), (255, 255, 255))
+    tiny.save(small)
+    large = tmp_path / "sheet.png"
+    Image.new("RGB", (640, 320), (0, 0, 255)).save(large)
+    md = image_preview([small, (large, "contact | sheet")]).md_str
+    header = md.split("\n")[0]
+    assert header == "| channel 12\\, t\\=501\\, seed 3 | contact \\| sheet |"  # escaped Markdown text
+    images = [Image.open(io.BytesIO(base64.b64decode(m))) for m in re.findall(r"base64,([A-Za-z0-9+/=]+)\)", md)]
+    assert [im.size for im in images] == [(160, 160), (160, 80)]
+    assert images[0].getpixel((4, 4)) == (255, 255, 255) and images[0].getpixel((5, 5)) == (0, 0, 0)
+    assert len(live_markup(md)) == 2
