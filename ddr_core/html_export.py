@@ -35,6 +35,7 @@ import numpy as np
 
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ddr_core.channel_store import channel_file
+from ddr_core.column_help import column_help
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
@@ -343,17 +344,30 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
         body.append(f'<p class="failed">{_e(error["what"])} {_e(display_path(error["file"]))}: '
                     f'{_e(error["problem"])}</p>')
 
-    body.append(cfg_contrast_section(layout, variant, channel, total))
-    body.append("<h2>Dataset examples</h2>")
+    sections = [("dreams", "Deep dreams", _dreams_html(shard, files)), ("priors", "Priors", _priors_html(shard, files)),
+                ("cfg", "Conditional vs unconditional", cfg_contrast_section(layout, variant, channel, total)),
+                ("examples", "Dataset examples", _examples_html(shard, files))]
+    body.append('<nav class="contents">On this page: '
+                + " · ".join(f'<a href="#{anchor}">{_e(title)}</a>' for anchor, title, _ in sections) + "</nav>")
+    for anchor, title, html_text in sections:
+        body.append(f'<section id="{anchor}"><h2>{_e(title)}</h2>{html_text}</section>')
+    return _page(f"{variant} channel {channel}", "".join(body))
+
+
+def _examples_html(shard: dict[str, Any], files: _Files) -> str:
+    """The dataset examples per timestep (prompts as text); last on the page: there may be hundreds."""
+    body = []
     for timestep in sorted({e["timestep"] for e in shard["examples"]}, reverse=True):
         cards = [f'<div class="card">{files.img(e["image"], 1, "dataset example image", alt=e["prompt"] or "")}'
                  f'<div>#{e["rank"] + 1} activation {_fmt(e["activation"])}</div><div>{_e(e["prompt"])}</div></div>'
                  for e in shard["examples"] if e["timestep"] == timestep]
         body.append(f'<h3>t={timestep}</h3><div class="grid">{"".join(cards)}</div>')
-    if not shard["examples"]:
-        body.append("<p>No dataset examples.</p>")
+    return "".join(body) or "<p>No dataset examples.</p>"
 
-    body.append("<h2>Deep dreams</h2>")
+
+def _dreams_html(shard: dict[str, Any], files: _Files) -> str:
+    """The raised dreams of each run with their optimisation snapshots; the others listed as text."""
+    body = []
     any_dream = False
     for run in DREAM_RUNS:
         section = shard["dreams"].get(run)
@@ -384,18 +398,18 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
                 )
     if not any_dream:
         body.append("<p>No deep dreams.</p>")
+    return "".join(body)
 
-    body.append("<h2>Priors</h2>")
+
+def _priors_html(shard: dict[str, Any], files: _Files) -> str:
     priors = shard.get("priors")
     if priors and priors["status"] == "done":
         cards = "".join(f'<div class="card">{files.img(p["image"], 1, "prior image")}<div>seed {p["seed"]}</div></div>'
                         for p in priors["images"])
-        body.append(f'<p>steered at timesteps {_e(priors["steered_timesteps"])}</p><div class="grid">{cards}</div>')
-    elif priors:
-        body.append(f"<p>Priors skipped: {_e(priors.get('reason'))}</p>")
-    else:
-        body.append("<p>No priors.</p>")
-    return _page(f"{variant} channel {channel}", "".join(body))
+        return f'<p>steered at timesteps {_e(priors["steered_timesteps"])}</p><div class="grid">{cards}</div>'
+    if priors:
+        return f"<p>Priors skipped: {_e(priors.get('reason'))}</p>"
+    return "<p>No priors.</p>"
 
 
 def cfg_contrast_section(layout: DataLayout, variant: str, channel: int, total_timesteps: int) -> str:
@@ -406,9 +420,9 @@ def cfg_contrast_section(layout: DataLayout, variant: str, channel: int, total_t
     try:
         summary, profile, row = channel_contrast(layout.stage_dir("cfg_contrast", variant), channel)
     except Exception as error:  # an unreadable table: the card goes on without it
-        return (f'<h2>Conditional vs unconditional</h2><p class="failed">cfg_contrast cannot be read '
+        return (f'<p class="failed">cfg_contrast cannot be read '
                 f"({_e(type(error).__name__)}: {_e(str(error)[:200])}); re-materialize cfg_contrast</p>")
-    parts = ["<h2>Conditional vs unconditional</h2>", f"<p>{_e(contrast_sentence(summary, row))}</p>"]
+    parts = [f"<p>{_e(contrast_sentence(summary, row))}</p>"]
     if profile is not None and profile.height:
         timesteps = profile["timestep"].to_list()
         parts += ['<div class="charts">',
@@ -545,7 +559,9 @@ def write_html_report(
                ("dreams", "num"), ("dream / top example", "num"), ("top prompts", "text")]
     if families:  # ground truth after the channel: its concept and purity
         headers[2:2] = [(f"concept (ground truth, BH q < {alpha:g})", "text"), ("purity", "num")]
-    head = "".join(f'<th data-col="{i}" data-type="{kind}">{_e(name)}</th>' for i, (name, kind) in enumerate(headers))
+    head = "".join(f'<th data-col="{i}" data-type="{kind}" title="{_e(column_help(name))}">{_e(name)}</th>'
+                   for i, (name, kind) in enumerate(headers))
+    columns = "".join(f"<dt>{_e(name)}</dt><dd>{_e(column_help(name))}</dd>" for name, _ in headers if name)
     problems += files.problems
     unique = list({p.text(): p for p in problems}.values())
     problem_items = "".join(f"<li>{_e(p.text())}</li>" for p in unique)
@@ -556,7 +572,8 @@ def write_html_report(
             '<p><input id="filter" type="search" placeholder="filter rows (e.g. a prompt word)" size="40"></p>'
             + (f'<details id="problems" open><summary class="failed">{len(unique)} problem(s): skipped or '
                f"unavailable entries</summary><ul>{problem_items}</ul></details>" if unique else "")
-            + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>')
+            + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>'
+            + f'<details id="columns"><summary>What the columns mean</summary><dl>{columns}</dl></details>')
     atomic_write_json(out / PROBLEMS_FILE, [{"what": p.what, "name": p.name, "reason": p.reason} for p in unique])
     index_page = atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
     return HtmlExport(index=index_page, channels=exported, problems=unique)

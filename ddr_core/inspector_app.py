@@ -48,6 +48,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from ddr_core.column_help import COLUMN_HELP
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 from ddr_core.markdown_text import escape_markdown
@@ -204,6 +205,29 @@ def on_data_timestep() -> None:
         set_timestep(int(value))
 
 
+def open_link(variants: list[str]) -> None:
+    """Once per browser session: open what the URL names (``?variant=<v>&channel=<c>&t=<t>``, as
+    :func:`link_params` writes it), so a channel's URL can be bookmarked or sent. Values are checked: an unknown
+    variant, or a channel not in the list, falls back to the first one."""
+    if st.session_state.get("_link_opened"):
+        return
+    st.session_state["_link_opened"] = True
+    params = st.query_params
+    if params.get("variant") in variants:
+        st.session_state["variant"] = params["variant"]
+    if str(params.get("channel", "")).isdigit():
+        st.session_state["channel"] = int(params["channel"])
+    if str(params.get("t", "")).isdigit():
+        st.session_state["_link_timestep"] = min(int(params["t"]), 1000)
+
+
+def link_params(variant: str, channel: int, timestep: int) -> None:
+    """Keep the page's URL on what it shows (other parameters, such as the access token, stay)."""
+    wanted = {"variant": variant, "channel": str(channel), "t": str(timestep)}
+    if any(st.query_params.get(k) != v for k, v in wanted.items()):
+        st.query_params.update(wanted)
+
+
 def step_channel(channels: list[int], offset: int) -> None:
     current = st.session_state.get("channel")
     position = channels.index(current) if current in channels else 0
@@ -301,7 +325,7 @@ def render_visualisation(layout: DataLayout, shard: dict[str, Any], current: int
             st.write(f"**{name}**: {'n/a' if value is None else f'{value:.4f}'}")
         quality = [q for q in shard.get("quality", {}).get(run, []) if q["timestep"] == current and q["seed"] == seed]
         if quality and quality[0].get("ratio") is not None:
-            st.metric("dream / top example", f"{quality[0]['ratio']:.3f}")
+            st.metric("dream / top example", f"{quality[0]['ratio']:.3f}", help=COLUMN_HELP["dream / top example"])
 
 
 def render_examples(layout: DataLayout, shard: dict[str, Any], current: int) -> None:
@@ -447,6 +471,7 @@ def main() -> None:
                  "--experiment.")
         st.stop()
 
+    open_link(variants)
     with st.sidebar:
         variant = st.selectbox("Variant", variants, key="variant")
         index_stamp = _mtime(representation_dir(layout, variant) / "index.parquet")
@@ -484,7 +509,7 @@ def main() -> None:
     if st.session_state.get("_shown") != (variant, channel):
         st.session_state["_shown"] = (variant, channel)
         start = shard["peaks"][0]["timestep"] if shard["peaks"] else (shard["timesteps_with_data"] or [0])[0]
-        set_timestep(start)
+        set_timestep(st.session_state.pop("_link_timestep", start))
     if "timestep" not in st.session_state:
         set_timestep(0)
 
@@ -514,6 +539,7 @@ def main() -> None:
             st.markdown(f"[Open `representation_shards` in the Dagster UI]({dagster_url})")
 
     current = int(st.session_state["timestep"])
+    link_params(variant, channel, current)
     summary = shard["summary"]
     st.caption(escape_markdown(
         f"{variant} · channel {channel} · t={current} · total frequency {summary.get('total_frequency') or 0:.3f} · "

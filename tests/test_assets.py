@@ -195,7 +195,7 @@ def test_cfg_contrast_reads_both_halves_and_shows_on_the_channel_page(graph_run)
     assert found["text_driven"] == int((table["verdict"] == "text-driven").sum())
     index = Path(results[("html_export", "tiny-raw")]["index_html"])
     page = next((index.parent / "channels").glob("*.html")).read_text()
-    assert "<h2>Conditional vs unconditional</h2><p>Conditional vs unconditional (" in page
+    assert '<section id="cfg"><h2>Conditional vs unconditional</h2><p>Conditional vs unconditional (' in page
     assert "unconditional half (dashed)" in page
 
 

@@ -100,6 +100,14 @@ def test_export_writes_a_self_contained_folder(toy, tmp_path: Path) -> None:
     assert len(channel0.images) == 6 + 12 + 8 + 2
     assert "t=0, seed 22: failed: non-finite loss" in page
     assert _check_self_contained(out) > 30
+    # sections in reading order with anchors (the dataset examples, possibly hundreds, last), a contents line
+    anchors = [page.index(f'<section id="{a}">') for a in ("dreams", "priors", "cfg", "examples")]
+    assert anchors == sorted(anchors) and page.index('<nav class="contents">') < anchors[0]
+    assert all(f'href="#{a}"' in page for a in ("dreams", "priors", "cfg", "examples"))
+    # every column of the channel table explained, in its header's tooltip and in a list under the table
+    text = index.read_text()
+    assert 'title="mean over the shown dreams of the dream' in text and '<details id="columns">' in text
+    assert text.count("<dt>") == 10 and "<dt>dream / top example</dt><dd>mean over the shown dreams" in text
 
     # relocatable: the copy opens the same way
     moved = tmp_path / "moved"
@@ -164,7 +172,9 @@ def test_export_shows_the_ground_truth_when_the_variant_was_scored(toy, tmp_path
     write_feature_concepts(toy.layout)
     index = export_html(toy.layout, VARIANT, tmp_path / "report")
     text = index.read_text()
-    assert "<th data-col=\"2\" data-type=\"text\">concept (ground truth, BH q &lt; 0.05)</th>" in text
+    assert ('<th data-col="2" data-type="text" title="the concept the channel&#x27;s top prompts share, significant '
+            'against the labels permuted among prompts') in text
+    assert ">concept (ground truth, BH q &lt; 0.05)</th>" in text and text.count("<dt>") == 12
     # channel 0: selective for its colour (q 0.001), not its shape (q 0.4); channel 1: for nothing
     assert '<td data-value="selective for colour=red">selective for colour=red</td>' in text
     assert '<td data-value="0.875">0.88</td>' in text

@@ -122,7 +122,7 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.session_state["timestep"] == 501
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Text vs image (CFG halves)"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
@@ -316,7 +316,7 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     if at.selectbox(key="variant").value != "tiny-raw":
         at = _run(at.selectbox(key="variant").set_value("tiny-raw"))
     channels = at.selectbox(key="channel").options
-    assert len(channels) > 1 and len(at.get("vega_lite_chart")) == 2
+    assert len(channels) > 1 and len(at.get("vega_lite_chart")) == 4  # activity, max, the CFG tab's two
     first = at.selectbox(key="channel").value
     at = _run(at.button(key="next_channel").click())
     assert at.selectbox(key="channel").value != first
@@ -326,7 +326,7 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     assert peak_buttons, "the channel has activity peaks"
     at = _run(peak_buttons[-1].click())
     assert at.session_state["timestep"] == at.number_input(key="timestep_input").value
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Text vs image (CFG halves)"]
     assert len(at.tabs[1].get("image")) > 0  # dataset examples: generated images with prompts
     dreamed = results[("dreams", "tiny-raw:0-15")]["channels_done"]
     assert dreamed >= 1
@@ -425,3 +425,24 @@ def test_cfg_halves_tab_shows_both_halves_and_the_contrast(toy, tmp_path) -> Non
     sentences = [t for t in _texts(at.text) if t.startswith("Conditional vs unconditional")]
     assert len(sentences) == 1 and "(text-driven)" in sentences[0] and "over 6 prompts" in sentences[0]
     assert len(at.tabs[3].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4
+
+
+def test_the_url_opens_a_channel_and_follows_the_page(toy) -> None:
+    """``?variant=&channel=&t=`` opens that channel at that timestep; the URL then follows what is shown (a
+    bookmark or a sent link reopens it); a channel that does not exist falls back to the first."""
+    at = AppTest.from_file(APP, default_timeout=180)
+    at.query_params.update({"variant": VARIANT, "channel": "1", "t": "301", "token": "kept"})
+    at = _settled(at.run())
+    assert at.selectbox(key="channel").value == 1 and at.session_state["timestep"] == 301
+    def param(name: str) -> str:
+        value = at.query_params[name]
+        return value[-1] if isinstance(value, list) else value
+
+    assert (param("channel"), param("t"), param("token")) == ("1", "301", "kept")
+    _run(at.button(key="next_channel").click())
+    assert param("channel") == str(at.selectbox(key="channel").value) != "1" and param("token") == "kept"
+    assert param("t") == str(at.session_state["timestep"])
+    first = AppTest.from_file(APP, default_timeout=180)
+    first.query_params.update({"variant": "nope", "channel": "999"})
+    first = _settled(first.run())
+    assert first.selectbox(key="variant").value == VARIANT and first.selectbox(key="channel").value == 0
