@@ -10,6 +10,7 @@ the services are the ones a lab runs: ``python -m dagster_project.launcher daemo
    succeeds;
 2. a backfill of ``timestep_stats`` over both tiny variants runs through the daemon;
 3. the UI lists the runs, the backfill and the ticks, and the rows are in PostgreSQL (no SQLite file);
+   everything the runs wrote is the group's (``DDR_UMASK=0002``, setgid folders: ddr_core/shared_root.py);
 4. the daemon is killed (SIGKILL, its whole process group: a crash or a reboot); a run launched while it
    is down waits QUEUED; a new daemon starts it, and every run, event log, backfill and tick from before
    is still there, unchanged; the schedule keeps ticking.
@@ -17,6 +18,7 @@ the services are the ones a lab runs: ``python -m dagster_project.launcher daemo
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import secrets
@@ -196,6 +198,13 @@ def test_daemon_and_postgres_run_schedule_and_backfill_and_survive_a_daemon_rest
     env = {**os.environ, "DAGSTER_HOME": str(home), "DDR_PG_DB": database, "DDR_DATA_ROOT": str(data_root),
            "DDR_ACCESS_TOKEN": token, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("DDR_COMPUTE_MODE", None)
+    # the lab's group-shared folders: setgid, group-writable, and every ddr process under umask 0002
+    from ddr_core.shared_root import prepare, problems
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    env["DDR_UMASK"] = "0002"
+    for folder in (home, data_root):
+        prepare(folder, group)
     logs = [tmp_path / "daemon-1.log", tmp_path / "daemon-2.log", tmp_path / "ui.log"]
 
     # the provisioned inputs of the tiny model, in process on the same instance (their runs are in PostgreSQL too)
@@ -205,10 +214,14 @@ def test_daemon_and_postgres_run_schedule_and_backfill_and_survive_a_daemon_rest
 
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv("DDR_PG_DB", database)
-    with dg.DagsterInstance.get() as instance:
-        for asset, key in [("models", "tiny"), ("saes", "tiny-sae"), ("prompt_datasets", "tiny-prompts")]:
-            result = materialize(asset, key, data_root, instance)
-            assert result.success, step_error(result)
+    umask = os.umask(0o002)  # as DDR_UMASK does in the services' processes
+    try:
+        with dg.DagsterInstance.get() as instance:
+            for asset, key in [("models", "tiny"), ("saes", "tiny-sae"), ("prompt_datasets", "tiny-prompts")]:
+                result = materialize(asset, key, data_root, instance)
+                assert result.success, step_error(result)
+    finally:
+        os.umask(umask)
 
     port = _free_port()
     ui = Service(["ui", "--host", "127.0.0.1", "--port", str(port), "-w", str(workspace)], env, logs[2])
@@ -305,6 +318,9 @@ def test_daemon_and_postgres_run_schedule_and_backfill_and_survive_a_daemon_rest
             cursor.execute("SELECT count(*) FROM job_ticks")
             assert cursor.fetchone()[0] >= 1
         assert not list(home.rglob("*.db")), f"SQLite files in DAGSTER_HOME: {list(home.rglob('*.db'))}"
+        # what the daemon's runs wrote (data, compute logs) is the group's: group-writable, setgid folders
+        assert list(data_root.rglob("timestep_stats*")), "the backfill wrote no statistics"
+        assert problems(data_root, group) == [] and problems(home, group) == []
 
         # 4. the daemon dies; a run launched meanwhile waits in the queue; a new daemon loses nothing
         daemon.kill()
