@@ -84,3 +84,41 @@ def test_prepare_makes_a_tree_group_writable_with_setgid_folders(tmp_path):
         os.umask(old)
     assert (root / "outputs" / "default" / "new").stat().st_mode & stat.S_ISGID
     assert problems(root, GROUP) == []
+
+
+def _not_group_writable(root: Path) -> list[str]:
+    return [f"{p}: {stat.S_IMODE(p.stat().st_mode):04o}" for p in [root, *root.rglob("*")]
+            if not p.is_symlink() and p.stat().st_mode & 0o060 != 0o060]
+
+
+def test_files_ddr_writes_follow_the_group_umask_even_where_the_writer_is_stricter(tmp_path, group_umask):
+    """safetensors creates files 0600 whatever the umask (batches, latents, SAE and model weights), shutil.copystat
+    copies such a mode into provisioned copies and mkdtemp makes 0700 folders: a colleague could not read them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ddr_core.atomic import atomic_dir, atomic_path
+
+    with atomic_path(tmp_path / "one" / "batch.safetensors") as tmp:
+        save_file({"a": np.zeros(3, dtype=np.float32)}, str(tmp))
+    with atomic_dir(tmp_path / "many") as folder:
+        save_file({"a": np.zeros(3, dtype=np.float32)}, str(folder / "x.safetensors"))
+        os.mkdir(folder / "private", 0o700)
+    assert _not_group_writable(tmp_path / "one") == [] and _not_group_writable(tmp_path / "many") == []
+    assert stat.S_IMODE((tmp_path / "one" / "batch.safetensors").stat().st_mode) == 0o664
+
+
+def test_provisioned_models_and_saes_are_readable_by_the_group(tmp_path, group_umask):
+    """The built-in tiny model and SAE (safetensors written 0600, then copied with their mode) as the lab
+    provisions them: every file group-readable and -writable under umask 0002."""
+    import dagster as dg
+
+    from tests.tiny_graph import materialize, step_error
+
+    instance = dg.DagsterInstance.ephemeral()
+    for asset, key in [("models", "tiny"), ("saes", "tiny-sae")]:
+        result = materialize(asset, key, tmp_path, instance)
+        assert result.success, step_error(result)
+    assert list((tmp_path / "assets").rglob("*.safetensors"))
+    assert _not_group_writable(tmp_path / "assets" / "models" / "tiny") == []
+    assert _not_group_writable(tmp_path / "assets" / "saes" / "tiny-sae") == []
