@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home train-toy clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -37,6 +37,15 @@ test: setup browser-deps
 	@mkdir -p $(DAGSTER_HOME)
 	$(VENV)/bin/ruff check ddr_core ddr_resources ddr_assets dagster_project tests benchmarks examples
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# A lab's shared instance (docs/DEPLOYMENT.md): PostgreSQL storage, the daemon's settings. Needs the [lab] extra
+# (`make lab-setup`) and DDR_PG_* in the environment; DAGSTER_HOME on the lab server's shared disk.
+lab-setup: setup
+	$(PY) -m pip install -q -e ".[dev,lab]"
+
+lab-home:
+	@mkdir -p $(DAGSTER_HOME)
+	@test -f $(DAGSTER_HOME)/dagster.yaml || cp deploy/lab/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 # A persistent Dagster instance with the project's settings (run queue, GPU concurrency pool).
 dagster-home:

@@ -9,7 +9,12 @@ from dagster_project.jobs import JOBS
 from dagster_project.schedules import SCHEDULES
 from dagster_project.worker_guard import free_dead_worker_pool_slots, guarded_executor
 from ddr_assets import ALL_ASSETS
+from ddr_core.shared_root import apply_umask_from_env
 from ddr_resources.resources import ComputeResource, DdrStorage
+
+# DDR_UMASK (a lab's group-shared data root, docs/DEPLOYMENT.md): set in every process that loads this code
+# location (daemon, UI, run workers, `dagster asset materialize`) before any run writes a file
+apply_umask_from_env()
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from ddr_core.cli import add_guard_options, run_inspector
+from ddr_core.shared_root import apply_umask_from_env
 from ddr_core.web_guard import GuardConfig, PortInUseError, WebGuard, bind_listening_socket, resolve_token
 
 LOGGER = logging.getLogger("ddr.launcher")
@@ -239,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     # uvicorn re-raises SIGTERM after its graceful shutdown; exiting through SystemExit (not the default
     # action, which kills at once) stops the code server and the daemon on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        apply_umask_from_env()  # DDR_UMASK: the services (and the processes they start) write group-shared files
+    except ValueError as exc:
+        print(f"ddr {args.command}: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.run(args)
     except (LaunchError, PortInUseError) as exc:

@@ -21,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux ``/proc/self/status``); elsewhere set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    value = os.umask(0o022)
+    os.umask(value)
+    return value
+
+
+def widen_to_umask(path: str | os.PathLike[str], umask: int | None = None) -> None:
+    """Give ``path`` at least the permissions a plain ``open()`` / ``mkdir()`` would have: ``0o666`` (files)
+    or ``0o777`` (folders) less the umask. Some writers make files stricter whatever the umask
+    (safetensors creates them ``0600``; ``shutil.copystat`` copies a source's ``0600``; ``mkdtemp`` makes
+    ``0700``), so under a lab's umask ``0002`` the group could not read a colleague's batches, weights or
+    models (docs/DEPLOYMENT.md). Links and other kinds are left alone; no bit is ever removed."""
+    mask = current_umask() if umask is None else umask
+    info = os.lstat(path)
+    if stat.S_ISREG(info.st_mode):
+        allowed = 0o666 & ~mask
+    elif stat.S_ISDIR(info.st_mode):
+        allowed = 0o777 & ~mask
+    else:
+        return
+    mode = stat.S_IMODE(info.st_mode)
+    if mode | allowed != mode:
+        os.chmod(path, mode | allowed)
+
+
 def _remove(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         if path.is_dir() and not path.is_symlink():
@@ -92,6 +125,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"the writer did not create the temporary file for {destination}")
+        widen_to_umask(tmp)
         _fsync_file(tmp)
         os.replace(tmp, destination)
         _fsync_dir(destination.parent)
@@ -207,8 +241,13 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
-        for root, _dirs, files in os.walk(tmp):
+        umask = current_umask()
+        for root, dirs, files in os.walk(tmp):
+            widen_to_umask(root, umask)
+            for name in dirs:
+                widen_to_umask(Path(root) / name, umask)
             for name in files:
+                widen_to_umask(Path(root) / name, umask)
                 _fsync_file(Path(root) / name)
         _swap_in(tmp, destination)
     except OSError as error:

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddr_core.atomic import widen_to_umask
 from ddr_core.toy_world import CONCEPTS, ToyWorldConfig, images_to_tensor, make_dataset
 
 CONFIG_FILENAME = "classifier_config.json"
@@ -259,6 +260,7 @@ def save_concept_classifier(model: ConceptClassifier, folder: str | Path, report
     out.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILENAME))
+    widen_to_umask(out / WEIGHTS_FILENAME)  # safetensors writes 0600 whatever the umask
     payload = model.config.to_json_dict()
     if report is not None:
         payload["training_report"] = report

@@ -133,7 +133,8 @@ class OwnedFlock:
         if self._fd is not None:
             raise RuntimeError(f"{self.path} is already held by this OwnedFlock")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        # 0o666 less the umask: under a lab's umask 0002 the group can take the lock too (docs/DEPLOYMENT.md)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o666)
         kind = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         start = time.monotonic()
         try:

@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ddr_core.atomic import widen_to_umask
+
 CONFIG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae.safetensors"
 FOLDER_PREFIX = "unet."
@@ -262,6 +264,7 @@ def save_sae(sae: Sae, folder: str | Path) -> Path:
     }
     weights_tmp = folder / (WEIGHTS_FILENAME + ".part")
     save_file(tensors, str(weights_tmp))
+    widen_to_umask(weights_tmp)  # safetensors writes 0600 whatever the umask
     os.replace(weights_tmp, folder / WEIGHTS_FILENAME)
     config_tmp = folder / (CONFIG_FILENAME + ".part")
     config_tmp.write_text(json.dumps(sae.cfg.to_json_dict(), indent=2), encoding="utf-8")

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddr_core.atomic import widen_to_umask
 from ddr_core.basis import Basis
 from ddr_core.sae import SaeFormatError
 
@@ -144,6 +145,7 @@ def save_unbox_sae(sae: UnboxSae, folder: str | Path) -> Path:
     tensors = {name: value.detach().contiguous().cpu() for name, value in sae.state_dict().items()}
     tmp = folder / (SAFETENSORS_FILENAME + ".part")
     save_file(tensors, str(tmp))
+    widen_to_umask(tmp)  # safetensors writes 0600 whatever the umask
     os.replace(tmp, folder / SAFETENSORS_FILENAME)
     (folder / CONFIG_FILENAME).write_text(json.dumps(asdict(sae.config)), encoding="utf-8")
     return folder

@@ -8,6 +8,7 @@ import stat as stat_module
 from collections.abc import Callable
 from pathlib import Path
 
+from ddr_core.atomic import widen_to_umask
 from ddr_core.provisioning.manifest import _hash_file, _Hasher
 from ddr_core.provisioning.sources import (
     CHUNK_BYTES,
@@ -153,6 +154,7 @@ class _LocalBackend:
                     f"{'more' if hasher.n_bytes > size else hasher.n_bytes}); re-run provisioning once it is stable"
                 )
             shutil.copystat(full, part, follow_symlinks=True)
+            widen_to_umask(part)  # copystat copied the source's mode (0600 from safetensors, a private cache)
             return _Fetched(name=None, size=hasher.n_bytes, sha256=hasher.sha256.hexdigest())
 
         return fetch
