@@ -17,7 +17,7 @@ $(VENV)/.ddr-installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,lab]"
 	@if $(PY) -c "import torchvision" 2>/dev/null; then \
 	  echo "torchvision is installed in $(VENV) and breaks transformers beside this torch: removing it"; \
 	  $(PY) -m pip uninstall -y -q torchvision; fi
@@ -39,9 +39,8 @@ test: setup browser-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # A lab's shared instance (docs/DEPLOYMENT.md): PostgreSQL storage, the daemon's settings. Needs the [lab] extra
-# (`make lab-setup`) and DDR_PG_* in the environment; DAGSTER_HOME on the lab server's shared disk.
+# (installed by `make setup`) and DDR_PG_* in the environment; DAGSTER_HOME on the lab server's shared disk.
 lab-setup: setup
-	$(PY) -m pip install -q -e ".[dev,lab]"
 
 lab-home:
 	@mkdir -p $(DAGSTER_HOME)
