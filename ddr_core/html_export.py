@@ -36,6 +36,7 @@ import numpy as np
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ddr_core.channel_store import channel_file
 from ddr_core.dream_verdict import unshown_dream_lines
+from ddr_core.heatmap_view import heatmaps_html
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -377,6 +378,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
     if not any_dream:
         body.append("<p>No deep dreams.</p>")
 
+    body.append(heatmaps_html(layout, variant, channel, files.img))  # ddr_core/heatmap_view.py
     body.append("<h2>Priors</h2>")
     priors = shard.get("priors")
     if priors and priors["status"] == "done":
