@@ -27,6 +27,7 @@ and sign-flip p-values both ways (:mod:`ddr_core.benchmark_stats`): a channel ca
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -144,9 +145,10 @@ def _png(image: Any, frames: Sequence[Any] = (), duration: int = 100) -> bytes:
 
     buffer = io.BytesIO()
     if frames:
-        image.save(buffer, format="PNG", save_all=True, append_images=list(frames), duration=duration, loop=0)
+        image.save(buffer, format="PNG", save_all=True, append_images=list(frames), duration=duration, loop=0,
+                   compress_level=3)
     else:
-        image.save(buffer, format="PNG")
+        image.save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
@@ -163,25 +165,14 @@ class SceneFit:
     center_y: float
 
 
-def fit_scene_mask(image: np.ndarray, prompt: str, radii: int = 7) -> SceneFit:
-    """Fit the world scene of ``prompt``'s colour and background (any shape; radius on ``radii`` steps of the
-    world's range, centres every pixel) to ``image`` ``(S, S, 3)`` uint8; see the module docstring.
+@functools.lru_cache(maxsize=4)
+def _candidates(size: int, radii: int) -> tuple[tuple[str, float, np.ndarray, np.ndarray, np.ndarray], ...]:
+    """Every ``(shape, radius, centres x, centres y, coverage (k, size * size))`` :func:`fit_scene_mask` tries (the
+    same for every image of a size: computed once)."""
+    from ddr_core.toy_world import SHAPES, ToyWorldConfig, shape_coverage
 
-    Raises:
-        ValueError: ``prompt`` is not a world prompt; ``image`` is not square RGB.
-    """
-    from ddr_core.toy_world import BACKGROUND_RGB, COLOUR_RGB, SHAPES, ToyWorldConfig, parse_prompt, shape_coverage
-
-    labels = parse_prompt(prompt)
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[0] != array.shape[1] or array.shape[2] != 3:
-        raise ValueError(f"fit_scene_mask needs a square (S, S, 3) RGB image, got {array.shape}")
-    size = array.shape[0]
     world = ToyWorldConfig(image_size=max(size, 8))
-    target = array.astype(np.float64) / 255.0
-    background = np.asarray(BACKGROUND_RGB[labels["background"]], dtype=np.float64) / 255.0
-    colour = np.asarray(COLOUR_RGB[labels["colour"]], dtype=np.float64) / 255.0
-    best: tuple[float, str, float, float, float] | None = None
+    out = []
     for shape in SHAPES:
         for radius in np.linspace(world.min_size_fraction, world.max_size_fraction, radii) * size:
             margin = radius + 1.0
@@ -189,12 +180,45 @@ def fit_scene_mask(image: np.ndarray, prompt: str, radii: int = 7) -> SceneFit:
             if not len(centres):
                 continue
             cy, cx = (a.ravel() for a in np.meshgrid(centres, centres, indexing="ij"))
-            cover = shape_coverage(shape, float(radius), cx, cy, size, supersample=2)[..., None]
-            render = background * (1 - cover) + colour * cover
-            errors = np.sqrt(((render - target) ** 2).mean(axis=(1, 2, 3)))
-            i = int(np.argmin(errors))
-            if best is None or errors[i] < best[0]:
-                best = (float(errors[i]), shape, float(radius), float(cx[i]), float(cy[i]))
+            cover = shape_coverage(shape, float(radius), cx, cy, size, supersample=2).reshape(len(cx), -1)
+            out.append((shape, float(radius), cx, cy, cover.astype(np.float32)))
+    return tuple(out)
+
+
+def fit_scene_mask(image: np.ndarray, prompt: str, radii: int = 7) -> SceneFit:
+    """Fit the world scene of ``prompt``'s colour and background (any shape; radius on ``radii`` steps of the
+    world's range, centres every pixel) to ``image`` ``(S, S, 3)`` uint8; see the module docstring.
+
+    Raises:
+        ValueError: ``prompt`` is not a world prompt; ``image`` is not square RGB.
+    """
+    from ddr_core.toy_world import (
+        BACKGROUND_RGB,
+        COLOUR_RGB,
+        parse_prompt,
+        shape_coverage,
+    )
+
+    labels = parse_prompt(prompt)
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[0] != array.shape[1] or array.shape[2] != 3:
+        raise ValueError(f"fit_scene_mask needs a square (S, S, 3) RGB image, got {array.shape}")
+    size = array.shape[0]
+    target = array.astype(np.float64).reshape(-1, 3) / 255.0
+    background = np.asarray(BACKGROUND_RGB[labels["background"]], dtype=np.float64) / 255.0
+    colour = np.asarray(COLOUR_RGB[labels["colour"]], dtype=np.float64) / 255.0
+    # a render is background + cover * (colour - background): its squared error per pixel is
+    # |d|^2 + 2 cover d.e + cover^2 |e|^2 with d = background - target, e = colour - background
+    d = background[None, :] - target
+    e = colour - background
+    base, cross, square = float((d * d).sum()), (2.0 * (d @ e)).astype(np.float32), float(e @ e)
+    best: tuple[float, str, float, float, float] | None = None
+    for shape, radius, cx, cy, cover in _candidates(size, radii):
+        errors = np.sqrt(np.clip((base + cover @ cross + (cover * cover).sum(axis=1) * square) / (3 * size * size),
+                                 0.0, None))
+        i = int(np.argmin(errors))
+        if best is None or errors[i] < best[0]:
+            best = (float(errors[i]), shape, radius, float(cx[i]), float(cy[i]))
     assert best is not None
     rmse, shape, radius, center_x, center_y = best
     coverage = shape_coverage(shape, radius, center_x, center_y, size, supersample=4)

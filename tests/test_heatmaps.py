@@ -27,7 +27,6 @@ from ddr_core.heatmaps import (
     write_channel_heatmaps,
     write_union,
 )
-from ddr_core.hooks import activation_tokens
 from ddr_core.regenerate import read_generations, regenerate_positions
 from ddr_core.sae import Sae, SaeConfig
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
