@@ -188,3 +188,55 @@ def test_a_planted_channel_heat_is_found_where_it_was_planted(tiny_pipe, capture
     table, summary = write_union(out_dir)
     assert table.height == 1 and summary["scored_examples"] == 1
     assert read_heatmaps(out_dir)[1] == json.loads((out_dir / "summary.json").read_text())
+
+
+# --- the viewers: inspector (AppTest) and HTML export --------------------------------------------------------
+
+
+@pytest.fixture()
+def toy_views(tmp_path, monkeypatch):
+    from ddr_core import representation as rep
+    from tests.heatmap_data import write_heatmaps
+    from tests.representation_data import VARIANT, make_toy_data_root
+
+    toy = make_toy_data_root(tmp_path / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    write_heatmaps(toy.layout, VARIANT, 0, prompts=("a red circle on a black background", "**bold** [x](http://e.x)"))
+    monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
+    monkeypatch.setenv("DDR_EXPERIMENT", "default")
+    return toy
+
+
+def test_the_inspector_shows_where_a_channel_fires(toy_views):
+    pytest.importorskip("streamlit")
+    from tests.test_inspector import _app, _markdown_sources, _run, _texts
+
+    at = _app()
+    where = next(tab for tab in at.tabs if tab.label == "Where it fires")
+    texts = _texts(where.text)
+    assert any(t.startswith("Toy world (1 channels, 2 examples): 0.9") for t in texts), texts
+    assert "prompt: **bold** [x](http://e.x)" in texts  # plain text, not Markdown
+    assert any("peak at step 3 (t=50)" in t and "heat on the shape 0.9" in t for t in texts)
+    assert len(where.get("image")) == 4  # the peak overlay and the animation of each example
+    assert not any("http://e.x" in source for _, source in _markdown_sources(at))
+    _run(at.selectbox(key="channel").select(1))
+    where = next(tab for tab in at.tabs if tab.label == "Where it fires")
+    assert any("No heatmaps for this channel" in t for t in _texts(where.info))
+
+
+def test_the_html_export_shows_where_a_channel_fires(toy_views, tmp_path):
+    from ddr_core.html_export import export_html
+    from tests.representation_data import VARIANT
+    from tests.test_html_export import _check_self_contained, _parse
+
+    out = export_html(toy_views.layout, VARIANT, tmp_path / "report").parent
+    page = (out / "channels" / "channel_00000.html").read_text()
+    assert "<h2>Where it fires</h2>" in page and "heat on the shape 0.9" in page
+    assert "**bold** [x](http://e.x)" in page and "<a href=\"http://e.x" not in page
+    heat_images = [src for src in _parse(out / "channels" / "channel_00000.html").images if "heatmaps/" in src]
+    assert len(heat_images) == 4
+    _check_self_contained(out)
+    with Image.open(out / "channels" / heat_images[1]) as animation:
+        assert animation.n_frames == 4
+    assert "No heatmaps." in (out / "channels" / "channel_00001.html").read_text()
