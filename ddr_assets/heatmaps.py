@@ -21,7 +21,7 @@ from ddr_core.records import read_record
 HEATMAPS_CODE_VERSION = "1"
 HeatmapsRunConfig = dagster_config_from(HeatmapConfig, "HeatmapsRunConfig",
                                         extra={"channels": CHANNELS_FIELD, "slurm": SLURM_FIELD})
-SCORE_KEYS = ("heat_on_shape", "chance", "ceiling", "excess", "p_shape", "p_background")
+SCORE_KEYS = ("heat_on_shape", "chance", "ideal_detector", "excess", "p_shape", "p_background")
 
 
 def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> VariantWork:

@@ -62,7 +62,7 @@ def summary_text(summary: dict[str, Any]) -> str | None:
     low, high = (summary.get("excess_interval") or [None, None])[:2]
     return (f"Toy world ({summary['scored_channels']} channels, {summary['scored_examples']} examples): "
             f"{_number(summary.get('heat_on_shape'))} of the heat on the shape vs chance {_number(summary.get('chance'))} "
-            f"(a perfect detector at the layer's resolution: {_number(summary.get('ceiling'))}) "
+            f"(an ideal shape detector at the layer's resolution: {_number(summary.get('ideal_detector'))}) "
             f"(excess {_number(summary.get('excess'))}, 95% interval [{_number(low)}, {_number(high)}]; p shape "
             f"{_number(summary.get('p_shape'), 4)}, p background {_number(summary.get('p_background'), 4)})")
 

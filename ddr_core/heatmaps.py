@@ -14,8 +14,9 @@ or an SAE's feature activations) position by position. Per example this writes:
 
 **Toy-world score** (a model whose prompts carry the toy world's concepts): the share of a channel's heat (the
 upsampled positive part at the peak step) that falls on the shape, against chance = the share of the image the
-mask covers (and the ``ceiling``: what a perfect shape detector reaches at the layer's resolution,
-:func:`resolution_ceiling`). The generated image is not a render, and scenes in the world have random sizes and positions, so the
+mask covers, and beside it ``ideal_detector``: the share of an ideal shape detector at the layer's resolution
+(:func:`ideal_detector_share`), a reference, not a bound (heat on the shape's interior positions only scores
+higher). The generated image is not a render, and scenes in the world have random sizes and positions, so the
 mask of "the scene the prompt describes" is not pixel-aligned with a generation. The mask scored against is the
 renderer's exact mask (:func:`ddr_core.toy_world.shape_coverage`, anti-aliased coverage) of the **world scene
 fitted to the generation**: the prompt's colour and background, any shape, radius and centre on a grid (radius in
@@ -122,10 +123,11 @@ def heat_share(heat: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
     return (float((positive * weights).sum() / total) if total > 0 else float("nan")), chance
 
 
-def resolution_ceiling(mask: np.ndarray, grid: tuple[int, int]) -> float:
-    """The share a perfect shape detector reaches at the layer's resolution: the heat of ``mask`` averaged over each
-    of the ``grid`` positions (area), upsampled back as the heat is, scored against ``mask``. A coarse layer (4x4
-    on a 32x32 image) blurs any heat over the background: this is the top of the scale, chance the bottom."""
+def ideal_detector_share(mask: np.ndarray, grid: tuple[int, int]) -> float:
+    """The share of an ideal shape detector at the layer's resolution: heat = the ``mask``'s coverage of each of the
+    ``grid`` positions (area average), upsampled back as the heat is, scored against ``mask``. A coarse layer (4x4
+    on a 32x32 image) blurs heat over the background: this says how far above chance a detector of the whole shape
+    can get there (a reference, not a bound: heat on the shape's interior positions only scores higher)."""
     import torch
 
     pooled = torch.nn.functional.adaptive_avg_pool2d(torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None],
@@ -287,14 +289,14 @@ def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: i
         atomic_write_bytes(peak_path, _png(overlay(image, maps[step], scale, config.frame_size, config.overlay_alpha)))
         frames = [overlay(image, m, scale, config.frame_size, config.overlay_alpha) for m in maps]
         atomic_write_bytes(steps_path, _png(frames[0], frames[1:], config.frame_ms))
-        share = chance = fit_rmse = ceiling = float("nan")
+        share = chance = fit_rmse = ideal = float("nan")
         source, fitted_shape = "not scored", None
         fit = fits.get(generation_id)
         if fit is not None:
             fit_rmse, fitted_shape = fit.rmse, fit.shape
             if fit.rmse <= RECOGNISABLE_RMSE:
                 share, chance = heat_share(upsample(maps[step], fit.coverage.shape), fit.coverage)
-                ceiling = resolution_ceiling(fit.coverage, maps.shape[1:])
+                ideal = ideal_detector_share(fit.coverage, maps.shape[1:])
                 source = "fitted world scene"
             else:
                 source = "unrecognisable"
@@ -308,7 +310,7 @@ def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: i
             "peak_image": relative_to_data_root(data_root, peak_path),
             "steps_image": relative_to_data_root(data_root, steps_path),
             "captured_image": gen.image_path, "mask_source": source, "fitted_shape": fitted_shape,
-            "fit_rmse": fit_rmse, "heat_on_shape": share, "chance": chance, "ceiling": ceiling,
+            "fit_rmse": fit_rmse, "heat_on_shape": share, "chance": chance, "ideal_detector": ideal,
         })
     np.savez_compressed(folder / "maps.npz", generation_ids=np.asarray([g for g, _ in ranks]),
                         maps=np.stack([recording.maps[rows_of[g], :, unit].numpy() for g, _ in ranks]).astype(np.float16),
@@ -328,7 +330,8 @@ def score_summary(table: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> 
                            "unrecognisable_examples": int((table["mask_source"] == "unrecognisable").sum())
                            if table.height else 0}
     if scored.height == 0:
-        return {**out, "scored_channels": 0, "heat_on_shape": None, "chance": None, "ceiling": None, "excess": None,
+        return {**out, "scored_channels": 0, "heat_on_shape": None, "chance": None, "ideal_detector": None,
+                "excess": None,
                 "excess_interval": [None, None], "p_shape": None, "p_background": None}
     excess = (scored["heat_on_shape"] - scored["chance"]).to_list()
     per_channel = (scored.with_columns((pl.col("heat_on_shape") - pl.col("chance")).alias("excess"))
@@ -341,7 +344,7 @@ def score_summary(table: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> 
 
     return {**out, "scored_channels": per_channel.height,
             "heat_on_shape": number(scored["heat_on_shape"].mean()), "chance": number(scored["chance"].mean()),
-            "ceiling": number(scored["ceiling"].mean()) if "ceiling" in scored.columns else None,
+            "ideal_detector": number(scored["ideal_detector"].mean()) if "ideal_detector" in scored.columns else None,
             "excess": number(float(np.mean(excess))), "excess_interval": [number(low), number(high)],
             "p_shape": number(sign_flip_test(channel_excess)),
             "p_background": number(sign_flip_test([-v for v in channel_excess])),

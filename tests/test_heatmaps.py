@@ -86,13 +86,13 @@ def test_heat_share_known_answers():
     assert np.isnan(heat_share(-np.ones((8, 8)), mask)[0])
     assert peak_step(np.stack([np.zeros((2, 2)), np.full((2, 2), 2.0), np.ones((2, 2))])) == 1
     np.testing.assert_allclose(upsample(np.full((2, 2), 0.5), (8, 8)), 0.5)
-    from ddr_core.heatmaps import resolution_ceiling
+    from ddr_core.heatmaps import ideal_detector_share
 
     left = np.zeros((8, 8))
     left[:, :4] = 1.0
-    assert resolution_ceiling(left, (8, 8)) == pytest.approx(1.0)  # full resolution: a perfect detector is exact
-    assert resolution_ceiling(left, (1, 1)) == pytest.approx(0.5)  # one position: no better than chance
-    assert 0.5 < resolution_ceiling(left, (2, 2)) <= 1.0
+    assert ideal_detector_share(left, (8, 8)) == pytest.approx(1.0)  # full resolution: a perfect detector is exact
+    assert ideal_detector_share(left, (1, 1)) == pytest.approx(0.5)  # one position: no better than chance
+    assert 0.5 < ideal_detector_share(left, (2, 2)) <= 1.0
 
 
 def test_score_summary_over_channels():
