@@ -119,7 +119,7 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.session_state["timestep"] == 501
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
