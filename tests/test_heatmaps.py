@@ -247,3 +247,44 @@ def test_the_html_export_shows_where_a_channel_fires(toy_views, tmp_path):
     with Image.open(out / "channels" / heat_images[1]) as animation:
         assert animation.n_frames == 4
     assert "No heatmaps." in (out / "channels" / "channel_00001.html").read_text()
+
+
+# --- the asset ---------------------------------------------------------------------------------------------------
+
+
+def test_the_heatmaps_asset_on_the_tiny_graph(tiny_graph):
+    """Materialized through Dagster on the tiny model's graph (raw channels and SAE features): a record per block with
+    the run's data version, images and the table; images that are no recognisable world scene are not scored."""
+    from ddr_assets.partitions import block_keys
+    from ddr_core.paths import DataLayout
+    from ddr_core.records import read_record
+    from tests.tiny_graph import materialize, metadata, step_error
+
+    data_root, instance, _ = tiny_graph
+    layout = DataLayout(data_root, "default")
+    sae_key = next(k for k in block_keys() if k.startswith("tiny-sae:"))
+    first, last = (int(v) for v in sae_key.partition(":")[2].split("-"))
+    examples = pl.read_parquet(layout.timestep_stats_dir("tiny-sae") / "dataset_examples.parquet")
+    sae_channels = sorted({c for c in examples["channel"].to_list() if first <= c <= last})[:1]
+    assert sae_channels, "the tiny SAE has no feature with dataset examples in its first block"
+    for key, channels in (("tiny-raw:0-15", [0, 3]), (sae_key, sae_channels)):
+        config = {"channels": channels, "examples_per_channel": 2, "frame_size": 32}
+        result = materialize("heatmaps", key, data_root, instance, config)
+        assert result.success, step_error(result)
+        meta = metadata(result, "heatmaps")
+        assert meta["channels_done"] + meta["channels_without_examples"] == len(channels)
+        record = read_record(layout.records_dir, "heatmaps", key)
+        event = result.get_asset_materialization_events()[0].materialization
+        assert event.tags["dagster/data_version"] == record["data_version"]
+        assert record["outputs"]["channels"] == channels
+        variant = key.partition(":")[0]
+        table, summary = read_heatmaps(layout.stage_dir("heatmaps", variant))
+        assert set(table["channel"].to_list()) <= set(channels) and table.height == meta["examples"] > 0
+        # the random tiny model draws no recognisable world scene: its images are not scored against a mask
+        assert set(table["mask_source"].to_list()) <= {"unrecognisable", "not scored"}
+        assert summary["scored_examples"] == 0
+        for path in table["peak_image"].to_list() + table["steps_image"].to_list():
+            assert (data_root / path).is_file()
+        again = materialize("heatmaps", key, data_root, instance, config)
+        assert again.get_asset_materialization_events()[0].materialization.tags["dagster/data_version"] == \
+            record["data_version"]
