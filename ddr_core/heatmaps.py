@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -356,8 +357,10 @@ def write_union(out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """``heatmaps.parquet`` (every channel's table) and ``summary.json`` (its score) in ``out_dir``."""
     parts = [pl.read_parquet(p) for p in sorted(out_dir.glob("channel_*/examples.parquet"))]
     table = pl.concat(parts, how="diagonal_relaxed").sort(["channel", "rank"]) if parts else pl.DataFrame()
-    if parts:
-        table.write_parquet(out_dir / TABLE_FILE)
+    if parts:  # ranks of a multi-rank job may write it at once: each whole, never a half-written file
+        temporary = out_dir / f".{TABLE_FILE}.{os.getpid()}.tmp"
+        table.write_parquet(temporary)
+        os.replace(temporary, out_dir / TABLE_FILE)
     summary = score_summary(table)
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return table, summary
