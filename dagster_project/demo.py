@@ -23,6 +23,7 @@ DEMO_RUN_CONFIG: dict[str, dict] = {
     "activations": {"seed": 0, "batch_size": 8},
     "priors": {"num_inference_steps": 25},
     "dreams": {"batch_size": 64, "num_steps": 40, "n_results": 2, "timesteps": ["activity_peaks"]},
+    "heatmaps": {"examples_per_channel": 4},
 }
 # Per model, on top of DEMO_RUN_CONFIG: the toy world's model was trained for guidance ~3 and samples
 # well in 25 steps; its 36 prompts get 5 images each (180 generations, as its SAE was trained on).
@@ -36,6 +37,9 @@ DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
 # block: --all-blocks).
 DEMO_BLOCKS = 1
 DEMO_CHANNELS = 16
+# Heatmaps (where a channel fires) of the first DEMO_HEATMAP_CHANNELS of those channels per variant (every channel
+# of every block: --all-blocks).
+DEMO_HEATMAP_CHANNELS = 4
 
 
 def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, list[str]]]:
@@ -58,6 +62,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("activity_plots", few),
         ("priors", few),
         ("dreams", few),
+        ("heatmaps", few),
         ("representation_shards", blocks),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
         ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
@@ -179,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 keys += demo_blocks_of(variant, chosen[variant])
         if asset_name == "dreams" and not args.all_blocks:
             keys = [key for variant in variants for key in demo_blocks_of(variant, chosen[variant])]
+        if asset_name == "heatmaps" and not args.all_blocks:
+            keys = [key for variant in variants
+                    for key in demo_blocks_of(variant, chosen[variant][:DEMO_HEATMAP_CHANNELS])]
         for key in keys:
             t0 = time.monotonic()
             op_config = {**DEMO_RUN_CONFIG.get(asset_name, {}),
@@ -186,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             if asset_name in ("priors", "dreams") and not args.all_blocks:
                 variant, first, last = parse_block_key(key)
                 op_config["channels"] = [c for c in chosen[variant] if first <= c <= last]
+            if asset_name == "heatmaps" and not args.all_blocks:
+                variant, first, last = parse_block_key(key)
+                op_config["channels"] = [c for c in chosen[variant][:DEMO_HEATMAP_CHANNELS] if first <= c <= last]
             run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
             result = run_stage(demo_defs, asset_name, key, instance, run_config, storage.layout.experiment,
                                log_level="DEBUG" if args.verbose else "WARNING")
@@ -200,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
     for line in ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants):
         print(line)
+    for line in heatmap_lines(layout, variants):
+        print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"
           f" --experiment {layout.experiment}; open the http://127.0.0.1:8501/?token=... URL it prints)")
@@ -208,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  Dagster UI: make dev   (DAGSTER_HOME={Path(os.environ.get('DAGSTER_HOME', '.dagster_home')).resolve()};"
           f" then open the http://127.0.0.1:3000/?token=... URL it prints)")
     return 0
+
+
+def heatmap_lines(layout, variants: list[str]) -> list[str]:
+    """Per variant with heatmaps: the toy-world share of heat on the shape vs chance (ddr_core/heatmap_view.py)."""
+    from ddr_core.heatmap_view import summary_text
+    from ddr_core.heatmaps import STAGE, read_heatmaps
+
+    lines = []
+    for variant in variants:
+        found = read_heatmaps(layout.stage_dir(STAGE, variant))
+        text = summary_text(found[1]) if found else None
+        if text:
+            lines.append(f"  {variant}: {text}")
+    return ["Where channels fire (heatmaps; BENCHMARKS.md):", *lines] if lines else []
 
 
 def ground_truth_lines(layout, variants: list[str]) -> list[str]:

@@ -37,6 +37,7 @@ from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_
 from ddr_core.channel_store import channel_file
 from ddr_core.column_help import column_help
 from ddr_core.dream_verdict import unshown_dream_lines
+from ddr_core.heatmap_view import heatmaps_html
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -344,7 +345,9 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
         body.append(f'<p class="failed">{_e(error["what"])} {_e(display_path(error["file"]))}: '
                     f'{_e(error["problem"])}</p>')
 
-    sections = [("dreams", "Deep dreams", _dreams_html(shard, files)), ("priors", "Priors", _priors_html(shard, files)),
+    sections = [("dreams", "Deep dreams", _dreams_html(shard, files)),
+                ("where", "Where it fires", heatmaps_html(layout, variant, channel, files.img)),  # heatmap_view.py
+                ("priors", "Priors", _priors_html(shard, files)),
                 ("cfg", "Conditional vs unconditional", cfg_contrast_section(layout, variant, channel, total)),
                 ("examples", "Dataset examples", _examples_html(shard, files))]
     body.append('<nav class="contents">On this page: '

@@ -13,13 +13,18 @@ batched kernels). This module returns its latents at a chosen denoising step:
   shape (FLUX's packed tokens) are refused with the reason.
 
 Used by the dreams' ``start: example`` (feature accentuation from a top dataset example; Hamblin et al.
-2024) and meant for the heatmap and dose-response work.
+2024) and the heatmaps (:mod:`ddr_core.heatmaps`).
+
+:func:`regenerate_positions` runs the whole generation again and records, at every denoiser call, the per-position
+activations of chosen units at a hook point (``(n, steps, units, h, w)``, the conditional half under guidance):
+where in the image a feature fires, step by step, which a capture does not store (it keeps one reduced value per
+generation, step and unit).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +167,88 @@ def regenerate_latents(model: Any, generations: Sequence[CapturedGeneration], st
         out.append(seen["latents"])
     return Regenerated(latents=torch.cat(out), generations=list(generations), step=step,
                        timestep=None if step is None else int(timesteps[step]))
+
+
+UnitMaps = Callable[[torch.Tensor], torch.Tensor]
+"""Float32 tokens ``(batch, positions, channels)`` -> per-position unit activations ``(batch, positions, units)``."""
+
+
+@dataclass
+class PositionRecording:
+    """What :func:`regenerate_positions` made: ``maps`` ``(n, steps, units, h, w)`` float32 on the CPU (row ``i``:
+    ``generations[i]``; step ``k``: the ``k``-th denoiser call, timestep ``timesteps[k]``), and the final
+    ``latents`` ``(n, C, h', w')``."""
+
+    maps: torch.Tensor
+    timesteps: list[int]
+    latents: torch.Tensor
+    generations: list[CapturedGeneration]
+
+
+def position_grid(activation: torch.Tensor) -> tuple[int, int]:
+    """``(h, w)`` of a layer activation: its spatial size when ``(B, C, H, W)``; for tokens ``(B, N, C)`` a square
+    grid (``N`` a perfect square). Raises ``ValueError`` for anything else (naming the shape)."""
+    if activation.ndim == 4:
+        return int(activation.shape[2]), int(activation.shape[3])
+    if activation.ndim == 3:
+        side = int(round(activation.shape[1] ** 0.5))
+        if side * side == activation.shape[1]:
+            return side, side
+    raise ValueError(f"the layer's activation {tuple(activation.shape)} has no square grid of positions: heatmaps "
+                     "need a (B, C, H, W) activation or (B, N, C) tokens with N a perfect square")
+
+
+@torch.no_grad()
+def regenerate_positions(model: Any, generations: Sequence[CapturedGeneration], hook_point: Any,
+                         unit_maps: UnitMaps, batch_size: int = 16) -> PositionRecording:
+    """Regenerate ``generations`` (as :func:`regenerate_latents` with ``step=None``) and record at every denoiser
+    call ``unit_maps`` of the tokens at ``hook_point`` (a :class:`~ddr_core.hooks.HookPoint`, e.g.
+    ``family.hook_point(layer)``; the conditional half where guidance doubles the batch), as per-position maps.
+
+    Raises:
+        ValueError: generations with different sampling parameters; a layer without a grid of positions; a
+            denoiser called a number of times other than the capture's steps.
+    """
+    from ddr_core.families import as_model
+    from ddr_core.hooks import activation_tokens
+
+    family = as_model(model)
+    if not generations:
+        raise ValueError("regenerate_positions needs at least one generation")
+    params = {(g.height, g.width, g.num_inference_steps, g.guidance_scale) for g in generations}
+    if len(params) != 1:
+        raise ValueError(f"generations with different sampling parameters {sorted(params)}: regenerate each "
+                         "capture's generations separately")
+    height, width, steps, guidance = params.pop()
+    timesteps = [int(t) for t in family.scheduler_timesteps(steps, height, width)]
+    maps: list[torch.Tensor] = []
+    finals: list[torch.Tensor] = []
+    for first in range(0, len(generations), batch_size):
+        chunk = list(generations[first:first + batch_size])
+        seen: list[torch.Tensor] = []
+
+        def hook(args: tuple, kwargs: dict, output: Any, seen: list[torch.Tensor] = seen, n: int = len(chunk)) -> None:
+            activation = hook_point.read(args, kwargs, output).detach()
+            grid = position_grid(activation)
+            tokens = activation_tokens(activation)[-n:].float()  # conditional half under CFG
+            values = unit_maps(tokens).float()  # (n, positions, units)
+            seen.append(values.transpose(1, 2).reshape(n, values.shape[2], *grid).cpu())
+
+        latents = family.initial_latents([g.seed for g in chunk], height, width, dtype=family.dtype,
+                                         device=family.device)
+        handle = hook_point.register(hook)
+        try:
+            finals.append(family.generate(prompts=[g.prompt for g in chunk], latents=latents, height=height,
+                                          width=width, num_inference_steps=steps, guidance_scale=guidance,
+                                          output_type="latent").float().cpu())
+        finally:
+            handle.remove()
+        if len(seen) != len(timesteps):
+            raise ValueError(f"the layer {getattr(hook_point, 'name', hook_point)!r} was called {len(seen)} times in "
+                             f"a generation of {len(timesteps)} steps: heatmaps need one call per denoising step")
+        maps.append(torch.stack(seen, dim=1))
+    return PositionRecording(maps=torch.cat(maps), timesteps=timesteps, latents=torch.cat(finals),
+                             generations=list(generations))
 
 
 def top_example_generations(stats_dir: str | Path, channel: int, n: int) -> list[int]:

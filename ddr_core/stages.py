@@ -110,6 +110,20 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
             "quality_path": layout.relative(result.quality_path) if result.quality_path else None}
 
 
+def _stage_heatmaps_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
+    """``ddr_core.heatmaps.heatmaps_for_variant``; args: ``variant``, ``channels``, ``config``."""
+    from ddr_core.heatmaps import HeatmapConfig, heatmaps_for_variant
+
+    project, layout = _context(request)
+    config = HeatmapConfig.model_validate(request.args.get("config", {}))
+    result = heatmaps_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
+                                  resolve_device(request.device), log=log)
+    return {"out_dir": layout.relative(result.out_dir), "channels_done": result.channels_done,
+            "channels_without_examples": result.channels_without_examples, "examples": result.examples,
+            "seconds": result.seconds, "summary": result.summary,
+            "table_path": layout.relative(result.table_path) if result.table_path else None}
+
+
 # ------------------------------------------------------------------------------------------- split
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
@@ -194,6 +208,18 @@ def _merge_dreams(request: StageRequest, results: list[dict[str, Any]]) -> dict[
             "seconds": max(r["seconds"] for r in results), "quality_path": quality}
 
 
+def _merge_heatmaps(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    from ddr_core.heatmaps import TABLE_FILE, write_union
+
+    _, layout = _context(request)
+    out_dir = layout.data_root / results[0]["out_dir"]
+    table, summary = write_union(out_dir)  # rank 0, once every rank is done
+    return {"out_dir": results[0]["out_dir"], "channels_done": _union(results, "channels_done"),
+            "channels_without_examples": _union(results, "channels_without_examples"),
+            "examples": sum(r["examples"] for r in results), "seconds": max(r["seconds"] for r in results),
+            "summary": summary, "table_path": layout.relative(out_dir / TABLE_FILE) if table.height else None}
+
+
 def _merge_selftest(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
     return results[0]
 
@@ -218,6 +244,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("capture_group", _stage_capture_group, _split_capture, _merge_capture),
     StageSpec("priors_for_variant", _stage_priors_for_variant, _split_channels, _merge_priors),
     StageSpec("dreams_for_variant", _stage_dreams_for_variant, _split_channels, _merge_dreams),
+    StageSpec("heatmaps_for_variant", _stage_heatmaps_for_variant, _split_channels, _merge_heatmaps),
 )}
 
 

@@ -209,6 +209,21 @@ def _shape_mask(scene: ToyScene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {SHAPES}.")
 
 
+def shape_coverage(shape: str, radius: float, center_x: np.ndarray | float, center_y: np.ndarray | float,
+                   size: int, supersample: int = 4) -> np.ndarray:
+    """The renderer's exact shape mask as pixel coverage in ``[0, 1]`` (the fraction of a pixel's ``supersample**2``
+    samples inside the shape, as :func:`render_scene` blends it), for one shape and radius at one or many centres:
+    ``center_x`` / ``center_y`` scalars give ``(size, size)``, arrays of shape ``(k,)`` give ``(k, size, size)``."""
+    offsets = (np.arange(size * supersample) + 0.5) / supersample
+    ys, xs = np.meshgrid(offsets, offsets, indexing="ij")
+    cx, cy = np.asarray(center_x, dtype=np.float64), np.asarray(center_y, dtype=np.float64)
+    many = cx.ndim == 1
+    probe = ToyScene("red", shape, "black", float(radius), cx[:, None, None] if many else cx,  # type: ignore[arg-type]
+                     cy[:, None, None] if many else cy, (0, 0, 0))
+    inside = _shape_mask(probe, xs, ys).astype(np.float64)
+    return inside.reshape(*inside.shape[:-2], size, supersample, size, supersample).mean(axis=(-3, -1))
+
+
 def render_scene(scene: ToyScene, config: ToyWorldConfig = ToyWorldConfig()) -> np.ndarray:
     """Render one scene as ``(height, width, 3)`` uint8 RGB (anti-aliased by supersampling)."""
     size, factor = config.image_size, config.supersample

@@ -122,7 +122,8 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.session_state["timestep"] == 501
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Text vs image (CFG halves)"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires",
+                                          "Text vs image (CFG halves)"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
@@ -424,7 +425,7 @@ def test_cfg_halves_tab_shows_both_halves_and_the_contrast(toy, tmp_path) -> Non
     at = _app()
     sentences = [t for t in _texts(at.text) if t.startswith("Conditional vs unconditional")]
     assert len(sentences) == 1 and "(text-driven)" in sentences[0] and "over 6 prompts" in sentences[0]
-    assert len(at.tabs[3].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4
+    assert len(at.tabs[4].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4
 
 
 def test_the_url_opens_a_channel_and_follows_the_page(toy) -> None:
