@@ -534,14 +534,18 @@ class ActivationStore:
         )
 
     def iter_dense(
-        self, variant: str, half: Half = "conditional"
+        self, variant: str, half: Half = "conditional", max_generations: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(generation_ids (g,), timesteps (T,), activations (g, T, F) float32)`` per finished batch.
 
-        Batches come in batch-index order, one at a time (memory is bounded by one batch).
+        Batches come in batch-index order, one at a time (memory is bounded by one batch). With
+        ``max_generations`` a batch comes in consecutive chunks of at most that many generations, each read
+        from the file on its own (memory is bounded by one chunk, whatever the capture's batch size).
         """
         if half not in HALVES:
             raise ActivationStoreError(f"half must be one of {HALVES}, got {half!r}")
+        if max_generations is not None and max_generations < 1:
+            raise ActivationStoreError(f"max_generations must be >= 1 or None, got {max_generations}")
         batches = [i for i, m in self._markers().items() if variant in m.get("variants", {})]
         if not batches:
             raise ActivationStoreError(
@@ -557,11 +561,15 @@ class ActivationStore:
                         "false, or the model has no classifier-free guidance at all, as FLUX.1); analyse "
                         "half='conditional'"
                     )
-                yield (
-                    handle.get_tensor("generation_ids").astype(np.int64),
-                    handle.get_tensor("timesteps").astype(np.int64),
-                    handle.get_tensor(half).astype(np.float32),
-                )
+                generation_ids = handle.get_tensor("generation_ids").astype(np.int64)
+                timesteps = handle.get_tensor("timesteps").astype(np.int64)
+                if max_generations is None:
+                    yield generation_ids, timesteps, handle.get_tensor(half).astype(np.float32)
+                    continue
+                values = handle.get_slice(half)
+                for start in range(0, len(generation_ids), max_generations):
+                    stop = min(start + max_generations, len(generation_ids))
+                    yield generation_ids[start:stop], timesteps, values[start:stop].astype(np.float32)
 
     def read_generations(self) -> pl.DataFrame:
         """The generations of the finished batches, sorted by ``generation_id`` (from the parts)."""
