@@ -94,10 +94,19 @@ class TopExamples:
         if columns.size == 0:
             return
         keys = columns.astype(np.int64) * self.width + channels.astype(np.int64)
+        activations = activations.astype(np.float32)
+        generation_ids = generation_ids.astype(np.int64)
+        # Only rows that beat the key's current n-th best can enter (most rows, once the slots are full).
+        worst_activation, worst_generation = self.activation[keys, -1], self.generation[keys, -1]
+        better = (activations > worst_activation) | (
+            (activations == worst_activation) & (generation_ids < worst_generation))
+        keys, activations, generation_ids = keys[better], activations[better], generation_ids[better]
+        if keys.size == 0:
+            return
         touched = np.unique(keys)
         all_keys = np.concatenate([np.repeat(touched, self.n), keys])
-        all_activation = np.concatenate([self.activation[touched].reshape(-1), activations.astype(np.float32)])
-        all_generation = np.concatenate([self.generation[touched].reshape(-1), generation_ids.astype(np.int64)])
+        all_activation = np.concatenate([self.activation[touched].reshape(-1), activations])
+        all_generation = np.concatenate([self.generation[touched].reshape(-1), generation_ids])
         order = np.lexsort((all_generation, -all_activation, all_keys))
         sorted_keys = all_keys[order]
         starts = np.searchsorted(sorted_keys, touched)
