@@ -204,7 +204,7 @@ def storage_report(parts: dict[str, int], generations: int, timesteps: int, chan
             max_bytes = max_per_cell * THESIS["timesteps"] * width / capture_batch
             total = dense + summaries + max_bytes
             lines.append(f"    {label:<26} batch {capture_batch}: dense {dense / 1e6:.2f} MB + top-k "
-                         f"{summaries / 1e6:.2f} MB + max {max_bytes / 1e6:.2f} MB = {total / 1e6:.2f} MB/generation, "
+                         f"{summaries / 1e6:.3f} MB + max {max_bytes / 1e6:.2f} MB = {total / 1e6:.2f} MB/generation, "
                          f"{total * THESIS['generations'] / 1e9:.1f} GB for {THESIS['generations']}")
     return lines
 
@@ -269,8 +269,10 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows[1:]:
             work = row["generations"] / base["generations"]
             memory = row["peak_rss"] / base["peak_rss"]
+            marginal = (row["seconds"] - base["seconds"]) / (row["generations"] - base["generations"]) * 1000
             print(f"    {row['generations']} / {base['generations']} generations (x{work:.1f}): time "
-                  f"x{row['seconds'] / base['seconds']:.2f}, peak RSS x{memory:.3f}")
+                  f"x{row['seconds'] / base['seconds']:.2f} ({marginal:.2f} s per 1000 more generations), "
+                  f"peak RSS x{memory:.3f}")
             if args.check_ratios and memory > args.max_memory_ratio:
                 failures.append(f"peak RSS grows x{memory:.3f} from {base['generations']} to {row['generations']} "
                                 f"generations (allowed x{args.max_memory_ratio})")

@@ -28,7 +28,8 @@ Within a batch, generations are stored sorted by ``generation_id``. ``generation
 dense, ``prompt_index * num_images_per_prompt + image_index``. The Parquet parts can be queried with
 DuckDB globs such as ``read_parquet('root/<variant>/topk/*.parquet')``; the globs contain only
 finished batches once :meth:`ActivationStore.finalize` (or :meth:`ActivationStore.clean_unfinished`)
-has run.
+has run. The ``topk`` and ``max`` parts are conveniences that no stage reads: a capture with
+``store_summaries: false`` leaves them out (its done markers say ``"summaries": false``).
 
 All top-k rankings here and in :mod:`ddr_core.statistics` are computed on the stored float16 values
 (cast to float32), ties broken by the lower channel index, so they agree with :meth:`iter_dense`.
@@ -283,6 +284,7 @@ class ActivationStore:
         timesteps: Sequence[int] | np.ndarray,
         per_variant: Mapping[str, VariantBatch],
         capture_top_k: int = 64,
+        summaries: bool = True,
     ) -> dict[str, Any]:
         """Write one batch: dense activations, top-k and maxima per variant, generations, done marker.
 
@@ -293,6 +295,9 @@ class ActivationStore:
             timesteps: the ``T`` recorded timesteps in denoising order; identical for every batch.
             per_variant: variant name -> :class:`VariantBatch` with ``(g, T, F)`` activations.
             capture_top_k: channels kept per (generation, timestep) in ``<variant>/topk`` (capped at F).
+            summaries: also write ``<variant>/topk`` and ``<variant>/max`` (conveniences for DuckDB queries;
+                no stage reads them, ``timestep_stats`` recomputes both from the dense values). False saves
+                about ``T x F x 5 / g`` bytes per generation of ``max`` (a third of the dense bytes at batch 4).
 
         Every file is written atomically and the done marker last. Writing a batch that is already
         finished first removes its done marker, so a crash halfway leaves it unfinished, never mixed;
@@ -368,6 +373,8 @@ class ActivationStore:
                     metadata=canonical_metadata({"variant": variant, "width": str(width), "batch_index": str(batch_index)}),
                 )
             files.append(dense_path)
+            if not summaries:
+                continue
             conditional = tensors["conditional"].astype(np.float32)
             k = min(capture_top_k, width)
             _write_parquet(topk_table(generation_ids, timestep_array, conditional, k),
@@ -387,6 +394,7 @@ class ActivationStore:
             "num_generations": g,
             "num_timesteps": t,
             "capture_top_k": int(capture_top_k),
+            "summaries": bool(summaries),
             "variants": {v: int(ts["conditional"].shape[2]) for v, ts in prepared.items()},
             "halves": {v: sorted(ts) for v, ts in prepared.items()},
             "files": {p.relative_to(self.root).as_posix(): p.stat().st_size for p in files},

@@ -134,3 +134,31 @@ def test_scale_benchmark_finds_its_planted_answers_at_a_tiny_size(tmp_path, caps
     wrong = {**answers, "examples": list(reversed(answers["examples"]))}
     assert any("examples" in p for p in bench.check_planted(tmp_path / "stats", wrong, 16, 4))
     assert bench.check_planted(tmp_path / "stats", answers, 16, 4) == []
+
+
+def test_store_without_summaries_keeps_what_the_stages_read_and_gives_the_same_statistics(tmp_path):
+    """write_batch(summaries=False) (capture's store_summaries: false) leaves out the top-k and max parts that
+    no stage reads; the statistics are the same tables, the store smaller."""
+    from ddr_core.activations import CaptureConfig
+
+    assert CaptureConfig(store_summaries=False).store_summaries is False and CaptureConfig().store_summaries
+    values = np.random.default_rng(1).random((12, len(TIMESTEPS), 16)).astype(np.float16)
+    sizes = {}
+    for summaries in (True, False):
+        store = ActivationStore(tmp_path / f"store_{summaries}")
+        for batch in range(3):
+            ids = range(batch * 4, batch * 4 + 4)
+            rows = [{"generation_id": g, "prompt_index": g, "prompt": f"p{g}", "image_index": 0, "seed": g,
+                     "image_path": f"i{g}.png"} for g in ids]
+            marker = store.write_batch(batch, rows, TIMESTEPS, {"raw": VariantBatch(values[list(ids)])},
+                                       summaries=summaries)
+            assert marker["summaries"] is summaries
+        store.finalize()
+        assert store.finished_batches() == {0, 1, 2}
+        assert (store.root / "raw" / "topk").exists() is summaries and (store.root / "raw" / "max").exists() is summaries
+        sizes[summaries] = sum(p.stat().st_size for p in store.root.rglob("*") if p.is_file())
+        compute_timestep_stats(store, "raw", tmp_path / f"stats_{summaries}", TimestepStatsConfig(top_k=3))
+    assert sizes[False] < sizes[True]
+    for name in ("topk", "frequency", "dataset_examples", "max_activation", "channels", "activity_peaks"):
+        assert pl.read_parquet(tmp_path / f"stats_True/{name}.parquet").equals(
+            pl.read_parquet(tmp_path / f"stats_False/{name}.parquet")), name
