@@ -64,7 +64,8 @@ def planted_examples(generations: int, count: int = 5) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def write_store(root: Path, generations: int, timesteps: int, channels: int, batch: int, seed: int = 0) -> dict:
+def write_store(root: Path, generations: int, timesteps: int, channels: int, batch: int, seed: int = 0,
+                summaries: bool = True) -> dict:
     """Write the synthetic store with the store's own writer; return the planted answers."""
     from ddr_core.activation_store import ActivationStore, VariantBatch
 
@@ -85,7 +86,7 @@ def write_store(root: Path, generations: int, timesteps: int, channels: int, bat
                  "image_index": int(g) % 5, "seed": int(g), "image_path": f"images/gen_{int(g):07d}.png"}
                 for g in ids]
         store.write_batch(index, rows, observed, {VARIANT: VariantBatch(values.astype(np.float16))},
-                          capture_top_k=min(64, channels))
+                          capture_top_k=min(64, channels), summaries=summaries)
     store.finalize()
     return {"planted": planted, "examples": examples, "timesteps": observed}
 
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=20)
     parser.add_argument("--memory-budget-mib", type=int, default=4096)
     parser.add_argument("--scales", type=float, nargs="+", default=[0.125, 0.5, 1.0])
+    parser.add_argument("--no-summaries", action="store_true",
+                        help="write the store as a capture with store_summaries: false (faster; no top-k/max parts)")
     parser.add_argument("--check-ratios", action="store_true", help="fail if peak RSS is not flat")
     parser.add_argument("--max-memory-ratio", type=float, default=1.25)
     parser.add_argument("--workdir", type=Path, default=None, help="folder for the stores (default: a temp dir)")
@@ -231,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         full = workdir / "store_full"
         start = time.monotonic()
-        answers = write_store(full, args.generations, args.timesteps, args.channels, args.batch)
+        answers = write_store(full, args.generations, args.timesteps, args.channels, args.batch,
+                              summaries=not args.no_summaries)
         write_seconds = time.monotonic() - start
         parts = store_parts(full)
         print(f"synthetic store {args.generations} x {args.timesteps} x {args.channels} "

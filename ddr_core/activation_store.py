@@ -172,18 +172,29 @@ def top_k_channels(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     rows, width = values.shape
     if not 1 <= k <= width:
         raise ValueError(f"top_k must be between 1 and the width {width}, got {k}")
-    values = np.where(np.isnan(values), -np.inf, values)
+    nan = np.isnan(values)
+    if nan.any():  # a copy only when needed: at 20,480 channels every byte per value counts
+        values = np.where(nan, -np.inf, values)
+    del nan
     if rows == 0:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=values.dtype)
     if k == width:
         selected = np.broadcast_to(np.arange(width), (rows, width))
     else:
-        candidates = np.argpartition(-values, k - 1, axis=1)[:, :k]
+        candidates = np.argpartition(values, width - k, axis=1)[:, width - k:]  # the k largest, ties arbitrary
         kth_value = np.take_along_axis(values, candidates, axis=1).min(axis=1, keepdims=True)
+        del candidates
         above = values > kth_value
         ties = values == kth_value
-        needed = k - above.sum(axis=1, keepdims=True)
-        chosen = above | (ties & (np.cumsum(ties, axis=1) <= needed))
+        needed = k - above.sum(axis=1)
+        chosen = above | ties
+        # rows with more ties at the k-th value than places left keep the lowest channels among them (the
+        # cumulative count is computed for those rows only: most rows have no surplus tie)
+        surplus = np.nonzero(ties.sum(axis=1) > needed)[0]
+        if surplus.size:
+            chosen[surplus] = above[surplus] | (
+                ties[surplus] & (np.cumsum(ties[surplus], axis=1) <= needed[surplus, None]))
+        del above, ties
         selected = np.nonzero(chosen)[1].reshape(rows, k)  # ascending channel within each row
     selected_values = np.take_along_axis(values, selected, axis=1)
     order = np.argsort(-selected_values, axis=1, kind="stable")  # stable keeps lower channel first

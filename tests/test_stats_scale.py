@@ -162,3 +162,21 @@ def test_store_without_summaries_keeps_what_the_stages_read_and_gives_the_same_s
     for name in ("topk", "frequency", "dataset_examples", "max_activation", "channels", "activity_peaks"):
         assert pl.read_parquet(tmp_path / f"stats_True/{name}.parquet").equals(
             pl.read_parquet(tmp_path / f"stats_False/{name}.parquet")), name
+
+
+def test_top_k_channels_equals_a_full_sort_with_ties_to_the_lower_channel():
+    """The ranking computes the tie cumulative count only for rows with surplus ties: same result as sorting."""
+    from ddr_core.activation_store import top_k_channels
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        rows, width = int(rng.integers(1, 12)), int(rng.integers(1, 30))
+        k = int(rng.integers(1, width + 1))
+        values = rng.integers(0, int(rng.integers(1, 5)), size=(rows, width)).astype(np.float32)
+        if trial % 3 == 0:
+            values[rng.random(values.shape) < 0.2] = np.nan
+        indices, top = top_k_channels(values.copy(), k)
+        clean = np.where(np.isnan(values), -np.inf, values)
+        expected = np.array([sorted(range(width), key=lambda c, r=r: (-clean[r, c], c))[:k] for r in range(rows)])
+        assert np.array_equal(indices, expected), trial
+        assert np.array_equal(top, np.take_along_axis(clean, expected, axis=1)), trial
