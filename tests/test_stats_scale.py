@@ -180,3 +180,20 @@ def test_top_k_channels_equals_a_full_sort_with_ties_to_the_lower_channel():
         expected = np.array([sorted(range(width), key=lambda c, r=r: (-clean[r, c], c))[:k] for r in range(rows)])
         assert np.array_equal(indices, expected), trial
         assert np.array_equal(top, np.take_along_axis(clean, expected, axis=1)), trial
+
+
+def test_a_variant_memory_budget_is_validated_when_the_project_config_loads(tmp_path):
+    from ddr_core.config import DEFAULT_CONFIG_PATH, ConfigError, load_project_config
+
+    text = DEFAULT_CONFIG_PATH.read_text(encoding="utf-8")
+    old = "      priors: {steer_strength_scale: 15.0}\n"
+    assert old in text
+    for budget, ok in ((100, False), (2048, True)):
+        path = tmp_path / f"ddr_{budget}.yaml"
+        path.write_text(text.replace(old, old + f"      timestep_stats: {{memory_budget_mib: {budget}}}\n", 1))
+        if ok:
+            assert load_project_config(path).variants["toy-raw"].overrides["timestep_stats"] == {
+                "memory_budget_mib": 2048}
+        else:
+            with pytest.raises(ConfigError, match="timestep_stats.memory_budget_mib: Input should be greater"):
+                load_project_config(path)
