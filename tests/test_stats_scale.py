@@ -197,3 +197,32 @@ def test_a_variant_memory_budget_is_validated_when_the_project_config_loads(tmp_
         else:
             with pytest.raises(ConfigError, match="timestep_stats.memory_budget_mib: Input should be greater"):
                 load_project_config(path)
+
+
+def test_feature_concepts_peak_examples_stream_in_chunks_with_the_same_answer(tmp_path, monkeypatch):
+    """peak_all_generations used to hold generations x channels rows (102 M at thesis scale, with a prompt
+    string each); with n_examples set it now keeps the best prompts chunk by chunk: same examples, ties
+    (equal activations, several images per prompt) included."""
+    from ddr_core.feature_concepts import purity
+    from ddr_core.feature_concepts.config import FeatureConceptsConfig
+
+    rng = np.random.default_rng(5)
+    generations, width = 30, 6
+    values = rng.integers(0, 3, size=(generations, len(TIMESTEPS), width)).astype(np.float16)
+    store = ActivationStore(tmp_path / "store")
+    for batch, start in enumerate(range(0, generations, 7)):
+        ids = list(range(start, min(start + 7, generations)))
+        rows = [{"generation_id": g, "prompt_index": g // 3, "prompt": f"prompt {g // 3}", "image_index": g % 3,
+                 "seed": g, "image_path": f"i{g}.png"} for g in ids]
+        store.write_batch(batch, rows, TIMESTEPS, {"raw": VariantBatch(values[ids])})
+    store.finalize()
+    stats = tmp_path / "stats"
+    stats.mkdir()
+    pl.DataFrame({"channel": pl.Series(range(width), dtype=pl.Int32), "peak_rank": pl.Series([0] * width, dtype=pl.Int32),
+                  "observed_timestep": pl.Series([TIMESTEPS[c % len(TIMESTEPS)] for c in range(width)], dtype=pl.Int64)
+                  }).write_parquet(stats / "activity_peaks.parquet")
+    everything = purity.top_examples(stats, FeatureConceptsConfig(n_examples=None), store=store, variant="raw")
+    monkeypatch.setattr(purity, "PEAK_ROWS_PER_CHUNK", 1)  # one generation per chunk
+    for n in (1, 3, 20):
+        streamed = purity.top_examples(stats, FeatureConceptsConfig(n_examples=n), store=store, variant="raw")
+        assert streamed.equals(everything.filter(pl.col("rank") < n)), n
