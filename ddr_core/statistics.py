@@ -78,7 +78,7 @@ from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
 from ddr_core.paths import check_output_folder
-from ddr_core.stats_streaming import TopExamples, TopkWriter, plan_memory
+from ddr_core.stats_streaming import MemoryPlan, TopExamples, TopkWriter, plan_memory
 
 LogFn = Callable[[str], None]
 
@@ -237,10 +237,6 @@ def find_activity_peaks(
     return peaks[:top_peak_count]
 
 
-def _parquet_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
@@ -293,12 +289,13 @@ def compute_timestep_stats(
             f"SDXL-Turbo): an interpolated profile would hold that value at every timestep; set profile: sampled "
             f"(frequencies at the observed timesteps only)"
         )
+    plan = plan_memory(config.memory_budget_mib, width, len(observed), config.resolved_n_examples)  # fits?
     with partition_lock(stats_lock_path(out), wait=lock_wait,
                         owner=lock_owner or f"timestep_stats {variant}"):
         recover_dir(out, remove_leftovers=True)  # a killed run's staging folder or swapped-out copy
         with atomic_dir(out) as staging:
             summary = _compute_into(store, variant, out, staging, observed, width, config,
-                                    log or (lambda _message: None), duckdb_memory_limit)
+                                    log or (lambda _message: None), duckdb_memory_limit, plan)
         write_stats_database(out, config)  # again: the views must name the final paths
     return summary
 
@@ -311,13 +308,12 @@ def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
 
 def _compute_into(
     store: ActivationStore, variant: str, out: Path, target: Path, observed: np.ndarray, width: int,
-    config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None,
+    config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None, plan: MemoryPlan,
 ) -> StatsSummary:
     """Write every table, ``stats.duckdb`` and ``summary.json`` into ``target`` (the staging folder
     that becomes ``out``)."""
     timestep_column = {int(t): i for i, t in enumerate(observed)}
     n_examples = config.resolved_n_examples
-    plan = plan_memory(config.memory_budget_mib, width, len(observed), n_examples)
     memory_limit = duckdb_memory_limit or plan.duckdb_memory_limit
     say(f"timestep stats {variant}: memory budget {plan.budget_mib} MiB: {plan.chunk_generations} generations "
         f"per chunk, {plan.fixed_mib:.0f} MiB accumulators, DuckDB memory_limit {memory_limit}")

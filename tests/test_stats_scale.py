@@ -112,6 +112,10 @@ def test_memory_budget_is_validated_at_config_load_and_against_the_width(tmp_pat
     store, _ = _tied_store(tmp_path / "store")
     small_budget = TimestepStatsConfig(top_k=3, n_examples=2, memory_budget_mib=1024)
     compute_timestep_stats(store, "raw", tmp_path / "ok", small_budget)
+    too_many = TimestepStatsConfig(top_k=3, n_examples=600_000, memory_budget_mib=1024)
+    with pytest.raises(MemoryBudgetError, match="memory_budget_mib=1024"):
+        compute_timestep_stats(store, "raw", tmp_path / "refused", too_many)
+    assert not any(p.name.startswith((".refused", "refused")) for p in tmp_path.iterdir())  # nothing written
 
 
 def test_iter_dense_reads_a_batch_in_chunks(tmp_path):
