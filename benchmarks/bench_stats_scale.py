@@ -14,7 +14,7 @@ values in ``[0, 1)`` and planted answers:
 The store is written once at full size; the 1/8 and 1/2 scales are stores made of its first finished
 batches (hard links, then ``finalize``). Each scale runs ``compute_timestep_stats`` in a fresh subprocess
 whose peak RSS (``ru_maxrss``) is measured, after a read-only pass over the dense files that measures the
-store's read throughput (page cache warm: the files were just written). Prints per scale the time, peak RSS
+store's read throughput (page cache as the write left it: warm when the store fits in free memory). Prints per scale the time, peak RSS
 and throughput, then the ratios against the smallest scale; checks the planted answers at every scale and
 (with ``--check-ratios``) memory flatness. Also prints the store's bytes per generation by part and the
 extrapolation to the thesis' capture (SD v1.4: 1,280 raw + 20,480 SAE channels, 50 steps, both halves).
@@ -260,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(store)
 
         print(f"timestep_stats top_k={args.top_k}, memory_budget_mib={args.memory_budget_mib} "
-              "(each scale in a fresh process; read pass with a warm page cache):")
-        print(f"    {'scale':>6} {'generations':>11} {'M values':>9} {'chunk':>6} {'stats s':>8} {'peak MiB':>9} "
+              "(each scale in a fresh process; read pass with the page cache as the write left it):")
+        print(f"    {'scale':>6} {'generations':>11} {'M values':>9} {'chunk<=':>7} {'stats s':>8} {'peak MiB':>9} "
               f"{'read MB/s':>10} {'M values/s':>11} {'planted':>8}")
         for row in rows:
             print(f"    {row['scale']:>6.3f} {row['generations']:>11} {row['values'] / 1e6:>9.1f} "
-                  f"{row['chunk_generations']:>6} {row['seconds']:>8.1f} {row['peak_rss'] / MIB:>9.0f} "
+                  f"{row['chunk_generations']:>7} {row['seconds']:>8.1f} {row['peak_rss'] / MIB:>9.0f} "
                   f"{row['dense_bytes'] / 1e6 / max(row['read_seconds'], 1e-9):>10.0f} "
                   f"{row['values'] / 1e6 / max(row['read_seconds'], 1e-9):>11.1f} "
                   f"{'ok' if row['planted_ok'] else 'WRONG':>8}")
