@@ -14,8 +14,8 @@ values in ``[0, 1)`` and planted answers:
 The store is written once at full size; the 1/8 and 1/2 scales are stores made of its first finished
 batches (hard links, then ``finalize``). Each scale runs ``compute_timestep_stats`` in a fresh subprocess
 whose peak RSS (``ru_maxrss``) is measured, after a read-only pass over the dense files that measures the
-store's read throughput (page cache as the write left it: warm when the store fits in free memory). Prints per scale the time, peak RSS
-and throughput, then the ratios against the smallest scale; checks the planted answers at every scale and
+store's read throughput (page cache as the write left it: warm when the store fits in free memory). Prints
+per scale the time, peak RSS and throughput, then the ratios against the smallest scale; checks the planted answers at every scale and
 (with ``--check-ratios``) memory flatness. Also prints the store's bytes per generation by part and the
 extrapolation to the thesis' capture (SD v1.4: 1,280 raw + 20,480 SAE channels, 50 steps, both halves).
 
