@@ -28,7 +28,8 @@ Within a batch, generations are stored sorted by ``generation_id``. ``generation
 dense, ``prompt_index * num_images_per_prompt + image_index``. The Parquet parts can be queried with
 DuckDB globs such as ``read_parquet('root/<variant>/topk/*.parquet')``; the globs contain only
 finished batches once :meth:`ActivationStore.finalize` (or :meth:`ActivationStore.clean_unfinished`)
-has run.
+has run. The ``topk`` and ``max`` parts are conveniences that no stage reads: a capture with
+``store_summaries: false`` leaves them out (its done markers say ``"summaries": false``).
 
 All top-k rankings here and in :mod:`ddr_core.statistics` are computed on the stored float16 values
 (cast to float32), ties broken by the lower channel index, so they agree with :meth:`iter_dense`.
@@ -171,18 +172,29 @@ def top_k_channels(values: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     rows, width = values.shape
     if not 1 <= k <= width:
         raise ValueError(f"top_k must be between 1 and the width {width}, got {k}")
-    values = np.where(np.isnan(values), -np.inf, values)
+    nan = np.isnan(values)
+    if nan.any():  # a copy only when needed: at 20,480 channels every byte per value counts
+        values = np.where(nan, -np.inf, values)
+    del nan
     if rows == 0:
         return np.zeros((0, k), dtype=np.int64), np.zeros((0, k), dtype=values.dtype)
     if k == width:
         selected = np.broadcast_to(np.arange(width), (rows, width))
     else:
-        candidates = np.argpartition(-values, k - 1, axis=1)[:, :k]
+        candidates = np.argpartition(values, width - k, axis=1)[:, width - k:]  # the k largest, ties arbitrary
         kth_value = np.take_along_axis(values, candidates, axis=1).min(axis=1, keepdims=True)
+        del candidates
         above = values > kth_value
         ties = values == kth_value
-        needed = k - above.sum(axis=1, keepdims=True)
-        chosen = above | (ties & (np.cumsum(ties, axis=1) <= needed))
+        needed = k - above.sum(axis=1)
+        chosen = above | ties
+        # rows with more ties at the k-th value than places left keep the lowest channels among them (the
+        # cumulative count is computed for those rows only: most rows have no surplus tie)
+        surplus = np.nonzero(ties.sum(axis=1) > needed)[0]
+        if surplus.size:
+            chosen[surplus] = above[surplus] | (
+                ties[surplus] & (np.cumsum(ties[surplus], axis=1) <= needed[surplus, None]))
+        del above, ties
         selected = np.nonzero(chosen)[1].reshape(rows, k)  # ascending channel within each row
     selected_values = np.take_along_axis(values, selected, axis=1)
     order = np.argsort(-selected_values, axis=1, kind="stable")  # stable keeps lower channel first
@@ -283,6 +295,7 @@ class ActivationStore:
         timesteps: Sequence[int] | np.ndarray,
         per_variant: Mapping[str, VariantBatch],
         capture_top_k: int = 64,
+        summaries: bool = True,
     ) -> dict[str, Any]:
         """Write one batch: dense activations, top-k and maxima per variant, generations, done marker.
 
@@ -293,6 +306,9 @@ class ActivationStore:
             timesteps: the ``T`` recorded timesteps in denoising order; identical for every batch.
             per_variant: variant name -> :class:`VariantBatch` with ``(g, T, F)`` activations.
             capture_top_k: channels kept per (generation, timestep) in ``<variant>/topk`` (capped at F).
+            summaries: also write ``<variant>/topk`` and ``<variant>/max`` (conveniences for DuckDB queries;
+                no stage reads them, ``timestep_stats`` recomputes both from the dense values). False saves
+                about ``T x F x 5 / g`` bytes per generation of ``max`` (a third of the dense bytes at batch 4).
 
         Every file is written atomically and the done marker last. Writing a batch that is already
         finished first removes its done marker, so a crash halfway leaves it unfinished, never mixed;
@@ -368,6 +384,8 @@ class ActivationStore:
                     metadata=canonical_metadata({"variant": variant, "width": str(width), "batch_index": str(batch_index)}),
                 )
             files.append(dense_path)
+            if not summaries:
+                continue
             conditional = tensors["conditional"].astype(np.float32)
             k = min(capture_top_k, width)
             _write_parquet(topk_table(generation_ids, timestep_array, conditional, k),
@@ -387,6 +405,7 @@ class ActivationStore:
             "num_generations": g,
             "num_timesteps": t,
             "capture_top_k": int(capture_top_k),
+            "summaries": bool(summaries),
             "variants": {v: int(ts["conditional"].shape[2]) for v, ts in prepared.items()},
             "halves": {v: sorted(ts) for v, ts in prepared.items()},
             "files": {p.relative_to(self.root).as_posix(): p.stat().st_size for p in files},
@@ -534,14 +553,18 @@ class ActivationStore:
         )
 
     def iter_dense(
-        self, variant: str, half: Half = "conditional"
+        self, variant: str, half: Half = "conditional", max_generations: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(generation_ids (g,), timesteps (T,), activations (g, T, F) float32)`` per finished batch.
 
-        Batches come in batch-index order, one at a time (memory is bounded by one batch).
+        Batches come in batch-index order, one at a time (memory is bounded by one batch). With
+        ``max_generations`` a batch comes in consecutive chunks of at most that many generations, each read
+        from the file on its own (memory is bounded by one chunk, whatever the capture's batch size).
         """
         if half not in HALVES:
             raise ActivationStoreError(f"half must be one of {HALVES}, got {half!r}")
+        if max_generations is not None and max_generations < 1:
+            raise ActivationStoreError(f"max_generations must be >= 1 or None, got {max_generations}")
         batches = [i for i, m in self._markers().items() if variant in m.get("variants", {})]
         if not batches:
             raise ActivationStoreError(
@@ -557,11 +580,15 @@ class ActivationStore:
                         "false, or the model has no classifier-free guidance at all, as FLUX.1); analyse "
                         "half='conditional'"
                     )
-                yield (
-                    handle.get_tensor("generation_ids").astype(np.int64),
-                    handle.get_tensor("timesteps").astype(np.int64),
-                    handle.get_tensor(half).astype(np.float32),
-                )
+                generation_ids = handle.get_tensor("generation_ids").astype(np.int64)
+                timesteps = handle.get_tensor("timesteps").astype(np.int64)
+                if max_generations is None:
+                    yield generation_ids, timesteps, handle.get_tensor(half).astype(np.float32)
+                    continue
+                values = handle.get_slice(half)
+                for start in range(0, len(generation_ids), max_generations):
+                    stop = min(start + max_generations, len(generation_ids))
+                    yield generation_ids[start:stop], timesteps, values[start:stop].astype(np.float32)
 
     def read_generations(self) -> pl.DataFrame:
         """The generations of the finished batches, sorted by ``generation_id`` (from the parts)."""

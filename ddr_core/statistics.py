@@ -39,8 +39,13 @@ Ranks (``rank``, ``peak_rank``) are 0-based: 0 is the largest. Outputs in ``out_
 ``summary.json``           config, config_hash, counts, preview; written last (completion marker)
 =========================  ==================================================================
 
-Memory is bounded by one batch of dense activations plus ``F x T`` accumulators: top-k rows are
-written per batch and aggregated by DuckDB (which spills to disk), profiles are built per channel.
+Memory (``memory_budget_mib``, peak RSS of the process, default 4096) does not grow with the number of
+generations: the dense activations are read in chunks of generations sized to the budget
+(:func:`ddr_core.stats_streaming.plan_memory`), the accumulators are ``F x T`` (maximum, counts) and
+``F x T x n_examples`` (running top examples, :class:`~ddr_core.stats_streaming.TopExamples`); top-k rows
+are appended to ``topk.parquet`` as they come (no sort when the batches come in generation order) and
+aggregated by DuckDB within a ``memory_limit`` taken from the budget (it spills to disk); profiles are
+built per channel. A budget too small for the accumulators is refused before anything is written.
 
 Reliability: the inputs (variant, ``top_k`` against the width, timesteps) are checked before anything
 is written. One run at a time writes a given ``out_dir``: it holds the lock file
@@ -73,6 +78,7 @@ from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
 from ddr_core.paths import check_output_folder
+from ddr_core.stats_streaming import MemoryPlan, TopExamples, TopkWriter, plan_memory
 
 LogFn = Callable[[str], None]
 
@@ -131,6 +137,10 @@ class TimestepStatsConfig(BaseModel):
         "interpolated", description="interpolated: the frequencies linearly interpolated between the observed "
         "timesteps (edges held); sampled: the frequencies at the observed timesteps only, 0 elsewhere (few-step "
         "models such as SDXL-Turbo, whose 1-4 timesteps say nothing about the others)")
+    memory_budget_mib: int = Field(
+        4096, ge=1024, le=1_048_576, description="peak memory (RSS, MiB) of the statistics process, whatever the "
+        "number of generations: sets the chunk of generations read at a time and DuckDB's memory_limit; not part "
+        "of the results (nor of config_hash)")
 
     @property
     def resolved_n_examples(self) -> int:
@@ -138,8 +148,9 @@ class TimestepStatsConfig(BaseModel):
 
     def resolved(self) -> dict[str, Any]:
         """The config as a plain dict with ``n_examples`` filled in (``profile`` only when ``sampled``: the
-        interpolated profile is what every earlier statistics folder was made with, so their hashes hold)."""
-        data = {**self.model_dump(), "n_examples": self.resolved_n_examples}
+        interpolated profile is what every earlier statistics folder was made with, so their hashes hold;
+        without ``memory_budget_mib``, which changes how the results are computed, never what they are)."""
+        data = {**self.model_dump(exclude={"memory_budget_mib"}), "n_examples": self.resolved_n_examples}
         if data["profile"] == "interpolated":
             data.pop("profile")
         return data
@@ -226,10 +237,6 @@ def find_activity_peaks(
     return peaks[:top_peak_count]
 
 
-def _parquet_list(paths: list[Path]) -> str:
-    return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
-
-
 def _sql_path(path: Path) -> str:
     return "'" + str(path).replace("'", "''") + "'"
 
@@ -282,12 +289,13 @@ def compute_timestep_stats(
             f"SDXL-Turbo): an interpolated profile would hold that value at every timestep; set profile: sampled "
             f"(frequencies at the observed timesteps only)"
         )
+    plan = plan_memory(config.memory_budget_mib, width, len(observed), config.resolved_n_examples)  # fits?
     with partition_lock(stats_lock_path(out), wait=lock_wait,
                         owner=lock_owner or f"timestep_stats {variant}"):
         recover_dir(out, remove_leftovers=True)  # a killed run's staging folder or swapped-out copy
         with atomic_dir(out) as staging:
             summary = _compute_into(store, variant, out, staging, observed, width, config,
-                                    log or (lambda _message: None), duckdb_memory_limit)
+                                    log or (lambda _message: None), duckdb_memory_limit, plan)
         write_stats_database(out, config)  # again: the views must name the final paths
     return summary
 
@@ -300,32 +308,49 @@ def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
 
 def _compute_into(
     store: ActivationStore, variant: str, out: Path, target: Path, observed: np.ndarray, width: int,
-    config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None,
+    config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None, plan: MemoryPlan,
 ) -> StatsSummary:
     """Write every table, ``stats.duckdb`` and ``summary.json`` into ``target`` (the staging folder
     that becomes ``out``)."""
     timestep_column = {int(t): i for i, t in enumerate(observed)}
     n_examples = config.resolved_n_examples
+    memory_limit = duckdb_memory_limit or plan.duckdb_memory_limit
+    say(f"timestep stats {variant}: memory budget {plan.budget_mib} MiB: {plan.chunk_generations} generations "
+        f"per chunk, {plan.fixed_mib:.0f} MiB accumulators, DuckDB memory_limit {memory_limit}")
 
     work = Path(tempfile.mkdtemp(prefix=".stats-work.tmp-", dir=target))
     try:
-        # 1. Per batch: top-k rows to Parquet parts, running maximum per (timestep, channel).
-        parts: list[Path] = []
+        # 1. Per chunk of generations: top-k rows appended to one Parquet file, running maximum and running
+        #    top examples per (timestep, channel). Nothing here grows with the number of generations.
         maximum = np.full((len(observed), width), -np.inf, dtype=np.float32)
-        n_generations = 0
-        for generation_ids, timesteps, activations in store.iter_dense(variant, config.half):
-            if timesteps.tolist() != observed.tolist():
-                raise ValueError(f"a batch of {variant!r} has timesteps {timesteps.tolist()} != {observed.tolist()}")
-            # a store written before capture refused non-finite values: name them instead of failing on JSON
-            check_finite(activations, variant, config.half, generation_ids, timesteps)
-            part = work / f"topk_{len(parts):05d}.parquet"
-            pq.write_table(topk_table(generation_ids, timesteps, activations, config.top_k), part)
-            parts.append(part)
-            np.fmax(maximum, activations.max(axis=0), out=maximum)
-            n_generations += len(generation_ids)
-            say(f"timestep stats {variant}: {len(parts)} batches, {n_generations} generations read")
+        examples = TopExamples(len(observed), width, n_examples)
+        topk_writer = TopkWriter(work / "topk_rows.parquet", observed)
+        n_generations = chunks = 0
+        try:
+            for generation_ids, timesteps, activations in store.iter_dense(
+                    variant, config.half, max_generations=plan.chunk_generations):
+                if timesteps.tolist() != observed.tolist():
+                    raise ValueError(
+                        f"a batch of {variant!r} has timesteps {timesteps.tolist()} != {observed.tolist()}")
+                # a store written before capture refused non-finite values: name them instead of failing on JSON
+                check_finite(activations, variant, config.half, generation_ids, timesteps)
+                np.fmax(maximum, activations.max(axis=0), out=maximum)
+                table = topk_table(generation_ids, timesteps, activations, config.top_k)
+                del activations
+                topk_writer.write(table, generation_ids)
+                examples.add(np.tile(np.repeat(np.arange(len(observed)), config.top_k), len(generation_ids)),
+                             table.column("channel").to_numpy(), table.column("activation").to_numpy(),
+                             table.column("generation_id").to_numpy())
+                n_generations += len(generation_ids)
+                chunks += 1
+                say(f"timestep stats {variant}: {chunks} chunks, {n_generations} generations read")
+        finally:
+            topk_writer.close()
         if n_generations == 0:
             raise ValueError(f"variant {variant!r} in {store.root} has no generations")
+        examples_path = work / "examples.parquet"
+        pq.write_table(examples.table(observed), examples_path)
+        del examples
 
         if store.generations_path.exists():
             generations_path = store.generations_path
@@ -337,17 +362,21 @@ def _compute_into(
         try:
             con.execute(f"SET temp_directory = {_sql_path(work / 'duckdb_spill')}")
             con.execute("SET preserve_insertion_order = false")
-            if duckdb_memory_limit:
-                con.execute(f"SET memory_limit = '{duckdb_memory_limit}'")
-            con.execute(f"CREATE VIEW topk_parts AS SELECT * FROM read_parquet({_parquet_list(parts)})")
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+            con.execute(f"CREATE VIEW topk_parts AS SELECT * FROM read_parquet({_sql_path(topk_writer.path)})")
 
-            # 2. Tables computed by DuckDB over the top-k parts.
-            _copy_to_parquet(
-                con,
-                "SELECT generation_id, timestep, rank, channel, activation FROM topk_parts "
-                "ORDER BY generation_id, timestep DESC, rank",
-                target / "topk.parquet",
-            )
+            # 2. Tables written by DuckDB: out of core within memory_limit, spilling to `work`.
+            if topk_writer.ordered:  # already in (generation_id, timestep DESC, rank) order: no sort
+                shutil.move(topk_writer.path, target / "topk.parquet")
+                con.execute(f"CREATE OR REPLACE VIEW topk_parts AS SELECT * FROM "
+                            f"read_parquet({_sql_path(target / 'topk.parquet')})")
+            else:
+                _copy_to_parquet(
+                    con,
+                    "SELECT generation_id, timestep, rank, channel, activation FROM topk_parts "
+                    "ORDER BY generation_id, timestep DESC, rank",
+                    target / "topk.parquet",
+                )
             _copy_to_parquet(
                 con,
                 f"SELECT channel, timestep, count(*)::BIGINT AS count, "
@@ -358,17 +387,10 @@ def _compute_into(
             _copy_to_parquet(
                 con,
                 f"""
-                SELECT e.channel, e.timestep, e.example_rank AS rank, e.generation_id, e.activation, g.prompt, g.image_path
-                FROM (
-                    SELECT channel, timestep, generation_id, activation,
-                           (row_number() OVER (PARTITION BY channel, timestep
-                                               ORDER BY activation DESC, generation_id) - 1)::INTEGER
-                               AS example_rank
-                    FROM topk_parts
-                    QUALIFY example_rank < {n_examples}
-                ) e
+                SELECT e.channel, e.timestep, e.rank, e.generation_id, e.activation, g.prompt, g.image_path
+                FROM read_parquet({_sql_path(examples_path)}) e
                 LEFT JOIN read_parquet({_sql_path(generations_path)}) g USING (generation_id)
-                ORDER BY e.channel, e.timestep DESC, e.example_rank
+                ORDER BY e.channel, e.timestep DESC, e.rank
                 """,
                 target / "dataset_examples.parquet",
             )
@@ -379,7 +401,6 @@ def _compute_into(
             ).fetchnumpy()
         finally:
             con.close()
-
         # 3. Dense (F, T) frequency matrix; columns in denoising order like `observed`.
         frequency = np.zeros((width, len(observed)), dtype=np.float64)
         columns = np.array([timestep_column[int(t)] for t in frequency_rows["timestep"]], dtype=np.int64)

@@ -23,24 +23,56 @@ def _top_peak_timesteps(stats_dir: Path) -> pl.DataFrame:
             .select(pl.col("channel").cast(pl.Int32), pl.col("observed_timestep").cast(pl.Int64).alias("timestep")))
 
 
-def peak_activations(store: Any, variant: str, peaks: pl.DataFrame, half: str = "conditional") -> pl.DataFrame:
-    """``channel, generation_id, activation, timestep``: every generation's activation of each channel at
-    that channel's peak timestep (``peaks``: ``channel, timestep``), read batch by batch from the store."""
+PEAK_ROWS_PER_CHUNK = 2_000_000  # (generation, channel) rows read at a time by peak_top_prompts
+
+
+def _peak_parts(store: Any, variant: str, peaks: pl.DataFrame, half: str = "conditional",
+                max_generations: int | None = None) -> Any:
+    """Per chunk of generations: ``channel, generation_id, activation, timestep`` at each channel's peak."""
     observed = [int(t) for t in store.timesteps()]
     column = {t: i for i, t in enumerate(observed)}
     channels = peaks["channel"].to_numpy().astype(np.int64)
     index = np.asarray([column[int(t)] for t in peaks["timestep"].to_list()], dtype=np.int64)
-    parts = []
-    for generation_ids, _, activations in store.iter_dense(variant, half):
+    for generation_ids, _, activations in store.iter_dense(variant, half, max_generations=max_generations):
         values = activations[:, index, channels]  # (g, channels)
-        parts.append(pl.DataFrame({
+        yield pl.DataFrame({
             "channel": np.tile(channels, len(generation_ids)).astype(np.int32),
             "generation_id": np.repeat(generation_ids.astype(np.int64), len(channels)),
             "activation": values.reshape(-1).astype(np.float64),
             "timestep": np.tile(np.asarray(peaks["timestep"].to_list(), dtype=np.int64), len(generation_ids)),
-        }))
+        })
+
+
+def peak_activations(store: Any, variant: str, peaks: pl.DataFrame, half: str = "conditional") -> pl.DataFrame:
+    """``channel, generation_id, activation, timestep``: every generation's activation of each channel at
+    that channel's peak timestep (``peaks``: ``channel, timestep``), read batch by batch from the store.
+    Holds generations x channels rows: :func:`peak_top_prompts` keeps only the best prompts instead."""
+    parts = list(_peak_parts(store, variant, peaks, half))
     schema = {"channel": pl.Int32, "generation_id": pl.Int64, "activation": pl.Float64, "timestep": pl.Int64}
     return pl.concat(parts) if parts else pl.DataFrame(schema=schema)
+
+
+def _best_prompts(frame: pl.DataFrame, n: int | None) -> pl.DataFrame:
+    ranked = (frame.sort(["channel", "activation", "generation_id"], descending=[False, True, False])
+              .unique(["channel", "prompt"], keep="first", maintain_order=True))
+    return ranked if n is None else ranked.filter(pl.int_range(pl.len()).over("channel") < n)
+
+
+def peak_top_prompts(store: Any, variant: str, peaks: pl.DataFrame, prompts: pl.DataFrame, n: int,
+                     half: str = "conditional") -> pl.DataFrame:
+    """Per channel the best generation of each of its ``n`` best prompts at its peak (activation descending,
+    ties to the lower generation id), merged chunk by chunk: memory ``channels x (n + chunk)`` rows whatever
+    the number of generations. Exact: a prompt outside a channel's ``n`` best so far stays behind ``n`` other
+    prompts unless a new generation of it beats them, and that generation is in the new chunk."""
+    chunk = max(1, PEAK_ROWS_PER_CHUNK // max(1, peaks.height))
+    kept: pl.DataFrame | None = None
+    for part in _peak_parts(store, variant, peaks, half, max_generations=chunk):
+        part = part.join(prompts, on="generation_id", how="left")
+        kept = _best_prompts(part if kept is None else pl.concat([kept, part]), n)
+    if kept is None:
+        return pl.DataFrame(schema={"channel": pl.Int32, "generation_id": pl.Int64, "activation": pl.Float64,
+                                    "timestep": pl.Int64, "prompt": pl.String})
+    return kept
 
 
 def top_examples(stats_dir: str | Path, config: FeatureConceptsConfig, store: Any | None = None,
@@ -63,9 +95,12 @@ def top_examples(stats_dir: str | Path, config: FeatureConceptsConfig, store: An
             raise ValueError("examples='peak_all_generations' reads the capture's activation store: pass store= "
                              "and variant= (or choose examples='top_peak')")
         prompts = store.read_generations().select(pl.col("generation_id").cast(pl.Int64), "prompt")
-        ranked = (peak_activations(store, variant, _top_peak_timesteps(stats_dir))
-                  .join(prompts, on="generation_id", how="left")
-                  .sort(["channel", "activation", "generation_id"], descending=[False, True, False]))
+        if config.n_examples is not None:  # streamed: memory independent of the number of generations
+            ranked = peak_top_prompts(store, variant, _top_peak_timesteps(stats_dir), prompts, config.n_examples)
+        else:
+            ranked = (peak_activations(store, variant, _top_peak_timesteps(stats_dir))
+                      .join(prompts, on="generation_id", how="left")
+                      .sort(["channel", "activation", "generation_id"], descending=[False, True, False]))
     elif config.examples == "top_peak":
         examples = pl.read_parquet(stats_dir / "dataset_examples.parquet")
         ranked = (examples.with_columns(pl.col("timestep").cast(pl.Int64), pl.col("channel").cast(pl.Int32))
