@@ -35,6 +35,7 @@ import numpy as np
 
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ddr_core.channel_store import channel_file
+from ddr_core.dose_response_view import dose_effects_html, dose_response_html
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
@@ -387,6 +388,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
         body.append(f"<p>Priors skipped: {_e(priors.get('reason'))}</p>")
     else:
         body.append("<p>No priors.</p>")
+    body.append(dose_response_html(layout, variant, channel, files))
     return _page(f"{variant} channel {channel}", "".join(body))
 
 
@@ -523,7 +525,8 @@ def write_html_report(
             '<p><input id="filter" type="search" placeholder="filter rows (e.g. a prompt word)" size="40"></p>'
             + (f'<details id="problems" open><summary class="failed">{len(unique)} problem(s): skipped or '
                f"unavailable entries</summary><ul>{problem_items}</ul></details>" if unique else "")
-            + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>')
+            + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>'
+            + dose_effects_html(layout, variant))
     atomic_write_json(out / PROBLEMS_FILE, [{"what": p.what, "name": p.name, "reason": p.reason} for p in unique])
     index_page = atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
     return HtmlExport(index=index_page, channels=exported, problems=unique)

@@ -48,6 +48,7 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
+from ddr_core.dose_response_view import render_dose_response
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 from ddr_core.markdown_text import escape_markdown
@@ -504,13 +505,16 @@ def main() -> None:
         st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")
         st.altair_chart(max_activation_chart(shard, curves, current, max_height), width="stretch")
     with col_tabs:
-        tab_dreams, tab_examples, tab_priors = st.tabs(["Visualisation", "Dataset examples", "Priors"])
+        tab_dreams, tab_examples, tab_priors, tab_dose = st.tabs(
+            ["Visualisation", "Dataset examples", "Priors", "Dose-response"])
         with tab_dreams:
             render_visualisation(layout, shard, current)
         with tab_examples:
             render_examples(layout, shard, current)
         with tab_priors:
             render_priors(layout, shard)
+        with tab_dose:
+            render_dose_response(layout, variant, channel, show_image)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,19 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
             "quality_path": layout.relative(result.quality_path) if result.quality_path else None}
 
 
+def _stage_dose_response_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
+    """``ddr_core.dose_response.dose_response_for_variant``; args: ``variant``, ``channels``, ``config``."""
+    from ddr_core.dose_response import DoseResponseConfig, dose_response_for_variant
+
+    project, layout = _context(request)
+    config = DoseResponseConfig.model_validate(request.args.get("config", {}))
+    result = dose_response_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
+                                       resolve_device(request.device), log=log)
+    return {"out_dir": layout.relative(result.out_dir), "done": result.done, "resumed": result.resumed,
+            "skipped": {str(k): v for k, v in result.skipped.items()}, "seconds": result.seconds,
+            "images": result.images}
+
+
 # ------------------------------------------------------------------------------------------- split
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
@@ -218,6 +231,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("capture_group", _stage_capture_group, _split_capture, _merge_capture),
     StageSpec("priors_for_variant", _stage_priors_for_variant, _split_channels, _merge_priors),
     StageSpec("dreams_for_variant", _stage_dreams_for_variant, _split_channels, _merge_dreams),
+    StageSpec("dose_response_for_variant", _stage_dose_response_for_variant, _split_channels, _merge_priors),
 )}
 
 
