@@ -498,7 +498,9 @@ def summarise_dose_response(out_dir: str | Path, data_root: str | Path, variant:
     with_concept = (sorted({int(c) for c in grid.filter(pl.col("concept_prob").is_not_null())["channel"].to_list()})
                     if grid.height else [])
     summary = {"format": FORMAT, "variant": variant, "channels": channels, "channels_with_concept": with_concept,
-               "generations": grid.height, "effects": effects.to_dicts()}
+               "generations": grid.height,
+               "effects": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+                           for row in effects.to_dicts()]}
     atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 

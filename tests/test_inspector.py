@@ -119,7 +119,7 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.session_state["timestep"] == 501
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Dose-response"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
@@ -323,7 +323,7 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     assert peak_buttons, "the channel has activity peaks"
     at = _run(peak_buttons[-1].click())
     assert at.session_state["timestep"] == at.number_input(key="timestep_input").value
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Dose-response"]
     assert len(at.tabs[1].get("image")) > 0  # dataset examples: generated images with prompts
     dreamed = results[("dreams", "tiny-raw:0-15")]["channels_done"]
     assert dreamed >= 1
@@ -400,3 +400,23 @@ def test_a_malformed_dagster_url_is_not_made_a_link(toy, monkeypatch: pytest.Mon
     live = [m for _, source in _markdown_sources(at) for m in live_markup(source)]
     assert [m for m in live if "attacker" in m or "javascript" in m] == []
     assert any("DDR_DAGSTER_URL is not a plain" in text for text in _texts(at.sidebar.warning))
+
+
+def test_dose_response_tab(toy) -> None:
+    """The channel's steering grid (images by window and strength, means) and the variant's causal-test effects;
+    the concept label (hostile text) shows as plain text."""
+    from tests.dose_data import HOSTILE_CONCEPT, write_dose_grid
+
+    at = _app()
+    assert [t.label for t in at.tabs][-1] == "Dose-response"
+    assert any("No dose-response grid" in text for text in _texts(at.tabs[3].info))
+    write_dose_grid(toy.layout, VARIANT, at.selectbox(key="channel").value)
+    at = _run(at)
+    tab = at.tabs[3]
+    assert len(tab.get("image")) == 7  # unsteered + 3 windows x 2 strengths, first seed
+    texts = _texts(tab.text)
+    assert any(HOSTILE_CONCEPT in text and "inside window t=400..600" in text for text in texts)
+    assert any("Causal test over the variant's 1 channel(s)" in text for text in texts)
+    effects = tab.dataframe[1].value
+    row = effects[(effects["contrast"] == "inside-outside") & (effects["metric"] == "concept_prob")].iloc[0]
+    assert row["difference"] == "0.700" and row["channels up"] == "1/1"
