@@ -186,6 +186,17 @@ def _merge_priors(request: StageRequest, results: list[dict[str, Any]]) -> dict[
             "seconds": max(r["seconds"] for r in results), "images": sum(r["images"] for r in results)}
 
 
+def _merge_dose_response(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The priors' merge, after pooling every rank's channels once more (a rank summarises only what it saw)."""
+    from ddr_core.dose_response import DoseResponseConfig, summarise_dose_response
+
+    _, layout = _context(request)
+    config = DoseResponseConfig.model_validate(request.args.get("config", {}))
+    summarise_dose_response(layout.data_root / results[0]["out_dir"], layout.data_root, request.args["variant"],
+                            seed=config.random_seed)
+    return _merge_priors(request, results)
+
+
 def _merge_dreams(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
     from ddr_core.dreams import QUALITY_FILE, write_quality_table
 
@@ -231,7 +242,8 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("capture_group", _stage_capture_group, _split_capture, _merge_capture),
     StageSpec("priors_for_variant", _stage_priors_for_variant, _split_channels, _merge_priors),
     StageSpec("dreams_for_variant", _stage_dreams_for_variant, _split_channels, _merge_dreams),
-    StageSpec("dose_response_for_variant", _stage_dose_response_for_variant, _split_channels, _merge_priors),
+    StageSpec("dose_response_for_variant", _stage_dose_response_for_variant, _split_channels,
+              _merge_dose_response),
 )}
 
 

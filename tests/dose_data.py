@@ -9,7 +9,13 @@ import numpy as np
 import polars as pl
 from PIL import Image
 
-from ddr_core.dose_response import GRID_SCHEMA, RECORD_FILE, channel_folder, grid_cells, summarise_dose_response
+from ddr_core.dose_response import (
+    GRID_SCHEMA,
+    RECORD_FILE,
+    channel_folder,
+    grid_cells,
+    summarise_dose_response,
+)
 
 HOSTILE_CONCEPT = "colour=<b>red</b> [x](http://e.example)"
 

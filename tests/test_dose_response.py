@@ -264,3 +264,40 @@ def test_effects_null_is_not_significant():
     row = dose_effects(noisy, resamples=500).filter(
         (pl.col("metric") == "concept_prob") & (pl.col("contrast") == "inside-outside")).row(0, named=True)
     assert row["low"] < 0 < row["high"] and row["p_value"] > 0.05
+
+
+# --- the asset on the tiny model's graph ---------------------------------------------------------------
+
+
+def test_asset_on_the_tiny_graph(tiny_graph, tmp_path):
+    """``dose_response`` materializes a block's chosen channels (tiny model: no concepts, activation only),
+    records its lineage and pools the variant's effects into its metadata and summary."""
+    import shutil
+
+    import dagster as dg
+
+    from ddr_core.dose_response import read_dose_response
+    from ddr_core.paths import DataLayout
+    from ddr_core.records import read_record
+    from tests.tiny_graph import materialize, metadata, step_error
+
+    source, _, _ = tiny_graph
+    data_root = tmp_path / "root"
+    shutil.copytree(source, data_root)
+    config = {"channels": [0, 1], "seeds": [11, 12], "strength_multiples": [1.0], "num_inference_steps": 8,
+              "window_half_width": 150}
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize("dose_response", "tiny-raw:0-15", data_root, instance, config)
+        assert result.success, step_error(result)
+        meta = metadata(result, "dose_response")
+    layout = DataLayout(data_root)
+    # a channel without an activity peak is skipped; each done one: 4 cells (unsteered, 3 windows x 1) x 2 seeds
+    assert meta["channels_done"] >= 1 and meta["channels_done"] + meta["channels_skipped"] == 2
+    assert meta["generations"] == 8 * meta["channels_done"]
+    assert "inside\\-outside" in meta["effects_tiny-raw"]  # Markdown, the data escaped
+    record = read_record(layout.records_dir, "dose_response", "tiny-raw:0-15")
+    assert "timestep_stats/tiny-raw" in record["upstream"] and record["outputs"]["channels"] == [0, 1]
+    effects, cells, summary = read_dose_response(layout.stage_dir("dose_response", "tiny-raw"))
+    assert len(summary["channels"]) == meta["channels_done"] and summary["channels_with_concept"] == []
+    assert set(effects["metric"].to_list()) == {"activation_rel"} and cells.height == 4
+    assert (layout.stage_dir("dose_response", "tiny-raw") / "contact_sheet.png").is_file()
