@@ -135,3 +135,33 @@ def dose_effects_html(layout: Any, variant: str) -> str:
     return (f"<h2>Steering dose-response: the causal test ({len(found[2]['channels'])} channel(s))</h2>"
             "<p>Difference of means (95% bootstrap over channels, one-sided sign-flip p over channel means).</p>"
             + _table(effect_lines(found[0])))
+
+
+# --- the demo's last lines ---------------------------------------------------------------------------------
+
+
+def dose_response_lines(layout: Any, variants: list[str]) -> list[str]:
+    """Per variant with a summarised grid: the causal test's contrasts of the concept probability (and of the
+    re-measured activation where no channel has a concept), each strength with its interval and p-value."""
+    from ddr_core.dose_response import read_dose_response
+
+    lines: list[str] = []
+    for variant in variants:
+        found = read_dose_response(layout.stage_dir(STAGE, variant))
+        if found is None or found[0].height == 0:
+            continue
+        effects, _, summary = found
+        if not lines:
+            lines.append("Steering dose-response (dose_response; difference of means [95% bootstrap over channels], "
+                         "one-sided sign-flip p, uncorrected):")
+        metric = "concept_prob" if summary.get("channels_with_concept") else "activation_rel"
+        what = "concept probability" if metric == "concept_prob" else "activation / peak max"
+        n = len(summary.get("channels_with_concept") or summary["channels"])
+        lines.append(f"  dose-response {variant}: {what}, {n} channel(s)")
+        for contrast in ("inside-outside", "inside-none", "outside-none", "all-none"):
+            rows = effects.filter((pl.col("metric") == metric) & (pl.col("contrast") == contrast)).sort("multiple")
+            parts = [f"x{r['multiple']:g} {r['value']:+.3f} [{_fmt(r['low'], 3)}, {_fmt(r['high'], 3)}] "
+                     f"p {_fmt(r['p_value'], 4)}" for r in rows.iter_rows(named=True)]
+            if parts:
+                lines.append(f"    {contrast}: " + "; ".join(parts))
+    return lines

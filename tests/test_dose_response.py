@@ -301,3 +301,40 @@ def test_asset_on_the_tiny_graph(tiny_graph, tmp_path):
     assert len(summary["channels"]) == meta["channels_done"] and summary["channels_with_concept"] == []
     assert set(effects["metric"].to_list()) == {"activation_rel"} and cells.height == 4
     assert (layout.stage_dir("dose_response", "tiny-raw") / "contact_sheet.png").is_file()
+
+
+def test_priors_accept_the_activity_window_mode(stats):
+    from ddr_core.priors import PriorsConfig
+    from ddr_core.priors import steering_schedule as priors_schedule
+
+    assert PriorsConfig(timesteps="activity_window").timesteps == "activity_window"
+    assert priors_schedule is steering_schedule  # one schedule, in ddr_core.steering
+    with pytest.raises(ValueError, match="unknown timesteps mode"):
+        steering_schedule(stats, [5], "peaks", 1.0)
+
+
+def test_view_windows_match_the_stage():
+    from ddr_core import dose_response, dose_response_view
+
+    assert dose_response_view.WINDOWS == dose_response.WINDOWS
+
+
+def test_demo_lines_report_the_contrasts(tmp_path):
+    from ddr_core.dose_response_view import dose_response_lines
+    from ddr_core.paths import DataLayout
+    from tests.dose_data import write_dose_grid
+
+    layout = DataLayout(tmp_path)
+    assert dose_response_lines(layout, ["v"]) == []
+    write_dose_grid(layout, "v", 3)
+    lines = dose_response_lines(layout, ["v", "other"])
+    assert lines[1] == "  dose-response v: concept probability, 1 channel(s)"
+    assert lines[2] == "    inside-outside: x1 +0.700 [-, -] p 0.5000; x2 +0.700 [-, -] p 0.5000"
+    assert lines[3].startswith("    inside-none: x1 +0.700")
+
+
+def test_the_demo_runs_it_after_the_concepts_and_before_the_report():
+    from dagster_project.demo import demo_plan
+
+    names = [name for name, _ in demo_plan(["toy-raw"])]
+    assert names.index("feature_concepts") < names.index("dose_response") < names.index("html_export")
