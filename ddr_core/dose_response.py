@@ -244,6 +244,9 @@ def run_dose_response(
         folder = channel_folder(out_dir, channel)
         folder.mkdir(parents=True, exist_ok=True)
         remove_temp_files(folder, recursive=False)
+        (folder / RECORD_FILE).unlink(missing_ok=True)  # redone with other settings: unfinished until written
+        for stale in folder.glob("*.png"):  # another grid's cells (other strengths / seeds)
+            stale.unlink()
         rows = []
         for c, ((window, multiple), chosen, table) in enumerate(zip(cells, windows, tables, strict=True)):
             steered = sum(1 for t in timesteps if float(table[t]) != 0.0)

@@ -338,3 +338,12 @@ def test_the_demo_runs_it_after_the_concepts_and_before_the_report():
 
     names = [name for name, _ in demo_plan(["toy-raw"])]
     assert names.index("feature_concepts") < names.index("dose_response") < names.index("html_export")
+
+
+def test_a_rerun_with_other_settings_redoes_the_channel_and_drops_its_old_cells(stats, tmp_path):
+    _, first, out = _run(stats, tmp_path)
+    assert (out / "channel_00005" / "inside_x0.5_seed3.png").is_file()
+    result, grid, _ = _run(stats, tmp_path, strength_multiples=[3.0])
+    assert result.done == [5] and sorted(set(grid["multiple"].to_list())) == [0.0, 3.0]
+    assert not (out / "channel_00005" / "inside_x0.5_seed3.png").exists()
+    assert len(list((out / "channel_00005").glob("*.png"))) == grid.height
