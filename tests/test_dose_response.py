@@ -347,3 +347,31 @@ def test_a_rerun_with_other_settings_redoes_the_channel_and_drops_its_old_cells(
     assert result.done == [5] and sorted(set(grid["multiple"].to_list())) == [0.0, 3.0]
     assert not (out / "channel_00005" / "inside_x0.5_seed3.png").exists()
     assert len(list((out / "channel_00005").glob("*.png"))) == grid.height
+
+
+def test_the_ranks_merge_pools_every_ranks_channels(tmp_path):
+    """Two ranks each summarise what they saw; rank 0's merge summarises the union once more."""
+    import json
+
+    from ddr_core.dose_response import SUMMARY_FILE
+    from ddr_core.paths import DataLayout
+    from ddr_core.stages import STAGES, StageRequest
+    from tests.dose_data import write_dose_grid
+
+    layout = DataLayout(tmp_path)
+    write_dose_grid(layout, "v", 3)
+    write_dose_grid(layout, "v", 4)
+    out = layout.stage_dir("dose_response", "v")
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    (out / SUMMARY_FILE).write_text(json.dumps({**summary, "channels": [3]}))  # a rank that finished first
+    request = StageRequest(stage="dose_response_for_variant", args={"variant": "v", "config": {}},
+                           data_root=str(tmp_path), experiment="default",
+                           config_path=str(Path(__file__).resolve().parents[1] / "config" / "ddr.yaml"),
+                           device="cpu", invocation_id="x", processes=2)
+    relative = layout.relative(out)
+    results = [{"out_dir": relative, "done": [3], "resumed": [], "skipped": {}, "seconds": 1.0, "images": 14},
+               {"out_dir": relative, "done": [4], "resumed": [], "skipped": {"9": "no activity peak"}, "seconds": 2.0,
+                "images": 14}]
+    merged = STAGES["dose_response_for_variant"].merge(request, results)
+    assert merged["done"] == [3, 4] and merged["images"] == 28 and merged["skipped"] == {"9": "no activity peak"}
+    assert json.loads((out / SUMMARY_FILE).read_text())["channels"] == [3, 4]
