@@ -299,7 +299,7 @@ def paired_differences(grid: pl.DataFrame, metric: str, a: str, b: str, multiple
     if a == b:
         raise ValueError(f"a contrast needs two different windows, got {a!r} twice")
     joined = side(a).join(side(b), on=["channel", "seed"]).drop_nulls()
-    return joined.select("channel", "seed", (pl.col(a) - pl.col(b)).alias("diff"))
+    return joined.select("channel", "seed", (pl.col(a) - pl.col(b)).alias("diff")).sort("channel", "seed")
 
 
 def dose_effects(grid: pl.DataFrame, *, level: float = 0.95, resamples: int = 2000, permutations: int = 10000,
@@ -319,7 +319,7 @@ def dose_effects(grid: pl.DataFrame, *, level: float = 0.95, resamples: int = 20
                 diffs = paired_differences(grid, metric, a, b, multiple)
                 if diffs.height == 0:
                     continue
-                means = diffs.group_by("channel").agg(pl.col("diff").mean())["diff"].to_list()
+                means = diffs.group_by("channel").agg(pl.col("diff").mean()).sort("channel")["diff"].to_list()
                 low, high = cluster_bootstrap(diffs["diff"].to_list(), diffs["channel"].to_list(), level=level,
                                               resamples=resamples, seed=seed)
                 rows.append({"metric": metric, "contrast": f"{a}-{b}", "multiple": multiple,

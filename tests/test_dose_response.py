@@ -375,3 +375,14 @@ def test_the_ranks_merge_pools_every_ranks_channels(tmp_path):
     merged = STAGES["dose_response_for_variant"].merge(request, results)
     assert merged["done"] == [3, 4] and merged["images"] == 28 and merged["skipped"] == {"9": "no activity peak"}
     assert json.loads((out / SUMMARY_FILE).read_text())["channels"] == [3, 4]
+
+
+def test_effects_do_not_depend_on_row_order():
+    """The Monte Carlo sign-flip p pairs its sign draws with channels in channel order (not hash order)."""
+    rng = np.random.default_rng(1)
+    grid = _synthetic_grid(0.5, 0.5, channels=16, seeds=2)
+    grid = grid.with_columns(pl.Series("concept_prob", rng.normal(0.05, 0.2, grid.height)))
+    first = dose_effects(grid, resamples=200, permutations=2000)
+    for seed in range(5):
+        shuffled = grid.sample(fraction=1.0, shuffle=True, seed=seed)
+        assert dose_effects(shuffled, resamples=200, permutations=2000).equals(first)
