@@ -6,7 +6,7 @@
     values (default 2000 x 50 x 128 = 12.8 M), written with ``ActivationStore.write_batch``, computed
     with a DuckDB ``memory_limit``; target: peak RSS within 4 GiB.
 
-Peak RSS is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child (KiB on Linux). Prints a table;
+Peak RSS is the child's own ``VmHWM`` (:mod:`child_rss`). Prints a table;
 exits non-zero if a target is missed.
 
     .venv/bin/python benchmarks/bench_memory.py
@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import PEAK_RSS_FUNCTION  # noqa: E402
+
 GIB = 1024**3
 
 CAPTURE_CHILD = textwrap.dedent("""
@@ -39,14 +42,14 @@ CAPTURE_CHILD = textwrap.dedent("""
     images = -(-generations // len(prompts))
     prompts = prompts[: -(-generations // images)]
     pipe = load_pipeline(model_dir)
-    rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_loaded = peak_rss()
     result = run_capture(pipe, TINY_TARGET_LAYER, {"raw": RawChannels(None).reduce}, prompts, root, root.parent,
                          CaptureConfig(num_images_per_prompt=images, batch_size=4, num_inference_steps=steps,
                                        seed=0))
     print(json.dumps({"generations": result.summary["generations"], "seconds": result.seconds,
                       "rss_after_load": rss_loaded,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-""")
+                      "peak_rss": peak_rss()}))
+""").replace("model_dir, root,", PEAK_RSS_FUNCTION + "model_dir, root,", 1)
 
 STORE_CHILD = textwrap.dedent("""
     import sys
@@ -75,8 +78,8 @@ STATS_CHILD = textwrap.dedent("""
                                      duckdb_memory_limit=limit)
     print(json.dumps({"seconds": time.monotonic() - start, "generations": summary.n_generations,
                       "active_channels": summary.active_channel_count,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
-""")
+                      "peak_rss": peak_rss()}))
+""").replace("root, out, limit,", PEAK_RSS_FUNCTION + "root, out, limit,", 1)
 
 
 def _child(script: str, *args: object) -> dict:

@@ -13,7 +13,7 @@ values in ``[0, 1)`` and planted answers:
 
 The store is written once at full size; the 1/8 and 1/2 scales are stores made of its first finished
 batches (hard links, then ``finalize``). Each scale runs ``compute_timestep_stats`` in a fresh subprocess
-whose peak RSS (``ru_maxrss``) is measured, after a read-only pass over the dense files that measures the
+whose peak RSS (its own ``VmHWM``, :mod:`child_rss`) is measured, after a read-only pass over the dense files that measures the
 store's read throughput (page cache as the write left it: warm when the store fits in free memory). Prints
 per scale the time, peak RSS and throughput, then the ratios against the smallest scale; checks the planted answers at every scale and
 (with ``--check-ratios``) memory flatness. Also prints the store's bytes per generation by part and the
@@ -43,6 +43,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from child_rss import PEAK_RSS_FUNCTION  # noqa: E402
+
 MIB = 2**20
 VARIANT = "sae"
 PLANTED_BASE = 10.0  # value of a planted channel at its timestep in every generation
@@ -125,8 +128,10 @@ STATS_CHILD = textwrap.dedent("""
     print(json.dumps({"seconds": time.monotonic() - start, "generations": summary.n_generations,
                       "read_seconds": read_seconds, "values": values, "dense_bytes": dense_bytes,
                       "chunk_generations": plan.chunk_generations,
-                      "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+                      "peak_rss": peak_rss()}))
 """)
+STATS_CHILD = STATS_CHILD.replace("store = ActivationStore(root)", PEAK_RSS_FUNCTION + "store = ActivationStore(root)", 1)
+assert "def peak_rss" in STATS_CHILD
 
 
 def run_stats(store: Path, out: Path, top_k: int, budget_mib: int) -> dict:

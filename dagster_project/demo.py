@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from ddr_assets.partitions import block_key, parse_block_key, project
+from ddr_core.dose_response_view import dose_response_lines
 from ddr_resources.resources import ComputeResource, DdrStorage
 
 # Run config of the demo: a fixed seed so two demos give the same pictures.
@@ -31,7 +32,7 @@ DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
     "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
                                   "batch_size": 36}},
 }
-# Plots run on the first channel block of each variant (every block: --all-blocks). Priors and dreams run on
+# Plots run on the first channel block of each variant (every block: --all-blocks). Priors, dreams and dose_response run on
 # DEMO_CHANNELS channels per variant: for a variant with ground truth, the channels significantly selective for
 # a concept (scored first, BH q < alpha) with the lowest q; otherwise the first channels (every channel of every
 # block: --all-blocks).
@@ -66,6 +67,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("representation_shards", blocks),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
         ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
+        ("dose_response", few),  # after feature_concepts: it measures the concepts' probabilities
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
 
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                 chosen[variant], why = visualised_channels(storage.layout, variant)
                 print(f"  priors and dreams of {variant}: {why}: {chosen[variant]}")
                 keys += demo_blocks_of(variant, chosen[variant])
-        if asset_name == "dreams" and not args.all_blocks:
+        if asset_name in ("dreams", "dose_response") and not args.all_blocks:
             keys = [key for variant in variants for key in demo_blocks_of(variant, chosen[variant])]
         if asset_name == "heatmaps" and not args.all_blocks:
             keys = [key for variant in variants
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.monotonic()
             op_config = {**DEMO_RUN_CONFIG.get(asset_name, {}),
                          **DEMO_MODEL_RUN_CONFIG.get(_model_of(asset_name, key), {}).get(asset_name, {})}
-            if asset_name in ("priors", "dreams") and not args.all_blocks:
+            if asset_name in ("priors", "dreams", "dose_response") and not args.all_blocks:
                 variant, first, last = parse_block_key(key)
                 op_config["channels"] = [c for c in chosen[variant] if first <= c <= last]
             if asset_name == "heatmaps" and not args.all_blocks:
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
-    for line in ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants):
+    for line in (ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants)
+                 + dose_response_lines(layout, variants)):
         print(line)
     for line in heatmap_lines(layout, variants):
         print(line)

@@ -35,10 +35,14 @@ ground_truth_job = _job("score_ground_truth", ("feature_concepts", "visual_bench
                         "Concept scores and the visualisation benchmark of one labelled variant (partition = variant).")
 heatmaps_job = _job("map_heatmaps", ("heatmaps",), "Spatial heatmaps of channel blocks' top dataset examples "
                     "(partition = '<variant>:<first>-<last>').")
+dose_response_job = _job("steering_dose_response", ("dose_response",),
+                         "Steering dose-response x timestep windows of channel blocks (partition = "
+                         "'<variant>:<first>-<last>'; run feature_concepts of a labelled variant first).")
 html_export_job = _job("export_html", ("html_export",), "The static HTML report of one variant (partition = variant).")
 
 JOBS = [provision_models_job, provision_saes_job, provision_prompts_job, activations_job, timestep_stats_job,
-        channel_block_job, no_noise_dreams_job, dream_sweeps_job, ground_truth_job, html_export_job, heatmaps_job]
+        channel_block_job, no_noise_dreams_job, dream_sweeps_job, ground_truth_job, html_export_job, heatmaps_job,
+        dose_response_job]
 
 
 def job_of_asset(asset: str) -> str:

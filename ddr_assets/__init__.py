@@ -3,6 +3,7 @@
 from ddr_assets.activations import activations
 from ddr_assets.activity_plots import activity_plots
 from ddr_assets.cfg_contrast import cfg_contrast
+from ddr_assets.dose_response import dose_response
 from ddr_assets.dreams import dreams, dreams_no_noise
 from ddr_assets.feature_concepts import feature_concepts
 from ddr_assets.heatmaps import heatmaps
@@ -15,4 +16,4 @@ from ddr_assets.visual_benchmark import visual_benchmark
 
 ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, cfg_contrast, activity_plots, priors, dreams, dreams_no_noise,
               representation_shards, html_export, dream_sweeps, feature_concepts,
-              visual_benchmark, heatmaps]
+              visual_benchmark, heatmaps, dose_response]

@@ -36,6 +36,7 @@ import numpy as np
 from ddr_core.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from ddr_core.channel_store import channel_file
 from ddr_core.column_help import column_help
+from ddr_core.dose_response_view import dose_effects_html, dose_response_html
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.heatmap_view import heatmaps_html
 from ddr_core.paths import DataLayout, resolve_inside, shown
@@ -348,6 +349,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
     sections = [("dreams", "Deep dreams", _dreams_html(shard, files)),
                 ("where", "Where it fires", heatmaps_html(layout, variant, channel, files.img)),  # heatmap_view.py
                 ("priors", "Priors", _priors_html(shard, files)),
+                ("dose", "Steering dose-response", dose_response_html(layout, variant, channel, files)),  # its view
                 ("cfg", "Conditional vs unconditional", cfg_contrast_section(layout, variant, channel, total)),
                 ("examples", "Dataset examples", _examples_html(shard, files))]
     body.append('<nav class="contents">On this page: '
@@ -576,7 +578,8 @@ def write_html_report(
             + (f'<details id="problems" open><summary class="failed">{len(unique)} problem(s): skipped or '
                f"unavailable entries</summary><ul>{problem_items}</ul></details>" if unique else "")
             + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>'
-            + f'<details id="columns"><summary>What the columns mean</summary><dl>{columns}</dl></details>')
+            + f'<details id="columns"><summary>What the columns mean</summary><dl>{columns}</dl></details>'
+            + dose_effects_html(layout, variant))
     atomic_write_json(out / PROBLEMS_FILE, [{"what": p.what, "name": p.name, "reason": p.reason} for p in unique])
     index_page = atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
     return HtmlExport(index=index_page, channels=exported, problems=unique)

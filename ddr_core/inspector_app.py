@@ -49,6 +49,7 @@ import pandas as pd
 import streamlit as st
 
 from ddr_core.column_help import COLUMN_HELP
+from ddr_core.dose_response_view import render_dose_response
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concepts
 from ddr_core.heatmap_view import render_inspector as render_heatmaps
@@ -560,8 +561,9 @@ def main() -> None:
         st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")
         st.altair_chart(max_activation_chart(shard, curves, current, max_height), width="stretch")
     with col_tabs:
-        tab_dreams, tab_examples, tab_priors, tab_where, tab_cfg = st.tabs(
-            ["Visualisation", "Dataset examples", "Priors", "Where it fires", "Text vs image (CFG halves)"])
+        tab_dreams, tab_examples, tab_priors, tab_where, tab_dose, tab_cfg = st.tabs(
+            ["Visualisation", "Dataset examples", "Priors", "Where it fires", "Dose-response",
+             "Text vs image (CFG halves)"])
         with tab_dreams:
             render_visualisation(layout, shard, current)
         with tab_examples:
@@ -570,6 +572,8 @@ def main() -> None:
             render_priors(layout, shard)
         with tab_where:  # spatial heatmaps (ddr_core/heatmap_view.py)
             render_heatmaps(layout, variant, channel, show_image)
+        with tab_dose:  # steering dose-response (ddr_core/dose_response_view.py)
+            render_dose_response(layout, variant, channel, show_image)
         with tab_cfg:
             render_cfg_contrast(layout, variant, channel)
 

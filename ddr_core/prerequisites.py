@@ -28,12 +28,12 @@ Need = tuple[str, str]
 """``(asset, partition key)``."""
 
 PROVISIONING_ASSETS = ("models", "saes", "prompt_datasets")
-BLOCK_ASSETS = ("activity_plots", "priors", "dreams", "dreams_no_noise", "representation_shards", "heatmaps")
+BLOCK_ASSETS = ("activity_plots", "priors", "dreams", "dreams_no_noise", "representation_shards", "heatmaps",
+                "dose_response")
 # The order a plan runs in (every asset after all it may read).
 STAGE_ORDER = ("models", "saes", "prompt_datasets", "activations", "timestep_stats", "cfg_contrast", "activity_plots",
                "priors", "dreams", "dreams_no_noise", "heatmaps", "representation_shards", "feature_concepts",
-               "visual_benchmark",
-               "html_export")
+               "visual_benchmark", "dose_response", "html_export")
 # Which partitions definition an asset has: assets of one kind can share a `dagster asset materialize`.
 PARTITION_KIND = {"models": "model", "saes": "sae", "prompt_datasets": "prompt_dataset", "activations": "capture",
                   "timestep_stats": "variant", "cfg_contrast": "variant", "html_export": "variant", "feature_concepts": "labelled_variant",
@@ -54,7 +54,8 @@ def direct_requirements(project: ProjectConfig, asset: str, key: str, *, use_pri
         return [("models", model), *[("saes", s) for s in dict.fromkeys(saes)], ("prompt_datasets", prompts)]
     if asset in ("timestep_stats", "cfg_contrast"):
         return [("activations", project.capture_of(key))]
-    if asset in ("activity_plots", "priors", "representation_shards", "html_export", "feature_concepts", "heatmaps"):
+    if asset in ("activity_plots", "priors", "representation_shards", "html_export", "feature_concepts", "heatmaps",
+                 "dose_response"):
         return [("timestep_stats", block_variant(key))]
     if asset in ("dreams", "dreams_no_noise"):
         return [("timestep_stats", block_variant(key))] + ([("priors", key)] if use_prior else [])

@@ -23,7 +23,10 @@ the generation runs on its own scheduler timesteps. The mapping:
      the rows of ``active_timesteps.parquet``);
    - ``all_timesteps``: every train timestep;
    - ``activity_peaks``: for each of the channel's peaks (``activity_peaks.parquet``, up to
-     ``top_peak_count``), the *scheduler* timestep nearest the peak (ties to the larger timestep).
+     ``top_peak_count``), the *scheduler* timestep nearest the peak (ties to the larger timestep);
+   - ``activity_window``: every train timestep within 100 of the channel's highest peak
+     (:func:`ddr_core.steering.activity_window`; the schedule lives in :mod:`ddr_core.steering`, shared with
+     the ``dose_response`` stage).
 
 3. :func:`ddr_core.hooks.steer_layer` reads the table at the current scheduler timestep, so a
    scheduler timestep is steered iff it is selected. With the capture's scheduler and step count
@@ -92,11 +95,15 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
     stage_locks_dir,
 )
 from ddr_core.paths import check_output_folder, relative_to_data_root
-from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
+from ddr_core.statistics import read_summary
+from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSelection re-exported
+    TimestepSelection,
+    check_stats_channels,
+    steering_schedule,
+)
 from ddr_core.variant_inputs import channel_list, check_channels, load_variant_model, select_variant_channels
 
 LogFn = Callable[[str], None]
-TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks"]
 
 FORMAT = "ddr.priors/1"
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
@@ -155,22 +162,11 @@ class PriorsConfig(BaseModel):
 # --------------------------------------------------------------------------------------------------
 
 
-def _stats_width(summary: dict[str, Any], stats_dir: Path, channels: list[int]) -> int:
-    width = int(summary["width"])
-    bad = [c for c in channels if not 0 <= c < width]
-    if bad:
-        raise ValueError(
-            f"channel(s) {bad} are out of range: the timestep statistics in {stats_dir} cover "
-            f"channels 0..{width - 1}"
-        )
-    return width
-
-
 def channel_is_active(stats_dir: str | Path, channels: Sequence[int]) -> np.ndarray:
     """``(len(channels),)`` bool: whether each channel has any active timestep in the statistics."""
     stats_dir = Path(stats_dir)
     channels = channel_list(channels)
-    _stats_width(read_summary(stats_dir), stats_dir, channels)
+    check_stats_channels(read_summary(stats_dir), stats_dir, channels)
     active = set(
         pl.scan_parquet(stats_dir / "active_timesteps.parquet")
         .filter(pl.col("channel").is_in(channels))
@@ -179,104 +175,6 @@ def channel_is_active(stats_dir: str | Path, channels: Sequence[int]) -> np.ndar
         .to_list()
     )
     return np.array([c in active for c in channels], dtype=bool)
-
-
-def steering_schedule(
-    stats_dir: str | Path,
-    channels: Sequence[int],
-    mode: TimestepSelection,
-    scale: float,
-    num_train_timesteps: int = 1000,
-    *,
-    scheduler_timesteps: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Steering strengths ``(len(channels), num_train_timesteps)`` float32 from the statistics tables.
-
-    Entry ``[i, t]`` is ``scale * max_activation(channels[i], t)`` (interpolated onto every train
-    timestep, see the module docstring) where ``t`` is selected by ``mode`` and 0 elsewhere. Only the
-    rows of ``channels`` are read from ``max_activation.parquet``, ``active_timesteps.parquet`` and
-    ``activity_peaks.parquet``.
-
-    Args:
-        stats_dir: a finished timestep statistics folder (``summary.json`` present).
-        channels: channel indices (raw channels or SAE features of the variant).
-        mode: ``"active_timesteps"``, ``"all_timesteps"`` or ``"activity_peaks"``.
-        scale: multiplier of the max activation.
-        num_train_timesteps: the scheduler's train timesteps; must equal the statistics' profile length.
-        scheduler_timesteps: the generation's scheduler timesteps, used by ``activity_peaks`` to pick
-            the one nearest each peak; ``None`` means the statistics' observed timesteps.
-
-    Raises:
-        ValueError: an unknown mode, a channel outside the statistics' width, or a profile length
-            other than ``num_train_timesteps``.
-    """
-    if mode not in ("active_timesteps", "all_timesteps", "activity_peaks"):
-        raise ValueError(
-            f"unknown timesteps mode {mode!r}; use 'active_timesteps', 'all_timesteps' or 'activity_peaks'"
-        )
-    stats_dir = Path(stats_dir)
-    summary = read_summary(stats_dir)
-    channels = channel_list(channels)
-    _stats_width(summary, stats_dir, channels)
-    profile_length = int(summary["config"]["total_timesteps"])
-    if profile_length != num_train_timesteps:
-        raise ValueError(
-            f"the statistics in {stats_dir} were computed on {profile_length} timesteps but the scheduler "
-            f"has num_train_timesteps={num_train_timesteps}; recompute the statistics with "
-            f"total_timesteps={num_train_timesteps}"
-        )
-    observed = np.asarray(summary["timesteps"], dtype=np.int64)
-    row_of = {channel: row for row, channel in enumerate(channels)}
-    n_rows = len(channels)
-    if n_rows == 0:
-        return torch.zeros(0, num_train_timesteps)
-
-    maxima = (
-        pl.scan_parquet(stats_dir / "max_activation.parquet")
-        .filter(pl.col("channel").is_in(channels))
-        .select("channel", "timestep", "max_activation")
-        .collect()
-    )
-    column_of = {int(t): i for i, t in enumerate(observed)}
-    recorded = np.full((n_rows, observed.size), np.nan, dtype=np.float64)
-    for channel, timestep, value in maxima.iter_rows():
-        if int(timestep) in column_of:
-            recorded[row_of[int(channel)], column_of[int(timestep)]] = value
-    missing = sorted({channels[r] for r in np.nonzero(np.isnan(recorded).any(axis=1))[0]})
-    if missing:
-        raise ValueError(
-            f"max_activation.parquet in {stats_dir} lacks observed timesteps for channel(s) {missing[:10]}; "
-            "the statistics are incomplete, recompute them"
-        )
-    strengths = np.stack(
-        [interpolate_profile(observed, recorded[r], num_train_timesteps) for r in range(n_rows)]
-    ) * float(scale)
-
-    selected = np.zeros((n_rows, num_train_timesteps), dtype=bool)
-    if mode == "all_timesteps":
-        selected[:] = True
-    elif mode == "active_timesteps":
-        active = (
-            pl.scan_parquet(stats_dir / "active_timesteps.parquet")
-            .filter(pl.col("channel").is_in(channels))
-            .select("channel", "timestep")
-            .collect()
-        )
-        rows = np.array([row_of[int(c)] for c in active["channel"].to_list()], dtype=np.int64)
-        selected[rows, active["timestep"].to_numpy().astype(np.int64)] = True
-    else:
-        targets = np.asarray(
-            observed if scheduler_timesteps is None else list(scheduler_timesteps), dtype=np.int64
-        )
-        peaks = (
-            pl.scan_parquet(stats_dir / "activity_peaks.parquet")
-            .filter(pl.col("channel").is_in(channels))
-            .select("channel", "timestep")
-            .collect()
-        )
-        for channel, timestep in peaks.iter_rows():
-            selected[row_of[int(channel)], nearest_observed_timestep(targets, int(timestep))] = True
-    return torch.from_numpy(np.where(selected, strengths, 0.0).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------------

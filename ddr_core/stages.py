@@ -124,6 +124,19 @@ def _stage_heatmaps_for_variant(request: StageRequest, log: LogFn) -> dict[str, 
             "table_path": layout.relative(result.table_path) if result.table_path else None}
 
 
+def _stage_dose_response_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
+    """``ddr_core.dose_response.dose_response_for_variant``; args: ``variant``, ``channels``, ``config``."""
+    from ddr_core.dose_response import DoseResponseConfig, dose_response_for_variant
+
+    project, layout = _context(request)
+    config = DoseResponseConfig.model_validate(request.args.get("config", {}))
+    result = dose_response_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
+                                       resolve_device(request.device), log=log)
+    return {"out_dir": layout.relative(result.out_dir), "done": result.done, "resumed": result.resumed,
+            "skipped": {str(k): v for k, v in result.skipped.items()}, "seconds": result.seconds,
+            "images": result.images}
+
+
 # ------------------------------------------------------------------------------------------- split
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
@@ -187,6 +200,17 @@ def _merge_priors(request: StageRequest, results: list[dict[str, Any]]) -> dict[
             "seconds": max(r["seconds"] for r in results), "images": sum(r["images"] for r in results)}
 
 
+def _merge_dose_response(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The priors' merge, after pooling every rank's channels once more (a rank summarises only what it saw)."""
+    from ddr_core.dose_response import DoseResponseConfig, summarise_dose_response
+
+    _, layout = _context(request)
+    config = DoseResponseConfig.model_validate(request.args.get("config", {}))
+    summarise_dose_response(layout.data_root / results[0]["out_dir"], layout.data_root, request.args["variant"],
+                            seed=config.random_seed)
+    return _merge_priors(request, results)
+
+
 def _merge_dreams(request: StageRequest, results: list[dict[str, Any]]) -> dict[str, Any]:
     from ddr_core.dreams import QUALITY_FILE, write_quality_table
 
@@ -245,6 +269,9 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("priors_for_variant", _stage_priors_for_variant, _split_channels, _merge_priors),
     StageSpec("dreams_for_variant", _stage_dreams_for_variant, _split_channels, _merge_dreams),
     StageSpec("heatmaps_for_variant", _stage_heatmaps_for_variant, _split_channels, _merge_heatmaps),
+
+    StageSpec("dose_response_for_variant", _stage_dose_response_for_variant, _split_channels,
+              _merge_dose_response),
 )}
 
 

@@ -210,3 +210,24 @@ def test_hostile_prompt_is_shown_as_text_and_nothing_is_fetched(driver, tmp_path
     finally:
         attacker.server.shutdown()
         attacker.server.server_close()
+
+
+def test_html_export_dose_response_section_opens_from_disk(driver, tmp_path: Path) -> None:
+    """The channel page's steering grid and the index's causal-test table in a real browser (screenshot)."""
+    from tests.dose_data import HOSTILE_CONCEPT, write_dose_grid
+
+    toy = make_toy_data_root(tmp_path / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    write_dose_grid(toy.layout, VARIANT, 0)
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    driver.get(index.as_uri())
+    table = driver.find_element(By.CSS_SELECTOR, "table.dose")
+    assert "inside-outside" in table.text
+    driver.get((index.parent / "channels" / "channel_00000.html").as_uri())
+    section = "img[alt='dose-response image']"
+    WebDriverWait(driver, 60).until(lambda d: len(_loaded_images(d, section)) == 7)
+    assert all(width > 0 for width in _loaded_images(driver, section))
+    assert HOSTILE_CONCEPT in driver.find_element(By.TAG_NAME, "body").text  # shown as text
+    driver.execute_script("document.querySelector('table.dose').scrollIntoView();")
+    screenshot(driver, "export_dose_response.png")

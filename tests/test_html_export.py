@@ -260,3 +260,19 @@ def test_unreadable_index_and_ground_truth_tables_are_replaced_and_listed(toy, t
     report = write_html_report(toy.layout, VARIANT, tmp_path / "report2")
     assert report.channels == [0, 1, 2, 3]
     assert any("lacks the column(s)" in p.text() for p in report.problems)
+
+
+def test_export_shows_the_dose_response_grid_and_effects(toy, tmp_path: Path) -> None:
+    from tests.dose_data import HOSTILE_CONCEPT, write_dose_grid
+
+    write_dose_grid(toy.layout, VARIANT, 0)
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    text = index.read_text()
+    assert "Steering dose-response: the causal test (1 channel(s))" in text
+    assert "<td>inside-outside</td><td>x1</td><td>0.700</td>" in text
+    page = (index.parent / "channels" / "channel_00000.html").read_text()
+    assert "<h2>Steering dose-response</h2>" in page and html.escape(HOSTILE_CONCEPT) in page
+    assert HOSTILE_CONCEPT not in page  # escaped, never markup
+    assert page.count('alt="dose-response image"') == 7
+    assert "No dose-response grid" in (index.parent / "channels" / "channel_00001.html").read_text()
+    _check_self_contained(index.parent)

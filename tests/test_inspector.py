@@ -123,7 +123,7 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
     assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires",
-                                          "Text vs image (CFG halves)"]
+                                          "Dose-response", "Text vs image (CFG halves)"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
@@ -327,7 +327,8 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     assert peak_buttons, "the channel has activity peaks"
     at = _run(peak_buttons[-1].click())
     assert at.session_state["timestep"] == at.number_input(key="timestep_input").value
-    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Text vs image (CFG halves)"]
+    assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires",
+                                          "Dose-response", "Text vs image (CFG halves)"]
     assert len(at.tabs[1].get("image")) > 0  # dataset examples: generated images with prompts
     dreamed = results[("dreams", "tiny-raw:0-15")]["channels_done"]
     assert dreamed >= 1
@@ -425,7 +426,7 @@ def test_cfg_halves_tab_shows_both_halves_and_the_contrast(toy, tmp_path) -> Non
     at = _app()
     sentences = [t for t in _texts(at.text) if t.startswith("Conditional vs unconditional")]
     assert len(sentences) == 1 and "(text-driven)" in sentences[0] and "over 6 prompts" in sentences[0]
-    assert len(at.tabs[4].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4
+    assert len(at.tabs[5].get("vega_lite_chart")) == 2 and len(at.get("vega_lite_chart")) == 4
 
 
 def test_the_url_opens_a_channel_and_follows_the_page(toy) -> None:
@@ -447,3 +448,23 @@ def test_the_url_opens_a_channel_and_follows_the_page(toy) -> None:
     first.query_params.update({"variant": "nope", "channel": "999"})
     first = _settled(first.run())
     assert first.selectbox(key="variant").value == VARIANT and first.selectbox(key="channel").value == 0
+
+
+def test_dose_response_tab(toy) -> None:
+    """The channel's steering grid (images by window and strength, means) and the variant's causal-test effects;
+    the concept label (hostile text) shows as plain text."""
+    from tests.dose_data import HOSTILE_CONCEPT, write_dose_grid
+
+    at = _app()
+    assert [t.label for t in at.tabs][4] == "Dose-response"
+    assert any("No dose-response grid" in text for text in _texts(at.tabs[4].info))
+    write_dose_grid(toy.layout, VARIANT, at.selectbox(key="channel").value)
+    at = _run(at)
+    tab = at.tabs[4]
+    assert len(tab.get("image")) == 7  # unsteered + 3 windows x 2 strengths, first seed
+    texts = _texts(tab.text)
+    assert any(HOSTILE_CONCEPT in text and "inside window t=400..600" in text for text in texts)
+    assert any("Causal test over the variant's 1 channel(s)" in text for text in texts)
+    effects = tab.dataframe[1].value
+    row = effects[(effects["contrast"] == "inside-outside") & (effects["metric"] == "concept_prob")].iloc[0]
+    assert row["difference"] == "0.700" and row["channels up"] == "1/1"
