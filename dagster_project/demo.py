@@ -29,6 +29,9 @@ DEMO_RUN_CONFIG: dict[str, dict] = {
 DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
     "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
                                   "batch_size": 36}},
+    # the richer world (docs/TOY_WORLD.md): its 576 prompts once each, the capture its design fixed
+    "toy-world-rich": {"activations": {"num_images_per_prompt": 1, "guidance_scale": 3.0, "num_inference_steps": 25,
+                                       "batch_size": 64}},
 }
 # Plots run on the first channel block of each variant (every block: --all-blocks). Priors and dreams run on
 # DEMO_CHANNELS channels per variant: for a variant with ground truth, the channels significantly selective for

@@ -63,6 +63,10 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.15, 0.2), "large":
 COLOUR_RGB.update({"orange": (245, 135, 20), "purple": (140, 50, 200)})
 
 
+MODEL_WORLDS: dict[str, str] = {"toy-world": "shapes", "toy-world-rich": "shapes-rich"}
+"""A model's ``world`` in the project config -> the :data:`WORLDS` it was trained on."""
+
+
 def world_concepts(world: str = "shapes") -> dict[str, tuple[str, ...]]:
     """Concept family -> values of a world (:data:`WORLDS`).
 

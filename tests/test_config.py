@@ -87,8 +87,12 @@ def test_toy_world_entries_and_labelled_variants():
     from ddr_core.config import PROJECT_ROOT
 
     cfg = load_project_config()
-    assert cfg.labelled_variants() == ["toy-raw", "toy-sae"]
+    assert cfg.labelled_variants() == ["toy-raw", "toy-sae", "toy-rich-raw", "toy-rich-sae"]
     assert cfg.capture_groups()["toy-world"] == ["toy-raw", "toy-sae"]
+    assert cfg.capture_groups()["toy-world-rich"] == ["toy-rich-raw", "toy-rich-sae"]  # docs/TOY_WORLD.md
+    assert cfg.models["toy-world-rich"].world == "toy-world-rich"
+    assert cfg.prompt_datasets["toy-world-rich-prompts"].labels.families == [
+        "colour", "shape", "background", "size", "position"]
     assert cfg.variants["toy-raw"].width == 64 and cfg.variants["toy-sae"].width == 256
     assert cfg.variants["toy-sae"].channel_blocks()[-1] == (192, 255)
     assert cfg.models["toy-world"].concept_classifier == "concept_classifier"

@@ -193,3 +193,21 @@ def test_classifier_heads_must_be_the_worlds() -> None:
     with pytest.raises(ValueError, match="not the world's"):
         train_concept_classifier(ConceptClassifierConfig(), ClassifierTrainingConfig(steps=0, num_images=4,
                                                                                       num_eval_images=4), RICH)
+
+
+def test_rich_prompt_dataset_file_is_the_worlds_prompts_with_their_labels(tmp_path) -> None:
+    """datasets/toy-world-rich/prompts.jsonl (the toy-rich variants' prompts) is exactly what
+    `write_labelled_prompts(world_prompts("shapes-rich"), "toy-world")` writes: regenerate it that way."""
+    from ddr_core.config import PROJECT_ROOT
+    from ddr_core.feature_concepts.labels import write_labelled_prompts
+
+    expected = write_labelled_prompts(tmp_path / "prompts.jsonl", world_prompts("shapes-rich"), "toy-world")
+    shipped = PROJECT_ROOT / "datasets" / "toy-world-rich" / "prompts.jsonl"
+    assert shipped.read_bytes() == expected.read_bytes()
+
+
+def test_model_worlds_name_a_world() -> None:
+    from ddr_core.toy_world import MODEL_WORLDS, WORLDS
+
+    assert MODEL_WORLDS == {"toy-world": "shapes", "toy-world-rich": "shapes-rich"}
+    assert set(MODEL_WORLDS.values()) == set(WORLDS)
