@@ -41,7 +41,7 @@ def best_family_excess(table: pl.DataFrame, families: list[str]) -> list[float]:
     return out
 
 
-def compare(project: Any, layout: Any, raw: str, sae: str) -> dict[str, Any] | None:
+def compare(project: Any, layout: Any, raw: str, sae: str, score: bool = False) -> dict[str, Any] | None:
     from ddr_core.concept_stats import bootstrap_difference
     from ddr_core.feature_concepts import (
         FeatureConceptsConfig,
@@ -52,6 +52,11 @@ def compare(project: Any, layout: Any, raw: str, sae: str) -> dict[str, Any] | N
     )
 
     tables = {v: read_feature_concepts(feature_concepts_dir(layout, v)) for v in (raw, sae)}
+    if score and any(t is None for t in tables.values()):  # purity only, from the capture and its statistics
+        with tempfile.TemporaryDirectory() as folder:
+            config = FeatureConceptsConfig(priors=False, dreams=False)
+            tables = {v: (feature_concepts_for_variant(project, layout, v, config, out_dir=Path(folder) / v).table,)
+                      for v in (raw, sae)}
     if any(t is None for t in tables.values()):
         return None
     families = list(project.prompt_datasets[project.variants[raw].prompts].labels.families)
@@ -64,8 +69,8 @@ def compare(project: Any, layout: Any, raw: str, sae: str) -> dict[str, Any] | N
     top20 = {}
     with tempfile.TemporaryDirectory() as folder:
         for variant in (raw, sae):
-            rescored = feature_concepts_for_variant(project, layout, variant, FeatureConceptsConfig(n_examples=20),
-                                                    out_dir=Path(folder) / variant)
+            config = FeatureConceptsConfig(n_examples=20, priors=False, dreams=False)
+            rescored = feature_concepts_for_variant(project, layout, variant, config, out_dir=Path(folder) / variant)
             top20[variant] = rescored.table
     result["secondary_top20"] = basis_gap(top20[raw], top20[sae])
     return result
@@ -74,13 +79,16 @@ def compare(project: Any, layout: Any, raw: str, sae: str) -> dict[str, Any] | N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/toy_world_rich.json")
+    parser.add_argument("--score", action="store_true",
+                        help="score purity here when the demo stopped before feature_concepts (demo --until "
+                             "timestep_stats): no priors or dreams needed")
     args = parser.parse_args()
     from ddr_core.config import load_project_config
     from ddr_resources.resources import DdrStorage
 
     project = load_project_config()
     layout = DdrStorage().layout
-    results = [r for r in (compare(project, layout, raw, sae) for raw, sae in PAIRS) if r is not None]
+    results = [r for r in (compare(project, layout, raw, sae, args.score) for raw, sae in PAIRS) if r is not None]
     if not results:
         raise SystemExit(f"no feature_concepts tables of {PAIRS} under {layout.data_root}: run the demo graph first "
                          "(docs/TOY_WORLD.md, 'How to run the comparison')")

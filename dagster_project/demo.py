@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="variants to run (default: the config's default_variants)")
     parser.add_argument("--all-blocks", action="store_true",
                         help="plots, priors and dreams for every channel block (default: the first of each variant)")
+    parser.add_argument("--until", default=None, choices=[name for name, _ in demo_plan([], False)],
+                        help="stop after this stage (e.g. timestep_stats: enough for purity; docs/TOY_WORLD.md)")
     args = parser.parse_args(argv)
     variants = args.variants or project().default_variants
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
@@ -176,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
                     if event.is_failure and event.event_specific_data is not None:
                         print(getattr(event.event_specific_data, "error", event.message), file=sys.stderr)
                 return 1
+        if asset_name == args.until:
+            print(f"ddr demo stopped after {asset_name} (--until) in {time.monotonic() - start:.0f}s.")
+            return 0
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
     for line in ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants):
