@@ -88,7 +88,15 @@ def main() -> None:
 
     project = load_project_config()
     layout = DdrStorage().layout
-    results = [r for r in (compare(project, layout, raw, sae, args.score) for raw, sae in PAIRS) if r is not None]
+    results = []
+    for raw, sae in PAIRS:
+        try:
+            result = compare(project, layout, raw, sae, args.score)
+        except FileNotFoundError as error:  # that pair's capture or statistics are not in this data root
+            print(f"{sae} minus {raw}: skipped ({error})")
+            continue
+        if result is not None:
+            results.append(result)
     if not results:
         raise SystemExit(f"no feature_concepts tables of {PAIRS} under {layout.data_root}: run the demo graph first "
                          "(docs/TOY_WORLD.md, 'How to run the comparison')")
