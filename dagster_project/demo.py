@@ -31,6 +31,9 @@ DEMO_RUN_CONFIG: dict[str, dict] = {
 DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
     "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
                                   "batch_size": 36}},
+    # the richer world (docs/TOY_WORLD.md): its 576 prompts once each, the capture its design fixed
+    "toy-world-rich": {"activations": {"num_images_per_prompt": 1, "guidance_scale": 3.0, "num_inference_steps": 25,
+                                       "batch_size": 64}},
 }
 # Plots run on the first channel block of each variant (every block: --all-blocks). Priors, dreams and dose_response run on
 # DEMO_CHANNELS channels per variant: for a variant with ground truth, the channels significantly selective for
@@ -166,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true",
                         help="print every Dagster event of every run (default: warnings and errors only; the "
                              "Dagster UI keeps the full event log either way)")
+    parser.add_argument("--until", default=None, choices=[name for name, _ in demo_plan([], False)],
+                        help="stop after this stage (e.g. timestep_stats: enough for purity; docs/TOY_WORLD.md)")
     args = parser.parse_args(argv)
     if not args.verbose:
         quiet_libraries()
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     if event.is_failure and event.event_specific_data is not None:
                         print(getattr(event.event_specific_data, "error", event.message), file=sys.stderr)
                 return 1
+        if asset_name == args.until:
+            print(f"ddr demo stopped after {asset_name} (--until) in {time.monotonic() - start:.0f}s.")
+            return 0
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
     for line in (ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants)

@@ -93,17 +93,22 @@ def classifier_of(storage: DdrStorage, variant: str):
         classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
         images = load_images(layout.data_root, paths)
         frame = pl.DataFrame({"image": paths, **classify_images(classifier, images, families)})
-        if model.world == "toy-world" and images:
+        if model.world is not None and images:
             import numpy as np
 
-            from ddr_core.toy_world import ToyWorldConfig, nearest_render_rmse, reference_renders
+            from ddr_core.toy_world import (
+                MODEL_WORLDS,
+                ToyWorldConfig,
+                nearest_render_rmse,
+                reference_renders,
+            )
 
             rmse = []
             for image in images:  # renders at each image's size (one size per method in practice: cached)
                 renders = renders_of.get(image.shape[0])
                 if renders is None:
                     renders = renders_of[image.shape[0]] = reference_renders(
-                        config=ToyWorldConfig(image_size=image.shape[0]))
+                        config=ToyWorldConfig(image_size=image.shape[0], world=MODEL_WORLDS[model.world]))
                 rmse.append(float(nearest_render_rmse(np.array(image[None]), renders)[0]))
             frame = frame.with_columns(pl.Series("world_rmse", np.asarray(rmse), dtype=pl.Float64))
         return frame

@@ -177,10 +177,12 @@ def train_concept_classifier(
         raise ValueError(
             f"World image_size {world.image_size} differs from classifier image_size {config.image_size}."
         )
+    concepts = world.concepts
     for name, labels in config.heads.items():
-        if CONCEPTS.get(name) != tuple(labels):
+        if concepts.get(name) != tuple(labels):
             raise ValueError(
-                f"Head {name!r} labels {labels} are not the world's {name} labels {CONCEPTS.get(name)}."
+                f"Head {name!r} labels {labels} are not the world's {name} labels {concepts.get(name)} "
+                f"(world {world.world!r}; pass heads=ToyWorldConfig(world=...).concepts)."
             )
     started = time.perf_counter()
     data = make_dataset(training.num_images, seed=training.seed, config=world)

@@ -276,9 +276,10 @@ class ModelConfig(_Strict):
                     "enables the prior / dream agreement of feature_concepts",
     )
 
-    world: Literal["toy-world"] | None = Field(
+    world: Literal["toy-world", "toy-world-rich"] | None = Field(
         default=None,
-        description="the synthetic world the model was trained on (`toy-world`): feature_concepts also measures "
+        description="the synthetic world the model was trained on (`toy-world`, or `toy-world-rich`: "
+                    "docs/TOY_WORLD.md): feature_concepts also measures "
                     "how far each prior / dream image is from the nearest of the world's renders (recognisability)",
     )
 

@@ -6,6 +6,12 @@ Every image shows one shape (:data:`SHAPES`) in one colour (:data:`COLOURS`) on 
 (``"a red circle on a black background"``), so a model trained on the world has known concepts
 and a feature found inside it can be scored against ground truth.
 
+A second, richer world (``ToyWorldConfig(world="shapes-rich")``, :data:`RICH_CONCEPTS`) adds colours and
+a shape and names each shape's size and quadrant in the prompt
+(``"a small red circle at the top left on a black background"``): 576 prompts, 19 concept values, designed
+from a power simulation (:mod:`ddr_core.toy_training.power`, docs/TOY_WORLD.md). The original world
+(``"shapes"``) and its byte-exact draws are unchanged.
+
 Everything is deterministic: :func:`sample_scenes` draws scenes from a seeded NumPy generator and
 :func:`render_scenes` renders them with anti-aliasing by supersampling (pure NumPy, no fonts or
 image libraries), so the same seed always gives byte-identical images.
@@ -41,31 +47,72 @@ BACKGROUND_RGB: dict[str, tuple[int, int, int]] = {
 PROMPT_TEMPLATE = "a {colour} {shape} on a {background} background"
 
 CONCEPTS: dict[str, tuple[str, ...]] = {"colour": COLOURS, "shape": SHAPES, "background": BACKGROUNDS}
-"""Concept family -> its values in label-index order."""
+"""Concept family -> its values in label-index order (the ``"shapes"`` world, the shipped model's)."""
+
+WORLDS: tuple[str, ...] = ("shapes", "shapes-rich")
+RICH_COLOURS: tuple[str, ...] = (*COLOURS, "orange", "purple")
+RICH_SHAPES: tuple[str, ...] = (*SHAPES, "diamond")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right")
+RICH_CONCEPTS: dict[str, tuple[str, ...]] = {"colour": RICH_COLOURS, "shape": RICH_SHAPES,
+                                             "background": BACKGROUNDS, "size": SIZES, "position": POSITIONS}
+"""The ``"shapes-rich"`` world's families: 6 x 4 x 3 x 2 x 4 = 576 prompts (docs/TOY_WORLD.md)."""
+RICH_PROMPT_TEMPLATE = "a {size} {colour} {shape} at the {position} on a {background} background"
+SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.15, 0.2), "large": (0.25, 0.3)}
+"""Radius range (fraction of the image side) of each ``"shapes-rich"`` size; the gap keeps them apart."""
+COLOUR_RGB.update({"orange": (245, 135, 20), "purple": (140, 50, 200)})
 
 
-def world_prompts() -> tuple[str, ...]:
-    """Every prompt of the world, one per (background, colour, shape): 36 prompts."""
+MODEL_WORLDS: dict[str, str] = {"toy-world": "shapes", "toy-world-rich": "shapes-rich"}
+"""A model's ``world`` in the project config -> the :data:`WORLDS` it was trained on."""
+
+
+def world_concepts(world: str = "shapes") -> dict[str, tuple[str, ...]]:
+    """Concept family -> values of a world (:data:`WORLDS`).
+
+    Raises:
+        ValueError: an unknown world (names the known ones).
+    """
+    if world == "shapes":
+        return dict(CONCEPTS)
+    if world == "shapes-rich":
+        return dict(RICH_CONCEPTS)
+    raise ValueError(f"Unknown toy world {world!r}; expected one of {WORLDS}.")
+
+
+def world_prompts(world: str = "shapes") -> tuple[str, ...]:
+    """Every prompt of the world: 36 for ``"shapes"`` (one per background, colour, shape), 576 for
+    ``"shapes-rich"`` (background, colour, shape, size, position)."""
+    if world != "shapes":
+        world_concepts(world)
+        return tuple(
+            RICH_PROMPT_TEMPLATE.format(colour=c, shape=s, background=b, size=z, position=p)
+            for b, c, s, z, p in product(BACKGROUNDS, RICH_COLOURS, RICH_SHAPES, SIZES, POSITIONS)
+        )
     return tuple(
         PROMPT_TEMPLATE.format(colour=colour, shape=shape, background=background)
         for background, colour, shape in product(BACKGROUNDS, COLOURS, SHAPES)
     )
 
 
-def world_vocabulary() -> list[str]:
+def world_vocabulary(world: str = "shapes") -> list[str]:
     """The world's words in first-seen order over :func:`world_prompts` (the tokenizer vocabulary)."""
     from ddr_core.tokenizer import prompt_words
 
-    return prompt_words(world_prompts())
+    return prompt_words(world_prompts(world))
 
 
 def parse_prompt(prompt: str) -> dict[str, str]:
-    """Concept labels named by a world prompt, e.g. ``{"colour": "red", "shape": "circle", ...}``.
+    """Concept labels named by a world prompt, e.g. ``{"colour": "red", "shape": "circle", ...}`` (a
+    ``"shapes-rich"`` prompt, :data:`RICH_PROMPT_TEMPLATE`, also names ``size`` and ``position``).
 
     Raises:
-        ValueError: if the prompt is not of the form of :data:`PROMPT_TEMPLATE` with world words.
+        ValueError: if the prompt is not of the form of :data:`PROMPT_TEMPLATE` (or
+            :data:`RICH_PROMPT_TEMPLATE`) with world words.
     """
     words = prompt.strip().lower().split()
+    if len(words) == 12 and words[4:6] == ["at", "the"]:
+        return _parse_rich_prompt(prompt, words)
     if len(words) != 7 or words[0] != "a" or words[3:5] != ["on", "a"] or words[6] != "background":
         raise ValueError(
             f"Prompt {prompt!r} is not a toy-world prompt; expected the form {PROMPT_TEMPLATE!r}."
@@ -75,6 +122,19 @@ def parse_prompt(prompt: str) -> dict[str, str]:
         if value not in CONCEPTS[family]:
             raise ValueError(
                 f"Prompt {prompt!r} names {family} {value!r}, which is not one of {CONCEPTS[family]}."
+            )
+    return labels
+
+
+def _parse_rich_prompt(prompt: str, words: list[str]) -> dict[str, str]:
+    if words[0] != "a" or words[8:10] != ["on", "a"] or words[11] != "background":
+        raise ValueError(f"Prompt {prompt!r} is not a toy-world prompt; expected the form {RICH_PROMPT_TEMPLATE!r}.")
+    labels = {"colour": words[2], "shape": words[3], "background": words[10], "size": words[1],
+              "position": f"{words[6]} {words[7]}"}
+    for family, value in labels.items():
+        if value not in RICH_CONCEPTS[family]:
+            raise ValueError(
+                f"Prompt {prompt!r} names {family} {value!r}, which is not one of {RICH_CONCEPTS[family]}."
             )
     return labels
 
@@ -89,6 +149,9 @@ class ToyWorldConfig:
         max_size_fraction: Largest shape radius as a fraction of ``image_size``.
         colour_jitter: Maximum per-channel RGB offset (0-255 scale) added to a shape's colour.
         supersample: Anti-aliasing factor: each pixel is the mean of ``supersample**2`` samples.
+        world: Which world (:data:`WORLDS`): ``"shapes"`` (the shipped model's) or ``"shapes-rich"``
+            (sizes from :data:`SIZE_FRACTIONS`, centres in the named quadrant; the size fractions above
+            are then unused).
     """
 
     image_size: int = 32
@@ -96,8 +159,15 @@ class ToyWorldConfig:
     max_size_fraction: float = 0.34
     colour_jitter: int = 12
     supersample: int = 4
+    world: str = "shapes"
+
+    @property
+    def concepts(self) -> dict[str, tuple[str, ...]]:
+        """The world's concept families (:func:`world_concepts`)."""
+        return world_concepts(self.world)
 
     def __post_init__(self) -> None:
+        world_concepts(self.world)
         if self.image_size < 8:
             raise ValueError(f"image_size must be at least 8 pixels, got {self.image_size}.")
         if not 0 < self.min_size_fraction <= self.max_size_fraction < 0.5:
@@ -126,6 +196,8 @@ class ToyScene:
         center_x: Shape centre, pixels from the left edge.
         center_y: Shape centre, pixels from the top edge.
         rgb: The shape's actual RGB after jitter (0-255).
+        size: ``"shapes-rich"`` only: one of :data:`SIZES` (``None`` in the ``"shapes"`` world).
+        position: ``"shapes-rich"`` only: the quadrant of the centre, one of :data:`POSITIONS`.
     """
 
     colour: str
@@ -135,19 +207,33 @@ class ToyScene:
     center_x: float
     center_y: float
     rgb: tuple[int, int, int]
+    size: str | None = None
+    position: str | None = None
+
+    @property
+    def world(self) -> str:
+        return "shapes" if self.size is None else "shapes-rich"
 
     @property
     def prompt(self) -> str:
-        """The scene described with the world's vocabulary (:data:`PROMPT_TEMPLATE`)."""
+        """The scene described with the world's vocabulary (:data:`PROMPT_TEMPLATE` or
+        :data:`RICH_PROMPT_TEMPLATE`)."""
+        if self.size is not None:
+            return RICH_PROMPT_TEMPLATE.format(colour=self.colour, shape=self.shape, background=self.background,
+                                               size=self.size, position=self.position)
         return PROMPT_TEMPLATE.format(colour=self.colour, shape=self.shape, background=self.background)
 
     def label_indices(self) -> dict[str, int]:
-        """Index of each concept value in :data:`CONCEPTS` order, e.g. ``{"colour": 0, ...}``."""
-        return {family: CONCEPTS[family].index(getattr(self, family)) for family in CONCEPTS}
+        """Index of each concept value in its world's order (:func:`world_concepts`), e.g. ``{"colour": 0, ...}``."""
+        concepts = world_concepts(self.world)
+        return {family: concepts[family].index(getattr(self, family)) for family in concepts}
 
     def to_json_dict(self) -> dict:
-        """Plain dict of every field plus the prompt (JSON/Parquet friendly)."""
+        """Plain dict of every field plus the prompt (JSON/Parquet friendly; ``size``/``position`` only in
+        the ``"shapes-rich"`` world)."""
         data = asdict(self)
+        if self.size is None:
+            del data["size"], data["position"]
         data["rgb"] = list(self.rgb)
         data["prompt"] = self.prompt
         return data
@@ -165,6 +251,8 @@ def sample_scenes(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}.")
+    if config.world != "shapes":
+        return _sample_rich_scenes(count, seed, config)
     rng = np.random.Generator(np.random.PCG64(seed))
     combos = list(product(BACKGROUNDS, COLOURS, SHAPES))
     size = config.image_size
@@ -181,6 +269,35 @@ def sample_scenes(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig
         jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
         rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter, strict=True))
         scenes.append(ToyScene(colour, shape, background, radius, center_x, center_y, rgb))  # type: ignore[arg-type]
+    return scenes
+
+
+def _sample_rich_scenes(count: int, seed: int, config: ToyWorldConfig) -> list[ToyScene]:
+    """``"shapes-rich"`` scenes balanced over its 576 combinations (a seeded shuffle redrawn every 576); the
+    radius is drawn in the size's :data:`SIZE_FRACTIONS` range, the centre uniformly in the named quadrant
+    (clipped so the shape stays inside the image)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    combos = list(product(BACKGROUNDS, RICH_COLOURS, RICH_SHAPES, SIZES, POSITIONS))
+    size = config.image_size
+    half = size / 2.0
+    scenes: list[ToyScene] = []
+    order: np.ndarray = np.arange(0)
+    for index in range(count):
+        if index % len(combos) == 0:
+            order = rng.permutation(len(combos))
+        background, colour, shape, size_name, position = combos[int(order[index % len(combos)])]
+        low, high = SIZE_FRACTIONS[size_name]
+        radius = float(rng.uniform(low, high) * size)
+        margin = radius + 1.0
+        vertical, horizontal = position.split()
+        x_range = (margin, half) if horizontal == "left" else (half, size - margin)
+        y_range = (margin, half) if vertical == "top" else (half, size - margin)
+        center_x = float(rng.uniform(*x_range))
+        center_y = float(rng.uniform(*y_range))
+        jitter = rng.integers(-config.colour_jitter, config.colour_jitter + 1, size=3)
+        rgb = tuple(int(np.clip(c + j, 0, 255)) for c, j in zip(COLOUR_RGB[colour], jitter, strict=True))
+        scenes.append(ToyScene(colour, shape, background, radius, center_x, center_y, rgb,  # type: ignore[arg-type]
+                               size=size_name, position=position))
     return scenes
 
 
@@ -206,7 +323,10 @@ def _shape_mask(scene: ToyScene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
         e1, e2, e3 = edge(apex, right), edge(right, left), edge(left, apex)
         return ((e1 >= 0) & (e2 >= 0) & (e3 >= 0)) | ((e1 <= 0) & (e2 <= 0) & (e3 <= 0))
-    raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {SHAPES}.")
+    if scene.shape == "diamond":
+        # A square standing on a corner, half-diagonal 1.2 r (area 2.9 r^2, close to the circle's 3.1 r^2).
+        return np.abs(dx) + np.abs(dy) <= 1.2 * r
+    raise ValueError(f"Unknown shape {scene.shape!r}; expected one of {RICH_SHAPES}.")
 
 
 def shape_coverage(shape: str, radius: float, center_x: np.ndarray | float, center_y: np.ndarray | float,
@@ -282,7 +402,7 @@ def make_dataset(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig(
     images = images_to_tensor(render_scenes(scenes, config))
     labels = {
         family: torch.tensor([scene.label_indices()[family] for scene in scenes], dtype=torch.int64)
-        for family in CONCEPTS
+        for family in config.concepts
     }
     return ToyDataset(scenes=scenes, images=images, prompts=[s.prompt for s in scenes], labels=labels)
 

@@ -87,8 +87,12 @@ def test_toy_world_entries_and_labelled_variants():
     from ddr_core.config import PROJECT_ROOT
 
     cfg = load_project_config()
-    assert cfg.labelled_variants() == ["toy-raw", "toy-sae"]
+    assert cfg.labelled_variants() == ["toy-raw", "toy-sae", "toy-rich-raw", "toy-rich-sae"]
     assert cfg.capture_groups()["toy-world"] == ["toy-raw", "toy-sae"]
+    assert cfg.capture_groups()["toy-world-rich"] == ["toy-rich-raw", "toy-rich-sae"]  # docs/TOY_WORLD.md
+    assert cfg.models["toy-world-rich"].world == "toy-world-rich"
+    assert cfg.prompt_datasets["toy-world-rich-prompts"].labels.families == [
+        "colour", "shape", "background", "size", "position"]
     assert cfg.variants["toy-raw"].width == 64 and cfg.variants["toy-sae"].width == 256
     assert cfg.variants["toy-sae"].channel_blocks()[-1] == (192, 255)
     assert cfg.models["toy-world"].concept_classifier == "concept_classifier"
@@ -395,7 +399,7 @@ def test_a_misspelt_field_names_the_nearest_known_one(tmp_path):
     ("gradient_smoothing_kernel_size: 3,", "gradient_smoothing_kernel_size: 4,",
      "dreams.gradient_smoothing_kernel_size: gradient_smoothing_kernel_size must be odd, got 4"),
     ("priors: {steer_strength_scale: 15.0}", "priors: {steer_strength_scale: 15.0, timesteps: some}",
-     "priors.timesteps: Input should be 'active_timesteps', 'all_timesteps' or 'activity_peaks'"),
+     "priors.timesteps: Input should be 'active_timesteps', 'all_timesteps', 'activity_peaks' or 'activity_window'"),
 ], ids=["misspelt", "quoted-number", "out-of-range", "cross-check", "literal"])
 def test_variant_overrides_are_validated_at_load_against_the_stage_config(tmp_path, old, new, says):
     """A misspelt or invalid ``variants.<v>.overrides.<stage>`` value used to pass ``dagster definitions

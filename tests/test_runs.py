@@ -262,3 +262,21 @@ def test_a_run_launched_from_the_ui_on_an_asset_gets_ddr_tags(tmp_path, monkeypa
     assert len(runs) == 1 and runs[0]["status"] == "SUCCESS"
     tags = {tag["key"]: tag["value"] for tag in runs[0]["tags"]}
     assert tags["ddr/experiment"] == "default" and tags["dagster/partition"] == "tiny"
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_demo_until_stops_after_the_named_stage(tmp_path, monkeypatch, capsys):
+    """`demo --until timestep_stats` (docs/TOY_WORLD.md: purity needs no pictures) runs the plan up to that
+    stage and no further: statistics written, no plots, priors or dreams."""
+    from dagster_project import demo
+
+    monkeypatch.setenv("DDR_DATA_ROOT", str(tmp_path / "data"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.setitem(demo.DEMO_RUN_CONFIG, "activations",
+                        {"seed": 0, "batch_size": 4, "n_prompts": 4, "num_inference_steps": 2})
+    assert demo.main(["--variants", "tiny-raw", "tiny-sae", "--until", "timestep_stats"]) == 0
+    out = capsys.readouterr().out
+    assert "timestep_stats[tiny-raw]: ok" in out and "stopped after timestep_stats" in out
+    assert "activity_plots[" not in out and "priors[" not in out
+    with pytest.raises(SystemExit):
+        demo.main(["--until", "no_such_stage"])

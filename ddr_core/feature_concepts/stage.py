@@ -57,13 +57,14 @@ images (and the capture's generations, as the reference) come to the world's ren
     classifier = None
     model = project.models[spec.model]
     world_renders, generation_images = None, None
-    if model.world == "toy-world":
+    if model.world is not None:
         import functools
 
-        from ddr_core.toy_world import ToyWorldConfig, reference_renders
+        from ddr_core.toy_world import MODEL_WORLDS, ToyWorldConfig, reference_renders
 
+        toy_world = MODEL_WORLDS[model.world]
         world_renders = functools.lru_cache(maxsize=4)(
-            lambda side: reference_renders(config=ToyWorldConfig(image_size=side)))
+            lambda side: reference_renders(config=ToyWorldConfig(image_size=side, world=toy_world)))
         if generations is not None and "image_path" in generations.columns:
             paths = [p for p in generations["image_path"].to_list() if p]
             generation_images = load_images(layout.data_root, paths) if paths else None

@@ -22,6 +22,7 @@ from ddr_core.toy_training.reproduction import (
     format_comparison,
 )
 from ddr_core.toy_training.run import train_toy_model
+from ddr_core.toy_world import WORLDS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--guidance-scale", type=float, default=None)
     parser.add_argument("--inference-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1).")
+    parser.add_argument("--world", choices=WORLDS, default="shapes",
+                        help="toy world: shapes (the shipped models/toy-world) or shapes-rich (docs/TOY_WORLD.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     evaluation = replace(
@@ -80,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "vae_steps": args.vae_steps,
             "unet_steps": args.unet_steps,
             "num_images": args.num_images,
+            "world": args.world,
         }.items()
         if value is not None
     }

@@ -110,6 +110,8 @@ class ToyTrainingConfig:
             ``vae_time_fraction`` of it. Evaluation is not capped.
         vae_time_fraction: Share of ``max_minutes`` for the classifier and VAE phases.
         log_every: Steps between loss log lines.
+        world: The toy world trained on (:data:`ddr_core.toy_world.WORLDS`): ``"shapes"`` (the shipped
+            ``models/toy-world``) or ``"shapes-rich"`` (docs/TOY_WORLD.md).
     """
 
     seed: int = 0
@@ -131,8 +133,12 @@ class ToyTrainingConfig:
     max_minutes: float | None = None
     vae_time_fraction: float = 0.25
     log_every: int = 100
+    world: str = "shapes"
 
     def __post_init__(self) -> None:
+        from ddr_core.toy_world import world_concepts
+
+        world_concepts(self.world)
         for name in ("num_images", "vae_batch_size", "unet_batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")

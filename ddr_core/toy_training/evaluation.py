@@ -15,15 +15,15 @@ import numpy as np
 import torch
 
 from ddr_core.toy_training.config import AGREEMENT_TARGETS, CLASSIFIER_FOLDER, ToyEvaluationConfig
-from ddr_core.toy_world import CONCEPTS, parse_prompt, world_prompts
+from ddr_core.toy_world import parse_prompt, world_concepts, world_prompts
 
 
-def evaluation_prompts(evaluation: ToyEvaluationConfig) -> tuple[list[str], list[int]]:
-    """Prompts and seeds of the evaluation: every world prompt ``images_per_prompt`` times.
+def evaluation_prompts(evaluation: ToyEvaluationConfig, world: str = "shapes") -> tuple[list[str], list[int]]:
+    """Prompts and seeds of the evaluation: every prompt of ``world`` ``images_per_prompt`` times.
 
-    Image ``i`` has prompt ``world_prompts()[i % 36]`` and seed ``evaluation.seed + i``.
+    Image ``i`` has prompt ``world_prompts(world)[i % len(world_prompts(world))]`` and seed ``evaluation.seed + i``.
     """
-    all_prompts = world_prompts()
+    all_prompts = world_prompts(world)
     count = evaluation.images_per_prompt * len(all_prompts)
     prompts = [all_prompts[i % len(all_prompts)] for i in range(count)]
     return prompts, [evaluation.seed + i for i in range(count)]
@@ -85,7 +85,8 @@ def agreement_from_predictions(
     """
     asked = [parse_prompt(prompt) for prompt in prompts]
     result: dict[str, Any] = {"count": len(prompts), "confusion": {}}
-    for family, labels in CONCEPTS.items():
+    concepts = world_concepts("shapes-rich" if asked and "size" in asked[0] else "shapes")
+    for family, labels in concepts.items():
         if family not in predicted:
             continue
         guess = np.asarray(predicted[family], dtype=np.int64).reshape(-1)
@@ -122,16 +123,16 @@ def classifier_accuracy(
 
 
 def evaluate_pipeline(
-    pipe, classifier, evaluation: ToyEvaluationConfig = ToyEvaluationConfig()
+    pipe, classifier, evaluation: ToyEvaluationConfig = ToyEvaluationConfig(), world: str = "shapes"
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Generate the evaluation images and score them with ``classifier``.
+    """Generate the evaluation images (the prompts of ``world``) and score them with ``classifier``.
 
     Returns:
         The agreement (:func:`agreement_from_predictions` plus the evaluation settings,
         ``seconds`` and ``meets_targets``) and the images, float ``(n, H, W, 3)`` in ``[0, 1]``.
     """
     started = time.perf_counter()
-    prompts, seeds = evaluation_prompts(evaluation)
+    prompts, seeds = evaluation_prompts(evaluation, world)
     images = generate_world_images(
         pipe,
         prompts,
@@ -156,13 +157,15 @@ def evaluate_toy_model(
     classifier_dir: str | Path | None = None,
     evaluation: ToyEvaluationConfig = ToyEvaluationConfig(),
 ) -> dict[str, Any]:
-    """Score a saved toy model (classifier default: ``model_dir/concept_classifier``)."""
+    """Score a saved toy model (classifier default: ``model_dir/concept_classifier``); the world is the
+    classifier's (``"shapes-rich"`` when it has a ``size`` head)."""
     from ddr_core.concept_classifier import load_concept_classifier
     from ddr_core.pipeline import load_pipeline
 
     pipe = load_pipeline(model_dir)
     classifier = load_concept_classifier(classifier_dir or Path(model_dir) / CLASSIFIER_FOLDER)
-    result, _ = evaluate_pipeline(pipe, classifier, evaluation)
+    world = "shapes-rich" if "size" in classifier.config.heads else "shapes"
+    result, _ = evaluate_pipeline(pipe, classifier, evaluation, world)
     return result
 
 

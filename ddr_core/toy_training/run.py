@@ -35,7 +35,7 @@ from ddr_core.toy_training.training import (
     train_denoiser,
     train_vae,
 )
-from ddr_core.toy_world import CONCEPTS, ToyWorldConfig, make_dataset, world_prompts, world_vocabulary
+from ddr_core.toy_world import ToyWorldConfig, make_dataset, world_prompts, world_vocabulary
 
 
 def _json_ready(value: Any) -> Any:
@@ -76,8 +76,9 @@ def train_toy_model(
     seconds: dict[str, float] = {}
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    world = ToyWorldConfig(image_size=model.image_size)
-    classifier_model = classifier_model or ConceptClassifierConfig(image_size=model.image_size)
+    world = ToyWorldConfig(image_size=model.image_size, world=training.world)
+    classifier_model = classifier_model or ConceptClassifierConfig(image_size=model.image_size,
+                                                                   heads=world.concepts)
     log: list[dict[str, Any]] = []
 
     def say(message: str) -> None:
@@ -103,7 +104,7 @@ def train_toy_model(
     phase = lap("classifier", phase)
 
     dataset = make_dataset(training.num_images, seed=training.seed, config=world)
-    tokenizer = build_word_tokenizer(world_vocabulary(), out_path / "tokenizer")
+    tokenizer = build_word_tokenizer(world_vocabulary(training.world), out_path / "tokenizer")
     vae = build_toy_vae(model, training.seed)
     say(f"dataset {len(dataset)} images; training VAE for {training.vae_steps} steps")
     vae_steps, vae_losses = train_vae(vae, dataset.images, training, first_deadline, log, say)
@@ -120,7 +121,7 @@ def train_toy_model(
     )
     phase = lap("vae", phase)
 
-    prompt_vocabulary = [*world_prompts(), ""]
+    prompt_vocabulary = [*world_prompts(training.world), ""]
     prompt_index = torch.tensor([prompt_vocabulary.index(p) for p in dataset.prompts], dtype=torch.int64)
     unet = build_toy_unet(model, training.seed)
     text_encoder = build_toy_text_encoder(model, tokenizer, training.seed)
@@ -157,7 +158,7 @@ def train_toy_model(
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(out_path, safe_serialization=True)
     # save_pretrained rewrites tokenizer/ through transformers; put the canonical files back on top.
-    build_word_tokenizer(world_vocabulary(), out_path / "tokenizer")
+    build_word_tokenizer(world_vocabulary(training.world), out_path / "tokenizer")
     phase = lap("save", phase)
 
     generation: dict[str, Any] | None = None
@@ -166,12 +167,12 @@ def train_toy_model(
             f"evaluating: {evaluation.images_per_prompt} images per prompt, "
             f"guidance {evaluation.guidance_scale}"
         )
-        generation, images = evaluate_pipeline(pipe, classifier, evaluation)
+        generation, images = evaluate_pipeline(pipe, classifier, evaluation, training.world)
         if len(images):
-            save_sample_grid(images[: len(world_prompts())], out_path / SAMPLES_FILENAME)
+            save_sample_grid(images[: min(len(world_prompts(training.world)), 144)], out_path / SAMPLES_FILENAME)
         say(
             "generated images agree with their prompt: "
-            + ", ".join(f"{family} {generation[family]:.3f}" for family in CONCEPTS if family in generation)
+            + ", ".join(f"{family} {generation[family]:.3f}" for family in world.concepts if family in generation)
         )
         phase = lap("evaluation", phase)
     seconds["total"] = time.perf_counter() - started
