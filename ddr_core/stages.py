@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ddr_core.stage_request import LogFn, StageRequest
@@ -58,7 +59,33 @@ def _stage_selftest(request: StageRequest, log: LogFn) -> dict[str, Any]:
 
         result.update(torch=torch.__version__, cuda_available=torch.cuda.is_available(),
                       device=str(resolve_device(request.device)))
+    if request.args.get("units"):
+        result["units_done"] = _selftest_units(request, log)
     return result
+
+
+def _selftest_units(request: StageRequest, log: LogFn) -> list[int]:
+    """``args.units`` units of ``args.unit_seconds`` each, like a stage's channels: one file per finished
+    unit under ``<data root>/selftest_units/`` (written whole), finished ones skipped, progress counted
+    (so a requested stop takes effect between units). Returns the units this call did."""
+    import time
+
+    from ddr_core.atomic import atomic_path
+    from ddr_core.progress import Progress
+
+    folder = Path(request.data_root) / "selftest_units"
+    folder.mkdir(parents=True, exist_ok=True)
+    units = int(request.args["units"])
+    todo = [i for i in range(units) if not (folder / f"unit_{i:04d}").exists()]
+    done = []
+    with Progress(units, "selftest", log=log, unit="unit", initial=units - len(todo)) as progress:
+        for index in todo:
+            time.sleep(float(request.args.get("unit_seconds", 0.0)))
+            with atomic_path(folder / f"unit_{index:04d}") as tmp:
+                tmp.write_text(str(index), encoding="utf-8")
+            done.append(index)
+            progress.update()
+    return done
 
 
 def _stage_capture_group(request: StageRequest, log: LogFn) -> dict[str, Any]:
