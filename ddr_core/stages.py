@@ -138,6 +138,25 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
 
 
 # ------------------------------------------------------------------------------------------- split
+def _stage_timestep_stats_shard(request: StageRequest, log: LogFn) -> dict[str, Any]:
+    """``ddr_core.statistics_shards.compute_stats_shard``; args: ``variant``, ``channels`` ([first, stop)),
+    ``config`` (TimestepStatsConfig fields). CPU work: one process (no ranks)."""
+    from ddr_core.activation_store import ActivationStore
+    from ddr_core.statistics import TimestepStatsConfig
+    from ddr_core.statistics_shards import compute_stats_shard
+
+    project, layout = _context(request)
+    variant = request.args["variant"]
+    group = project.capture_of(variant)
+    first, stop = (int(c) for c in request.args["channels"])
+    shards_dir = layout.check_output_folder(layout.timestep_stats_dir(variant).with_name(f".{variant}.shards"),
+                                            "statistics shards folder")
+    info = compute_stats_shard(ActivationStore(layout.activations_dir(group)), variant, (first, stop),
+                               TimestepStatsConfig.model_validate(request.args.get("config", {})), shards_dir,
+                               log=log)
+    return {"shard": info, "shards_dir": layout.relative(shards_dir)}
+
+
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
     from ddr_core.variant_inputs import check_channels, variant_spec
@@ -245,6 +264,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
     StageSpec("capture_group", _stage_capture_group, _split_capture, _merge_capture),
     StageSpec("priors_for_variant", _stage_priors_for_variant, _split_channels, _merge_priors),
     StageSpec("dreams_for_variant", _stage_dreams_for_variant, _split_channels, _merge_dreams),
+    StageSpec("timestep_stats_shard", _stage_timestep_stats_shard, _split_nothing, _merge_selftest),
 )}
 
 

@@ -249,6 +249,7 @@ def compute_timestep_stats(
     *,
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    merged: Callable[[Path], tuple[list[Path], np.ndarray, int]] | None = None,
 ) -> StatsSummary:
     """Compute the timestep statistics of ``variant`` into ``out_dir`` (see the module docstring).
 
@@ -261,6 +262,9 @@ def compute_timestep_stats(
         duckdb_memory_limit: e.g. ``"4GB"``; DuckDB spills to a temporary folder beside ``out_dir``.
         lock_wait, lock_owner: see :func:`ddr_core.locks.partition_lock` (another run writing the
             same ``out_dir``: fail at once, or wait that many seconds).
+        merged: instead of reading the store, a function of the work folder giving the top-k parts, the
+            ``(T, F)`` maximum and the generation count: the merge of channel shards
+            (:mod:`ddr_core.statistics_shards`).
     """
     config = config or TimestepStatsConfig()
     out = check_output_folder(Path(out_dir), None, "statistics folder")  # replaced whole: a link would be lost
@@ -287,7 +291,7 @@ def compute_timestep_stats(
         recover_dir(out, remove_leftovers=True)  # a killed run's staging folder or swapped-out copy
         with atomic_dir(out) as staging:
             summary = _compute_into(store, variant, out, staging, observed, width, config,
-                                    log or (lambda _message: None), duckdb_memory_limit)
+                                    log or (lambda _message: None), duckdb_memory_limit, merged)
         write_stats_database(out, config)  # again: the views must name the final paths
     return summary
 
@@ -301,6 +305,7 @@ def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
 def _compute_into(
     store: ActivationStore, variant: str, out: Path, target: Path, observed: np.ndarray, width: int,
     config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None,
+    merged: Callable[[Path], tuple[list[Path], np.ndarray, int]] | None = None,
 ) -> StatsSummary:
     """Write every table, ``stats.duckdb`` and ``summary.json`` into ``target`` (the staging folder
     that becomes ``out``)."""
@@ -313,7 +318,10 @@ def _compute_into(
         parts: list[Path] = []
         maximum = np.full((len(observed), width), -np.inf, dtype=np.float32)
         n_generations = 0
-        for generation_ids, timesteps, activations in store.iter_dense(variant, config.half):
+        if merged is not None:  # channel shards read the store (ddr_core.statistics_shards)
+            parts, maximum, n_generations = merged(work)
+        for generation_ids, timesteps, activations in (store.iter_dense(variant, config.half) if merged is None
+                                                       else ()):
             if timesteps.tolist() != observed.tolist():
                 raise ValueError(f"a batch of {variant!r} has timesteps {timesteps.tolist()} != {observed.tolist()}")
             # a store written before capture refused non-finite values: name them instead of failing on JSON

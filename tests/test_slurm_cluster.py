@@ -14,6 +14,7 @@ needs DDR_SLURM_HOST/PORT/USER/KEY_PATH/ENV_PATH (docs/CLUSTER.md) and a data ro
 """
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -501,3 +502,23 @@ def test_time_limit_signal_stops_after_a_channel_and_the_retry_resumes_and_equal
     assert {c: after[c] for c in before} == before  # the first job's channels were not redone
     assert metadata(result, "dreams")["channels_resumed"] == len(before)
     _assert_dreams_equal(out_dir, root / "outputs/requeue-local/dreams/tiny-raw", channels)
+
+
+def test_timestep_stats_sharded_as_slurm_jobs_equals_one_run(chains, tmp_path):
+    """``timestep_stats`` with ``channel_shards: 2`` in compute mode slurm: each channel range is one SLURM
+    job (stage ``timestep_stats_shard``), merged in the asset; the folder equals the one-run statistics."""
+    from tests.test_statistics_shards import assert_same_statistics
+
+    root, _, instance = chains
+    stats_dir = root / "outputs/slurm/timestep_stats/tiny-raw"
+    single = tmp_path / "single"
+    shutil.copytree(stats_dir, single)  # chains computed it in one in-process run
+    result = materialize("timestep_stats", "tiny-raw", root, instance, "slurm",
+                         {**STATS, "channel_shards": 2, "slurm": {"time_limit": "00:10:00"}}, experiment="slurm")
+    assert result.success, step_error(result)
+    meta = metadata(result, "timestep_stats")
+    assert meta["channel_shards"] == 2 and len(meta["slurm_job_ids"]) == 2
+    for job in meta["slurm_job_ids"]:
+        assert on_cluster(f"sacct -X -n -P -j {job} -o State,Timelimit").split("|") == ["COMPLETED", "00:10:00"]
+    assert_same_statistics(single, stats_dir)
+    assert not (root / "outputs/slurm/timestep_stats/.tiny-raw.shards").exists()  # removed after the merge
