@@ -482,8 +482,9 @@ def test_time_limit_signal_stops_after_a_channel_and_the_retry_resumes_and_equal
     written a channel (with ~30 s gone, fewer than 110 s remain, so the signal is due at once); the retry
     keeps 5 minutes and finishes."""
     root, instance = dream_inputs
-    channels = list(range(8, 14))
-    config = {**DREAMS, "channels": channels, "num_steps": 32,
+    # ~40 s of work after the first channel: Slurm checks time limits every few (up to ~30) seconds
+    channels = list(range(8, 16))
+    config = {**DREAMS, "channels": channels, "num_steps": 96,
               "slurm": {"time_limit": "00:05:00", "signal_before_timeout": 110, "retries": 2}}
     local = materialize("dreams", "tiny-raw:0-15", root, instance,
                         config={k: v for k, v in config.items() if k != "slurm"}, experiment="requeue-local")
