@@ -1,18 +1,32 @@
 """``timestep_stats``: per-variant statistics of when each channel is active (DuckDB/Polars over Parquet)."""
 
 
-import dagster as dg
+import shutil
 
-from ddr_assets.configs import dagster_config_from, fields_set_in_run_config, with_variant_overrides
+import dagster as dg
+from pydantic import Field
+
+from ddr_assets.configs import (
+    SLURM_FIELD,
+    dagster_config_from,
+    fields_set_in_run_config,
+    with_variant_overrides,
+)
 from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream, table_preview
 from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
 from ddr_core.activation_store import ActivationStore
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
-from ddr_resources.resources import DdrStorage
+from ddr_core.statistics_shards import channel_ranges, merge_stats_shards
+from ddr_resources.resources import ComputeResource, DdrStorage, compute_metadata
 
 TIMESTEP_STATS_CODE_VERSION = "1"
-TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStatsRunConfig")
+TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStatsRunConfig", extra={
+    "channel_shards": (int, Field(1, ge=1, description="split the reading of the store into this many channel "
+                                                       "ranges, each one compute-resource call (one SLURM job in "
+                                                       "compute mode slurm), merged here; results equal one run")),
+    "slurm": SLURM_FIELD,
+})
 
 
 @dg.asset(
@@ -26,7 +40,7 @@ TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStats
                 "examples per channel and timestep; Parquet + a stats.duckdb with views over them.",
 )
 def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunConfig,
-                   storage: DdrStorage) -> dg.MaterializeResult:
+                   storage: DdrStorage, compute: ComputeResource) -> dg.MaterializeResult:
     variant = context.partition_key
     stats_config = with_variant_overrides(  # a variant's overrides.timestep_stats (e.g. profile: sampled)
         config, TimestepStatsConfig, storage.project.variants[variant].overrides.get("timestep_stats", {}),
@@ -38,9 +52,21 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
                                   required_by=f"timestep_stats[{variant}]")
     upstream = {f"activations/{group}": upstream_record["data_version"]}
     out_dir = layout.check_output_folder(layout.timestep_stats_dir(variant), "statistics folder")
-    summary = compute_timestep_stats(ActivationStore(layout.activations_dir(group)), variant, out_dir,
-                                     stats_config, log=context.log.info,
-                                     lock_owner=f"dagster run {context.run_id}")
+    store = ActivationStore(layout.activations_dir(group))
+    reports = []
+    if config.channel_shards > 1:  # ddr_core.statistics_shards: each range one stage call, then the merge here
+        ranges = channel_ranges(store.width(variant), config.channel_shards)
+        shards_dir = layout.check_output_folder(out_dir.with_name(f".{variant}.shards"), "statistics shards folder")
+        for first, stop in ranges:
+            reports.append(compute.run_stage(context, "timestep_stats_shard", {
+                "variant": variant, "channels": [first, stop], "config": stats_config.model_dump(mode="json")},
+                storage=storage, options=config.slurm))
+        summary = merge_stats_shards(store, variant, out_dir, stats_config, shards_dir, ranges,
+                                     log=context.log.info, lock_owner=f"dagster run {context.run_id}")
+        shutil.rmtree(shards_dir, ignore_errors=True)  # a resume cache until the merge has succeeded
+    else:
+        summary = compute_timestep_stats(store, variant, out_dir, stats_config, log=context.log.info,
+                                         lock_owner=f"dagster run {context.run_id}")
     run_config = stats_config.resolved()
     data_version = summary.config_hash + "-" + upstream_record["data_version"]
     write_record(layout.records_dir, make_record(
@@ -59,6 +85,7 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
             "peaks": summary.peak_count,
             "most_active_channels": table_preview(summary.preview),
             **lineage_metadata(run_config, upstream, TIMESTEP_STATS_CODE_VERSION),
+            **({"channel_shards": config.channel_shards, **compute_metadata(*reports)} if reports else {}),
         },
         data_version=dg.DataVersion(data_version),
     )

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from ddr_core.progress import StopRequested
 from ddr_core.stage_request import (
     REPORT_VERSION,
     JobReports,
@@ -83,8 +84,11 @@ def run_stage(request: StageRequest, log: LogFn | None = None) -> dict[str, Any]
     try:
         result = spec.run(request, log)
     except BaseException as exc:
+        # interrupted: a stop asked for from outside (Slurm's signal before the time limit) after finished
+        # units were written: the Dagster side retries it, and the rerun resumes from those units
+        extra = {"interrupted": str(exc)} if isinstance(exc, StopRequested) else {}
         unwritten = reports.write_error(f"{type(exc).__name__}: {exc}", _tail(exc), time.perf_counter() - started,
-                                        log=log)
+                                        log=log, **extra)
         raise StageFailed(f"stage {request.stage!r} invocation {request.invocation_id}{reports.where} failed: "
                           f"{type(exc).__name__}: {exc}{unwritten}") from exc
     return reports.write_success(result, time.perf_counter() - started)

@@ -9,6 +9,32 @@ from collections.abc import Callable
 LogFn = Callable[[str], None]
 
 
+class StopRequested(BaseException):
+    """A stop asked for from outside the stage (:func:`request_stop`: Slurm's signal before the job's time
+    limit), raised by :meth:`Progress.update`, i.e. right after a unit of work (a dream channel, a capture
+    batch, a prior image batch) has been written, so that the unit in progress is not lost. A
+    ``BaseException`` like ``KeyboardInterrupt``: a stage's ``except Exception`` does not swallow it."""
+
+
+_stop_reason: str | None = None
+
+
+def request_stop(reason: str) -> None:
+    """Ask the running stage to stop at its next unit boundary (safe to call from a signal handler)."""
+    global _stop_reason
+    _stop_reason = reason
+
+
+def clear_stop() -> None:
+    global _stop_reason
+    _stop_reason = None
+
+
+def stop_reason() -> str | None:
+    """Why a stop was requested, or None."""
+    return _stop_reason
+
+
 def _format_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -62,6 +88,10 @@ class Progress:
         if self.log and (now - self._last_log >= self.every_s or self.done >= self.total):
             self._last_log = now
             self.log(self.line())
+        if _stop_reason is not None and self.done < self.total:  # the last unit ends the stage anyway
+            if self.log:
+                self.log(f"{self.desc}: stopping after {self.done}/{self.total} {plural(self.unit)}: {_stop_reason}")
+            raise StopRequested(_stop_reason)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -22,7 +22,7 @@ import re
 import shlex
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -98,7 +98,8 @@ RemoteBase = Annotated[str, _checked("remote_base")]
 class SlurmJobOptions(BaseModel):
     """SLURM options of one job; a field left unset keeps the deployment default (``DDR_SLURM_*``).
 
-    Used when the compute mode is ``slurm`` (ignored locally). ``mem`` is always passed to ``sbatch``
+    Used when the compute mode is ``slurm`` (ignored locally). ``signal_before_timeout`` and ``retries``
+    make a stage survive preemption and time limits (docs/CLUSTER.md "Preemption and time limits"). ``mem`` is always passed to ``sbatch``
     when set (default ``DDR_SLURM_MEM``): dagster-slurm 1.22 drops its queue-level ``--mem`` when GPUs are
     requested unless the call sets ``mem``. ``requeue`` and ``mail_*`` become ``#SBATCH`` lines of the job
     script (dagster-slurm has no option for them). Every text field has a strict form (docs/CLUSTER.md):
@@ -117,6 +118,21 @@ class SlurmJobOptions(BaseModel):
     requeue: bool | None = Field(None, description="requeue on preemption / node failure (resumes where it was)")
     mail_type: MailTypes | None = Field(None, description="comma list of Slurm mail types, e.g. END,FAIL")
     mail_user: EmailAddress | None = Field(None, description="e-mail address, e.g. someone@uni.edu.pl")
+    signal_before_timeout: int | None = Field(
+        None, ge=0, le=86400, description="seconds before the time limit at which Slurm signals the job "
+        "(--signal=B:USR1@N): the stage stops after the unit in progress and is resubmitted; 0: off")
+    retries: int | None = Field(None, ge=0, le=100, description="how often a job that was preempted, requeued, "
+                                "timed out or lost its node is resubmitted (it resumes from finished units)")
+
+    @model_validator(mode="after")
+    def _signal_inside_the_time_limit(self) -> SlurmJobOptions:
+        if self.signal_before_timeout and self.time_limit:
+            limit = time_limit_seconds(self.time_limit)
+            if self.signal_before_timeout >= limit:
+                raise ValueError(f"signal_before_timeout={self.signal_before_timeout}s is not shorter than "
+                                 f"time_limit={self.time_limit} ({limit}s): the job would be told to stop at once; "
+                                 f"use a lead of a few minutes, well inside the time limit")
+        return self
 
     def merged(self, override: BaseModel | dict | None) -> SlurmJobOptions:
         """These options with the fields set in ``override`` replacing them (per-asset -> per-call).
@@ -146,7 +162,16 @@ class SlurmJobOptions(BaseModel):
             lines.append(f"#SBATCH --mail-type={_quoted(self.mail_type)}")
         if self.mail_user:
             lines.append(f"#SBATCH --mail-user={_quoted(self.mail_user)}")
+        if self.signal_before_timeout:  # B: the batch shell, which dagster-slurm's job script execs into python
+            lines.append(f"#SBATCH --signal=B:USR1@{int(self.signal_before_timeout)}")
         return lines
+
+
+def time_limit_seconds(value: str) -> int:
+    """A :data:`TimeLimit` (``HH:MM:SS`` or ``D-HH:MM:SS``) in seconds."""
+    days, _, clock = value.rpartition("-")
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return (int(days) if days else 0) * 86400 + hours * 3600 + minutes * 60 + seconds
 
 
 def _quoted(value: Any) -> Any:

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ddr_core.stage_request import LogFn, StageRequest
@@ -58,7 +59,33 @@ def _stage_selftest(request: StageRequest, log: LogFn) -> dict[str, Any]:
 
         result.update(torch=torch.__version__, cuda_available=torch.cuda.is_available(),
                       device=str(resolve_device(request.device)))
+    if request.args.get("units"):
+        result["units_done"] = _selftest_units(request, log)
     return result
+
+
+def _selftest_units(request: StageRequest, log: LogFn) -> list[int]:
+    """``args.units`` units of ``args.unit_seconds`` each, like a stage's channels: one file per finished
+    unit under ``<data root>/selftest_units/`` (written whole), finished ones skipped, progress counted
+    (so a requested stop takes effect between units). Returns the units this call did."""
+    import time
+
+    from ddr_core.atomic import atomic_path
+    from ddr_core.progress import Progress
+
+    folder = Path(request.data_root) / "selftest_units"
+    folder.mkdir(parents=True, exist_ok=True)
+    units = int(request.args["units"])
+    todo = [i for i in range(units) if not (folder / f"unit_{i:04d}").exists()]
+    done = []
+    with Progress(units, "selftest", log=log, unit="unit", initial=units - len(todo)) as progress:
+        for index in todo:
+            time.sleep(float(request.args.get("unit_seconds", 0.0)))
+            with atomic_path(folder / f"unit_{index:04d}") as tmp:
+                tmp.write_text(str(index), encoding="utf-8")
+            done.append(index)
+            progress.update()
+    return done
 
 
 def _stage_capture_group(request: StageRequest, log: LogFn) -> dict[str, Any]:
@@ -138,6 +165,25 @@ def _stage_dose_response_for_variant(request: StageRequest, log: LogFn) -> dict[
 
 
 # ------------------------------------------------------------------------------------------- split
+def _stage_timestep_stats_shard(request: StageRequest, log: LogFn) -> dict[str, Any]:
+    """``ddr_core.statistics_shards.compute_stats_shard``; args: ``variant``, ``channels`` ([first, stop)),
+    ``config`` (TimestepStatsConfig fields). CPU work: one process (no ranks)."""
+    from ddr_core.activation_store import ActivationStore
+    from ddr_core.statistics import TimestepStatsConfig
+    from ddr_core.statistics_shards import compute_stats_shard
+
+    project, layout = _context(request)
+    variant = request.args["variant"]
+    group = project.capture_of(variant)
+    first, stop = (int(c) for c in request.args["channels"])
+    shards_dir = layout.check_output_folder(layout.timestep_stats_dir(variant).with_name(f".{variant}.shards"),
+                                            "statistics shards folder")
+    info = compute_stats_shard(ActivationStore(layout.activations_dir(group)), variant, (first, stop),
+                               TimestepStatsConfig.model_validate(request.args.get("config", {})), shards_dir,
+                               log=log)
+    return {"shard": info, "shards_dir": layout.relative(shards_dir)}
+
+
 def _all_channels(request: StageRequest) -> list[int]:
     """The requested channels of a per-channel stage, checked against the variant's width and sorted."""
     from ddr_core.variant_inputs import check_channels, variant_spec
@@ -272,6 +318,7 @@ STAGES: dict[str, StageSpec] = {spec.name: spec for spec in (
 
     StageSpec("dose_response_for_variant", _stage_dose_response_for_variant, _split_channels,
               _merge_dose_response),
+    StageSpec("timestep_stats_shard", _stage_timestep_stats_shard, _split_nothing, _merge_selftest),
 )}
 
 

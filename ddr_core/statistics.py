@@ -78,7 +78,7 @@ from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
 from ddr_core.locks import partition_lock
 from ddr_core.paths import check_output_folder
-from ddr_core.stats_streaming import MemoryPlan, TopExamples, TopkWriter, plan_memory
+from ddr_core.stats_streaming import TOPK_SCHEMA, MemoryPlan, TopExamples, TopkWriter, plan_memory
 
 LogFn = Callable[[str], None]
 
@@ -256,6 +256,7 @@ def compute_timestep_stats(
     *,
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    merged: Callable[[Path], tuple[list[Path], np.ndarray, int]] | None = None,
 ) -> StatsSummary:
     """Compute the timestep statistics of ``variant`` into ``out_dir`` (see the module docstring).
 
@@ -268,6 +269,9 @@ def compute_timestep_stats(
         duckdb_memory_limit: e.g. ``"4GB"``; DuckDB spills to a temporary folder beside ``out_dir``.
         lock_wait, lock_owner: see :func:`ddr_core.locks.partition_lock` (another run writing the
             same ``out_dir``: fail at once, or wait that many seconds).
+        merged: instead of reading the store, a function of the work folder giving the top-k parts, the
+            ``(T, F)`` maximum and the generation count: the merge of channel shards
+            (:mod:`ddr_core.statistics_shards`).
     """
     config = config or TimestepStatsConfig()
     out = check_output_folder(Path(out_dir), None, "statistics folder")  # replaced whole: a link would be lost
@@ -295,9 +299,28 @@ def compute_timestep_stats(
         recover_dir(out, remove_leftovers=True)  # a killed run's staging folder or swapped-out copy
         with atomic_dir(out) as staging:
             summary = _compute_into(store, variant, out, staging, observed, width, config,
-                                    log or (lambda _message: None), duckdb_memory_limit, plan)
+                                    log or (lambda _message: None), duckdb_memory_limit, plan, merged)
         write_stats_database(out, config)  # again: the views must name the final paths
     return summary
+
+
+def _read_merged_shards(merged: Callable[[Path], tuple[list[Path], np.ndarray, int]], work: Path,
+                        observed: np.ndarray, maximum: np.ndarray, examples: TopExamples, topk_writer: TopkWriter,
+                        rows_per_batch: int) -> int:
+    """Phase 1 from channel shards instead of the store: their merged top-k rows go to the top-k file and the
+    running top examples batch by batch (bounded memory), their maxima into ``maximum``; returns the generations."""
+    parts, shard_maximum, n_generations = merged(work)
+    maximum[...] = shard_maximum
+    column_of = np.full(int(observed.max()) + 1, -1, dtype=np.int64)
+    column_of[observed] = np.arange(len(observed))
+    for part in parts:
+        for batch in pq.ParquetFile(part).iter_batches(batch_size=max(rows_per_batch, 1)):
+            table = pa.Table.from_batches([batch]).select(TOPK_SCHEMA.names).cast(TOPK_SCHEMA)
+            generation_ids = table.column("generation_id").to_numpy()
+            topk_writer.write(table, generation_ids)
+            examples.add(column_of[table.column("timestep").to_numpy()], table.column("channel").to_numpy(),
+                         table.column("activation").to_numpy(), generation_ids)
+    return n_generations
 
 
 def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
@@ -309,6 +332,7 @@ def stats_lock_path(out_dir: str | os.PathLike[str]) -> Path:
 def _compute_into(
     store: ActivationStore, variant: str, out: Path, target: Path, observed: np.ndarray, width: int,
     config: TimestepStatsConfig, say: LogFn, duckdb_memory_limit: str | None, plan: MemoryPlan,
+    merged: Callable[[Path], tuple[list[Path], np.ndarray, int]] | None = None,
 ) -> StatsSummary:
     """Write every table, ``stats.duckdb`` and ``summary.json`` into ``target`` (the staging folder
     that becomes ``out``)."""
@@ -327,8 +351,11 @@ def _compute_into(
         topk_writer = TopkWriter(work / "topk_rows.parquet", observed)
         n_generations = chunks = 0
         try:
-            for generation_ids, timesteps, activations in store.iter_dense(
-                    variant, config.half, max_generations=plan.chunk_generations):
+            if merged is not None:  # channel shards read the store (ddr_core.statistics_shards): their merged top-k
+                n_generations = _read_merged_shards(merged, work, observed, maximum, examples, topk_writer,
+                                                    plan.chunk_generations * len(observed) * config.top_k)
+            for generation_ids, timesteps, activations in (() if merged is not None else store.iter_dense(
+                    variant, config.half, max_generations=plan.chunk_generations)):
                 if timesteps.tolist() != observed.tolist():
                     raise ValueError(
                         f"a batch of {variant!r} has timesteps {timesteps.tolist()} != {observed.tolist()}")

@@ -50,13 +50,17 @@ ENV_VARIABLES = {"host": "HOST", "port": "PORT", "user": "USER", "key_path": "KE
                  "keep_run_dirs": "KEEP_RUN_DIRS"}
 JOB_ENV_VARIABLES = {"partition": "PARTITION", "account": "ACCOUNT", "qos": "QOS", "gpus_per_node": "GPUS_PER_NODE",
                      "cpus_per_task": "CPUS", "mem": "MEM", "time_limit": "TIME", "requeue": "REQUEUE",
-                     "mail_type": "MAIL_TYPE", "mail_user": "MAIL_USER"}
-JOB_ENV_DEFAULTS = {"gpus_per_node": "0", "cpus_per_task": "4", "mem": "16G", "time_limit": "02:00:00"}
+                     "mail_type": "MAIL_TYPE", "mail_user": "MAIL_USER",
+                     "signal_before_timeout": "SIGNAL_BEFORE_TIMEOUT", "retries": "RETRIES"}
+JOB_ENV_DEFAULTS = {"gpus_per_node": "0", "cpus_per_task": "4", "mem": "16G", "time_limit": "02:00:00",
+                    "retries": "2"}
 # the allowed form of the fields whose checks do not name it themselves (the pattern checks do)
 _YES_NO = "yes or no (also 1/0, true/false, on/off)"
 _FORMS = {"port": "a whole number 1..65535", "host_key_checking": "strict, accept-new or off",
           "poll_timeout": "whole seconds >= 1", "poll_interval": "seconds > 0", "keep_run_dirs": _YES_NO,
           "requeue": _YES_NO, "gpus_per_node": "a whole number 0..64", "cpus_per_task": "a whole number 1..1024",
+          "signal_before_timeout": "whole seconds 0..86400, shorter than the time limit (0: off)",
+          "retries": "a whole number 0..100",
           "host": allowed_form("host")}
 
 
@@ -74,6 +78,8 @@ class SlurmSettings(BaseModel):
     | ``DDR_SLURM_DATA_ROOT`` / ``_CONFIG`` | data root / project config as the cluster sees them | local ones |
     | ``DDR_SLURM_PARTITION`` ``_ACCOUNT`` ``_QOS`` ``_GPUS_PER_NODE`` ``_CPUS`` ``_MEM`` ``_TIME`` | job defaults | cluster default / — / — / 0 / 4 / 16G / 02:00:00 |
     | ``DDR_SLURM_REQUEUE`` ``_MAIL_TYPE`` ``_MAIL_USER`` | job defaults | — |
+    | ``DDR_SLURM_SIGNAL_BEFORE_TIMEOUT`` | seconds before the time limit to stop after the unit in progress | off |
+    | ``DDR_SLURM_RETRIES`` | resubmissions of a preempted / requeued / timed-out / node-failed job | 2 |
     | ``DDR_SLURM_POLL_TIMEOUT`` | seconds to wait for one job | 86400 |
     | ``DDR_SLURM_POLL_INTERVAL`` | seconds between job state checks (each is one SSH command) | 2, growing to 5 |
     | ``DDR_SLURM_KEEP_RUN_DIRS`` | keep the remote job dirs (job script, ``slurm-<id>.out/.err``) | removed |
@@ -100,7 +106,8 @@ class SlurmSettings(BaseModel):
     poll_interval: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     keep_run_dirs: bool = False
     job: SlurmJobOptions = Field(default_factory=lambda: SlurmJobOptions(cpus_per_task=4, mem="16G",
-                                                                         time_limit="02:00:00", gpus_per_node=0))
+                                                                         time_limit="02:00:00", gpus_per_node=0,
+                                                                         retries=2))
 
     def __repr__(self) -> str:  # the key path is not secret, but keep reprs short and credential-free
         return f"SlurmSettings(host={self.host!r}, port={self.port}, user={self.user!r}, env_path={self.env_path!r})"
@@ -301,6 +308,28 @@ class _JobFiles:
         except Exception as exc:  # the log is a diagnostic: never hide the job's own failure behind it
             return f"(could not read the job log over SSH: {exc})"
 
+    def fate(self, job_id: str | None) -> tuple[str, list[str]]:
+        """(its state in the queue now, '' when not queued; its accounted states, one per run of it: ``sacct
+        -D`` lists each requeued run) in one SSH command; ('', []) when unknown."""
+        if not job_id or not _JOB_ID.fullmatch(str(job_id)):
+            return "", []
+        try:
+            with self._pool() as pool:
+                out = pool.run(f"squeue -h -j {job_id} -o %T 2>/dev/null; echo ---; "
+                               f"sacct -n -X -D -P -j {job_id} -o State 2>/dev/null || true")
+        except Exception as exc:  # a diagnostic: the failure stands without it
+            self.context.log.warning(f"could not ask Slurm how job {job_id} ended: {exc}")
+            return "", []
+        queued, _, accounted = out.partition("---")
+        return (queued.strip().split()[0] if queued.strip() else "",
+                [line.split()[0] for line in accounted.splitlines() if line.strip()])
+
+    def cancel(self, job_id: str) -> None:
+        """``scancel`` the job (a copy Slurm requeued, which a resubmission replaces)."""
+        if _JOB_ID.fullmatch(str(job_id)):
+            with self._pool() as pool:
+                pool.run(f"scancel {job_id} 2>/dev/null || true")
+
     def remove(self, job_id: str | None) -> None:
         """Remove the job's folder now (job id known), else leave it to dagster-slurm's deferred clean-up."""
         try:
@@ -358,6 +387,17 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
                      f"memory, time limit, scancel, node failure; or the report could not be written, e.g. on a "
                      f"full disk: then the stage's own error is in the log); the tail of its log:\n"
                      f"{log_tail or '(empty)'}")
+        interruption = _interruption(error, exc, job_id, files)
+        retries = job.retries or 0
+        if interruption and context.retry_number < retries:
+            context.log.warning(f"SLURM job {job_id} for {request.stage} was interrupted ({interruption}); "
+                                f"resubmitting it (retry {context.retry_number + 1} of {retries}): it resumes "
+                                f"from its finished units")
+            raise dg.RetryRequested(max_retries=retries) from exc
+        if interruption:
+            cause += (f" [interrupted ({interruption}) on attempt {context.retry_number + 1}; its {retries} "
+                      f"resubmission(s) (slurm.retries / DDR_SLURM_RETRIES) are used up: raise retries or "
+                      f"time_limit, then re-run: it resumes from its finished units]")
         raise dg.Failure(
             description=f"SLURM job {job_id or '(not submitted)'} for {request.stage} failed: {cause}",
             metadata={"slurm_job_id": str(job_id), "invocation_id": request.invocation_id,
@@ -381,6 +421,43 @@ def run_stage_on_slurm(context: dg.AssetExecutionContext, request: StageRequest,
     context.log.info(f"SLURM job {report.get('slurm_job_id')} finished {request.stage} in "
                      f"{report.get('seconds', 0):.1f}s on {report.get('host')}")
     return report
+
+
+# Slurm states of a job that did not fail by itself: resubmitted (Dagster's retry), resuming where it was
+INTERRUPTED_STATES = ("PREEMPTED", "REQUEUED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL")
+_QUEUED_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "CONFIGURING",
+                  "RESIZING")
+
+
+def _interruption(error: dict, exc: Exception, job_id: str | None, files: _JobFiles | None) -> str | None:
+    """Why the job was interrupted from outside, or None when it failed by itself (the stage raised, out of
+    memory, ``scancel``): those are not retried.
+
+    Why here and not through dagster-slurm: dagster-slurm 1.22 ends its monitoring with ``RuntimeError("Job
+    N was PREEMPTED")`` or ``"... Final state: TIMEOUT"`` (also when Slurm has requeued the job, which then
+    runs again unmonitored) and has no public hook to keep following a requeued job or to resubmit. So the
+    one place that calls it classifies the end here -- the payload's own ``interrupted`` report (it stopped
+    on the signal before the time limit), the state in dagster-slurm's message, Slurm's accounting (``sacct
+    -D``: every run of the job) -- cancels a requeued copy still in the queue (two copies must never write
+    the same partition), and lets Dagster's step retry (:class:`dagster.RetryRequested`, no daemon needed)
+    resubmit the stage, which resumes from its finished channels, batches and images.
+    """
+    if error.get("interrupted"):
+        return f"stopped after its finished units on {error['interrupted']}"
+    if error:  # the stage raised: deterministic, not retried
+        return None
+    message = re.search(r"(?:was|Final state:) ([A-Z_]+)", str(exc))
+    states = [message.group(1)] if message else []
+    queued = ""
+    if files is not None:
+        queued, accounted = files.fate(job_id)
+        states += accounted
+    interrupted = [state for state in states if state in INTERRUPTED_STATES]
+    if queued in _QUEUED_STATES and job_id:  # Slurm requeued it; dagster-slurm stopped following it
+        files.cancel(job_id)  # type: ignore[union-attr]
+        return f"Slurm requeued it ({', '.join(dict.fromkeys(interrupted)) or queued}); the requeued copy was " \
+               f"cancelled"
+    return ", ".join(dict.fromkeys(interrupted)) or None
 
 
 def _read_report(path: Path) -> dict | None:

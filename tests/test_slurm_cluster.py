@@ -14,6 +14,7 @@ needs DDR_SLURM_HOST/PORT/USER/KEY_PATH/ENV_PATH (docs/CLUSTER.md) and a data ro
 """
 
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -219,9 +220,10 @@ LOCAL_ADMIN = os.environ.get("DDR_SLURM_USER") == "root"
 ])
 def test_a_job_slurm_kills_fails_the_run_with_job_id_and_log_tail(chains, fault, action, state, log_line):
     """A long ``dreams_no_noise`` job (1000 steps) killed by Slurm itself: no payload error report, the
-    job's own log. ``requeue: false`` (an ``#SBATCH`` line): on node failure Slurm would requeue it."""
+    job's own log. ``requeue: false`` (an ``#SBATCH`` line): on node failure Slurm would requeue it;
+    ``retries: 0``: otherwise the wrapper would resubmit it (the preemption tests below)."""
     root, _, instance = chains
-    config = {**DREAMS, "channels": [14, 15], "num_steps": 1000, "slurm": {"requeue": False}}
+    config = {**DREAMS, "channels": [14, 15], "num_steps": 1000, "slurm": {"requeue": False, "retries": 0}}
     stop = threading.Event()
     watcher = _when_running("dagster_dreams_no_noise", action, stop)
     try:
@@ -300,3 +302,224 @@ def test_scancel_of_a_dreams_job_midway_then_rerun_resumes_and_equals_local(chai
     quality = pl.read_parquet(out_dir / "quality.parquet")
     assert quality.height == quality.select("channel", "timestep", "seed").n_unique()
     assert sorted(set(quality["channel"])) == DREAM_CHANNELS
+
+
+# ------------------------------------------------------------- preemption, requeue and time limits
+def _finished_batches(root: Path) -> dict[int, int]:
+    """batch index -> mtime (ns) of its dense file, for every finished capture batch under ``root``."""
+    from ddr_core.activation_store import ActivationStore
+
+    if not (root / "manifest.json").is_file() and not root.is_dir():
+        return {}
+    store = ActivationStore(root)
+    return {i: store.dense_path("tiny-raw", i).stat().st_mtime_ns for i in store.finished_batches()}
+
+
+def _requeue_midway(job_name: str, finished, stop: threading.Event, timeout: float = 300):
+    """A thread that, once ``finished()`` is not empty, ``scontrol requeue``s the running job whose name
+    contains ``job_name`` (what a preemption with PreemptMode=REQUEUE does), waits until Slurm has killed
+    it, records ``finished()`` then in ``.before``, and lets the requeued job start at once (a requeued
+    job is held ~2 min by Slurm before it may start again). ``.jobs``: the ids it requeued."""
+    jobs: list[str] = []
+    before: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            if finished():
+                running = [line.split() for line in on_cluster("squeue -h -t R -o '%A %j'").splitlines()]
+                mine = [job for job, name in running if job_name in name]
+                if mine:
+                    jobs.extend(mine)
+                    on_cluster(f"scontrol requeue {mine[0]}")
+                    while on_cluster(f"squeue -h -j {mine[0]} -o %T") in ("RUNNING", "COMPLETING"):
+                        time.sleep(0.1)
+                    before.update(finished())
+                    on_cluster(f"scontrol update jobid={mine[0]} starttime=now 2>/dev/null || true")
+                    return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.jobs, thread.before = jobs, before
+    thread.start()
+    return thread
+
+
+def _assert_dreams_equal(out_dir: Path, local_dir: Path, channels: list[int]) -> None:
+    def latents(folder: Path) -> list[Path]:
+        return sorted(p.relative_to(folder) for p in folder.rglob("latents.safetensors")
+                      if int(p.relative_to(folder).parts[0].removeprefix("channel_")) in channels)
+
+    names = latents(local_dir)
+    assert names and names == latents(out_dir)
+    for name in names:
+        a, b = load_file(out_dir / name), load_file(local_dir / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-5, err_msg=f"{name}:{key}")
+
+
+@pytest.mark.skipif(SKIP is None and not LOCAL_ADMIN,
+                    reason="needs Slurm admin rights (DDR_SLURM_USER=root: the local test cluster)")
+def test_requeue_mid_capture_resumes_without_redoing_batches_and_equals_local(chains):
+    """``scontrol requeue`` (a preemption) of a capture job after its first batch: the run still succeeds
+    (dagster-slurm follows the requeued job, or the wrapper cancels it and Dagster retries the step), the
+    finished batches are not written again, and the store equals an uninterrupted in-process capture."""
+    root, _, instance = chains
+    config = {**CAPTURE, "n_prompts": 12, "batch_size": 2}
+    local = materialize("activations", "tiny", root, instance, config=config, experiment="requeue-capture-local")
+    assert local.success, step_error(local)
+    store_dir = root / "outputs/requeue-capture/activations/tiny"
+    stop = threading.Event()
+    watcher = _requeue_midway("dagster_activations", lambda: _finished_batches(store_dir), stop)
+    try:
+        result = materialize("activations", "tiny", root, instance, "slurm", config, experiment="requeue-capture")
+    finally:
+        stop.set()
+        watcher.join(60)
+    assert watcher.jobs, "the capture job finished before it could be requeued"
+    assert result.success, step_error(result)
+    before, after = watcher.before, _finished_batches(store_dir)
+    n_batches = config["n_prompts"] // config["batch_size"]
+    assert 1 <= len(before) < n_batches, before  # requeued mid-capture
+    assert set(after) == set(range(n_batches))
+    assert {i: after[i] for i in before} == before  # the finished batches were not redone
+    assert metadata(result, "activations")["batches_resumed"] == len(before)
+    local_dir = root / "outputs/requeue-capture-local/activations/tiny"
+    files = sorted(p.relative_to(local_dir) for p in local_dir.rglob("*.safetensors"))
+    assert files and files == sorted(p.relative_to(store_dir) for p in store_dir.rglob("*.safetensors"))
+    for name in files:
+        a, b = load_file(store_dir / name), load_file(local_dir / name)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a), name
+
+
+@pytest.fixture(scope="module")
+def dream_inputs(chains):
+    """Two more experiments, ``requeue`` (dreams on SLURM) and ``requeue-local`` (the uninterrupted
+    in-process reference), each with an in-process ``activations[tiny]`` and ``timestep_stats[tiny-raw]``:
+    their dream folders are theirs alone (the other tests count every channel of theirs)."""
+    root, _, instance = chains
+    for experiment in ("requeue", "requeue-local"):
+        for name, key, config in [("activations", "tiny", CAPTURE), ("timestep_stats", "tiny-raw", STATS)]:
+            result = materialize(name, key, root, instance, config=config, experiment=experiment)
+            assert result.success, step_error(result)
+    return root, instance
+
+
+def _dreams_midway(root: Path, instance, config: dict, watcher_for) -> tuple[dg.ExecuteInProcessResult, object]:
+    """Dreams of ``config`` on SLURM in ``requeue`` with ``watcher_for(finished)`` interfering."""
+    out_dir = root / "outputs/requeue/dreams/tiny-raw"
+    stop = threading.Event()
+    watcher = watcher_for(lambda: _finished(out_dir) if out_dir.is_dir() else {}, stop)
+    try:
+        result = materialize("dreams", "tiny-raw:0-15", root, instance, "slurm", config, experiment="requeue")
+    finally:
+        stop.set()
+        watcher.join(60)
+    return result, watcher
+
+
+@pytest.mark.skipif(SKIP is None and not LOCAL_ADMIN,
+                    reason="needs Slurm admin rights (DDR_SLURM_USER=root: the local test cluster)")
+def test_requeue_mid_dreams_resumes_without_redoing_channels_and_equals_local(dream_inputs):
+    """``scontrol requeue`` of a dreams job after its first channel: the run succeeds, the finished
+    channels are not redone, the dreams equal an uninterrupted in-process run."""
+    root, instance = dream_inputs
+    channels = [4, 5, 6, 7]
+    config = {**DREAMS, "channels": channels}
+    local = materialize("dreams", "tiny-raw:0-15", root, instance, config=config, experiment="requeue-local")
+    assert local.success, step_error(local)
+    result, watcher = _dreams_midway(root, instance, config,
+                                     lambda finished, stop: _requeue_midway("dagster_dreams__", finished, stop))
+    assert watcher.jobs, "the dreams job finished before it could be requeued"
+    assert result.success, step_error(result)
+    out_dir = root / "outputs/requeue/dreams/tiny-raw"
+    before, after = watcher.before, _finished(out_dir)
+    assert 1 <= len(before) < len(channels), before
+    assert set(after) == set(channels)
+    assert {c: after[c] for c in before} == before  # finished channels were not redone
+    meta = metadata(result, "dreams")
+    assert meta["channels_resumed"] == len(before) and meta["channels_done"] == len(channels) - len(before)
+    _assert_dreams_equal(out_dir, root / "outputs/requeue-local/dreams/tiny-raw", channels)
+
+
+def _time_limit_after_first_channel(finished, stop: threading.Event, timeout: float = 300):
+    """A thread that, once the running dreams job has finished a channel, sets its time limit to two
+    minutes (``scontrol update``; it has run for a while, so fewer seconds than its signal lead remain:
+    Slurm sends the signal at its next check, as it would near the end of a long job), then records
+    ``finished()`` in ``.before`` when that job has ended. ``.jobs``: that job's id."""
+    jobs: list[str] = []
+    before: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            if not jobs and finished():
+                running = [line.split() for line in on_cluster("squeue -h -t R -o '%A %j'").splitlines()]
+                mine = [job for job, name in running if "dagster_dreams__" in name]
+                if mine:
+                    jobs.append(mine[0])
+                    on_cluster(f"scontrol update jobid={mine[0]} timelimit=2")
+            if jobs and on_cluster(f"squeue -h -j {jobs[0]} -o %T") not in ("RUNNING", "COMPLETING"):
+                before.update(finished())
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.jobs, thread.before = jobs, before
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_time_limit_signal_stops_after_a_channel_and_the_retry_resumes_and_equals_local(dream_inputs):
+    """Slurm's signal before the time limit (``signal_before_timeout: 110``, ``--signal=B:USR1@110``)
+    reaches the payload, which stops after the channel in progress and reports ``interrupted``; the
+    wrapper asks Dagster to retry the step (``RetryRequested``, no daemon) and the new job resumes. The
+    run succeeds, the first job's channels are not redone, the dreams equal an uninterrupted local run.
+
+    Slurm limits have one-minute granularity: the first job's limit drops from 5 to 2 minutes once it has
+    written a channel (with ~30 s gone, fewer than 110 s remain, so the signal is due at once); the retry
+    keeps 5 minutes and finishes."""
+    root, instance = dream_inputs
+    # ~40 s of work after the first channel: Slurm checks time limits every few (up to ~30) seconds
+    channels = list(range(8, 16))
+    config = {**DREAMS, "channels": channels, "num_steps": 96,
+              "slurm": {"time_limit": "00:05:00", "signal_before_timeout": 110, "retries": 2}}
+    local = materialize("dreams", "tiny-raw:0-15", root, instance,
+                        config={k: v for k, v in config.items() if k != "slurm"}, experiment="requeue-local")
+    assert local.success, step_error(local)
+    result, watcher = _dreams_midway(root, instance, config, _time_limit_after_first_channel)
+    assert result.success, step_error(result)
+    (first,) = watcher.jobs
+    accounted = on_cluster(f"sacct -X -n -P -j {first} -o State,Timelimit").split("|")
+    assert accounted == ["FAILED", "00:02:00"], accounted  # it stopped itself before the limit
+    assert [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"], "no retry"
+    out_dir = root / "outputs/requeue/dreams/tiny-raw"
+    before = {c: t for c, t in watcher.before.items() if c in channels}
+    after = {c: t for c, t in _finished(out_dir).items() if c in channels}
+    assert 1 <= len(before) < len(channels), before
+    assert set(after) == set(channels)
+    assert {c: after[c] for c in before} == before  # the first job's channels were not redone
+    assert metadata(result, "dreams")["channels_resumed"] == len(before)
+    _assert_dreams_equal(out_dir, root / "outputs/requeue-local/dreams/tiny-raw", channels)
+
+
+def test_timestep_stats_sharded_as_slurm_jobs_equals_one_run(chains, tmp_path):
+    """``timestep_stats`` with ``channel_shards: 2`` in compute mode slurm: each channel range is one SLURM
+    job (stage ``timestep_stats_shard``), merged in the asset; the folder equals the one-run statistics."""
+    from tests.test_statistics_shards import assert_same_statistics
+
+    root, _, instance = chains
+    stats_dir = root / "outputs/slurm/timestep_stats/tiny-raw"
+    single = tmp_path / "single"
+    shutil.copytree(stats_dir, single)  # chains computed it in one in-process run
+    result = materialize("timestep_stats", "tiny-raw", root, instance, "slurm",
+                         {**STATS, "channel_shards": 2, "slurm": {"time_limit": "00:10:00"}}, experiment="slurm")
+    assert result.success, step_error(result)
+    meta = metadata(result, "timestep_stats")
+    assert meta["channel_shards"] == 2 and len(meta["slurm_job_ids"]) == 2
+    for job in meta["slurm_job_ids"]:
+        assert on_cluster(f"sacct -X -n -P -j {job} -o State,Timelimit").split("|") == ["COMPLETED", "00:10:00"]
+    assert_same_statistics(single, stats_dir)
+    assert not (root / "outputs/slurm/timestep_stats/.tiny-raw.shards").exists()  # removed after the merge
