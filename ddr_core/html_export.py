@@ -25,6 +25,7 @@ the report (a full disk) still stops it, naming the file.
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -231,6 +232,14 @@ def svg_chart(
     return "".join(parts)
 
 
+def downloadable(svg: str, filename: str) -> str:
+    """An inline SVG chart with a link that saves it as a ``.svg`` file (a data URL: the report stays one
+    self-contained folder). ``filename`` is made here from numbers and fixed words, never from data."""
+    href = "data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode()
+    return (f'<figure class="chart">{svg}<figcaption><a download="{_e(filename)}" href="{href}">download SVG'
+            f"</a></figcaption></figure>")
+
+
 def _page(title: str, body: str, script: str = "") -> str:
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{_STYLE}</style></head><body>{body}"
@@ -333,12 +342,14 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
             f"{_e(summary.get('n_active_timesteps'))}, max activation {_fmt(summary.get('max_activation'))}, "
             f"peaks: {_e(', '.join(str(p['timestep']) for p in shard['peaks']) or 'none')}</p>",
             '<div class="charts">',
-            svg_chart(curves["timestep"].to_list(), activity, total, "activity profile (frequency in top-k)",
-                      "#2b8a3e", markers=dream_markers + peak_markers, rules=[p["timestep"] for p in shard["peaks"]],
-                      fill=True),
-            svg_chart(curves["timestep"].to_list(), curves["max_activation"].to_numpy(), total,
-                      "maximum activation over the dataset", "#e67e22",
-                      rules=[p["timestep"] for p in shard["peaks"]]),
+            downloadable(svg_chart(curves["timestep"].to_list(), activity, total, "activity profile (frequency in top-k)",
+                                   "#2b8a3e", markers=dream_markers + peak_markers,
+                                   rules=[p["timestep"] for p in shard["peaks"]], fill=True),
+                         f"channel_{channel:05d}_activity.svg"),
+            downloadable(svg_chart(curves["timestep"].to_list(), curves["max_activation"].to_numpy(), total,
+                                   "maximum activation over the dataset", "#e67e22",
+                                   rules=[p["timestep"] for p in shard["peaks"]]),
+                         f"channel_{channel:05d}_max_activation.svg"),
             "</div>", truth]
     if curve_problem is not None:
         body.append(f'<p class="failed">{_e(curve_problem)}</p>')

@@ -277,6 +277,37 @@ def max_activation_chart(shard: dict[str, Any], curves: pd.DataFrame, current: i
     return alt.layer(line, points, rule).properties(title="maximum activation over the dataset", height=height)
 
 
+def render_compare(layout: DataLayout, variants: list[str], variant: str, channel: int, current: int,
+                   height: int) -> None:
+    """Another channel beside this one (any variant: raw vs SAE, a finetune vs its base): its activity profile on
+    the same axis and its top dataset examples at its top peak (prompts as text)."""
+    other_variant = st.selectbox("Variant", variants, index=variants.index(variant), key="compare_variant")
+    stamp = _mtime(representation_dir(layout, other_variant) / "index.parquet")
+    index, _ = cached_index(str(layout.data_root), layout.experiment, other_variant, stamp)
+    active = [int(c) for c in index.loc[index["is_active"], "channel"]]
+    if not active:
+        st.info(escape_markdown(f"{other_variant} has no active channels."))
+        return
+    if st.session_state.get("compare_channel") not in active:
+        st.session_state["compare_channel"] = next((c for c in active if c != channel), active[0])
+    other = st.selectbox("Channel", active, key="compare_channel", format_func=lambda c: f"channel {c:05d}")
+    shard, problem = shard_or_problem(layout, other_variant, other, _mtime(shard_path(layout, other_variant, other)))
+    if shard is None:
+        st.warning(escape_markdown(f"channel {other} of {other_variant} cannot be shown: {problem}"))
+        return
+    curves, _ = cached_curves(str(layout.data_root), layout.experiment, shard)
+    st.altair_chart(activity_chart(shard, curves, current, height).properties(
+        title=f"activity profile - {other_variant} channel {other}"), width="stretch")
+    peak = shard["peaks"][0]["timestep"] if shard["peaks"] else None
+    at = nearest(sorted({e["timestep"] for e in shard["examples"]}, reverse=True), peak if peak is not None else 0)
+    examples = [e for e in shard["examples"] if e["timestep"] == at][:3]
+    for column, example in zip(st.columns(3), examples, strict=False):
+        with column:
+            show_image(layout, example["image"], what="dataset example image",
+                       caption=f"t={at} #{example['rank'] + 1}")
+            st.text(example["prompt"] or "")  # a prompt is data: plain text, never Markdown
+
+
 # --- tabs --------------------------------------------------------------------------------------------------
 
 
@@ -560,6 +591,8 @@ def main() -> None:
     with col_charts:
         st.altair_chart(activity_chart(shard, curves, current, profile_height), width="stretch")
         st.altair_chart(max_activation_chart(shard, curves, current, max_height), width="stretch")
+        if st.toggle("Compare with another channel (any variant)", key="compare"):
+            render_compare(layout, variants, variant, channel, current, profile_height)
     with col_tabs:
         tab_dreams, tab_examples, tab_priors, tab_where, tab_dose, tab_cfg = st.tabs(
             ["Visualisation", "Dataset examples", "Priors", "Where it fires", "Dose-response",

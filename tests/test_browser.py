@@ -226,6 +226,9 @@ def test_html_export_dose_response_section_opens_from_disk(driver, tmp_path: Pat
     assert "inside-outside" in table.text
     driver.get((index.parent / "channels" / "channel_00000.html").as_uri())
     section = "img[alt='dose-response image']"
+    # the report's images load lazily (loading="lazy"): the section sits below the dreams and priors
+    driver.execute_script("document.getElementById('dose').scrollIntoView();"
+                          "document.querySelectorAll(arguments[0]).forEach(i => { i.loading = 'eager'; });", section)
     WebDriverWait(driver, 60).until(lambda d: len(_loaded_images(d, section)) == 7)
     assert all(width > 0 for width in _loaded_images(driver, section))
     assert HOSTILE_CONCEPT in driver.find_element(By.TAG_NAME, "body").text  # shown as text

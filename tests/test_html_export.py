@@ -67,7 +67,9 @@ def _check_self_contained(out: Path) -> int:
         text = page.read_text(encoding="utf-8")
         assert not re.search(r"(src|href)=\"(https?:|file:|/)", text), page
         parsed = _parse(page)
-        for target in parsed.images + [link for link in parsed.links if not link.startswith("#")]:
+        # in-page anchors and the charts' own SVG downloads (data URLs made by the export) are not files
+        for target in parsed.images + [link for link in parsed.links
+                                       if not link.startswith(("#", "data:image/svg+xml;base64,"))]:
             resolved = (page.parent / target).resolve()
             assert resolved.is_file(), f"{page.name} -> {target}"
             assert out.resolve() in resolved.parents
@@ -89,6 +91,11 @@ def test_export_writes_a_self_contained_folder(toy, tmp_path: Path) -> None:
 
     page = (out / "channels" / "channel_00000.html").read_text()
     assert page.count("<svg") == 2
+    # each chart downloads as the same SVG the page shows
+    downloads = re.findall(r'<a download="([^"]+)" href="data:image/svg\+xml;base64,([^"]+)"', page)
+    assert [name for name, _ in downloads] == ["channel_00000_activity.svg", "channel_00000_max_activation.svg"]
+    import base64
+    assert all(base64.b64decode(data).decode() in page for _, data in downloads)
     # activity chart: 1 peak + 2 visualised timesteps as markers
     assert page.count('class="marker"') == 3
     assert "with schedule noise" in page and "without schedule noise" in page

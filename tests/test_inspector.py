@@ -468,3 +468,20 @@ def test_dose_response_tab(toy) -> None:
     effects = tab.dataframe[1].value
     row = effects[(effects["contrast"] == "inside-outside") & (effects["metric"] == "concept_prob")].iloc[0]
     assert row["difference"] == "0.700" and row["channels up"] == "1/1"
+
+
+def test_compare_shows_another_channel_beside_this_one(toy) -> None:
+    """The compare toggle: another channel's activity profile on the same axis and its top examples (prompts as
+    text) beside the shown channel; off by default (no extra chart)."""
+    at = _app()
+    assert len(at.get("vega_lite_chart")) == 2
+    images, texts = len(at.get("image")), len(at.text)
+    at = _run(at.toggle(key="compare").set_value(True))
+    assert len(at.get("image")) - images == len(at.text) - texts > 0  # its examples: an image and a prompt each
+    assert at.selectbox(key="compare_variant").value == VARIANT
+    other = at.selectbox(key="compare_channel").value
+    assert other != at.selectbox(key="channel").value
+    charts = at.get("vega_lite_chart")
+    assert len(charts) == 3 and f"{VARIANT} channel {other}" in charts[2].proto.spec
+    at = _run(at.selectbox(key="compare_channel").select(2))
+    assert f"{VARIANT} channel 2" in at.get("vega_lite_chart")[2].proto.spec
