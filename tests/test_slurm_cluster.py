@@ -444,17 +444,18 @@ def test_requeue_mid_dreams_resumes_without_redoing_channels_and_equals_local(dr
 
 
 def _time_limit_after_first_channel(finished, stop: threading.Event, timeout: float = 300):
-    """A thread that, once the running dreams job has finished a channel, sets its time limit to two
-    minutes (``scontrol update``; it has run for a while, so fewer seconds than its signal lead remain:
-    Slurm sends the signal at its next check, as it would near the end of a long job), then records
-    ``finished()`` in ``.before`` when that job has ended. ``.jobs``: that job's id."""
+    """A thread that, as soon as the dreams job runs, sets its time limit to two minutes (``scontrol update``:
+    after 10 s fewer seconds than its signal lead remain, and Slurm sends the signal at its next check, as it
+    would near the end of a long job; the payload stops after the channel in progress, so at least one is
+    finished), then records ``finished()`` in ``.before`` when that job has ended. ``.jobs``: that job's id.
+    Not "after the first channel": on an idle machine the rest of the job could end before Slurm's next check."""
     jobs: list[str] = []
     before: dict = {}
 
     def watch():
         deadline = time.monotonic() + timeout
         while not stop.is_set() and time.monotonic() < deadline:
-            if not jobs and finished():
+            if not jobs:
                 running = [line.split() for line in on_cluster("squeue -h -t R -o '%A %j'").splitlines()]
                 mine = [job for job, name in running if "dagster_dreams__" in name]
                 if mine:
@@ -478,13 +479,12 @@ def test_time_limit_signal_stops_after_a_channel_and_the_retry_resumes_and_equal
     wrapper asks Dagster to retry the step (``RetryRequested``, no daemon) and the new job resumes. The
     run succeeds, the first job's channels are not redone, the dreams equal an uninterrupted local run.
 
-    Slurm limits have one-minute granularity: the first job's limit drops from 5 to 2 minutes once it has
-    written a channel (with ~30 s gone, fewer than 110 s remain, so the signal is due at once); the retry
-    keeps 5 minutes and finishes."""
+    Slurm limits have one-minute granularity: the first job's limit drops from 5 to 2 minutes as soon as it
+    runs (after 10 s fewer than 110 s remain, so the signal is due at Slurm's next check, within ~30 s); the
+    job has minutes of work, so it is still running then; the retry keeps 5 minutes and finishes."""
     root, instance = dream_inputs
-    # ~40 s of work after the first channel: Slurm checks time limits every few (up to ~30) seconds
     channels = list(range(8, 16))
-    config = {**DREAMS, "channels": channels, "num_steps": 96,
+    config = {**DREAMS, "channels": channels, "num_steps": 240,
               "slurm": {"time_limit": "00:05:00", "signal_before_timeout": 110, "retries": 2}}
     local = materialize("dreams", "tiny-raw:0-15", root, instance,
                         config={k: v for k, v in config.items() if k != "slurm"}, experiment="requeue-local")
