@@ -81,16 +81,10 @@ def classifier_of(storage: DdrStorage, variant: str):
     renders_of: dict = {}
 
     def classify(paths: list[str], families: list[str]) -> pl.DataFrame:
-        from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
+        from ddr_core.concept_classifier import model_concept_classifier
         from ddr_core.feature_concepts import classify_images, load_images
-        from ddr_core.paths import file_inside
-        from ddr_core.pipeline import check_provisioned_model
 
-        model_dir, field = layout.model_dir(spec.model), f"models.{spec.model}.concept_classifier"
-        check_provisioned_model(model_dir)
-        for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
-            file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
-        classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
+        classifier = model_concept_classifier(project, layout, spec.model)
         images = load_images(layout.data_root, paths)
         frame = pl.DataFrame({"image": paths, **classify_images(classifier, images, families)})
         if model.world is not None and images:

@@ -308,3 +308,23 @@ def load_concept_classifier(folder: str | Path) -> ConceptClassifier:
             f"Weights in {root / WEIGHTS_FILENAME} do not match {CONFIG_FILENAME}: {error}"
         ) from error
     return model.eval()
+
+
+def model_concept_classifier(project: Any, layout: Any, model_name: str) -> ConceptClassifier | None:
+    """The concept classifier a provisioned model declares (``models.<name>.concept_classifier``, a folder inside
+    the model folder), or ``None`` where it declares none. The model's provisioned files are checked first (the
+    classifier came with them: unchanged?) and neither file may lead out of the model folder through a link, at any
+    level. One definition for every stage that classifies images (feature_concepts, visual_benchmark,
+    dose_response)."""
+    from ddr_core.paths import file_inside
+    from ddr_core.pipeline import check_provisioned_model
+
+    model = project.models[model_name]
+    if not model.concept_classifier:
+        return None
+    field = f"models.{model_name}.concept_classifier"
+    model_dir = layout.model_dir(model_name)
+    check_provisioned_model(model_dir)
+    for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
+        file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
+    return load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))

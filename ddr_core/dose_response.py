@@ -419,22 +419,11 @@ def channel_concepts(feature_concepts_dir: str | Path) -> Concepts | None:
 
 
 def variant_classifier(project: Any, layout: Any, variant: str) -> Any:
-    """The concept classifier the variant's model declares (its provisioned files checked, no link out of the
-    model folder), or ``None``."""
-    spec = project.variants[variant]
-    model = project.models[spec.model]
-    if not model.concept_classifier:
-        return None
-    from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
-    from ddr_core.paths import file_inside
-    from ddr_core.pipeline import check_provisioned_model
+    """The concept classifier of the variant's model (:func:`ddr_core.concept_classifier.model_concept_classifier`),
+    or ``None``."""
+    from ddr_core.concept_classifier import model_concept_classifier
 
-    field_name = f"models.{spec.model}.concept_classifier"
-    model_dir = layout.model_dir(spec.model)
-    check_provisioned_model(model_dir)
-    for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):
-        file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field_name)
-    return load_concept_classifier(file_inside(model_dir, model.concept_classifier, field_name))
+    return model_concept_classifier(project, layout, project.variants[variant].model)
 
 
 def dose_response_for_variant(project: Any, layout: Any, variant: str, channels: Sequence[int] | None,

@@ -69,15 +69,9 @@ images (and the capture's generations, as the reference) come to the world's ren
             paths = [p for p in generations["image_path"].to_list() if p]
             generation_images = load_images(layout.data_root, paths) if paths else None
     if model.concept_classifier:
-        from ddr_core.concept_classifier import CONFIG_FILENAME, WEIGHTS_FILENAME, load_concept_classifier
-        from ddr_core.pipeline import check_provisioned_model
+        from ddr_core.concept_classifier import model_concept_classifier
 
-        field = f"models.{spec.model}.concept_classifier"
-        model_dir = layout.model_dir(spec.model)
-        check_provisioned_model(model_dir)  # the classifier's files were provisioned with the model: unchanged?
-        for name in (CONFIG_FILENAME, WEIGHTS_FILENAME):  # no link out of the model folder, at any level
-            file_inside(model_dir, f"{model.concept_classifier.rstrip('/')}/{name}", field)
-        classifier = load_concept_classifier(file_inside(model_dir, model.concept_classifier, field))
+        classifier = model_concept_classifier(project, layout, spec.model)
     elif log:
         log(f"model {spec.model!r} declares no concept_classifier: prior / dream agreement is skipped")
     if generations is None and (config or FeatureConceptsConfig()).examples == "peak_all_generations":
