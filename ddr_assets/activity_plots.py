@@ -10,6 +10,7 @@ from ddr_assets.blocks import BlockRun, ChannelBlockStage, VariantWork, channel_
 from ddr_assets.configs import dagster_config_from, to_core
 from ddr_assets.lineage import require_upstream
 from ddr_assets.partitions import block_to_variant_mapping
+from ddr_core.config import config_hash
 from ddr_core.plots import write_channel_figures
 from ddr_core.records import read_record
 
@@ -44,7 +45,8 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
             stats_dir, [c for c in channels if c in drawn],
             layout.check_output_folder(layout.activity_plots_dir(variant), "figures folder"), layout.data_root,
             dpi=plots_config.dpi, duration_ms=int(plots_config.frame_duration_s * 1000),
-            lock_owner=f"dagster run {run.context.run_id}")
+            lock_owner=f"dagster run {run.context.run_id}",
+            stamp=f"{ACTIVITY_PLOTS_CODE_VERSION}-{stats_record['data_version']}-{config_hash(plots_config.model_dump())}")
         run.context.log.info(f"{len(block_written)} figure(s) for channels {channels[0]}..{channels[-1]} of {variant}")
         per_block[key] = {"figures": [layout.relative(p) for p in block_written]}
         written += block_written

@@ -33,7 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from ddr_core.atomic import atomic_path, remove_temporaries_of
+from ddr_core.atomic import atomic_path, atomic_write_text, remove_temporaries_of
 from ddr_core.channel_store import channel_file, channel_name
 from ddr_core.paths import UnsafePathError, check_output_folder, resolve_in_data_root
 from ddr_core.statistics import interpolate_profile, read_summary
@@ -266,8 +266,13 @@ def write_channel_figures(
     duration_ms: int = 2000,
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    stamp: str | None = None,
 ) -> list[Path]:
     """Render and save the figure of every channel in ``channels`` into ``out_dir``, holding a claim on them.
+
+    With ``stamp`` (what the figure is drawn from: the statistics' data version, the settings, the code version),
+    a channel whose figure exists and was drawn from the same stamp (``.channel_<c>.stamp``, written after the
+    figure) is not drawn again: a re-run with everything present redraws nothing.
 
     Args:
         stats_dir: finished timestep statistics.
@@ -291,10 +296,19 @@ def write_channel_figures(
     with claim_channels(out, channels, wait=lock_wait, owner=lock_owner or "activity plots"):
         remove_temporaries_of(out, [name for c in channels for name in figure_names(c)])
         for channel in channels:
+            stamp_path = out / f".{channel_name(channel)}.stamp"
+            if stamp is not None and stamp_path.is_file() and stamp_path.read_text(encoding="utf-8") == stamp:
+                existing = [out / name for name in figure_names(channel) if (out / name).is_file()]
+                if len(existing) == 1:  # drawn from the same inputs: kept as it is
+                    written.append(existing[0])
+                    continue
+            stamp_path.unlink(missing_ok=True)  # a figure being redrawn is not stamped until it is written
             frames = render_channel_figure(stats_dir, channel, image_root, dpi=dpi)
             path = save_activity_figure(frames, out / channel_name(channel), duration_ms=duration_ms)
             for name in figure_names(channel):
                 if name != path.name:
                     (out / name).unlink(missing_ok=True)
+            if stamp is not None:
+                atomic_write_text(stamp_path, stamp)
             written.append(path)
     return written

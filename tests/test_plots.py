@@ -168,3 +168,25 @@ def test_unusable_example_images_are_placeholders_not_errors(stats, tmp_path):
     for name in ("1.png", "2.png", "3.png"):
         (tmp_path / "root" / "images" / name).write_bytes(b"not a png")
     assert len(render_channel_figure(out, 0, image_root=tmp_path / "root")) == 3
+
+
+def test_figures_drawn_from_the_same_stamp_are_not_drawn_again(stats, tmp_path, monkeypatch):
+    """A re-run with everything present redraws nothing (issue: the demo's re-run redrew every plot); another
+    stamp (new statistics, settings or code) or a missing figure redraws that channel."""
+    from ddr_core import plots
+
+    root, out = stats
+    figures = tmp_path / "figures"
+    drawn: list[int] = []
+    render = plots.render_channel_figure
+    monkeypatch.setattr(plots, "render_channel_figure",
+                        lambda stats_dir, channel, *a, **k: drawn.append(channel) or render(stats_dir, channel, *a, **k))
+    first = plots.write_channel_figures(out, [0, 2], figures, root, stamp="v1")
+    again = plots.write_channel_figures(out, [0, 2], figures, root, stamp="v1")
+    assert again == first and drawn == [0, 2]
+    first[1].unlink()
+    plots.write_channel_figures(out, [0, 2], figures, root, stamp="v1")
+    assert drawn == [0, 2, 2]  # only the missing one
+    plots.write_channel_figures(out, [0], figures, root, stamp="v2")
+    plots.write_channel_figures(out, [0], figures, root)  # no stamp: always drawn
+    assert drawn == [0, 2, 2, 0, 0]
