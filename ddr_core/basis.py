@@ -108,7 +108,31 @@ class RawChannels(Basis):
         return directions
 
 
-class TopKSaeBasis(Basis):
+class SaeFeatureBasis(Basis):
+    """What every SAE kind shares: its features as units, each unit's activation the ReLU of its pre-activation
+    averaged over positions, the pre-activation itself (a gradient where the feature is inactive). A kind gives
+    :meth:`_pre` (per-position pre-activations), ``reduce``, ``directions`` and ``load``."""
+
+    def __init__(self, sae: Any) -> None:
+        self.sae = sae
+        self.width = int(sae.num_latents)
+
+    @property
+    def unit_name(self) -> str:
+        return "SAE features"
+
+    def _pre(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions)``: each element's feature before the ReLU, per position."""
+        raise NotImplementedError
+
+    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
+
+    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self._pre(tokens, units).mean(dim=1).float()
+
+
+class TopKSaeBasis(SaeFeatureBasis):
     """The features of a TopK SAE (SAeUron format, :class:`ddr_core.sae.Sae`).
 
     A feature's activation is its pre-top-k value ``relu(W_enc[f] . (x - b_dec) + b_enc[f])``: the objective
@@ -126,14 +150,6 @@ class TopKSaeBasis(Basis):
         folder = find_sae_folder(sae_dir, layer_name)
         return cls(load_sae(folder, expected_d_in=layer_width, device=device, dtype=torch.float32))
 
-    def __init__(self, sae: Any) -> None:
-        self.sae = sae
-        self.width = int(sae.num_latents)
-
-    @property
-    def unit_name(self) -> str:
-        return "SAE features"
-
     def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
         parameter = next(self.sae.parameters())
         features = self.sae.feature_activations(tokens.to(device=parameter.device, dtype=parameter.dtype))
@@ -145,12 +161,6 @@ class TopKSaeBasis(Basis):
         weight, bias = self.sae.encoder_rows(units)  # (n, d_in), (n,)
         inputs = self.sae.prepare_input(tokens) - self.sae.b_dec  # (n, N, d_in)
         return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-
-    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
-
-    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return self._pre(tokens, units).mean(dim=1).float()
 
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         index = self.check_units(units).to(self.sae.W_dec.device)

@@ -439,16 +439,12 @@ def dose_response_for_variant(project: Any, layout: Any, variant: str, channels:
     """
     from ddr_core.basis import basis_class
     from ddr_core.feature_concepts import feature_concepts_dir
-    from ddr_core.statistics import read_summary
+    from ddr_core.statistics import require_statistics
     from ddr_core.variant_inputs import load_variant_model, select_variant_channels
 
     variant_channels = select_variant_channels(project, variant, channels)
     stats_dir = layout.timestep_stats_dir(variant)
-    try:
-        read_summary(stats_dir)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"the timestep statistics of variant {variant!r} are missing ({error}): materialize "
-                                f"timestep_stats[{variant}] first") from None
+    require_statistics(stats_dir, variant)  # before loading a model
     spec = project.variants[variant]
     scale = (spec.overrides.get("priors", {}).get("steer_strength_scale")
              or basis_class(spec.basis).default_steer_scale)

@@ -95,7 +95,7 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
     stage_locks_dir,
 )
 from ddr_core.paths import check_output_folder, relative_to_data_root
-from ddr_core.statistics import read_summary
+from ddr_core.statistics import read_summary, require_statistics
 from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSelection re-exported
     TimestepSelection,
     check_stats_channels,
@@ -539,14 +539,7 @@ def priors_for_variant(
     variant_channels = select_variant_channels(project, variant, channels)
     layer_name, selected = variant_channels.layer_name, variant_channels.channels
     stats_dir = layout.timestep_stats_dir(variant)
-    try:
-        read_summary(stats_dir)  # fail before loading the model when the statistics are missing
-    except FileNotFoundError as error:
-        raise FileNotFoundError(
-            f"the timestep statistics of variant {variant!r} are missing ({error}): materialize "
-            f"timestep_stats[{variant}] first (e.g. `dagster asset materialize -m dagster_project.definitions --select timestep_stats "
-            f"--partition {variant}`)"
-        ) from None
+    require_statistics(stats_dir, variant)  # before loading a model
 
     out_dir = layout.stage_dir("priors", variant)
     model, basis = load_variant_model(project, layout, variant, out_dir, "priors folder", device, config.dtype)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ddr_core.atomic import widen_to_umask
-from ddr_core.basis import Basis
+from ddr_core.basis import SaeFeatureBasis
 from ddr_core.sae import SaeFormatError
 
 CONFIG_FILENAME = "config.json"
@@ -266,7 +266,7 @@ def find_unbox_folder(root: str | Path, layer_name: str) -> Path:
     return folder
 
 
-class UnboxSaeBasis(Basis):
+class UnboxSaeBasis(SaeFeatureBasis):
     """The features of an sdxl-unbox SAE (:class:`ddr_core.sae_unbox.UnboxSae`), read on the block's residual
     update. A feature's activation is its pre-top-k ``relu(W_enc[f] . (x - pre_bias) + latent_bias[f])``, its
     pre-activation the same without the ReLU; its steering direction is its decoder column
@@ -280,14 +280,6 @@ class UnboxSaeBasis(Basis):
         folder = find_unbox_folder(sae_dir, layer_name)
         return cls(load_unbox_sae(folder, expected_d_in=layer_width, device=device, dtype=torch.float32))
 
-    def __init__(self, sae: Any) -> None:
-        self.sae = sae
-        self.width = int(sae.num_latents)
-
-    @property
-    def unit_name(self) -> str:
-        return "SAE features"
-
     def reduce(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.sae.feature_activations(tokens).mean(dim=1)
 
@@ -298,12 +290,6 @@ class UnboxSaeBasis(Basis):
         bias = self.sae.latent_bias[units]  # (n,)
         inputs = tokens.to(dtype=weight.dtype, device=weight.device) - self.sae.pre_bias
         return torch.einsum("bnd,bd->bn", inputs, weight) + bias[:, None]
-
-    def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
-
-    def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        return self._pre(tokens, units).mean(dim=1).float()
 
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         index = self.check_units(units).to(self.sae.pre_bias.device)

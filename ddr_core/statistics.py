@@ -629,6 +629,19 @@ def write_stats_database(stats_dir: str | os.PathLike[str], config: TimestepStat
     return destination
 
 
+def require_statistics(stats_dir: str | os.PathLike[str], variant: str) -> dict[str, Any]:
+    """The finished statistics' summary of ``variant``, or ``FileNotFoundError`` naming what to materialize (the
+    stages that read them call this before loading a model)."""
+    try:
+        return read_summary(stats_dir)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"the timestep statistics of variant {variant!r} are missing ({error}): materialize "
+            f"timestep_stats[{variant}] first (e.g. `dagster asset materialize -m dagster_project.definitions "
+            f"--select timestep_stats --partition {variant}`)"
+        ) from None
+
+
 def connect_stats(stats_dir: str | os.PathLike[str]) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection with the stats tables as views, wherever ``stats_dir`` now lies."""
     stats_dir = Path(stats_dir).resolve()

@@ -33,7 +33,7 @@ images (and the capture's generations, as the reference) come to the world's ren
     """
     from ddr_core.activation_store import ActivationStore
     from ddr_core.paths import file_inside
-    from ddr_core.statistics import read_summary
+    from ddr_core.statistics import require_statistics
 
     if variant not in project.variants:
         raise KeyError(f"unknown variant {variant!r}; declared: {sorted(project.variants)}")
@@ -43,11 +43,7 @@ images (and the capture's generations, as the reference) come to the world's ren
         raise ValueError(f"variant {variant!r}: prompt dataset {spec.prompts!r} declares no concept labels; add "
                          f"`labels: {{families: [...]}}` under prompt_datasets.{spec.prompts} in the project config")
     stats_dir = layout.timestep_stats_dir(variant)
-    try:
-        read_summary(stats_dir)
-    except FileNotFoundError as error:
-        raise FileNotFoundError(f"the timestep statistics of variant {variant!r} are missing ({error}): "
-                                f"materialize timestep_stats[{variant}] first") from None
+    require_statistics(stats_dir, variant)  # before loading a model
     layout.check_output_folder(feature_concepts_dir(layout, variant), "feature_concepts folder")  # no link
     labels = prompt_labels(file_inside(layout.prompts_dir(spec.prompts), dataset.file,
                                        f"prompt_datasets.{spec.prompts}.file"), dataset.labels, dataset.text_field)
