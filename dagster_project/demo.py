@@ -70,6 +70,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("representation_shards", blocks),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
         ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
+        ("feature_labels", [v for v in variants if v in cfg.labeller_variants()]),  # after feature_concepts: checked
         ("dose_response", few),  # after feature_concepts: it measures the concepts' probabilities
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
