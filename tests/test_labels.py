@@ -288,3 +288,96 @@ def test_a_model_naming_an_unknown_labeller_is_refused() -> None:
     data["models"]["toy-world"]["labeller"] = "clip-vit-b23"
     with pytest.raises(ValueError, match="models.toy-world.labeller: unknown labeller 'clip-vit-b23'"):
         ProjectConfig.model_validate(data)
+
+
+# ---- the stage and the asset on a hand-made capture ----------------------------------------------------------
+
+
+def _hand_made_capture(tmp_path: Path):
+    """The toy world's 36 prompts, one 16 px image each (colour fill, shape grey in the top-left block: what
+    tests.test_feature_concepts.RuleClassifier reads), in a real activation store of toy-raw (64 channels):
+    channel 0 fires on the red prompts, channel 1 at random, the others never."""
+    from ddr_core.activation_store import ActivationStore, VariantBatch
+    from ddr_core.config import load_project_config
+    from ddr_core.paths import DataLayout
+    from tests.test_feature_concepts import _png, write_prompts
+
+    project = load_project_config()
+    layout = DataLayout(tmp_path / "data", "default")
+    store = ActivationStore(layout.activations_dir(project.capture_of("toy-raw")))
+    rows, values = [], np.zeros((len(PROMPTS), 1, 64), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    for g, prompt in enumerate(PROMPTS):
+        parsed = parse_prompt(prompt)
+        image = _png(layout.data_root, f"outputs/default/activations/toy/images/gen_{g:07d}.png", parsed["colour"],
+                     parsed["shape"])
+        rows.append({"generation_id": g, "prompt_index": g, "prompt": prompt, "image_index": 0, "seed": g,
+                     "image_path": image})
+        values[g, 0, 0] = 5.0 * (parsed["colour"] == "red") + rng.random()
+        values[g, 0, 1] = rng.random()
+    store.write_batch(0, rows, [501], {"toy-raw": VariantBatch(values)})
+    store.finalize()
+    stats = layout.timestep_stats_dir("toy-raw")
+    stats.mkdir(parents=True)
+    pl.DataFrame({"channel": pl.Series([0, 1], dtype=pl.Int32), "peak_rank": pl.Series([0, 0], dtype=pl.Int32),
+                  "observed_timestep": pl.Series([501, 501], dtype=pl.Int64)}).write_parquet(
+        stats / "activity_peaks.parquet")
+    (stats / "summary.json").write_text('{"width": 64, "config_hash": "stats0"}')
+    write_prompts(layout.prompts_dir("toy-world-prompts") / "prompts.jsonl")
+    return project, layout
+
+
+def test_stage_labels_a_planted_red_channel_from_its_images(tmp_path: Path) -> None:
+    """feature_labels_for_variant end to end (store ranking, images read off disk, the labeller, the output folder):
+    the red channel is labelled colour=red with a perfect, significant score; the random one is not significant."""
+    from ddr_core.labels import feature_labels_for_variant, read_feature_labels
+    from tests.test_feature_concepts import RuleClassifier
+
+    project, layout = _hand_made_capture(tmp_path)
+    labeller = ConceptClassifierLabeller(RuleClassifier(), families=["colour", "shape"])
+    red = sum(parse_prompt(p)["colour"] == "red" for p in PROMPTS)
+    table, summary, out = feature_labels_for_variant(project, layout, "toy-raw", FeatureLabelsConfig(n_top=red),
+                                                     labeller=labeller)
+    assert out == layout.stage_dir("feature_labels", "toy-raw") and read_feature_labels(out)[1]["scored"] == 2
+    first = table.row(0, named=True)
+    assert first["label"] == "colour=red" and first["score"] == 1.0 and first["significant"]
+    assert first["concept"] is None and first["label_matches"] is None  # no feature_concepts verdicts to check
+    assert not table.row(1, named=True)["significant"] and table.height == 64 and summary["scored"] == 2
+    with pytest.raises(ValueError, match="names no labeller"):
+        feature_labels_for_variant(project, layout, "tiny-raw")
+
+
+def test_the_asset_materializes_with_a_labels_table(tmp_path: Path) -> None:
+    import dagster as dg
+    import torch
+
+    from ddr_assets import ALL_ASSETS
+    from ddr_assets.feature_labels import feature_labels
+    from ddr_core.concept_classifier import (
+        ConceptClassifier,
+        ConceptClassifierConfig,
+        save_concept_classifier,
+    )
+    from ddr_core.records import make_record, read_record, write_record
+    from ddr_resources.resources import ComputeResource, DdrStorage
+    from tests.markdown_check import rendered_text
+
+    defs = dg.Definitions(assets=ALL_ASSETS, resources={"storage": DdrStorage(), "compute": ComputeResource()})
+    dg.Definitions.validate_loadable(defs)
+    node = defs.resolve_asset_graph().get(dg.AssetKey("feature_labels"))
+    assert node.partitions_def.get_partition_keys() == ["toy-raw", "toy-sae"]  # the profile's labeller variants
+    assert dg.AssetKey("feature_concepts") in node.parent_keys
+
+    _, layout = _hand_made_capture(tmp_path)
+    torch.manual_seed(0)
+    save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(image_size=16, channels=(8,), norm_groups=4)),
+                            layout.model_dir("toy-world") / "concept_classifier")
+    write_record(layout.records_dir, make_record("timestep_stats", "toy-raw", "1", {}, {}, "stats-v1"))
+    result = dg.materialize([feature_labels], partition_key="toy-raw", raise_on_error=False,
+                            resources={"storage": DdrStorage(data_root=str(layout.data_root))})
+    assert result.success
+    meta = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+    assert meta["features"] == 64 and meta["features_scored"] == 2 and meta["chance"] == 0.5
+    assert meta["labeller"] == "toy-concepts (concept-classifier)"
+    assert "| feature | label | score |" in meta["labels"] and "colour=" in rendered_text(meta["labels"])
+    assert read_record(layout.records_dir, "feature_labels", "toy-raw")["outputs"]["scored"] == 2
