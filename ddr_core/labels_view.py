@@ -110,3 +110,21 @@ def labels_html(layout: DataLayout, variant: str, channel: int) -> str:
     if line:
         parts.append(f"<p><small>Variant: {_e(line)}</small></p>")
     return "".join(parts)
+
+
+def feature_label_lines(layout: DataLayout, variants: list[str]) -> list[str]:
+    """The demo's closing lines: per labelled variant its :func:`summary_line` (nothing when none was labelled)."""
+    from ddr_core.labels import read_feature_labels
+
+    lines = []
+    for variant in variants:
+        try:
+            found = read_feature_labels(layout.stage_dir(STAGE, variant))
+        except Exception:  # noqa: BLE001 - a summary line is not worth failing the demo's report for
+            found = None
+        line = summary_line(found[1]) if found else None
+        if line:
+            lines.append(f"  {variant}: {line}")
+    if lines:
+        lines.insert(0, "Automatic labels (feature_labels; docs/LABELS.md; [95% bootstrap intervals over features]):")
+    return lines

@@ -78,3 +78,14 @@ def test_the_html_export_shows_the_label_escaped(toy_labels, tmp_path):
     assert "&lt;a href=&quot;http://attacker.example/html&quot;&gt;x&lt;/a&gt;" in second
     assert '<a href="http://attacker.example' not in second
     assert page.index('<section id="label">') < page.index('<section id="examples">')  # examples stay last
+
+
+def test_the_demo_prints_one_summary_line_per_labelled_variant(toy_labels):
+    from ddr_core.labels_view import feature_label_lines
+    from tests.representation_data import VARIANT
+
+    assert feature_label_lines(toy_labels.layout, [VARIANT]) == []
+    _write_labels(toy_labels.layout, VARIANT)
+    lines = feature_label_lines(toy_labels.layout, [VARIANT, "other"])
+    assert lines[0].startswith("Automatic labels (feature_labels") and len(lines) == 2
+    assert "mean detection score 0.68 [0.45, 0.90] vs chance 0.50; 1 significant (BH)" in lines[1]
