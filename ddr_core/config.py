@@ -350,6 +350,8 @@ class LabellerConfig(_Strict):
     description: str = ""
     source: SourceConfig | None = Field(default=None, description="clip: where its weights come from")
     vocabulary: list[str] = Field(default_factory=list, description="clip: the candidate labels (2 or more)")
+    top_k: int = Field(1, ge=1, description="clip: an image shows the label when it is among its top_k most probable "
+                                            "vocabulary entries")
 
     @model_validator(mode="after")
     def _fits_kind(self) -> LabellerConfig:
@@ -358,9 +360,12 @@ class LabellerConfig(_Strict):
                 raise ValueError("a clip labeller needs `source:` (its weights, e.g. a hub repo)")
             if len(self.vocabulary) < 2:
                 raise ValueError("a clip labeller needs a `vocabulary:` of 2 or more candidate labels")
-        elif self.source is not None or self.vocabulary:
+            if self.top_k >= len(self.vocabulary):
+                raise ValueError(f"top_k {self.top_k} would accept every vocabulary entry; give a top_k below "
+                                 f"{len(self.vocabulary)}")
+        elif self.source is not None or self.vocabulary or self.top_k != 1:
             raise ValueError("a concept-classifier labeller uses the model's own classifier: leave out `source:` "
-                             "and `vocabulary:`")
+                             "`vocabulary:` and `top_k:`")
         from ddr_core.prompts import text_problem
 
         for index, entry in enumerate(self.vocabulary):

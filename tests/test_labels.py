@@ -233,7 +233,9 @@ def test_clip_labeller_is_provisioned_through_the_hub_and_labels_from_its_vocabu
     assert np.ptp(encoded, axis=0).max() > 0  # the images are told apart
     label = labeller.label(encoded, np.arange(6))
     assert label in VOCABULARY
-    assert labeller.detect(label, encoded, np.arange(12)).dtype == bool
+    detected = labeller.detect(label, encoded, np.arange(12))
+    assert detected.dtype == bool
+    assert np.array_equal(detected, encoded.argmax(axis=1) == VOCABULARY.index(label))  # top_k 1: the top entry
     activations = pl.DataFrame([{"channel": 0, "prompt": f"p{i}", "generation_id": i, "activation": float(12 - i)}
                                 for i in range(12)])
     table = label_features(activations, encoded, {i: i for i in range(12)}, labeller, [0],
@@ -267,6 +269,8 @@ def test_clip_preprocessing_resizes_crops_and_normalises() -> None:
     ({"kind": "clip", "vocabulary": ["a dog", "a dog"], "source": {"hub": {"repo_id": "a/b"}}}, "repeats"),
     ({"kind": "clip", "vocabulary": ["a dog", " "], "source": {"hub": {"repo_id": "a/b"}}}, "empty"),
     ({"kind": "concept-classifier", "vocabulary": ["a dog", "a cat"]}, "leave out"),
+    ({"kind": "clip", "vocabulary": ["a dog", "a cat"], "top_k": 2, "source": {"hub": {"repo_id": "a/b"}}},
+     "would accept every"),
     ({"kind": "sam"}, "kind"),
 ])
 def test_labeller_config_is_validated(entry: dict, message: str) -> None:
@@ -381,3 +385,15 @@ def test_the_asset_materializes_with_a_labels_table(tmp_path: Path) -> None:
     assert meta["labeller"] == "toy-concepts (concept-classifier)"
     assert "| feature | label | score |" in meta["labels"] and "colour=" in rendered_text(meta["labels"])
     assert read_record(layout.records_dir, "feature_labels", "toy-raw")["outputs"]["scored"] == 2
+
+
+def test_clip_detection_is_the_label_among_the_top_k_entries() -> None:
+    from ddr_core.labels.clip import ClipLabeller
+
+    labeller = object.__new__(ClipLabeller)  # detect reads only the vocabulary and top_k (no weights needed)
+    labeller.vocabulary, labeller.top_k = ["a", "b", "c"], 1
+    probabilities = np.asarray([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7]])
+    assert labeller.detect("b", probabilities, np.arange(3)).tolist() == [False, True, False]
+    labeller.top_k = 2
+    assert labeller.detect("b", probabilities, np.arange(3)).tolist() == [True, True, True]
+    assert labeller.detect("a", probabilities, np.arange(3)).tolist() == [True, True, False]

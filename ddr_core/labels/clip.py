@@ -126,4 +126,4 @@ def provision_labeller(layout: Any, name: str, config: Any, log: Any = None) -> 
 def clip_labeller(context: LabellerContext) -> ClipLabeller:
     """The CLIP labeller of a ``labellers`` entry: its weights provisioned, its vocabulary from the config."""
     folder = provision_labeller(context.layout, context.name, context.config)
-    return ClipLabeller(folder, context.config.vocabulary)
+    return ClipLabeller(folder, context.config.vocabulary, top_k=context.config.top_k)
