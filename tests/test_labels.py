@@ -396,4 +396,4 @@ def test_clip_detection_is_the_label_among_the_top_k_entries() -> None:
     assert labeller.detect("b", probabilities, np.arange(3)).tolist() == [False, True, False]
     labeller.top_k = 2
     assert labeller.detect("b", probabilities, np.arange(3)).tolist() == [True, True, True]
-    assert labeller.detect("a", probabilities, np.arange(3)).tolist() == [True, True, False]
+    assert labeller.detect("a", probabilities, np.arange(3)).tolist() == [True, False, False]
