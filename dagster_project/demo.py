@@ -16,6 +16,7 @@ import dagster as dg
 
 from ddr_assets.partitions import block_key, parse_block_key, project
 from ddr_core.dose_response_view import dose_response_lines
+from ddr_core.labels_view import feature_label_lines
 from ddr_resources.resources import ComputeResource, DdrStorage
 
 # Run config of the demo: a fixed seed so two demos give the same pictures.
@@ -70,6 +71,7 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("representation_shards", blocks),
         ("feature_concepts", [v for v in variants if v in cfg.labelled_variants()]),
         ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
+        ("feature_labels", [v for v in variants if v in cfg.labeller_variants()]),  # after feature_concepts: checked
         ("dose_response", few),  # after feature_concepts: it measures the concepts' probabilities
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                  + dose_response_lines(layout, variants)):
         print(line)
     for line in heatmap_lines(layout, variants):
+        print(line)
+    for line in feature_label_lines(layout, variants):  # ddr_core/labels_view.py
         print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"

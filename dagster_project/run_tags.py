@@ -27,7 +27,8 @@ RANGE_START_TAG = "dagster/asset_partition_range_start"
 RANGE_END_TAG = "dagster/asset_partition_range_end"
 # provisioning assets: the tag naming what they provision
 PROVISION_TAGS = {"models": "ddr/model", "saes": "ddr/sae", "prompt_datasets": "ddr/prompts"}
-VARIANT_ASSETS = {"timestep_stats", "cfg_contrast", "html_export", "feature_concepts", "visual_benchmark"}
+VARIANT_ASSETS = {"timestep_stats", "cfg_contrast", "html_export", "feature_concepts", "visual_benchmark",
+                  "feature_labels"}
 
 
 def _split_block(key: str) -> tuple[str, str] | None:

@@ -57,6 +57,8 @@ def variant_plan(project: ProjectConfig, variant: str, blocks: int | None = None
     needs += [(asset, key) for asset in BLOCK_STAGES for key in keys]
     if variant in project.labelled_variants():
         needs += [("feature_concepts", variant), ("visual_benchmark", variant)]
+    if variant in project.labeller_variants():
+        needs.append(("feature_labels", variant))
     needs.append(("html_export", variant))
     return sort_needs(project, needs)
 

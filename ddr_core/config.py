@@ -276,6 +276,12 @@ class ModelConfig(_Strict):
                     "enables the prior / dream agreement of feature_concepts",
     )
 
+    labeller: str | None = Field(
+        default=None,
+        description="the `labellers` entry that names this model's channels / SAE features (feature_labels); "
+                    "unset: no automatic labels",
+    )
+
     world: Literal["toy-world", "toy-world-rich"] | None = Field(
         default=None,
         description="the synthetic world the model was trained on (`toy-world`, or `toy-world-rich`: "
@@ -327,6 +333,51 @@ class ConceptLabelsConfig(_Strict):
             if unknown:
                 raise ValueError(f"parser {self.parser!r} gives the families {list(LABEL_PARSERS[self.parser])}, "
                                  f"not {unknown}")
+        return self
+
+
+LABELLER_KINDS = ("concept-classifier", "clip")
+"""Kinds of automatic labeller (one module each in :mod:`ddr_core.labels`)."""
+MAX_VOCABULARY_ENTRY = 100
+
+
+class LabellerConfig(_Strict):
+    """An automatic labeller of features (:mod:`ddr_core.labels`): ``concept-classifier`` (the model's own concept
+    classifier, toy world) or ``clip`` (zero-shot CLIP over a candidate ``vocabulary``, weights from ``source``,
+    provisioned like a model)."""
+
+    kind: Literal["concept-classifier", "clip"]
+    description: str = ""
+    source: SourceConfig | None = Field(default=None, description="clip: where its weights come from")
+    vocabulary: list[str] = Field(default_factory=list, description="clip: the candidate labels (2 or more)")
+    top_k: int = Field(1, ge=1, description="clip: an image shows the label when it is among its top_k most probable "
+                                            "vocabulary entries")
+
+    @model_validator(mode="after")
+    def _fits_kind(self) -> LabellerConfig:
+        if self.kind == "clip":
+            if self.source is None:
+                raise ValueError("a clip labeller needs `source:` (its weights, e.g. a hub repo)")
+            if len(self.vocabulary) < 2:
+                raise ValueError("a clip labeller needs a `vocabulary:` of 2 or more candidate labels")
+            if self.top_k >= len(self.vocabulary):
+                raise ValueError(f"top_k {self.top_k} would accept every vocabulary entry; give a top_k below "
+                                 f"{len(self.vocabulary)}")
+        elif self.source is not None or self.vocabulary or self.top_k != 1:
+            raise ValueError("a concept-classifier labeller uses the model's own classifier: leave out `source:` "
+                             "`vocabulary:` and `top_k:`")
+        from ddr_core.prompts import text_problem
+
+        for index, entry in enumerate(self.vocabulary):
+            problem = text_problem(entry)
+            if problem is None and (not entry.strip() or entry != entry.strip()):
+                problem = "is empty or has leading / trailing spaces"
+            if problem is None and len(entry) > MAX_VOCABULARY_ENTRY:
+                problem = f"is longer than {MAX_VOCABULARY_ENTRY} characters"
+            if problem is not None:
+                raise ValueError(f"vocabulary[{index}] {entry[:40]!r}: {problem}; write a short plain phrase")
+        if len(set(self.vocabulary)) != len(self.vocabulary):
+            raise ValueError(f"vocabulary repeats an entry: {self.vocabulary}")
         return self
 
 
@@ -444,6 +495,8 @@ class ProjectConfig(_Strict):
     saes: dict[str, SaeSourceConfig] = Field(default_factory=dict)
     prompt_datasets: dict[str, PromptDatasetConfig]
     variants: dict[str, VariantConfig]
+    labellers: dict[str, LabellerConfig] = Field(
+        default_factory=dict, description="automatic labellers of features, named; a model picks one (`labeller:`)")
     default_variants: list[str] = Field(default_factory=list)
     profiles: dict[str, list[str]] = Field(
         default_factory=dict, description="named sets of variants the Dagster UI offers as partitions")
@@ -456,7 +509,7 @@ class ProjectConfig(_Strict):
     def _experiment_name(cls, value: str) -> str:
         return _name(value, "experiment")
 
-    @field_validator("models", "saes", "prompt_datasets", "variants")
+    @field_validator("models", "saes", "prompt_datasets", "variants", "labellers")
     @classmethod
     def _entry_names(cls, value: dict[str, Any], info: Any) -> dict[str, Any]:
         for name in value:
@@ -474,6 +527,10 @@ class ProjectConfig(_Strict):
                                  f"declared: {sorted(self.prompt_datasets)}")
             if variant.sae and variant.sae not in self.saes:
                 raise ValueError(f"variants.{name}.sae: unknown SAE {variant.sae!r}; declared: {sorted(self.saes)}")
+        for name, model in self.models.items():
+            if model.labeller is not None and model.labeller not in self.labellers:
+                raise ValueError(f"models.{name}.labeller: unknown labeller {model.labeller!r}; "
+                                 f"declared: {sorted(self.labellers)}")
         groups: dict[str, tuple[str, ...]] = {}
         for name in self.variants:
             key = (self.variants[name].model, self.layer_of(name), self.variants[name].prompts)
@@ -570,6 +627,10 @@ class ProjectConfig(_Strict):
     def labelled_variants(self) -> list[str]:
         """Variants whose prompt dataset declares concept labels (those ``feature_concepts`` scores)."""
         return [name for name, v in self.variants.items() if self.prompt_datasets[v.prompts].labels is not None]
+
+    def labeller_variants(self) -> list[str]:
+        """Variants whose model names a labeller (those ``feature_labels`` labels)."""
+        return [name for name, v in self.variants.items() if self.models[v.model].labeller is not None]
 
     def variant_hash(self, variant: str) -> str:
         # hook: output (the default, and all there was before the field) stays out, so older hashes hold

@@ -40,6 +40,7 @@ from ddr_core.column_help import column_help
 from ddr_core.dose_response_view import dose_effects_html, dose_response_html
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.heatmap_view import heatmaps_html
+from ddr_core.labels_view import labels_html
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -362,6 +363,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
                 ("priors", "Priors", _priors_html(shard, files)),
                 ("dose", "Steering dose-response", dose_response_html(layout, variant, channel, files)),  # its view
                 ("cfg", "Conditional vs unconditional", cfg_contrast_section(layout, variant, channel, total)),
+                ("label", "Label", labels_html(layout, variant, channel)),  # labels_view.py
                 ("examples", "Dataset examples", _examples_html(shard, files))]
     body.append('<nav class="contents">On this page: '
                 + " · ".join(f'<a href="#{anchor}">{_e(title)}</a>' for anchor, title, _ in sections) + "</nav>")

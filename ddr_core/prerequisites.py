@@ -33,11 +33,11 @@ BLOCK_ASSETS = ("activity_plots", "priors", "dreams", "dreams_no_noise", "repres
 # The order a plan runs in (every asset after all it may read).
 STAGE_ORDER = ("models", "saes", "prompt_datasets", "activations", "timestep_stats", "cfg_contrast", "activity_plots",
                "priors", "dreams", "dreams_no_noise", "heatmaps", "representation_shards", "feature_concepts",
-               "visual_benchmark", "dose_response", "html_export")
+               "visual_benchmark", "feature_labels", "dose_response", "html_export")
 # Which partitions definition an asset has: assets of one kind can share a `dagster asset materialize`.
 PARTITION_KIND = {"models": "model", "saes": "sae", "prompt_datasets": "prompt_dataset", "activations": "capture",
                   "timestep_stats": "variant", "cfg_contrast": "variant", "html_export": "variant", "feature_concepts": "labelled_variant",
-                  "visual_benchmark": "labelled_variant", **{a: "block" for a in BLOCK_ASSETS}}
+                  "visual_benchmark": "labelled_variant", "feature_labels": "labeller_variant", **{a: "block" for a in BLOCK_ASSETS}}
 DEFINITIONS_MODULE = "dagster_project.definitions"
 
 
@@ -55,7 +55,7 @@ def direct_requirements(project: ProjectConfig, asset: str, key: str, *, use_pri
     if asset in ("timestep_stats", "cfg_contrast"):
         return [("activations", project.capture_of(key))]
     if asset in ("activity_plots", "priors", "representation_shards", "html_export", "feature_concepts", "heatmaps",
-                 "dose_response"):
+                 "dose_response", "feature_labels"):
         return [("timestep_stats", block_variant(key))]
     if asset in ("dreams", "dreams_no_noise"):
         return [("timestep_stats", block_variant(key))] + ([("priors", key)] if use_prior else [])
