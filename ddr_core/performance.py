@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 COMPILED_EXTRA_BLOCKS = ("ResnetBlock2D",)
+COMPILE_RECOMPILE_LIMIT = 64
 
 
 class PerformanceConfig(BaseModel):
@@ -144,6 +145,10 @@ def tuned_denoiser(denoiser: nn.Module, config: PerformanceConfig | dict[str, An
             options: dict[str, Any] = {"backend": config.compile_backend}
             if config.compile_backend == "inductor":
                 options["mode"] = config.compile_mode
+            # blocks of one class but other widths (ResnetBlock2D 320/640/1280, with or without a shortcut) and
+            # grad vs inference mode are separate compilations of one code object: raise Dynamo's limit of 8
+            # (past it, Dynamo silently runs the block eagerly) for the stage
+            stack.enter_context(torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT))
             for module in denoiser.modules():
                 if type(module).__name__ in names and "forward" not in vars(module):
                     module.forward = torch.compile(module.forward, **options)  # hooks stay in eager _call_impl
