@@ -117,3 +117,63 @@ def test_dreams_on_the_tuned_path_equal_the_plain_ones(tiny_pipe):
     torch.testing.assert_close(tuned.latents, plain.latents, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(tuned.history["activation"]),
                                torch.from_numpy(plain.history["activation"]), rtol=1e-4, atol=1e-5)
+
+
+# --- the stages and assets take it as an option ------------------------------------------------------
+
+
+STAGE_TUNED = {"channels_last": True, "fuse_qkv": True, "attention": "math"}
+
+
+def _safetensors_arrays(folder):
+    from safetensors.numpy import load_file
+
+    return {f"{p.relative_to(folder)}:{k}": v for p in sorted(folder.rglob("*.safetensors"))
+            for k, v in load_file(str(p)).items()}
+
+
+def test_capture_and_dreams_stages_on_the_tuned_path_equal_the_plain_ones(tmp_path, tiny_model_dir):
+    """``performance`` in a stage's args (what the assets' ``performance:`` run config sends) reaches the
+    denoiser, and the stage's outputs equal the plain run's within float tolerance."""
+    import numpy as np
+
+    from ddr_core.cluster_payload import run_stage
+    from ddr_core.paths import DataLayout
+    from tests.test_distributed import CAPTURE, DREAMS, _data_root, _dream_arrays, _request
+
+    roots = {name: _data_root(tmp_path / name, tiny_model_dir) for name in ("plain", "tuned")}
+    logs: dict[str, list[str]] = {"plain": [], "tuned": []}
+    for name, root in roots.items():
+        extra = {"performance": STAGE_TUNED} if name == "tuned" else {}
+        for stage, args in (("capture_group", {"group": "tiny", "config": {**CAPTURE, "n_prompts": 2}}),
+                            ("dreams_for_variant", {"variant": "tiny-raw", "channels": [5, 9], "config": DREAMS})):
+            run_stage(_request(root, stage, {**args, **extra}, stage), log=logs[name].append)
+    assert any("performance options: channels_last, attention=math, fuse_qkv" in line for line in logs["tuned"])
+    assert not any("performance options" in line for line in logs["plain"])
+    capture = {n: _safetensors_arrays(DataLayout(r).activations_dir("tiny")) for n, r in roots.items()}
+    dreams = {n: _dream_arrays(r / "outputs/default/dreams/tiny-raw") for n, r in roots.items()}
+    for arrays in (capture, dreams):
+        assert arrays["plain"] and sorted(arrays["plain"]) == sorted(arrays["tuned"])
+        for key, value in arrays["plain"].items():
+            if value.dtype.kind == "f":
+                np.testing.assert_allclose(arrays["tuned"][key], value, rtol=1e-3, atol=1e-4, err_msg=key)
+            else:
+                np.testing.assert_array_equal(arrays["tuned"][key], value, err_msg=key)
+
+
+def test_the_assets_run_config_section_is_checked_before_anything_runs():
+    import dagster as dg
+
+    from ddr_assets.activations import ActivationsConfig
+    from ddr_assets.configs import PerformanceRunConfig, performance_args
+    from ddr_assets.dreams import DreamsRunConfig
+
+    assert performance_args(DreamsRunConfig(), asset="dreams") == {}  # unset: the plain path, args as before
+    tuned = DreamsRunConfig(performance=PerformanceRunConfig(compile="blocks", channels_last=True))
+    assert performance_args(tuned, asset="dreams") == {"performance": {"channels_last": True, "compile": "blocks"}}
+    assert performance_args(ActivationsConfig(performance=PerformanceRunConfig()), asset="activations") == {}
+    with pytest.raises(dg.Failure, match=r"invalid config for dreams: .*compile is 'off'"):
+        performance_args(DreamsRunConfig(performance=PerformanceRunConfig(compile_mode="max-autotune-no-cudagraphs")),
+                         asset="dreams")
+    with pytest.raises(ValidationError, match="attention"):
+        PerformanceRunConfig(attention="xformers")  # Dagster validates the field when the run config loads
