@@ -47,7 +47,7 @@ PerformanceRunConfig = dagster_config_from(PerformanceConfig, "PerformanceRunCon
 PERFORMANCE_FIELD = (
     PerformanceRunConfig | None,
     Field(None, description="how the denoiser computes (channels_last, compile: blocks, attention kernel, fuse_qkv, "
-                            "autocast; docs/CLUSTER.md 'GPU efficiency'); unset: the plain eager path"),
+                            "autocast; docs/GPU_EFFICIENCY.md); unset: the plain eager path"),
 )
 
 

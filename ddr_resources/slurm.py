@@ -178,13 +178,9 @@ def _directives_launcher_class():
     return DirectivesBashLauncher
 
 
-def build_slurm_compute(settings: SlurmSettings | None = None, *, debug_mode: bool = False,
-                        fanout_key: str | None = None):
-    """The ``dagster_slurm.ComputeResource`` (mode ``slurm``, one sbatch job per call) for ``settings``;
-    with ``fanout_key``, one of several parallel calls of a step (:mod:`ddr_resources.slurm_fanout`)."""
+def build_slurm_compute(settings: SlurmSettings | None = None, *, debug_mode: bool = False):
+    """The ``dagster_slurm.ComputeResource`` (mode ``slurm``, one sbatch job per call) for ``settings``."""
     from dagster_slurm import ComputeResource, SlurmQueueConfig, SlurmResource, SSHConnectionResource
-
-    from ddr_resources.slurm_fanout import fanout_compute_class
 
     settings = settings or SlurmSettings.from_env()
     ssh = SSHConnectionResource(host=settings.host, port=settings.port, user=settings.user,
@@ -198,10 +194,8 @@ def build_slurm_compute(settings: SlurmSettings | None = None, *, debug_mode: bo
                 "status_poll_max_interval_seconds": max(settings.poll_interval, 5.0)}
                if settings.poll_interval else {})
     slurm = SlurmResource(ssh=ssh, queue=queue, remote_base=settings.remote_base, **polling)
-    resource = ComputeResource if fanout_key is None else fanout_compute_class()
-    extra = {} if fanout_key is None else {"fanout_key": fanout_key}
-    return resource(mode="slurm", slurm=slurm, default_launcher=_directives_launcher_class()(),
-                    pre_deployed_env_path=settings.env_path, debug_mode=debug_mode, **extra)
+    return ComputeResource(mode="slurm", slurm=slurm, default_launcher=_directives_launcher_class()(),
+                           pre_deployed_env_path=settings.env_path, debug_mode=debug_mode)
 
 
 def new_request(stage: str, args: dict[str, Any], *, data_root: str | Path, experiment: str,

@@ -3,24 +3,24 @@
 Used where one materialization has independent parts (``timestep_stats`` with ``channel_shards: N``: one job
 per channel range, merged after). Each call is :func:`ddr_resources.slurm.run_stage_on_slurm` (the one
 code path of a SLURM job: options, error reports, log tails, interruption classification), run in a thread
-of its own with a dagster-slurm client of its own, so the N jobs are queued and run at the same time.
+of its own with a dagster-slurm compute resource of its own, so the N jobs are queued and run at once.
 
-Why the client is adapted (dagster-slurm 1.22.0, pinned): its ``run()`` submits one job and blocks until it
-ends, and assumes one call per Dagster step at a time:
+dagster-slurm 1.22.0 (pinned) submits one job per blocking ``run()`` and assumes one call per step at a time.
+Through its public configuration only:
 
 - its remote folder is a function of the step (``<remote_base>/runs/<run id>/<step>``), so parallel calls
-  would share one ``messages.jsonl`` and payload: each fan-out call gets the sibling folder
-  ``<step>__<invocation id>`` (same depth, so :class:`ddr_resources.slurm._JobFiles` finds its log);
-- it records the job id in the run's tags and, on the next call of the step, *adopts* a job it finds there
-  (to survive a Dagster restart): a sibling shard would adopt another shard's job. Fan-out calls neither
-  record nor adopt; a restarted run resubmits the shards that have not finished (finished ones are skipped
-  before any job is submitted);
-- it installs SIGINT/SIGTERM handlers, which Python allows only in the main thread: in a fan-out thread
-  the installation is skipped (the main thread's handlers stay; jobs keep running on the cluster, as they
-  do with the handler dagster-slurm would have installed).
-
-``tests/test_slurm_fanout.py`` checks that these private hooks still exist, so an upgrade that moves them
-fails there, not on a cluster.
+  would share one Pipes message file and payload: each fan-out call gets its own ``remote_base``,
+  ``<remote_base>/fanout/<invocation id>`` (the environment is pre-deployed, ``DDR_SLURM_ENV_PATH``, so
+  nothing big is staged there), removed after the call unless ``DDR_SLURM_KEEP_RUN_DIRS``;
+- the job ids it records in the run's tags (to re-attach after a Dagster restart) are read from the run as
+  it was when the step started, so sibling calls of one step never adopt each other's jobs; a re-executed
+  run may find the last one recorded, as with sequential calls (then its report is missing and the call
+  fails, naming the invocation);
+- its ``run()`` installs SIGINT/SIGTERM handlers, which Python allows only in the main thread: the one
+  adaptation here replaces the ``signal`` module *as that client module sees it* by one whose ``signal()``
+  installs from the main thread only (elsewhere it returns the installed handler); the main thread's
+  handlers stay, jobs keep running on the cluster on a signal, as with dagster-slurm's own handler.
+  tests/test_slurm_fanout.py checks the client still calls ``signal.signal`` through that module global.
 
 An interrupted job (preempted, requeued, time limit, node failure: what :func:`run_stage_on_slurm` answers
 with :class:`dagster.RetryRequested`) is resubmitted alone, up to the job's ``retries``; the others keep
@@ -30,7 +30,6 @@ kept on the data root, so a re-run redoes only the failed part).
 
 from __future__ import annotations
 
-import functools
 import re
 import signal
 import threading
@@ -47,7 +46,7 @@ from ddr_core.stage_request import StageRequest
 
 _KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 RunOne = Callable[[StageRequest], dict]
-FANOUT_CLIENT_HOOKS = ("_get_remote_run_dir", "_find_reattachable_job", "_store_job_tags")
+DEFAULT_REMOTE_BASE = "$HOME/pipelines"  # dagster-slurm's default (ddr_resources.slurm._JobFiles)
 
 
 class _MainThreadSignals:
@@ -71,40 +70,25 @@ def _install_thread_safe_signals() -> None:
         slurm_pipes_client.signal = _MainThreadSignals()
 
 
-def adapt_fanout_client(client: Any, key: str) -> Any:
-    """``client`` (a dagster-slurm ``SlurmPipesClient``) with its own remote folder ``<step>__<key>`` and
-    without job adoption or job tags (module docstring)."""
+def fanout_settings(settings: Any, key: str) -> Any:
+    """``settings`` with the ``remote_base`` of the fan-out call ``key``: ``<remote_base>/fanout/<key>``."""
     if not _KEY.fullmatch(key):  # it becomes part of a remote shell path
         raise ValueError(f"fan-out key {key!r} must match {_KEY.pattern}")
-    step_dir = client._get_remote_run_dir
-    client._get_remote_run_dir = lambda remote_base, run_id, op_context: (
-        f"{step_dir(remote_base, run_id, op_context)}__{key}")
-    client._find_reattachable_job = lambda *args, **kwargs: None
-    client._store_job_tags = lambda *args, **kwargs: None
-    return client
+    base = settings.remote_base or DEFAULT_REMOTE_BASE
+    return type(settings).model_validate({**settings.model_dump(), "remote_base": f"{base}/fanout/{key}"})
 
 
-@functools.cache
-def fanout_compute_class() -> type:
-    """dagster-slurm's ``ComputeResource`` with a ``fanout_key``: when set, its clients are adapted for that call."""
-    from dagster_slurm import ComputeResource
+def _remove_remote_folder(settings: Any, context: Any) -> None:
+    """Remove a fan-out call's ``remote_base`` (its job folder is already gone; empty folders are left)."""
+    from dagster_slurm.helpers import SSHConnectionPool
 
-    class FanoutComputeResource(ComputeResource):
-        fanout_key: str = ""
+    from ddr_resources.slurm import build_slurm_compute, remote_shell_path
 
-        def get_pipes_client(self, context: Any, launcher: Any = None) -> Any:
-            client = super().get_pipes_client(context, launcher=launcher)
-            return adapt_fanout_client(client, self.fanout_key) if self.fanout_key else client
-
-    return FanoutComputeResource
-
-
-def fanout_compute(settings: Any, key: str) -> Any:
-    """The dagster-slurm compute resource of one fan-out call ``key`` (its own folder, no job adoption)."""
-    from ddr_resources.slurm import build_slurm_compute
-
-    _install_thread_safe_signals()
-    return build_slurm_compute(settings, fanout_key=key)
+    try:
+        with SSHConnectionPool(build_slurm_compute(settings).slurm.ssh) as pool:
+            pool.run(f"rm -rf {remote_shell_path(settings.remote_base)}")
+    except Exception as exc:  # tidying up must never hide the call's own result
+        context.log.warning(f"could not remove the fan-out folder {settings.remote_base}: {exc}")
 
 
 def run_stages_on_slurm(context: dg.AssetExecutionContext, requests: Sequence[StageRequest], *,
@@ -128,9 +112,16 @@ def run_stages_on_slurm(context: dg.AssetExecutionContext, requests: Sequence[St
     except ValueError:  # invalid options: run_stage_on_slurm fails each call naming the field
         retries = 0
     if run_one is None:
+        _install_thread_safe_signals()
+
         def run_one(request: StageRequest) -> dict:
-            return run_stage_on_slurm(context, request, local_data_root=local_data_root, settings=settings,
-                                      options=options, compute=fanout_compute(settings, request.invocation_id))
+            mine = fanout_settings(settings, request.invocation_id)
+            try:
+                return run_stage_on_slurm(context, request, local_data_root=local_data_root, settings=mine,
+                                          options=options)
+            finally:
+                if not mine.keep_run_dirs:
+                    _remove_remote_folder(mine, context)
 
     def one(request: StageRequest) -> dict:
         attempt = 0

@@ -1,6 +1,6 @@
 """``benchmarks/bench_gpu.py --compare`` (issue #19 item 5): its arguments, and a CPU smoke run of today's path
 vs a tuned one in one run with ratios (numbers meaningless on CPU; the GPU run is the lead's, see
-docs/CLUSTER.md / the notes of the s8-gpu session)."""
+docs/GPU_EFFICIENCY.md, scripts/gpu_check_issue19.sh)."""
 
 from __future__ import annotations
 

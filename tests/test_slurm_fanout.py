@@ -17,12 +17,7 @@ import pytest
 
 from ddr_core.slurm_options import SlurmJobOptions
 from ddr_core.stage_request import StageRequest
-from ddr_resources.slurm_fanout import (
-    FANOUT_CLIENT_HOOKS,
-    _MainThreadSignals,
-    adapt_fanout_client,
-    run_stages_on_slurm,
-)
+from ddr_resources.slurm_fanout import _MainThreadSignals, fanout_settings, run_stages_on_slurm
 
 
 def _context():
@@ -99,27 +94,24 @@ def test_a_failed_job_fails_the_step_after_the_others_finished():
     assert sorted(finished) == ["inv1", "inv2"]  # not cancelled: their work is kept for the re-run
 
 
-def test_the_adapted_dagster_slurm_internals_exist_in_the_pinned_version():
+def test_the_client_installs_its_signal_handlers_through_the_module_global_the_fan_out_adapts():
     from dagster_slurm.pipes_clients import slurm_pipes_client
     from dagster_slurm.pipes_clients.slurm_pipes_client import SlurmPipesClient
 
-    for name in FANOUT_CLIENT_HOOKS:
-        assert callable(getattr(SlurmPipesClient, name, None)), name
-    assert list(inspect.signature(SlurmPipesClient._get_remote_run_dir).parameters) == [
-        "self", "remote_base", "run_id", "op_context"]
-    assert hasattr(slurm_pipes_client, "signal")  # the module global the fan-out makes thread-safe
+    assert hasattr(slurm_pipes_client, "signal")
     assert "signal.signal(signal.SIGTERM" in inspect.getsource(SlurmPipesClient.run)
 
 
-def test_adapted_client_has_its_own_folder_and_never_adopts_a_sibling_job():
-    client = SimpleNamespace(_get_remote_run_dir=lambda base, run, ctx: f"{base}/runs/{run}/step",
-                             _find_reattachable_job=lambda *a: {"job_id": "1"}, _store_job_tags=lambda *a: 1 / 0)
-    adapt_fanout_client(client, "0123abc")
-    assert client._get_remote_run_dir("$HOME/p", "r", None) == "$HOME/p/runs/r/step__0123abc"
-    assert client._find_reattachable_job(None, None, "a") is None
-    client._store_job_tags(None, 1, "/x", "a")  # no longer writes (would have raised)
-    with pytest.raises(ValueError, match="fan-out key"):
-        adapt_fanout_client(client, "a; rm -rf ~")
+def test_each_call_has_its_own_remote_folder_through_public_settings():
+    from ddr_resources.slurm import SlurmSettings
+
+    settings = SlurmSettings(host="h", user="u", key_path="/k", env_path="/env")
+    assert fanout_settings(settings, "0123abc").remote_base == "$HOME/pipelines/fanout/0123abc"
+    custom = SlurmSettings(**{**settings.model_dump(), "remote_base": "/scratch/ddr"})
+    assert fanout_settings(custom, "k1").remote_base == "/scratch/ddr/fanout/k1"
+    for bad in ("a; rm -rf ~", "../x", ""):
+        with pytest.raises(ValueError, match="fan-out key"):
+            fanout_settings(settings, bad)
 
 
 def test_signal_handlers_are_installed_only_from_the_main_thread():
