@@ -665,7 +665,7 @@ def bench_compare(args, pipe, flops: dict, budget: Budget, entry: dict) -> None:
                 print(f"      {what}: {row[what]['status']}")
                 continue
             try:
-                with tuned_denoiser(pipe.unet, config):
+                with tuned_denoiser(pipe.unet, config, hooked=resolve_layer(pipe.unet, TARGET_LAYER)):
                     start = time.perf_counter()  # warm-up: compiles, kernel selection, allocator
                     if what == "dreams":
                         time_dreams(args, pipe, dream_batch, 1)

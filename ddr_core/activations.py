@@ -531,7 +531,7 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
     performance = performance_config(performance)  # a bad option fails before anything is generated
     if log and not performance.is_default:
         log(f"denoiser performance options: {performance.describe()}")
-    with tuned_denoiser(model.denoiser, performance):
+    with tuned_denoiser(model.denoiser, performance, hooked=model.hook_point(layer_name).module):
         result = run_capture(model, layer_name, reducers, prompts, root, layout.data_root,
                              config, variant_info=info, model_version=config_hash(inputs) if known else "", log=log,
                              stop_after_batches=stop_after_batches, lock_wait=lock_wait, lock_owner=lock_owner)

@@ -112,11 +112,14 @@ def check_device(config: PerformanceConfig, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def tuned_denoiser(denoiser: nn.Module, config: PerformanceConfig | dict[str, Any] | None) -> Iterator[None]:
+def tuned_denoiser(denoiser: nn.Module, config: PerformanceConfig | dict[str, Any] | None,
+                   hooked: nn.Module | None = None) -> Iterator[None]:
     """Apply ``config`` to ``denoiser`` for the ``with`` body; undo it after (also on errors).
 
     With every option off this does nothing at all. Apply it once around a whole stage (not per batch):
-    compiled blocks are compiled on their first call and reused by every later one.
+    compiled blocks are compiled on their first call and reused by every later one. ``hooked``: the module
+    the stage hooks (its layer); a block that *contains* it stays eager (its hooks must not run inside
+    compiled code; the layer itself may be a compiled block: its hooks run outside its ``forward``).
 
     Raises:
         ValueError: an option the device cannot run, or ``fuse_qkv`` on a model without
@@ -149,8 +152,12 @@ def tuned_denoiser(denoiser: nn.Module, config: PerformanceConfig | dict[str, An
             # grad vs inference mode are separate compilations of one code object: raise Dynamo's limit of 8
             # (past it, Dynamo silently runs the block eagerly) for the stage
             stack.enter_context(torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT))
+            inside = set()
+            if hooked is not None:
+                inside = {id(m) for m in denoiser.modules()
+                          if m is not hooked and any(d is hooked for d in m.modules())}
             for module in denoiser.modules():
-                if type(module).__name__ in names and "forward" not in vars(module):
+                if type(module).__name__ in names and "forward" not in vars(module) and id(module) not in inside:
                     module.forward = torch.compile(module.forward, **options)  # hooks stay in eager _call_impl
                     compiled.append(module)
 

@@ -177,3 +177,17 @@ def test_the_assets_run_config_section_is_checked_before_anything_runs():
                          asset="dreams")
     with pytest.raises(ValidationError, match="attention"):
         PerformanceRunConfig(attention="xformers")  # Dagster validates the field when the run config loads
+
+
+def test_a_block_holding_the_hooked_layer_stays_eager(tiny_pipe):
+    """A hook inside a compiled block would run inside compiled code (and the dreams' hook raises to stop
+    the forward): the block that contains the stage's layer is not compiled; the layer itself may be."""
+    unet = tiny_pipe.unet
+    block = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    inner = block.attn1
+    with tuned_denoiser(unet, {"compile": "blocks", "compile_backend": "aot_eager"}, hooked=inner):
+        assert "forward" not in vars(block)  # holds the hooked layer: eager
+        others = [m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock" and m is not block]
+        assert others and all("forward" in vars(m) for m in others)
+    with tuned_denoiser(unet, {"compile": "blocks", "compile_backend": "aot_eager"}, hooked=block):
+        assert "forward" in vars(block)  # the layer itself: its hooks run outside the compiled forward

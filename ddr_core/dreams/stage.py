@@ -95,7 +95,8 @@ def dreams_for_variant(
     performance = performance_config(performance)
     if log and not performance.is_default:
         log(f"denoiser performance options: {performance.describe()}")
-    with tuned_denoiser(model.denoiser, performance):  # the optimisation only; quality re-measures plainly
+    with tuned_denoiser(model.denoiser, performance,  # the optimisation only; quality re-measures plainly
+                        hooked=model.hook_point(layer_name).module):
         result = run_dreams(
             model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
             data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
