@@ -31,6 +31,12 @@ Sections (each uses the platform's own code path):
    exception (:func:`truncated_forward`), eager and ``torch.compile(fullgraph=True)``, vs the hook
    that raises (:func:`ddr_core.hooks.forward_to_layer`), timed as forward + backward to the latent.
 
+6. **Compare** (``--compare``, only this): dreams and capture on today's path (eager, the platform's
+   defaults) and on each ``--tuned`` :class:`ddr_core.performance.PerformanceConfig` (regional
+   ``torch.compile``, ``channels_last``, SDPA kernel, fused QKV, autocast) with larger batches, one
+   after the other on the same device, with the ratio to today's path and the MFU targets of issue #19
+   (dreams >= 35%, capture >= 30%).
+
 MFU = achieved model FLOP/s (counted FLOPs per item x items/s) / ``--peak-tflops`` (default 989:
 H100 SXM dense BF16 tensor-core peak; use ~756 for H100 PCIe, 1979 only with sparsity).
 Sections stop once ``--budget-s`` is spent; the summary says what ran.
@@ -39,6 +45,8 @@ Sections stop once ``--budget-s`` is spent; the summary says what ran.
     .venv/bin/python benchmarks/bench_gpu.py --compile --channels-last --out bench_gpu.json
     .venv/bin/python benchmarks/bench_gpu.py --device cpu --quick       # smoke test, numbers meaningless
     .venv/bin/python benchmarks/bench_gpu.py --flops-only               # FLOP counts only (any machine)
+    .venv/bin/python benchmarks/bench_gpu.py --compare --budget-s 540   # today's path vs the tuned ones (issue #19)
+    .venv/bin/python benchmarks/bench_gpu.py --compare --quick --device cpu   # its smoke test
 """
 
 from __future__ import annotations
@@ -584,6 +592,135 @@ def bench_truncated(args, pipe, flops: dict, budget: Budget, entry: dict) -> Non
 
 
 # --------------------------------------------------------------------------------------------------
+# --compare: today's path vs the tuned ones (ddr_core.performance), same chip, one run
+# --------------------------------------------------------------------------------------------------
+
+# What --compare tries when --tuned is not given (each one in turn, after today's path). GPU: the cheap kernel
+# options alone, then regional compile in NHWC with larger batches; CPU (smoke test): no code generation.
+DEFAULT_TUNED_GPU = ['{"fuse_qkv": true, "attention": "cudnn"}',
+                     '{"channels_last": true, "compile": "blocks", "fuse_qkv": true}']
+DEFAULT_TUNED_CPU = ['{"channels_last": true, "fuse_qkv": true}',
+                     '{"compile": "blocks", "compile_backend": "aot_eager"}']
+TARGET_MFU = {"dreams": 0.35, "capture": 0.30}  # issue #19 item 5
+
+
+def time_dreams(args, pipe, batch: int, steps: int) -> float:
+    """Seconds of ``optimise_dreams`` for ``batch`` raw-channel elements and ``steps`` steps (as bench_dreams)."""
+    layer = resolve_layer(pipe.unet, TARGET_LAYER)
+    size = pipe.unet.config.sample_size
+    width = 1280 if not args.quick else pipe.unet.config.block_out_channels[-2]
+    config = DreamConfig(num_steps=steps, snapshot_every=0, use_prior=False, n_results=1, seeds=[0],
+                         dtype={"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[args.dtype])
+    channels = [(7 * i) % width for i in range(batch)]
+    timesteps = [int(50 + (900 * i) // max(batch - 1, 1)) for i in range(batch)]
+    init = torch.cat([torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(i)) for i in range(batch)])
+    generators = element_generators([element_seed(0, c, t, 0) for c, t in zip(channels, timesteps, strict=True)])
+    synchronize(pipe.unet.device)
+    start = time.perf_counter()
+    optimise_dreams(pipe, layer, DreamObjective(torch.tensor(channels), RawChannels(None)), init, timesteps, config,
+                    generators)
+    synchronize(pipe.unet.device)
+    return time.perf_counter() - start
+
+
+def time_capture(args, pipe, batch: int, steps: int, reducers: dict) -> float:
+    """Seconds of one hooked CFG generation of ``batch`` images (as bench_capture)."""
+    device = pipe.unet.device
+    layer = resolve_layer(pipe.unet, TARGET_LAYER)
+    prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(batch)]
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    latents = as_model(pipe).initial_latents(list(range(batch)), side, side, dtype=pipe.unet.dtype, device=device)
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), TimestepTracker(pipe.unet) as tracker, \
+            capture_activations(layer, tracker, reducers, cfg=True):
+        pipe(prompt=prompts, latents=latents, num_inference_steps=steps, output_type="pil")
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_compare(args, pipe, flops: dict, budget: Budget, entry: dict) -> None:
+    """Dreams (channel-steps/s) and capture (images/s) on today's path (eager, ``--batch`` max,
+    ``--image-batch``) and on each ``--tuned`` path (its options, ``--tuned-batch``, ``--tuned-image-batch``),
+    one after the other on this device; ratios against today's path."""
+    from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
+
+    device = pipe.unet.device
+    width = pipe.unet.config.block_out_channels[-2]
+    sae = Sae.random(width, width * args.sae_expansion, k=32, seed=0).to(device)
+    reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
+    per_dream_step = flops["unet_forward_to_layer_plus_backward_to_latent"]
+    per_image = 2 * args.steps * flops["unet_forward"] + flops["vae_decode"] + 2 * flops["text_encoder"]
+    paths = [("today", PerformanceConfig(), max(args.batch), args.image_batch)]
+    paths += [(f"tuned{i + 1}", performance_config(json.loads(text)), args.tuned_batch, args.tuned_image_batch)
+              for i, text in enumerate(args.tuned)]
+    rows: dict[str, dict[str, Any]] = {}
+    for name, config, dream_batch, image_batch in paths:
+        row = rows[name] = {"performance": config.model_dump(exclude_defaults=True), "dream_batch": dream_batch,
+                            "image_batch": image_batch}
+        print(f"   {name}: {config.describe()}; dreams batch {dream_batch}, capture batch {image_batch}", flush=True)
+        for what in ("dreams", "capture"):
+            if budget.left < 20:
+                row[what] = {"status": f"skipped: budget spent ({budget.spent:.0f} s)"}
+                print(f"      {what}: {row[what]['status']}")
+                continue
+            try:
+                with tuned_denoiser(pipe.unet, config, hooked=resolve_layer(pipe.unet, TARGET_LAYER)):
+                    start = time.perf_counter()  # warm-up: compiles, kernel selection, allocator
+                    if what == "dreams":
+                        time_dreams(args, pipe, dream_batch, 1)
+                    else:
+                        time_capture(args, pipe, image_batch, 2, reducers)
+                    warm = time.perf_counter() - start
+                    reset_peak(device)
+                    if what == "dreams":
+                        rate = dream_batch * args.dream_steps / time_dreams(args, pipe, dream_batch, args.dream_steps)
+                        result = {"channel_steps_per_s": rate, "mfu": mfu(per_dream_step, rate, args.peak_tflops)}
+                    else:
+                        rate = image_batch / time_capture(args, pipe, image_batch, args.steps, reducers)
+                        result = {"images_per_s": rate, "mfu": mfu(per_image, rate, args.peak_tflops)}
+                row[what] = {**result, "rate": rate, "warmup_seconds": warm,
+                             "peak_memory_gib": peak_memory_gib(device), "status": "ok"}
+                print(f"      {what}: {rate:9.3f} {'channel-steps' if what == 'dreams' else 'images'}/s  "
+                      f"MFU {result['mfu']:.1%}  peak {row[what]['peak_memory_gib']:.2f} GiB  (warm-up {warm:.1f} s)",
+                      flush=True)
+            except Exception as error:  # a tuned path failing must not lose the others' numbers
+                row[what] = {"status": f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"}
+                print(f"      {what}: {row[what]['status']}")
+                traceback.print_exc(limit=3)
+    today = rows["today"]
+    for row in rows.values():
+        for what in ("dreams", "capture"):
+            mine, base = row.get(what, {}), today.get(what, {})
+            if "rate" in mine and "rate" in base:
+                mine["ratio_to_today"] = mine["rate"] / base["rate"]
+            if "mfu" in mine:
+                mine["meets_target"] = mine["mfu"] >= TARGET_MFU[what]
+    entry["paths"] = rows
+    entry["target_mfu"] = TARGET_MFU
+
+
+def compare_lines(entry: dict) -> list[str]:
+    """The --compare table: one line per path and stage, with the ratio to today's path."""
+    lines = []
+    for name, row in entry.get("paths", {}).items():
+        for what in ("dreams", "capture"):
+            cell = row.get(what, {})
+            if "rate" not in cell:
+                lines.append(f"{name:7s} {what:8s}: {cell.get('status', 'not run')}")
+                continue
+            unit = "channel-steps/s" if what == "dreams" else "images/s"
+            options = ", ".join(f"{k}={v}" for k, v in row["performance"].items()) or "plain eager"
+            batch = row["dream_batch"] if what == "dreams" else row["image_batch"]
+            lines.append(
+                f"{name:7s} {what:8s}: {cell['rate']:9.3f} {unit} (batch {batch}), MFU {cell['mfu']:.1%} "
+                f"(target {TARGET_MFU[what]:.0%}: {'met' if cell['meets_target'] else 'not met'}), "
+                f"x{cell.get('ratio_to_today', float('nan')):.2f} vs today, peak {cell['peak_memory_gib']:.1f} GiB, "
+                f"warm-up {cell['warmup_seconds']:.0f} s [{options}]")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
 
@@ -605,6 +742,16 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile of the truncated forward")
     parser.add_argument("--channels-last", action="store_true", help="UNet/VAE in channels_last memory format")
     parser.add_argument("--flops-only", action="store_true", help="count FLOPs (meta device) and exit")
+    parser.add_argument("--compare", action="store_true",
+                        help="only today's path vs each --tuned path (dreams + capture, same device, one run) "
+                             "with ratios; skips the other sections")
+    parser.add_argument("--tuned", action="append", default=None, metavar="JSON",
+                        help="a ddr_core.performance.PerformanceConfig as JSON, repeatable (default: two; see "
+                             "DEFAULT_TUNED_GPU / DEFAULT_TUNED_CPU)")
+    parser.add_argument("--tuned-batch", type=int, default=None,
+                        help="dream batch of the tuned paths (default 128; --quick 4)")
+    parser.add_argument("--tuned-image-batch", type=int, default=None,
+                        help="capture images per batch of the tuned paths (default 32; --quick 4)")
     parser.add_argument("--out", type=Path, default=None, help="write the summary as JSON here")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -614,6 +761,23 @@ def _parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.dream_steps = args.dream_steps or (2 if quick else 10)
     if quick:
         args.sae_expansion = min(args.sae_expansion, 4)
+    if args.tuned_batch is None:
+        args.tuned_batch = 4 if quick else 128
+    if args.tuned_image_batch is None:
+        args.tuned_image_batch = 4 if quick else 32
+    for name in ("batch", "tuned_batch", "image_batch", "tuned_image_batch", "steps", "dream_steps"):
+        values = getattr(args, name) if isinstance(getattr(args, name), list) else [getattr(args, name)]
+        if any(v < 1 for v in values):
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.tuned is None:
+        args.tuned = DEFAULT_TUNED_CPU if args.device.startswith("cpu") else DEFAULT_TUNED_GPU
+    from ddr_core.performance import performance_config
+
+    for text in args.tuned:  # checked here, before minutes of model building
+        try:
+            performance_config(json.loads(text))
+        except ValueError as error:  # json.JSONDecodeError and pydantic's ValidationError are ValueErrors
+            parser.error(f"--tuned {text!r}: {error}")
     return args
 
 
@@ -648,6 +812,7 @@ def _summary_lines(results: dict[str, Any]) -> list[str]:
         if "images_per_s" in entry:
             lines.append(f"{name}: {entry['images_per_s']:.3f} images/s ({entry['denoising_steps']} steps, batch "
                          f"{entry['batch']}), MFU {entry['mfu']:.1%}, peak {entry['peak_memory_gib']:.2f} GiB")
+    lines.extend(compare_lines(s.get("compare", {})))
     truncated = s.get("truncated_forward", {})
     for name, row in truncated.get("forward_backward", {}).items():
         lines.append(f"fwd+bwd {name}: {row['element_steps_per_s']:.2f} elements/s, MFU {row['mfu']:.1%}")
@@ -732,6 +897,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = results.get("flops")
     if flops is None:
         raise SystemExit("FLOP counting failed; see above")
+    if args.compare:
+        with section("compare", results, budget, device, need_s=10) as entry:
+            if entry is not None:
+                bench_compare(args, pipe, flops, budget, entry)
+        results["seconds"] = budget.spent
+        _finish(results, args)
+        return results
     with section("dreams", results, budget, device, need_s=10) as entry:
         if entry is not None:
             bench_dreams(args, pipe, args.dtype, flops, budget, entry)

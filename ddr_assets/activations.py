@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
+from ddr_assets.configs import PERFORMANCE_FIELD, SLURM_FIELD, dagster_config_from, performance_args, to_core
 from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream
 from ddr_assets.partitions import (
     capture_partitions,
@@ -29,7 +29,8 @@ from ddr_core.records import make_record, read_record, write_record
 from ddr_resources.resources import ComputeResource, DdrStorage, compute_metadata
 
 ACTIVATIONS_CODE_VERSION = "1"
-ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig", extra={"slurm": SLURM_FIELD})
+ActivationsConfig = dagster_config_from(CaptureConfig, "ActivationsConfig",
+                                        extra={"slurm": SLURM_FIELD, "performance": PERFORMANCE_FIELD})
 
 
 def upstream_versions(storage: DdrStorage, group: str, required_by: str) -> dict[str, str]:
@@ -125,11 +126,12 @@ def activations(context: dg.AssetExecutionContext, config: ActivationsConfig, st
                 compute: ComputeResource) -> dg.MaterializeResult:
     group = context.partition_key
     capture_config = to_core(config, CaptureConfig, asset="activations")
+    performance = performance_args(config, asset="activations")  # checked before anything runs
     require_upstream(storage, "activations", group)
     upstream = upstream_versions(storage, group, required_by=f"activations[{group}]")
     layout = storage.layout
     report = compute.run_stage(context, "capture_group",
-                               {"group": group, "config": capture_config.model_dump(mode="json")},
+                               {"group": group, "config": capture_config.model_dump(mode="json"), **performance},
                                storage=storage, options=config.slurm)
     result = report["result"]
     summary = result["summary"]

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import dagster as dg
 from pydantic import BaseModel, Field, ValidationError, create_model
 
+from ddr_core.performance import PerformanceConfig
 from ddr_core.slurm_options import SlurmJobOptions
 
 M = TypeVar("M", bound=BaseModel)
@@ -38,6 +39,27 @@ SLURM_FIELD = (
     Field(None, description="SLURM job options of this run (compute mode slurm); unset fields keep the "
                             "deployment defaults (DDR_SLURM_*)"),
 )
+
+# The ``performance:`` run-config section of the GPU stages that run the denoiser region (activations, dreams):
+# ddr_core.performance.PerformanceConfig (all off: the plain eager path). Its cross-field rules are checked by
+# :func:`performance_args` when the step starts, before any job is submitted.
+PerformanceRunConfig = dagster_config_from(PerformanceConfig, "PerformanceRunConfig")
+PERFORMANCE_FIELD = (
+    PerformanceRunConfig | None,
+    Field(None, description="how the denoiser computes (channels_last, compile: blocks, attention kernel, fuse_qkv, "
+                            "autocast; docs/GPU_EFFICIENCY.md); unset: the plain eager path"),
+)
+
+
+def performance_args(config: dg.Config, *, asset: str) -> dict[str, Any]:
+    """``{"performance": {...}}`` for a stage's args when the run config sets ``performance`` (else ``{}``),
+    validated as :class:`~ddr_core.performance.PerformanceConfig`; errors name the asset and the field."""
+    section = getattr(config, "performance", None)
+    if section is None:
+        return {}
+    performance = to_core(section, PerformanceConfig, asset=asset)
+    return {} if performance.is_default else {"performance": performance.model_dump(mode="json",
+                                                                                     exclude_defaults=True)}
 
 
 def to_core(config: dg.Config, model: type[M], *, asset: str) -> M:

@@ -16,9 +16,11 @@ from pydantic import Field
 from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.configs import (
+    PERFORMANCE_FIELD,
     SLURM_FIELD,
     dagster_config_from,
     fields_set_in_run_config,
+    performance_args,
     with_variant_overrides,
 )
 from ddr_assets.lineage import require_upstream, table_preview
@@ -36,6 +38,7 @@ DreamsRunConfig = dagster_config_from(DreamConfig, "DreamsRunConfig", extra={
                                    description="integer timesteps and/or 'activity_peaks' / 'active_timesteps' / "
                                                "'observed_peaks'")),
     "slurm": SLURM_FIELD,
+    "performance": PERFORMANCE_FIELD,
 })
 
 
@@ -109,7 +112,8 @@ def _dreams_stage(name: str, no_noise: bool) -> ChannelBlockStage:
         channels = [c for chans in blocks.values() for c in chans]
         report = run.compute.run_stage(context, "dreams_for_variant",
                                        {"variant": variant, "channels": channels, "stage": name,
-                                        "config": dream_config.model_dump(mode="json")},
+                                        "config": dream_config.model_dump(mode="json"),
+                                        **performance_args(config, asset=name)},
                                        storage=run.storage, options=config.slurm)
         result = report["result"]
         out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])

@@ -17,14 +17,15 @@ from ddr_assets.partitions import variant_partitions, variant_to_capture_mapping
 from ddr_core.activation_store import ActivationStore
 from ddr_core.records import make_record, read_record, write_record
 from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
-from ddr_core.statistics_shards import channel_ranges, merge_stats_shards
+from ddr_core.statistics_shards import channel_ranges, finished_shard, merge_stats_shards
 from ddr_resources.resources import ComputeResource, DdrStorage, compute_metadata
 
 TIMESTEP_STATS_CODE_VERSION = "1"
 TimestepStatsRunConfig = dagster_config_from(TimestepStatsConfig, "TimestepStatsRunConfig", extra={
     "channel_shards": (int, Field(1, ge=1, description="split the reading of the store into this many channel "
-                                                       "ranges, each one compute-resource call (one SLURM job in "
-                                                       "compute mode slurm), merged here; results equal one run")),
+                                                       "ranges, each one compute-resource call (in compute mode "
+                                                       "slurm one SLURM job each, all run in parallel; locally "
+                                                       "one after the other), merged here; results equal one run")),
     "slurm": SLURM_FIELD,
 })
 
@@ -57,10 +58,13 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
     if config.channel_shards > 1:  # ddr_core.statistics_shards: each range one stage call, then the merge here
         ranges = channel_ranges(store.width(variant), config.channel_shards)
         shards_dir = layout.check_output_folder(out_dir.with_name(f".{variant}.shards"), "statistics shards folder")
-        for first, stop in ranges:
-            reports.append(compute.run_stage(context, "timestep_stats_shard", {
-                "variant": variant, "channels": [first, stop], "config": stats_config.model_dump(mode="json")},
-                storage=storage, options=config.slurm))
+        todo = [(a, b) for a, b in ranges if finished_shard(shards_dir, a, b, stats_config) is None]
+        if len(todo) < len(ranges):
+            context.log.info(f"{len(ranges) - len(todo)} of {len(ranges)} channel shards already finished "
+                             f"(an earlier attempt): not submitted again")
+        reports = compute.run_stages(context, "timestep_stats_shard", [  # parallel jobs on SLURM
+            {"variant": variant, "channels": [first, stop], "config": stats_config.model_dump(mode="json")}
+            for first, stop in todo], storage=storage, options=config.slurm)
         summary = merge_stats_shards(store, variant, out_dir, stats_config, shards_dir, ranges,
                                      log=context.log.info, lock_owner=f"dagster run {context.run_id}")
         shutil.rmtree(shards_dir, ignore_errors=True)  # a resume cache until the merge has succeeded
@@ -85,7 +89,8 @@ def timestep_stats(context: dg.AssetExecutionContext, config: TimestepStatsRunCo
             "peaks": summary.peak_count,
             "most_active_channels": table_preview(summary.preview),
             **lineage_metadata(run_config, upstream, TIMESTEP_STATS_CODE_VERSION),
-            **({"channel_shards": config.channel_shards, **compute_metadata(*reports)} if reports else {}),
+            **({"channel_shards": config.channel_shards, "channel_shards_run": len(reports),
+                **compute_metadata(*reports)} if config.channel_shards > 1 else {}),
         },
         data_version=dg.DataVersion(data_version),
     )

@@ -51,6 +51,7 @@ from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
 from ddr_core.locks import OwnedFlock, PartitionLockedError, partition_lock
 from ddr_core.paths import check_output_folder, relative_to_data_root
+from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
 
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
@@ -478,8 +479,12 @@ def _run_capture_locked(
 
 def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, device: torch.device,
                   log: LogFn | None = None, stop_after_batches: int | None = None, *,
-                  lock_wait: bool | float = False, lock_owner: str = "") -> CaptureResult:
+                  lock_wait: bool | float = False, lock_owner: str = "",
+                  performance: PerformanceConfig | dict | None = None) -> CaptureResult:
     """Run the capture of one capture group of the project config (every variant of it at once).
+
+    ``performance``: how the denoiser computes (:mod:`ddr_core.performance`; ``None``: the plain eager path);
+    it never enters the capture plan (the same generations, within the dtype's rounding).
 
     Checks everything before generating or writing: the model folder, the layer name, each variant's
     width, the SAEs' ``d_in``, the prompt file; prompts longer than the tokenizer's limit are counted
@@ -523,8 +528,12 @@ def capture_group(project: Any, layout: Any, group: str, config: CaptureConfig, 
         if spec.sae:
             inputs[f"saes/{spec.sae}"] = provisioned_content_hash(layout.sae_dir(spec.sae))
     known = {key: value for key, value in sorted(inputs.items()) if value is not None}
-    result = run_capture(model, layer_name, reducers, prompts, root, layout.data_root,
-                         config, variant_info=info, model_version=config_hash(inputs) if known else "", log=log,
-                         stop_after_batches=stop_after_batches, lock_wait=lock_wait, lock_owner=lock_owner)
+    performance = performance_config(performance)  # a bad option fails before anything is generated
+    if log and not performance.is_default:
+        log(f"denoiser performance options: {performance.describe()}")
+    with tuned_denoiser(model.denoiser, performance, hooked=model.hook_point(layer_name).module):
+        result = run_capture(model, layer_name, reducers, prompts, root, layout.data_root,
+                             config, variant_info=info, model_version=config_hash(inputs) if known else "", log=log,
+                             stop_after_batches=stop_after_batches, lock_wait=lock_wait, lock_owner=lock_owner)
     result.summary["inputs"] = known
     return result

@@ -19,7 +19,8 @@ Only ``SLURM_STEP_NUM_TASKS`` (set by ``srun`` for its step) counts as a world s
 ``SLURM_NTASKS``: a batch script of a multi-task allocation runs as one process with
 ``SLURM_NTASKS > 1``, and reading that as a world size would make it wait for ranks that never come.
 
-The process group uses ``gloo`` on CPU and ``cpu:gloo,cuda:nccl`` on CUDA. The ranks never exchange
+The process group uses ``gloo`` on CPU and ``cpu:gloo,cuda:nccl`` on CUDA when every rank of the node has its
+own GPU, else ``gloo`` (several ranks on one GPU: NCCL refuses them; :func:`backend_for`). The ranks never exchange
 tensors of the model: they only meet to exchange small JSON status messages (over ``gloo``, CPU
 tensors of UTF-8 bytes; no pickle), so ``nccl`` is there for GPU collectives but not used by the
 stages today. Imports no Dagster.
@@ -154,9 +155,41 @@ def device_for_rank(requested: str, info: RankInfo) -> torch.device:
     return torch.device(f"cuda:{info.local_rank}")
 
 
-def backend_for(device: torch.device) -> str:
-    """``gloo`` for CPU ranks; ``cpu:gloo,cuda:nccl`` for CUDA ranks (CPU tensors go through gloo)."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+def local_world_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """Ranks on this node: ``LOCAL_WORLD_SIZE`` (torchrun), else the most tasks of any node of the srun step
+    (``SLURM_STEP_TASKS_PER_NODE``, e.g. ``2(x3),1``); ``None`` when neither is set or readable."""
+    env = os.environ if environ is None else environ
+    text = env.get("LOCAL_WORLD_SIZE")
+    if text is not None:
+        return int(text) if text.strip().isdigit() else None
+    text = env.get("SLURM_STEP_TASKS_PER_NODE")
+    counts = re.findall(r"(\d+)(?:\(x\d+\))?", text or "")
+    return max(int(c) for c in counts) if counts else None
+
+
+def backend_for(device: torch.device, info: RankInfo | None = None, environ: Mapping[str, str] | None = None,
+                device_count: int | None = None) -> str:
+    """The process-group backend of a rank on ``device``.
+
+    ``gloo`` for CPU ranks. For CUDA ranks ``cpu:gloo,cuda:nccl`` (CPU tensors go through gloo) only when each
+    rank of the node provably has a GPU of its own: the node's ranks (:func:`local_world_size`) are no more
+    than the GPUs this process sees (``device_count``; default ``torch.cuda.device_count()``). Otherwise (two
+    ranks on one GPU, e.g. ``processes: 2`` on a one-GPU machine, or an unknown number of ranks per node)
+    plain ``gloo``: NCCL refuses two ranks on one device, and the stages only exchange small CPU messages
+    (:func:`all_gather_json`), which gloo carries. One process (``world_size`` 1) forms no group at all.
+    """
+    if device.type != "cuda":
+        return "gloo"
+    if info is None or not info.distributed:
+        return "cpu:gloo,cuda:nccl"
+    if device_count is None:
+        import torch
+
+        device_count = torch.cuda.device_count()
+    ranks_here = local_world_size(environ)
+    if ranks_here is None or ranks_here > device_count:
+        return "gloo"
+    return "cpu:gloo,cuda:nccl"
 
 
 def timeout_seconds() -> float:
@@ -197,7 +230,7 @@ def process_group(info: RankInfo, device: torch.device, *, rendezvous_file: Path
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend_for(device), init_method=init_method, rank=info.rank, world_size=info.world_size,
+        backend_for(device, info), init_method=init_method, rank=info.rank, world_size=info.world_size,
         timeout=_dt.timedelta(seconds=timeout_s if timeout_s is not None else timeout_seconds()),
     )
     try:

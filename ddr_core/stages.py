@@ -90,14 +90,14 @@ def _selftest_units(request: StageRequest, log: LogFn) -> list[int]:
 
 def _stage_capture_group(request: StageRequest, log: LogFn) -> dict[str, Any]:
     """``ddr_core.activations.capture_group``; args: ``group``, ``config`` (CaptureConfig fields),
-    optional ``stop_after_batches``."""
+    optional ``stop_after_batches``, ``performance`` (:class:`~ddr_core.performance.PerformanceConfig` fields)."""
     from ddr_core.activations import CaptureConfig, capture_group
 
     project, layout = _context(request)
     config = CaptureConfig.model_validate(request.args.get("config", {}))
     result = capture_group(project, layout, request.args["group"], config, resolve_device(request.device),
                            log=log, stop_after_batches=request.args.get("stop_after_batches"),
-                           lock_owner=request.lock_owner)
+                           lock_owner=request.lock_owner, performance=request.args.get("performance"))
     return {"root": layout.relative(result.root), "batches_done": result.batches_done,
             "batches_skipped": result.batches_skipped, "seconds": result.seconds, "images": result.images,
             "seconds_per_image": result.seconds_per_image, "summary": result.summary}
@@ -119,7 +119,7 @@ def _stage_priors_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
 
 def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
     """``ddr_core.dreams.dreams_for_variant``; args: ``variant``, ``channels``, ``config``, ``stage``
-    (``dreams`` / ``dreams_no_noise``). The quality table stays on disk (``quality_path``)."""
+    (``dreams`` / ``dreams_no_noise``), optional ``performance`` (PerformanceConfig fields). The quality table stays on disk (``quality_path``)."""
     from ddr_core.dreams import DreamConfig, dreams_for_variant
 
     project, layout = _context(request)
@@ -127,7 +127,8 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
     result = dreams_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
                                 resolve_device(request.device), log=log,
                                 stop_after_channels=request.args.get("stop_after_channels"),
-                                stage=request.args.get("stage", "dreams"), lock_owner=request.lock_owner)
+                                stage=request.args.get("stage", "dreams"), lock_owner=request.lock_owner,
+                                performance=request.args.get("performance"))
     return {"out_dir": layout.relative(result.out_dir), "channels_done": result.channels_done,
             "channels_skipped": result.channels_skipped,
             "channels_without_timesteps": result.channels_without_timesteps, "elements": result.elements,

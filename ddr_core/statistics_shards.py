@@ -17,7 +17,9 @@ top-k rows and the per-(timestep, channel) maximum. Both split exactly by channe
 A shard writes ``topk.parquet``, ``maximum.npy`` and ``shard.json`` (last: the completion marker) into its
 folder ``<shards_dir>/<first>-<stop>/`` via a temporary sibling renamed whole, so a killed or preempted
 shard leaves nothing half-written and a rerun skips finished shards (same config and generations).
-On a cluster each shard is one job (stage ``timestep_stats_shard`` through the compute resource).
+On a cluster each shard is one job (stage ``timestep_stats_shard`` through the compute resource), all of them
+submitted at once and run in parallel (``ComputeResource.run_stages``); shards already finished are not
+submitted again.
 """
 
 from __future__ import annotations
@@ -59,6 +61,18 @@ def _generations_key(ids: list[np.ndarray]) -> str:
     return hashlib.sha256(joined.astype(np.int64).tobytes()).hexdigest()[:16]
 
 
+def finished_shard(shards_dir: str | os.PathLike[str], first: int, stop: int,
+                   config: TimestepStatsConfig) -> dict[str, Any] | None:
+    """The ``shard.json`` of the finished shard ``[first, stop)`` computed with ``config``, else ``None``."""
+    marker = shard_dir(shards_dir, first, stop) / "shard.json"
+    if not marker.is_file():
+        return None
+    done = json.loads(marker.read_text(encoding="utf-8"))
+    if done.get("config_hash") == config.config_hash() and done.get("format") == SHARD_FORMAT:
+        return done
+    return None
+
+
 def compute_stats_shard(store: ActivationStore, variant: str, channels: tuple[int, int],
                         config: TimestepStatsConfig, shards_dir: str | os.PathLike[str],
                         log: LogFn | None = None) -> dict[str, Any]:
@@ -69,13 +83,11 @@ def compute_stats_shard(store: ActivationStore, variant: str, channels: tuple[in
     if not 0 <= first < stop <= width:
         raise ValueError(f"channel range {first}-{stop} is outside 0..{width} of variant {variant!r}")
     folder = shard_dir(shards_dir, first, stop)
-    marker = folder / "shard.json"
-    if marker.is_file():
-        done = json.loads(marker.read_text(encoding="utf-8"))
-        if done.get("config_hash") == config.config_hash() and done.get("format") == SHARD_FORMAT:
-            if log:
-                log(f"timestep stats shard {first}-{stop} of {variant}: already finished, skipped")
-            return done
+    done = finished_shard(shards_dir, first, stop, config)
+    if done is not None:
+        if log:
+            log(f"timestep stats shard {first}-{stop} of {variant}: already finished, skipped")
+        return done
     staging = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

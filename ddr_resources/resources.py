@@ -231,6 +231,40 @@ class ComputeResource(dg.ConfigurableResource):
                                   options=options)
 
 
+    def run_stages(self, context: dg.AssetExecutionContext, stage: str, calls: list[dict[str, Any]], *,
+                   storage: DdrStorage, options: dict | Any | None = None) -> list[dict[str, Any]]:
+        """Run the stage ``stage`` once per JSON ``args`` of ``calls``; their completion reports, in order.
+
+        Compute mode ``slurm``: every call is its own SLURM job, all submitted at once and waited for together
+        (:func:`ddr_resources.slurm_fanout.run_stages_on_slurm`; an interrupted job is resubmitted alone).
+        Compute mode ``local``: one call after the other in this process (the same code path as
+        :meth:`run_stage`; a local machine has no queue to fan out to).
+
+        Raises:
+            dagster.Failure: a call failed (on SLURM: after every job has ended, naming how many failed).
+        """
+        if self.compute_mode() == "local" or len(calls) <= 1:
+            return [self.run_stage(context, stage, args, storage=storage, options=options) for args in calls]
+
+        from ddr_resources.slurm import SlurmSettings, new_request
+        from ddr_resources.slurm_fanout import run_stages_on_slurm
+
+        layout = storage.layout
+        try:
+            settings = SlurmSettings.from_env()
+        except ValueError as exc:
+            raise dg.Failure(description=f"compute mode slurm: {exc}") from None
+        if options is not None and hasattr(options, "model_dump") and not isinstance(options, dict):
+            options = options.model_dump(exclude_none=True)
+        requests = [new_request(stage, args, data_root=settings.data_root or layout.data_root,
+                                experiment=layout.experiment,
+                                config_path=settings.config_path or str(config_path().resolve()),
+                                device=self.device, lock_owner=f"dagster run {context.run_id}",
+                                processes=self.process_count()) for args in calls]
+        return run_stages_on_slurm(context, requests, local_data_root=layout.data_root, settings=settings,
+                                   options=options)
+
+
 def compute_metadata(*reports: dict[str, Any]) -> dict[str, Any]:
     """Where the stage calls of one materialization ran: hosts, and the SLURM job ids when on SLURM."""
     metadata: dict[str, Any] = {

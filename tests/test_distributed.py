@@ -32,7 +32,14 @@ from ddr_core.cluster_payload import (
     request_for_rank,
     run_stage,
 )
-from ddr_core.distributed import DistributedSetupError, RankInfo, device_for_rank, split_round_robin
+from ddr_core.distributed import (
+    DistributedSetupError,
+    RankInfo,
+    backend_for,
+    device_for_rank,
+    local_world_size,
+    split_round_robin,
+)
 from ddr_core.paths import DataLayout
 from ddr_core.tiny_model import TINY_PROMPTS
 
@@ -219,6 +226,26 @@ def test_rank_devices():
         assert device_for_rank("auto", two) == torch.device("cpu")
     with pytest.raises(DistributedSetupError, match="use device 'cuda'"):
         device_for_rank("cuda:1", two)
+
+
+def test_process_group_backend_on_one_gpu_is_gloo():
+    """Issue #19: NCCL refuses two ranks on one GPU; ranks that may share one use gloo (they only exchange CPU
+    messages), ranks with a GPU each may use NCCL for CUDA tensors; CPU ranks always use gloo."""
+    cuda, two = torch.device("cuda:0"), RankInfo(1, 2, 1, "torchrun")
+    assert backend_for(torch.device("cpu"), two, {"LOCAL_WORLD_SIZE": "2"}, device_count=2) == "gloo"
+    # processes: 2 on a one-GPU machine (torchrun): both ranks on cuda:0
+    assert backend_for(cuda, two, {"LOCAL_WORLD_SIZE": "2"}, device_count=1) == "gloo"
+    # srun with one GPU shown to each task (--gpus-per-task=1): not provably separate GPUs -> gloo
+    assert backend_for(cuda, RankInfo(1, 2, 1, "srun"), {"SLURM_STEP_TASKS_PER_NODE": "2"}, device_count=1) == "gloo"
+    # nothing says how many ranks share this node: gloo (always safe)
+    assert backend_for(cuda, two, {}, device_count=8) == "gloo"
+    # a GPU per rank: NCCL for CUDA tensors, gloo for CPU ones
+    assert backend_for(cuda, two, {"LOCAL_WORLD_SIZE": "2"}, device_count=2) == "cpu:gloo,cuda:nccl"
+    assert backend_for(cuda, RankInfo(3, 4, 1, "srun"), {"SLURM_STEP_TASKS_PER_NODE": "2(x2)"},
+                       device_count=2) == "cpu:gloo,cuda:nccl"
+    assert backend_for(cuda, RankInfo(), {}, device_count=1) == "cpu:gloo,cuda:nccl"  # one process: no group
+    assert local_world_size({"SLURM_STEP_TASKS_PER_NODE": "1,3(x2)"}) == 3
+    assert local_world_size({"LOCAL_WORLD_SIZE": "x"}) is None and local_world_size({}) is None
 
 
 def test_shares_of_the_ranks(roots):

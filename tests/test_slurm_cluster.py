@@ -523,3 +523,45 @@ def test_timestep_stats_sharded_as_slurm_jobs_equals_one_run(chains, tmp_path):
         assert on_cluster(f"sacct -X -n -P -j {job} -o State,Timelimit").split("|") == ["COMPLETED", "00:10:00"]
     assert_same_statistics(single, stats_dir)
     assert not (root / "outputs/slurm/timestep_stats/.tiny-raw.shards").exists()  # removed after the merge
+
+
+def test_channel_shards_run_as_parallel_slurm_jobs(chains, tmp_path):
+    """Issue #19 item 2: ``channel_shards: 3`` in compute mode slurm submits the unfinished shards as SLURM jobs
+    all at once (the second is queued before the first has ended; with CPUs for both they run at the same
+    time), skips a shard an earlier attempt finished, and the merge equals the one-run statistics. The same
+    config in compute mode local runs the shards one after the other in process, with the same result."""
+    from ddr_core.activation_store import ActivationStore
+    from ddr_core.statistics import TimestepStatsConfig
+    from ddr_core.statistics_shards import channel_ranges, compute_stats_shard
+    from tests.test_statistics_shards import assert_same_statistics
+
+    root, _, instance = chains
+    single = {}
+    for where in ("slurm", "local"):
+        single[where] = tmp_path / where
+        shutil.copytree(root / f"outputs/{where}/timestep_stats/tiny-raw", single[where])
+    store = ActivationStore(root / "outputs/slurm/activations/tiny")
+    ranges = channel_ranges(store.width("tiny-raw"), 3)
+    shards_dir = root / "outputs/slurm/timestep_stats/.tiny-raw.shards"
+    compute_stats_shard(store, "tiny-raw", ranges[1], TimestepStatsConfig(**STATS), shards_dir)  # "an earlier attempt"
+
+    result = materialize("timestep_stats", "tiny-raw", root, instance, "slurm",
+                         {**STATS, "channel_shards": 3, "slurm": {"time_limit": "00:10:00"}}, experiment="slurm")
+    assert result.success, step_error(result)
+    meta = metadata(result, "timestep_stats")
+    assert meta["channel_shards"] == 3 and meta["channel_shards_run"] == 2 and len(meta["slurm_job_ids"]) == 2
+    rows = [line.split("|") for line in on_cluster(
+        f"sacct -X -n -P -j {','.join(meta['slurm_job_ids'])} -o State,Submit,Start,End").splitlines()]
+    assert [r[0] for r in rows] == ["COMPLETED", "COMPLETED"], rows
+    submits, starts, ends = ([r[i] for r in rows] for i in (1, 2, 3))  # ISO times sort as strings
+    assert max(submits) < min(ends), rows  # both queued before either ended: not one after the other
+    if int(on_cluster("sinfo -h -o %c").split()[0]) >= 2:
+        assert max(starts) < min(ends), rows  # and they ran at the same time
+    assert_same_statistics(single["slurm"], root / "outputs/slurm/timestep_stats/tiny-raw")
+    assert not shards_dir.exists()
+
+    local = materialize("timestep_stats", "tiny-raw", root, instance, "local", {**STATS, "channel_shards": 3},
+                        experiment="local")
+    assert local.success, step_error(local)
+    assert metadata(local, "timestep_stats")["channel_shards_run"] == 3
+    assert_same_statistics(single["local"], root / "outputs/local/timestep_stats/tiny-raw")

@@ -13,6 +13,7 @@ from ddr_core.dreams.config import KEYWORD_TABLES, DreamConfig, LogFn
 from ddr_core.dreams.quality import QUALITY_FILE, measure_dream_quality
 from ddr_core.dreams.run import DreamsResult, run_dreams
 from ddr_core.locks import format_channels
+from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
 from ddr_core.variant_inputs import load_variant_model, select_variant_channels
 
 
@@ -28,6 +29,7 @@ def dreams_for_variant(
     stage: str = "dreams",
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    performance: PerformanceConfig | dict | None = None,
 ) -> DreamsResult:
     """Dream the channels of one variant: reads its priors and timestep statistics, writes
     ``layout.stage_dir(stage, variant)`` and its ``quality.parquet`` (``stage`` is ``dreams``, or
@@ -38,7 +40,9 @@ def dreams_for_variant(
     ``start: example`` the statistics' dataset examples (regenerated from the capture's recorded seeds):
     the error names ``timestep_stats[<variant>]`` / ``priors[<block>]`` to materialize), then the model
     folder, the layer, the SAE's ``d_in`` and the variant's width. ``channels=None`` means every
-    channel of the variant. ``lock_wait``/``lock_owner``: see :func:`run_dreams`.
+    channel of the variant. ``lock_wait``/``lock_owner``: see :func:`run_dreams`. ``performance``: how the
+    denoiser computes during the optimisation (:mod:`ddr_core.performance`; ``None``: the plain eager path;
+    it does not enter the dreams' config hash).
 
     Raises:
         IndexError: a channel outside the variant's declared width (before the model is loaded).
@@ -88,11 +92,16 @@ def dreams_for_variant(
         def example_start(channel: int, n: int) -> tuple[torch.Tensor, list[int]]:
             return example_starts(model, capture_root, stats_dir, channel, n)
 
-    result = run_dreams(
-        model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
-        data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
-        lock_wait=lock_wait, lock_owner=lock_owner, example_start=example_start,
-    )
+    performance = performance_config(performance)
+    if log and not performance.is_default:
+        log(f"denoiser performance options: {performance.describe()}")
+    with tuned_denoiser(model.denoiser, performance,  # the optimisation only; quality re-measures plainly
+                        hooked=model.hook_point(layer_name).module):
+        result = run_dreams(
+            model, basis, layer_name, stats_dir, priors_dir, selected, out_dir, config,
+            data_root=layout.data_root, log=log, stop_after_channels=stop_after_channels,
+            lock_wait=lock_wait, lock_owner=lock_owner, example_start=example_start,
+        )
     result.quality = measure_dream_quality(model, basis, layer_name, out_dir, stats_dir, config, channels=selected)
     result.quality_path = out_dir / QUALITY_FILE
     return result

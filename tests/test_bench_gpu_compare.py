@@ -1,0 +1,58 @@
+"""``benchmarks/bench_gpu.py --compare`` (issue #19 item 5): its arguments, and a CPU smoke run of today's path
+vs a tuned one in one run with ratios (numbers meaningless on CPU; the GPU run is the lead's, see
+docs/GPU_EFFICIENCY.md, scripts/gpu_check_issue19.sh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", REPO / "benchmarks" / "bench_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_arguments_default_and_are_checked_before_any_model_is_built(bench, capsys):
+    gpu = bench._parse(["--compare"])
+    assert gpu.tuned == bench.DEFAULT_TUNED_GPU and (gpu.tuned_batch, gpu.tuned_image_batch) == (128, 32)
+    cpu = bench._parse(["--compare", "--quick", "--device", "cpu"])
+    assert cpu.tuned == bench.DEFAULT_TUNED_CPU and (cpu.tuned_batch, cpu.tuned_image_batch) == (4, 4)
+    assert bench._parse(["--tuned", '{"compile": "blocks"}', "--tuned", "{}"]).tuned == ['{"compile": "blocks"}', "{}"]
+    for bad, message in ((["--tuned", "{not json"], "--tuned"), (["--tuned", '{"compile": "all"}'], "compile"),
+                         (["--tuned", '{"compile_mode": "max-autotune-no-cudagraphs"}'], "compile is 'off'"),
+                         (["--tuned-batch", "0"], "--tuned-batch must be >= 1")):
+        with pytest.raises(SystemExit):
+            bench._parse(bad)
+        assert message in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_compare_smoke_on_cpu_times_both_paths_in_one_run(bench, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    results = bench.main(["--compare", "--quick", "--device", "cpu", "--dtype", "fp32", "--steps", "2",
+                          "--dream-steps", "2", "--batch", "2", "--image-batch", "2", "--tuned-batch", "3",
+                          "--tuned-image-batch", "3", "--tuned", '{"channels_last": true, "fuse_qkv": true}',
+                          "--out", str(out)])
+    assert set(results["sections"]) == {"flops", "setup", "compare"}  # only the comparison ran
+    paths = results["sections"]["compare"]["paths"]
+    assert list(paths) == ["today", "tuned1"]
+    assert paths["today"]["performance"] == {} and paths["tuned1"]["performance"] == {"channels_last": True,
+                                                                                       "fuse_qkv": True}
+    assert (paths["tuned1"]["dream_batch"], paths["tuned1"]["image_batch"]) == (3, 3)
+    for what in ("dreams", "capture"):
+        assert paths["today"][what]["status"] == "ok" and paths["tuned1"][what]["status"] == "ok"
+        assert paths["today"][what]["ratio_to_today"] == 1.0
+        assert paths["tuned1"][what]["ratio_to_today"] > 0 and "meets_target" in paths["tuned1"][what]
+    summary = capsys.readouterr().out
+    assert "tuned1  dreams" in summary and "vs today" in summary and "target 35%" in summary
+    assert json.loads(out.read_text())["sections"]["compare"]["target_mfu"] == {"dreams": 0.35, "capture": 0.30}
