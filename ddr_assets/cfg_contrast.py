@@ -3,6 +3,10 @@
 Partitioned by variant like ``timestep_stats`` and downstream of the same capture; it reads the store's two
 halves batch by batch (:func:`ddr_core.cfg_contrast.compute_cfg_contrast`). A guidance-free capture gives a
 summary saying there is one half and no tables.
+
+A re-run whose capture (the activations' data version), settings and code version are those of the last run's
+record, with its tables whole, keeps them (metadata ``reused``); anything changed computes them again. The check
+``cfg_contrast_verdicts`` (:mod:`ddr_assets.output_checks`) runs on every materialization.
 """
 
 import dagster as dg
