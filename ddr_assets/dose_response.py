@@ -19,8 +19,15 @@ from ddr_assets.configs import (
     with_variant_overrides,
 )
 from ddr_assets.lineage import require_upstream
+from ddr_assets.output_checks import DOSE_RESPONSE_CHECK, combine_checks, dose_response_check
 from ddr_assets.partitions import block_to_variant_mapping
-from ddr_core.dose_response import CONTACT_SHEET_FILE, DoseResponseConfig, effect_lines, read_dose_response
+from ddr_core.dose_response import (
+    CONTACT_SHEET_FILE,
+    DoseResponseConfig,
+    effect_lines,
+    read_dose_response,
+    read_grid,
+)
 from ddr_core.feature_concepts import markdown_table
 from ddr_core.paths import resolve_in_data_root
 from ddr_core.records import read_record
@@ -45,13 +52,16 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
     except Exception:  # an unlabelled variant, or not scored yet: activation only
         pass
     channels = [c for chans in blocks.values() for c in chans]
+    inputs = {"code_version": DOSE_RESPONSE_CODE_VERSION, **upstream}  # a channel made from the same is kept
     report = run.compute.run_stage(context, "dose_response_for_variant",
-                                   {"variant": variant, "channels": channels, "config": core.model_dump(mode="json")},
+                                   {"variant": variant, "channels": channels, "config": core.model_dump(mode="json"),
+                                    "inputs": inputs},
                                    storage=run.storage, options=config.slurm)
     result = report["result"]
     out_dir = resolve_in_data_root(layout.data_root, result["out_dir"])
     return VariantWork(upstream=upstream, config=core.model_dump(mode="json"), outputs={"dir": result["out_dir"]},
-                       report=report, extra={"result": result, "out_dir": out_dir, "variant": variant})
+                       report=report, extra={"result": result, "out_dir": out_dir, "variant": variant,
+                                             "channels": channels, "config": core})
 
 
 def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
@@ -61,8 +71,14 @@ def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
         "channels_skipped": sum(len(w.extra["result"]["skipped"]) for w in works),
         "generations": sum(w.extra["result"]["images"] for w in works),
     }
+    checks = []
     for work in works:
         found = read_dose_response(work.extra["out_dir"])
+        core = work.extra["config"]
+        checks.append(dose_response_check(
+            read_grid(work.extra["out_dir"], work.extra["channels"]), work.extra["channels"],
+            {int(k): v for k, v in work.extra["result"]["skipped"].items()}, core.seeds, core.strength_multiples,
+            found[0] if found else None, run.layout.data_root))
         if found is None:
             continue
         effects, _, summary = found
@@ -72,7 +88,8 @@ def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
         sheet = work.extra["out_dir"] / CONTACT_SHEET_FILE
         if sheet.is_file():
             metadata[f"contact_sheet_{variant}"] = image_preview([sheet], size=512)
-    return metadata, []
+    return metadata, [combine_checks(DOSE_RESPONSE_CHECK, checks)]
+
 
 
 DOSE_RESPONSE = ChannelBlockStage(
@@ -86,5 +103,8 @@ DOSE_RESPONSE = ChannelBlockStage(
     run_variant=_run_variant, finish=_finish,
     deps=(dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()),),
     config_cls=DoseResponseRunConfig, uses_compute=True, pool="gpu",
+    check_specs=(dg.AssetCheckSpec(DOSE_RESPONSE_CHECK, asset="dose_response",
+                                   description="the whole grid per done channel, re-measured activations present, "
+                                               "every effect's interval ordered low <= value <= high"),),
 )
 dose_response = channel_block_asset(DOSE_RESPONSE)

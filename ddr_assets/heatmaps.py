@@ -13,6 +13,7 @@ from ddr_assets.activations import image_preview
 from ddr_assets.blocks import CHANNELS_FIELD, BlockRun, ChannelBlockStage, VariantWork, channel_block_asset
 from ddr_assets.configs import SLURM_FIELD, dagster_config_from, to_core
 from ddr_assets.lineage import require_upstream, table_preview
+from ddr_assets.output_checks import HEATMAPS_CHECK, combine_checks, heatmaps_check
 from ddr_assets.partitions import block_to_variant_mapping
 from ddr_core.heatmaps import HeatmapConfig
 from ddr_core.paths import resolve_in_data_root
@@ -37,8 +38,10 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
                                               required_by=f"heatmaps[{first}]")["data_version"],
     }
     channels = [c for chans in blocks.values() for c in chans]
+    inputs = {"code_version": HEATMAPS_CODE_VERSION, **upstream}  # a channel drawn from the same is kept
     report = run.compute.run_stage(run.context, "heatmaps_for_variant",
-                                   {"variant": variant, "channels": channels, "config": core.model_dump(mode="json")},
+                                   {"variant": variant, "channels": channels, "config": core.model_dump(mode="json"),
+                                    "inputs": inputs},
                                    storage=run.storage, options=config.slurm)
     result = report["result"]
     table = pl.DataFrame()
@@ -48,7 +51,7 @@ def _run_variant(run: BlockRun, variant: str, blocks: dict[str, list[int]]) -> V
     previews = [resolve_in_data_root(layout.data_root, p) for p in table["peak_image"].to_list()[:6]] if table.height else []
     return VariantWork(upstream=upstream, config=core.model_dump(mode="json"),
                        outputs={"dir": result["out_dir"], "table": result.get("table_path")}, report=report,
-                       extra={"result": result, "table": table, "previews": previews})
+                       extra={"result": result, "table": table, "previews": previews, "channels": channels})
 
 
 def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
@@ -65,6 +68,7 @@ def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
                          "chance", "mask_source").head(20).to_dicts() if table.height else [])
     metadata = {
         "channels_done": sum(len(r["channels_done"]) for r in results),
+        "channels_resumed": sum(len(r.get("channels_resumed") or []) for r in results),
         "channels_without_examples": sum(len(r["channels_without_examples"]) for r in results),
         "examples": sum(r["examples"] for r in results),
         "seconds": round(sum(r["seconds"] for r in results), 2),
@@ -74,7 +78,9 @@ def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
     previews = [p for w in works for p in w.extra["previews"]][:6]
     if previews:
         metadata["preview"] = image_preview(previews)
-    return metadata, []
+    checks = [heatmaps_check(w.extra["table"], w.extra["channels"], w.extra["result"]["channels_without_examples"],
+                             run.layout.data_root) for w in works]  # per variant: channel numbers are its own
+    return metadata, [combine_checks(HEATMAPS_CHECK, checks)]
 
 
 heatmaps = channel_block_asset(ChannelBlockStage(
@@ -86,4 +92,7 @@ heatmaps = channel_block_asset(ChannelBlockStage(
     kinds=frozenset({"pytorch", "parquet"}), run_variant=_run_variant, finish=_finish,
     deps=(dg.AssetDep("timestep_stats", partition_mapping=block_to_variant_mapping()),),
     config_cls=HeatmapsRunConfig, uses_compute=True, pool="gpu",
+    check_specs=(dg.AssetCheckSpec(HEATMAPS_CHECK, asset="heatmaps",
+                                   description="every selected channel has its overlays or a stated reason; "
+                                               "scores finite and within [0, 1]"),),
 ))

@@ -239,6 +239,24 @@ def compute_cfg_contrast(store: ActivationStore, variant: str, out_dir: str | os
     return summary
 
 
+def finished_cfg_contrast(out_dir: str | os.PathLike[str], variant: str,
+                          config: CfgContrastConfig) -> CfgContrastSummary | None:
+    """The summary of ``out_dir`` when it is a finished result of ``variant`` with ``config`` (same
+    ``config_hash``, and both tables present for a two-half capture); ``None`` otherwise (compute it). Whether the
+    capture it was computed from is the current one is the caller's question (its record's data version)."""
+    out = Path(out_dir)
+    try:
+        found = read_cfg_contrast(out)
+        summary = CfgContrastSummary(**found) if found else None
+    except (OSError, ValueError, TypeError):
+        return None
+    if summary is None or summary.variant != variant or summary.config_hash != config.config_hash():
+        return None
+    if summary.halves == 2 and not all((out / name).is_file() for name in (CHANNELS_FILE, PROFILES_FILE)):
+        return None
+    return summary
+
+
 def read_cfg_contrast(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     """The stage's summary, or ``None`` where it has not run."""
     path = Path(out_dir) / SUMMARY_FILE

@@ -178,10 +178,12 @@ def concept_probabilities(classifier: Any, images: Sequence[np.ndarray],
 def run_dose_response(
     pipe: Any, basis: Any, layer_name: str, stats_dir: str | Path, channels: Sequence[int], out_dir: str | Path,
     config: DoseResponseConfig, data_root: str | Path, scale: float, *, concepts: Concepts | None = None,
-    classifier: Any = None, log: LogFn | None = None,
+    classifier: Any = None, log: LogFn | None = None, inputs: dict[str, Any] | None = None,
 ) -> DoseResponseResult:
     """Generate and measure the grid of ``channels`` into ``out_dir`` (see the module docstring); resumable per
-    channel. ``scale``: one strength multiple (``config.steer_strength_scale`` wins when set)."""
+    channel. ``scale``: one strength multiple (``config.steer_strength_scale`` wins when set). ``inputs``: what
+    the grid is made from beyond the settings (the caller's upstream data versions and code version): part of the
+    ``config_hash``, so a channel made from other statistics or concepts is redone, one made from the same is kept."""
     from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
     from ddr_core.basis import as_basis
     from ddr_core.config import config_hash
@@ -204,7 +206,8 @@ def run_dose_response(
     num_train = model.num_train_timesteps
     timesteps = model.scheduler_timesteps(config.num_inference_steps, height, width_px)
     settings = {"format": FORMAT, "basis": unit_basis.kind, "layer": layer_name, "scale": scale,
-                "height": height, "width": width_px, **config.model_dump(mode="json", exclude={"batch_size"})}
+                "height": height, "width": width_px, **config.model_dump(mode="json", exclude={"batch_size"}),
+                "inputs": dict(inputs or {})}
     settings_hash = config_hash(settings)
     result = DoseResponseResult(out_dir=out_dir)
     peaks = top_peaks(stats_dir, channels)
@@ -428,11 +431,12 @@ def variant_classifier(project: Any, layout: Any, variant: str) -> Any:
 
 def dose_response_for_variant(project: Any, layout: Any, variant: str, channels: Sequence[int] | None,
                               config: DoseResponseConfig, device: torch.device | str,
-                              log: LogFn | None = None) -> DoseResponseResult:
+                              log: LogFn | None = None, inputs: dict[str, Any] | None = None) -> DoseResponseResult:
     """The grid of ``channels`` (``None``: all) of one variant of the project config, into
     ``layout.stage_dir("dose_response", variant)``. One strength multiple is the variant's priors
     ``steer_strength_scale`` (its ``overrides.priors``, else the basis default) unless the config sets one; the
     concepts come from ``feature_concepts[variant]`` when it is finished (none otherwise: activation only).
+    ``inputs``: as :func:`run_dose_response` (channels made from the same are kept).
 
     Raises:
         FileNotFoundError: the variant's timestep statistics are missing (names what to materialize).
@@ -456,7 +460,7 @@ def dose_response_for_variant(project: Any, layout: Any, variant: str, channels:
     model, basis = load_variant_model(project, layout, variant, out_dir, "dose_response folder", device, config.dtype)
     result = run_dose_response(model, basis, variant_channels.layer_name, stats_dir, variant_channels.channels,
                                out_dir, config, layout.data_root, float(scale), concepts=concepts,
-                               classifier=classifier, log=log)
+                               classifier=classifier, log=log, inputs=inputs)
     summarise_dose_response(out_dir, layout.data_root, variant, seed=config.random_seed)
     return result
 

@@ -12,6 +12,12 @@ or an SAE's feature activations) position by position. Per example this writes:
 - ``g<id>_steps.png``: an animated PNG, one frame per denoising step, on one colour scale per example;
 - one row of ``heatmaps.parquet`` (the union over channels; ``summary.json`` holds the toy-world score).
 
+**Resumable per channel**: a channel's folder is finished when its ``stamp.json`` (written last) holds the stamp of
+what it was drawn from (:func:`channel_stamp`: the settings, the stage's format, the caller's ``inputs`` such as
+the statistics' and the capture's data versions and the code version, and the channel's top examples with their
+dataset activations). A re-run, or a retry after preemption, regenerates only the channels without a matching stamp;
+changed inputs or settings redo them (their old images are deleted first).
+
 **Toy-world score** (a model whose prompts carry the toy world's concepts): the share of a channel's heat (the
 upsampled positive part at the peak step) that falls on the shape, against chance = the share of the image the
 mask covers, and beside it ``ideal_detector``: the share of an ideal shape detector at the layer's resolution
@@ -50,6 +56,8 @@ from ddr_core.benchmark_stats import cluster_bootstrap, sign_flip_test
 
 TABLE_FILE = "heatmaps.parquet"
 SUMMARY_FILE = "summary.json"
+STAMP_FILE = "stamp.json"
+FORMAT = "ddr.heatmaps/1"
 STAGE = "heatmaps"
 LogFn = Any
 
@@ -255,6 +263,7 @@ def is_world_prompt(prompt: str) -> bool:
 class HeatmapsResult:
     out_dir: Path
     channels_done: list[int] = field(default_factory=list)
+    channels_resumed: list[int] = field(default_factory=list)
     channels_without_examples: list[int] = field(default_factory=list)
     examples: int = 0
     seconds: float = 0.0
@@ -264,6 +273,29 @@ class HeatmapsResult:
 
 def channel_dir(out_dir: Path, channel: int) -> Path:
     return out_dir / f"channel_{int(channel):05d}"
+
+
+def channel_stamp(config: HeatmapConfig, inputs: dict[str, Any] | None, ranks: Sequence[tuple[int, float]]) -> str:
+    """What a channel's heatmaps are drawn from, as one hash: the settings (``batch_size`` left out: it changes no
+    output), the stage's format, ``inputs`` (the caller's data versions and code version) and the channel's top
+    examples ``(generation id, dataset activation)``."""
+    from ddr_core.config import config_hash
+
+    return config_hash({"format": FORMAT, "config": config.model_dump(mode="json", exclude={"batch_size"}),
+                        "inputs": inputs or {},
+                        "examples": [[int(g), None if not math.isfinite(a) else round(float(a), 6)] for g, a in ranks]})
+
+
+def channel_is_finished(out_dir: Path, channel: int, stamp: str) -> bool:
+    """The channel's folder holds its table and images drawn from ``stamp`` (see the module docstring)."""
+    folder = channel_dir(out_dir, channel)
+    try:
+        found = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8")).get("stamp")
+        table = pl.read_parquet(folder / "examples.parquet", columns=["peak_image", "steps_image"])
+    except (OSError, ValueError, pl.exceptions.PolarsError):
+        return False
+    return found == stamp and table.height > 0 and all(
+        (folder / Path(p).name).is_file() for p in table["peak_image"].to_list() + table["steps_image"].to_list())
 
 
 def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: int, recording: Any,
@@ -277,6 +309,9 @@ def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: i
 
     folder = channel_dir(out_dir, channel)
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / STAMP_FILE).unlink(missing_ok=True)  # being redrawn: unfinished until the stamp is written again
+    for stale in folder.glob("g*.png"):  # another run's examples (other statistics or settings)
+        stale.unlink()
     rows = []
     for rank, (generation_id, dataset_activation) in enumerate(ranks):
         row = rows_of[generation_id]
@@ -377,8 +412,11 @@ def read_heatmaps(out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]] | None:
 
 
 def heatmaps_for_variant(project: Any, layout: Any, variant: str, channels: Sequence[int] | None,
-                         config: HeatmapConfig, device: Any, log: LogFn | None = None) -> HeatmapsResult:
-    """Heatmaps of ``channels`` of ``variant`` (``None``: all) into ``layout.stage_dir("heatmaps", variant)``.
+                         config: HeatmapConfig, device: Any, log: LogFn | None = None,
+                         inputs: dict[str, Any] | None = None) -> HeatmapsResult:
+    """Heatmaps of ``channels`` of ``variant`` (``None``: all) into ``layout.stage_dir("heatmaps", variant)``;
+    resumable per channel (module docstring): a channel already drawn from the same settings, ``inputs`` (the
+    caller's upstream data versions and code version) and top examples is not regenerated.
 
     Raises:
         IndexError: a channel outside the variant's width (before anything loads).
@@ -402,9 +440,14 @@ def heatmaps_for_variant(project: Any, layout: Any, variant: str, channels: Sequ
     result = HeatmapsResult(out_dir=out_dir)
     tops = {c: top_example_generations(stats_dir, c, config.examples_per_channel) for c in selected.channels}
     result.channels_without_examples = [c for c, ids in tops.items() if not ids]
-    todo = [c for c, ids in tops.items() if ids]
+    ranked = _dataset_activations(stats_dir, tops) if any(tops.values()) else {}
+    stamps = {c: channel_stamp(config, inputs, ranked[c]) for c in ranked}
+    result.channels_resumed = [c for c in ranked if channel_is_finished(out_dir, c, stamps[c])]
+    todo = [c for c in ranked if c not in result.channels_resumed]
+    if result.channels_resumed:
+        log(f"heatmaps of {variant}: {len(result.channels_resumed)} channel(s) already drawn from the same inputs "
+            f"and settings: kept")
     if todo:
-        ranked = _dataset_activations(stats_dir, tops)
         model, basis = load_variant_model(project, layout, variant, out_dir, "heatmaps folder", device, config.dtype)
         ids = sorted({g for c in todo for g in tops[c]})
         generations = read_generations(capture_root, ids)
@@ -422,6 +465,7 @@ def heatmaps_for_variant(project: Any, layout: Any, variant: str, channels: Sequ
         for position, channel in enumerate(todo):
             write_channel_heatmaps(out_dir, Path(layout.data_root), channel, position, recording, rows_of, images,
                                    fits, ranked[channel], config)
+            atomic_write_json(channel_dir(out_dir, channel) / STAMP_FILE, {"stamp": stamps[channel]})
             result.channels_done.append(channel)
             result.examples += len(ranked[channel])
     table, result.summary = write_union(out_dir) if out_dir.is_dir() else (pl.DataFrame(), score_summary(pl.DataFrame()))

@@ -139,27 +139,30 @@ def _stage_dreams_for_variant(request: StageRequest, log: LogFn) -> dict[str, An
 
 
 def _stage_heatmaps_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
-    """``ddr_core.heatmaps.heatmaps_for_variant``; args: ``variant``, ``channels``, ``config``."""
+    """``ddr_core.heatmaps.heatmaps_for_variant``; args: ``variant``, ``channels``, ``config``, ``inputs`` (what
+    the channels are drawn from: upstream data versions, code version; a channel stamped with the same is kept)."""
     from ddr_core.heatmaps import HeatmapConfig, heatmaps_for_variant
 
     project, layout = _context(request)
     config = HeatmapConfig.model_validate(request.args.get("config", {}))
     result = heatmaps_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
-                                  resolve_device(request.device), log=log)
+                                  resolve_device(request.device), log=log, inputs=request.args.get("inputs"))
     return {"out_dir": layout.relative(result.out_dir), "channels_done": result.channels_done,
+            "channels_resumed": result.channels_resumed,
             "channels_without_examples": result.channels_without_examples, "examples": result.examples,
             "seconds": result.seconds, "summary": result.summary,
             "table_path": layout.relative(result.table_path) if result.table_path else None}
 
 
 def _stage_dose_response_for_variant(request: StageRequest, log: LogFn) -> dict[str, Any]:
-    """``ddr_core.dose_response.dose_response_for_variant``; args: ``variant``, ``channels``, ``config``."""
+    """``ddr_core.dose_response.dose_response_for_variant``; args: ``variant``, ``channels``, ``config``, ``inputs``
+    (upstream data versions and code version: a channel made from the same is kept)."""
     from ddr_core.dose_response import DoseResponseConfig, dose_response_for_variant
 
     project, layout = _context(request)
     config = DoseResponseConfig.model_validate(request.args.get("config", {}))
     result = dose_response_for_variant(project, layout, request.args["variant"], request.args.get("channels"), config,
-                                       resolve_device(request.device), log=log)
+                                       resolve_device(request.device), log=log, inputs=request.args.get("inputs"))
     return {"out_dir": layout.relative(result.out_dir), "done": result.done, "resumed": result.resumed,
             "skipped": {str(k): v for k, v in result.skipped.items()}, "seconds": result.seconds,
             "images": result.images}
@@ -286,6 +289,7 @@ def _merge_heatmaps(request: StageRequest, results: list[dict[str, Any]]) -> dic
     out_dir = layout.data_root / results[0]["out_dir"]
     table, summary = write_union(out_dir)  # rank 0, once every rank is done
     return {"out_dir": results[0]["out_dir"], "channels_done": _union(results, "channels_done"),
+            "channels_resumed": _union(results, "channels_resumed"),
             "channels_without_examples": _union(results, "channels_without_examples"),
             "examples": sum(r["examples"] for r in results), "seconds": max(r["seconds"] for r in results),
             "summary": summary, "table_path": layout.relative(out_dir / TABLE_FILE) if table.height else None}

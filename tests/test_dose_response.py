@@ -386,3 +386,25 @@ def test_effects_do_not_depend_on_row_order():
     for seed in range(5):
         shuffled = grid.sample(fraction=1.0, shuffle=True, seed=seed)
         assert dose_effects(shuffled, resamples=200, permutations=2000).equals(first)
+
+
+def test_a_rerun_from_the_same_inputs_keeps_the_channels_and_other_inputs_redo_them(stats, tmp_path):
+    """Resumable like priors: a re-run (or a retry after preemption) with the same settings and the same upstream
+    data versions generates nothing; other statistics (another data version) redo the channels."""
+    config = DoseResponseConfig(seeds=[3, 4], strength_multiples=[1.0], num_inference_steps=STEPS, batch_size=5,
+                                window_half_width=100, measure_draws=1)
+    out = tmp_path / "dose_response" / "v"
+    inputs = {"code_version": "1", "timestep_stats/v": "stats-a"}
+
+    def run(given: dict) -> tuple:
+        result = run_dose_response(IdentityFamily(), None, "layer", stats, [5, 9], out, config, tmp_path, 0.25,
+                                   inputs=given)
+        return result, {p: p.stat().st_mtime_ns for p in out.rglob("*.png")}
+
+    first, written = run(inputs)
+    assert first.done == [5] and first.images == 4 * 2 and list(first.skipped) == [9]  # 9: no activity peak
+    again, kept = run(dict(inputs))
+    assert again.done == [] and again.resumed == [5] and again.images == 0 and kept == written
+    changed, redrawn = run({**inputs, "timestep_stats/v": "stats-b"})
+    assert changed.done == [5] and changed.resumed == []
+    assert all(redrawn[p] != written[p] for p in written)

@@ -1,0 +1,130 @@
+"""Issue 18's tabs and report sections in a real browser (Debian's Chromium under Selenium): the inspector's
+"Dose-response" and "Text vs image (CFG halves)" tabs and the HTML export's "Conditional vs unconditional" section
+(the "Where it fires" tab and section: tests/test_heatmaps_browser.py; the export's dose-response section:
+tests/test_browser.py). Each checks what a reader sees: the images loaded with a non-zero size, the tables with
+rows, the charts drawn with a non-zero size, the sentence as text; screenshots in test-artifacts/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.browser_support import CHROMEDRIVER, CHROMIUM, headless_chromium, screenshot
+
+pytestmark = [
+    pytest.mark.skipif(
+        CHROMIUM is None or CHROMEDRIVER is None,
+        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
+               "(apt-get install -y chromium chromium-driver, or `make browser-deps` as root)",
+    ),
+]
+pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
+pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.getBoundingClientRect())"
+           ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory):
+    """The toy data root with channel 0's dose-response grid and a two-half cfg_contrast (text adds 2)."""
+    from ddr_core import representation as rep
+    from ddr_core.activation_store import ActivationStore, VariantBatch
+    from ddr_core.cfg_contrast import compute_cfg_contrast
+    from tests.dose_data import write_dose_grid
+    from tests.representation_data import OBSERVED, VARIANT, WIDTH, make_toy_data_root
+
+    base = tmp_path_factory.mktemp("issue18-browser")
+    toy = make_toy_data_root(base / "data")
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    write_dose_grid(toy.layout, VARIANT, 0)
+    write_dose_grid(toy.layout, VARIANT, 1)  # two channels: the causal test has intervals
+    store = ActivationStore(base / "capture")
+    rng = np.random.default_rng(0)
+    rows = [{"generation_id": g, "prompt_index": g, "prompt": f"p{g}", "image_index": 0, "seed": g,
+             "image_path": f"images/{g}.png"} for g in range(6)]
+    uncond = rng.normal(size=(6, len(OBSERVED), WIDTH)).astype(np.float32)
+    store.write_batch(0, rows, OBSERVED, {VARIANT: VariantBatch(uncond + 2.0 + rng.normal(size=uncond.shape)
+                                                                .astype(np.float32) * 0.1, uncond)})
+    store.finalize()
+    compute_cfg_contrast(store, VARIANT, toy.layout.stage_dir("cfg_contrast", VARIANT))
+    return toy
+
+
+@pytest.fixture(scope="module")
+def driver():
+    with headless_chromium() as browser:
+        yield browser
+
+
+def _visible(driver, selector: str) -> list[list[int]]:
+    return driver.execute_script(VISIBLE, selector)
+
+
+def _open_tab(driver, wait, name: str) -> None:
+    tab = wait.until(lambda d: d.find_elements(By.XPATH, f"//*[@role='tab'][contains(., '{name}')]"))[0]
+    driver.execute_script("window.scrollTo(0, 0); arguments[0].scrollIntoView({block: 'center'});"
+                          "arguments[0].click();", tab)  # the header may sit over a tab scrolled to the top
+    wait.until(lambda d: tab.get_attribute("aria-selected") == "true")
+
+
+def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, toy, tmp_path: Path) -> None:
+    from tests.dose_data import HOSTILE_CONCEPT
+    from tests.test_browser import _loaded_images, _serve_inspector
+
+    with _serve_inspector(toy.data_root, tmp_path) as url:
+        driver.get(url)
+        wait = WebDriverWait(driver, 90, poll_frequency=0.5)
+        _open_tab(driver, wait, "Dose-response")
+        wait.until(lambda d: "Causal test over the variant's 2 channel(s)" in d.find_element(By.TAG_NAME, "body").text)
+        # the grid's images: 7 cells of the first seed (unsteered + 3 windows x 2 strengths), loaded and visible
+        wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 7)
+        images = _visible(driver, '[data-testid="stImage"] img')
+        assert len(images) >= 7, images
+        # the grid table and the effects table: two data frames drawn, each with rows
+        frames = wait.until(lambda d: (lambda f: f if len(f) >= 2 else None)(_visible(d, '[data-testid="stDataFrame"]')))
+        assert len(frames) >= 2 and all(h > 60 for _, h in frames), frames
+        counted = (
+            "return Array.from(document.querySelectorAll('[data-testid=\"stDataFrame\"]'))"
+            ".filter(e => e.getBoundingClientRect().height > 0)"
+            ".map(e => Number((e.querySelector('[aria-rowcount]') || {getAttribute: () => 0})"
+            ".getAttribute('aria-rowcount')));")
+        wait.until(lambda d: (lambda n: len(n) >= 2 and all(v > 1 for v in n))(d.execute_script(counted)))
+        row_counts = driver.execute_script(counted)
+        assert len(row_counts) >= 2 and all(n > 1 for n in row_counts), row_counts  # header + rows
+        assert HOSTILE_CONCEPT in driver.find_element(By.TAG_NAME, "body").text  # the concept label as text
+        driver.execute_script("arguments[0].scrollIntoView();", driver.find_element(
+            By.XPATH, "//*[contains(text(), 'Causal test over')]"))
+        assert screenshot(driver, "inspector_dose_response.png").stat().st_size > 10_000
+
+        _open_tab(driver, wait, "Text vs image (CFG halves)")
+        wait.until(lambda d: "Conditional vs unconditional (text-driven)" in d.find_element(By.TAG_NAME, "body").text)
+        # the halves' profiles and the difference with its band: two more charts, drawn in the open tab
+        charts = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
+        wait.until(lambda d: len(_visible(d, charts)) >= 4)  # the left column's two + the tab's two
+        assert all(w > 100 and h > 100 for w, h in _visible(driver, charts)), _visible(driver, charts)
+        sentence = driver.find_element(By.XPATH, "//*[contains(text(), 'Conditional vs unconditional (text-driven)')]")
+        driver.execute_script("arguments[0].scrollIntoView();", sentence)
+        assert screenshot(driver, "inspector_cfg_halves.png").stat().st_size > 10_000
+
+
+def test_the_html_export_cfg_section_draws_both_charts(driver, toy, tmp_path: Path) -> None:
+    from ddr_core.html_export import export_html
+    from tests.representation_data import VARIANT
+
+    index = export_html(toy.layout, VARIANT, tmp_path / "report")
+    driver.get((index.parent / "channels" / "channel_00000.html").as_uri())
+    section = driver.find_element(By.ID, "cfg")
+    driver.execute_script("arguments[0].scrollIntoView();", section)
+    assert "Conditional vs unconditional (text-driven)" in section.text and "over 6 prompts" in section.text
+    charts = _visible(driver, "section#cfg svg")
+    assert len(charts) == 2 and all(w > 100 and h > 50 for w, h in charts), charts
+    lines = driver.execute_script("return document.querySelectorAll('section#cfg svg polyline, section#cfg svg path')"
+                                  ".length;")
+    assert lines >= 5, lines  # both halves, the difference and its two interval lines
+    assert screenshot(driver, "export_cfg_halves.png").stat().st_size > 5_000
