@@ -15,6 +15,7 @@ from pathlib import Path
 import dagster as dg
 
 from ddr_assets.partitions import block_key, parse_block_key, project
+from ddr_core.cfg_truth import cfg_truth_lines
 from ddr_core.dose_response_view import dose_response_lines
 from ddr_core.labels_view import feature_label_lines
 from ddr_resources.resources import ComputeResource, DdrStorage
@@ -227,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     for line in heatmap_lines(layout, variants):
         print(line)
     for line in feature_label_lines(layout, variants):  # ddr_core/labels_view.py
+        print(line)
+    for line in cfg_truth_lines(project(), layout, variants):  # ddr_core/cfg_truth.py
         print(line)
     print("Look at the results:")
     print(f"  inspector : make inspect   (or: .venv/bin/ddr inspect --data-root {layout.data_root}"

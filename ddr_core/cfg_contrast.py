@@ -27,7 +27,8 @@ Guidance-free variants (SDXL-Turbo at ``guidance_scale`` 0, FLUX.1) record one h
 summary saying so and no tables, and the feature card says the comparison does not exist for that model.
 
 Outputs (``out_dir``): ``channels.parquet`` (one row per channel), ``profiles.parquet`` (channel x
-timestep), ``summary.json``.
+timestep), ``prompt_effects.parquet`` (one row per prompt: its text and ``d[p, :]`` as a fixed-size array, for
+scores against a ground truth such as :mod:`ddr_core.cfg_truth`), ``summary.json``.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ from ddr_core.config import config_hash
 
 CHANNELS_FILE = "channels.parquet"
 PROFILES_FILE = "profiles.parquet"
+PROMPT_EFFECTS_FILE = "prompt_effects.parquet"
 SUMMARY_FILE = "summary.json"
-CFG_CONTRAST_VERSION = 1
+CFG_CONTRAST_VERSION = 2  # 2: prompt_effects.parquet
 
 
 class CfgContrastConfig(BaseModel):
@@ -154,7 +156,8 @@ def compute_cfg_contrast(store: ActivationStore, variant: str, out_dir: str | os
             reason="the capture recorded only the conditional half (no classifier-free guidance: "
                    "guidance_scale <= 1, keep_unconditional false, or a guidance-free model such as "
                    "SDXL-Turbo or FLUX.1): there is no unconditional activity to compare", **base)
-        for name in (CHANNELS_FILE, PROFILES_FILE):  # a previous two-half result of this folder is not this one
+        # a previous two-half result of this folder is not this one
+        for name in (CHANNELS_FILE, PROFILES_FILE, PROMPT_EFFECTS_FILE):
             (out / name).unlink(missing_ok=True)
         atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
         return summary
@@ -231,8 +234,17 @@ def compute_cfg_contrast(store: ActivationStore, variant: str, out_dir: str | os
         "difference": moments["difference"].mean.ravel(),
         "ci_low": diff_low.ravel(), "ci_high": diff_high.ravel(),
     }).sort("channel", "timestep", descending=[False, True])
+    text_of = dict(zip(generations["prompt_index"].to_list(), generations["prompt"].to_list(), strict=True)) \
+        if "prompt" in generations.columns else {}
+    seen_prompts = [p for p, kept in zip(prompts, seen, strict=True) if kept]
+    prompt_effects = pl.DataFrame({
+        "prompt_index": np.asarray(seen_prompts, dtype=np.int64),
+        "prompt": [text_of.get(p) for p in seen_prompts],
+        "effect": pl.Series(d.astype(np.float32), dtype=pl.Array(pl.Float32, width)),
+    }, schema_overrides={"prompt": pl.String})
     _write_parquet(channels, out / CHANNELS_FILE)
     _write_parquet(profiles, out / PROFILES_FILE)
+    _write_parquet(prompt_effects, out / PROMPT_EFFECTS_FILE)
     summary = CfgContrastSummary(halves=2, n_prompts=n_prompts, text_driven=int((verdict == "text-driven").sum()),
                                  text_suppressed=int((verdict == "text-suppressed").sum()), **base)
     atomic_write_json(out / SUMMARY_FILE, summary.to_dict())
@@ -252,7 +264,8 @@ def finished_cfg_contrast(out_dir: str | os.PathLike[str], variant: str,
         return None
     if summary is None or summary.variant != variant or summary.config_hash != config.config_hash():
         return None
-    if summary.halves == 2 and not all((out / name).is_file() for name in (CHANNELS_FILE, PROFILES_FILE)):
+    if summary.halves == 2 and not all((out / name).is_file()
+                                       for name in (CHANNELS_FILE, PROFILES_FILE, PROMPT_EFFECTS_FILE)):
         return None
     return summary
 

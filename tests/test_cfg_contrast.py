@@ -11,6 +11,7 @@ from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.cfg_contrast import (
     CHANNELS_FILE,
     PROFILES_FILE,
+    PROMPT_EFFECTS_FILE,
     CfgContrastConfig,
     channel_contrast,
     compute_cfg_contrast,
@@ -70,6 +71,9 @@ def test_difference_interval_and_p_are_the_t_test_over_prompt_means(tmp_path, pe
     # channel 2: exactly -0.5 / 3 timesteps in every prompt (within float16): zero spread, an exact answer
     assert row2["difference"] == pytest.approx(-0.5 / 3, abs=2e-3) and row2["verdict"] == "text-suppressed"
     assert summary.halves == 2 and summary.text_driven == 1 and summary.text_suppressed == 1
+    effects = pl.read_parquet(tmp_path / "out" / PROMPT_EFFECTS_FILE)  # d itself, one row per prompt
+    assert effects["prompt"].to_list() == [f"prompt {p}" for p in range(PROMPTS)]
+    assert np.stack(effects["effect"].to_numpy()) == pytest.approx(d, abs=1e-6)
     profile = pl.read_parquet(tmp_path / "out" / PROFILES_FILE).filter(pl.col("channel") == 2)
     assert profile["timestep"].to_list() == TIMESTEPS
     assert profile["difference"].to_list() == pytest.approx([0.0, -0.5, 0.0], abs=2e-3)
@@ -110,3 +114,26 @@ def test_card_sentence_is_plain_text_with_the_figures(tmp_path):
     sentence = contrast_sentence(summary, row)
     assert sentence.startswith("Conditional vs unconditional (text-driven)") and "over 5 prompts" in sentence
     assert contrast_sentence(None, None).endswith("(materialize cfg_contrast).")
+
+
+def test_the_text_effect_on_a_channels_own_concept_is_found_and_the_null_is_not():
+    """``cfg_truth``: channel 0's prompt effect is 1 on the 10 red prompts and 0 on the 10 blue ones (by hand: d has
+    mean 0.5, sd sqrt(5/19), so z = +-0.5 / sd and the effect is 1 / sd = 1.949); a noise channel paired with a
+    colour is not called; a pair whose value no prompt names is left out."""
+    from ddr_core.cfg_truth import concept_pairs, concept_text_effect
+
+    rng = np.random.default_rng(0)
+    labels = pl.DataFrame({"colour": ["red", "blue"] * 10, "shape": ["circle"] * 20})
+    effects = np.stack([np.tile([1.0, 0.0], 10), rng.normal(size=20)], axis=1)
+    pairs = concept_pairs({0: "colour=red", 1: "colour=blue, shape=square", 2: None})
+    assert pairs == [(0, "colour", "red"), (1, "colour", "blue"), (1, "shape", "square")]
+    one = concept_text_effect(effects, labels, pairs[:1], permutations=999, bootstraps=200)
+    assert one["n_pairs"] == 1 and one["effect"] == pytest.approx(1 / np.sqrt(5 / 19), rel=1e-9)
+    assert one["p_value"] == pytest.approx(1 / 1000, abs=2e-3)  # only the identity-like splits reach it
+    assert one["positive_share"] == 1.0 and one["interval"][0] > 1.5
+    noise = concept_text_effect(effects, labels, pairs[1:], permutations=999, bootstraps=200)
+    assert noise["n_pairs"] == 1  # shape=square: no prompt names it
+    assert noise["p_value"] > 0.05 and noise["interval"][0] < 0 < noise["interval"][1]
+    assert abs(noise["null_mean"]) < 0.1
+    with pytest.raises(ValueError, match="do not match"):
+        concept_text_effect(effects[:5], labels, pairs)
