@@ -15,7 +15,7 @@ dream config except one setting, into their own stage folders, then scores every
 - ``dreams_maco``: ``parameterisation: maco`` (phase only, amplitude spectrum of the model's own samples).
 
 ``--channels N`` keeps the first N dreamed channels (all methods, same channels); ``--num-steps`` overrides the
-optimisation steps of the new methods (the recorded config's otherwise).
+optimisation steps of the new methods (the recorded config's otherwise), ``--set KEY=JSON`` any other setting.
 
 Writes into the data root (use a copy)::
 
@@ -48,6 +48,8 @@ def main() -> None:
     parser.add_argument("--skip-dreams", action="store_true", help="only score what is there")
     parser.add_argument("--channels", type=int, default=0, help="first N dreamed channels only (0: all)")
     parser.add_argument("--num-steps", type=int, default=0, help="optimisation steps (0: the recorded config's)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=JSON",
+                        help="further DreamConfig settings of the new methods, e.g. learning_rate=0.2 (validated)")
     args = parser.parse_args()
     storage = DdrStorage()
     project, layout = storage.project, storage.layout
@@ -63,8 +65,11 @@ def main() -> None:
             "dreams_example": {"start": "example"}, "dreams_pre_activation": {"objective": "pre_activation"},
             "dreams_x0": {"parameterisation": "x0_prediction"}, "dreams_maco": {"parameterisation": "maco"},
             "dreams_sampler": {"parameterisation": "sampler", "start": "noise", "use_prior": False}}
-        if args.num_steps:
-            changes = {k: {**v, "num_steps": args.num_steps} for k, v in changes.items()}
+        extra = {"num_steps": args.num_steps} if args.num_steps else {}
+        for item in args.set:
+            key, _, value = item.partition("=")
+            extra[key] = json.loads(value)
+        changes = {k: {**v, **extra} for k, v in changes.items()}
         for method in args.methods:
             if args.skip_dreams or (method == "dreams_pre_activation" and project.variants[variant].basis == "raw"):
                 continue

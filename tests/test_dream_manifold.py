@@ -251,3 +251,60 @@ def test_flux_cannot_run_the_manifold_parameterisations():
     for kind in ("x0_prediction", "sampler", "maco"):
         with pytest.raises(ValueError, match="DDPM-style UNet family"):
             check_parameterisation(NoUnet(), kind)
+
+
+# --- the benchmark rows ------------------------------------------------------------------------------------
+
+
+def test_benchmark_scores_the_manifold_methods_with_todays_metrics(tmp_path):
+    """Each manifold method's stage folder is scored with the same metrics as today's dreams (the synthetic
+    root of tests/test_visual_benchmark.py, its dreams copied into each method's folder)."""
+    import shutil
+
+    import polars as pl
+    from PIL import Image
+
+    from ddr_core.visual_benchmark import METHODS, compute_visual_benchmark
+    from tests.test_visual_benchmark import COLOURS, write_root
+    from tests.test_visual_benchmark import FAST as BENCH_FAST
+
+    layout = write_root(tmp_path)
+    methods = ("dreams_x0", "dreams_sampler", "dreams_maco")
+    assert set(methods) <= {m.name for m in METHODS}
+    for method in methods:
+        shutil.copytree(layout.stage_dir("dreams", "toy-raw"), layout.stage_dir(method, "toy-raw"))
+    names = {rgb: name for name, rgb in COLOURS.items()}
+
+    def classify(paths, families):
+        colours = [names[Image.open(tmp_path / p).convert("RGB").getpixel((0, 0))] for p in paths]
+        return pl.DataFrame({"image": paths, "colour": colours, "shape": ["circle"] * len(paths),
+                             "world_rmse": [0.1] * len(paths)})
+
+    stages = {s: layout.stage_dir(s, "toy-raw") for s in ("priors", "dreams", *methods)}
+    table = compute_visual_benchmark("toy-raw", layout.data_root, layout.stage_dir("feature_concepts", "toy-raw"),
+                                     stages, layout.stage_dir("visual_benchmark", "toy-raw"), BENCH_FAST,
+                                     classify=classify).table
+    dreams = table.filter(pl.col("method") == "dreams")
+    for method in methods:
+        rows = table.filter(pl.col("method") == method)
+        assert rows["metric"].to_list() == dreams["metric"].to_list()
+        # same images, same scores: the method row is the dreams row
+        for metric in ("agreement_selective", "raised_share", "gain_over_start", "seed_diversity", "coverage"):
+            ours, theirs = (r.filter(pl.col("metric") == metric).row(0, named=True) for r in (rows, dreams))
+            assert (ours["value"], ours["p_value"], ours["n"]) == (theirs["value"], theirs["p_value"], theirs["n"])
+
+
+def test_an_unknown_parameterisation_in_the_config_is_refused_at_load(tmp_path):
+    """``variants.<v>.overrides.dreams.parameterisation`` is checked when the project config loads (a run config
+    goes through the same DreamConfig in Dagster)."""
+    from ddr_assets.dreams import DreamsRunConfig
+    from ddr_core.config import ConfigError, load_project_config
+    from tests.test_config import _edit
+
+    path = _edit(tmp_path, "learning_rate: 0.02}", "learning_rate: 0.02, parameterisation: pixels}")
+    with pytest.raises(ConfigError, match="dreams.parameterisation: Input should be 'latent', 'x0_prediction', "
+                                          "'sampler' or 'maco'"):
+        load_project_config(path)
+    path = _edit(tmp_path, "learning_rate: 0.02}", "learning_rate: 0.02, parameterisation: maco}")
+    assert load_project_config(path).variants["toy-raw"].overrides["dreams"]["parameterisation"] == "maco"
+    assert DreamsRunConfig(parameterisation="sampler", start="noise").sampler_steps == 4
