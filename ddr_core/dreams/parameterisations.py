@@ -19,7 +19,8 @@ A :class:`Parameterisation` maps the optimised parameters of each batch element 
   the trajectory's own ``x_t`` (no extra noise, no augmentation). The gradient flows back through every
   denoiser call of the trajectory (``gradient_checkpointing``: each call's activations are recomputed in the
   backward pass instead of stored). The picture is the end of the trajectory: ``sampler_steps`` further DDIM
-  steps from ``t`` to 0 (no gradient). Needs ``start: noise``.
+  steps from ``t`` to 0 (no gradient). Needs ``start: noise``. The activation in ``stats.parquet`` is the one
+  along the trajectory; the quality check re-measures the picture re-noised to ``t`` like any other dream.
 - ``maco``: magnitude-constrained optimisation (MACO, Fel et al. 2023): the parameters are a phase spectrum;
   the latent is ``ifft2(M * exp(i phi))`` with the magnitude ``M`` fixed to the mean amplitude spectrum of the
   model's own samples (``maco_reference_samples`` DDIM samples from seeded noise, :func:`reference_magnitude`)
