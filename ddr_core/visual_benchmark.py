@@ -2,7 +2,8 @@
 
 Does a visualisation method show what its channel stands for? For each method (``priors``: steered
 generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise``,
-``dreams_pre_activation`` and ``dreams_example`` (:data:`METHODS`) where they ran) and
+``dreams_pre_activation``, ``dreams_example``, ``dreams_x0``, ``dreams_sampler``, ``dreams_maco``
+(:data:`METHODS`) where they ran) and
 variant, from what the stages wrote (no model is run here):
 
 - ``agreement_selective``: over the (channel, family) pairs a channel is significantly selective for
@@ -85,10 +86,15 @@ METHODS: tuple[Method, ...] = (
     Method("dreams_no_noise", "dreams_no_noise", "dream", None),
     Method("dreams_pre_activation", "dreams_pre_activation", "dream", None),
     Method("dreams_example", "dreams_example", "dream", None),
+    Method("dreams_x0", "dreams_x0", "dream", None),
+    Method("dreams_sampler", "dreams_sampler", "dream", None),
+    Method("dreams_maco", "dreams_maco", "dream", None),
 )
 """The methods scored where their stage folder exists. ``dreams_pre_activation``: dreams maximising an SAE
 feature's pre-activation (``objective: pre_activation``); ``dreams_example``: dreams started from the channel's
-top dataset examples (``start: example``, feature accentuation). Their images are classified by the caller's
+top dataset examples (``start: example``, feature accentuation). ``dreams_x0`` / ``dreams_sampler`` /
+``dreams_maco``: the manifold parameterisations (``parameterisation: x0_prediction`` / ``sampler`` / ``maco``,
+:mod:`ddr_core.dreams.parameterisations`). Their images are classified by the caller's
 ``classify`` (``feature_concepts`` scores only priors and dreams)."""
 
 BENCHMARK_SCHEMA: dict[str, Any] = {
@@ -137,6 +143,7 @@ def _settings(record: dict[str, Any] | None, kind: str) -> dict[str, Any]:
         return {k: record.get(k) for k in keys}
     config = record.get("config") or {}
     keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "start", "objective",
+            "parameterisation", "sampler_steps", "x0_projection_timestep", "maco_reference_samples",
             "timesteps", "n_results", "quality_noise_draws", "random_seed")
     return {**{k: config.get(k) for k in keys}, "config_hash": record.get("config_hash")}
 

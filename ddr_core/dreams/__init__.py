@@ -64,6 +64,9 @@ The modules of this package:
 
 - :mod:`ddr_core.dreams.config`: :class:`DreamConfig` (the stage's parameters) and :class:`DreamObjective`
   (what each batch element maximises);
+- :mod:`ddr_core.dreams.parameterisations`: what is optimised (``DreamConfig.parameterisation``): the clean latent
+  (default), the denoiser's x0-prediction, the sampler's initial noise through DDIM steps, or a phase with a fixed
+  amplitude spectrum (MACO);
 - :mod:`ddr_core.dreams.optimise`: one optimisation batch (:func:`optimise_dreams`) and the clean
   re-measurement (:func:`measure_activations`);
 - :mod:`ddr_core.dreams.timesteps`: the timesteps each channel is dreamed at (:func:`resolve_dream_timesteps`);

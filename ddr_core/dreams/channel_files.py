@@ -99,10 +99,14 @@ def _write_channel(
             (folder / "steps").mkdir(parents=True)
             element_results = [results[(timestep, seed)] for seed in plan.seeds]
             final = torch.stack([r["latents"] for r in element_results])
+            # where the optimisation started, as a picture (the start latents, or their rendering by a manifold
+            # parameterisation: ddr_core.dreams.parameterisations)
+            initial = (torch.stack([r["initial_latents"] for r in element_results])
+                       if all(r.get("initial_latents") is not None for r in element_results) else plan.init_latents)
             save_file(
                 {
                     "latents": final.contiguous(),
-                    "initial_latents": plan.init_latents.float().contiguous(),
+                    "initial_latents": initial.float().contiguous(),
                     "seeds": torch.tensor(plan.seeds, dtype=torch.int64),
                 },
                 str(folder / "latents.safetensors"),

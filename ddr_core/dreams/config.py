@@ -25,6 +25,7 @@ KEYWORD_TABLES: dict[str, str] = {"activity_peaks": "activity_peaks", "active_ti
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 StartKind = Literal["prior", "noise", "example"]
 ObjectiveKind = Literal["activation", "pre_activation"]
+ParameterisationKind = Literal["latent", "x0_prediction", "sampler", "maco"]
 STAT_NAMES: tuple[str, ...] = ("activation", "tv", "range", "moment", "loss")
 
 
@@ -49,6 +50,24 @@ class DreamConfig(BaseModel):
         "activation", description="what the optimiser maximises: the unit's activation, or (SAE features) its "
                                   "pre-activation, the encoder output before the ReLU, which has a gradient where "
                                   "the feature is inactive; the reported activation is always the real one")
+    parameterisation: ParameterisationKind = Field(
+        "latent", description="what is optimised (ddr_core.dreams.parameterisations): 'latent' the clean latent; "
+                              "'x0_prediction' a latent whose denoiser x0-prediction is the picture (re-noised to t "
+                              "for the objective); 'sampler' the initial noise, through sampler_steps DDIM steps to "
+                              "t (needs start: noise); 'maco' the phase of a latent whose amplitude spectrum is fixed "
+                              "to the model's own samples' (MACO)")
+    sampler_steps: int = Field(4, ge=1, le=200, description="parameterisation sampler: DDIM steps from the "
+                                                           "last timestep down to the dream's (and as many on to 0 "
+                                                           "for the picture)")
+    gradient_checkpointing: bool = Field(True, description="parameterisation sampler: recompute each denoiser "
+                                                           "call in the backward pass instead of storing it")
+    x0_projection_timestep: int | None = Field(
+        None, ge=0, le=999, description="parameterisation x0_prediction: the timestep the latent is noised to "
+                                        "before the denoiser predicts x0; null: the dream's timestep")
+    maco_reference_samples: int = Field(16, ge=2, le=1024, description="parameterisation maco: model samples "
+                                                                       "whose mean amplitude spectrum is kept")
+    maco_reference_steps: int = Field(10, ge=1, le=200, description="parameterisation maco: DDIM steps of each "
+                                                                    "reference sample")
     n_results: int = Field(5, ge=1, le=1024, description="dreams per (channel, timestep): seeds / priors used")
     seeds: list[int] = Field(default_factory=lambda: list(DEFAULT_SEEDS), min_length=1,
                              description="noise seeds when use_prior is false")
@@ -123,6 +142,9 @@ class DreamConfig(BaseModel):
                 self.start == "prior") and self.start != "example":
             raise ValueError(f"use_prior: {str(self.use_prior).lower()} contradicts start: {self.start}; set only "
                              f"start (prior | noise | example)")
+        if self.parameterisation == "sampler" and self.start_from != "noise":
+            raise ValueError(f"parameterisation: sampler optimises the sampler's initial noise, so it needs start: "
+                             f"noise (got start {self.start_from!r}); set start: noise (and use_prior: false)")
         if self.start_from == "noise" and self.n_results > len(self.seeds):
             raise ValueError(
                 f"n_results={self.n_results} needs at least as many seeds (dreams start from noise), got "
@@ -149,7 +171,7 @@ class DreamConfig(BaseModel):
     def config_hash(self) -> str:
         """16 hex digits identifying what the config does. ``start`` and ``objective`` enter only where they
         change something (``start: example``, ``objective: pre_activation``): a config that leaves them at
-        their defaults hashes as before they existed, so earlier dream folders keep their hash (and
+        their defaults hashes as before they existed (so does ``parameterisation: latent`` with its settings), so earlier dream folders keep their hash (and
         ``start: prior`` / ``noise`` hash like ``use_prior: true`` / ``false``)."""
         payload = self.model_dump(mode="json")
         if self.start_from != "example":
@@ -157,6 +179,10 @@ class DreamConfig(BaseModel):
             payload["use_prior"] = self.start_from == "prior"
         if self.objective == "activation":
             payload.pop("objective")
+        if self.parameterisation == "latent":  # the manifold parameterisations' settings change nothing then
+            for key in ("parameterisation", "sampler_steps", "gradient_checkpointing", "x0_projection_timestep",
+                        "maco_reference_samples", "maco_reference_steps"):
+                payload.pop(key)
         return config_hash(payload)
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig, DreamObjective
+from ddr_core.dreams.parameterisations import make_parameterisation
 from ddr_core.hooks import HookPoint
 from ddr_core.regularisation import (
     fourier_precondition,
@@ -30,7 +31,10 @@ class DreamBatchResult:
     """Result of :func:`optimise_dreams` for ``B`` elements.
 
     Attributes:
-        latents: ``(B, 4, h, w)`` float32 CPU final latents (failed elements: last finite value).
+        latents: ``(B, 4, h, w)`` float32 CPU final latents (failed elements: last finite value): the pictured
+            clean latents of the parameterisation (:mod:`ddr_core.dreams.parameterisations`).
+        initial_latents: ``(B, 4, h, w)`` the pictured clean latents of the start parameters (the start
+            latents themselves for ``parameterisation: latent``): what the quality check compares with.
         history: stat name (``activation, tv, range, moment, loss``) -> ``(num_steps, B)`` float64;
             NaN where an element did not run that step. Penalties are unweighted; ``loss`` is the
             weighted total of the element (with ``objective: pre_activation``, minus the pre-activation).
@@ -45,6 +49,7 @@ class DreamBatchResult:
     snapshots: dict[int, torch.Tensor]
     failed: list[str | None]
     failed_step: list[int | None]
+    initial_latents: torch.Tensor | None = None
     seconds: float = 0.0
 
     @property
@@ -103,6 +108,7 @@ def optimise_dreams(
     config: DreamConfig,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     snapshot_every: int | None = None,
+    maco_magnitude: torch.Tensor | None = None,
 ) -> DreamBatchResult:
     """Optimise ``B`` dream latents at once (see the module docstring for one step).
 
@@ -117,6 +123,9 @@ def optimise_dreams(
             generator, so results do not depend on the batch), or one generator from which
             per-element generators are derived, or ``None`` (seed 0).
         snapshot_every: overrides ``config.snapshot_every`` (0: no snapshots).
+        maco_magnitude: ``parameterisation: maco``: the reference amplitude spectrum
+            (:func:`~ddr_core.dreams.parameterisations.reference_magnitude`, computed once per run by the
+            caller); ``None``: computed here.
 
     Returns:
         A :class:`DreamBatchResult`.
@@ -140,7 +149,10 @@ def optimise_dreams(
     context = model.encode_prompt("")
     timesteps_device = timesteps.to(device)
 
-    latents = init_latents.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
+    start_latents = init_latents.detach().to(device=device, dtype=torch.float32)
+    param = make_parameterisation(config, model, timesteps, generators, context, maco_magnitude)
+    latents = param.init(start_latents).detach().clone().requires_grad_(True)  # the optimised parameters
+    initial_pictures = start_latents.cpu().clone() if param.name == "latent" else param.picture(latents).cpu()
     optimizer = torch.optim.AdamW([latents], lr=config.learning_rate, weight_decay=config.weight_decay)
     history = {name: np.full((config.num_steps, batch), np.nan) for name in STAT_NAMES}
     snapshots: dict[int, torch.Tensor] = {}
@@ -157,22 +169,22 @@ def optimise_dreams(
         if rows.numel() == 0:
             break
         if every and step % every == 0:
-            snapshots[step] = latents.detach().float().cpu().clone()
+            snapshots[step] = (latents.detach().float().cpu().clone() if param.name == "latent"
+                               else param.picture(latents).cpu())
         rows_device = rows.to(device)
         element_gens = [generators[i] for i in rows.tolist()]
 
-        current = latents[rows_device]  # (n, 4, h, w), gradient flows back to `latents`
-        augmented = augmentation(current, element_gens)
-        if config.see_through_schedule_noise:
-            noise = torch.cat([torch.randn((1, *current.shape[1:]), generator=g) for g in element_gens])
-            augmented = model.add_noise(augmented, noise.to(device), timesteps_device[rows_device])
+        rendered = param.render(latents[rows_device], rows, augmentation, element_gens)  # gradient to `latents`
         output = model.forward_to_layer(
-            layer_module, augmented.to(model_dtype), timesteps_device[rows_device], context.expand(rows.numel()),
+            layer_module, rendered.layer_input.to(model_dtype), timesteps_device[rows_device],
+            context.expand(rows.numel()),
         )
         maximised, activation = objective.targets(output, rows, config.objective)
-        tv = total_variation(current)
-        out_of_range = range_penalty(current, config.range_penalty_threshold)
-        moments = moment_penalty(current)
+        current = rendered.clean  # the picture; None (sampler): no penalty
+        zero = torch.zeros_like(activation)
+        tv = total_variation(current) if current is not None else zero
+        out_of_range = range_penalty(current, config.range_penalty_threshold) if current is not None else zero
+        moments = moment_penalty(current) if current is not None else zero
         loss = (
             -maximised
             + config.total_variation_weight * tv
@@ -197,12 +209,13 @@ def optimise_dreams(
             active[element] = False
 
         element_grad = torch.where(ok[:, None, None, None], element_grad, torch.zeros_like(element_grad))
-        if config.fourier_preconditioning:
+        if config.fourier_preconditioning and param.transforms_gradient:
             element_grad = fourier_precondition(element_grad)
         sigma = smoothing_sigma(
             step, config.num_steps, config.gradient_smoothing_sigma_start, config.gradient_smoothing_sigma_end
         )
-        element_grad = gaussian_smooth(element_grad, sigma, config.gradient_smoothing_kernel_size)
+        if param.transforms_gradient:
+            element_grad = gaussian_smooth(element_grad, sigma, config.gradient_smoothing_kernel_size)
         full_grad = torch.zeros_like(latents)
         full_grad[rows_device] = element_grad
 
@@ -219,7 +232,8 @@ def optimise_dreams(
             latents[frozen] = before[frozen]  # failed / finished elements keep their last finite latent
 
     return DreamBatchResult(
-        latents=latents.detach().float().cpu(),
+        latents=latents.detach().float().cpu() if param.name == "latent" else param.picture(latents).cpu(),
+        initial_latents=initial_pictures,
         history=history,
         snapshots=snapshots,
         failed=failed,

@@ -27,6 +27,7 @@ from ddr_core.dreams.channel_files import (
 )
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig, DreamObjective, LogFn
 from ddr_core.dreams.optimise import element_generators, element_seed, optimise_dreams
+from ddr_core.dreams.parameterisations import check_parameterisation, reference_magnitude
 from ddr_core.dreams.timesteps import _load_timestep_table, resolve_dream_timesteps, split_by_signal
 from ddr_core.locks import claim_channels, format_channels
 
@@ -165,6 +166,7 @@ def run_dreams(
     info = {"basis": basis.kind, "layer": layer_name, "use_prior": use_prior,
             **({"start": start_from} if start_from == "example" else {})}
     # Everything that can be checked is checked before anything is written.
+    check_parameterisation(model, config.parameterisation)
     check_dream_inputs(model, stats_dir, priors_dir if use_prior else None,
                        [c for c in channels if c not in finished_channels(out)], config)
 
@@ -226,6 +228,7 @@ def run_dreams(
         written = 0
         plan_iter = plans()
         exhausted = False
+        maco_magnitude = None
 
         with Progress(len(channels), "dreams", log=log, unit="channel", initial=len(result.channels_skipped)) as progress:
             while True:
@@ -247,7 +250,11 @@ def run_dreams(
                 generators = element_generators(
                     [element_seed(config.random_seed, p.channel, t, s) for p, t, s, _ in batch]
                 )
-                batch_result = optimise_dreams(model, layer, objective, init, timesteps, config, generators)
+                if config.parameterisation == "maco" and maco_magnitude is None:  # once per run
+                    maco_magnitude = reference_magnitude(model, config.maco_reference_samples,
+                                                         config.maco_reference_steps, config.random_seed)
+                batch_result = optimise_dreams(model, layer, objective, init, timesteps, config, generators,
+                                               maco_magnitude=maco_magnitude)
                 final_activation = batch_result.final_activation
                 last_step = config.num_steps
                 for position, (plan, timestep, seed, _) in enumerate(batch):
@@ -257,6 +264,8 @@ def run_dreams(
                         snapshots[last_step] = batch_result.latents[position]
                     pending[plan.channel][1][(timestep, seed)] = {
                         "latents": batch_result.latents[position],
+                        "initial_latents": (batch_result.initial_latents[position]
+                                            if batch_result.initial_latents is not None else None),
                         "snapshots": snapshots,
                         "stats": [
                             (int(s), {name: float(batch_result.history[name][s, position]) for name in STAT_NAMES})
