@@ -202,16 +202,11 @@ def test_a_planted_channel_heat_is_found_where_it_was_planted(tiny_pipe, capture
 
 @pytest.fixture()
 def toy_views(tmp_path, monkeypatch):
-    from ddr_core import representation as rep
     from tests.heatmap_data import write_heatmaps
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.representation_data import VARIANT, make_indexed_toy
 
-    toy = make_toy_data_root(tmp_path / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
+    toy = make_indexed_toy(tmp_path / "data", monkeypatch)
     write_heatmaps(toy.layout, VARIANT, 0, prompts=("a red circle on a black background", "**bold** [x](http://e.x)"))
-    monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
-    monkeypatch.setenv("DDR_EXPERIMENT", "default")
     return toy
 
 
