@@ -6,12 +6,12 @@ from a config, a classifier value): shown with ``st.text`` in Streamlit and esca
 
 from __future__ import annotations
 
-import html
-import math
 from typing import Any
 
 from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
+from ddr_core.view_text import escape_html as _e
+from ddr_core.view_text import number, show_problem_or_nothing, unreadable
 
 STAGE = "feature_labels"
 
@@ -31,14 +31,12 @@ def channel_label(layout: DataLayout, variant: str, channel: int) -> tuple[dict[
         table, summary = found
         rows = table.filter(pl.col("channel") == int(channel)).to_dicts()
     except Exception as error:  # noqa: BLE001 - an unreadable table is shown as a problem
-        return None, {}, f"the labels of {variant} cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        return None, {}, unreadable("labels", variant, error)
     return (rows[0] if rows else None), summary, None
 
 
 def _number(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{float(value):.{digits}f}"
+    return number(value, digits)
 
 
 def label_lines(row: dict[str, Any] | None, summary: dict[str, Any]) -> list[str]:
@@ -81,21 +79,14 @@ def render_inspector(layout: DataLayout, variant: str, channel: int) -> None:
     import streamlit as st
 
     row, summary, problem = channel_label(layout, variant, channel)
-    if problem is not None:
-        st.warning(escape_markdown(problem))
-        return
-    if not summary:
-        st.info("No automatic labels for this variant (materialize feature_labels; its model needs a `labeller`).")
+    if show_problem_or_nothing(problem, not summary, "No automatic labels for this variant (materialize "
+                                                     "feature_labels; its model needs a `labeller`)."):
         return
     for line in label_lines(row, summary):
         st.text(line)
     line = summary_line(summary)
     if line:
         st.caption(escape_markdown(f"Variant: {line}"))
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def labels_html(layout: DataLayout, variant: str, channel: int) -> str:

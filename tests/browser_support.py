@@ -8,9 +8,25 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
+           "(apt-get install -y chromium chromium-driver, or `make browser-deps` as root)",
+)
+"""``pytestmark`` of a real-browser test module (with :func:`skip_without_viewer_modules` before its Selenium
+imports)."""
+
+
+def skip_without_viewer_modules() -> None:
+    """Skip the calling test module (at import) unless Selenium and Streamlit are installed."""
+    pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
+    pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
 
 
 def free_port() -> int:

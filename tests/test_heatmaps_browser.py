@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_support import CHROMEDRIVER, CHROMIUM, headless_chromium, open_export_page, screenshot
+from tests.browser_support import (
+    NEEDS_CHROMIUM,
+    headless_chromium,
+    open_export_page,
+    screenshot,
+    skip_without_viewer_modules,
+)
 
-pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
-               "(apt-get install -y chromium chromium-driver)",
-    ),
-]
-pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
-pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+pytestmark = NEEDS_CHROMIUM
+skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 

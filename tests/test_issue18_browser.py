@@ -12,23 +12,16 @@ import numpy as np
 import pytest
 
 from tests.browser_support import (
-    CHROMEDRIVER,
-    CHROMIUM,
+    NEEDS_CHROMIUM,
     headless_chromium,
     open_export_page,
     open_tab,
     screenshot,
+    skip_without_viewer_modules,
 )
 
-pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
-               "(apt-get install -y chromium chromium-driver, or `make browser-deps` as root)",
-    ),
-]
-pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
-pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+pytestmark = NEEDS_CHROMIUM
+skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 

@@ -387,6 +387,46 @@ def test_the_asset_materializes_with_a_labels_table(tmp_path: Path) -> None:
     assert read_record(layout.records_dir, "feature_labels", "toy-raw")["outputs"]["scored"] == 2
 
 
+def test_the_labels_data_version_follows_hand_scored_concepts(tmp_path: Path) -> None:
+    """feature_concepts written without a completion record (scored by hand): the labels read its verdicts, so a
+    change of those verdicts changes the labels' data version (before, the missing record was swallowed and the
+    version stayed, leaving downstream unaware)."""
+    import dagster as dg
+    import torch
+
+    from ddr_assets.feature_labels import feature_labels
+    from ddr_core.concept_classifier import (
+        ConceptClassifier,
+        ConceptClassifierConfig,
+        save_concept_classifier,
+    )
+    from ddr_core.feature_concepts import SUMMARY_FILE, TABLE_FILE, feature_concepts_dir
+    from ddr_core.records import make_record, read_record, write_record
+    from ddr_resources.resources import DdrStorage
+
+    _, layout = _hand_made_capture(tmp_path)
+    torch.manual_seed(0)
+    save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(image_size=16, channels=(8,), norm_groups=4)),
+                            layout.model_dir("toy-world") / "concept_classifier")
+    write_record(layout.records_dir, make_record("timestep_stats", "toy-raw", "1", {}, {}, "stats-v1"))
+    folder = feature_concepts_dir(layout, "toy-raw")
+    folder.mkdir(parents=True)
+    (folder / SUMMARY_FILE).write_text("{}")
+    versions, concepts = [], []
+    for verdict in ("colour=red", "colour=blue"):
+        pl.DataFrame({"channel": [0, 1], "concept": [verdict, ""]}).write_parquet(folder / TABLE_FILE)
+        result = dg.materialize([feature_labels], partition_key="toy-raw",
+                                resources={"storage": DdrStorage(data_root=str(layout.data_root))})
+        versions.append(read_record(layout.records_dir, "feature_labels", "toy-raw")["data_version"])
+        concepts.append(pl.read_parquet(layout.stage_dir("feature_labels", "toy-raw") / "feature_labels.parquet")
+                        .filter(pl.col("channel") == 0)["concept"].item())
+        assert result.success
+    assert concepts == ["colour=red", "colour=blue"]  # what the labels read changed ...
+    assert versions[0] != versions[1]  # ... and so did their data version
+    upstream = read_record(layout.records_dir, "feature_labels", "toy-raw")["upstream"]
+    assert upstream["feature_concepts/toy-raw"].startswith("unrecorded-")
+
+
 def test_clip_detection_is_the_label_among_the_top_k_entries() -> None:
     from ddr_core.labels.clip import ClipLabeller
 
