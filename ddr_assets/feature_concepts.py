@@ -15,7 +15,13 @@ import dagster as dg
 from pydantic import Field
 
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, optional_data_version, path_metadata, require_upstream
+from ddr_assets.lineage import (
+    lineage_metadata,
+    optional_data_version,
+    path_metadata,
+    require_upstream,
+    stats_upstream,
+)
 from ddr_assets.partitions import block_keys, parse_block_key, project
 from ddr_core.config import PROJECT_ROOT, config_hash
 from ddr_core.feature_concepts import (
@@ -30,7 +36,7 @@ from ddr_core.feature_concepts import (
     markdown_table,
     read_feature_concepts,
 )
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import make_record, write_record
 from ddr_resources.resources import DdrStorage
 
 FEATURE_CONCEPTS_CODE_VERSION = "2"
@@ -83,8 +89,7 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
     core_config = to_core(config, FeatureConceptsConfig, asset="feature_concepts")
     layout, cfg = storage.layout, storage.project
     require_upstream(storage, "feature_concepts", variant)
-    stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"feature_concepts[{variant}]")
-    upstream = {f"timestep_stats/{variant}": stats["data_version"]}
+    upstream = stats_upstream(layout.records_dir, variant, f"feature_concepts[{variant}]")
     for key in (k for k in block_keys() if parse_block_key(k)[0] == variant):
         for asset in ("priors", "dreams"):
             version = optional_data_version(layout.records_dir, asset, key)

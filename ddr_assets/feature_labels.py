@@ -16,6 +16,7 @@ from ddr_assets.lineage import (
     optional_data_version,
     path_metadata,
     require_upstream,
+    stats_upstream,
     table_preview,
 )
 from ddr_assets.partitions import project
@@ -23,7 +24,7 @@ from ddr_core.config import config_hash
 from ddr_core.feature_concepts import TABLE_FILE as CONCEPTS_TABLE_FILE
 from ddr_core.feature_concepts import feature_concepts_dir
 from ddr_core.labels import TABLE_FILE, FeatureLabelsConfig, feature_labels_for_variant
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import make_record, write_record
 from ddr_resources.resources import DdrStorage
 
 FEATURE_LABELS_CODE_VERSION = "1"
@@ -61,8 +62,7 @@ def feature_labels(context: dg.AssetExecutionContext, config: FeatureLabelsRunCo
     core = to_core(config, FeatureLabelsConfig, asset="feature_labels")
     layout, cfg = storage.layout, storage.project
     require_upstream(storage, "feature_labels", variant)
-    upstream = {f"timestep_stats/{variant}": read_record(layout.records_dir, "timestep_stats", variant,
-                                                         required_by=f"feature_labels[{variant}]")["data_version"]}
+    upstream = stats_upstream(layout.records_dir, variant, f"feature_labels[{variant}]")
     concepts = feature_concepts_dir(layout, variant)
     if concepts.is_dir():  # else not scored at all: the labels are made, unchecked
         version = optional_data_version(layout.records_dir, "feature_concepts", variant)
