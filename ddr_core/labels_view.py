@@ -42,7 +42,8 @@ def _number(value: Any, digits: int = 2) -> str:
 def label_lines(row: dict[str, Any] | None, summary: dict[str, Any]) -> list[str]:
     """The channel's label and its detection score as lines of plain text (the label quoted as data)."""
     if row is None or row.get("label") is None:
-        return ["No label for this feature (fewer than 4 prompts with images among its top examples)."]
+        return ["No label for this feature (fewer than 4 prompts with images among its top examples that activate "
+                "it above its negatives' level)."]
     verdict = {True: "significant", False: "not significant", None: "not tested"}[row.get("significant")]
     lines = [f"label: {row['label']}",
              f"detection score (balanced accuracy on held-out prompts): {_number(row.get('score'))}, chance "

@@ -125,6 +125,25 @@ def test_a_one_concept_feature_gets_its_label_and_a_random_one_chance() -> None:
     assert summary["truth"]["channels_with_concept"] == 1 and summary["truth"]["match"]["rate"] == 1.0
 
 
+def test_top_examples_of_a_sparse_feature_are_only_prompts_that_activate_it() -> None:
+    """A sparse feature (an SAE feature: exactly 0 on most prompts) fires on 3 or 6 red prompts only. Its "top
+    examples" must be prompts that activate it: a prompt at 0 is at the negatives' quantile, so it cannot be a
+    held-out positive too (before, the top 10 were padded with zero prompts, tied with the negatives and ordered by
+    generation id, and the feature got a label read off images that do not activate it)."""
+    labeller = ConceptClassifierLabeller(_Heads())
+    encoded, row_of = _truth_rows(labeller)
+    red = [i for i, p in enumerate(PROMPTS) if parse_prompt(p)["colour"] == "red"]
+    values = {0: np.zeros(len(PROMPTS)), 1: np.zeros(len(PROMPTS))}
+    values[0][red[:3]] = 5.0
+    values[1][red[:6]] = 5.0 + np.arange(6) / 10
+    config = FeatureLabelsConfig(n_top=10, permutations=500, bootstrap_resamples=200)
+    table = label_features(_activations(values), encoded, row_of, labeller, [0, 1], config)
+    three, six = table.row(0, named=True), table.row(1, named=True)
+    assert three["label"] is None and three["score"] is None  # 3 activating prompts: fewer than 4, no label
+    assert six["n_labelling"] + six["n_positive"] == 6 and six["label"] == "colour=red"
+    assert six["tpr"] == 1.0  # every held-out positive is a red prompt that fires
+
+
 def test_match_test_against_labels_permuted_among_channels() -> None:
     labels = ["colour=red", "shape=circle", "background=black", "colour=blue"]
     concepts = ["colour=red", "shape=circle, colour=green", "background=black", "colour=blue"]
