@@ -458,27 +458,13 @@ def bench_dreams(args, pipe, dtype_name: str, flops: dict, budget: Budget, entry
 def bench_capture(args, pipe, flops: dict, entry: dict) -> None:
     """Hooked generation with CFG: raw spatial mean + a random SAE at the layer, images/s."""
     device = pipe.unet.device
-    layer = resolve_layer(pipe.unet, TARGET_LAYER)
     width = pipe.unet.config.block_out_channels[-2]
     sae = Sae.random(width, width * args.sae_expansion, k=32, seed=0).to(device)
     reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     batch = args.image_batch
-    prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(batch)]
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-    def generate(steps: int) -> float:
-        latents = as_model(pipe).initial_latents(list(range(batch)), side, side, dtype=pipe.unet.dtype, device=device)
-        synchronize(device)
-        start = time.perf_counter()
-        with torch.inference_mode(), TimestepTracker(pipe.unet) as tracker, \
-                capture_activations(layer, tracker, reducers, cfg=True):
-            pipe(prompt=prompts, latents=latents, num_inference_steps=steps, output_type="pil")
-        synchronize(device)
-        return time.perf_counter() - start
-
-    generate(2)
+    time_capture(args, pipe, batch, 2, reducers)  # warm-up
     reset_peak(device)
-    seconds = generate(args.steps)
+    seconds = time_capture(args, pipe, batch, args.steps, reducers)
     rate = batch / seconds
     per_image = 2 * args.steps * flops["unet_forward"] + flops["vae_decode"] + 2 * flops["text_encoder"]
     entry.update({"images_per_s": rate, "batch": batch, "denoising_steps": args.steps,
@@ -624,7 +610,7 @@ def time_dreams(args, pipe, batch: int, steps: int) -> float:
 
 
 def time_capture(args, pipe, batch: int, steps: int, reducers: dict) -> float:
-    """Seconds of one hooked CFG generation of ``batch`` images (as bench_capture)."""
+    """Seconds of one hooked CFG generation of ``batch`` images (bench_capture and bench_compare time with it)."""
     device = pipe.unet.device
     layer = resolve_layer(pipe.unet, TARGET_LAYER)
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(batch)]

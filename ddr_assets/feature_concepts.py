@@ -15,7 +15,13 @@ import dagster as dg
 from pydantic import Field
 
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream
+from ddr_assets.lineage import (
+    lineage_metadata,
+    optional_data_version,
+    path_metadata,
+    require_upstream,
+    stats_upstream,
+)
 from ddr_assets.partitions import block_keys, parse_block_key, project
 from ddr_core.config import PROJECT_ROOT, config_hash
 from ddr_core.feature_concepts import (
@@ -30,7 +36,7 @@ from ddr_core.feature_concepts import (
     markdown_table,
     read_feature_concepts,
 )
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import make_record, write_record
 from ddr_resources.resources import DdrStorage
 
 FEATURE_CONCEPTS_CODE_VERSION = "2"
@@ -60,13 +66,6 @@ def labelled_blocks_to_variant_mapping() -> dg.StaticPartitionMapping:
                                       if parse_block_key(key)[0] in labelled})
 
 
-def _optional_version(records_dir: Path, asset: str, key: str) -> str | None:
-    try:
-        return read_record(records_dir, asset, key)["data_version"]
-    except Exception:
-        return None
-
-
 @dg.asset(
     partitions_def=labelled_variant_partitions(),
     deps=[dg.AssetDep("timestep_stats", partition_mapping=labelled_variant_identity_mapping()),
@@ -90,11 +89,10 @@ def feature_concepts(context: dg.AssetExecutionContext, config: FeatureConceptsR
     core_config = to_core(config, FeatureConceptsConfig, asset="feature_concepts")
     layout, cfg = storage.layout, storage.project
     require_upstream(storage, "feature_concepts", variant)
-    stats = read_record(layout.records_dir, "timestep_stats", variant, required_by=f"feature_concepts[{variant}]")
-    upstream = {f"timestep_stats/{variant}": stats["data_version"]}
+    upstream = stats_upstream(layout.records_dir, variant, f"feature_concepts[{variant}]")
     for key in (k for k in block_keys() if parse_block_key(k)[0] == variant):
         for asset in ("priors", "dreams"):
-            version = _optional_version(layout.records_dir, asset, key)
+            version = optional_data_version(layout.records_dir, asset, key)
             if version:
                 upstream[f"{asset}/{key}"] = version
     result = feature_concepts_for_variant(cfg, layout, variant, core_config, log=context.log.info)

@@ -10,12 +10,21 @@ verdicts. The work is :func:`ddr_core.labels.feature_labels_for_variant`; docs/L
 import dagster as dg
 
 from ddr_assets.configs import dagster_config_from, to_core
-from ddr_assets.lineage import lineage_metadata, path_metadata, require_upstream, table_preview
+from ddr_assets.lineage import (
+    content_version,
+    lineage_metadata,
+    optional_data_version,
+    path_metadata,
+    require_upstream,
+    stats_upstream,
+    table_preview,
+)
 from ddr_assets.partitions import project
 from ddr_core.config import config_hash
+from ddr_core.feature_concepts import TABLE_FILE as CONCEPTS_TABLE_FILE
 from ddr_core.feature_concepts import feature_concepts_dir
 from ddr_core.labels import TABLE_FILE, FeatureLabelsConfig, feature_labels_for_variant
-from ddr_core.records import make_record, read_record, write_record
+from ddr_core.records import make_record, write_record
 from ddr_resources.resources import DdrStorage
 
 FEATURE_LABELS_CODE_VERSION = "1"
@@ -53,14 +62,14 @@ def feature_labels(context: dg.AssetExecutionContext, config: FeatureLabelsRunCo
     core = to_core(config, FeatureLabelsConfig, asset="feature_labels")
     layout, cfg = storage.layout, storage.project
     require_upstream(storage, "feature_labels", variant)
-    upstream = {f"timestep_stats/{variant}": read_record(layout.records_dir, "timestep_stats", variant,
-                                                         required_by=f"feature_labels[{variant}]")["data_version"]}
-    if (feature_concepts_dir(layout, variant)).is_dir():
-        try:
-            upstream[f"feature_concepts/{variant}"] = read_record(layout.records_dir, "feature_concepts",
-                                                                  variant)["data_version"]
-        except Exception:  # scored by hand, or not at all: the labels are still made, unchecked
-            pass
+    upstream = stats_upstream(layout.records_dir, variant, f"feature_labels[{variant}]")
+    concepts = feature_concepts_dir(layout, variant)
+    if concepts.is_dir():  # else not scored at all: the labels are made, unchecked
+        version = optional_data_version(layout.records_dir, "feature_concepts", variant)
+        if version is None and (concepts / CONCEPTS_TABLE_FILE).is_file():  # scored by hand: still read
+            version = content_version(concepts / CONCEPTS_TABLE_FILE)
+        if version is not None:
+            upstream[f"feature_concepts/{variant}"] = version
     table, summary, out = feature_labels_for_variant(cfg, layout, variant, core, log=context.log.info)
     run_config = core.model_dump(mode="json")
     data_version = config_hash({"config": core.config_hash(), "upstream": upstream,

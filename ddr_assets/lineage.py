@@ -62,3 +62,36 @@ def require_upstream(storage: Any, asset: str, keys: Any, *, use_prior: bool = T
         check_prerequisites(storage.project, storage.layout, asset, keys, use_prior=use_prior)
     except MissingUpstreamError as error:
         raise dg.Failure(description=str(error), allow_retries=False) from None
+
+
+def stats_upstream(records_dir: Path, variant: str, required_by: str) -> dict[str, str]:
+    """``{"timestep_stats/<variant>": its data version}``: the first upstream of an asset over a variant's
+    statistics. Raises :class:`~ddr_core.records.MissingUpstreamError` naming ``required_by`` when they have not
+    been materialized."""
+    from ddr_core.records import read_record
+
+    record = read_record(records_dir, "timestep_stats", variant, required_by=required_by)
+    return {f"timestep_stats/{variant}": record["data_version"]}
+
+
+def optional_data_version(records_dir: Path, asset: str, key: str) -> str | None:
+    """The data version of an upstream that need not have run (its completion record), or ``None`` when it has no
+    record or one that is not a completion report. Other errors (an unreadable records folder) are raised: an
+    input silently left out of the lineage would let a changed upstream go unnoticed."""
+    from ddr_core.records import MissingUpstreamError, read_record
+
+    try:
+        return read_record(records_dir, asset, key)["data_version"]
+    except MissingUpstreamError:
+        return None
+
+
+def content_version(path: Path) -> str:
+    """A data version for an input found on disk without a completion record (written by hand): its bytes' hash."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return f"unrecorded-{digest.hexdigest()[:16]}"

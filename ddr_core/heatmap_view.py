@@ -7,14 +7,13 @@ prompts and numbers are shown as plain text (escaped in HTML, ``st.text`` in Str
 
 from __future__ import annotations
 
-import html
-import math
 from collections.abc import Callable
 from typing import Any
 
 from ddr_core.heatmaps import STAGE, read_heatmaps
-from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
+from ddr_core.view_text import escape_html as _e
+from ddr_core.view_text import number, show_problem_or_nothing, unreadable
 
 
 def channel_heatmaps(layout: DataLayout, variant: str, channel: int) -> tuple[list[dict[str, Any]], dict[str, Any],
@@ -26,7 +25,7 @@ def channel_heatmaps(layout: DataLayout, variant: str, channel: int) -> tuple[li
     try:
         found = read_heatmaps(layout.stage_dir(STAGE, variant))
     except Exception as error:  # noqa: BLE001 - an unreadable table is shown as a problem
-        return [], {}, f"the heatmaps of {variant} cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        return [], {}, unreadable("heatmaps", variant, error)
     if found is None:
         return [], {}, None
     table, summary = found
@@ -37,9 +36,7 @@ def channel_heatmaps(layout: DataLayout, variant: str, channel: int) -> tuple[li
 
 
 def _number(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{float(value):.{digits}f}"
+    return number(value, digits)
 
 
 def example_text(row: dict[str, Any]) -> str:
@@ -73,11 +70,8 @@ def render_inspector(layout: DataLayout, variant: str, channel: int,
     import streamlit as st
 
     rows, summary, problem = channel_heatmaps(layout, variant, channel)
-    if problem is not None:
-        st.warning(escape_markdown(problem))
-        return
-    if not rows:
-        st.info("No heatmaps for this channel (materialize the heatmaps asset for its block).")
+    if show_problem_or_nothing(problem, not rows, "No heatmaps for this channel (materialize the heatmaps asset for "
+                                                  "its block)."):
         return
     line = summary_text(summary)
     if line:
@@ -91,10 +85,6 @@ def render_inspector(layout: DataLayout, variant: str, channel: int,
         with steps:
             show_image(layout, row["steps_image"], caption=f"{row['steps']} steps (animated)",
                        what="heatmap animation")
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def heatmaps_html(layout: DataLayout, variant: str, channel: int, img: Callable[..., str]) -> str:

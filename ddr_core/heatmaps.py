@@ -57,6 +57,7 @@ from ddr_core.benchmark_stats import cluster_bootstrap, sign_flip_test
 TABLE_FILE = "heatmaps.parquet"
 SUMMARY_FILE = "summary.json"
 STAMP_FILE = "stamp.json"
+CHANNEL_TABLE_FILE = "examples.parquet"
 FORMAT = "ddr.heatmaps/1"
 STAGE = "heatmaps"
 LogFn = Any
@@ -291,7 +292,7 @@ def channel_is_finished(out_dir: Path, channel: int, stamp: str) -> bool:
     folder = channel_dir(out_dir, channel)
     try:
         found = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8")).get("stamp")
-        table = pl.read_parquet(folder / "examples.parquet", columns=["peak_image", "steps_image"])
+        table = pl.read_parquet(folder / CHANNEL_TABLE_FILE, columns=["peak_image", "steps_image"])
     except (OSError, ValueError, pl.exceptions.PolarsError):
         return False
     return found == stamp and table.height > 0 and all(
@@ -310,6 +311,9 @@ def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: i
     folder = channel_dir(out_dir, channel)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / STAMP_FILE).unlink(missing_ok=True)  # being redrawn: unfinished until the stamp is written again
+    # the old table goes before the images it names: a redraw that dies midway leaves no row pointing at deleted
+    # images for the union (which other blocks' runs write) to pick up
+    (folder / CHANNEL_TABLE_FILE).unlink(missing_ok=True)
     for stale in folder.glob("g*.png"):  # another run's examples (other statistics or settings)
         stale.unlink()
     rows = []
@@ -352,8 +356,16 @@ def write_channel_heatmaps(out_dir: Path, data_root: Path, channel: int, unit: i
                         maps=np.stack([recording.maps[rows_of[g], :, unit].numpy() for g, _ in ranks]).astype(np.float16),
                         timesteps=np.asarray(recording.timesteps))
     frame = pl.DataFrame(rows)
-    frame.write_parquet(folder / "examples.parquet")
+    _write_parquet_whole(frame, folder / CHANNEL_TABLE_FILE)
     return frame
+
+
+def _write_parquet_whole(frame: pl.DataFrame, path: Path) -> None:
+    """``frame`` to ``path`` through a temporary file beside it: readers (and ranks of a multi-rank job writing it
+    at once) see the old file or the whole new one, never a half-written one."""
+    temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    frame.write_parquet(temporary)
+    os.replace(temporary, path)
 
 
 def score_summary(table: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> dict[str, Any]:
@@ -390,12 +402,10 @@ def score_summary(table: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> 
 
 def write_union(out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
     """``heatmaps.parquet`` (every channel's table) and ``summary.json`` (its score) in ``out_dir``."""
-    parts = [pl.read_parquet(p) for p in sorted(out_dir.glob("channel_*/examples.parquet"))]
+    parts = [pl.read_parquet(p) for p in sorted(out_dir.glob(f"channel_*/{CHANNEL_TABLE_FILE}"))]
     table = pl.concat(parts, how="diagonal_relaxed").sort(["channel", "rank"]) if parts else pl.DataFrame()
     if parts:  # ranks of a multi-rank job may write it at once: each whole, never a half-written file
-        temporary = out_dir / f".{TABLE_FILE}.{os.getpid()}.tmp"
-        table.write_parquet(temporary)
-        os.replace(temporary, out_dir / TABLE_FILE)
+        _write_parquet_whole(table, out_dir / TABLE_FILE)
     summary = score_summary(table)
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return table, summary

@@ -6,12 +6,12 @@ from a config, a classifier value): shown with ``st.text`` in Streamlit and esca
 
 from __future__ import annotations
 
-import html
-import math
 from typing import Any
 
 from ddr_core.markdown_text import escape_markdown
 from ddr_core.paths import DataLayout
+from ddr_core.view_text import escape_html as _e
+from ddr_core.view_text import number, show_problem_or_nothing, unreadable
 
 STAGE = "feature_labels"
 
@@ -31,20 +31,19 @@ def channel_label(layout: DataLayout, variant: str, channel: int) -> tuple[dict[
         table, summary = found
         rows = table.filter(pl.col("channel") == int(channel)).to_dicts()
     except Exception as error:  # noqa: BLE001 - an unreadable table is shown as a problem
-        return None, {}, f"the labels of {variant} cannot be read ({type(error).__name__}: {str(error)[:200]})"
+        return None, {}, unreadable("labels", variant, error)
     return (rows[0] if rows else None), summary, None
 
 
 def _number(value: Any, digits: int = 2) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{float(value):.{digits}f}"
+    return number(value, digits)
 
 
 def label_lines(row: dict[str, Any] | None, summary: dict[str, Any]) -> list[str]:
     """The channel's label and its detection score as lines of plain text (the label quoted as data)."""
     if row is None or row.get("label") is None:
-        return ["No label for this feature (fewer than 4 prompts with images among its top examples)."]
+        return ["No label for this feature (fewer than 4 prompts with images among its top examples that activate "
+                "it above its negatives' level)."]
     verdict = {True: "significant", False: "not significant", None: "not tested"}[row.get("significant")]
     lines = [f"label: {row['label']}",
              f"detection score (balanced accuracy on held-out prompts): {_number(row.get('score'))}, chance "
@@ -81,21 +80,14 @@ def render_inspector(layout: DataLayout, variant: str, channel: int) -> None:
     import streamlit as st
 
     row, summary, problem = channel_label(layout, variant, channel)
-    if problem is not None:
-        st.warning(escape_markdown(problem))
-        return
-    if not summary:
-        st.info("No automatic labels for this variant (materialize feature_labels; its model needs a `labeller`).")
+    if show_problem_or_nothing(problem, not summary, "No automatic labels for this variant (materialize "
+                                                     "feature_labels; its model needs a `labeller`)."):
         return
     for line in label_lines(row, summary):
         st.text(line)
     line = summary_line(summary)
     if line:
         st.caption(escape_markdown(f"Variant: {line}"))
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def labels_html(layout: DataLayout, variant: str, channel: int) -> str:

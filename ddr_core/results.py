@@ -7,11 +7,13 @@
 >>> results.examples("toy-world-raw", 5)           # its top dataset examples (prompt, timestep, activation)
 >>> results.dreams("toy-world-raw", 5)             # its dreams (timestep, seed, final activation, image path)
 >>> results.image(results.priors("toy-world-raw", 5)["image"][0])   # a PIL image
+>>> results.labels("toy-world-raw")                # automatic labels and their held-out detection scores
+>>> results.cfg_truth("toy-world-raw")             # is the text effect about the channel's own concept?
 
 Everything is read from the files the stages wrote (statistics tables, representation shards and index,
-``feature_concepts``), through the same readers and path checks as the inspector: a path recorded in a file
-is opened only inside the data root, and a variant name is checked before it becomes a path. Frames are Polars;
-convert with ``.to_pandas()`` where a tool wants pandas.
+``feature_concepts``, ``feature_labels``, ``cfg_contrast``), through the same readers and path checks as the
+inspector: a path recorded in a file is opened only inside the data root, and a variant name is checked before it
+becomes a path. Frames are Polars; convert with ``.to_pandas()`` where a tool wants pandas.
 """
 
 from __future__ import annotations
@@ -104,6 +106,41 @@ class Results:
         if summary is None:
             raise FileNotFoundError(f"{folder} has no summary.json: materialize cfg_contrast[{variant}] first")
         return pl.read_parquet(folder / files[table]) if summary["halves"] == 2 else None
+
+    def labels(self, variant: str) -> pl.DataFrame | None:
+        """The ``feature_labels`` table of ``variant``: one row per feature with its automatic ``label``, the
+        held-out detection ``score`` (balanced accuracy, ``chance`` 0.5), ``score_low`` / ``score_high``, ``p_value``
+        / ``q_value`` / ``significant`` and, on the toy world, ``concept`` / ``label_matches``; ``None`` when that
+        stage has not run for it (only variants whose model names a ``labeller``). Labels are untrusted text."""
+        found = self._feature_labels(variant)
+        return None if found is None else found[0]
+
+    def labels_summary(self, variant: str) -> dict[str, Any] | None:
+        """The ``feature_labels`` summary of ``variant`` (labeller, features scored, mean score and its interval,
+        significant count, the truth check), or ``None`` when that stage has not run for it."""
+        found = self._feature_labels(variant)
+        return None if found is None else found[1]
+
+    def _feature_labels(self, variant: str) -> tuple[pl.DataFrame, dict[str, Any]] | None:
+        from ddr_core.labels import feature_labels_dir, read_feature_labels
+
+        return read_feature_labels(feature_labels_dir(self.layout, variant))
+
+    def cfg_truth(self, variant: str, project: Any = None, **options: Any) -> dict[str, Any] | None:
+        """``cfg_contrast`` scored on the toy world's truth (:func:`ddr_core.cfg_truth.cfg_truth_for_variant`): do
+        prompts naming a selective channel's concept move it more than other prompts (``effect`` in sd, its
+        ``interval`` over prompts, ``p_value`` with prompts permuted, ``families``)? ``None`` where the variant's
+        prompts carry no labels, ``feature_concepts`` or a two-half ``cfg_contrast`` is missing. ``project``: the
+        project config (default: the config file, as the stages read it); ``options``: ``permutations``,
+        ``bootstraps``, ``confidence``, ``seed``."""
+        from ddr_core.cfg_truth import cfg_truth_for_variant
+        from ddr_core.config import load_project_config
+        from ddr_core.paths import check_name
+
+        project = load_project_config() if project is None else project
+        if check_name(variant, "variant") not in project.variants:
+            raise KeyError(f"unknown variant {variant!r}; the config has {', '.join(sorted(project.variants))}")
+        return cfg_truth_for_variant(project, self.layout, variant, **options)
 
     # ---------------------------------------------------------------------------------------- channels
     def shard(self, variant: str, channel: int) -> dict[str, Any]:

@@ -215,21 +215,24 @@ class ComputeResource(dg.ConfigurableResource):
                                   device=self.device, lock_owner=owner, processes=self.process_count())
             return run_stage_locally(context, request)
 
-        from ddr_resources.slurm import SlurmSettings, run_stage_on_slurm
+        from ddr_resources.slurm import run_stage_on_slurm
 
-        try:
-            settings = SlurmSettings.from_env()
-        except ValueError as exc:
-            raise dg.Failure(description=f"compute mode slurm: {exc}") from None
-        if options is not None and hasattr(options, "model_dump") and not isinstance(options, dict):
-            options = options.model_dump(exclude_none=True)
-        request = new_request(stage, args, data_root=settings.data_root or layout.data_root,
-                              experiment=layout.experiment,
-                              config_path=settings.config_path or str(config_path().resolve()),
-                              device=self.device, lock_owner=owner, processes=self.process_count())
+        settings, options = _slurm_settings(options)
+        request = self._slurm_request(context, stage, args, layout, settings)
         return run_stage_on_slurm(context, request, local_data_root=layout.data_root, settings=settings,
                                   options=options)
 
+    def _slurm_request(self, context: dg.AssetExecutionContext, stage: str, args: dict[str, Any], layout: Any,
+                       settings: Any) -> Any:
+        """The :class:`~ddr_core.stage_request.StageRequest` of one SLURM call: the cluster's data root and
+        config (``DDR_SLURM_DATA_ROOT`` / ``DDR_SLURM_CONFIG``, else this machine's), this run as lock owner."""
+        from ddr_resources.slurm import new_request
+
+        return new_request(stage, args, data_root=settings.data_root or layout.data_root,
+                           experiment=layout.experiment,
+                           config_path=settings.config_path or str(config_path().resolve()),
+                           device=self.device, lock_owner=f"dagster run {context.run_id}",
+                           processes=self.process_count())
 
     def run_stages(self, context: dg.AssetExecutionContext, stage: str, calls: list[dict[str, Any]], *,
                    storage: DdrStorage, options: dict | Any | None = None) -> list[dict[str, Any]]:
@@ -246,23 +249,31 @@ class ComputeResource(dg.ConfigurableResource):
         if self.compute_mode() == "local" or len(calls) <= 1:
             return [self.run_stage(context, stage, args, storage=storage, options=options) for args in calls]
 
-        from ddr_resources.slurm import SlurmSettings, new_request
         from ddr_resources.slurm_fanout import run_stages_on_slurm
 
         layout = storage.layout
-        try:
-            settings = SlurmSettings.from_env()
-        except ValueError as exc:
-            raise dg.Failure(description=f"compute mode slurm: {exc}") from None
-        if options is not None and hasattr(options, "model_dump") and not isinstance(options, dict):
-            options = options.model_dump(exclude_none=True)
-        requests = [new_request(stage, args, data_root=settings.data_root or layout.data_root,
-                                experiment=layout.experiment,
-                                config_path=settings.config_path or str(config_path().resolve()),
-                                device=self.device, lock_owner=f"dagster run {context.run_id}",
-                                processes=self.process_count()) for args in calls]
+        settings, options = _slurm_settings(options)
+        requests = [self._slurm_request(context, stage, args, layout, settings) for args in calls]
         return run_stages_on_slurm(context, requests, local_data_root=layout.data_root, settings=settings,
                                    options=options)
+
+
+def _slurm_settings(options: dict | Any | None) -> tuple[Any, dict | None]:
+    """The deployment's SLURM settings (``DDR_SLURM_*``) and a call's job ``options`` as a dict (a Dagster config
+    or pydantic model dumped without its unset fields).
+
+    Raises:
+        dagster.Failure: the settings are invalid (the message names the variable).
+    """
+    from ddr_resources.slurm import SlurmSettings
+
+    try:
+        settings = SlurmSettings.from_env()
+    except ValueError as exc:
+        raise dg.Failure(description=f"compute mode slurm: {exc}") from None
+    if options is not None and hasattr(options, "model_dump") and not isinstance(options, dict):
+        options = options.model_dump(exclude_none=True)
+    return settings, options
 
 
 def compute_metadata(*reports: dict[str, Any]) -> dict[str, Any]:

@@ -148,12 +148,19 @@ def run_stages_on_slurm(context: dg.AssetExecutionContext, requests: Sequence[St
     failed = [(request, future.exception()) for request, future in zip(requests, futures, strict=True)
               if future.exception() is not None]
     if failed:
+        def described(error: BaseException) -> str:
+            return getattr(error, "description", None) or f"{type(error).__name__}: {error}"
+
+        for request, error in failed:  # every job's own error (job id, log tail), not only the first one's
+            context.log.error(f"{request.stage} {request.args} failed: {described(error)}")
         request, error = failed[0]
-        description = getattr(error, "description", None) or f"{type(error).__name__}: {error}"
+        metadata = dict(getattr(error, "metadata", None) or {})
+        metadata["failed_jobs"] = dg.MetadataValue.json([{"args": r.args, "invocation_id": r.invocation_id,
+                                                          "error": described(e)[-2000:]} for r, e in failed])
         raise dg.Failure(
             description=f"{len(failed)} of {len(requests)} {request.stage} jobs failed (the other "
                         f"{len(requests) - len(failed)} finished; their work is kept and a re-run skips it). "
-                        f"First, {request.args}: {description}",
-            metadata=getattr(error, "metadata", None) or {},
+                        f"First, {request.args}: {described(error)}",
+            metadata=metadata,
         ) from error
     return [future.result() for future in futures]

@@ -8,9 +8,25 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
+           "(apt-get install -y chromium chromium-driver, or `make browser-deps` as root)",
+)
+"""``pytestmark`` of a real-browser test module (with :func:`skip_without_viewer_modules` before its Selenium
+imports)."""
+
+
+def skip_without_viewer_modules() -> None:
+    """Skip the calling test module (at import) unless Selenium and Streamlit are installed."""
+    pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
+    pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
 
 
 def free_port() -> int:
@@ -48,6 +64,26 @@ def screenshot(browser, name: str) -> Path:
     return path
 
 
+def open_tab(driver, wait, name: str) -> None:
+    """Click the inspector tab whose label holds ``name`` and wait until it is selected."""
+    from selenium.webdriver.common.by import By
+
+    tab = wait.until(lambda d: d.find_elements(By.XPATH, f"//*[@role='tab'][contains(., '{name}')]"))[0]
+    driver.execute_script("window.scrollTo(0, 0); arguments[0].scrollIntoView({block: 'center'});"
+                          "arguments[0].click();", tab)  # the header may sit over a tab scrolled to the top
+    wait.until(lambda d: tab.get_attribute("aria-selected") == "true")
+
+
+def open_export_page(driver, layout, variant: str, out: Path, channel: int = 0) -> Path:
+    """Export ``variant``'s HTML report to ``out`` and open ``channel``'s page from disk: its path."""
+    from ddr_core.html_export import export_html
+
+    index = export_html(layout, variant, out)
+    page = index.parent / "channels" / f"channel_{channel:05d}.html"
+    driver.get(page.as_uri())
+    return page
+
+
 @contextlib.contextmanager
 def guarded_inspector(command: list[str], workdir: Path, token: str, env: dict[str, str]) -> Iterator[tuple[str, object]]:
     """The guarded inspector on a toy data root, started by ``command`` (``ddr inspect`` or the launcher; this
@@ -58,12 +94,9 @@ def guarded_inspector(command: list[str], workdir: Path, token: str, env: dict[s
     import sys
     import time
 
-    from ddr_core import representation as rep
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.representation_data import make_indexed_toy
 
-    toy = make_toy_data_root(workdir / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
+    toy = make_indexed_toy(workdir / "data")
     port = free_port()
     log = workdir / "inspector.log"
     with open(log, "wb") as sink:

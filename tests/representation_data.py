@@ -199,6 +199,20 @@ def make_toy_data_root(data_root: Path, experiment: str = "default", priors: boo
     return ToyData(layout=layout)
 
 
+def make_indexed_toy(data_root: Path, monkeypatch=None) -> ToyData:
+    """:func:`make_toy_data_root` with the representation shards and index built (what the viewers read); with
+    ``monkeypatch`` also points ``DDR_DATA_ROOT`` / ``DDR_EXPERIMENT`` at it (the inspector's AppTest reads them)."""
+    from ddr_core import representation as rep
+
+    toy = make_toy_data_root(data_root)
+    rep.build_shards(toy.layout, VARIANT)
+    rep.build_index(toy.layout, VARIANT)
+    if monkeypatch is not None:
+        monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
+        monkeypatch.setenv("DDR_EXPERIMENT", toy.layout.experiment)
+    return toy
+
+
 def write_feature_concepts(layout: DataLayout) -> None:
     """``feature_concepts`` of the variant as the stage writes them: channel 0 scored (red circle, with prior
     and dream agreement), channel 1 scored without images, channel 2 not scored (too few examples)."""

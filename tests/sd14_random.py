@@ -12,23 +12,19 @@ The SAE has SAeUron's layout and size (``unet.up_blocks.1.attentions.1/``: cfg.j
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 SAEURON_WIDTH = 20480
 SAEURON_K = 32
 
 
 def _bench_gpu():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "bench_gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
+    from tests.benchmark_scripts import load_benchmark
+
+    return load_benchmark("bench_gpu")
 
 
 def build_sd14_random(out_dir: Path, prompts: list[str], seed: int = 0) -> Path:

@@ -113,6 +113,27 @@ def test_score_summary_over_channels():
 # --- regeneration with per-position activations ------------------------------------------------------------
 
 
+def test_an_interrupted_redraw_leaves_no_table_pointing_at_deleted_images(tmp_path):
+    """A channel redrawn from other examples (new statistics) that dies after its old images were deleted, before
+    its new table: the union (what another block's run writes, and the viewers read) holds no row whose images are
+    gone, and the channel is not finished (a re-run redraws it)."""
+    from ddr_core.heatmaps import STAMP_FILE, channel_dir, channel_is_finished
+    from ddr_core.paths import DataLayout
+    from tests.heatmap_data import write_heatmaps
+
+    layout = DataLayout(tmp_path / "data", "default")
+    out_dir = write_heatmaps(layout, "toy-raw", 0)
+    (channel_dir(out_dir, 0) / STAMP_FILE).write_text('{"stamp": "old"}')
+    assert read_heatmaps(out_dir)[0].height == 2
+    with pytest.raises(KeyError):  # generation 11 was never regenerated: the redraw fails on its first example
+        write_channel_heatmaps(out_dir, layout.data_root, 0, 0, None, {}, {}, {}, [(11, 1.0)], HeatmapConfig())
+    table, summary = write_union(out_dir)
+    missing = [p for p in (table["peak_image"].to_list() if table.height else [])
+               if not (layout.data_root / p).is_file()]
+    assert missing == [] and table.height == 0 and summary["examples"] == 0
+    assert not channel_is_finished(out_dir, 0, "old")
+
+
 def test_per_position_activations_average_to_the_captured_ones(tiny_pipe, capture):
     data_root, root, summary = capture
     model = as_model(tiny_pipe)
@@ -202,16 +223,11 @@ def test_a_planted_channel_heat_is_found_where_it_was_planted(tiny_pipe, capture
 
 @pytest.fixture()
 def toy_views(tmp_path, monkeypatch):
-    from ddr_core import representation as rep
     from tests.heatmap_data import write_heatmaps
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.representation_data import VARIANT, make_indexed_toy
 
-    toy = make_toy_data_root(tmp_path / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
+    toy = make_indexed_toy(tmp_path / "data", monkeypatch)
     write_heatmaps(toy.layout, VARIANT, 0, prompts=("a red circle on a black background", "**bold** [x](http://e.x)"))
-    monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
-    monkeypatch.setenv("DDR_EXPERIMENT", "default")
     return toy
 
 

@@ -7,30 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from tests.browser_support import CHROMEDRIVER, CHROMIUM, headless_chromium, screenshot
+from tests.browser_support import (
+    NEEDS_CHROMIUM,
+    headless_chromium,
+    open_export_page,
+    screenshot,
+    skip_without_viewer_modules,
+)
 
-pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
-               "(apt-get install -y chromium chromium-driver)",
-    ),
-]
-pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
-pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+pytestmark = NEEDS_CHROMIUM
+skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory):
-    from ddr_core import representation as rep
     from tests.heatmap_data import write_heatmaps
-    from tests.representation_data import VARIANT, make_toy_data_root
+    from tests.representation_data import VARIANT, make_indexed_toy
 
-    toy = make_toy_data_root(tmp_path_factory.mktemp("heat-browser") / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
+    toy = make_indexed_toy(tmp_path_factory.mktemp("heat-browser") / "data")
     write_heatmaps(toy.layout, VARIANT, 0)
     return toy
 
@@ -57,12 +53,10 @@ def test_the_inspector_tab_shows_the_heatmaps(driver, toy, tmp_path: Path) -> No
 
 
 def test_the_html_export_section_loads_its_images(driver, toy, tmp_path: Path) -> None:
-    from ddr_core.html_export import export_html
     from tests.representation_data import VARIANT
     from tests.test_browser import _loaded_images
 
-    index = export_html(toy.layout, VARIANT, tmp_path / "report")
-    driver.get((index.parent / "channels" / "channel_00000.html").as_uri())
+    open_export_page(driver, toy.layout, VARIANT, tmp_path / "report")
     WebDriverWait(driver, 30).until(lambda d: len(_loaded_images(d, "img[src*='heatmaps/']")) == 4)
     assert all(width == 32 for width in _loaded_images(driver, "img[src*='heatmaps/']"))
     heading = driver.find_element(By.XPATH, "//h2[text()='Where it fires']")

@@ -11,17 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.browser_support import CHROMEDRIVER, CHROMIUM, headless_chromium, screenshot
+from tests.browser_support import (
+    NEEDS_CHROMIUM,
+    headless_chromium,
+    open_export_page,
+    open_tab,
+    screenshot,
+    skip_without_viewer_modules,
+)
 
-pytestmark = [
-    pytest.mark.skipif(
-        CHROMIUM is None or CHROMEDRIVER is None,
-        reason="BROWSER TESTS SKIPPED: chromium / chromedriver not installed "
-               "(apt-get install -y chromium chromium-driver, or `make browser-deps` as root)",
-    ),
-]
-pytest.importorskip("selenium.webdriver", reason="BROWSER TESTS SKIPPED: pip install selenium")
-pytest.importorskip("streamlit", reason="BROWSER TESTS SKIPPED: pip install streamlit")
+pytestmark = NEEDS_CHROMIUM
+skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -32,16 +32,13 @@ VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0])).map(e => 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory: pytest.TempPathFactory):
     """The toy data root with channel 0's dose-response grid and a two-half cfg_contrast (text adds 2)."""
-    from ddr_core import representation as rep
     from ddr_core.activation_store import ActivationStore, VariantBatch
     from ddr_core.cfg_contrast import compute_cfg_contrast
     from tests.dose_data import write_dose_grid
-    from tests.representation_data import OBSERVED, VARIANT, WIDTH, make_toy_data_root
+    from tests.representation_data import OBSERVED, VARIANT, WIDTH, make_indexed_toy
 
     base = tmp_path_factory.mktemp("issue18-browser")
-    toy = make_toy_data_root(base / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
+    toy = make_indexed_toy(base / "data")
     write_dose_grid(toy.layout, VARIANT, 0)
     write_dose_grid(toy.layout, VARIANT, 1)  # two channels: the causal test has intervals
     store = ActivationStore(base / "capture")
@@ -66,13 +63,6 @@ def _visible(driver, selector: str) -> list[list[int]]:
     return driver.execute_script(VISIBLE, selector)
 
 
-def _open_tab(driver, wait, name: str) -> None:
-    tab = wait.until(lambda d: d.find_elements(By.XPATH, f"//*[@role='tab'][contains(., '{name}')]"))[0]
-    driver.execute_script("window.scrollTo(0, 0); arguments[0].scrollIntoView({block: 'center'});"
-                          "arguments[0].click();", tab)  # the header may sit over a tab scrolled to the top
-    wait.until(lambda d: tab.get_attribute("aria-selected") == "true")
-
-
 def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, toy, tmp_path: Path) -> None:
     from tests.dose_data import HOSTILE_CONCEPT
     from tests.test_browser import _loaded_images, _serve_inspector
@@ -80,7 +70,7 @@ def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, to
     with _serve_inspector(toy.data_root, tmp_path) as url:
         driver.get(url)
         wait = WebDriverWait(driver, 90, poll_frequency=0.5)
-        _open_tab(driver, wait, "Dose-response")
+        open_tab(driver, wait, "Dose-response")
         wait.until(lambda d: "Causal test over the variant's 2 channel(s)" in d.find_element(By.TAG_NAME, "body").text)
         # the grid's images: 7 cells of the first seed (unsteered + 3 windows x 2 strengths), loaded and visible
         wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 7)
@@ -102,7 +92,7 @@ def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, to
             By.XPATH, "//*[contains(text(), 'Causal test over')]"))
         assert screenshot(driver, "inspector_dose_response.png").stat().st_size > 10_000
 
-        _open_tab(driver, wait, "Text vs image (CFG halves)")
+        open_tab(driver, wait, "Text vs image (CFG halves)")
         wait.until(lambda d: "Conditional vs unconditional (text-driven)" in d.find_element(By.TAG_NAME, "body").text)
         # the halves' profiles and the difference with its band: two more charts, drawn in the open tab
         charts = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
@@ -114,11 +104,9 @@ def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, to
 
 
 def test_the_html_export_cfg_section_draws_both_charts(driver, toy, tmp_path: Path) -> None:
-    from ddr_core.html_export import export_html
     from tests.representation_data import VARIANT
 
-    index = export_html(toy.layout, VARIANT, tmp_path / "report")
-    driver.get((index.parent / "channels" / "channel_00000.html").as_uri())
+    open_export_page(driver, toy.layout, VARIANT, tmp_path / "report")
     section = driver.find_element(By.ID, "cfg")
     driver.execute_script("arguments[0].scrollIntoView();", section)
     assert "Conditional vs unconditional (text-driven)" in section.text and "over 6 prompts" in section.text

@@ -125,6 +125,25 @@ def test_a_one_concept_feature_gets_its_label_and_a_random_one_chance() -> None:
     assert summary["truth"]["channels_with_concept"] == 1 and summary["truth"]["match"]["rate"] == 1.0
 
 
+def test_top_examples_of_a_sparse_feature_are_only_prompts_that_activate_it() -> None:
+    """A sparse feature (an SAE feature: exactly 0 on most prompts) fires on 3 or 6 red prompts only. Its "top
+    examples" must be prompts that activate it: a prompt at 0 is at the negatives' quantile, so it cannot be a
+    held-out positive too (before, the top 10 were padded with zero prompts, tied with the negatives and ordered by
+    generation id, and the feature got a label read off images that do not activate it)."""
+    labeller = ConceptClassifierLabeller(_Heads())
+    encoded, row_of = _truth_rows(labeller)
+    red = [i for i, p in enumerate(PROMPTS) if parse_prompt(p)["colour"] == "red"]
+    values = {0: np.zeros(len(PROMPTS)), 1: np.zeros(len(PROMPTS))}
+    values[0][red[:3]] = 5.0
+    values[1][red[:6]] = 5.0 + np.arange(6) / 10
+    config = FeatureLabelsConfig(n_top=10, permutations=500, bootstrap_resamples=200)
+    table = label_features(_activations(values), encoded, row_of, labeller, [0, 1], config)
+    three, six = table.row(0, named=True), table.row(1, named=True)
+    assert three["label"] is None and three["score"] is None  # 3 activating prompts: fewer than 4, no label
+    assert six["n_labelling"] + six["n_positive"] == 6 and six["label"] == "colour=red"
+    assert six["tpr"] == 1.0  # every held-out positive is a red prompt that fires
+
+
 def test_match_test_against_labels_permuted_among_channels() -> None:
     labels = ["colour=red", "shape=circle", "background=black", "colour=blue"]
     concepts = ["colour=red", "shape=circle, colour=green", "background=black", "colour=blue"]
@@ -385,6 +404,46 @@ def test_the_asset_materializes_with_a_labels_table(tmp_path: Path) -> None:
     assert meta["labeller"] == "toy-concepts (concept-classifier)"
     assert "| feature | label | score |" in meta["labels"] and "colour=" in rendered_text(meta["labels"])
     assert read_record(layout.records_dir, "feature_labels", "toy-raw")["outputs"]["scored"] == 2
+
+
+def test_the_labels_data_version_follows_hand_scored_concepts(tmp_path: Path) -> None:
+    """feature_concepts written without a completion record (scored by hand): the labels read its verdicts, so a
+    change of those verdicts changes the labels' data version (before, the missing record was swallowed and the
+    version stayed, leaving downstream unaware)."""
+    import dagster as dg
+    import torch
+
+    from ddr_assets.feature_labels import feature_labels
+    from ddr_core.concept_classifier import (
+        ConceptClassifier,
+        ConceptClassifierConfig,
+        save_concept_classifier,
+    )
+    from ddr_core.feature_concepts import SUMMARY_FILE, TABLE_FILE, feature_concepts_dir
+    from ddr_core.records import make_record, read_record, write_record
+    from ddr_resources.resources import DdrStorage
+
+    _, layout = _hand_made_capture(tmp_path)
+    torch.manual_seed(0)
+    save_concept_classifier(ConceptClassifier(ConceptClassifierConfig(image_size=16, channels=(8,), norm_groups=4)),
+                            layout.model_dir("toy-world") / "concept_classifier")
+    write_record(layout.records_dir, make_record("timestep_stats", "toy-raw", "1", {}, {}, "stats-v1"))
+    folder = feature_concepts_dir(layout, "toy-raw")
+    folder.mkdir(parents=True)
+    (folder / SUMMARY_FILE).write_text("{}")
+    versions, concepts = [], []
+    for verdict in ("colour=red", "colour=blue"):
+        pl.DataFrame({"channel": [0, 1], "concept": [verdict, ""]}).write_parquet(folder / TABLE_FILE)
+        result = dg.materialize([feature_labels], partition_key="toy-raw",
+                                resources={"storage": DdrStorage(data_root=str(layout.data_root))})
+        versions.append(read_record(layout.records_dir, "feature_labels", "toy-raw")["data_version"])
+        concepts.append(pl.read_parquet(layout.stage_dir("feature_labels", "toy-raw") / "feature_labels.parquet")
+                        .filter(pl.col("channel") == 0)["concept"].item())
+        assert result.success
+    assert concepts == ["colour=red", "colour=blue"]  # what the labels read changed ...
+    assert versions[0] != versions[1]  # ... and so did their data version
+    upstream = read_record(layout.records_dir, "feature_labels", "toy-raw")["upstream"]
+    assert upstream["feature_concepts/toy-raw"].startswith("unrecorded-")
 
 
 def test_clip_detection_is_the_label_among_the_top_k_entries() -> None:

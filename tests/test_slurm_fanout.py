@@ -94,6 +94,25 @@ def test_a_failed_job_fails_the_step_after_the_others_finished():
     assert sorted(finished) == ["inv1", "inv2"]  # not cancelled: their work is kept for the re-run
 
 
+def test_every_failed_jobs_error_is_kept_not_only_the_first(caplog):
+    """Two jobs fail for their own reasons: the step's failure lists both (metadata ``failed_jobs``) and each is
+    logged; before, only the first job's error survived and the second's (its job id, its log tail) was lost."""
+    def run_one(request):
+        if request.invocation_id in ("inv0", "inv2"):
+            job = 17 if request.invocation_id == "inv0" else 18
+            raise dg.Failure(description=f"SLURM job {job} for timestep_stats_shard failed: boom {job}")
+        return {}
+
+    with caplog.at_level(logging.ERROR, logger="test_slurm_fanout"), pytest.raises(dg.Failure) as failure:
+        run_stages_on_slurm(_context(), _requests(3), local_data_root="/d", settings=_settings(), run_one=run_one)
+    assert "2 of 3 timestep_stats_shard jobs failed" in failure.value.description
+    listed = failure.value.metadata["failed_jobs"].value
+    assert [(job["invocation_id"], job["args"]) for job in listed] == [("inv0", {"channels": [0, 1]}),
+                                                                       ("inv2", {"channels": [2, 3]})]
+    assert "SLURM job 18" in listed[1]["error"]
+    assert any("SLURM job 18" in record.getMessage() for record in caplog.records)
+
+
 def test_the_client_installs_its_signal_handlers_through_the_module_global_the_fan_out_adapts():
     from dagster_slurm.pipes_clients import slurm_pipes_client
     from dagster_slurm.pipes_clients.slurm_pipes_client import SlurmPipesClient

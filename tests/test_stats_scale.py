@@ -1,7 +1,6 @@
 """timestep_stats at scale: streaming in chunks within a memory budget, results equal to an in-memory reference,
 and the scale benchmark's planted answers (run at a tiny size)."""
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +12,13 @@ from ddr_core import stats_streaming
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.statistics import TimestepStatsConfig, compute_timestep_stats
 from ddr_core.stats_streaming import MemoryBudgetError, TopExamples, plan_memory
+from tests.benchmark_scripts import load_benchmark
 
-REPO = Path(__file__).resolve().parents[1]
 TIMESTEPS = [901, 701, 501, 301, 101]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_stats_scale", REPO / "benchmarks" / "bench_stats_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench_stats_scale")
 
 
 def _tied_store(root: Path, generations: int = 23, width: int = 9, order=None) -> tuple[ActivationStore, np.ndarray]:

@@ -88,7 +88,8 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
         concepts: channel -> its significant concepts (``"colour=red, shape=circle"``; ``""``: none), the
             ``feature_concepts`` verdict the label is checked against (``label_matches``).
 
-    A channel with fewer than 4 prompts, or whose top prompts have no image, gets a row of nulls. ``q_value``:
+    Top prompts are among the ``n_top`` best those above the ``negative_quantile`` of the channel's per-prompt
+    activations (the negatives' level). A channel with fewer than 4 such prompts with an image gets a row of nulls. ``q_value``:
     Benjamini-Hochberg over the variant's channels; ``significant``: ``q_value < alpha``.
     """
     from ddr_core.concept_stats import benjamini_hochberg
@@ -108,8 +109,15 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
             rows.append(row)
             continue
         prompts = frame["prompt"].to_list()
+        values = frame["activation"].to_numpy()
         generation = dict(zip(prompts, frame["generation_id"].to_list(), strict=True))
-        top = prompts[:config.n_top]
+        # top examples activate the feature: above the negatives' quantile (a sparse feature is 0 on most prompts,
+        # and a prompt at the negatives' level is no positive; ties at 0 would be ordered by generation id)
+        cut = float(np.quantile(values, config.negative_quantile))
+        top = [p for p, value in zip(prompts[:config.n_top], values[:config.n_top], strict=True) if value > cut]
+        if len(top) < 4:
+            rows.append(row)
+            continue
         labelling, held_out = split_by_prompt(top, config.seed + int(channel))
         label = labeller.label(encoded, np.asarray([row_of[generation[p]] for p in labelling], dtype=np.int64))
         hard, easy = choose_negatives(
