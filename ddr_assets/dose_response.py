@@ -85,6 +85,9 @@ def _finish(run: BlockRun, works: list[VariantWork]) -> tuple[dict, list]:
         variant = work.extra["variant"]
         metadata[f"effects_{variant}"] = dg.MetadataValue.md(markdown_table(effect_lines(effects)))
         metadata[f"channels_{variant}"] = len(summary["channels"])
+        if summary.get("stale_channels"):  # drawn by another run from other settings / older statistics
+            metadata[f"stale_channels_{variant}"] = dg.MetadataValue.text(
+                f"{summary['stale_channels']} left out of the pooled effects: re-run their blocks")
         sheet = work.extra["out_dir"] / CONTACT_SHEET_FILE
         if sheet.is_file():
             metadata[f"contact_sheet_{variant}"] = image_preview([sheet], size=512)

@@ -126,6 +126,7 @@ class DoseResponseResult:
     skipped: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
     images: int = 0
+    config_hash: str | None = None  # of this run's settings and inputs: what the pooled summary keeps
 
     def counts(self) -> dict[str, Any]:
         return {"done": len(self.done), "resumed": len(self.resumed), "skipped": len(self.skipped),
@@ -209,7 +210,7 @@ def run_dose_response(
                 "height": height, "width": width_px, **config.model_dump(mode="json", exclude={"batch_size"}),
                 "inputs": dict(inputs or {})}
     settings_hash = config_hash(settings)
-    result = DoseResponseResult(out_dir=out_dir)
+    result = DoseResponseResult(out_dir=out_dir, config_hash=settings_hash)
     peaks = top_peaks(stats_dir, channels)
     todo = []
     for channel in channels:
@@ -281,12 +282,22 @@ def run_dose_response(
     return result
 
 
-def read_grid(out_dir: str | Path, channels: Sequence[int] | None = None) -> pl.DataFrame:
-    """The finished channels' grids of ``out_dir`` (``channels``: only these), one table."""
+def _record_hash(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / RECORD_FILE).read_text()).get("config_hash")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def read_grid(out_dir: str | Path, channels: Sequence[int] | None = None,
+              config_hash: str | None = None) -> pl.DataFrame:
+    """The finished channels' grids of ``out_dir`` (``channels``: only these; ``config_hash``: only channels made
+    from these settings and inputs), one table."""
     folders = sorted(Path(out_dir).glob("channel_*")) if Path(out_dir).is_dir() else []
     wanted = None if channels is None else {int(c) for c in channels}
     frames = [pl.read_parquet(f / GRID_FILE) for f in folders
-              if (f / RECORD_FILE).is_file() and (wanted is None or int(f.name.split("_")[1]) in wanted)]
+              if (f / RECORD_FILE).is_file() and (wanted is None or int(f.name.split("_")[1]) in wanted)
+              and (config_hash is None or _record_hash(f) == config_hash)]
     return pl.concat(frames) if frames else pl.DataFrame(schema=GRID_SCHEMA)
 
 
@@ -461,7 +472,8 @@ def dose_response_for_variant(project: Any, layout: Any, variant: str, channels:
     result = run_dose_response(model, basis, variant_channels.layer_name, stats_dir, variant_channels.channels,
                                out_dir, config, layout.data_root, float(scale), concepts=concepts,
                                classifier=classifier, log=log, inputs=inputs)
-    summarise_dose_response(out_dir, layout.data_root, variant, seed=config.random_seed)
+    summarise_dose_response(out_dir, layout.data_root, variant, seed=config.random_seed,
+                            config_hash=result.config_hash)
     return result
 
 
@@ -471,14 +483,18 @@ SUMMARY_FILE = "summary.json"
 CONTACT_SHEET_FILE = "contact_sheet.png"
 
 
-def summarise_dose_response(out_dir: str | Path, data_root: str | Path, variant: str, *, seed: int = 0) -> dict:
+def summarise_dose_response(out_dir: str | Path, data_root: str | Path, variant: str, *, seed: int = 0,
+                            config_hash: str | None = None) -> dict:
     """Pool every finished channel of ``out_dir`` (all blocks of the variant): write ``effects.parquet``
     (:func:`dose_effects`), ``cells.parquet`` (:func:`cell_means`), ``contact_sheet.png`` and ``summary.json``;
-    return the summary."""
+    return the summary. With ``config_hash`` (the run's settings and inputs) a channel another run made from other
+    settings or older statistics is left out of the pool and listed in ``stale_channels``: the effects never mix
+    grids of different inputs."""
     from ddr_core.atomic import atomic_path, atomic_write_json
 
     out = Path(out_dir)
-    grid = read_grid(out)
+    grid = read_grid(out, config_hash=config_hash)
+    finished = {int(f.name.split("_")[1]) for f in out.glob("channel_*") if (f / RECORD_FILE).is_file()}
     effects = dose_effects(grid, seed=seed) if grid.height else pl.DataFrame(schema=EFFECT_SCHEMA)
     with atomic_path(out / EFFECTS_FILE) as tmp:
         effects.write_parquet(tmp)
@@ -489,7 +505,8 @@ def summarise_dose_response(out_dir: str | Path, data_root: str | Path, variant:
     channels = sorted({int(c) for c in grid["channel"].to_list()}) if grid.height else []
     with_concept = (sorted({int(c) for c in grid.filter(pl.col("concept_prob").is_not_null())["channel"].to_list()})
                     if grid.height else [])
-    summary = {"format": FORMAT, "variant": variant, "channels": channels, "channels_with_concept": with_concept,
+    summary = {"format": FORMAT, "variant": variant, "channels": channels,
+               "stale_channels": sorted(finished - set(channels)), "channels_with_concept": with_concept,
                "generations": grid.height,
                "effects": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
                            for row in effects.to_dicts()]}

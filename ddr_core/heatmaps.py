@@ -400,13 +400,36 @@ def score_summary(table: pl.DataFrame, resamples: int = 2000, seed: int = 0) -> 
             "channels_more_on_background": int(sum(v < 0 for v in channel_excess))}
 
 
-def write_union(out_dir: Path) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """``heatmaps.parquet`` (every channel's table) and ``summary.json`` (its score) in ``out_dir``."""
-    parts = [pl.read_parquet(p) for p in sorted(out_dir.glob(f"channel_*/{CHANNEL_TABLE_FILE}"))]
+def _drawn_from(folder: Path) -> dict[str, Any] | None:
+    """The ``inputs`` a channel folder's stamp records (``None``: no readable stamp, or one written before stamps
+    recorded their inputs)."""
+    try:
+        found = json.loads((folder / STAMP_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found.get("inputs") if isinstance(found, dict) else None
+
+
+def write_union(out_dir: Path, inputs: dict[str, Any] | None = None) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """``heatmaps.parquet`` (every channel's table) and ``summary.json`` (its score) in ``out_dir``.
+
+    With ``inputs`` (the run's upstream data versions and code version) only channels drawn from those inputs are
+    in the union and its score: a channel another run drew from older statistics is left out and listed in the
+    summary's ``stale_channels`` (re-run its block to draw it again), so the score never mixes input versions."""
+    tables, stale = sorted(out_dir.glob(f"channel_*/{CHANNEL_TABLE_FILE}")), []
+    if inputs is not None:
+        current = []
+        for path in tables:
+            (current if _drawn_from(path.parent) == inputs else stale).append(path)
+        tables = current
+    parts = [pl.read_parquet(p) for p in tables]
     table = pl.concat(parts, how="diagonal_relaxed").sort(["channel", "rank"]) if parts else pl.DataFrame()
     if parts:  # ranks of a multi-rank job may write it at once: each whole, never a half-written file
         _write_parquet_whole(table, out_dir / TABLE_FILE)
+    else:
+        (out_dir / TABLE_FILE).unlink(missing_ok=True)
     summary = score_summary(table)
+    summary["stale_channels"] = sorted(int(p.parent.name.split("_")[1]) for p in stale)
     atomic_write_json(out_dir / SUMMARY_FILE, summary)
     return table, summary
 
@@ -475,10 +498,15 @@ def heatmaps_for_variant(project: Any, layout: Any, variant: str, channels: Sequ
         for position, channel in enumerate(todo):
             write_channel_heatmaps(out_dir, Path(layout.data_root), channel, position, recording, rows_of, images,
                                    fits, ranked[channel], config)
-            atomic_write_json(channel_dir(out_dir, channel) / STAMP_FILE, {"stamp": stamps[channel]})
+            atomic_write_json(channel_dir(out_dir, channel) / STAMP_FILE,
+                              {"stamp": stamps[channel], "inputs": inputs or {}})
             result.channels_done.append(channel)
             result.examples += len(ranked[channel])
-    table, result.summary = write_union(out_dir) if out_dir.is_dir() else (pl.DataFrame(), score_summary(pl.DataFrame()))
+    table, result.summary = (write_union(out_dir, inputs or {}) if out_dir.is_dir()
+                             else (pl.DataFrame(), score_summary(pl.DataFrame())))
+    if result.summary.get("stale_channels"):
+        log(f"heatmaps of {variant}: channel(s) {result.summary['stale_channels']} were drawn from other inputs "
+            f"(older statistics or code) and are left out of the table and its score: re-run their blocks")
     result.table_path = out_dir / TABLE_FILE if table.height else None
     result.seconds = time.perf_counter() - started
     return result

@@ -165,7 +165,7 @@ def _stage_dose_response_for_variant(request: StageRequest, log: LogFn) -> dict[
                                        resolve_device(request.device), log=log, inputs=request.args.get("inputs"))
     return {"out_dir": layout.relative(result.out_dir), "done": result.done, "resumed": result.resumed,
             "skipped": {str(k): v for k, v in result.skipped.items()}, "seconds": result.seconds,
-            "images": result.images}
+            "images": result.images, "config_hash": result.config_hash}
 
 
 # ------------------------------------------------------------------------------------------- split
@@ -257,7 +257,7 @@ def _merge_dose_response(request: StageRequest, results: list[dict[str, Any]]) -
     _, layout = _context(request)
     config = DoseResponseConfig.model_validate(request.args.get("config", {}))
     summarise_dose_response(layout.data_root / results[0]["out_dir"], layout.data_root, request.args["variant"],
-                            seed=config.random_seed)
+                            seed=config.random_seed, config_hash=results[0].get("config_hash"))
     return _merge_priors(request, results)
 
 
@@ -287,7 +287,7 @@ def _merge_heatmaps(request: StageRequest, results: list[dict[str, Any]]) -> dic
 
     _, layout = _context(request)
     out_dir = layout.data_root / results[0]["out_dir"]
-    table, summary = write_union(out_dir)  # rank 0, once every rank is done
+    table, summary = write_union(out_dir, request.args.get("inputs") or {})  # rank 0, once every rank is done
     return {"out_dir": results[0]["out_dir"], "channels_done": _union(results, "channels_done"),
             "channels_resumed": _union(results, "channels_resumed"),
             "channels_without_examples": _union(results, "channels_without_examples"),

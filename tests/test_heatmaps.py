@@ -16,6 +16,7 @@ from ddr_core.activations import CaptureConfig, run_capture
 from ddr_core.basis import RawChannels, TopKSaeBasis
 from ddr_core.families import as_model
 from ddr_core.heatmaps import (
+    STAMP_FILE,
     HeatmapConfig,
     basis_unit_maps,
     fit_scene_mask,
@@ -27,6 +28,7 @@ from ddr_core.heatmaps import (
     write_channel_heatmaps,
     write_union,
 )
+from ddr_core.paths import DataLayout
 from ddr_core.regenerate import read_generations, regenerate_positions
 from ddr_core.sae import Sae, SaeConfig
 from ddr_core.tiny_model import TINY_PROMPTS, TINY_TARGET_LAYER
@@ -304,3 +306,23 @@ def test_the_heatmaps_asset_on_the_tiny_graph(tiny_graph):
         again = materialize("heatmaps", key, data_root, instance, config)
         assert again.get_asset_materialization_events()[0].materialization.tags["dagster/data_version"] == \
             record["data_version"]
+
+
+def test_the_union_leaves_out_channels_drawn_from_other_inputs(tmp_path):
+    """A channel another run drew from older statistics is not mixed into the table and its score: it is listed as
+    stale (before: every channel folder on disk went into heatmaps.parquet and summary.json)."""
+    from tests.heatmap_data import write_heatmaps
+
+    layout = DataLayout(tmp_path, "default")
+    old, new = {"timestep_stats/v": "1", "code": "a"}, {"timestep_stats/v": "2", "code": "a"}
+    out_dir = write_heatmaps(layout, "raw", 3)
+    (out_dir / "channel_00003" / STAMP_FILE).write_text(json.dumps({"stamp": "x", "inputs": old}))
+    write_heatmaps(layout, "raw", 5)
+    (out_dir / "channel_00005" / STAMP_FILE).write_text(json.dumps({"stamp": "y", "inputs": new}))
+    table, summary = write_union(out_dir, new)
+    assert table["channel"].unique().to_list() == [5] and summary["stale_channels"] == [3]
+    assert summary["channels"] == 1 and read_heatmaps(out_dir)[0]["channel"].unique().to_list() == [5]
+    table, summary = write_union(out_dir, old)
+    assert table["channel"].unique().to_list() == [3] and summary["stale_channels"] == [5]
+    everything, _ = write_union(out_dir)  # no inputs given: every folder (the viewers' tests' hand-made data)
+    assert sorted(everything["channel"].unique().to_list()) == [3, 5]

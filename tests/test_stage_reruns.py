@@ -4,6 +4,7 @@ upstream data version redoes the work. Each run's asset check is evaluated and p
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -99,6 +100,12 @@ def test_dose_response_rerun_generates_nothing_and_changed_statistics_redo_it(ro
     _new_upstream_version(layout, "timestep_stats", "tiny-raw")
     changed, _ = _run("dose_response", "tiny-raw:0-15", root, config)
     assert changed["channels_done"] == first["channels_done"] and changed["channels_resumed"] == 0
+    # newer statistics again, one channel redone: the other, made from the older ones, is not pooled with it
+    done = json.loads((folder / "summary.json").read_text())["channels"]
+    _new_upstream_version(layout, "timestep_stats", "tiny-raw")
+    _run("dose_response", "tiny-raw:0-15", root, {**config, "channels": done[:1]})
+    pooled = json.loads((folder / "summary.json").read_text())
+    assert pooled["channels"] == done[:1] and pooled["stale_channels"] == done[1:]
 
 
 def test_cfg_contrast_rerun_computes_nothing_and_changed_inputs_redo_it(root):
