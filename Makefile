@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-no-yellow clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -91,6 +91,13 @@ train-toy: setup
 TOY_RICH_OUT ?= data/toy-world-rich
 train-toy-rich: setup
 	$(PY) -m ddr_core.toy_training --out $(TOY_RICH_OUT) --threads 1 --world shapes-rich --eval-images-per-prompt 1
+
+# The toy world with one concept removed (no yellow shapes; the word stays in the vocabulary): the second model
+# the feature-matching diff compares with models/toy-world (docs/MATCHING.md). Same model, steps and seed; ~25 min
+# idle on one thread. The shipped copy is models/toy-world-no-yellow (TOY_NO_YELLOW_OUT=models/toy-world-no-yellow).
+TOY_NO_YELLOW_OUT ?= data/toy-world-no-yellow
+train-toy-no-yellow: setup
+	$(PY) -m ddr_core.toy_training --out $(TOY_NO_YELLOW_OUT) --threads 1 --world shapes-no-yellow
 
 clean-data:
 	rm -rf data .dagster_home
