@@ -38,11 +38,13 @@ heatmaps_job = _job("map_heatmaps", ("heatmaps",), "Spatial heatmaps of channel 
 dose_response_job = _job("steering_dose_response", ("dose_response",),
                          "Steering dose-response x timestep windows of channel blocks (partition = "
                          "'<variant>:<first>-<last>'; run feature_concepts of a labelled variant first).")
+feature_matches_job = _job("match_features", ("feature_matches",),
+                           "Feature matching of two variants (partition = comparison '<variant A>__<variant B>').")
 html_export_job = _job("export_html", ("html_export",), "The static HTML report of one variant (partition = variant).")
 
 JOBS = [provision_models_job, provision_saes_job, provision_prompts_job, activations_job, timestep_stats_job,
         channel_block_job, no_noise_dreams_job, dream_sweeps_job, ground_truth_job, html_export_job, heatmaps_job,
-        dose_response_job]
+        dose_response_job, feature_matches_job]
 
 
 def job_of_asset(asset: str) -> str:

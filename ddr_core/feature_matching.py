@@ -21,7 +21,10 @@ reaches when B's generations are *prompt-shuffled*: B's prompts are permuted as 
 and timestep of prompt ``p`` of B is paired with prompt ``pi(p)`` of A), which keeps each side's own structure
 (timestep trends, the clustering of a prompt's generations) and destroys only the correspondence between the two
 sides. Over ``n_permutations`` shuffles each feature has a null distribution of best-match scores; its p-value is
-``(1 + #{null >= observed}) / (1 + n_permutations)``, BH-adjusted over the side's features. A feature is
+``(1 + #{null >= observed}) / (1 + n_permutations)``, BH-adjusted over the side's features. A score beyond every
+shuffle gets the smaller tail probability of a Gumbel distribution fitted (by moments) to that feature's null
+maxima (a tail approximation: with F features BH needs p-values far below ``1 / (n + 1)``, e.g. an SAE of 20480
+features). A feature is
 **matched** when ``q < alpha``; otherwise it has **no match better than chance**: ``vanished`` for a feature of
 A, ``appeared`` for one of B. A feature with no variance in the captures is ``silent`` (it cannot be compared).
 The direction null is analogous: the best ``|cosine|`` of uniformly random unit vectors against the other side's
@@ -167,8 +170,18 @@ def _side(score: np.ndarray, signed: np.ndarray, null_best: np.ndarray, alive: n
     best = masked.argmax(axis=1) if masked.shape[1] else np.zeros(masked.shape[0], dtype=np.int64)
     observed = masked[np.arange(masked.shape[0]), best] if masked.shape[1] else np.full(masked.shape[0], -np.inf)
     usable = alive & np.isfinite(observed)
-    p = np.where(usable, (1.0 + (null_best >= observed[None, :] - 1e-12).sum(axis=0)) / (1.0 + null_best.shape[0]),
-                 np.nan)
+    exceed = (null_best >= observed[None, :] - 1e-12).sum(axis=0)
+    p = (1.0 + exceed) / (1.0 + null_best.shape[0])
+    # beyond every shuffle: the tail of a Gumbel fitted to the feature's null maxima (moments), never above 1/(n+1)
+    beyond = exceed == 0
+    if beyond.any():
+        finite = np.where(np.isfinite(null_best), null_best, np.nan)
+        scale = np.nanstd(finite, axis=0) * np.sqrt(6.0) / np.pi
+        location = np.nanmean(finite, axis=0) - 0.5772156649 * scale
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            tail = -np.expm1(-np.exp(-(observed - location) / np.where(scale > 0, scale, np.nan)))
+        p = np.where(beyond & np.isfinite(tail), np.minimum(p, np.maximum(tail, 1e-300)), p)
+    p = np.where(usable, p, np.nan)
     q = benjamini_hochberg(p)
     status = [SILENT if not ok else (MATCHED if qi < alpha else no_match) for ok, qi in zip(usable, q, strict=True)]
     return SideResult(

@@ -87,7 +87,7 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     share = successes / trials
     centre = (share + z * z / (2 * trials)) / (1 + z * z / trials)
     half = z * np.sqrt(share * (1 - share) / trials + z * z / (4 * trials * trials)) / (1 + z * z / trials)
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    return float(max(0.0, round(centre - half, 12))), float(min(1.0, round(centre + half, 12)))
 
 
 def concept_diff(status: Sequence[str], means: np.ndarray, prompt_labels: Sequence[Mapping[str, str]],

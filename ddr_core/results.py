@@ -105,6 +105,26 @@ class Results:
             raise FileNotFoundError(f"{folder} has no summary.json: materialize cfg_contrast[{variant}] first")
         return pl.read_parquet(folder / files[table]) if summary["halves"] == 2 else None
 
+    # ------------------------------------------------------------------------------------- comparisons
+    def comparisons(self) -> list[str]:
+        """Comparisons ``<variant A>__<variant B>`` with a finished ``feature_matches`` folder (docs/MATCHING.md)."""
+        from ddr_core.matching_view import finished_comparisons
+
+        return finished_comparisons(self.layout)
+
+    def feature_matches(self, comparison: str, table: str = "a") -> pl.DataFrame | None:
+        """A ``feature_matches`` table of ``comparison``: ``a`` (one row per feature of A: best match in B, r,
+        null threshold, p, q, status matched / vanished / silent, both features' statistics), ``b`` (the same
+        from B's side: matched / appeared / silent), ``pairs`` (Hungarian pairs), ``concepts`` (labelled prompts:
+        per concept value, A's selective features that vanished vs chance) or ``directions`` (one space only);
+        ``None`` for a table the comparison does not have. Raises where the stage has not run."""
+        from ddr_core.feature_matching_stage import read_matches
+
+        tables = ("a", "b", "pairs", "concepts", "directions")
+        if table not in tables:
+            raise ValueError(f"unknown feature_matches table {table!r}; choose one of {', '.join(tables)}")
+        return read_matches(self.layout.stage_dir("feature_matches", comparison))[table]
+
     # ---------------------------------------------------------------------------------------- channels
     def shard(self, variant: str, channel: int) -> dict[str, Any]:
         """Everything about one channel as the inspector reads it (the representation shard, checked)."""

@@ -17,7 +17,12 @@ from ddr_core.feature_matching import (
     match_activations,
     match_directions,
 )
-from ddr_core.feature_matching_concepts import concept_diff, concept_selectivity, prompt_means, wilson_interval
+from ddr_core.feature_matching_concepts import (
+    concept_diff,
+    concept_selectivity,
+    prompt_means,
+    wilson_interval,
+)
 
 CONFIG = MatchingConfig(n_permutations=99, seed=1)
 
