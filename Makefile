@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-no-yellow clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-no-yellow diff-toy clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -98,6 +98,12 @@ train-toy-rich: setup
 TOY_NO_YELLOW_OUT ?= data/toy-world-no-yellow
 train-toy-no-yellow: setup
 	$(PY) -m ddr_core.toy_training --out $(TOY_NO_YELLOW_OUT) --threads 1 --world shapes-no-yellow
+
+# The two-model diff (docs/MATCHING.md): capture models/toy-world-no-yellow on the toy world's prompts and seeds
+# exactly as the demo captures toy-world, and match it with toy-raw (feature_matches[toy-raw__toy-noyellow-raw]).
+# About a minute after `make demo` (its toy-world capture is reused); same DDR_DATA_ROOT / DAGSTER_HOME.
+diff-toy: setup dagster-home
+	DDR_PROFILE=toy-diff $(PY) -m dagster_project.demo --comparison toy-raw__toy-noyellow-raw
 
 clean-data:
 	rm -rf data .dagster_home

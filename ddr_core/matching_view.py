@@ -135,6 +135,28 @@ def unmatched_rows(found: dict[str, Any], side: str, limit: int = 50) -> list[di
              "p": _fmt(r["p_value"], 4)} for r in missing.to_dicts()]
 
 
+def matching_lines(layout: Any, variants: list[str]) -> list[str]:
+    """The demo's last lines: per finished comparison of two of ``variants``, its summary and the concepts whose
+    features vanished more than chance."""
+    from ddr_core.comparisons import parse_comparison_name
+
+    lines: list[str] = []
+    for name in finished_comparisons(layout):
+        if not set(parse_comparison_name(name)) <= set(variants):
+            continue
+        try:
+            found = _read(layout, name)
+        except Exception:  # noqa: BLE001 - the inspector and the report name the problem
+            continue
+        lines.append(f"  {name}: {summary_text(found['summary'])}")
+        for row in concept_rows(found)[:3]:
+            lines.append(f"    {row['concept']}: {row['vanished']} of {row['A features selective']} selective "
+                         f"features vanished (chance {row['chance']}), share {row['share vanished [95% Wilson]']} "
+                         f"vs {row['share among the others']} of the others, Fisher p {row['Fisher p']} "
+                         f"(BH q {row['BH q']})")
+    return ["Feature matching (feature_matches; docs/MATCHING.md):", *lines] if lines else []
+
+
 def _read(layout: Any, name: str) -> dict[str, Any]:
     from ddr_core.feature_matching_stage import read_matches
 
