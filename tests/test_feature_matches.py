@@ -174,3 +174,26 @@ def test_the_ablated_world_keeps_the_vocabulary_and_never_shows_yellow() -> None
     assert not any("yellow" in p for p in world_prompts("shapes-no-yellow"))
     scenes = sample_scenes(54, 0, ToyWorldConfig(world="shapes-no-yellow"))
     assert {s.colour for s in scenes} == {"red", "green", "blue"} and len({s.prompt for s in scenes[:27]}) == 27
+
+
+def test_the_demo_matches_its_variants_before_the_report() -> None:
+    from dagster_project.demo import demo_plan
+
+    plan = dict(demo_plan(["toy-raw", "toy-sae"]))
+    names = list(plan)
+    assert plan["feature_matches"] == ["toy-raw__toy-sae"]
+    assert names.index("activations") < names.index("feature_matches") < names.index("html_export")
+    assert dict(demo_plan(["toy-raw"]))["feature_matches"] == []
+
+
+def test_the_two_model_diff_runs_only_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    from dagster_project import demo
+
+    with pytest.raises(SystemExit, match="DDR_PROFILE=toy-diff"):  # the default profile does not offer it
+        demo.comparison_plan("toy-raw__toy-noyellow-raw")
+    monkeypatch.setattr(demo, "project", lambda: load_project_config().for_profile("toy-diff"))
+    assert demo.comparison_plan("toy-raw__toy-noyellow-raw") == [
+        ("models", ["toy-world", "toy-world-no-yellow"]), ("saes", []), ("prompt_datasets", ["toy-world-prompts"]),
+        ("activations", ["toy-world", "toy-world-no-yellow"]), ("feature_matches", ["toy-raw__toy-noyellow-raw"])]
+    # captured alike: the second model's capture settings are the shipped model's
+    assert demo.DEMO_MODEL_RUN_CONFIG["toy-world-no-yellow"] == demo.DEMO_MODEL_RUN_CONFIG["toy-world"]
