@@ -90,9 +90,23 @@ def wilson_interval(successes: int, trials: int, level: float = 0.95) -> tuple[f
     return float(max(0.0, round(centre - half, 12))), float(min(1.0, round(centre + half, 12)))
 
 
+def _graded(scores: np.ndarray | None, selective: np.ndarray, others: np.ndarray) -> dict[str, float]:
+    """Medians of the best-match scores of the selective features and of the others, and the one-sided
+    Mann-Whitney p that the selective ones' are lower (NaN where a group is empty or no scores are given)."""
+    if scores is None:
+        return {}
+    from scipy.stats import mannwhitneyu
+
+    values = np.asarray(scores, dtype=np.float64)
+    mine, rest = values[selective & np.isfinite(values)], values[others & np.isfinite(values)]
+    p = float(mannwhitneyu(mine, rest, alternative="less").pvalue) if mine.size and rest.size else float("nan")
+    return {"median_score": float(np.median(mine)) if mine.size else float("nan"),
+            "median_score_others": float(np.median(rest)) if rest.size else float("nan"), "mannwhitney_p": p}
+
+
 def concept_diff(status: Sequence[str], means: np.ndarray, prompt_labels: Sequence[Mapping[str, str]],
                  families: Mapping[str, Sequence[str]], alpha: float = 0.05, n_permutations: int = 2000,
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, scores: np.ndarray | None = None) -> list[dict[str, Any]]:
     """Per concept value: A's features selective for it and how many of them vanished, against chance.
 
     Args:
@@ -100,6 +114,8 @@ def concept_diff(status: Sequence[str], means: np.ndarray, prompt_labels: Sequen
         means: ``(P, F)`` A's prompt-mean activity.
         prompt_labels: ``P`` label dicts (family -> value), in the rows' order.
         families: family -> its values.
+        scores: ``(F,)`` A's best-match scores: adds the graded test beside the verdicts' (``median_score``,
+            ``median_score_others``, ``mannwhitney_p``: one-sided, the selective features' best matches are worse).
 
     Returns:
         One row per (family, value): ``n_selective`` (BH q < alpha and not silent), ``n_vanished`` of them,
@@ -135,6 +151,7 @@ def concept_diff(status: Sequence[str], means: np.ndarray, prompt_labels: Sequen
                 "selective_features": np.flatnonzero(selective).tolist(),
                 "vanished_features": np.flatnonzero(selective & vanished).tolist(),
                 "mean_effect_selective": float(effect[selective].mean()) if selective.any() else float("nan"),
+                **_graded(scores, selective, others),
             })
     q = benjamini_hochberg(np.array([row["fisher_p"] for row in rows], dtype=np.float64))
     for row, value in zip(rows, q, strict=True):

@@ -207,7 +207,7 @@ def feature_matches_for_comparison(project: Any, layout: Any, name: str, out_dir
     pairs = pl.DataFrame({"a": rows, "b": cols, "r": result.correlation[rows, cols], "score": pair_score,
                           "a_status": [result.a.status[i] for i in rows],
                           "b_status": [result.b.status[j] for j in cols]}).sort("score", descending=True)
-    concepts = _concepts(project, layout, a, values_a, groups, prompts, result.a.status, config)
+    concepts = _concepts(project, layout, a, values_a, groups, prompts, result.a.status, config, result.a.score)
     directions, direction_summary = None, None
     if same_space(project, name):
         raw_width = next((project.variants[v].width for v in (a, b) if project.variants[v].basis == "raw"), None)
@@ -247,7 +247,7 @@ def feature_matches_for_comparison(project: Any, layout: Any, name: str, out_dir
 
 
 def _concepts(project: Any, layout: Any, variant: str, values: np.ndarray, groups: np.ndarray, prompts: list[str],
-              status: list[str], config: MatchingConfig) -> pl.DataFrame | None:
+              status: list[str], config: MatchingConfig, scores: np.ndarray) -> pl.DataFrame | None:
     """The concept diff of A's features (:func:`ddr_core.feature_matching_concepts.concept_diff`), or ``None`` for
     prompts without labels."""
     from ddr_core.feature_concepts.labels import prompt_labels
@@ -266,7 +266,7 @@ def _concepts(project: Any, layout: Any, variant: str, values: np.ndarray, group
     ids, means = prompt_means(values, groups)
     labels = [{f: by_prompt.get(ordered[i], {}).get(f) for f in dataset.labels.families} for i in ids]
     families = {f: list(dict.fromkeys(lab[f] for lab in labels if lab[f] is not None)) for f in dataset.labels.families}
-    rows = concept_diff(status, means, labels, families, config.alpha, seed=config.seed)
+    rows = concept_diff(status, means, labels, families, config.alpha, seed=config.seed, scores=scores)
     lists = {"selective_features": pl.List(pl.Int64), "vanished_features": pl.List(pl.Int64)}
     return pl.DataFrame(rows, schema_overrides=lists) if rows else None
 

@@ -122,7 +122,10 @@ def concept_rows(found: dict[str, Any]) -> list[dict[str, Any]]:
              "share vanished [95% Wilson]": f"{_fmt(r['share_vanished'], 2)} [{_fmt(r['share_low'], 2)}, "
                                             f"{_fmt(r['share_high'], 2)}]",
              "share among the others": _fmt(r["share_vanished_others"], 2),
-             "Fisher p": _fmt(r["fisher_p"], 4), "BH q": _fmt(r["fisher_q"], 4)} for r in rows]
+             "Fisher p": _fmt(r["fisher_p"], 4), "BH q": _fmt(r["fisher_q"], 4),
+             "median best r (selective / others)": f"{_fmt(r.get('median_score'), 2)} / "
+                                                   f"{_fmt(r.get('median_score_others'), 2)}",
+             "Mann-Whitney p": _fmt(r.get("mannwhitney_p"), 4)} for r in rows]
 
 
 def unmatched_rows(found: dict[str, Any], side: str, limit: int = 50) -> list[dict[str, Any]]:

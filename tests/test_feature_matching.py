@@ -179,13 +179,15 @@ def test_concept_diff_names_the_removed_concept() -> None:
     result = match_activations(a, b, groups, CONFIG)
     ids, means = prompt_means(a, groups)
     rows = concept_diff(result.a.status, means, [labels[i] for i in ids],
-                        {"colour": colours, "shape": shapes}, n_permutations=499)
+                        {"colour": colours, "shape": shapes}, n_permutations=499, scores=result.a.score)
     by_value = {row["value"]: row for row in rows}
     assert by_value["yellow"]["selective_features"] == [3, 7, 11, 15]
     assert by_value["yellow"]["n_vanished"] == 4 and by_value["yellow"]["fisher_p"] < 0.01
     assert by_value["yellow"]["share_low"] > by_value["yellow"]["share_vanished_others"]
     assert all(row["n_vanished"] == 0 for row in rows if row["value"] in ("red", "green", "blue"))
     assert [row["value"] for row in rows if row["fisher_q"] < 0.05] == ["yellow"]
+    assert by_value["yellow"]["median_score"] < 0.5 < by_value["red"]["median_score"]
+    assert by_value["yellow"]["mannwhitney_p"] < 0.01 and by_value["red"]["mannwhitney_p"] > 0.2
     # |r| pairs a "yellow" feature with the complement ("red, green or blue") features of B: why r is the default
     absolute = match_activations(a, b, groups, CONFIG.model_copy(update={"absolute": True}))
     assert absolute.a.status[3] == MATCHED and absolute.a.signed[3] < 0
