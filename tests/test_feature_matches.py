@@ -155,7 +155,7 @@ def test_an_unknown_matching_setting_fails_at_config_load(tmp_path: Path) -> Non
     text = (ROOT / "config/ddr.yaml").read_text(encoding="utf-8")
     path = tmp_path / "ddr.yaml"
     path.write_text(text + "  toy-sae__toy-raw: {matching: {n_permutation: 5}}\n", encoding="utf-8")
-    with pytest.raises(ConfigError, match="n_permutation"):
+    with pytest.raises(ConfigError, match=r"comparisons\.toy-sae__toy-raw\.matching\.n_permutation: unknown field"):
         load_project_config(path)
 
 
