@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
+    if args.comparison:  # only the diff ran: its lines, not the other stages' results of the data root
+        for line in matching_lines(layout, variants):
+            print(line)
+        return 0
     for line in (ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants)
                  + dose_response_lines(layout, variants) + matching_lines(layout, variants)):
         print(line)
