@@ -152,7 +152,10 @@ def matching_lines(layout: Any, variants: list[str]) -> list[str]:
         except Exception:  # noqa: BLE001 - the inspector and the report name the problem
             continue
         lines.append(f"  {name}: {summary_text(found['summary'])}")
-        for row in concept_rows(found)[:3]:
+        rows = [row for row in concept_rows(found) if row["vanished"]]
+        if found.get("concepts") is not None and not rows:
+            lines.append("    no feature of A selective for a concept vanished")
+        for row in rows[:3]:
             lines.append(f"    {row['concept']}: {row['vanished']} of {row['A features selective']} selective "
                          f"features vanished (chance {row['chance']}), share {row['share vanished [95% Wilson]']} "
                          f"vs {row['share among the others']} of the others, Fisher p {row['Fisher p']} "
