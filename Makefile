@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-no-yellow diff-toy clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -91,6 +91,19 @@ train-toy: setup
 TOY_RICH_OUT ?= data/toy-world-rich
 train-toy-rich: setup
 	$(PY) -m ddr_core.toy_training --out $(TOY_RICH_OUT) --threads 1 --world shapes-rich --eval-images-per-prompt 1
+
+# The toy world with one concept removed (no yellow shapes; the word stays in the vocabulary): the second model
+# the feature-matching diff compares with models/toy-world (docs/MATCHING.md). Same model, steps and seed; ~25 min
+# idle on one thread. The shipped copy is models/toy-world-no-yellow (TOY_NO_YELLOW_OUT=models/toy-world-no-yellow).
+TOY_NO_YELLOW_OUT ?= data/toy-world-no-yellow
+train-toy-no-yellow: setup
+	$(PY) -m ddr_core.toy_training --out $(TOY_NO_YELLOW_OUT) --threads 1 --world shapes-no-yellow
+
+# The two-model diff (docs/MATCHING.md): capture models/toy-world-no-yellow on the toy world's prompts and seeds
+# exactly as the demo captures toy-world, and match it with toy-raw (feature_matches[toy-raw__toy-noyellow-raw]).
+# About a minute after `make demo` (its toy-world capture is reused); same DDR_DATA_ROOT / DAGSTER_HOME.
+diff-toy: setup dagster-home
+	DDR_PROFILE=toy-diff $(PY) -m dagster_project.demo --comparison toy-raw__toy-noyellow-raw
 
 clean-data:
 	rm -rf data .dagster_home

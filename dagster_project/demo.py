@@ -18,6 +18,7 @@ from ddr_assets.partitions import block_key, parse_block_key, project
 from ddr_core.cfg_truth import cfg_truth_lines
 from ddr_core.dose_response_view import dose_response_lines
 from ddr_core.labels_view import feature_label_lines
+from ddr_core.matching_view import matching_lines
 from ddr_resources.resources import ComputeResource, DdrStorage
 
 # Run config of the demo: a fixed seed so two demos give the same pictures.
@@ -33,6 +34,9 @@ DEMO_RUN_CONFIG: dict[str, dict] = {
 DEMO_MODEL_RUN_CONFIG: dict[str, dict[str, dict]] = {
     "toy-world": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0, "num_inference_steps": 25,
                                   "batch_size": 36}},
+    # the model trained without yellow (docs/MATCHING.md): captured exactly as toy-world, so the two match
+    "toy-world-no-yellow": {"activations": {"num_images_per_prompt": 5, "guidance_scale": 3.0,
+                                            "num_inference_steps": 25, "batch_size": 36}},
     # the richer world (docs/TOY_WORLD.md): its 576 prompts once each, the capture its design fixed
     "toy-world-rich": {"activations": {"num_images_per_prompt": 1, "guidance_scale": 3.0, "num_inference_steps": 25,
                                        "batch_size": 64}},
@@ -74,8 +78,34 @@ def demo_plan(variants: list[str], all_blocks: bool = False) -> list[tuple[str, 
         ("visual_benchmark", [v for v in variants if v in cfg.labelled_variants()]),
         ("feature_labels", [v for v in variants if v in cfg.labeller_variants()]),  # after feature_concepts: checked
         ("dose_response", few),  # after feature_concepts: it measures the concepts' probabilities
+        ("feature_matches", demo_comparisons(variants)),  # seconds; docs/MATCHING.md
         ("html_export", list(variants)),  # after feature_concepts: the report shows the ground truth
     ]
+
+
+def demo_comparisons(variants: list[str]) -> list[str]:
+    """The configured comparisons (``feature_matches`` partitions) whose two variants are both in ``variants``."""
+    from ddr_core.comparisons import parse_comparison_name
+
+    return [name for name in project().comparisons if set(parse_comparison_name(name)) <= set(variants)]
+
+
+def comparison_plan(name: str) -> list[tuple[str, list[str]]]:
+    """``--comparison``: only what comparison ``name`` needs: both variants' models, SAEs, prompts and captures,
+    then ``feature_matches[name]`` (the two-model toy diff: ``make diff-toy``, docs/MATCHING.md).
+
+    Raises:
+        SystemExit: a comparison the active profile (DDR_PROFILE) does not offer, naming the fix.
+    """
+    from ddr_core.comparisons import parse_comparison_name
+
+    cfg = project()
+    if name not in cfg.comparisons:
+        raise SystemExit(f"comparison {name!r} is not among the active profile's {sorted(cfg.comparisons)}: set "
+                         "DDR_PROFILE to a profile holding both of its variants (e.g. DDR_PROFILE=toy-diff)")
+    variants = list(parse_comparison_name(name))
+    return [(asset, keys) for asset, keys in demo_plan(variants)
+            if asset in ("models", "saes", "prompt_datasets", "activations")] + [("feature_matches", [name])]
 
 
 def demo_blocks_of(variant: str, channels: list[int]) -> list[str]:
@@ -174,10 +204,18 @@ def main(argv: list[str] | None = None) -> int:
                              "Dagster UI keeps the full event log either way)")
     parser.add_argument("--until", default=None, choices=[name for name, _ in demo_plan([], False)],
                         help="stop after this stage (e.g. timestep_stats: enough for purity; docs/TOY_WORLD.md)")
+    parser.add_argument("--comparison", default=None,
+                        help="only capture both variants of this comparison and match them (docs/MATCHING.md)")
     args = parser.parse_args(argv)
     if not args.verbose:
         quiet_libraries()
     variants = args.variants or project().default_variants
+    plan = demo_plan(variants, args.all_blocks)
+    if args.comparison:
+        from ddr_core.comparisons import parse_comparison_name
+
+        plan = comparison_plan(args.comparison)
+        variants = list(parse_comparison_name(args.comparison))
     instance = dg.DagsterInstance.get() if os.environ.get("DAGSTER_HOME") else dg.DagsterInstance.ephemeral()
     storage = DdrStorage()
     print(f"ddr demo: variants {variants}; data root {storage.layout.data_root}; "
@@ -185,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     demo_defs = stage_definitions(storage)
     chosen: dict[str, list[int]] = {}
-    for asset_name, keys in demo_plan(variants, args.all_blocks):
+    for asset_name, keys in plan:
         if asset_name == "priors" and not args.all_blocks:  # the channels to show, once they are scored
             keys = []
             for variant in variants:
@@ -222,8 +260,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
+    if args.comparison:  # only the diff ran: its lines, not the other stages' results of the data root
+        for line in matching_lines(layout, variants):
+            print(line)
+        return 0
     for line in (ground_truth_lines(layout, variants) + visual_benchmark_lines(layout, variants)
-                 + dose_response_lines(layout, variants)):
+                 + dose_response_lines(layout, variants) + matching_lines(layout, variants)):
         print(line)
     for line in heatmap_lines(layout, variants):
         print(line)

@@ -41,11 +41,13 @@ dose_response_job = _job("steering_dose_response", ("dose_response",),
 feature_labels_job = _job("label_features", ("feature_labels",),
                           "Automatic labels of a variant's features with their detection scores (partition = variant "
                           "whose model names a labeller).")
+feature_matches_job = _job("match_features", ("feature_matches",),
+                           "Feature matching of two variants (partition = comparison '<variant A>__<variant B>').")
 html_export_job = _job("export_html", ("html_export",), "The static HTML report of one variant (partition = variant).")
 
 JOBS = [provision_models_job, provision_saes_job, provision_prompts_job, activations_job, timestep_stats_job,
         channel_block_job, no_noise_dreams_job, dream_sweeps_job, ground_truth_job, html_export_job, heatmaps_job,
-        dose_response_job, feature_labels_job]
+        dose_response_job, feature_labels_job, feature_matches_job]
 
 
 def job_of_asset(asset: str) -> str:

@@ -5,6 +5,7 @@
 ``ddr/variant``        the variant of a per-variant or channel-block partition (``toy-raw``)
 ``ddr/block``          the channel range of a channel-block partition (``0-15``; a partition range: ``0-15...48-63``)
 ``ddr/capture``        the capture group of an ``activations`` partition (``toy-world``)
+``ddr/comparison``     the comparison of a ``feature_matches`` partition (``toy-raw__toy-sae``)
 ``ddr/model`` ...      the model / SAE / prompt dataset a provisioning run fetches
 ``ddr/experiment``     the experiment the run writes to (run config ``resources.storage``, else ``DDR_EXPERIMENT``,
                        else the config's ``experiment``)
@@ -77,6 +78,8 @@ def ddr_run_tags(assets: Iterable[str], partition_key: str | None = None, *,
                 tags[PROVISION_TAGS[names[0]]] = first
             elif VARIANT_ASSETS.intersection(names):
                 tags["ddr/variant"] = first
+            elif names == ["feature_matches"]:
+                tags["ddr/comparison"] = first
     experiment = experiment or _experiment(run_config)
     if experiment:
         tags["ddr/experiment"] = experiment

@@ -7,6 +7,7 @@ from ddr_assets.dose_response import dose_response
 from ddr_assets.dreams import dreams, dreams_no_noise
 from ddr_assets.feature_concepts import feature_concepts
 from ddr_assets.feature_labels import feature_labels
+from ddr_assets.feature_matches import feature_matches
 from ddr_assets.heatmaps import heatmaps
 from ddr_assets.priors import priors
 from ddr_assets.provisioning import PROVISIONING_ASSETS
@@ -17,4 +18,4 @@ from ddr_assets.visual_benchmark import visual_benchmark
 
 ALL_ASSETS = [*PROVISIONING_ASSETS, activations, timestep_stats, cfg_contrast, activity_plots, priors, dreams, dreams_no_noise,
               representation_shards, html_export, dream_sweeps, feature_concepts,
-              visual_benchmark, heatmaps, dose_response, feature_labels]
+              visual_benchmark, heatmaps, dose_response, feature_labels, feature_matches]

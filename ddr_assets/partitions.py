@@ -120,3 +120,20 @@ def block_to_variant_mapping() -> dg.StaticPartitionMapping:
 def variant_to_blocks_mapping() -> dg.StaticPartitionMapping:
     """upstream channel block -> its variant (a per-variant asset reading every block)."""
     return dg.StaticPartitionMapping({key: parse_block_key(key)[0] for key in block_keys()})
+
+
+def comparison_partitions() -> dg.StaticPartitionsDefinition:
+    """One partition per configured comparison ``<variant A>__<variant B>`` of the active profile."""
+    return dg.StaticPartitionsDefinition(list(project().comparisons))
+
+
+def comparison_to_capture_mapping() -> dg.StaticPartitionMapping:
+    """upstream capture group -> the comparisons reading it (both variants' capture groups)."""
+    from ddr_core.comparisons import parse_comparison_name
+
+    cfg = project()
+    mapping: dict[str, set[str]] = {}
+    for name in cfg.comparisons:
+        for variant in parse_comparison_name(name):
+            mapping.setdefault(cfg.capture_of(variant), set()).add(name)
+    return dg.StaticPartitionMapping(mapping)

@@ -37,6 +37,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ddr_core.comparisons import ComparisonConfig, check_comparisons, parse_comparison_name
 from ddr_core.paths import UnsafePathError, check_name, check_relative_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -282,10 +283,10 @@ class ModelConfig(_Strict):
                     "unset: no automatic labels",
     )
 
-    world: Literal["toy-world", "toy-world-rich"] | None = Field(
+    world: Literal["toy-world", "toy-world-rich", "toy-world-no-yellow"] | None = Field(
         default=None,
-        description="the synthetic world the model was trained on (`toy-world`, or `toy-world-rich`: "
-                    "docs/TOY_WORLD.md): feature_concepts also measures "
+        description="the synthetic world the model was trained on (`toy-world`, `toy-world-rich`: "
+                    "docs/TOY_WORLD.md, or `toy-world-no-yellow`: docs/MATCHING.md): feature_concepts also measures "
                     "how far each prior / dream image is from the nearest of the world's renders (recognisability)",
     )
 
@@ -503,6 +504,9 @@ class ProjectConfig(_Strict):
     profile: str = Field(
         "all", description="the profile(s) whose variants are partitions: a name, several joined by ',', or "
                            "'all' (DDR_PROFILE overrides)")
+    comparisons: dict[str, ComparisonConfig] = Field(
+        default_factory=dict, description="'<variant A>__<variant B>' -> a comparison the feature_matches asset "
+                                          "matches (ddr_core.comparisons)")
 
     @field_validator("experiment")
     @classmethod
@@ -555,6 +559,7 @@ class ProjectConfig(_Strict):
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
                     raise ValueError(f"profiles.{profile}: unknown variant {name!r}{hint}")
         self.profile_variants(self.profile, "profile")  # a profile that does not exist fails at load
+        check_comparisons(self)
         missing = [v for v in self.default_variants if v not in self.profile_variants(self.profile, "profile")]
         if missing:
             raise ValueError(f"default_variants {missing} are not in profile {self.profile!r}: `make demo` runs them "
@@ -596,6 +601,8 @@ class ProjectConfig(_Strict):
             "saes": {k: v for k, v in self.saes.items() if k in used("sae")},
             "prompt_datasets": {k: v for k, v in self.prompt_datasets.items() if k in used("prompts")},
             "default_variants": [v for v in self.default_variants if v in kept],
+            "comparisons": {k: v for k, v in self.comparisons.items()
+                            if all(side in kept for side in parse_comparison_name(k))},
             "profile": chosen,
         })
 

@@ -41,6 +41,7 @@ from ddr_core.dose_response_view import dose_effects_html, dose_response_html
 from ddr_core.dream_verdict import unshown_dream_lines
 from ddr_core.heatmap_view import heatmaps_html
 from ddr_core.labels_view import labels_html
+from ddr_core.matching_view import channel_matching_html, matching_html
 from ddr_core.paths import DataLayout, resolve_inside, shown
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -364,6 +365,7 @@ def _channel_page(layout: DataLayout, variant: str, shard: dict[str, Any], files
                 ("dose", "Steering dose-response", dose_response_html(layout, variant, channel, files)),  # its view
                 ("cfg", "Conditional vs unconditional", cfg_contrast_section(layout, variant, channel, total)),
                 ("label", "Label", labels_html(layout, variant, channel)),  # labels_view.py
+                ("across", "Across models", channel_matching_html(layout, variant, channel)),  # matching_view.py
                 ("examples", "Dataset examples", _examples_html(shard, files))]
     body.append('<nav class="contents">On this page: '
                 + " · ".join(f'<a href="#{anchor}">{_e(title)}</a>' for anchor, title, _ in sections) + "</nav>")
@@ -592,7 +594,7 @@ def write_html_report(
                f"unavailable entries</summary><ul>{problem_items}</ul></details>" if unique else "")
             + f'<table id="channels"><thead><tr>{head}</tr></thead><tbody>{"".join(table_rows)}</tbody></table>'
             + f'<details id="columns"><summary>What the columns mean</summary><dl>{columns}</dl></details>'
-            + dose_effects_html(layout, variant))
+            + dose_effects_html(layout, variant) + matching_html(layout, variant))
     atomic_write_json(out / PROBLEMS_FILE, [{"what": p.what, "name": p.name, "reason": p.reason} for p in unique])
     index_page = atomic_write_text(out / "index.html", _page(f"ddr - {variant}", body, _SORT_SCRIPT))
     return HtmlExport(index=index_page, channels=exported, problems=unique)

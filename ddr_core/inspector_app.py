@@ -55,6 +55,7 @@ from ddr_core.feature_concepts import feature_concepts_dir, read_feature_concept
 from ddr_core.heatmap_view import render_inspector as render_heatmaps
 from ddr_core.labels_view import render_inspector as render_label
 from ddr_core.markdown_text import escape_markdown
+from ddr_core.matching_view import render_across_models
 from ddr_core.paths import DataLayout
 from ddr_core.representation import (
     DREAM_RUNS,
@@ -595,9 +596,9 @@ def main() -> None:
         if st.toggle("Compare with another channel (any variant)", key="compare"):
             render_compare(layout, variants, variant, channel, current, profile_height)
     with col_tabs:
-        tab_dreams, tab_examples, tab_priors, tab_where, tab_dose, tab_cfg, tab_label = st.tabs(
-            ["Visualisation", "Dataset examples", "Priors", "Where it fires", "Dose-response",
-             "Text vs image (CFG halves)", "Label"])
+        (tab_dreams, tab_examples, tab_priors, tab_where, tab_dose, tab_cfg, tab_label,
+         tab_across) = st.tabs(["Visualisation", "Dataset examples", "Priors", "Where it fires", "Dose-response",
+                                "Text vs image (CFG halves)", "Label", "Across models"])
         with tab_dreams:
             render_visualisation(layout, shard, current)
         with tab_examples:
@@ -612,6 +613,8 @@ def main() -> None:
             render_cfg_contrast(layout, variant, channel)
         with tab_label:  # automatic label and its detection score (ddr_core/labels_view.py)
             render_label(layout, variant, channel)
+        with tab_across:  # feature matching across variants (ddr_core/matching_view.py)
+            render_across_models(layout, variant, channel)
 
 
 if __name__ == "__main__":

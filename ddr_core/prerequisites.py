@@ -33,11 +33,12 @@ BLOCK_ASSETS = ("activity_plots", "priors", "dreams", "dreams_no_noise", "repres
 # The order a plan runs in (every asset after all it may read).
 STAGE_ORDER = ("models", "saes", "prompt_datasets", "activations", "timestep_stats", "cfg_contrast", "activity_plots",
                "priors", "dreams", "dreams_no_noise", "heatmaps", "representation_shards", "feature_concepts",
-               "visual_benchmark", "feature_labels", "dose_response", "html_export")
+               "visual_benchmark", "feature_labels", "dose_response", "html_export", "feature_matches")
 # Which partitions definition an asset has: assets of one kind can share a `dagster asset materialize`.
 PARTITION_KIND = {"models": "model", "saes": "sae", "prompt_datasets": "prompt_dataset", "activations": "capture",
                   "timestep_stats": "variant", "cfg_contrast": "variant", "html_export": "variant", "feature_concepts": "labelled_variant",
-                  "visual_benchmark": "labelled_variant", "feature_labels": "labeller_variant", **{a: "block" for a in BLOCK_ASSETS}}
+                  "visual_benchmark": "labelled_variant", "feature_labels": "labeller_variant",
+                  "feature_matches": "comparison", **{a: "block" for a in BLOCK_ASSETS}}
 DEFINITIONS_MODULE = "dagster_project.definitions"
 
 
@@ -61,6 +62,10 @@ def direct_requirements(project: ProjectConfig, asset: str, key: str, *, use_pri
         return [("timestep_stats", block_variant(key))] + ([("priors", key)] if use_prior else [])
     if asset == "visual_benchmark":
         return [("feature_concepts", key)]
+    if asset == "feature_matches":  # both variants' captures (one when they share a capture group)
+        from ddr_core.comparisons import parse_comparison_name
+
+        return [("activations", g) for g in dict.fromkeys(project.capture_of(v) for v in parse_comparison_name(key))]
     return []
 
 

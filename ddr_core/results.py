@@ -141,6 +141,25 @@ class Results:
         if check_name(variant, "variant") not in project.variants:
             raise KeyError(f"unknown variant {variant!r}; the config has {', '.join(sorted(project.variants))}")
         return cfg_truth_for_variant(project, self.layout, variant, **options)
+    # ------------------------------------------------------------------------------------- comparisons
+    def comparisons(self) -> list[str]:
+        """Comparisons ``<variant A>__<variant B>`` with a finished ``feature_matches`` folder (docs/MATCHING.md)."""
+        from ddr_core.matching_view import finished_comparisons
+
+        return finished_comparisons(self.layout)
+
+    def feature_matches(self, comparison: str, table: str = "a") -> pl.DataFrame | None:
+        """A ``feature_matches`` table of ``comparison``: ``a`` (one row per feature of A: best match in B, r,
+        null threshold, p, q, status matched / vanished / silent, both features' statistics), ``b`` (the same
+        from B's side: matched / appeared / silent), ``pairs`` (Hungarian pairs), ``concepts`` (labelled prompts:
+        per concept value, A's selective features that vanished vs chance) or ``directions`` (one space only);
+        ``None`` for a table the comparison does not have. Raises where the stage has not run."""
+        from ddr_core.feature_matching_stage import read_matches
+
+        tables = ("a", "b", "pairs", "concepts", "directions")
+        if table not in tables:
+            raise ValueError(f"unknown feature_matches table {table!r}; choose one of {', '.join(tables)}")
+        return read_matches(self.layout.stage_dir("feature_matches", comparison))[table]
 
     # ---------------------------------------------------------------------------------------- channels
     def shard(self, variant: str, channel: int) -> dict[str, Any]:

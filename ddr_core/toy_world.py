@@ -49,7 +49,12 @@ PROMPT_TEMPLATE = "a {colour} {shape} on a {background} background"
 CONCEPTS: dict[str, tuple[str, ...]] = {"colour": COLOURS, "shape": SHAPES, "background": BACKGROUNDS}
 """Concept family -> its values in label-index order (the ``"shapes"`` world, the shipped model's)."""
 
-WORLDS: tuple[str, ...] = ("shapes", "shapes-rich")
+WORLDS: tuple[str, ...] = ("shapes", "shapes-rich", "shapes-no-yellow")
+ABLATED_WORLDS: dict[str, tuple[str, str, str]] = {"shapes-no-yellow": ("shapes", "colour", "yellow")}
+"""A world with one concept value removed -> (parent world, family, removed value). Its scenes and prompts never
+show the value; its vocabulary is the parent's (the word stays known to the tokenizer but is never trained), so a
+model trained on it can be run on the parent's prompts and compared with the parent's model
+(:mod:`ddr_core.feature_matching`, docs/MATCHING.md)."""
 RICH_COLOURS: tuple[str, ...] = (*COLOURS, "orange", "purple")
 RICH_SHAPES: tuple[str, ...] = (*SHAPES, "diamond")
 SIZES: tuple[str, ...] = ("small", "large")
@@ -63,7 +68,8 @@ SIZE_FRACTIONS: dict[str, tuple[float, float]] = {"small": (0.15, 0.2), "large":
 COLOUR_RGB.update({"orange": (245, 135, 20), "purple": (140, 50, 200)})
 
 
-MODEL_WORLDS: dict[str, str] = {"toy-world": "shapes", "toy-world-rich": "shapes-rich"}
+MODEL_WORLDS: dict[str, str] = {"toy-world": "shapes", "toy-world-rich": "shapes-rich",
+                                "toy-world-no-yellow": "shapes-no-yellow"}
 """A model's ``world`` in the project config -> the :data:`WORLDS` it was trained on."""
 
 
@@ -77,12 +83,21 @@ def world_concepts(world: str = "shapes") -> dict[str, tuple[str, ...]]:
         return dict(CONCEPTS)
     if world == "shapes-rich":
         return dict(RICH_CONCEPTS)
+    if world in ABLATED_WORLDS:
+        parent, family, removed = ABLATED_WORLDS[world]
+        concepts = world_concepts(parent)
+        concepts[family] = tuple(value for value in concepts[family] if value != removed)
+        return concepts
     raise ValueError(f"Unknown toy world {world!r}; expected one of {WORLDS}.")
 
 
 def world_prompts(world: str = "shapes") -> tuple[str, ...]:
     """Every prompt of the world: 36 for ``"shapes"`` (one per background, colour, shape), 576 for
-    ``"shapes-rich"`` (background, colour, shape, size, position)."""
+    ``"shapes-rich"`` (background, colour, shape, size, position); an :data:`ABLATED_WORLDS` world: its parent's
+    prompts without the removed value (27 for ``"shapes-no-yellow"``)."""
+    if world in ABLATED_WORLDS:
+        parent, family, removed = ABLATED_WORLDS[world]
+        return tuple(prompt for prompt in world_prompts(parent) if parse_prompt(prompt)[family] != removed)
     if world != "shapes":
         world_concepts(world)
         return tuple(
@@ -96,8 +111,12 @@ def world_prompts(world: str = "shapes") -> tuple[str, ...]:
 
 
 def world_vocabulary(world: str = "shapes") -> list[str]:
-    """The world's words in first-seen order over :func:`world_prompts` (the tokenizer vocabulary)."""
+    """The world's words in first-seen order over :func:`world_prompts` (the tokenizer vocabulary); an
+    :data:`ABLATED_WORLDS` world has its parent's vocabulary (the removed word is known, never trained)."""
     from ddr_core.tokenizer import prompt_words
+
+    if world in ABLATED_WORLDS:
+        return world_vocabulary(ABLATED_WORLDS[world][0])
 
     return prompt_words(world_prompts(world))
 
@@ -244,17 +263,19 @@ def sample_scenes(count: int, seed: int, config: ToyWorldConfig = ToyWorldConfig
 
     Scene ``i`` has combination ``permutation[i % 36]`` (a seeded shuffle of the 36 combinations,
     redrawn every 36 scenes), so any 36 consecutive scenes hold each combination once; radius,
-    position and colour jitter are drawn uniformly. Deterministic in ``(count, seed, config)``.
+    position and colour jitter are drawn uniformly (an :data:`ABLATED_WORLDS` world of ``"shapes"``: the same over
+    its fewer combinations, e.g. 27 for ``"shapes-no-yellow"``). Deterministic in ``(count, seed, config)``.
 
     Raises:
         ValueError: for a negative ``count``.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}.")
-    if config.world != "shapes":
+    if config.world == "shapes-rich":
         return _sample_rich_scenes(count, seed, config)
+    concepts = world_concepts(config.world)
     rng = np.random.Generator(np.random.PCG64(seed))
-    combos = list(product(BACKGROUNDS, COLOURS, SHAPES))
+    combos = list(product(concepts["background"], concepts["colour"], concepts["shape"]))
     size = config.image_size
     scenes: list[ToyScene] = []
     order: np.ndarray = np.arange(0)

@@ -123,7 +123,8 @@ def test_start_shows_first_active_channel_at_its_top_peak(toy) -> None:
     assert at.number_input(key="timestep_input").value == 501
     assert len(at.get("vega_lite_chart")) == 2
     assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires",
-                                          "Dose-response", "Text vs image (CFG halves)", "Label"]
+                                          "Dose-response", "Text vs image (CFG halves)", "Label",
+                                          "Across models"]
     # activity chart: reversed timestep axis, markers (peak + visualised timesteps) and the current-timestep rule
     layers = _chart_layers(at, 0)
     assert [mark for mark, _ in layers] == ["area", "line", "point", "point", "rule"]
@@ -328,7 +329,8 @@ def test_on_the_tiny_models_output(tiny_graph, monkeypatch: pytest.MonkeyPatch) 
     at = _run(peak_buttons[-1].click())
     assert at.session_state["timestep"] == at.number_input(key="timestep_input").value
     assert [t.label for t in at.tabs] == ["Visualisation", "Dataset examples", "Priors", "Where it fires",
-                                          "Dose-response", "Text vs image (CFG halves)", "Label"]
+                                          "Dose-response", "Text vs image (CFG halves)", "Label",
+                                          "Across models"]
     assert len(at.tabs[1].get("image")) > 0  # dataset examples: generated images with prompts
     dreamed = results[("dreams", "tiny-raw:0-15")]["channels_done"]
     assert dreamed >= 1

@@ -209,5 +209,6 @@ def test_rich_prompt_dataset_file_is_the_worlds_prompts_with_their_labels(tmp_pa
 def test_model_worlds_name_a_world() -> None:
     from ddr_core.toy_world import MODEL_WORLDS, WORLDS
 
-    assert MODEL_WORLDS == {"toy-world": "shapes", "toy-world-rich": "shapes-rich"}
+    assert MODEL_WORLDS == {"toy-world": "shapes", "toy-world-rich": "shapes-rich",
+                            "toy-world-no-yellow": "shapes-no-yellow"}
     assert set(MODEL_WORLDS.values()) == set(WORLDS)

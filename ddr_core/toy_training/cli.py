@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--inference-steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1).")
     parser.add_argument("--world", choices=WORLDS, default="shapes",
-                        help="toy world: shapes (the shipped models/toy-world) or shapes-rich (docs/TOY_WORLD.md)")
+                        help="toy world: shapes (the shipped models/toy-world), shapes-rich (docs/TOY_WORLD.md) or "
+                             "shapes-no-yellow (models/toy-world-no-yellow, docs/MATCHING.md)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     evaluation = replace(
