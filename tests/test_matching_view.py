@@ -23,7 +23,7 @@ APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
 streamlit_config.set_option("runner.magicEnabled", False)
 COMPARISON = "toy-raw__toy-sae"
 COLOURS = HOSTILE[:4]  # one line each: a label may not hold a control character
-ACROSS_TAB = 6  # after "Text vs image (CFG halves)"
+ACROSS_TAB = 7  # after "Label"
 
 
 @pytest.fixture()
