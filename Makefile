@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-no-yellow diff-toy clean-data
+.PHONY: setup test demo lint validate dev inspect browser-deps dagster-home lab-setup lab-home train-toy train-toy-rich train-toy-seed1 train-toy-no-yellow diff-toy clean-data
 
 setup: $(VENV)/.ddr-installed
 
@@ -98,6 +98,12 @@ train-toy-rich: setup
 TOY_NO_YELLOW_OUT ?= data/toy-world-no-yellow
 train-toy-no-yellow: setup
 	$(PY) -m ddr_core.toy_training --out $(TOY_NO_YELLOW_OUT) --threads 1 --world shapes-no-yellow
+
+# The control of the diff (docs/MATCHING.md): the toy model retrained on the FULL world with seed 1 (shipped as
+# models/toy-world-seed1; TOY_SEED1_OUT=models/toy-world-seed1 refreshes it). ~20-25 min idle on one thread.
+TOY_SEED1_OUT ?= data/toy-world-seed1
+train-toy-seed1: setup
+	$(PY) -m ddr_core.toy_training --out $(TOY_SEED1_OUT) --threads 1 --seed 1
 
 # The two-model diff (docs/MATCHING.md): capture models/toy-world-no-yellow on the toy world's prompts and seeds
 # exactly as the demo captures toy-world, and match it with toy-raw (feature_matches[toy-raw__toy-noyellow-raw]).

@@ -87,7 +87,8 @@ def test_toy_world_entries_and_labelled_variants():
     from ddr_core.config import PROJECT_ROOT
 
     cfg = load_project_config()
-    assert cfg.labelled_variants() == ["toy-raw", "toy-sae", "toy-rich-raw", "toy-rich-sae", "toy-noyellow-raw"]
+    assert cfg.labelled_variants() == ["toy-raw", "toy-sae", "toy-rich-raw", "toy-rich-sae", "toy-noyellow-raw",
+                                       "toy-seed1-raw"]
     assert cfg.capture_groups()["toy-world"] == ["toy-raw", "toy-sae"]
     assert cfg.capture_groups()["toy-world-no-yellow"] == ["toy-noyellow-raw"]  # docs/MATCHING.md
     assert cfg.capture_groups()["toy-world-rich"] == ["toy-rich-raw", "toy-rich-sae"]  # docs/TOY_WORLD.md

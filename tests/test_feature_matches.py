@@ -164,7 +164,8 @@ def test_profiles_keep_only_their_comparisons() -> None:
     assert "toy-raw__toy-sae" in project.for_profile("default").comparisons
     assert "toy-raw__toy-noyellow-raw" not in project.for_profile("default").comparisons
     assert set(project.for_profile("toy-diff").comparisons) == {"toy-raw__toy-sae", "toy-raw__toy-noyellow-raw",
-                                                                "toy-sae__toy-noyellow-raw"}
+                                                                "toy-sae__toy-noyellow-raw", "toy-sae__toy-seed1-raw",
+                                                                "toy-raw__toy-seed1-raw"}
 
 
 def test_the_ablated_world_keeps_the_vocabulary_and_never_shows_yellow() -> None:
