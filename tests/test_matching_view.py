@@ -4,10 +4,8 @@ data whose concept labels are hostile Markdown / HTML (shown as text, never rend
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("streamlit", reason="streamlit is not installed: pip install streamlit")
@@ -15,48 +13,20 @@ from streamlit import config as streamlit_config  # noqa: E402
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from ddr_core import representation as rep  # noqa: E402
-from ddr_core.activation_store import ActivationStore, VariantBatch  # noqa: E402
 from tests.markdown_check import HOSTILE, live_markup  # noqa: E402
+from tests.matching_data import make_matched_toy  # noqa: E402
 from tests.representation_data import VARIANT, make_toy_data_root  # noqa: E402
 
 APP = str(Path(__file__).resolve().parents[1] / "ddr_core" / "inspector_app.py")
 streamlit_config.set_option("runner.magicEnabled", False)
-COMPARISON = "toy-raw__toy-sae"
 COLOURS = HOSTILE[:4]  # one line each: a label may not hold a control character
 ACROSS_TAB = 7  # after "Label"
 
 
 @pytest.fixture()
 def matched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """The inspector's toy data root plus a finished feature_matches[toy-raw__toy-sae] whose prompts' colours are
-    hostile strings; toy-raw's units 0-5 have copies in toy-sae except unit 2 (vanished)."""
-    from ddr_core.comparisons import ComparisonConfig
-    from ddr_core.config import load_project_config
-    from ddr_core.feature_matching_stage import feature_matches_for_comparison
-
-    toy = make_toy_data_root(tmp_path / "data")
-    rep.build_shards(toy.layout, VARIANT)
-    rep.build_index(toy.layout, VARIANT)
-    labels = [{"text": f"prompt {i}", "colour": COLOURS[i % 4], "shape": ["circle", "square", "triangle"][i % 3],
-               "background": "black"} for i in range(24)]
-    folder = toy.layout.prompts_dir("toy-world-prompts")
-    folder.mkdir(parents=True)
-    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels), encoding="utf-8")
-    rng = np.random.default_rng(0)
-    groups = np.repeat(np.arange(24), 2)
-    signal = rng.standard_normal((24, 6))
-    signal[[i for i in range(24) if i % 4 == 1], 2] += 3.0  # unit 2 fires for the second colour
-    raw = (signal[groups][:, None, :] + 0.1 * rng.standard_normal((48, 3, 6))).astype(np.float32)
-    sae = np.concatenate([raw[:, :, [0, 1, 3, 4, 5]], rng.standard_normal((48, 3, 3))], axis=2).astype(np.float32)
-    store = ActivationStore(toy.layout.activations_dir("toy-world"))
-    store.write_batch(0, [{"generation_id": g, "prompt_index": g // 2, "prompt": labels[g // 2]["text"],
-                           "image_index": g % 2, "seed": g, "image_path": ""} for g in range(48)],
-                      [900, 500, 100], {"toy-raw": VariantBatch(raw), "toy-sae": VariantBatch(sae)})
-    store.finalize()
-    project = load_project_config()
-    project.comparisons[COMPARISON] = ComparisonConfig(same_space=False)
-    feature_matches_for_comparison(project, toy.layout, COMPARISON, toy.layout.stage_dir("feature_matches",
-                                                                                          COMPARISON))
+    """The inspector's toy data root plus a finished feature_matches[toy-raw__toy-sae] (tests/matching_data.py)."""
+    toy = make_matched_toy(tmp_path / "data", COLOURS)
     monkeypatch.setenv("DDR_DATA_ROOT", str(toy.data_root))
     monkeypatch.setenv("DDR_EXPERIMENT", "default")
     return toy

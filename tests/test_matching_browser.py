@@ -1,0 +1,97 @@
+"""Feature matching in a real browser (Debian's Chromium under Selenium): the inspector's "Across models" tab and the
+HTML export's "Across models" section show the comparison, the channel's match or its vanishing, and the concepts; the
+prompts' hostile concept labels (tests/markdown_check.py HOSTILE, pointed at a loopback "attacker") are text and the
+browser fetches nothing from them. Screenshots in test-artifacts/."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.browser_support import (
+    NEEDS_CHROMIUM,
+    headless_chromium,
+    open_export_page,
+    open_tab,
+    screenshot,
+    skip_without_viewer_modules,
+)
+from tests.markdown_check import HOSTILE
+
+pytestmark = NEEDS_CHROMIUM
+skip_without_viewer_modules()
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+LIVE = ("return Array.from(document.querySelectorAll('img[src], a[href], iframe[src], source[src]'))"
+        ".filter(e => (e.src || e.href).includes(arguments[0]))"
+        ".map(e => (e.closest('[data-testid]') || e).outerHTML);")
+HEADLINE = "toy-raw (A, 6 units) vs toy-sae (B, 8 units) over 48 generations x 3 timesteps"
+VANISHED = "unit 2 of toy-raw: no match better than chance (vanished)"
+
+
+@pytest.fixture(scope="module")
+def attacker():
+    from tests.test_browser import _Attacker
+
+    server = _Attacker()
+    yield server
+    server.server.shutdown()
+    server.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory: pytest.TempPathFactory, attacker):
+    from tests.matching_data import make_matched_toy
+
+    colours = [c.replace("http://attacker.example", attacker.url) for c in HOSTILE[:4]]
+    return make_matched_toy(tmp_path_factory.mktemp("matching-browser") / "data", colours)
+
+
+@pytest.fixture(scope="module")
+def driver():
+    with headless_chromium() as browser:
+        yield browser
+
+
+def _body(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def test_the_inspector_across_models_tab_shows_the_match_as_text(driver, toy, attacker, tmp_path: Path):
+    from tests.test_browser import _serve_inspector
+
+    with _serve_inspector(toy.data_root, tmp_path) as url:
+        driver.get(f"{url}/?variant=toy-raw&channel=2")
+        wait = WebDriverWait(driver, 90, poll_frequency=0.5)
+        open_tab(driver, wait, "Across models")
+        wait.until(lambda d: VANISHED in _body(d))
+        body = _body(driver)
+        assert HEADLINE in body and "A: 5 matched, 1 vanished" in body
+        line = driver.find_element(By.XPATH, f"//*[contains(text(), '{VANISHED}')]")
+        assert line.is_displayed() and line.size["width"] > 100  # drawn in the open tab, not hidden
+        tables = wait.until(lambda d: (lambda found: found if len(found) >= 2 else None)(  # the pair, the concepts
+            [t for t in d.find_elements(By.CSS_SELECTOR, "[data-testid='stDataFrame']") if t.is_displayed()]))
+        assert all(t.size["height"] > 30 for t in tables)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
+        time.sleep(2)  # time for any image the page asked for to arrive
+        live = driver.execute_script(LIVE, attacker.url)
+        assert screenshot(driver, "inspector_across_models.png").stat().st_size > 10_000
+    assert live == []
+    assert attacker.requests == []
+
+
+def test_the_html_export_across_models_section_shows_the_match_as_text(driver, toy, attacker, tmp_path: Path):
+    from tests.representation_data import VARIANT
+
+    open_export_page(driver, toy.layout, VARIANT, tmp_path / "report", 2)
+    section = driver.find_element(By.ID, "across")
+    driver.execute_script("arguments[0].scrollIntoView();", section)
+    assert section.is_displayed() and section.size["height"] > 30
+    assert section.text.startswith("Across models") and VANISHED in section.text
+    assert driver.execute_script(LIVE, attacker.url) == []
+    assert screenshot(driver, "export_across_models.png").stat().st_size > 5_000
+    time.sleep(1)
+    assert attacker.requests == []
