@@ -137,6 +137,9 @@ def test_html_export_opens_from_disk(driver, toy, tmp_path: Path) -> None:
 
     driver.find_element(By.LINK_TEXT, "0").click()
     WebDriverWait(driver, 20).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "svg polyline.curve")) == 2)
+    for image in driver.find_elements(By.TAG_NAME, "img"):  # loading="lazy": an image loads once it is near the view
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", image)
+        time.sleep(0.05)
     WebDriverWait(driver, 20).until(lambda d: len(_loaded_images(d, "img")) == len(d.find_elements(By.TAG_NAME, "img")))
     widths = _loaded_images(driver, "img")
     from urllib.parse import unquote, urlparse
