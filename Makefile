@@ -87,10 +87,14 @@ train-toy: setup
 	$(PY) -m ddr_core.toy_training --out $(TOY_OUT) --threads 1 --compare-with models/toy-world
 
 # The richer world (docs/TOY_WORLD.md: 576 prompts, 19 values; the design fixed by a power simulation) into its
-# own folder: the shipped models/toy-world stays what the demo uses. Same model, steps and seeds; ~25 min idle.
+# own folder: the shipped models/toy-world stays what the demo uses. Same model and seeds; 5000 UNet steps (the
+# second attempt, docs/TOY_WORLD.md: 2500 drew squares and diamonds as blobs; TOY_RICH_UNET_STEPS=2500 redoes the
+# first); ~35 min on one idle thread.
 TOY_RICH_OUT ?= data/toy-world-rich
+TOY_RICH_UNET_STEPS ?= 5000
 train-toy-rich: setup
-	$(PY) -m ddr_core.toy_training --out $(TOY_RICH_OUT) --threads 1 --world shapes-rich --eval-images-per-prompt 1
+	$(PY) -m ddr_core.toy_training --out $(TOY_RICH_OUT) --threads 1 --world shapes-rich --eval-images-per-prompt 1 \
+	  --unet-steps $(TOY_RICH_UNET_STEPS)
 
 # The toy world with one concept removed (no yellow shapes; the word stays in the vocabulary): the second model
 # the feature-matching diff compares with models/toy-world (docs/MATCHING.md). Same model, steps and seed; ~25 min

@@ -7,6 +7,7 @@ today's ``toy-raw`` / ``toy-sae``: the baseline rows), and prints per (raw, SAE)
   95% bootstrap interval over units (the demo's last line);
 - secondary (reported, not deciding): the same with the top 20 prompts (rescored into a temporary folder),
   the best family's purity-excess gap, and the share of selective units.
+- per family (reported, not deciding): each family's mean purity, its selective units, SAE minus raw.
 
 Run after the steps in docs/TOY_WORLD.md ("How to run the comparison")::
 
@@ -41,6 +42,28 @@ def best_family_excess(table: pl.DataFrame, families: list[str]) -> list[float]:
     return out
 
 
+def per_family(raw: pl.DataFrame, sae: pl.DataFrame, families: list[str]) -> dict[str, dict[str, Any]]:
+    """Per family (reported, not deciding): mean purity (top 10) of the scored units, its chance, the units
+    selective for that family (BH ``q < 0.05``), and SAE minus raw with its 95% bootstrap interval over units."""
+    from ddr_core.concept_stats import bootstrap_difference
+
+    out: dict[str, dict[str, Any]] = {}
+    for family in families:
+        column = f"purity_{family}"
+        values = {}
+        for name, table in (("raw", raw), ("sae", sae)):
+            scored = table.filter(pl.col("purity").is_not_null())
+            values[name] = scored[column].drop_nulls().to_list()
+            values[f"{name}_units"] = scored.height
+            values[f"{name}_selective"] = int((scored[f"q_{family}"] < 0.05).sum())
+            values[f"{name}_chance"] = float(scored[f"chance_purity_{family}"].drop_nans().mean())
+        a, b = values.pop("sae"), values.pop("raw")
+        low, high = bootstrap_difference(a, b)
+        out[family] = {"sae": sum(a) / len(a), "raw": sum(b) / len(b), "gap": sum(a) / len(a) - sum(b) / len(b),
+                       "interval": [low, high], **values}
+    return out
+
+
 def compare(project: Any, layout: Any, raw: str, sae: str, score: bool = False) -> dict[str, Any] | None:
     from ddr_core.concept_stats import bootstrap_difference
     from ddr_core.feature_concepts import (
@@ -66,6 +89,7 @@ def compare(project: Any, layout: Any, raw: str, sae: str, score: bool = False) 
     low, high = bootstrap_difference(a, b)
     result["best_family_excess"] = {"sae": sum(a) / len(a), "raw": sum(b) / len(b),
                                     "gap": sum(a) / len(a) - sum(b) / len(b), "interval": [low, high]}
+    result["per_family"] = per_family(tables[raw][0], tables[sae][0], families)
     top20 = {}
     with tempfile.TemporaryDirectory() as folder:
         for variant in (raw, sae):
@@ -109,6 +133,10 @@ def main() -> None:
         best = r["best_family_excess"]
         print(f"  {'secondary':16s} {'best-family exc.':16s} sae {best['sae']:.3f} raw {best['raw']:.3f} "
               f"gap {best['gap']:+.3f} [{best['interval'][0]:+.3f}, {best['interval'][1]:+.3f}]")
+        for family, f in r["per_family"].items():
+            print(f"  {'family':16s} {family:16s} sae {f['sae']:.3f} ({f['sae_selective']}/{f['sae_units']}) "
+                  f"raw {f['raw']:.3f} ({f['raw_selective']}/{f['raw_units']}) chance {f['raw_chance']:.3f} "
+                  f"gap {f['gap']:+.3f} [{f['interval'][0]:+.3f}, {f['interval'][1]:+.3f}]")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1, default=float) + "\n", encoding="utf-8")
 
