@@ -566,7 +566,8 @@ def test_stage_reads_the_project_config(tmp_path: Path) -> None:
     expected = classifier.config.heads["colour"][int(predict_concepts(classifier, image[None])["colour"][0])]
     predictions = pl.read_parquet(result.out_dir / "prior_predictions.parquet")
     assert predictions.filter(pl.col("channel") == 0)["colour"].to_list()[2] == expected
-    assert sorted(project.labelled_variants()) == ["toy-raw", "toy-rich-raw", "toy-rich-sae", "toy-sae"]  # docs/TOY_WORLD.md
+    assert sorted(project.labelled_variants()) == ["toy-noyellow-raw", "toy-raw", "toy-rich-raw", "toy-rich-sae",
+                                                   "toy-sae", "toy-seed1-raw"]  # docs/TOY_WORLD.md, docs/MATCHING.md
     # the toy-world model declares its world: priors / dreams are measured against its renders (at 16 px here)
     assert project.models["toy-world"].world == "toy-world"
     assert result.summary["world"]["sources"]["prior"]["images"] == 4
