@@ -121,3 +121,22 @@ def guarded_inspector(command: list[str], workdir: Path, token: str, env: dict[s
             os.killpg(process.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+LIVE_FETCHES = ("return Array.from(document.querySelectorAll('img[src], a[href], iframe[src], source[src]'))"
+                ".filter(e => (e.src || e.href).includes(arguments[0]))"
+                ".map(e => (e.closest('[data-testid]') || e).outerHTML);")
+"""Browser script: the live elements (images, links, frames) of the page that point at ``arguments[0]`` (a URL)."""
+
+
+@contextlib.contextmanager
+def loopback_attacker() -> Iterator[object]:
+    """A loopback HTTP server standing in for an attacker's host (``.url``, ``.requests``), shut down after."""
+    from tests.test_browser import _Attacker
+
+    server = _Attacker()
+    try:
+        yield server
+    finally:
+        server.server.shutdown()
+        server.server.server_close()

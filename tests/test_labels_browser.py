@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.browser_support import (
+    LIVE_FETCHES,
     NEEDS_CHROMIUM,
     headless_chromium,
+    loopback_attacker,
     open_export_page,
     open_tab,
     screenshot,
@@ -26,19 +28,12 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 SCORE = "detection score (balanced accuracy on held-out prompts): 0.90, chance 0.50, 95% interval [0.80, 1.00]"
-LIVE = ("return Array.from(document.querySelectorAll('img[src], a[href], iframe[src], source[src]'))"
-        ".filter(e => (e.src || e.href).includes(arguments[0]))"
-        ".map(e => (e.closest('[data-testid]') || e).outerHTML);")
 
 
 @pytest.fixture(scope="module")
 def attacker():
-    from tests.test_browser import _Attacker
-
-    server = _Attacker()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
+    with loopback_attacker() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def test_the_inspector_label_tab_shows_label_and_score_as_text(driver, toy, host
         assert line.is_displayed() and line.size["width"] > 100  # drawn in the open tab, not hidden
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
         time.sleep(2)  # time for any image the page asked for to arrive
-        live = driver.execute_script(LIVE, attacker.url)
+        live = driver.execute_script(LIVE_FETCHES, attacker.url)
         assert screenshot(driver, "inspector_label.png").stat().st_size > 10_000
     assert live == []
     assert attacker.requests == []
@@ -104,7 +99,7 @@ def test_the_html_export_label_section_shows_label_and_score_as_text(driver, toy
         text = section.text
         assert text.startswith("Label") and f"label: {label}" in text and verdict in text
         assert score in text
-        assert driver.execute_script(LIVE, attacker.url) == []
+        assert driver.execute_script(LIVE_FETCHES, attacker.url) == []
         assert screenshot(driver, f"export_label_{channel}.png").stat().st_size > 5_000
     time.sleep(1)
     assert attacker.requests == []

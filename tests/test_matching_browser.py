@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from tests.browser_support import (
+    LIVE_FETCHES,
     NEEDS_CHROMIUM,
     headless_chromium,
+    loopback_attacker,
     open_export_page,
     open_tab,
     screenshot,
@@ -25,21 +27,14 @@ skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-LIVE = ("return Array.from(document.querySelectorAll('img[src], a[href], iframe[src], source[src]'))"
-        ".filter(e => (e.src || e.href).includes(arguments[0]))"
-        ".map(e => (e.closest('[data-testid]') || e).outerHTML);")
 HEADLINE = "toy-raw (A, 6 units) vs toy-sae (B, 8 units) over 48 generations x 3 timesteps"
 VANISHED = "unit 2 of toy-raw: no match better than chance (vanished)"
 
 
 @pytest.fixture(scope="module")
 def attacker():
-    from tests.test_browser import _Attacker
-
-    server = _Attacker()
-    yield server
-    server.server.shutdown()
-    server.server.server_close()
+    with loopback_attacker() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +72,7 @@ def test_the_inspector_across_models_tab_shows_the_match_as_text(driver, toy, at
         assert all(t.size["height"] > 30 for t in tables)
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
         time.sleep(2)  # time for any image the page asked for to arrive
-        live = driver.execute_script(LIVE, attacker.url)
+        live = driver.execute_script(LIVE_FETCHES, attacker.url)
         assert screenshot(driver, "inspector_across_models.png").stat().st_size > 10_000
     assert live == []
     assert attacker.requests == []
@@ -91,7 +86,7 @@ def test_the_html_export_across_models_section_shows_the_match_as_text(driver, t
     driver.execute_script("arguments[0].scrollIntoView();", section)
     assert section.is_displayed() and section.size["height"] > 30
     assert section.text.startswith("Across models") and VANISHED in section.text
-    assert driver.execute_script(LIVE, attacker.url) == []
+    assert driver.execute_script(LIVE_FETCHES, attacker.url) == []
     assert screenshot(driver, "export_across_models.png").stat().st_size > 5_000
     time.sleep(1)
     assert attacker.requests == []
