@@ -301,7 +301,7 @@ def test_on_real_demo_output_if_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DDR_DATA_ROOT", root)
     at = _app()
     assert len(at.selectbox(key="channel").options) > 0
-    assert len(at.get("vega_lite_chart")) == 2
+    assert len(at.get("vega_lite_chart")) == 4  # activity, max, the CFG tab's two
     _run(at.button(key="next_channel").click())
     peak_buttons = [b for b in at.sidebar.button if b.key.startswith("peak_")]
     if peak_buttons:
