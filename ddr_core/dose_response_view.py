@@ -15,6 +15,8 @@ from typing import Any
 
 import polars as pl
 
+from ddr_core.view_text import html_table
+
 STAGE = "dose_response"
 WINDOWS = ("none", "inside", "outside", "all")  # ddr_core.dose_response.WINDOWS (not imported: it loads torch)
 
@@ -104,11 +106,7 @@ def render_dose_response(layout: Any, variant: str, channel: int, show_image: An
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f'<table class="dose"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return html_table(rows, "dose")
 
 
 def dose_response_html(layout: Any, variant: str, channel: int, files: Any) -> str:

@@ -14,6 +14,8 @@ import html
 import math
 from typing import Any
 
+from ddr_core.view_text import html_table
+
 STAGE = "feature_matches"
 
 
@@ -211,11 +213,7 @@ def render_across_models(layout: Any, variant: str, channel: int) -> None:
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return ""
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
-    return f'<table class="matching"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    return html_table(rows, "matching")
 
 
 def matching_html(layout: Any, variant: str) -> str:

@@ -24,6 +24,15 @@ def escape_html(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
+def html_table(rows: list[dict[str, Any]], css_class: str) -> str:
+    """``rows`` (same keys, in order) as an HTML table whose header and cells are escaped text; ``""`` for none."""
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values()) + "</tr>" for r in rows)
+    return f'<table class="{escape_html(css_class)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
 def unreadable(what: str, variant: str, error: BaseException) -> str:
     """The problem shown for a stage output that cannot be read (never an error in a viewer)."""
     return f"the {what} of {variant} cannot be read ({type(error).__name__}: {str(error)[:200]})"
