@@ -27,6 +27,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.getBoundingClientRect())"
            ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
+LOADED_AND_VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0]))"
+                      ".filter(i => i.complete && i.naturalWidth > 0).map(e => e.getBoundingClientRect())"
+                      ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +66,14 @@ def _visible(driver, selector: str) -> list[list[int]]:
     return driver.execute_script(VISIBLE, selector)
 
 
+def _loaded_and_visible(driver, selector: str) -> list[list[int]]:
+    """[width, height] of each image matching ``selector`` that has loaded (naturalWidth > 0) and is drawn."""
+    return driver.execute_script(LOADED_AND_VISIBLE, selector)
+
+
 def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, toy, tmp_path: Path) -> None:
     from tests.dose_data import HOSTILE_CONCEPT
-    from tests.test_browser import _loaded_images, _serve_inspector
+    from tests.test_browser import _serve_inspector
 
     with _serve_inspector(toy.data_root, tmp_path) as url:
         driver.get(url)
@@ -73,9 +81,11 @@ def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, to
         open_tab(driver, wait, "Dose-response")
         wait.until(lambda d: "Causal test over the variant's 2 channel(s)" in d.find_element(By.TAG_NAME, "body").text)
         # the grid's images: 7 cells of the first seed (unsteered + 3 windows x 2 strengths), loaded and visible
-        wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 7)
-        images = _visible(driver, '[data-testid="stImage"] img')
-        assert len(images) >= 7, images
+        # (one condition, loaded and visible together: images of other tabs are loaded but hidden, and Streamlit
+        # may draw the grid's last cell after the others are counted; CI once saw 6 of 7 with two separate checks)
+        wait.until(lambda d: len(_loaded_and_visible(d, '[data-testid="stImage"] img')) >= 7)
+        images = _loaded_and_visible(driver, '[data-testid="stImage"] img')
+        assert len(images) >= 7 and all(w > 0 and h > 0 for w, h in images), images
         # the grid table and the effects table: two data frames drawn, each with rows
         frames = wait.until(lambda d: (lambda f: f if len(f) >= 2 else None)(_visible(d, '[data-testid="stDataFrame"]')))
         assert len(frames) >= 2 and all(h > 60 for _, h in frames), frames
