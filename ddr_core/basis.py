@@ -71,6 +71,11 @@ class Basis(ABC):
         differentiable). Default: the activation itself (a unit without a ReLU of its own)."""
         return self.unit_activations(tokens, units)
 
+    def unit_maps(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """``(n, positions, channels)``, ``(n,)`` -> ``(n, positions)`` float32: element ``i``'s activation of unit
+        ``units[i]`` at every position (not averaged; what :meth:`unit_activations` averages)."""
+        raise NotImplementedError(f"the {type(self).__name__} basis gives no per-position activations")
+
     @abstractmethod
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """``(n,) -> (n, channels)`` float32 on the CPU: each unit's steering direction in the layer."""
@@ -97,9 +102,12 @@ class RawChannels(Basis):
         return tokens.mean(dim=1)
 
     def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self.unit_maps(tokens, units).mean(dim=1)
+
+    def unit_maps(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         units = units.to(tokens.device)
         index = units[:, None, None].expand(-1, tokens.shape[1], 1)
-        return tokens.gather(2, index).squeeze(2).mean(dim=1)
+        return tokens.gather(2, index).squeeze(2)
 
     def directions(self, units: Sequence[int] | torch.Tensor) -> torch.Tensor:
         index = self.check_units(units)
@@ -127,6 +135,9 @@ class SaeFeatureBasis(Basis):
 
     def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         return torch.relu(self._pre(tokens, units)).mean(dim=1).float()
+
+    def unit_maps(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self._pre(tokens, units)).float()
 
     def unit_pre_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         return self._pre(tokens, units).mean(dim=1).float()

@@ -345,14 +345,35 @@ def _strengths_at(strengths: StrengthSchedule, timestep: int, batch: int) -> tor
     return values
 
 
+PositionGate = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _gate_positions(activation: torch.Tensor, steered: torch.Tensor, gate: PositionGate) -> torch.Tensor:
+    """``steered`` where ``gate(tokens of activation)`` is True, ``activation`` (bit-identical) elsewhere."""
+    tokens = activation_tokens(activation)
+    with torch.no_grad():
+        mask = torch.as_tensor(gate(tokens.detach()))
+    if mask.dtype != torch.bool or tuple(mask.shape) != tuple(tokens.shape[:2]):
+        raise ValueError(f"a position gate must return a bool mask of shape {tuple(tokens.shape[:2])} "
+                         f"(layer batch, positions), got {mask.dtype} {tuple(mask.shape)}")
+    mask = mask.to(activation.device)
+    if activation.ndim == 4:
+        mask = mask.reshape(activation.shape[0], 1, *activation.shape[2:])
+    else:
+        mask = mask[:, :, None]
+    return torch.where(mask, steered, activation)
+
+
 @contextmanager
 def steer_layer(
     layer: nn.Module | HookPoint,
     tracker: TimestepTracker,
     directions: torch.Tensor,
     strengths: StrengthSchedule,
+    positions: PositionGate | None = None,
 ) -> Iterator[None]:
-    """Add ``strengths[b](t) * directions[b]`` at every spatial position of batch element ``b``.
+    """Add ``strengths[b](t) * directions[b]`` at every spatial position of batch element ``b``
+    (or only at the positions ``positions`` selects).
 
     Each batch element can be pushed along its own direction (its own channel or SAE feature).
     Under classifier-free guidance the layer batch is a multiple of ``B``; the same per-element
@@ -365,6 +386,10 @@ def steer_layer(
         directions: ``(B, C)`` directions (:meth:`ddr_core.basis.Basis.directions`).
         strengths: ``(B, num_train_timesteps)`` table indexed by the current timestep, or a
             callable ``timestep -> (B,)``.
+        positions: ``None`` (every position), or a gate called at each steered step with the layer's
+            *unsteered* tokens ``(L, positions, C)`` (:func:`activation_tokens`; positions row-major) and
+            returning an ``(L, positions)`` bool mask: only the ``True`` positions are steered, every other one
+            is left bit-identical (e.g. :func:`ddr_core.steering.self_gated_positions`).
     """
     if directions.ndim != 2:
         raise ValueError(f"directions must be (batch, channels), got shape {tuple(directions.shape)}.")
@@ -400,6 +425,8 @@ def steer_layer(
             steered = activation + offsets[:, None, :]
         else:
             raise ValueError(f"Cannot steer a layer output of shape {tuple(activation.shape)}.")
+        if positions is not None:
+            steered = _gate_positions(activation, steered, positions)
         return point.write(args, kwargs, output, steered)
 
     handle = point.register(hook)

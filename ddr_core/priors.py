@@ -29,7 +29,20 @@ the generation runs on its own scheduler timesteps. The mapping:
      the ``dose_response`` stage).
 
 3. :func:`ddr_core.hooks.steer_layer` reads the table at the current scheduler timestep, so a
-   scheduler timestep is steered iff it is selected. With the capture's scheduler and step count
+   scheduler timestep is steered iff it is selected.
+
+Two options, off by default (issue 14's "steering that acts where and when the feature lives"; measured in
+BENCHMARKS.md, neither passes, see docs/DREAM_METHODS.md):
+
+- ``strength_shape: activity_profile``: ``strength(t) = scale x max_t max_activation(channel) x profile(t) /
+  max_t profile`` (the channel's activity profile normalised to 1 at its peak) instead of ``scale x
+  max_activation(channel, t)``, which is nearly flat over the active timesteps (:func:`ddr_core.steering.steering_schedule`);
+- ``steer_positions: self_top``: at each steered step only the ``ceil(position_fraction x positions)`` latent
+  positions where the channel itself fires most in the current, unsteered activation are pushed
+  (:func:`ddr_core.steering.self_gated_positions`); the others are left untouched.
+
+A run with either option records it in ``prior.json`` (``strength_shape`` / ``steer_positions``,
+``position_fraction``) and in its ``config_hash``; a default run's records and hash are those of before. With the capture's scheduler and step count
    (the default) this is what the thesis did; with another step count the interpolation keeps the
    strengths defined where the thesis would have failed a dictionary lookup.
 
@@ -82,7 +95,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
 from ddr_core.channel_store import PRIOR_FILE, channel_dir, read_prior  # noqa: F401 - read_prior re-exported
@@ -97,8 +110,11 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
 from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.statistics import read_summary, require_statistics
 from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSelection re-exported
+    SteerPositions,
+    StrengthShape,
     TimestepSelection,
     check_stats_channels,
+    self_gated_positions,
     steering_schedule,
 )
 from ddr_core.variant_inputs import channel_list, check_channels, load_variant_model, select_variant_channels
@@ -132,6 +148,36 @@ class PriorsConfig(BaseModel):
     width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8,
                               description="image width (a multiple of 8); None: the model's default")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    strength_shape: StrengthShape = Field(
+        default="max_activation",
+        description="max_activation: strength(t) = scale x max activation at t (default); activity_profile: "
+                    "scale x the channel's max activation x its activity profile at t / the profile's peak")
+    steer_positions: SteerPositions = Field(
+        default="everywhere",
+        description="everywhere: every latent position (default); self_top: only the position_fraction of positions "
+                    "where the channel fires most in the current unsteered activation")
+    position_fraction: float = Field(
+        default=0.25, gt=0.0, le=1.0, allow_inf_nan=False,
+        description="share of positions steered with steer_positions: self_top (ceil(share x positions), >= 1)")
+
+    @model_validator(mode="after")
+    def _fraction_needs_gate(self) -> PriorsConfig:
+        if "position_fraction" in self.model_fields_set and self.steer_positions != "self_top":
+            raise ValueError(
+                f"position_fraction ({self.position_fraction}) applies only with steer_positions: self_top, but "
+                f"steer_positions is {self.steer_positions!r}; set steer_positions: self_top or drop position_fraction")
+        return self
+
+    def option_settings(self) -> dict[str, Any]:
+        """The non-default steering options, as recorded in ``prior.json`` and hashed (empty for a default run, so
+        its records and hash are those of before the options existed)."""
+        out: dict[str, Any] = {}
+        if self.strength_shape != "max_activation":
+            out["strength_shape"] = self.strength_shape
+        if self.steer_positions != "everywhere":
+            out["steer_positions"] = self.steer_positions
+            out["position_fraction"] = float(self.position_fraction)
+        return out
 
     @field_validator("seeds")
     @classmethod
@@ -194,6 +240,7 @@ def generate_priors(
     height: int | None = None,
     width: int | None = None,
     on_batch: Callable[[int], None] | None = None,
+    position_gate: Callable[[list[int]], Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> tuple[torch.Tensor, list[list[Any]]]:
     """Generate the steered empty-prompt images of several channels, channel x seed in batches.
 
@@ -214,6 +261,8 @@ def generate_priors(
         batch_size: generations per pipeline call.
         height, width: image size; default the model's (:attr:`~ddr_core.families.ModelFamily.default_size`).
         on_batch: called with the number of generations after each batch (progress).
+        position_gate: ``None`` (steer every position), or ``rows -> gate``: the position gate
+            (:func:`ddr_core.hooks.steer_layer`) of a batch whose elements steer the channels of these rows.
 
     Returns:
         ``(latents, images)``: final denoised latents ``(n_channels, n_seeds, latent_channels, h, w)``
@@ -250,8 +299,9 @@ def generate_priors(
         batch = elements[start:start + batch_size]
         rows = [row for row, _ in batch]
         noise = model.initial_latents([seeds[s] for _, s in batch], height, width, dtype=model.dtype, device=device)
+        gate = position_gate(rows) if position_gate is not None else None
         with model.track_timesteps() as tracker, steer_layer(
-            layer, tracker, directions[rows], schedule[rows]
+            layer, tracker, directions[rows], schedule[rows], positions=gate
         ), torch.inference_mode():
             final = model.generate(
                 conditioning=empty.repeat(len(batch)), latents=noise, height=height, width=width,
@@ -398,7 +448,7 @@ def run_priors(
         "format": FORMAT, "basis": basis, "layer": layer_name, "prompt": PRIOR_PROMPT,
         "guidance_scale": PRIOR_GUIDANCE_SCALE, "timesteps_mode": config.timesteps,
         "steer_strength_scale": scale, "num_inference_steps": config.num_inference_steps,
-        "height": height, "width": width_px, "seeds": list(config.seeds),
+        "height": height, "width": width_px, "seeds": list(config.seeds), **config.option_settings(),
     }
     settings_hash = config_hash(settings)
     base = {**settings, "config_hash": settings_hash, "stats_config_hash": summary.get("config_hash")}
@@ -441,7 +491,7 @@ def run_priors(
         candidates = [c for c, is_active in zip(todo, active, strict=True) if is_active]
 
         schedule = steering_schedule(stats_dir, candidates, config.timesteps, scale, num_train,
-                                     scheduler_timesteps=timesteps)
+                                     scheduler_timesteps=timesteps, shape=config.strength_shape)
         steered_mask = schedule[:, timesteps] != 0 if candidates else torch.zeros(0, len(timesteps), dtype=torch.bool)
         to_generate: list[int] = []
         for row, channel in enumerate(candidates):
@@ -464,10 +514,15 @@ def run_priors(
             for first in range(0, len(to_generate), chunk):
                 group = to_generate[first:first + chunk]
                 rows = [row_of[c] for c in group]
+                gate_of = None
+                if config.steer_positions == "self_top":
+                    def gate_of(batch_rows: list[int], group: list[int] = group) -> Callable[[torch.Tensor], torch.Tensor]:
+                        return self_gated_positions(unit_basis, [group[r] for r in batch_rows],
+                                                    config.position_fraction)
                 latents, images = generate_priors(
                     model, layer_name, all_directions[first:first + chunk], schedule[rows], config.seeds,
                     num_inference_steps=config.num_inference_steps, batch_size=config.batch_size,
-                    height=height, width=width_px, on_batch=progress.update,
+                    height=height, width=width_px, on_batch=progress.update, position_gate=gate_of,
                 )
                 for position, channel in enumerate(group):
                     folder = channel_dir(out_dir, channel)
@@ -478,6 +533,7 @@ def run_priors(
                         "timesteps_mode": config.timesteps, "steer_strength_scale": repr(scale),
                         "num_inference_steps": str(config.num_inference_steps), "height": str(height),
                         "width": str(width_px), "config_hash": settings_hash,
+                        **{k: str(v) for k, v in config.option_settings().items()},
                     }
                     with atomic_path(folder / LATENTS_FILE) as tmp:
                         save_file({"latents": latents[position].contiguous(), "seeds": seeds_tensor},
@@ -522,11 +578,13 @@ def priors_for_variant(
     stop_after_channels: int | None = None,
     lock_wait: bool | float = False,
     lock_owner: str = "",
+    stage: str = "priors",
 ) -> PriorsResult:
     """Generate the priors of ``channels`` (``None``: all) of one variant of the project config.
 
     Loads the variant's model (and SAE for an SAE basis), checks the channel indices and the widths,
-    reads ``layout.timestep_stats_dir(variant)`` and writes ``layout.stage_dir("priors", variant)``.
+    reads ``layout.timestep_stats_dir(variant)`` and writes ``layout.stage_dir(stage, variant)`` (``stage``: another
+    folder name keeps a benchmark's variant apart from the stage's own outputs, e.g. ``priors_self_top``).
 
     Raises:
         IndexError: a channel index ``>= width`` (checked before anything is loaded).
@@ -541,7 +599,7 @@ def priors_for_variant(
     stats_dir = layout.timestep_stats_dir(variant)
     require_statistics(stats_dir, variant)  # before loading a model
 
-    out_dir = layout.stage_dir("priors", variant)
+    out_dir = layout.stage_dir(stage, variant)
     model, basis = load_variant_model(project, layout, variant, out_dir, "priors folder", device, config.dtype)
     return run_priors(model, basis, layer_name, stats_dir, selected, out_dir, config, layout.data_root, log=log,
                       stop_after_channels=stop_after_channels,

@@ -8,7 +8,15 @@ One module for every stage that steers a channel during generation (``priors``, 
 - :func:`activity_window` gives a channel's **activity window**: the train timesteps within ``half_width`` of
   its highest activity peak (``activity_peaks.parquet``); :func:`outside_window` a window of the same width as
   far from the peak as the range allows (the control of the causal test);
-- :func:`restrict_to_window` zeroes a schedule outside a window, so a channel is steered **only inside** it.
+- :func:`restrict_to_window` zeroes a schedule outside a window, so a channel is steered **only inside** it;
+- **strength shape** (``shape`` of :func:`steering_schedule`): ``max_activation`` (the default, the thesis'
+  ``scale x max_activation(channel, t)``: nearly flat over a channel's active timesteps on the toy world) or
+  ``activity_profile``: ``scale x max_t max_activation(channel) x profile(t) / max_t profile`` where ``profile`` is
+  the channel's activity profile (its interpolated top-k frequency, ``active_timesteps.parquet``), so the push is
+  strongest where the channel is most often active and fades with its activity;
+- **where in space** (:func:`self_gated_positions`, ``steer_positions: self_top`` of the priors stage): at each
+  steered step only the ``ceil(fraction x positions)`` positions where the unit itself fires most in the
+  current, unsteered activation are pushed (:func:`top_positions`); every other position is left bit-identical.
 
 :func:`ddr_core.hooks.steer_layer` reads the table at the current scheduler timestep and leaves every element
 whose strength there is 0 bit-identical, so steering outside a window is exactly a no-op.
@@ -16,7 +24,8 @@ whose strength there is 0 bit-identical, so steering outside a window is exactly
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +39,9 @@ from ddr_core.variant_inputs import channel_list
 
 TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks", "activity_window"]
 TIMESTEP_MODES: tuple[str, ...] = ("active_timesteps", "all_timesteps", "activity_peaks", "activity_window")
+StrengthShape = Literal["max_activation", "activity_profile"]
+STRENGTH_SHAPES: tuple[str, ...] = ("max_activation", "activity_profile")
+SteerPositions = Literal["everywhere", "self_top"]
 DEFAULT_WINDOW_HALF_WIDTH = 100
 """Train timesteps either side of the top peak in an activity window (201 of 1000: 5 of 25 DDIM steps)."""
 
@@ -132,6 +144,7 @@ def steering_schedule(
     *,
     scheduler_timesteps: Sequence[int] | None = None,
     window_half_width: int = DEFAULT_WINDOW_HALF_WIDTH,
+    shape: StrengthShape = "max_activation",
 ) -> torch.Tensor:
     """Steering strengths ``(len(channels), num_train_timesteps)`` float32 from the statistics tables.
 
@@ -150,13 +163,18 @@ def steering_schedule(
         scheduler_timesteps: the generation's scheduler timesteps, used by ``activity_peaks`` to pick
             the one nearest each peak; ``None`` means the statistics' observed timesteps.
         window_half_width: half width of the ``activity_window`` mode's window (train timesteps).
+        shape: ``"max_activation"`` (entry ``scale * max_activation(c, t)``) or ``"activity_profile"`` (entry
+            ``scale * max_t max_activation(c) * profile(c, t) / max_t profile(c)``, the module docstring; 0 where
+            the channel is inactive), at the timesteps ``mode`` selects either way.
 
     Raises:
-        ValueError: an unknown mode, a channel outside the statistics' width, or a profile length
+        ValueError: an unknown mode or shape, a channel outside the statistics' width, or a profile length
             other than ``num_train_timesteps``.
     """
     if mode not in TIMESTEP_MODES:
         raise ValueError(f"unknown timesteps mode {mode!r}; use one of {', '.join(map(repr, TIMESTEP_MODES))}")
+    if shape not in STRENGTH_SHAPES:
+        raise ValueError(f"unknown strength shape {shape!r}; use one of {', '.join(map(repr, STRENGTH_SHAPES))}")
     stats_dir = Path(stats_dir)
     summary = read_summary(stats_dir)
     channels = channel_list(channels)
@@ -191,9 +209,15 @@ def steering_schedule(
             f"max_activation.parquet in {stats_dir} lacks observed timesteps for channel(s) {missing[:10]}; "
             "the statistics are incomplete, recompute them"
         )
-    strengths = np.stack(
-        [interpolate_profile(observed, recorded[r], num_train_timesteps) for r in range(n_rows)]
-    ) * float(scale)
+    if shape == "activity_profile":
+        profiles = activity_profiles(stats_dir, channels, num_train_timesteps)
+        peak = profiles.max(axis=1, keepdims=True)
+        relative = np.divide(profiles, peak, out=np.zeros_like(profiles), where=peak > 0)
+        strengths = recorded.max(axis=1, keepdims=True) * relative * float(scale)
+    else:
+        strengths = np.stack(
+            [interpolate_profile(observed, recorded[r], num_train_timesteps) for r in range(n_rows)]
+        ) * float(scale)
 
     selected = np.zeros((n_rows, num_train_timesteps), dtype=bool)
     if mode == "all_timesteps":
@@ -224,3 +248,53 @@ def steering_schedule(
         for channel, timestep in peaks.iter_rows():
             selected[row_of[int(channel)], nearest_observed_timestep(targets, int(timestep))] = True
     return torch.from_numpy(np.where(selected, strengths, 0.0).astype(np.float32))
+
+
+def activity_profiles(stats_dir: str | Path, channels: Sequence[int], num_train_timesteps: int) -> np.ndarray:
+    """``(len(channels), num_train_timesteps)`` float64: each channel's activity profile (its top-k frequency
+    interpolated onto every train timestep, as ``active_timesteps.parquet`` records it; 0 where inactive)."""
+    stats_dir = Path(stats_dir)
+    channels = channel_list(channels)
+    check_stats_channels(read_summary(stats_dir), stats_dir, channels)
+    row_of = {channel: row for row, channel in enumerate(channels)}
+    profiles = np.zeros((len(channels), num_train_timesteps), dtype=np.float64)
+    active = (pl.scan_parquet(stats_dir / "active_timesteps.parquet").filter(pl.col("channel").is_in(channels))
+              .select("channel", "timestep", "frequency").collect())
+    for channel, timestep, frequency in active.iter_rows():
+        if not 0 <= int(timestep) < num_train_timesteps:
+            raise ValueError(f"active_timesteps.parquet in {stats_dir} has timestep {timestep} outside "
+                             f"0..{num_train_timesteps - 1}; recompute the statistics")
+        profiles[row_of[int(channel)], int(timestep)] = float(frequency)
+    return profiles
+
+
+def top_positions(maps: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``(n, positions)`` bool: per row the ``ceil(fraction x positions)`` positions of largest value (at least
+    one; ties to the lower position)."""
+    if maps.ndim != 2:
+        raise ValueError(f"maps must be (rows, positions), got shape {tuple(maps.shape)}")
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    count = max(1, math.ceil(fraction * maps.shape[1] - 1e-9))
+    order = torch.argsort(maps.float(), dim=1, descending=True, stable=True)[:, :count]
+    mask = torch.zeros(maps.shape, dtype=torch.bool, device=maps.device)
+    return mask.scatter_(1, order, True)
+
+
+def self_gated_positions(basis: Any, units: Sequence[int] | torch.Tensor,
+                         fraction: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A position gate (:func:`ddr_core.hooks.steer_layer`'s ``positions``) steering element ``b`` only where unit
+    ``units[b]`` fires most in the current unsteered activation: the :func:`top_positions` of its map
+    (:meth:`ddr_core.basis.Basis.unit_maps`; a raw channel's own values, an SAE feature's ReLU activation). A layer
+    batch that is a multiple of ``len(units)`` (CFG halves) gates each part by its own map."""
+    index = torch.as_tensor(units, dtype=torch.long).flatten()
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+
+    def gate(tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.shape[0] % max(1, index.numel()):
+            raise ValueError(f"layer batch {tokens.shape[0]} is not a multiple of the {index.numel()} steered units")
+        repeated = index.repeat(tokens.shape[0] // index.numel())
+        return top_positions(basis.unit_maps(tokens.float(), repeated), fraction)
+
+    return gate

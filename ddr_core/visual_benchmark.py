@@ -1,7 +1,7 @@
 """The visualisation benchmark: methods x variants x metrics on a world with ground truth (the toy world).
 
 Does a visualisation method show what its channel stands for? For each method (``priors``: steered
-generation; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise``,
+generation, and its variants ``priors_self_top`` / ``priors_profile``; ``dreams``: latent optimisation with the schedule's noise; ``dreams_no_noise``,
 ``dreams_pre_activation``, ``dreams_example``, ``dreams_x0``, ``dreams_sampler``, ``dreams_maco``
 (:data:`METHODS`) where they ran) and
 variant, from what the stages wrote (no model is run here):
@@ -89,8 +89,12 @@ METHODS: tuple[Method, ...] = (
     Method("dreams_x0", "dreams_x0", "dream", None),
     Method("dreams_sampler", "dreams_sampler", "dream", None),
     Method("dreams_maco", "dreams_maco", "dream", None),
+    Method("priors_self_top", "priors_self_top", "prior", None),
+    Method("priors_profile", "priors_profile", "prior", None),
 )
-"""The methods scored where their stage folder exists. ``dreams_pre_activation``: dreams maximising an SAE
+"""The methods scored where their stage folder exists. ``priors_self_top`` / ``priors_profile``: priors steered only
+at the positions where the channel fires most (``steer_positions: self_top``) / with the strength shaped by the
+activity profile (``strength_shape: activity_profile``), :mod:`ddr_core.priors` (``benchmarks/prior_steering.py``). ``dreams_pre_activation``: dreams maximising an SAE
 feature's pre-activation (``objective: pre_activation``); ``dreams_example``: dreams started from the channel's
 top dataset examples (``start: example``, feature accentuation). ``dreams_x0`` / ``dreams_sampler`` /
 ``dreams_maco``: the manifold parameterisations (``parameterisation: x0_prediction`` / ``sampler`` / ``maco``,
@@ -139,7 +143,8 @@ def _settings(record: dict[str, Any] | None, kind: str) -> dict[str, Any]:
     if not record:
         return {}
     if kind == "prior":
-        keys = ("num_inference_steps", "steer_strength_scale", "guidance_scale", "timesteps_mode", "config_hash")
+        keys = ("num_inference_steps", "steer_strength_scale", "guidance_scale", "timesteps_mode", "strength_shape",
+                "steer_positions", "position_fraction", "config_hash")
         return {k: record.get(k) for k in keys}
     config = record.get("config") or {}
     keys = ("num_steps", "learning_rate", "see_through_schedule_noise", "use_prior", "start", "objective",
