@@ -21,6 +21,17 @@ These settings were fixed before any agreement was looked at (no tuning). Then:
   unsteered. Interval: bootstrap over channels; p: sign flips of the channels' mean gains.
   ``gain_positive_channels``: channels whose mean gain is above 0 (of n).
 
+Held-out check (``--held-out N``): the first ``N`` selective channels (a ``feature_concepts`` verdict) the demo's
+priors did **not** run, with the default priors generated for them too (``priors``, the demo's settings). Delete
+``feature_concepts/<variant>/prior_predictions.parquet`` in that copy first, so every method's images are judged by
+the same classifier call (:func:`ddr_assets.visual_benchmark.classifier_of`), and move the demo's priors aside (the
+settings and the channels to leave out are read from ``--demo-stage``), so the ``priors`` row holds the held-out
+channels only::
+
+    cp -a /tmp/fresh15/data /tmp/steer-held && cd /tmp/steer-held/outputs/default
+    rm feature_concepts/*/prior_predictions.parquet && mv priors priors_demo && cd -
+    DDR_DATA_ROOT=/tmp/steer-held .venv/bin/python benchmarks/prior_steering.py --held-out 16 --demo-stage priors_demo
+
 Writes into the data root (use a copy)::
 
     cp -a /tmp/fresh15/data /tmp/steer-demo
@@ -137,16 +148,30 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", default=["toy-raw", "toy-sae"])
     parser.add_argument("--noise-draws", type=int, default=4, help="schedule-noise draws of the gain measure")
     parser.add_argument("--skip-priors", action="store_true", help="only score what is there")
+    parser.add_argument("--held-out", type=int, default=0,
+                        help="N > 0: the first N selective channels without a demo prior, default priors included")
+    parser.add_argument("--demo-stage", default="priors", help="stage folder of the demo's priors (settings, channels)")
     args = parser.parse_args()
     storage = DdrStorage()
     project, layout = storage.project, storage.layout
     bench = VisualBenchmarkConfig()
     tables = []
     for variant in args.variants:
-        priors_dir = layout.stage_dir("priors", variant)
+        priors_dir = layout.stage_dir(args.demo_stage, variant)
         channels = sorted(int(p.name.split("_")[1]) for p in priors_dir.glob("channel_*"))
         base = base_config(priors_dir)
-        for method, option in OPTIONS.items():
+        options = dict(OPTIONS)
+        if args.held_out:
+            from ddr_core.feature_concepts import read_feature_concepts
+
+            found_concepts = read_feature_concepts(feature_concepts_dir(layout, variant))
+            if found_concepts is None:
+                raise FileNotFoundError(f"no feature_concepts for {variant}: materialize it first")
+            selective = sorted(int(c) for c in found_concepts[0].filter(pl.col("n_concepts") > 0)["channel"])
+            channels = [c for c in selective if c not in set(channels)][:args.held_out]
+            options = {"priors": {}, **OPTIONS}
+            print(f"{variant}: held-out channels {channels}", flush=True)
+        for method, option in options.items():
             if args.skip_priors:
                 continue
             start = time.monotonic()

@@ -125,6 +125,7 @@ FORMAT = "ddr.priors/1"
 DEFAULT_SEEDS: tuple[int, ...] = (1024, 1111, 4359, 3248, 1026)
 PRIOR_PROMPT = ""
 PRIOR_GUIDANCE_SCALE = 1.0
+DEFAULT_POSITION_FRACTION = 0.25
 
 
 class PriorsConfig(BaseModel):
@@ -157,12 +158,13 @@ class PriorsConfig(BaseModel):
         description="everywhere: every latent position (default); self_top: only the position_fraction of positions "
                     "where the channel fires most in the current unsteered activation")
     position_fraction: float = Field(
-        default=0.25, gt=0.0, le=1.0, allow_inf_nan=False,
+        default=DEFAULT_POSITION_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False,
         description="share of positions steered with steer_positions: self_top (ceil(share x positions), >= 1)")
 
     @model_validator(mode="after")
     def _fraction_needs_gate(self) -> PriorsConfig:
-        if "position_fraction" in self.model_fields_set and self.steer_positions != "self_top":
+        # by value, not by "was it set": the Dagster run config hands every field over, defaults included
+        if self.position_fraction != DEFAULT_POSITION_FRACTION and self.steer_positions != "self_top":
             raise ValueError(
                 f"position_fraction ({self.position_fraction}) applies only with steer_positions: self_top, but "
                 f"steer_positions is {self.steer_positions!r}; set steer_positions: self_top or drop position_fraction")

@@ -136,6 +136,9 @@ def test_config_options_default_off_and_validated():
                                        "position_fraction": 0.5}
     with pytest.raises(ValidationError, match="applies only with steer_positions: self_top"):
         PriorsConfig(position_fraction=0.5)
+    # every field handed over (what the Dagster run config does), defaults included: still valid and default
+    assert PriorsConfig.model_validate(PriorsConfig().model_dump()).option_settings() == {}
+    assert PriorsConfig.model_validate(gated.model_dump()) == gated
     with pytest.raises(ValidationError, match="position_fraction"):
         PriorsConfig(steer_positions="self_top", position_fraction=0.0)
     with pytest.raises(ValidationError, match="strength_shape"):
@@ -172,3 +175,20 @@ def test_self_top_priors_whole_map_equals_everywhere_and_a_part_differs(tiny_pip
     # the profile shape steers only where channel 5 is active (252..750: the steps 501), at max x scale there
     assert profile["steered_timesteps"] == [501]
     assert profile["strengths"] == pytest.approx([2.0 * profile["steer_strength_scale"]])
+
+
+def test_the_dagster_run_config_builds_default_and_option_configs():
+    """The run config hands every field to the core config (defaults included): the default run keeps its options
+    off, a run naming the options gets them, a contradictory one fails naming the fields."""
+    import dagster as dg
+
+    from ddr_assets.configs import with_variant_overrides
+    from ddr_assets.priors import PriorsRunConfig
+
+    default = with_variant_overrides(PriorsRunConfig(), PriorsConfig, {"steer_strength_scale": 15.0}, asset="priors")
+    assert default.option_settings() == {} and default.steer_strength_scale == 15.0
+    gated = with_variant_overrides(PriorsRunConfig(steer_positions="self_top", position_fraction=0.5), PriorsConfig,
+                                   {}, asset="priors")
+    assert gated.option_settings() == {"steer_positions": "self_top", "position_fraction": 0.5}
+    with pytest.raises(dg.Failure, match="position_fraction"):
+        with_variant_overrides(PriorsRunConfig(position_fraction=0.5), PriorsConfig, {}, asset="priors")
