@@ -261,3 +261,25 @@ def test_the_capture_stage_copies_as_its_config_says_and_stores_the_same_values(
     for half in ("conditional", "unconditional"):
         assert stored["per_step"][half].shape == (2, 3, 64)
         np.testing.assert_array_equal(stored["per_batch"][half], stored["per_step"][half])
+
+
+@pytest.mark.parametrize("positions_per_call", [None, 5])
+def test_sae_training_vectors_go_to_the_cpu_once_per_step(tiny_pipe, layer, positions_per_call):
+    from ddr_core.layer_vectors import VectorSamplingConfig, collect_layer_vectors
+
+    sampling = VectorSamplingConfig(positions_per_call=positions_per_call, seed=3)
+    with TimestepTracker(tiny_pipe.unet) as tracker, collect_layer_vectors(
+            layer, tracker, cfg=True, sampling=sampling, generation_ids=[10, 11]) as vectors, HostReads() as reads:
+        _generate(tiny_pipe)
+    # before: a .to("cpu") of each row and half, and a blocking .to(device) of its positions (8 + 8 per step)
+    assert reads.count("collect_layer_vectors.<locals>.hook", "to(device)") == STEPS
+    stacked = vectors.stacked()
+    keep = positions_per_call or 16
+    assert stacked["vectors"].shape == (STEPS * 2 * 2 * keep, 64) and stacked["vectors"].dtype == torch.float16
+    # the row order is step, half (unconditional first), batch row; each vector is the layer's at its position
+    raw, _ = _record(tiny_pipe, layer, {"raw": RawChannels(None).reduce})
+    first = stacked["halves"][:keep].unique().tolist(), stacked["rows"][:keep].unique().tolist()
+    assert first == ([0], [0])
+    step0_conditional = stacked["vectors"][2 * keep:3 * keep].float()  # step 0, conditional half, row 0
+    if positions_per_call is None:
+        torch.testing.assert_close(step0_conditional.mean(dim=0), raw.conditional["raw"][0, 0], rtol=2e-3, atol=2e-3)
