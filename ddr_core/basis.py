@@ -97,7 +97,7 @@ class RawChannels(Basis):
         return tokens.mean(dim=1)
 
     def unit_activations(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        units = units.to(tokens.device)
+        units = units.to(tokens.device, non_blocking=True)
         index = units[:, None, None].expand(-1, tokens.shape[1], 1)
         return tokens.gather(2, index).squeeze(2).mean(dim=1)
 

@@ -224,21 +224,27 @@ def test_heatmap_regeneration_holds_its_maps_until_the_chunk_ends(tiny_pipe, lay
                                captured.conditional["raw"][:, :, [3, 40]], rtol=1e-5, atol=1e-5)
 
 
-def test_the_dream_loop_reads_its_step_statistics_in_one_transfer(tiny_pipe):
+@pytest.mark.parametrize("parameterisation", ["latent", "x0_prediction"])
+def test_the_dream_loop_reads_the_device_twice_per_step_and_never_waits_to_copy_up(tiny_pipe, parameterisation):
     from ddr_core.dreams import DreamConfig, DreamObjective, element_generators, optimise_dreams
 
     model = as_model(tiny_pipe)
-    steps = 3
-    config = DreamConfig(num_steps=steps, snapshot_every=0, use_prior=False)
-    init = model.initial_latents([1, 2], *model.default_size)
-    with HostReads() as reads:
-        result = optimise_dreams(tiny_pipe, TINY_TARGET_LAYER, DreamObjective.raw([0, 1]), init, [50, 300], config,
-                                 element_generators([1, 2]))
-    assert result.failed == [None, None] and np.isfinite(result.history["loss"]).all()
-    # per step: the statistics and finite flags (one .cpu()) and the finite check after the update (one .cpu());
-    # before: five statistics, the flags and the check (.cpu() x 7), the rows and the frozen mask (.to(device) x 2)
-    assert reads.count("optimise_dreams", "cpu") == 2 * steps + 3  # + start pictures, start check, final latents
-    assert reads.count("optimise_dreams", "to(device)") == 2  # the timesteps and start latents, once per call
+    counts = {}
+    for steps in (2, 4):
+        config = DreamConfig(num_steps=steps, snapshot_every=0, use_prior=False, parameterisation=parameterisation,
+                             see_through_schedule_noise=True)
+        init = model.initial_latents([1, 2], *model.default_size)
+        with HostReads() as reads:
+            result = optimise_dreams(tiny_pipe, TINY_TARGET_LAYER, DreamObjective.raw([0, 1]), init, [50, 300],
+                                     config, element_generators([1, 2]))
+        assert result.failed == [None, None] and np.isfinite(result.history["loss"]).all()
+        counts[steps] = {"cpu": reads.count("optimise_dreams", "cpu"),
+                         "blocking up": sum(n for (_, what), n in reads.by_function.items() if what == "to(device)")}
+    # per step: the statistics with the finite flags (one .cpu()) and the finite check after the update (one);
+    # before: five statistics, the flags and the check (.cpu() x 7) and ~8 blocking copies up (rows, frozen mask,
+    # augmentation shifts and angles, schedule noise, smoothing kernel, unit indices; more for x0_prediction)
+    assert counts[4]["cpu"] - counts[2]["cpu"] == 2 * 2
+    assert counts[4]["blocking up"] == counts[2]["blocking up"]  # only the set-up's, none per step
 
 
 def test_the_capture_stage_copies_as_its_config_says_and_stores_the_same_values(tiny_pipe, tmp_path):
