@@ -31,11 +31,14 @@ Sections (each uses the platform's own code path):
    exception (:func:`truncated_forward`), eager and ``torch.compile(fullgraph=True)``, vs the hook
    that raises (:func:`ddr_core.hooks.forward_to_layer`), timed as forward + backward to the latent.
 
-6. **Compare** (``--compare``, only this): dreams and capture on today's path (eager, the platform's
-   defaults) and on each ``--tuned`` :class:`ddr_core.performance.PerformanceConfig` (regional
-   ``torch.compile``, ``channels_last``, SDPA kernel, fused QKV, autocast) with larger batches, one
-   after the other on the same device, with the ratio to today's path and the MFU targets of issue #19
-   (dreams >= 35%, capture >= 30%).
+6. **Compare** (``--compare``, only this): first capture with the recording's per-step copies to the CPU
+   (``host_copies: per_step``, the path before issue #19: a host-device sync per step) vs one copy per batch
+   (``per_batch``, today's default), eager, alternating, with the ratio, whether the recorded values are
+   identical on the device and (CUDA) the syncs counted in a 2-step generation; then dreams and capture on
+   today's path (eager, the platform's defaults) and on each ``--tuned``
+   :class:`ddr_core.performance.PerformanceConfig` (regional ``torch.compile``, ``channels_last``, SDPA kernel,
+   fused QKV, autocast) with larger batches, one after the other on the same device, with the ratio to today's
+   path and the MFU targets of issue #19 (dreams >= 35%, capture >= 30%).
 
 MFU = achieved model FLOP/s (counted FLOPs per item x items/s) / ``--peak-tflops`` (default 989:
 H100 SXM dense BF16 tensor-core peak; use ~756 for H100 PCIe, 1979 only with sparsity).
@@ -609,8 +612,12 @@ def time_dreams(args, pipe, batch: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def time_capture(args, pipe, batch: int, steps: int, reducers: dict) -> float:
-    """Seconds of one hooked CFG generation of ``batch`` images (bench_capture and bench_compare time with it)."""
+def time_capture(args, pipe, batch: int, steps: int, reducers: dict, host_copies: str = "per_batch",
+                 keep: list | None = None) -> float:
+    """Seconds of one hooked CFG generation of ``batch`` images (bench_capture and bench_compare time with it).
+
+    ``host_copies``: how the recording reaches the CPU (:class:`ddr_core.hooks.HostCopies`: ``per_batch``, the
+    platform's default, or ``per_step``, the path before issue #19). ``keep``: the recording is appended to it."""
     device = pipe.unet.device
     layer = resolve_layer(pipe.unet, TARGET_LAYER)
     prompts = [TINY_PROMPTS[i % len(TINY_PROMPTS)] for i in range(batch)]
@@ -619,10 +626,71 @@ def time_capture(args, pipe, batch: int, steps: int, reducers: dict) -> float:
     synchronize(device)
     start = time.perf_counter()
     with torch.inference_mode(), TimestepTracker(pipe.unet) as tracker, \
-            capture_activations(layer, tracker, reducers, cfg=True):
+            capture_activations(layer, tracker, reducers, cfg=True, host_copies=host_copies) as recording:
         pipe(prompt=prompts, latents=latents, num_inference_steps=steps, output_type="pil")
     synchronize(device)
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if keep is not None:
+        keep.append(recording)
+    return seconds
+
+
+def count_syncs(device: torch.device, run: Callable[[], Any]) -> int | None:
+    """Host-device synchronisations during ``run()`` (CUDA's sync debug mode, one warning each); ``None`` off CUDA."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+HOST_COPY_ROUNDS = 2  # per_step and per_batch alternate this many times (drift of clocks and allocator cancels)
+
+
+def bench_host_copies(args, pipe, flops: dict, reducers: dict, budget: Budget, entry: dict) -> None:
+    """Capture with the recording's per-step copies to the CPU (the path before issue #19) vs one copy per batch
+    (today's default), eager, ``--image-batch``, alternating; images/s, the ratio, whether the recorded values are
+    identical on this device, and (CUDA) the host-device syncs of a 2-step generation on each path."""
+    device = pipe.unet.device
+    batch = args.image_batch
+    per_image = 2 * args.steps * flops["unet_forward"] + flops["vae_decode"] + 2 * flops["text_encoder"]
+    seconds: dict[str, list[float]] = {"per_step": [], "per_batch": []}
+    recordings: dict[str, list] = {"per_step": [], "per_batch": []}
+    for mode in seconds:  # warm-up (and the values compared below, 2 steps)
+        time_capture(args, pipe, batch, 2, reducers, mode, keep=recordings[mode])
+    same = all(torch.equal(a, b) for half in ("conditional", "unconditional")
+               for a, b in zip(getattr(recordings["per_step"][0], half).values(),
+                               getattr(recordings["per_batch"][0], half).values(), strict=True))
+    syncs = {mode: count_syncs(device, lambda mode=mode: time_capture(args, pipe, batch, 2, reducers, mode))
+             for mode in seconds}
+    for _ in range(HOST_COPY_ROUNDS):
+        for mode in seconds:
+            if budget.left < 15:
+                entry["status"] = "partial: budget spent"
+                break
+            reset_peak(device)
+            seconds[mode].append(time_capture(args, pipe, batch, args.steps, reducers, mode))
+    rows = {}
+    for mode, values in seconds.items():
+        if values:
+            rate = batch / min(values)  # the best round of each (least disturbed)
+            rows[mode] = {"images_per_s": rate, "rate": rate, "mfu": mfu(per_image, rate, args.peak_tflops),
+                          "rounds_seconds": values, "syncs_2_steps": syncs[mode],
+                          "peak_memory_gib": peak_memory_gib(device)}
+    if "per_step" in rows and "per_batch" in rows:
+        rows["per_batch"]["ratio_to_per_step"] = rows["per_batch"]["rate"] / rows["per_step"]["rate"]
+    entry.update({"batch": batch, "steps": args.steps, "same_values": same, "paths": rows})
+    for mode, row in rows.items():
+        print(f"      host copies {mode:9s}: {row['rate']:9.3f} images/s  MFU {row['mfu']:.1%}  syncs in 2 steps "
+              f"{row['syncs_2_steps'] if row['syncs_2_steps'] is not None else 'n/a (not CUDA)'}", flush=True)
+    print(f"      recorded values identical on {device.type}: {same}")
 
 
 def bench_compare(args, pipe, flops: dict, budget: Budget, entry: dict) -> None:
@@ -637,6 +705,16 @@ def bench_compare(args, pipe, flops: dict, budget: Budget, entry: dict) -> None:
     reducers = {"raw": RawChannels(None).reduce, "sae": TopKSaeBasis(sae).reduce}
     per_dream_step = flops["unet_forward_to_layer_plus_backward_to_latent"]
     per_image = 2 * args.steps * flops["unet_forward"] + flops["vae_decode"] + 2 * flops["text_encoder"]
+    copies = entry["host_copies"] = {}
+    print(f"   host copies: per_step (before issue #19) vs per_batch (today), eager, capture batch {args.image_batch}",
+          flush=True)
+    try:
+        bench_host_copies(args, pipe, flops, reducers, budget, copies)
+        copies.setdefault("status", "ok")
+    except Exception as error:  # must not lose the other paths' numbers
+        copies["status"] = f"failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        print(f"      host copies: {copies['status']}")
+        traceback.print_exc(limit=3)
     paths = [("today", PerformanceConfig(), max(args.batch), args.image_batch)]
     paths += [(f"tuned{i + 1}", performance_config(json.loads(text)), args.tuned_batch, args.tuned_image_batch)
               for i, text in enumerate(args.tuned)]
@@ -687,8 +765,20 @@ def bench_compare(args, pipe, flops: dict, budget: Budget, entry: dict) -> None:
 
 
 def compare_lines(entry: dict) -> list[str]:
-    """The --compare table: one line per path and stage, with the ratio to today's path."""
+    """The --compare table: the host-copy rows (capture), then one line per path and stage, with the ratio to
+    today's path."""
     lines = []
+    copies = entry.get("host_copies", {})
+    for mode, row in copies.get("paths", {}).items():
+        syncs = row["syncs_2_steps"]
+        lines.append(
+            f"copies  capture : {row['rate']:9.3f} images/s (batch {copies['batch']}), MFU {row['mfu']:.1%}, "
+            f"host_copies={mode}" + (" (before issue #19)" if mode == "per_step" else
+                                     f" x{row.get('ratio_to_per_step', float('nan')):.3f} vs per_step")
+            + f", syncs in a 2-step generation {syncs if syncs is not None else 'n/a'}"
+            + f", values identical: {copies.get('same_values')}")
+    if copies and "paths" not in copies:
+        lines.append(f"copies  capture : {copies.get('status', 'not run')}")
     for name, row in entry.get("paths", {}).items():
         for what in ("dreams", "capture"):
             cell = row.get(what, {})

@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
+from ddr_core.hooks import DEFAULT_DEVICE_BUFFER_BYTES
 from ddr_core.locks import OwnedFlock, PartitionLockedError, partition_lock
 from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
@@ -121,6 +122,14 @@ class CaptureConfig(BaseModel):
     sae_vector_positions_per_call: int | None = Field(default=None, ge=1,
                                                       description="positions kept per image and step; None: all")
     sae_vector_every_n_timesteps: int = Field(default=1, ge=1, description="keep every n-th denoising step")
+    host_copies: Literal["per_batch", "per_step"] = Field(
+        default="per_batch", description="when the reduced activations go to the CPU: per_batch (kept on the "
+        "model's device during a batch's generation, copied once after it) or per_step (copied in the hook at every "
+        "step: a host-device sync per step on a GPU; the path before issue #19). Same values either way")
+    host_copy_buffer_mib: float = Field(
+        default=DEFAULT_DEVICE_BUFFER_BYTES / 2**20, ge=0, description="per_batch keeps at most this many MiB of "
+        "reduced activations on the device (a batch needs steps x batch x features x 4 bytes per variant and CFG "
+        "half); past it the batch falls back to per-step copies")
 
     @field_validator("height", "width")
     @classmethod
@@ -432,7 +441,8 @@ def _run_capture_locked(
                                             dtype=model.dtype, device=device)
             generation_ids = [r["generation_id"] for r in rows]
             with model.track_timesteps() as tracker, capture_activations(
-                layer, tracker, reducers, cfg=cfg, keep_unconditional=config.keep_unconditional
+                layer, tracker, reducers, cfg=cfg, keep_unconditional=config.keep_unconditional,
+                host_copies=config.host_copies, max_device_bytes=int(config.host_copy_buffer_mib * 2**20),
             ) as recording, maybe_collect_layer_vectors(
                 layer, tracker, cfg, sampling, generation_ids
             ) as vectors, torch.inference_mode():

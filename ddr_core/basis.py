@@ -105,7 +105,7 @@ class RawChannels(Basis):
         return self.unit_maps(tokens, units).mean(dim=1)
 
     def unit_maps(self, tokens: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
-        units = units.to(tokens.device)
+        units = units.to(tokens.device, non_blocking=True)
         index = units[:, None, None].expand(-1, tokens.shape[1], 1)
         return tokens.gather(2, index).squeeze(2)
 

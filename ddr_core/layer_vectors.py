@@ -153,14 +153,19 @@ def collect_layer_vectors(
                 raise ValueError(f"collect_layer_vectors got {len(ids)} generation ids for a batch of {batch}.")
             keep = n_positions if sampling.positions_per_call is None else min(sampling.positions_per_call,
                                                                                n_positions)
-            for half, half_tokens in halves:
+            drawn = [[torch.arange(n_positions) if keep == n_positions
+                      else _position_draw(sampling.seed, ids[row], step, half, n_positions, keep)
+                      for row in range(batch)] for half, _ in halves]
+            # every row and half of this step go to the CPU in one copy (on a GPU one sync per step, not one per
+            # row and half); the positions go up without waiting for the GPU
+            index = torch.stack([torch.stack(rows) for rows in drawn]).to(tokens.device, non_blocking=True)
+            picked = torch.stack([half_tokens[torch.arange(batch, device=tokens.device)[:, None], index[h]]
+                                  for h, (_, half_tokens) in enumerate(halves)])  # (halves, batch, keep, C)
+            picked = picked.to("cpu", store_dtype)
+            for h, (half, _) in enumerate(halves):
                 for row in range(batch):
-                    if keep == n_positions:
-                        positions = torch.arange(n_positions)
-                    else:
-                        positions = _position_draw(sampling.seed, ids[row], step, half, n_positions, keep)
-                    vectors = half_tokens[row, positions.to(half_tokens.device)].to("cpu", store_dtype)
-                    recorded._parts["vectors"].append(vectors)
+                    positions = drawn[h][row]
+                    recorded._parts["vectors"].append(picked[h, row])
                     recorded._parts["rows"].append(torch.full((keep,), row, dtype=torch.int64))
                     recorded._parts["timesteps"].append(torch.full((keep,), timestep, dtype=torch.int64))
                     recorded._parts["halves"].append(torch.full((keep,), half, dtype=torch.int8))

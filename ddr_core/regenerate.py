@@ -210,7 +210,7 @@ def regenerate_positions(model: Any, generations: Sequence[CapturedGeneration], 
             denoiser called a number of times other than the capture's steps.
     """
     from ddr_core.families import as_model
-    from ddr_core.hooks import activation_tokens
+    from ddr_core.hooks import HostCopies, activation_tokens
 
     family = as_model(model)
     if not generations:
@@ -226,13 +226,15 @@ def regenerate_positions(model: Any, generations: Sequence[CapturedGeneration], 
     for first in range(0, len(generations), batch_size):
         chunk = list(generations[first:first + batch_size])
         seen: list[torch.Tensor] = []
+        copies = HostCopies()  # the maps stay on the device until the chunk's generation ends (no sync per step)
 
-        def hook(args: tuple, kwargs: dict, output: Any, seen: list[torch.Tensor] = seen, n: int = len(chunk)) -> None:
+        def hook(args: tuple, kwargs: dict, output: Any, seen: list[torch.Tensor] = seen, n: int = len(chunk),
+                 copies: HostCopies = copies) -> None:
             activation = hook_point.read(args, kwargs, output).detach()
             grid = position_grid(activation)
             tokens = activation_tokens(activation)[-n:].float()  # conditional half under CFG
             values = unit_maps(tokens).float()  # (n, positions, units)
-            seen.append(values.transpose(1, 2).reshape(n, values.shape[2], *grid).cpu())
+            copies.append(seen, values.transpose(1, 2).reshape(n, values.shape[2], *grid))
 
         latents = family.initial_latents([g.seed for g in chunk], height, width, dtype=family.dtype,
                                          device=family.device)
@@ -243,6 +245,7 @@ def regenerate_positions(model: Any, generations: Sequence[CapturedGeneration], 
                                           output_type="latent").float().cpu())
         finally:
             handle.remove()
+        copies.flush()
         if len(seen) != len(timesteps):
             raise ValueError(f"the layer {getattr(hook_point, 'name', hook_point)!r} was called {len(seen)} times in "
                              f"a generation of {len(timesteps)} steps: heatmaps need one call per denoising step")

@@ -83,8 +83,8 @@ def roll_per_element(latents: torch.Tensor, shift_y: torch.Tensor, shift_x: torc
     """
     batch, channels, height, width = latents.shape
     device = latents.device
-    rows = (torch.arange(height, device=device)[None, :] - shift_y.to(device)[:, None]) % height  # (B, H)
-    cols = (torch.arange(width, device=device)[None, :] - shift_x.to(device)[:, None]) % width  # (B, W)
+    rows = (torch.arange(height, device=device)[None, :] - shift_y.to(device, non_blocking=True)[:, None]) % height  # (B, H)
+    cols = (torch.arange(width, device=device)[None, :] - shift_x.to(device, non_blocking=True)[:, None]) % width  # (B, W)
     out = latents.gather(2, rows[:, None, :, None].expand(batch, channels, height, width))
     return out.gather(3, cols[:, None, None, :].expand(batch, channels, height, width))
 
@@ -117,7 +117,7 @@ def rotate_scale(latents: torch.Tensor, angles_deg: torch.Tensor, scales: torch.
     theta[:, 1, 1] = cos * inverse_scale
     compute_dtype = torch.float32 if latents.dtype in (torch.float16, torch.bfloat16) else latents.dtype
     grid = F.affine_grid(
-        theta.to(device=latents.device, dtype=compute_dtype), list(latents.shape), align_corners=False
+        theta.to(device=latents.device, dtype=compute_dtype, non_blocking=True), list(latents.shape), align_corners=False
     )
     resampled = F.grid_sample(
         latents.to(compute_dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False
@@ -357,7 +357,7 @@ def gaussian_smooth(grad: torch.Tensor, sigma: float, kernel_size: int = 9) -> t
         return grad
     size = 2 * pad + 1
     work_dtype = torch.float32 if grad.dtype in (torch.float16, torch.bfloat16) else grad.dtype
-    kernel = gaussian_kernel1d(size, sigma, work_dtype).to(grad.device)
+    kernel = gaussian_kernel1d(size, sigma, work_dtype).to(grad.device, non_blocking=True)
     x = grad.to(work_dtype).reshape(batch * channels, 1, height, width)
     x = F.pad(x, (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, kernel.view(1, 1, 1, size))

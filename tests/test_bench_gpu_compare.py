@@ -47,6 +47,25 @@ def test_compare_smoke_on_cpu_times_both_paths_in_one_run(bench, tmp_path, capsy
         assert paths["today"][what]["status"] == "ok" and paths["tuned1"][what]["status"] == "ok"
         assert paths["today"][what]["ratio_to_today"] == 1.0
         assert paths["tuned1"][what]["ratio_to_today"] > 0 and "meets_target" in paths["tuned1"][what]
+    # capture with the recording's per-step copies (before issue #19) vs one copy per batch, same run
+    copies = results["sections"]["compare"]["host_copies"]
+    assert copies["status"] == "ok" and copies["same_values"] is True and copies["batch"] == 2
+    assert list(copies["paths"]) == ["per_step", "per_batch"]
+    for row in copies["paths"].values():
+        assert row["images_per_s"] > 0 and len(row["rounds_seconds"]) == bench.HOST_COPY_ROUNDS
+        assert row["syncs_2_steps"] is None  # counted on CUDA only
+    assert copies["paths"]["per_batch"]["ratio_to_per_step"] > 0
     summary = capsys.readouterr().out
     assert "tuned1  dreams" in summary and "vs today" in summary and "target 35%" in summary
+    assert "host_copies=per_step (before issue #19)" in summary and "vs per_step" in summary
     assert json.loads(out.read_text())["sections"]["compare"]["target_mfu"] == {"dreams": 0.35, "capture": 0.30}
+
+
+def test_the_gpu_check_script_parses_and_passes_bench_arguments_through():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check_issue19.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert '"${BENCH_EXTRA[@]}"' in text and "SKIP_TESTS" in text  # its CPU smoke path (see its header)

@@ -221,7 +221,7 @@ class DreamObjective:
     def _tokens(self, layer_output: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         from ddr_core.hooks import activation_tokens
 
-        channels = self.channels if rows is None else self.channels[rows.to(self.channels.device)]
+        channels = self.channels if rows is None else self.channels[rows.to(self.channels.device, non_blocking=True)]
         tokens = activation_tokens(layer_output).float()  # (n, N, C)
         if tokens.shape[0] != channels.numel():
             raise ValueError(f"layer batch {tokens.shape[0]} != {channels.numel()} objective elements")

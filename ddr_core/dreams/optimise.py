@@ -171,7 +171,7 @@ def optimise_dreams(
         if every and step % every == 0:
             snapshots[step] = (latents.detach().float().cpu().clone() if param.name == "latent"
                                else param.picture(latents).cpu())
-        rows_device = rows.to(device)
+        rows_device = rows.to(device, non_blocking=True)  # a few indices up; no wait for the GPU
         element_gens = [generators[i] for i in rows.tolist()]
 
         rendered = param.render(latents[rows_device], rows, augmentation, element_gens)  # gradient to `latents`
@@ -198,9 +198,11 @@ def optimise_dreams(
         ok = finite & grad_finite
 
         values = {"activation": activation, "tv": tv, "range": out_of_range, "moment": moments, "loss": loss}
-        for name, value in values.items():
-            history[name][step, rows.numpy()] = value.detach().double().cpu().numpy()
-        ok_cpu = ok.cpu()
+        # the step's statistics and finite flags reach the CPU in one read (on a GPU one sync, not six)
+        host = torch.stack([*(value.detach().double() for value in values.values()), ok.double()]).cpu()
+        for index, name in enumerate(values):
+            history[name][step, rows.numpy()] = host[index].numpy()
+        ok_cpu = host[-1] != 0
         for position in torch.nonzero(~ok_cpu).flatten().tolist():
             element = int(rows[position])
             what = "activation" if not bool(torch.isfinite(activation[position])) else (
@@ -228,7 +230,7 @@ def optimise_dreams(
             for element in torch.nonzero(active & ~stepped_finite).flatten().tolist():
                 failed[element], failed_step[element] = f"non-finite latent after step {step}", step
                 active[element] = False
-            frozen = (~active).to(device)
+            frozen = (~active).to(device, non_blocking=True)
             latents[frozen] = before[frozen]  # failed / finished elements keep their last finite latent
 
     return DreamBatchResult(

@@ -81,7 +81,9 @@ def check_parameterisation(model: Any, name: str) -> None:
 def alpha_bar(model: Any, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``alpha_bar_t`` of the scheduler for each timestep ``(n,)``, ``dtype`` on the model's device."""
     table = model.pipe.scheduler.alphas_cumprod.to(dtype=dtype)
-    return table[torch.as_tensor(timesteps, dtype=torch.long).cpu()].to(model.device)
+    index = torch.as_tensor(timesteps, dtype=torch.long)
+    # indexed where the timesteps are (no read of device timesteps by the host); copies up never wait for the GPU
+    return table.to(index.device, non_blocking=True)[index].to(model.device, non_blocking=True)
 
 
 def model_output(model: Any, sample: torch.Tensor, timesteps: torch.Tensor, conditioning: Any) -> torch.Tensor:
@@ -91,7 +93,7 @@ def model_output(model: Any, sample: torch.Tensor, timesteps: torch.Tensor, cond
         scale = model.vae_scale_factor
         kwargs["added_cond_kwargs"] = model.added_cond_kwargs(conditioning, sample.shape[-2] * scale,
                                                               sample.shape[-1] * scale)
-    out = model.denoiser(sample.to(model.dtype), timesteps.to(model.device),
+    out = model.denoiser(sample.to(model.dtype), timesteps.to(model.device, non_blocking=True),
                          encoder_hidden_states=conditioning["prompt_embeds"], return_dict=False, **kwargs)[0]
     return out.to(sample.dtype)
 
@@ -126,7 +128,7 @@ def run_trajectory(model: Any, x: torch.Tensor, grid: torch.Tensor, conditioning
                    use_checkpoint: bool) -> torch.Tensor:
     """DDIM along ``grid`` (``(k + 1, n)``: row 0 the start timesteps); the sample at ``grid[-1]``."""
     for i in range(grid.shape[0] - 1):
-        t, t_prev = grid[i].to(model.device), grid[i + 1].to(model.device)
+        t, t_prev = grid[i].to(model.device, non_blocking=True), grid[i + 1].to(model.device, non_blocking=True)
         if use_checkpoint and x.requires_grad:
             x = checkpoint(ddim_step, model, x, t, t_prev, conditioning, use_reentrant=False)
         else:
@@ -180,7 +182,8 @@ class Parameterisation(ABC):
         augmented = augmentation(clean, list(generators))
         if self.config.see_through_schedule_noise:
             noise = torch.cat([torch.randn((1, *clean.shape[1:]), generator=g) for g in generators])
-            augmented = self.model.add_noise(augmented, noise.to(self.model.device), self.timesteps[rows.to(self.model.device)])
+            augmented = self.model.add_noise(augmented, noise.to(self.model.device, non_blocking=True),
+                                             self.timesteps[rows.to(self.model.device, non_blocking=True)])
         return augmented
 
 
@@ -222,7 +225,7 @@ class X0PredictionParameterisation(Parameterisation):
     def _clean(self, params: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if self.projection_noise is None:
             raise RuntimeError("X0PredictionParameterisation.init must run before rendering")
-        rows_device = rows.to(self.model.device)
+        rows_device = rows.to(self.model.device, non_blocking=True)
         noise = self.projection_noise[rows_device]
         s = self.projection[rows_device]
         noised = self.model.add_noise(params, noise, s)
