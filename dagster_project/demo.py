@@ -338,6 +338,9 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
     def p_value(value) -> str:
         return "-" if value is None else (f"{value:.1g}" if value < 0.01 else f"{value:.2f}")
 
+    def floor(value) -> str:  # the smallest p these pairs allow (concept_stats.target_arrangements), when it binds
+        return "" if value is None or value <= 0.001 else f"; the smallest p these pairs allow: {value:.2g}"
+
     lines = []
     for variant in variants:
         found = read_feature_concepts(feature_concepts_dir(layout, variant))
@@ -365,8 +368,8 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
                 for family, values in section["families"].items())
             lines.append(f"    {label}: {look}show the selective concept {share(selective.get('rate'))}"
                          f"{interval(selective.get('interval'))} of {selective.get('n_units', 0)} channel x family "
-                         f"(chance {share(selective.get('chance'))}, p {p_value(selective.get('p_value'))}); "
-                         f"all channels: {every}")
+                         f"(chance {share(selective.get('chance'))}, p {p_value(selective.get('p_value'))}"
+                         f"{floor(selective.get('p_floor'))}); all channels: {every}")
         if (world.get("generations") or {}).get("recognisable") is not None:
             lines.append(f"    generations {share(world['generations']['recognisable'])} recognisable")
     lines += basis_gap_lines(layout, variants)
