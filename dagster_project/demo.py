@@ -196,7 +196,7 @@ def failed_check_notes(result: dg.ExecuteInProcessResult, width: int = 240) -> l
 def stage_line(asset_name: str, key: str, result: dg.ExecuteInProcessResult, seconds: float) -> str:
     """The demo's console line of one stage run: ``ok`` / ``FAILED``, its time, and its failed asset checks."""
     status = "ok" if result.success else "FAILED"
-    failed = [note.split(":", 1)[0].removeprefix("check ").removesuffix(" FAILED") for note in failed_check_notes(result)]
+    failed = [evaluation.check_name for evaluation in result.get_asset_check_evaluations() if not evaluation.passed]
     checks = f" (check failed: {', '.join(failed)})" if failed else ""
     return f"  {asset_name}[{key}]: {status} in {seconds:.1f}s{checks}"
 
