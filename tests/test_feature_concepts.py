@@ -700,3 +700,28 @@ def test_the_committed_baseline_passes_on_a_real_demo() -> None:
         if not result["passed"]:
             failures.append(f"{variant}: {result['description']}")
     assert not failures, "; ".join(failures)
+
+
+def test_the_demo_line_says_when_the_pairs_cannot_reach_a_small_p(tmp_path: Path) -> None:
+    """The demo's ground-truth line adds the smallest p the selective pairs allow (``p_floor``) where it is above
+    0.001, so "p 0.09" over 7 SAE dream pairs reads as the floor it is (1/12), and says nothing where it is not."""
+    from dagster_project.demo import ground_truth_lines
+
+    def section(rate: float, p: float, floor: float) -> dict:
+        return {"selective": {"rate": rate, "interval": [0.5, 1.0], "n_units": 7, "chance": 0.4, "p_value": p,
+                              "p_floor": floor}, "families": {}}
+
+    summary = {"purity": {"overall": {"mean": 0.55, "interval": [0.54, 0.56]}, "chance": {"mean": 0.44},
+                          "excess": {"mean": 0.11, "interval": [0.1, 0.12]}},
+               "significance": {"selective_channels": 7, "channels_scored": 20, "alpha": 0.05},
+               "agreement": {"dream": section(0.79, 1 / 12, 1 / 12), "prior": section(0.5, 0.11, 0.00034)}}
+    layout = DataLayout(tmp_path, "default")
+    folder = layout.stage_dir("feature_concepts", "toy-sae")
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    pl.DataFrame({"channel": [0]}).write_parquet(folder / "feature_concepts.parquet")
+    lines = ground_truth_lines(layout, ["toy-sae"])
+    dreams = next(line for line in lines if line.startswith("    dreams:"))
+    priors = next(line for line in lines if line.startswith("    priors:"))
+    assert "(chance 0.40, p 0.08; the smallest p these pairs allow: 0.083); all channels:" in dreams
+    assert "smallest" not in priors and "(chance 0.40, p 0.11); all channels:" in priors
