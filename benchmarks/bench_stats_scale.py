@@ -234,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.generations < args.batch or args.top_k > args.channels or args.timesteps < 3:
         parser.error("need --generations >= --batch, --top-k <= --channels and --timesteps >= 3")
 
+    if args.workdir is not None:  # a folder on the disk to use, made if missing (was: FileNotFoundError from mkdtemp)
+        args.workdir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="ddr-bench-stats-scale-", dir=args.workdir))
     failures: list[str] = []
     try:

@@ -181,6 +181,26 @@ def run_stage(defs: dg.Definitions, asset_name: str, key: str, instance: dg.Dags
         tags=tags, raise_on_error=False)
 
 
+def failed_check_notes(result: dg.ExecuteInProcessResult, width: int = 240) -> list[str]:
+    """One short note per asset check of a stage's run that did not pass (``check <name> FAILED: <description>``,
+    cut to ``width`` characters). A failing check does not fail its run, so the stage's "ok" alone would hide it."""
+    notes = []
+    for evaluation in result.get_asset_check_evaluations():
+        if evaluation.passed:
+            continue
+        note = f"check {evaluation.check_name} FAILED" + (f": {evaluation.description}" if evaluation.description else "")
+        notes.append(note if len(note) <= width else note[: width - 3] + "...")
+    return notes
+
+
+def stage_line(asset_name: str, key: str, result: dg.ExecuteInProcessResult, seconds: float) -> str:
+    """The demo's console line of one stage run: ``ok`` / ``FAILED``, its time, and its failed asset checks."""
+    status = "ok" if result.success else "FAILED"
+    failed = [evaluation.check_name for evaluation in result.get_asset_check_evaluations() if not evaluation.passed]
+    checks = f" (check failed: {', '.join(failed)})" if failed else ""
+    return f"  {asset_name}[{key}]: {status} in {seconds:.1f}s{checks}"
+
+
 def quiet_libraries() -> None:
     """No per-load progress bars from diffusers / transformers / huggingface_hub ("Loading pipeline components",
     "Loading weights": dozens of lines per stage in a log); ddr's own progress (:mod:`ddr_core.progress`) still
@@ -223,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     demo_defs = stage_definitions(storage)
     chosen: dict[str, list[int]] = {}
+    failed_checks: list[str] = []
     for asset_name, keys in plan:
         if asset_name == "priors" and not args.all_blocks:  # the channels to show, once they are scored
             keys = []
@@ -248,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
             run_config = {"ops": {asset_name: {"config": op_config}}} if op_config else None
             result = run_stage(demo_defs, asset_name, key, instance, run_config, storage.layout.experiment,
                                log_level="DEBUG" if args.verbose else "WARNING")
-            status = "ok" if result.success else "FAILED"
-            print(f"  {asset_name}[{key}]: {status} in {time.monotonic() - t0:.1f}s")
+            print(stage_line(asset_name, key, result, time.monotonic() - t0))
+            failed_checks += [f"{asset_name}[{key}] {note}" for note in failed_check_notes(result)]
             if not result.success:
                 for event in result.all_events:
                     if event.is_failure and event.event_specific_data is not None:
@@ -260,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     layout = storage.layout
     print(f"ddr demo finished in {time.monotonic() - start:.0f}s. Data under {layout.data_root}.")
+    if failed_checks:  # the runs succeeded, but these checks did not pass: say so beside the figures
+        print(f"Asset checks that failed ({len(failed_checks)}; the Dagster UI shows each with its metadata):")
+        for note in failed_checks:
+            print(f"  {note}")
     if args.comparison:  # only the diff ran: its lines, not the other stages' results of the data root
         for line in matching_lines(layout, variants):
             print(line)
@@ -313,6 +338,9 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
     def p_value(value) -> str:
         return "-" if value is None else (f"{value:.1g}" if value < 0.01 else f"{value:.2f}")
 
+    def floor(value) -> str:  # the smallest p these pairs allow (concept_stats.target_arrangements), when it binds
+        return "" if value is None or value <= 0.001 else f"; the smallest p these pairs allow: {value:.2g}"
+
     lines = []
     for variant in variants:
         found = read_feature_concepts(feature_concepts_dir(layout, variant))
@@ -340,8 +368,8 @@ def ground_truth_lines(layout, variants: list[str]) -> list[str]:
                 for family, values in section["families"].items())
             lines.append(f"    {label}: {look}show the selective concept {share(selective.get('rate'))}"
                          f"{interval(selective.get('interval'))} of {selective.get('n_units', 0)} channel x family "
-                         f"(chance {share(selective.get('chance'))}, p {p_value(selective.get('p_value'))}); "
-                         f"all channels: {every}")
+                         f"(chance {share(selective.get('chance'))}, p {p_value(selective.get('p_value'))}"
+                         f"{floor(selective.get('p_floor'))}); all channels: {every}")
         if (world.get("generations") or {}).get("recognisable") is not None:
             lines.append(f"    generations {share(world['generations']['recognisable'])} recognisable")
     lines += basis_gap_lines(layout, variants)

@@ -22,6 +22,7 @@ once (a channel's top examples are de-duplicated by prompt before scoring).
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
 
@@ -115,7 +116,12 @@ def agreement_permutation_test(
         ``chance_per_image`` (mean over units of the share of *all* images of their stratum predicted as
         their target), ``p_value`` (one-sided, ``(1 + #perm >= observed) / (1 + permutations)``: its
         resolution is ``1 / (permutations + 1)``, and among ``n`` units it cannot go below the share of
-        permutations that reach the observed rate by chance), ``units``, ``images``.
+        permutations that reach the observed rate by chance), ``p_floor`` (the smallest p-value the exact test
+        can give on these units whatever their images show: 1 / the number of distinct arrangements of the
+        targets within their strata (:func:`target_arrangements`), e.g. 1/12 for the targets ``[circle, square,
+        square]`` and ``[black, black, black, white]`` in two strata; units sharing one target value add no
+        arrangements, so a claim that needs p < 0.001 is out of reach while ``p_floor`` is above it), ``units``,
+        ``images``.
     """
     if len(predictions) != len(targets):
         raise ValueError(f"{len(predictions)} prediction lists for {len(targets)} targets")
@@ -123,7 +129,7 @@ def agreement_permutation_test(
     kept = [(list(p), t, g) for p, t, g in zip(predictions, targets, strata, strict=True) if len(p) and t is not None]
     if not kept:
         return {"rate": float("nan"), "chance_per_image": float("nan"), "p_value": float("nan"),
-                "units": 0, "images": 0}
+                "p_floor": float("nan"), "units": 0, "images": 0}
     values = sorted({(g, v) for p, t, g in kept for v in (*p, t)})
     code = {v: i for i, v in enumerate(values)}
     share = np.zeros((len(kept), len(values)))  # share[u, v]: the share of unit u's images predicted as v
@@ -148,7 +154,23 @@ def agreement_permutation_test(
     null = share[rows[None, :], shuffled].mean(axis=1)
     exceed = int((null >= observed - 1e-12).sum())
     return {"rate": observed, "chance_per_image": chance, "p_value": (1 + exceed) / (1 + permutations),
+            "p_floor": 1.0 / target_arrangements([t for _, t, _ in kept], [g for _, _, g in kept]),
             "units": len(kept), "images": int(sum(len(p) for p, _, _ in kept))}
+
+
+def target_arrangements(targets: Sequence[str], strata: Sequence[str]) -> int:
+    """How many distinct ways ``targets`` can be arranged over their units when they are permuted within
+    ``strata`` (per stratum the multinomial ``n! / prod(count_v!)`` of its target values; the product over
+    strata): the exact permutation test of :func:`agreement_permutation_test` cannot give a p-value below
+    ``1 / target_arrangements(...)``."""
+    total = 1
+    for stratum in sorted(set(strata)):
+        values = Counter(t for t, g in zip(targets, strata, strict=True) if g == stratum)
+        count = math.factorial(sum(values.values()))
+        for n in values.values():
+            count //= math.factorial(n)
+        total *= count
+    return total
 
 
 def bootstrap_interval(values: Sequence[float], *, level: float = 0.95, resamples: int = 2000,

@@ -263,7 +263,8 @@ def agreement_rows(scored: pl.DataFrame, units: list[tuple[int, str, str]], fami
                                  resamples=config.bootstrap_resamples, seed=config.seed)
     return [_row("agreement_selective", result["rate"], interval=interval, p_value=result["p_value"],
                  n=len(kept), chance=result["chance_per_image"], null=null,
-                 note=f"{len({c for c, _, _ in kept})} channel(s), {result['images']} image-family pairs")]
+                 note=f"{len({c for c, _, _ in kept})} channel(s), {result['images']} image-family pairs; the smallest "
+                      f"p these pairs allow: {result['p_floor']:.2g}")]
 
 
 def recognisable_row(scored: pl.DataFrame, threshold: float, reference: float | None,

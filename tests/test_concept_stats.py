@@ -15,6 +15,7 @@ from ddr_core.concept_stats import (
     bootstrap_interval,
     expected_purity,
     max_count_tail,
+    target_arrangements,
 )
 
 
@@ -87,3 +88,19 @@ def test_agreement_permutations_stay_within_their_stratum():
                                         strata=["colour", "colour", "shape", "shape"], permutations=20000, seed=2)
     assert result["rate"] == 1.0 and result["p_value"] == pytest.approx(1 / 4, abs=0.01)
     assert result["chance_per_image"] == pytest.approx(0.5) and result["images"] == 10
+
+
+def test_the_smallest_attainable_agreement_p_counts_the_target_arrangements():
+    """The demo's 7 SAE (dream, family) pairs had the targets circle, square, square (shape) and black x3, white
+    (background): 3 x 4 = 12 distinct arrangements, so even images that all show their concept give p >= 1/12 and the
+    issue's p < 0.001 is out of reach whatever the pictures. Identical targets add no arrangements."""
+    targets = ["circle", "square", "square", "black", "black", "black", "white"]
+    strata = ["shape"] * 3 + ["background"] * 4
+    assert target_arrangements(targets, strata) == 12
+    assert target_arrangements(["a", "b", "c"], [""] * 3) == 6 and target_arrangements(["a"] * 5, [""] * 5) == 1
+    perfect = agreement_permutation_test([[t] * 3 for t in targets], targets, strata=strata, permutations=20000, seed=3)
+    assert perfect["rate"] == 1.0 and perfect["p_floor"] == pytest.approx(1 / 12)
+    assert perfect["p_value"] == pytest.approx(1 / 12, abs=0.01)  # the best possible images sit at the floor
+    same = agreement_permutation_test([["a"], ["a"], ["a"]], ["a", "a", "a"], permutations=500)
+    assert same["rate"] == 1.0 and same["p_floor"] == 1.0 and same["p_value"] == 1.0
+    assert math.isnan(agreement_permutation_test([[]], [None])["p_floor"])

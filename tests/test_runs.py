@@ -280,3 +280,28 @@ def test_demo_until_stops_after_the_named_stage(tmp_path, monkeypatch, capsys):
     assert "activity_plots[" not in out and "priors[" not in out
     with pytest.raises(SystemExit):
         demo.main(["--until", "no_such_stage"])
+
+
+def test_the_demo_line_of_a_stage_names_its_failed_asset_checks():
+    """A failing asset check does not fail its run: the demo's "ok" line must still say the check failed (the demo's
+    feature_concepts_baseline and dream_quality checks failed on toy-sae while every line said "ok")."""
+    from dagster_project.demo import failed_check_notes, stage_line
+
+    @dg.asset(check_specs=[dg.AssetCheckSpec("quality", asset="scored"), dg.AssetCheckSpec("fine", asset="scored")])
+    def scored():
+        yield dg.Output(1)
+        yield dg.AssetCheckResult(check_name="quality", passed=False, description="regressed: x 0.1 < 0.5 " + "y" * 300)
+        yield dg.AssetCheckResult(check_name="fine", passed=True, description="all good")
+
+    result = dg.materialize([scored], instance=dg.DagsterInstance.ephemeral())
+    assert result.success  # the run is fine ...
+    assert failed_check_notes(result, width=60) == [("check quality FAILED: regressed: x 0.1 < 0.5 " + "y" * 300)[:57]
+                                                    + "..."]  # ... its check is not, and only the failed one is named
+    assert stage_line("scored", "k", result, 1.25) == "  scored[k]: ok in 1.2s (check failed: quality)"
+
+    @dg.asset
+    def plain():
+        return 1
+
+    assert stage_line("plain", "k", dg.materialize([plain], instance=dg.DagsterInstance.ephemeral()), 2.0) \
+        == "  plain[k]: ok in 2.0s"

@@ -127,7 +127,8 @@ def test_scale_benchmark_finds_its_planted_answers_at_a_tiny_size(tmp_path, caps
     # (Linux carries a parent's high-water mark into the child's ru_maxrss across execve)
     ballast = np.ones(1200 * 2**20, dtype=np.uint8)
     assert bench.main(["--generations", "48", "--timesteps", "6", "--channels", "24", "--batch", "8", "--top-k", "4",
-                       "--scales", "0.5", "1", "--memory-budget-mib", "1024", "--workdir", str(tmp_path)]) == 0
+                       "--scales", "0.5", "1", "--memory-budget-mib", "1024",
+                       "--workdir", str(tmp_path / "a new" / "disk")]) == 0  # --workdir made if missing
     del ballast
     out = capsys.readouterr().out
     assert "planted answers found at every scale" in out and "M values/s" in out and "thesis capture" in out

@@ -45,6 +45,7 @@ def _agreement_test(units: list[tuple[list[str], str, str]], reference: dict[str
     return {"rate": None if math.isnan(result["rate"]) else result["rate"],
             "chance": None if math.isnan(result["chance_per_image"]) else result["chance_per_image"],
             "p_value": None if math.isnan(result["p_value"]) else result["p_value"],
+            "p_floor": None if math.isnan(result["p_floor"]) else result["p_floor"],
             "interval": _interval(shares, config), "n_units": result["units"], "images": result["images"]}
 
 
