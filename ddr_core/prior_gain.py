@@ -95,14 +95,15 @@ def measure_prior_activation(model: Any, basis: Any, layer_name: str, channel: i
         raise ValueError(f"steered {tuple(steered.shape)} and unsteered {tuple(unsteered.shape)} latents need one "
                          f"row per seed ({n})")
     latents = torch.cat([steered.float(), unsteered.float()])
-    objective = DreamObjective(torch.full((2 * n,), int(channel)), basis)
     timesteps = torch.full((2 * n,), int(timestep))
-    per_draw = []
-    for draw in range(noise_draws):
-        generators = element_generators([element_seed(random_seed, channel, timestep, seed, draw=1 + draw)
-                                         for seed in seeds * 2])
-        per_draw.append(measure_activations(model, layer_name, objective, latents, timesteps, [generators]))
-    values = torch.stack(per_draw)  # (draws, 2n)
+    # every draw of every element in one forward: element (draw, i) sees the noise of (seed i, draw), shared by the
+    # steered and the unsteered latent of that seed
+    generators = element_generators([element_seed(random_seed, channel, timestep, seed, draw=1 + draw)
+                                     for draw in range(noise_draws) for seed in seeds * 2])
+    objective = DreamObjective(torch.full((2 * n * noise_draws,), int(channel)), basis)
+    with torch.inference_mode():
+        values = measure_activations(model, layer_name, objective, latents.repeat(noise_draws, 1, 1, 1),
+                                     timesteps.repeat(noise_draws), [generators]).reshape(noise_draws, 2 * n)
     mean = values.mean(dim=0)
     sd = values.std(dim=0, unbiased=True) if noise_draws > 1 else torch.zeros_like(mean)
 

@@ -93,7 +93,7 @@ def test_benchmark_line_shows_the_prior_gain_as_text():
 
 def test_measurement_of_an_added_constant_and_of_zero_steering(tiny_pipe):
     """Through the real measurement: identical steered and unsteered latents gain exactly 0; a hook adding 0.75 to
-    channel 5 of the steered elements only (the first half of the measured batch) gains exactly 0.75."""
+    channel 5 of the steered elements only (the first n of each draw's 2n measured elements) gains exactly 0.75."""
     model = as_model(tiny_pipe)
     width = model.layer_width(TINY_TARGET_LAYER)
     latents = torch.randn(2, *model.latent_shape(*model.default_size), generator=torch.Generator().manual_seed(0))
@@ -106,7 +106,8 @@ def test_measurement_of_an_added_constant_and_of_zero_steering(tiny_pipe):
 
     def add(args, kwargs, output):
         tensor = point.read(args, kwargs, output).clone()
-        tensor[: len(SEEDS), 5] += 0.75  # (B, C, H, W): the steered elements come first
+        steered = (torch.arange(tensor.shape[0]) % (2 * len(SEEDS))) < len(SEEDS)  # per draw: steered, unsteered
+        tensor[steered, 5] += 0.75  # (B, C, H, W)
         return point.write(args, kwargs, output, tensor)
 
     handle = point.register(add)
