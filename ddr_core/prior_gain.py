@@ -246,3 +246,29 @@ def record_prior_gain_for_variant(project: Any, layout: Any, variant: str, stage
     model, basis = load_variant_model(project, layout, variant, out_dir, "priors folder", device, "float32")
     return record_prior_gain(model, basis, project.layer_of(variant), layout.timestep_stats_dir(variant), out_dir,
                              channels, noise_draws, replace=replace)
+
+
+def prior_verdicts(record: dict[str, Any] | None, multiple: float | None = None) -> list[str | None]:
+    """Per seed of a finished prior record, its verdict against the unsteered generation as plain text (``None``
+    where not measured), e.g. ``"vs unsteered: raised (gain 0.52 vs noise 0.10)"`` or ``"vs unsteered: not raised
+    (gain 0.001 vs noise 0.03)"``: :func:`with_prior_gain` on the channel's seeds (the inspector and the HTML
+    export show it under each prior, as text)."""
+    from ddr_core.dream_verdict import NOISE_SD_MULTIPLE, verdict_text
+
+    if not record or record.get("status") != "done":
+        return []
+    seeds = [int(s) for s in record.get("seeds") or []]
+    channel = int(record.get("channel") or 0)
+    rows = [{"channel": channel, "seed": seed, **gain}
+            for seed, gain in zip(seeds, activation_rows(channel, record), strict=True)]
+    frame = pl.DataFrame(rows, schema={"channel": pl.Int32, "seed": pl.Int64, **GAIN_COLUMNS}, orient="row")
+    judged = with_prior_gain(frame, NOISE_SD_MULTIPLE if multiple is None else multiple)
+    out: list[str | None] = []
+    for row in judged.iter_rows(named=True):
+        if row["gain_over_unsteered"] is None:
+            out.append(None)
+            continue
+        text = verdict_text({"gain": row["gain_over_unsteered"], "noise_sd": row["unsteered_noise_sd"],
+                             "raised": row["raised_over_unsteered"], "failed": False})
+        out.append(f"vs unsteered: {text}")
+    return out
