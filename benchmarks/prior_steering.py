@@ -15,11 +15,13 @@ These settings were fixed before any agreement was looked at (no tuning). Then:
   ``priors_self_top`` and ``priors_profile`` (agreement with the channels' significant concepts with its per-image
   chance, permutation p and bootstrap interval; recognisability; seed diversity; coverage) into
   ``outputs/<experiment>/visual_benchmark_priors/<variant>``;
-- ``activation_gain``: each prior's final latent against the **unsteered** empty-prompt generation of the same seed,
-  both measured by :func:`ddr_core.dreams.measure_activations` (the dream quality measure) at the channel's top
-  activity peak, averaged over ``--noise-draws`` schedule-noise draws shared by the pair; gain = steered minus
-  unsteered. Interval: bootstrap over channels; p: sign flips of the channels' mean gains.
-  ``gain_positive_channels``: channels whose mean gain is above 0 (of n).
+- ``gain_over_unsteered`` / ``raised_over_unsteered_share`` / ``channels_gaining`` (rows of the same table): each
+  prior's final latent against the **unsteered** empty-prompt generation of the same seed, both measured by
+  :func:`ddr_core.dreams.measure_activations` at the channel's top activity peak over ``--noise-draws``
+  schedule-noise draws shared by the pair (:mod:`ddr_core.prior_gain`, the one home of the measurement: the
+  priors stage records it in ``prior.json``; priors made before it get it here,
+  :func:`ddr_core.prior_gain.record_prior_gain_for_variant`). Interval: bootstrap over channels; p: sign flips of
+  the channels' mean gains; channels gaining: k of n with a mean gain above 0.
 
 Held-out check (``--held-out N``): the first ``N`` selective channels (a ``feature_concepts`` verdict) the demo's
 priors did **not** run, with the default priors generated for them too (``priors``, the demo's settings). Delete
@@ -47,11 +49,9 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-import torch
 
 from ddr_assets.visual_benchmark import classifier_of
 from ddr_core.visual_benchmark import (
-    BENCHMARK_SCHEMA,
     METHODS,
     VisualBenchmarkConfig,
     benchmark_lines,
@@ -77,70 +77,9 @@ def base_config(priors_dir: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no finished prior in {priors_dir}: run make demo first")
 
 
-def gain_rows(storage: Any, variant: str, channels: list[int], base: dict[str, Any], noise_draws: int,
-              bench: VisualBenchmarkConfig) -> list[dict[str, Any]]:
-    """``activation_gain`` / ``gain_positive_channels`` of each prior method (see the module docstring)."""
-    from safetensors.torch import load_file
-
-    from ddr_core.benchmark_stats import cluster_bootstrap, sign_flip_test
-    from ddr_core.dreams import DreamObjective, measure_activations
-    from ddr_core.priors import generate_priors
-    from ddr_core.random_baseline import derived_seed
-    from ddr_core.steering import top_peaks
-    from ddr_core.variant_inputs import load_variant_model
-
-    project, layout = storage.project, storage.layout
-    out_dir = layout.stage_dir("visual_benchmark_priors", variant)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, basis = load_variant_model(project, layout, variant, out_dir, "benchmark folder", "cpu", "float32")
-    layer_name = project.layer_of(variant)
-    seeds = list(base["seeds"])
-    unsteered, _ = generate_priors(model, layer_name, basis.directions(channels[:1]),
-                                   torch.zeros(1, model.num_train_timesteps), seeds,
-                                   num_inference_steps=base["num_inference_steps"], batch_size=len(seeds),
-                                   height=base["height"], width=base["width"])
-    peaks = top_peaks(layout.timestep_stats_dir(variant), channels)
-    rows = []
-    for method in PRIOR_METHODS:
-        stage_dir = layout.stage_dir(method, variant)
-        gains: list[float] = []
-        owners: list[int] = []
-        per_channel: list[float] = []
-        for channel in channels:
-            path = stage_dir / f"channel_{channel:05d}" / "latents.safetensors"
-            if channel not in peaks or not path.is_file():
-                continue
-            steered = load_file(str(path))["latents"]
-            latents = torch.cat([steered, unsteered[0]])
-            n = len(seeds)
-            generators = [[torch.Generator().manual_seed(derived_seed(draw, index % n)) for index in range(2 * n)]
-                          for draw in range(noise_draws)]
-            values = measure_activations(model, layer_name, DreamObjective(torch.full((2 * n,), channel), basis),
-                                         latents, torch.full((2 * n,), peaks[channel]), generators)
-            diff = (values[:n] - values[n:]).tolist()
-            gains += diff
-            owners += [channel] * n
-            per_channel.append(sum(diff) / n)
-        if not gains:
-            continue
-        settings = json.dumps({"method": method, **OPTIONS.get(method, {})}, sort_keys=True)
-        common = {"variant": variant, "method": method, "chance": 0.0, "settings": settings}
-        rows.append({**common, "metric": "activation_gain", "value": sum(gains) / len(gains),
-                     **dict(zip(("low", "high"), cluster_bootstrap(gains, owners, level=bench.level,
-                                                                    resamples=bench.bootstrap_resamples,
-                                                                    seed=bench.seed), strict=True)),
-                     "p_value": sign_flip_test(per_channel, permutations=bench.permutations, seed=bench.seed),
-                     "n": len(gains), "null": "0; p: signs of the channels' mean gains flipped",
-                     "note": f"prior minus the unsteered generation of the same seed, measured at the channel's top "
-                             f"peak over {noise_draws} shared schedule-noise draws"})
-        rows.append({**common, "metric": "gain_positive_channels", "value": float(sum(g > 0 for g in per_channel)),
-                     "low": None, "high": None, "p_value": None, "n": len(per_channel), "chance": None,
-                     "null": "", "note": "count (not a share) of channels whose mean gain is above 0"})
-    return rows
-
-
 def main() -> None:
     from ddr_core.feature_concepts import feature_concepts_dir
+    from ddr_core.prior_gain import record_prior_gain_for_variant
     from ddr_core.priors import PriorsConfig, priors_for_variant
     from ddr_resources.resources import DdrStorage
 
@@ -175,19 +114,22 @@ def main() -> None:
             if args.skip_priors:
                 continue
             start = time.monotonic()
-            result = priors_for_variant(project, layout, variant, channels, PriorsConfig(**base, **option), "cpu",
+            result = priors_for_variant(project, layout, variant, channels,
+                                        PriorsConfig(**base, **option, gain_noise_draws=args.noise_draws), "cpu",
                                         stage=method)
             print(f"{variant} {method}: {result.counts()} in {time.monotonic() - start:.0f}s; {option} on {base}",
                   flush=True)
+        for method in PRIOR_METHODS:  # priors made before the gain was recorded (the demo's own, --skip-priors)
+            if layout.stage_dir(method, variant).is_dir():
+                measured = record_prior_gain_for_variant(project, layout, variant, method, channels, args.noise_draws)
+                print(f"{variant} {method}: gain over the unsteered generation measured for {len(measured)} "
+                      "channel(s) that lacked it", flush=True)
         found = compute_visual_benchmark(
             variant, layout.data_root, feature_concepts_dir(layout, variant),
             {m.stage: layout.stage_dir(m.stage, variant) for m in METHODS if m.stage in PRIOR_METHODS},
             layout.stage_dir("visual_benchmark_priors", variant), bench, log=print,
             classify=classifier_of(storage, variant))
-        gains = pl.DataFrame(gain_rows(storage, variant, channels, base, args.noise_draws, bench),
-                             schema=BENCHMARK_SCHEMA, orient="row")
-        gains.write_parquet(layout.stage_dir("visual_benchmark_priors", variant) / "activation_gain.parquet")
-        tables += [found.table, gains]
+        tables.append(found.table)
     table = pl.concat(tables)
     for line in benchmark_lines(table):
         print(line)

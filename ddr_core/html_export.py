@@ -424,8 +424,8 @@ def _dreams_html(shard: dict[str, Any], files: _Files) -> str:
 def _priors_html(shard: dict[str, Any], files: _Files) -> str:
     priors = shard.get("priors")
     if priors and priors["status"] == "done":
-        cards = "".join(f'<div class="card">{files.img(p["image"], 1, "prior image")}<div>seed {p["seed"]}</div></div>'
-                        for p in priors["images"])
+        cards = "".join(f'<div class="card">{files.img(p["image"], 1, "prior image")}<div>seed {_e(p["seed"])}'
+                        f'{"; " + _e(p["verdict"]) if p.get("verdict") else ""}</div></div>' for p in priors["images"])
         return f'<p>steered at timesteps {_e(priors["steered_timesteps"])}</p><div class="grid">{cards}</div>'
     if priors:
         return f"<p>Priors skipped: {_e(priors.get('reason'))}</p>"

@@ -395,7 +395,8 @@ def render_priors(layout: DataLayout, shard: dict[str, Any]) -> None:
     columns = st.columns(4)
     for i, item in enumerate(priors["images"]):
         with columns[i % 4]:
-            show_image(layout, item["image"], caption=f"seed {item['seed']}", what="prior image")
+            show_image(layout, item["image"], what="prior image",
+                       caption=f"seed {item['seed']}" + (f"; {item['verdict']}" if item.get("verdict") else ""))
 
 
 def render_cfg_contrast(layout: DataLayout, variant: str, channel: int) -> None:

@@ -69,7 +69,11 @@ On-disk format (``out_dir/channel_<c:05d>/``, every file written atomically)
                          steered_timesteps (scheduler timesteps with nonzero strength, denoising
                          order), strengths (one per steered timestep), strength_summary (n_steered,
                          min, max, mean), images (paths relative to the data root, seed order),
-                         latents (relative path or ``null``), config_hash, stats_config_hash.
+                         latents (relative path or ``null``), config_hash, stats_config_hash; and, with
+                         ``gain_noise_draws > 0``, ``activation``: the prior's and the unsteered generation's
+                         activation of the channel per seed (:mod:`ddr_core.prior_gain`; not hashed).
+``unsteered.safetensors`` (in ``out_dir`` itself): the unsteered empty-prompt generations of the seeds, made
+                         once per folder and settings hash, shared by every channel's ``activation``.
 
 A rerun skips finished channels; one whose ``prior.json`` has another ``config_hash`` (other seeds,
 mode, scale, steps, size, basis or layer) raises :class:`PriorsConfigMismatch` rather than mixing.
@@ -108,6 +112,7 @@ from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported f
     stage_locks_dir,
 )
 from ddr_core.paths import check_output_folder, relative_to_data_root
+from ddr_core.prior_gain import ACTIVATION_KEY, measure_prior_activation, record_prior_gain, unsteered_latents
 from ddr_core.statistics import read_summary, require_statistics
 from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSelection re-exported
     SteerPositions,
@@ -116,6 +121,7 @@ from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSele
     check_stats_channels,
     self_gated_positions,
     steering_schedule,
+    top_peaks,
 )
 from ddr_core.variant_inputs import channel_list, check_channels, load_variant_model, select_variant_channels
 
@@ -160,6 +166,10 @@ class PriorsConfig(BaseModel):
     position_fraction: float = Field(
         default=DEFAULT_POSITION_FRACTION, gt=0.0, le=1.0, allow_inf_nan=False,
         description="share of positions steered with steer_positions: self_top (ceil(share x positions), >= 1)")
+    gain_noise_draws: int = Field(
+        default=4, ge=0, le=64,
+        description="schedule-noise draws of the activation gain over the unsteered generation recorded per prior "
+                    "(ddr_core.prior_gain; not part of the settings hash); 0: not measured")
 
     @model_validator(mode="after")
     def _fraction_needs_gate(self) -> PriorsConfig:
@@ -507,6 +517,19 @@ def run_priors(
         row_of = {c: r for r, c in enumerate(candidates)}
 
         all_directions = unit_basis.directions(to_generate)
+        cached: dict[str, Any] = {}
+
+        def unsteered() -> torch.Tensor:  # the unsteered generations of the seeds, once per folder and settings
+            if "latents" not in cached:
+                cached["latents"] = unsteered_latents(model, layer_name, out_dir, settings_hash, config.seeds,
+                                                      num_inference_steps=config.num_inference_steps, height=height,
+                                                      width=width_px, batch_size=config.batch_size)
+            return cached["latents"]
+
+        def peaks() -> dict[int, int]:
+            if "peaks" not in cached:
+                cached["peaks"] = top_peaks(stats_dir, to_generate)
+            return cached["peaks"]
 
         # Channels per pipeline call: the fewest whose generations fill whole batches.
         n_seeds = len(config.seeds)
@@ -546,6 +569,11 @@ def run_priors(
                         with atomic_path(path) as tmp:
                             image.save(tmp, format="PNG")
                         image_paths.append(_relative(path, data_root))
+                    activation = {}
+                    if config.gain_noise_draws:
+                        activation = {ACTIVATION_KEY: measure_prior_activation(
+                            model, unit_basis, layer_name, channel, latents[position], unsteered(),
+                            peaks().get(channel), config.seeds, config.gain_noise_draws)}
                     row = schedule[row_of[channel]]
                     steered = [t for t in timesteps if float(row[t]) != 0.0]
                     strengths = [float(row[t]) for t in steered]
@@ -557,9 +585,13 @@ def run_priors(
                             "mean": sum(strengths) / len(strengths),
                         },
                         "images": image_paths, "latents": _relative(folder / LATENTS_FILE, data_root),
+                        **activation,
                     })
                     result.done.append(channel)
                     result.images += n_seeds
+        if config.gain_noise_draws and result.resumed:  # priors made before the measurement existed
+            record_prior_gain(model, unit_basis, layer_name, stats_dir, out_dir, result.resumed,
+                              config.gain_noise_draws, batch_size=config.batch_size)
         result.seconds = time.monotonic() - start
         if log:
             log(f"priors {out_dir.name}: {result.counts()}")

@@ -13,6 +13,10 @@ variant, from what the stages wrote (no model is run here):
   within a family, each channel keeping its images (:func:`ddr_core.concept_stats.agreement_permutation_test`).
 - ``recognisable``: share of the method's images within ``recognisable_rmse`` of a render of the world
   (the per-image RMSE ``feature_concepts`` saved); reference: the capture's own generations.
+- ``gain_over_unsteered`` / ``raised_over_unsteered_share`` / ``channels_gaining`` (priors): each prior's
+  activation of its channel minus the unsteered empty-prompt generation of the same seed (recorded by the priors
+  stage, :mod:`ddr_core.prior_gain`); p: sign flips of the channels' mean gains; raised: the gain exceeds the
+  unsteered activation's noise (the dreams' definition); channels gaining: k of n with a mean gain above 0.
 - ``gain_over_start`` (dreams): dream activation minus the activation of the latent it started from (the
   prior, seeded noise or the dataset example), both re-measured by the dream stage's quality check; p: sign flips of the channels' mean gains.
   ``raised_share`` / ``no_op_dreams``: a dream is **raised** when its gain exceeds the noise of its start
@@ -158,6 +162,7 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
     timestep null for priors), per channel without images the reason, and the method's settings (of the
     first finished channel)."""
     from ddr_core.channel_store import read_dream, read_prior
+    from ddr_core.prior_gain import GAIN_COLUMNS, activation_rows
 
     rows: list[dict[str, Any]] = []
     problems: dict[int, str] = {}
@@ -172,8 +177,9 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
             if record.get("status") != "done":
                 problems[channel] = f"prior {record.get('status')}: {record.get('reason') or record.get('message')}"
                 continue
-            for seed, image in zip(record.get("seeds") or [], record.get("images") or [], strict=False):
-                rows.append({"channel": channel, "timestep": None, "seed": int(seed), "image": str(image)})
+            gains = activation_rows(channel, record)
+            for seed, image, gain in zip(record.get("seeds") or [], record.get("images") or [], gains, strict=False):
+                rows.append({"channel": channel, "timestep": None, "seed": int(seed), "image": str(image), **gain})
         else:
             results = record.get("results") or {}
             if not results:
@@ -183,7 +189,8 @@ def method_images(method: Method, stage_dir: Path, channels: Sequence[int]) -> t
             for timestep, result in results.items():
                 for seed, image in zip(result.get("seeds") or [], result.get("images") or [], strict=False):
                     rows.append({"channel": channel, "timestep": int(timestep), "seed": int(seed), "image": str(image)})
-    schema = {"channel": pl.Int32, "timestep": pl.Int64, "seed": pl.Int64, "image": pl.String}
+    schema = {"channel": pl.Int32, "timestep": pl.Int64, "seed": pl.Int64, "image": pl.String,
+              **(GAIN_COLUMNS if method.kind == "prior" else {})}
     return pl.DataFrame(rows, schema=schema, orient="row"), problems, settings
 
 
@@ -454,6 +461,7 @@ def compute_visual_benchmark(
     from ddr_core.atomic import atomic_dir, atomic_write_json
     from ddr_core.contact_sheet import write_contact_sheet
     from ddr_core.feature_concepts import load_images, read_feature_concepts
+    from ddr_core.prior_gain import prior_gain_rows, with_prior_gain
 
     config = config or VisualBenchmarkConfig()
     say = log or (lambda _message: None)
@@ -489,6 +497,8 @@ def compute_visual_benchmark(
             quality_path = Path(stage_dir) / "quality.parquet"
             images = mark_raised(images, pl.read_parquet(quality_path) if quality_path.is_file() else None,
                                  config.noise_sd_multiple)
+        else:
+            images = with_prior_gain(images, config.noise_sd_multiple)
         predictions_path = Path(feature_concepts_dir) / method.predictions if method.predictions else None
         if predictions_path is not None and predictions_path.is_file():
             images = images.join(pl.read_parquet(predictions_path).drop("channel"), on="image", how="left")
@@ -520,6 +530,8 @@ def compute_visual_benchmark(
                 baseline = random_baseline(pairs, settings, (int(size[0]), int(size[1])))
                 baselines.append(baseline.with_columns(pl.lit(method.name).alias("method")))
             method_rows += gain_rows(images, config, baseline)
+        if method.kind == "prior":
+            method_rows += prior_gain_rows(images, config)
         method_rows += diversity_rows(scored, families, loader, config)
         cover = coverage_rows(variant, method, expected, images, problems)
         shown = sum(r["visualised"] for r in cover)
@@ -604,6 +616,12 @@ def benchmark_lines(table: pl.DataFrame) -> list[str]:
         if "gain_over_start" in m and m["gain_over_start"]["value"] is not None:
             r = m["gain_over_start"]
             parts.append(f"gain {fmt(r['value'], 3)} [{fmt(r['low'], 3)}, {fmt(r['high'], 3)}] (p {p(r['p_value'])})")
+        if (m.get("gain_over_unsteered") or {}).get("value") is not None:
+            r, raised, gaining = m["gain_over_unsteered"], m.get("raised_over_unsteered_share") or {}, \
+                m.get("channels_gaining") or {}
+            parts.append(f"gain over unsteered {fmt(r['value'], 3)} [{fmt(r['low'], 3)}, {fmt(r['high'], 3)}] "
+                         f"(p {p(r['p_value'])}), raised above its noise {fmt(raised.get('value'))}, channels gaining "
+                         f"{int(gaining.get('value') or 0)} of {gaining.get('n', 0)}")
         if "no_op_dreams" in m:
             r, late = m["no_op_dreams"], m.get("no_op_dreams_t959") or {}
             parts.append(f"no-ops {int(r['value'])} of {r['n']} ({int(late.get('value') or 0)} of "

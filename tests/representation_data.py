@@ -147,6 +147,10 @@ def make_toy_data_root(data_root: Path, experiment: str = "default", priors: boo
                 "format": 1, "channel": c, "status": "done", "reason": None, "message": None, "seeds": [7, 8],
                 "steered_timesteps": [701, 501], "strengths": [3.0, 4.0], "images": images,
                 "latents": layout.relative(folder / "latents.safetensors"),
+                # channel 0 against its unsteered generations (1.0, 1.2: sd 0.141): gains 1.0 (raised), 0.01 (not)
+                **({"activation": {"format": "ddr.prior_gain/1", "timestep": 501, "noise_draws": 1,
+                                   "unsteered": [1.0, 1.2], "steered": [2.0, 1.21], "unsteered_draw_sd": [0.0, 0.0],
+                                   "steered_draw_sd": [0.0, 0.0]}} if c == 0 else {}),
             }))
         folder = root / "channel_00004"
         folder.mkdir(parents=True)

@@ -106,6 +106,8 @@ def test_export_writes_a_self_contained_folder(toy, tmp_path: Path) -> None:
     # + 2 priors
     assert len(channel0.images) == 6 + 12 + 8 + 2
     assert "t=0, seed 22: failed: non-finite loss" in page
+    assert "seed 7; vs unsteered: raised (gain 1 vs noise 0.141)" in page  # each prior against the unsteered one
+    assert "seed 8; vs unsteered: not raised (gain 0.01 vs noise 0.141)" in page
     assert _check_self_contained(out) > 30
     # sections in reading order with anchors (the dataset examples, possibly hundreds, last), a contents line
     anchors = [page.index(f'<section id="{a}">') for a in ("dreams", "priors", "cfg", "examples")]

@@ -208,6 +208,10 @@ def test_examples_and_priors_tabs(toy) -> None:
     assert _texts(examples.text) == [e["prompt"] for e in shard["examples"] if e["timestep"] == 501]
     priors = at.tabs[2]
     assert len(priors.get("image")) == 2
+    captions = [image.caption for element in priors.get("image") for image in element.proto.imgs]
+    assert all("\\(" in caption for caption in captions)  # escaped Markdown: shown as text
+    assert [caption.replace("\\", "") for caption in captions] == [
+        "seed 7; vs unsteered: raised (gain 1 vs noise 0.141)", "seed 8; vs unsteered: not raised (gain 0.01 vs noise 0.141)"]
     _run(at.selectbox(key="channel").select(2))
     assert any("No priors" in text for text in _texts(at.tabs[2].info))
     assert any("No deep dreams" in text for text in _texts(at.tabs[0].info))

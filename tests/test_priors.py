@@ -252,12 +252,17 @@ def test_run_priors_format_skips_and_resume(tiny_pipe, raw_stats, tmp_path):
     second = run_priors(tiny_pipe, None, TINY_TARGET_LAYER, raw_stats, channels, root / "priors", config, root)
     assert second.resumed == [0, 9] and second.done == [5, 7] and second.skipped == {}
     after = files_of(root / "priors")
-    assert all(after[name] == before[name] for name in before)  # finished channels untouched
+    assert [name for name in before if after[name] != before[name]] == []  # finished channels untouched
     reference = files_of(reference_root / "priors")
     assert sorted(after) == sorted(reference)
     for name in after:
-        if name.endswith(".json"):
-            assert after[name][0] == reference[name][0], name
+        if name.endswith(".json"):  # the measured activations agree up to the float rounding of batched kernels
+            mine, theirs = json.loads(after[name][0]), json.loads(reference[name][0])
+            mine_gain, their_gain = mine.pop("activation", None), theirs.pop("activation", None)
+            assert mine == theirs, name
+            assert (mine_gain is None) == (their_gain is None), name
+            for key in ("steered", "unsteered") if mine_gain else ():
+                assert mine_gain[key] == pytest.approx(their_gain[key], rel=1e-4, abs=1e-4), (name, key)
         elif name.endswith(".safetensors"):
             with safe_open(str(root / "priors" / name), framework="pt") as a, \
                     safe_open(str(reference_root / "priors" / name), framework="pt") as b:

@@ -60,6 +60,8 @@ def test_build_shards_writes_every_section(toy) -> None:
                for e in shard["examples"])
     assert shard["priors"]["status"] == "done"
     assert [i["seed"] for i in shard["priors"]["images"]] == [7, 8]
+    assert [i["verdict"] for i in shard["priors"]["images"]] == [  # against the unsteered generation, as text
+        "vs unsteered: raised (gain 1 vs noise 0.141)", "vs unsteered: not raised (gain 0.01 vs noise 0.141)"]
     assert shard["priors"]["latents"].endswith("priors/toy-raw/channel_00000/latents.safetensors")
 
     noise = shard["dreams"]["noise"]

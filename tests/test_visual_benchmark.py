@@ -16,7 +16,7 @@ from PIL import Image
 from ddr_core.benchmark_stats import cluster_bootstrap, pairwise_rmse, sign_flip_test
 from ddr_core.contact_sheet import plain_label
 from ddr_core.paths import DataLayout
-from ddr_core.visual_benchmark import VisualBenchmarkConfig, compute_visual_benchmark
+from ddr_core.visual_benchmark import VisualBenchmarkConfig, benchmark_lines, compute_visual_benchmark
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 FAST = VisualBenchmarkConfig(permutations=10000, bootstrap_resamples=2000, contact_columns=2, contact_cell=32)
@@ -91,7 +91,12 @@ def write_root(root: Path, hostile: str = "colour=red") -> DataLayout:
     for channel, colour in colours.items():
         folder = f"outputs/default/priors/toy-raw/channel_{channel:05d}"
         images = [_png(root, f"{folder}/seed_{s}.png", colour) for s in (1, 2)]
-        (root / folder / "prior.json").write_text(json.dumps({"status": "done", "seeds": [1, 2], "images": images}))
+        prior_gain = {0: 1.0, 1: 2.0, 2: 0.0}[channel]  # channel 2's steering does nothing
+        activation = {"format": "ddr.prior_gain/1", "timestep": 519, "noise_draws": 1, "unsteered": [0.0, 0.2],
+                      "steered": [prior_gain, 0.2 + prior_gain], "unsteered_draw_sd": [0.0, 0.0],
+                      "steered_draw_sd": [0.0, 0.0]}
+        (root / folder / "prior.json").write_text(json.dumps({"status": "done", "seeds": [1, 2], "images": images,
+                                                              "activation": activation}))
         priors += [{"channel": channel, "image": p, "colour": colour, "shape": "circle", "world_rmse": rmse}
                    for p, rmse in zip(images, (0.1, 0.2), strict=True)]
         results = {}
@@ -159,6 +164,23 @@ def test_benchmark_table_has_the_known_figures(tmp_path: Path) -> None:
     assert 4 not in reasons  # not selective: not expected
     saved = pl.read_parquet(result.out_dir / "benchmark.parquet")
     assert saved.columns[:4] == ["variant", "method", "metric", "value"] and saved.height == table.height
+
+
+def test_priors_report_their_gain_over_the_unsteered_generation(tmp_path: Path) -> None:
+    table = _run(write_root(tmp_path)).table
+    # per-seed gains 1, 1 (channel 0), 2, 2 (channel 1), 0, 0 (channel 2): mean 1; channel means 1, 2, 0: of the 8
+    # exact sign flips the two keeping 1 and 2 positive reach the observed mean, p = 2/8
+    gain = _metric(table, "priors", "gain_over_unsteered")
+    assert gain["value"] == pytest.approx(1.0) and gain["n"] == 6 and gain["p_value"] == pytest.approx(2 / 8)
+    assert gain["low"] <= 1.0 <= gain["high"] and gain["chance"] == 0.0
+    # raised: gain above the sd 0.141 of the unsteered activations (0.0, 0.2) -> channels 0 and 1, not 2
+    assert _metric(table, "priors", "raised_over_unsteered_share")["value"] == pytest.approx(4 / 6)
+    gaining = _metric(table, "priors", "channels_gaining")
+    assert gaining["value"] == 2 and gaining["n"] == 3
+    assert not table.filter(pl.col("method") == "dreams")["metric"].is_in(["gain_over_unsteered"]).any()
+    lines = benchmark_lines(table)
+    assert any("toy-raw priors:" in line and "gain over unsteered 1.000" in line and "channels gaining 2 of 3" in line
+               for line in lines)
 
 
 def test_dreams_are_compared_with_the_best_random_latent(tmp_path: Path) -> None:
@@ -233,6 +255,7 @@ def test_asset_materializes_with_escaped_metadata(tmp_path: Path) -> None:
     event = result.get_asset_materialization_events()[0].materialization
     meta = {k: v.value for k, v in event.metadata.items()}
     assert "agreement\\_selective" in meta["benchmark"] and meta["selective_channels"] == 4
+    assert "gain\\_over\\_unsteered" in meta["benchmark"] and "channels\\_gaining" in meta["benchmark"]
     assert "](http" not in meta["channels_not_visualised"]  # the hostile concept shows as text
     assert meta["upstream_versions"] == {"feature_concepts/toy-raw": "fc-v1"}
     record = read_record(layout.records_dir, "visual_benchmark", "toy-raw")

@@ -23,7 +23,8 @@ order), ``summary`` (the ``channels.parquet`` row), ``observed`` (``timestep, fr
 max_activation`` lists at the observed timesteps), ``curves`` (relative path of the interpolated
 curves), ``peaks`` (``rank, timestep, height, plateau_start, plateau_end, observed_timestep``),
 ``examples`` (``timestep, rank, generation_id, activation, prompt, image``), ``priors`` (``None`` or
-``status, reason, message, seeds, images [{seed, image}], latents, steered_timesteps, strengths``),
+``status, reason, message, seeds, images [{seed, image, verdict}], latents, steered_timesteps, strengths``;
+``verdict``: the prior against the unsteered generation of its seed, plain text, :mod:`ddr_core.prior_gain`),
 ``dreams`` (run name -> ``None`` or ``skipped, timesteps, seeds, failures, results [{timestep, seed,
 image, latents, stats, final_activation, failed, failure_reason, final_stats, steps [{step, image,
 activation, tv, range, moment, loss}]}]``), ``quality`` (run name -> quality rows of the channel),

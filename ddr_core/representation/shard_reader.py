@@ -83,6 +83,7 @@ class _DreamSection(_Part):
 class _PriorImage(_Part):
     seed: int | None = None
     image: str | None = None
+    verdict: str | None = None  # against the unsteered generation (ddr_core.prior_gain.prior_verdicts), plain text
 
 
 class _Priors(_Part):

@@ -18,6 +18,7 @@ from ddr_core.channel_store import channel_dir, channel_file, channel_name
 from ddr_core.dream_verdict import VERDICT_SCHEMA, verdict_text, with_raised
 from ddr_core.locks import claim_channels
 from ddr_core.paths import DataLayout, check_output_folder
+from ddr_core.prior_gain import prior_verdicts
 from ddr_core.representation.files import DREAM_RUNS, DREAM_STAT_NAMES, SHARD_FORMAT, representation_dir
 from ddr_core.representation.upstream import (
     _FileChecker,
@@ -255,13 +256,15 @@ def _priors_section(layout: DataLayout, variant: str, channel: int, checker: _Fi
         return None
     seeds = [int(s) for s in prior.get("seeds", [])]
     images = prior.get("images") or []
+    verdicts = prior_verdicts(prior)  # each prior against the unsteered generation of its seed (plain text)
     return {
         "status": prior.get("status"),
         "reason": prior.get("reason"),
         "message": prior.get("message"),
         "seeds": seeds,
         "images": [
-            {"seed": seeds[i] if i < len(seeds) else None, "image": checker.check(rel, "prior image")}
+            {"seed": seeds[i] if i < len(seeds) else None, "image": checker.check(rel, "prior image"),
+             "verdict": verdicts[i] if i < len(verdicts) else None}
             for i, rel in enumerate(images)
         ],
         "latents": checker.check(prior.get("latents"), "prior latents"),
