@@ -143,8 +143,9 @@ def fresh_clone(folder: Path) -> Path:
 def script_of(blocks: list[Block]) -> str:
     parts = ["set -euo pipefail"]
     for block in blocks:
-        parts.append(f"echo '::block {block.where}' >&2")
+        parts.append(f"echo \"::block {block.where} $(date +%s)\" >&2")
         parts.append(block.code)
+    parts.append('echo "::end $(date +%s)" >&2')
     return "\n".join(parts) + "\n"
 
 
@@ -172,4 +173,10 @@ def test_the_docs_commands_run_in_order_on_a_fresh_clone(tmp_path):
     # the budget in the commands' CPU time (one thread each, OMP_NUM_THREADS=1: on an idle machine about their wall
     # time), which a busy machine does not inflate; the wall time is bounded by the timeout above
     assert cpu < BUDGET_S, (f"the docs' commands took {cpu:.0f} CPU s ({elapsed:.0f} s wall; budget {BUDGET_S} s): "
-                            "tag the long ones")
+                            f"tag the long ones; wall seconds per block: {block_seconds(result.stderr)}")
+
+
+def block_seconds(stderr: str) -> dict[str, int]:
+    """Wall seconds of each block, from the script's ``::block <where> <epoch>`` / ``::end <epoch>`` lines."""
+    marks = re.findall(r"^::(?:block (\S+)|end) (\d+)$", stderr, re.M)
+    return {where: int(after) - int(at) for (where, at), (_, after) in zip(marks, marks[1:], strict=False)}
