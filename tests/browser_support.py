@@ -140,3 +140,92 @@ def loopback_attacker() -> Iterator[object]:
     finally:
         server.server.shutdown()
         server.server.server_close()
+
+
+# ---- waits that check exactly what the test then asserts ----------------------------------------------------
+# A real page settles piece by piece (Streamlit streams its elements; images decode after they are counted; other
+# tabs keep their images loaded but hidden). A wait on one condition followed by an assertion on a stricter one is
+# a race that a busy machine loses: every wait below returns the very value it accepted, and the test asserts on it.
+
+LOADED_AND_VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0]))"
+                      ".filter(i => i.complete && i.naturalWidth > 0).map(e => e.getBoundingClientRect())"
+                      ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
+"""Browser script: [width, height] of each image matching ``arguments[0]`` that has loaded and is drawn."""
+
+VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.getBoundingClientRect())"
+           ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
+"""Browser script: [width, height] of each element matching ``arguments[0]`` that is drawn (hidden tabs' are not)."""
+
+LOADED_WIDTHS = ("return Array.from(document.querySelectorAll(arguments[0]))"
+                 ".filter(i => i.complete && i.naturalWidth > 0).map(i => i.naturalWidth);")
+"""Browser script: naturalWidth of each image matching ``arguments[0]`` that has loaded (a broken image is
+``complete`` too, with naturalWidth 0: it is not counted)."""
+
+
+def loaded_and_visible(driver, selector: str) -> list[list[int]]:
+    """[width, height] of each image matching ``selector`` that has loaded (naturalWidth > 0) and is drawn."""
+    return driver.execute_script(LOADED_AND_VISIBLE, selector)
+
+
+def visible(driver, selector: str) -> list[list[int]]:
+    """[width, height] of each element matching ``selector`` that is drawn."""
+    return driver.execute_script(VISIBLE, selector)
+
+
+def loaded_widths(driver, selector: str) -> list[int]:
+    """naturalWidth of each image matching ``selector`` that has loaded (not a broken one)."""
+    return driver.execute_script(LOADED_WIDTHS, selector)
+
+
+def body_text(driver) -> str:
+    """The page's drawn text (hidden tabs' text is not in it)."""
+    from selenium.webdriver.common.by import By
+
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def settled(wait, probe, accept, what: str):
+    """Wait (``wait``: a WebDriverWait) until ``accept(probe(driver))`` holds; return that accepted value.
+
+    Assert on the returned value, never on a fresh read: the page may change between two reads (a timeout's
+    message names ``what`` and the last value seen)."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
+
+    seen: dict[str, object] = {}
+
+    def check(driver) -> bool:
+        try:
+            seen["value"] = probe(driver)
+        except StaleElementReferenceException:  # Streamlit replaced the element between find and read
+            return False
+        return bool(accept(seen["value"]))
+
+    try:
+        wait.until(check)
+    except TimeoutException as error:
+        raise AssertionError(f"timed out waiting for {what}; last seen: {seen.get('value')!r}") from error
+    return seen["value"]
+
+
+def wait_for_text(wait, *texts: str) -> str:
+    """Wait until the page's drawn text holds every one of ``texts`` (Streamlit draws a tab's elements one by
+    one, so each text the test asserts is waited for); return that text."""
+    return settled(wait, body_text, lambda body: all(text in body for text in texts), f"the text {texts!r}")
+
+
+def fetches_reached(driver, attacker, timeout: float = 60.0) -> list[str]:
+    """The requests the loopback ``attacker`` got from the page open in ``driver`` (none expected), read once the
+    browser has demonstrably flushed what it asked for: the page fetches a fresh canary image from the attacker
+    and this waits until the canary arrives (what a fixed sleep guessed at, and lost on a busy machine)."""
+    import time
+    import uuid
+
+    canary = f"/canary-{uuid.uuid4().hex}.png"
+    driver.execute_script("new Image().src = arguments[0];", attacker.url + canary)
+    deadline = time.monotonic() + timeout
+    while canary not in attacker.requests:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the canary {canary} never reached the loopback attacker in {timeout:.0f} s: "
+                                 "the browser could not reach it, so a missing request proves nothing")
+        time.sleep(0.05)
+    return [request for request in attacker.requests if not request.startswith("/canary-")]

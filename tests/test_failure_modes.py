@@ -111,7 +111,9 @@ def test_second_run_fails_at_once_naming_owner_then_kill_9_leaves_no_stale_lock(
         start = time.monotonic()
         with pytest.raises(PartitionLockedError) as error, partition_lock(lock):
             pass
-        assert time.monotonic() - start < 2
+        # "at once": no wait (the holder holds for 60 s); the bound sits far from that wait, not near the idle
+        # time, so a busy machine does not break it
+        assert time.monotonic() - start < 20
         message = str(error.value)
         assert f"pid {holder.pid}" in message and "dagster run 1234" in message and str(lock) in message
         assert "Wait for that run to finish" in message and "do not delete the lock file" in message

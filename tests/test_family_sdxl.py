@@ -183,9 +183,9 @@ def test_a_folder_of_fp16_weights_loads_as_the_fp16_variant(sdxl: StableDiffusio
 
 
 def test_the_tiny_sdxl_builders_are_deterministic_and_fast(tmp_path: Path) -> None:
-    start = time.monotonic()
+    start = time.process_time()  # CPU seconds: a busy machine does not inflate them (tests/timing.py)
     first = build_tiny_sdxl_pipeline(tmp_path / "a")
-    assert time.monotonic() - start < 60
+    assert time.process_time() - start < 60
     second = build_tiny_sdxl_pipeline(tmp_path / "b")
     for path in sorted(first.rglob("*.safetensors")):
         assert path.read_bytes() == (second / path.relative_to(first)).read_bytes(), path
@@ -430,7 +430,7 @@ def test_the_whole_graph_runs_on_the_tiny_sdxl_variant(tmp_path: Path) -> None:
 
     instance = dg.DagsterInstance.ephemeral()
     results = {}
-    start = time.monotonic()
+    start = time.process_time()  # CPU seconds (in-process runs): a busy machine does not inflate them
 
     def run(name: str, key: str, config: dict | None = None) -> None:
         result = materialize(name, key, tmp_path, instance, config)
@@ -479,7 +479,7 @@ def test_the_whole_graph_runs_on_the_tiny_sdxl_variant(tmp_path: Path) -> None:
     dream = json.loads(next((tmp_path / "outputs" / "default" / "dreams" / "tiny-sdxl-turbo-raw").rglob(
         "dream.json")).read_text())
     assert dream["timesteps"] == [999]
-    assert time.monotonic() - start < 300
+    assert time.process_time() - start < 300
     assert results[("timestep_stats", "tiny-sdxl-raw")]["channels"] == 32
     assert results[("timestep_stats", "tiny-sdxl-sae")]["channels"] == 128
     assert results[("priors", "tiny-sdxl-raw:0-15")]["channels_done"] == 2

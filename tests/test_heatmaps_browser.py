@@ -10,9 +10,14 @@ import pytest
 from tests.browser_support import (
     NEEDS_CHROMIUM,
     headless_chromium,
+    loaded_and_visible,
+    loaded_widths,
     open_export_page,
+    open_tab,
     screenshot,
+    settled,
     skip_without_viewer_modules,
+    wait_for_text,
 )
 
 pytestmark = NEEDS_CHROMIUM
@@ -38,15 +43,17 @@ def driver():
 
 
 def test_the_inspector_tab_shows_the_heatmaps(driver, toy, tmp_path: Path) -> None:
-    from tests.test_browser import _loaded_images, _serve_inspector
+    from tests.test_browser import _serve_inspector
 
     with _serve_inspector(toy.data_root, tmp_path) as url:
         driver.get(url)
         wait = WebDriverWait(driver, 90, poll_frequency=0.5)
-        tab = wait.until(lambda d: d.find_elements(By.XPATH, "//*[@role='tab'][contains(., 'Where it fires')]"))[0]
-        tab.click()
-        wait.until(lambda d: "heat on the shape" in d.page_source)
-        wait.until(lambda d: len([w for w in _loaded_images(d, '[data-testid="stImage"] img') if w > 0]) >= 4)
+        open_tab(driver, wait, "Where it fires")
+        wait_for_text(wait, "heat on the shape", "Toy world (1 channels")
+        # the tab's heatmaps loaded and drawn (the Visualisation tab's images stay loaded but hidden: not counted)
+        images = settled(wait, lambda d: loaded_and_visible(d, '[data-testid="stImage"] img'),
+                         lambda found: len(found) >= 4, "four heatmaps loaded and drawn")
+        assert len(images) >= 4, images
         panel = driver.find_element(By.XPATH, "//*[contains(text(), 'Toy world (1 channels')]")
         driver.execute_script("arguments[0].scrollIntoView();", panel)
         assert screenshot(driver, "inspector_heatmaps.png").stat().st_size > 10_000
@@ -54,11 +61,11 @@ def test_the_inspector_tab_shows_the_heatmaps(driver, toy, tmp_path: Path) -> No
 
 def test_the_html_export_section_loads_its_images(driver, toy, tmp_path: Path) -> None:
     from tests.representation_data import VARIANT
-    from tests.test_browser import _loaded_images
 
     open_export_page(driver, toy.layout, VARIANT, tmp_path / "report")
-    WebDriverWait(driver, 30).until(lambda d: len(_loaded_images(d, "img[src*='heatmaps/']")) == 4)
-    assert all(width == 32 for width in _loaded_images(driver, "img[src*='heatmaps/']"))
+    widths = settled(WebDriverWait(driver, 60), lambda d: loaded_widths(d, "img[src*='heatmaps/']"),
+                     lambda w: len(w) == 4, "the section's 4 images loaded")
+    assert widths == [32] * 4, widths
     heading = driver.find_element(By.XPATH, "//h2[text()='Where it fires']")
     driver.execute_script("arguments[0].scrollIntoView();", heading)
     assert screenshot(driver, "export_heatmaps.png").stat().st_size > 5_000

@@ -14,10 +14,14 @@ import pytest
 from tests.browser_support import (
     NEEDS_CHROMIUM,
     headless_chromium,
+    loaded_and_visible,
     open_export_page,
     open_tab,
     screenshot,
+    settled,
     skip_without_viewer_modules,
+    visible,
+    wait_for_text,
 )
 
 pytestmark = NEEDS_CHROMIUM
@@ -25,11 +29,11 @@ skip_without_viewer_modules()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0])).map(e => e.getBoundingClientRect())"
-           ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
-LOADED_AND_VISIBLE = ("return Array.from(document.querySelectorAll(arguments[0]))"
-                      ".filter(i => i.complete && i.naturalWidth > 0).map(e => e.getBoundingClientRect())"
-                      ".filter(r => r.width > 0 && r.height > 0).map(r => [Math.round(r.width), Math.round(r.height)]);")
+ROW_COUNTS = ("return Array.from(document.querySelectorAll('[data-testid=\"stDataFrame\"]'))"
+              ".filter(e => e.getBoundingClientRect().height > 0)"
+              ".map(e => Number((e.querySelector('[aria-rowcount]') || {getAttribute: () => 0})"
+              ".getAttribute('aria-rowcount')));")
+"""Browser script: the row count (header included) of each drawn data frame."""
 
 
 @pytest.fixture(scope="module")
@@ -62,15 +66,6 @@ def driver():
         yield browser
 
 
-def _visible(driver, selector: str) -> list[list[int]]:
-    return driver.execute_script(VISIBLE, selector)
-
-
-def _loaded_and_visible(driver, selector: str) -> list[list[int]]:
-    """[width, height] of each image matching ``selector`` that has loaded (naturalWidth > 0) and is drawn."""
-    return driver.execute_script(LOADED_AND_VISIBLE, selector)
-
-
 def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, toy, tmp_path: Path) -> None:
     from tests.dose_data import HOSTILE_CONCEPT
     from tests.test_browser import _serve_inspector
@@ -79,35 +74,33 @@ def test_the_inspector_tabs_show_the_grid_the_effects_and_both_halves(driver, to
         driver.get(url)
         wait = WebDriverWait(driver, 90, poll_frequency=0.5)
         open_tab(driver, wait, "Dose-response")
-        wait.until(lambda d: "Causal test over the variant's 2 channel(s)" in d.find_element(By.TAG_NAME, "body").text)
+        # the concept label as text (waited for with the heading: Streamlit draws the tab's elements one by one)
+        wait_for_text(wait, "Causal test over the variant's 2 channel(s)", HOSTILE_CONCEPT)
         # the grid's images: 7 cells of the first seed (unsteered + 3 windows x 2 strengths), loaded and visible
         # (one condition, loaded and visible together: images of other tabs are loaded but hidden, and Streamlit
         # may draw the grid's last cell after the others are counted; CI once saw 6 of 7 with two separate checks)
-        wait.until(lambda d: len(_loaded_and_visible(d, '[data-testid="stImage"] img')) >= 7)
-        images = _loaded_and_visible(driver, '[data-testid="stImage"] img')
+        images = settled(wait, lambda d: loaded_and_visible(d, '[data-testid="stImage"] img'),
+                         lambda found: len(found) >= 7, "the grid's 7 images loaded and drawn")
         assert len(images) >= 7 and all(w > 0 and h > 0 for w, h in images), images
-        # the grid table and the effects table: two data frames drawn, each with rows
-        frames = wait.until(lambda d: (lambda f: f if len(f) >= 2 else None)(_visible(d, '[data-testid="stDataFrame"]')))
+        # the grid table and the effects table: two data frames drawn at their height, each with rows
+        frames = settled(wait, lambda d: visible(d, '[data-testid="stDataFrame"]'),
+                         lambda f: len(f) >= 2 and all(h > 60 for _, h in f), "two data frames drawn")
         assert len(frames) >= 2 and all(h > 60 for _, h in frames), frames
-        counted = (
-            "return Array.from(document.querySelectorAll('[data-testid=\"stDataFrame\"]'))"
-            ".filter(e => e.getBoundingClientRect().height > 0)"
-            ".map(e => Number((e.querySelector('[aria-rowcount]') || {getAttribute: () => 0})"
-            ".getAttribute('aria-rowcount')));")
-        wait.until(lambda d: (lambda n: len(n) >= 2 and all(v > 1 for v in n))(d.execute_script(counted)))
-        row_counts = driver.execute_script(counted)
+        row_counts = settled(wait, lambda d: d.execute_script(ROW_COUNTS),
+                             lambda n: len(n) >= 2 and all(v > 1 for v in n), "two data frames with rows")
         assert len(row_counts) >= 2 and all(n > 1 for n in row_counts), row_counts  # header + rows
-        assert HOSTILE_CONCEPT in driver.find_element(By.TAG_NAME, "body").text  # the concept label as text
         driver.execute_script("arguments[0].scrollIntoView();", driver.find_element(
             By.XPATH, "//*[contains(text(), 'Causal test over')]"))
         assert screenshot(driver, "inspector_dose_response.png").stat().st_size > 10_000
 
         open_tab(driver, wait, "Text vs image (CFG halves)")
-        wait.until(lambda d: "Conditional vs unconditional (text-driven)" in d.find_element(By.TAG_NAME, "body").text)
-        # the halves' profiles and the difference with its band: two more charts, drawn in the open tab
+        wait_for_text(wait, "Conditional vs unconditional (text-driven)")
+        # the halves' profiles and the difference with its band: two more charts, drawn in the open tab at their
+        # size (the left column's two + the tab's two)
         charts = '[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg.marks'
-        wait.until(lambda d: len(_visible(d, charts)) >= 4)  # the left column's two + the tab's two
-        assert all(w > 100 and h > 100 for w, h in _visible(driver, charts)), _visible(driver, charts)
+        drawn = settled(wait, lambda d: visible(d, charts),
+                        lambda found: len(found) >= 4 and all(w > 100 and h > 100 for w, h in found), "four charts")
+        assert len(drawn) >= 4 and all(w > 100 and h > 100 for w, h in drawn), drawn
         sentence = driver.find_element(By.XPATH, "//*[contains(text(), 'Conditional vs unconditional (text-driven)')]")
         driver.execute_script("arguments[0].scrollIntoView();", sentence)
         assert screenshot(driver, "inspector_cfg_halves.png").stat().st_size > 10_000
@@ -120,7 +113,7 @@ def test_the_html_export_cfg_section_draws_both_charts(driver, toy, tmp_path: Pa
     section = driver.find_element(By.ID, "cfg")
     driver.execute_script("arguments[0].scrollIntoView();", section)
     assert "Conditional vs unconditional (text-driven)" in section.text and "over 6 prompts" in section.text
-    charts = _visible(driver, "section#cfg svg")
+    charts = visible(driver, "section#cfg svg")
     assert len(charts) == 2 and all(w > 100 and h > 50 for w, h in charts), charts
     lines = driver.execute_script("return document.querySelectorAll('section#cfg svg polyline, section#cfg svg path')"
                                   ".length;")

@@ -5,7 +5,6 @@ the browser fetches nothing from it. Screenshots in test-artifacts/."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,15 @@ import pytest
 from tests.browser_support import (
     LIVE_FETCHES,
     NEEDS_CHROMIUM,
+    fetches_reached,
     headless_chromium,
     loopback_attacker,
     open_export_page,
     open_tab,
     screenshot,
+    settled,
     skip_without_viewer_modules,
+    wait_for_text,
 )
 from tests.markdown_check import HOSTILE
 
@@ -60,10 +62,6 @@ def driver():
         yield browser
 
 
-def _body(driver) -> str:
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
 def test_the_inspector_label_tab_shows_label_and_score_as_text(driver, toy, hostile, attacker, tmp_path: Path):
     from tests.test_browser import _serve_inspector
 
@@ -71,19 +69,21 @@ def test_the_inspector_label_tab_shows_label_and_score_as_text(driver, toy, host
         driver.get(url)
         wait = WebDriverWait(driver, 90, poll_frequency=0.5)
         open_tab(driver, wait, "Label")
-        wait.until(lambda d: SCORE in _body(d))
-        body = _body(driver)
+        # every text asserted is waited for (Streamlit draws the tab's elements one by one)
+        body = wait_for_text(wait, SCORE, f"label: {hostile[0]}", "(significant)",
+                             "colour=red; the label is not one of them", "Variant: 2 of 2 features labelled")
         assert f"label: {hostile[0]}" in body  # the hostile label verbatim, as text
         assert "(significant)" in body and "colour=red; the label is not one of them" in body
         assert "Variant: 2 of 2 features labelled" in body
-        line = driver.find_element(By.XPATH, "//*[contains(text(), 'detection score (balanced')]")
+        line = settled(wait, lambda d: d.find_element(By.XPATH, "//*[contains(text(), 'detection score (balanced')]"),
+                       lambda e: e.is_displayed() and e.size["width"] > 100, "the score line drawn")
         assert line.is_displayed() and line.size["width"] > 100  # drawn in the open tab, not hidden
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
-        time.sleep(2)  # time for any image the page asked for to arrive
         live = driver.execute_script(LIVE_FETCHES, attacker.url)
+        fetched = fetches_reached(driver, attacker)  # every request the page made has arrived
         assert screenshot(driver, "inspector_label.png").stat().st_size > 10_000
     assert live == []
-    assert attacker.requests == []
+    assert fetched == []
 
 
 def test_the_html_export_label_section_shows_label_and_score_as_text(driver, toy, hostile, attacker, tmp_path: Path):
@@ -100,6 +100,5 @@ def test_the_html_export_label_section_shows_label_and_score_as_text(driver, toy
         assert text.startswith("Label") and f"label: {label}" in text and verdict in text
         assert score in text
         assert driver.execute_script(LIVE_FETCHES, attacker.url) == []
+        assert fetches_reached(driver, attacker) == []  # every request the page made has arrived
         assert screenshot(driver, f"export_label_{channel}.png").stat().st_size > 5_000
-    time.sleep(1)
-    assert attacker.requests == []

@@ -5,7 +5,6 @@ browser fetches nothing from them. Screenshots in test-artifacts/."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -13,12 +12,15 @@ import pytest
 from tests.browser_support import (
     LIVE_FETCHES,
     NEEDS_CHROMIUM,
+    fetches_reached,
     headless_chromium,
     loopback_attacker,
     open_export_page,
     open_tab,
     screenshot,
+    settled,
     skip_without_viewer_modules,
+    wait_for_text,
 )
 from tests.markdown_check import HOSTILE
 
@@ -51,10 +53,6 @@ def driver():
         yield browser
 
 
-def _body(driver) -> str:
-    return driver.find_element(By.TAG_NAME, "body").text
-
-
 def test_the_inspector_across_models_tab_shows_the_match_as_text(driver, toy, attacker, tmp_path: Path):
     from tests.test_browser import _serve_inspector
 
@@ -62,20 +60,22 @@ def test_the_inspector_across_models_tab_shows_the_match_as_text(driver, toy, at
         driver.get(f"{url}/?variant=toy-raw&channel=2")
         wait = WebDriverWait(driver, 90, poll_frequency=0.5)
         open_tab(driver, wait, "Across models")
-        wait.until(lambda d: VANISHED in _body(d))
-        body = _body(driver)
+        # every text asserted is waited for (Streamlit draws the tab's elements one by one)
+        body = wait_for_text(wait, VANISHED, HEADLINE, "A: 5 matched, 1 vanished")
         assert HEADLINE in body and "A: 5 matched, 1 vanished" in body
-        line = driver.find_element(By.XPATH, f"//*[contains(text(), '{VANISHED}')]")
+        line = settled(wait, lambda d: d.find_element(By.XPATH, f"//*[contains(text(), '{VANISHED}')]"),
+                       lambda e: e.is_displayed() and e.size["width"] > 100, "the vanished line drawn")
         assert line.is_displayed() and line.size["width"] > 100  # drawn in the open tab, not hidden
-        tables = wait.until(lambda d: (lambda found: found if len(found) >= 2 else None)(  # the pair, the concepts
-            [t for t in d.find_elements(By.CSS_SELECTOR, "[data-testid='stDataFrame']") if t.is_displayed()]))
-        assert all(t.size["height"] > 30 for t in tables)
+        heights = settled(wait, lambda d: [t.size["height"] for t in d.find_elements(  # the pair, the concepts
+            By.CSS_SELECTOR, "[data-testid='stDataFrame']") if t.is_displayed()],
+            lambda found: len(found) >= 2 and all(h > 30 for h in found), "two tables drawn")
+        assert len(heights) >= 2 and all(h > 30 for h in heights), heights
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", line)
-        time.sleep(2)  # time for any image the page asked for to arrive
         live = driver.execute_script(LIVE_FETCHES, attacker.url)
+        fetched = fetches_reached(driver, attacker)  # every request the page made has arrived
         assert screenshot(driver, "inspector_across_models.png").stat().st_size > 10_000
     assert live == []
-    assert attacker.requests == []
+    assert fetched == []
 
 
 def test_the_html_export_across_models_section_shows_the_match_as_text(driver, toy, attacker, tmp_path: Path):
@@ -87,6 +87,5 @@ def test_the_html_export_across_models_section_shows_the_match_as_text(driver, t
     assert section.is_displayed() and section.size["height"] > 30
     assert section.text.startswith("Across models") and VANISHED in section.text
     assert driver.execute_script(LIVE_FETCHES, attacker.url) == []
+    assert fetches_reached(driver, attacker) == []  # every request the page made has arrived
     assert screenshot(driver, "export_across_models.png").stat().st_size > 5_000
-    time.sleep(1)
-    assert attacker.requests == []
