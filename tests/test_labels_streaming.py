@@ -154,7 +154,7 @@ def test_streamed_labels_equal_the_in_memory_path_over_several_blocks(tmp_path: 
     monkeypatch.setattr(ActivationStore, "iter_channel_values", spy)
     monkeypatch.setattr(ActivationStore, "iter_dense", whole_width)
     monkeypatch.setattr(streaming, "plan_label_blocks",
-                        lambda budget, generations, width: streaming.LabelPlan(budget, 7, 5, -(-width // 7)))
+                        lambda budget, generations, width, prompts: streaming.LabelPlan(budget, 7, 5, -(-width // 7)))
     monkeypatch.setattr(stage_module, "IMAGES_PER_CHUNK", 32)
     said: list[str] = []
     table, summary, out = feature_labels_for_variant(project, layout, "toy-raw", _config(), labeller=_labeller(),
@@ -196,18 +196,20 @@ def test_channel_values_are_the_dense_values_at_each_channels_column(tmp_path: P
 
 
 def test_the_block_is_set_by_the_budget_and_the_generations_never_by_the_width() -> None:
-    """At the thesis' SAE scale (5,000 generations x 20,480 features) the block of features ranked at once is the
-    same whatever the width beyond it, about halves when the budget above the interpreter halves, and a budget too small for one
-    feature's rows is refused with the budget that would do."""
+    """At the thesis' SAE scale (5,000 generations of 1,000 prompts x 20,480 features) the block of features ranked
+    at once is the same whatever the width beyond it, about doubles when the budget above the interpreter doubles,
+    shrinks with more generations or prompts, and a budget too small for one feature is refused with the budget
+    that would do."""
     from ddr_core.labels.streaming import MemoryBudgetError, plan_label_blocks
 
-    full = plan_label_blocks(4096, 5000, 20480)
+    full = plan_label_blocks(1024, 5000, 20480, 1000)
     assert 1 < full.block_features < 20480 and full.blocks == -(-20480 // full.block_features)
-    assert plan_label_blocks(4096, 5000, 2 * 20480).block_features == full.block_features
-    assert plan_label_blocks(4096, 5000, 10).block_features == 10  # narrower than a block: one block
-    smaller = plan_label_blocks(512 + (4096 - 512) // 2, 5000, 20480)
-    assert abs(smaller.block_features / full.block_features - 0.5) < 0.01
-    assert plan_label_blocks(4096, 20000, 20480).block_features < full.block_features
+    assert plan_label_blocks(1024, 5000, 2 * 20480, 1000).block_features == full.block_features
+    assert plan_label_blocks(1024, 5000, 10, 1000).block_features == 10  # narrower than a block: one block
+    larger = plan_label_blocks(512 + 2 * (1024 - 512), 5000, 20480, 1000)
+    assert 1.9 < larger.block_features / full.block_features <= 2.1
+    assert plan_label_blocks(1024, 20000, 20480, 1000).block_features < full.block_features
+    assert plan_label_blocks(1024, 5000, 20480).block_features < full.block_features  # default: a prompt each
     with pytest.raises(MemoryBudgetError, match="raise memory_budget_mib to at least"):
         plan_label_blocks(1024, 5_000_000, 20480)
 

@@ -116,23 +116,33 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
 def label_block(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[int, int], labeller: Any,
                 channels: Sequence[int], config: FeatureLabelsConfig, *, labels: pl.DataFrame | None = None,
                 families: Sequence[str] = (), concepts: dict[int, str] | None = None,
-                values: dict[str, tuple[Any, ...]] | None = None) -> pl.DataFrame:
+                values: dict[str, tuple[Any, ...]] | None = None, presorted: bool = False) -> pl.DataFrame:
     """:func:`label_features` of a block of ``channels`` before the Benjamini-Hochberg correction over the
     variant (``q_value`` and ``significant`` null; :func:`with_q_values` fills them over every block).
-    ``values``: :func:`concept_values` of ``labels`` computed once for every block (default: from ``labels``)."""
+    ``values``: :func:`concept_values` of ``labels`` computed once for every block (default: from ``labels``).
+    ``presorted``: ``activations`` already in ``channel`` ascending, ``activation`` descending, ``generation_id``
+    ascending order (:mod:`ddr_core.labels.streaming`'s blocks): not sorted again (memory: no sorted copy)."""
     if values is None:
         values = concept_values(labels, families)
-    with_images = activations.filter(pl.col("generation_id").is_in(list(row_of)))
-    groups = {int(key[0]): frame.sort(["activation", "generation_id"], descending=[True, False])
-              for key, frame in with_images.group_by("channel")}
+    # one sorted table sliced per channel (no copy per channel): activation descending, ties to the lower id
+    with_image = activations["generation_id"].is_in(list(row_of))
+    if presorted:
+        ranked = activations if with_image.all() else activations.filter(with_image)
+    else:
+        ranked = activations.filter(with_image).sort(["channel", "activation", "generation_id"],
+                                                     descending=[False, True, False])
+    del with_image
+    keys = ranked["channel"].to_numpy()
     rows: list[dict[str, Any]] = []
     for channel in channels:
         row: dict[str, Any] = {name: None for name in SCHEMA}
         row["channel"] = int(channel)
         concept = None if concepts is None else concepts.get(int(channel))
         row["concept"] = concept
-        frame = groups.get(int(channel))
-        if frame is None or frame.height < 4:
+        start, stop = np.searchsorted(keys, int(channel), side="left"), np.searchsorted(keys, int(channel),
+                                                                                         side="right")
+        frame = ranked.slice(int(start), int(stop - start))
+        if frame.height < 4:
             rows.append(row)
             continue
         prompts = frame["prompt"].to_list()

@@ -21,9 +21,9 @@ from ddr_core.labels.compute import (
     write_feature_labels,
 )
 
-IMAGES_PER_CHUNK = 256
-"""Images read and encoded at a time (rounded to a multiple of the labeller's ``batch_size``, so its batches, and
-its rows, are the ones of a single call over every image)."""
+IMAGES_PER_CHUNK = 64
+"""Images read and encoded at a time (48 MiB of 512 px RGB images; rounded up to a multiple of the labeller's
+``batch_size``, so its batches, and its rows, are the ones of a single call over every image)."""
 
 
 def feature_labels_dir(layout: Any, variant: str) -> Path:
@@ -88,7 +88,8 @@ def feature_labels_for_variant(project: Any, layout: Any, variant: str, config: 
     if "image_path" not in generations.columns:
         raise FileNotFoundError(f"the capture of variant {variant!r} recorded no images: labels are read off the "
                                 f"top examples' images; capture with images saved")
-    plan = plan_label_blocks(config.memory_budget_mib, generations.height, spec.width)
+    plan = plan_label_blocks(config.memory_budget_mib, generations.height, spec.width,
+                             generations["prompt"].n_unique())
     say(f"feature labels {variant}: memory budget {plan.budget_mib} MiB: {plan.blocks} block(s) of "
         f"{plan.block_features} features over {generations.height} generations")
     out = Path(out_dir or feature_labels_dir(layout, variant))
@@ -119,7 +120,8 @@ def feature_labels_for_variant(project: Any, layout: Any, variant: str, config: 
             concepts = {int(c): (v or "") for c, v in found[0].select("channel", "concept").iter_rows()}
         values = concept_values(labels, families)
         parts = [label_block(pl.read_parquet(path), encoded, row_of, labeller, channels, config, labels=labels,
-                             families=families, concepts=concepts, values=values) for channels, path in blocks]
+                             families=families, concepts=concepts, values=values, presorted=True)
+                 for channels, path in blocks]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = with_q_values(pl.concat(parts), config.alpha)
