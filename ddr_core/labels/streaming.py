@@ -183,4 +183,5 @@ def best_prompt_blocks(store: Any, variant: str, peaks: pl.DataFrame, prompts: p
         best.write_parquet(path)
         wanted.update(best["generation_id"].unique().to_list())
         blocks.append((block, path))
+        del best  # else the next block is ranked while this one is still held: two blocks at the peak
     return blocks, wanted
