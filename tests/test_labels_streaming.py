@@ -224,3 +224,20 @@ def test_the_memory_budget_is_not_part_of_the_config_hash() -> None:
 
 
 BASE_HASH = "860308451cb2d8d3"
+
+
+def test_the_memory_benchmark_runs_at_a_tiny_size_and_its_paths_agree(tmp_path: Path) -> None:
+    """benchmarks/bench_labels_memory.py end to end at a tiny size: the streamed and in-memory tables are equal and
+    the streamed runs stay within the budget (exit 0); keeps the benchmark from rotting."""
+    import contextlib
+    import io
+
+    from tests.benchmark_scripts import load_benchmark
+
+    bench = load_benchmark("bench_labels_memory")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = bench.main(["--generations", "40", "--channels", "16", "--timesteps", "2", "--batch", "16",
+                           "--scales", "0.5", "1.0", "--in-memory-scales", "1.0", "--workdir", str(tmp_path)])
+    assert code == 0, printed.getvalue()
+    assert "width 16: streamed table == in-memory table (16 rows)" in printed.getvalue()

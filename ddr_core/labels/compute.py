@@ -132,16 +132,16 @@ def label_block(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[int
         ranked = activations.filter(with_image).sort(["channel", "activation", "generation_id"],
                                                      descending=[False, True, False])
     del with_image
-    keys = ranked["channel"].to_numpy()
+    keys = ranked["channel"].to_numpy().astype(np.int64)
+    wanted = np.asarray(list(channels), dtype=np.int64)
+    starts, stops = np.searchsorted(keys, wanted, side="left"), np.searchsorted(keys, wanted, side="right")
     rows: list[dict[str, Any]] = []
-    for channel in channels:
+    for channel, start, stop in zip(wanted.tolist(), starts.tolist(), stops.tolist(), strict=True):
         row: dict[str, Any] = {name: None for name in SCHEMA}
         row["channel"] = int(channel)
         concept = None if concepts is None else concepts.get(int(channel))
         row["concept"] = concept
-        start, stop = np.searchsorted(keys, int(channel), side="left"), np.searchsorted(keys, int(channel),
-                                                                                         side="right")
-        frame = ranked.slice(int(start), int(stop - start))
+        frame = ranked.slice(start, stop - start)
         if frame.height < 4:
             rows.append(row)
             continue
