@@ -552,19 +552,10 @@ class ActivationStore:
             f"variant {variant!r} has no finished batch in {self.root}; known variants: {self.variants()}"
         )
 
-    def iter_dense(
-        self, variant: str, half: Half = "conditional", max_generations: int | None = None
-    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Yield ``(generation_ids (g,), timesteps (T,), activations (g, T, F) float32)`` per finished batch.
-
-        Batches come in batch-index order, one at a time (memory is bounded by one batch). With
-        ``max_generations`` a batch comes in consecutive chunks of at most that many generations, each read
-        from the file on its own (memory is bounded by one chunk, whatever the capture's batch size).
-        """
+    def _dense_files(self, variant: str, half: Half) -> Iterator[Any]:
+        """Open each finished batch's dense file of ``variant`` in batch-index order (checked: ``half`` is in it)."""
         if half not in HALVES:
             raise ActivationStoreError(f"half must be one of {HALVES}, got {half!r}")
-        if max_generations is not None and max_generations < 1:
-            raise ActivationStoreError(f"max_generations must be >= 1 or None, got {max_generations}")
         batches = [i for i, m in self._markers().items() if variant in m.get("variants", {})]
         if not batches:
             raise ActivationStoreError(
@@ -580,15 +571,63 @@ class ActivationStore:
                         "false, or the model has no classifier-free guidance at all, as FLUX.1); analyse "
                         "half='conditional'"
                     )
-                generation_ids = handle.get_tensor("generation_ids").astype(np.int64)
-                timesteps = handle.get_tensor("timesteps").astype(np.int64)
-                if max_generations is None:
-                    yield generation_ids, timesteps, handle.get_tensor(half).astype(np.float32)
-                    continue
-                values = handle.get_slice(half)
-                for start in range(0, len(generation_ids), max_generations):
-                    stop = min(start + max_generations, len(generation_ids))
-                    yield generation_ids[start:stop], timesteps, values[start:stop].astype(np.float32)
+                yield handle
+
+    def iter_dense(
+        self, variant: str, half: Half = "conditional", max_generations: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(generation_ids (g,), timesteps (T,), activations (g, T, F) float32)`` per finished batch.
+
+        Batches come in batch-index order, one at a time (memory is bounded by one batch). With
+        ``max_generations`` a batch comes in consecutive chunks of at most that many generations, each read
+        from the file on its own (memory is bounded by one chunk, whatever the capture's batch size).
+        """
+        if max_generations is not None and max_generations < 1:
+            raise ActivationStoreError(f"max_generations must be >= 1 or None, got {max_generations}")
+        for handle in self._dense_files(variant, half):
+            generation_ids = handle.get_tensor("generation_ids").astype(np.int64)
+            timesteps = handle.get_tensor("timesteps").astype(np.int64)
+            if max_generations is None:
+                yield generation_ids, timesteps, handle.get_tensor(half).astype(np.float32)
+                continue
+            values = handle.get_slice(half)
+            for start in range(0, len(generation_ids), max_generations):
+                stop = min(start + max_generations, len(generation_ids))
+                yield generation_ids[start:stop], timesteps, values[start:stop].astype(np.float32)
+
+    def iter_channel_values(
+        self, variant: str, channels: Sequence[int], columns: Sequence[int], half: Half = "conditional",
+        max_generations: int = 1024,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(generation_ids (g,), values (g, len(channels)) float32)``: channel ``channels[j]`` at timestep
+        column ``columns[j]`` (an index into :meth:`timesteps`), the values :meth:`iter_dense` has there. Only
+        those are read from the files (per distinct column, one ``(g, span)`` slice over the span of its
+        channels), so memory and reading grow with the block of channels, not with the variant's width.
+        """
+        if max_generations < 1:
+            raise ActivationStoreError(f"max_generations must be >= 1, got {max_generations}")
+        channels = np.asarray(channels, dtype=np.int64)
+        columns = np.asarray(columns, dtype=np.int64)
+        if channels.shape != columns.shape:
+            raise ActivationStoreError(f"{channels.size} channels for {columns.size} timestep columns")
+        for handle in self._dense_files(variant, half):
+            generation_ids = handle.get_tensor("generation_ids").astype(np.int64)
+            values = handle.get_slice(half)
+            _, n_timesteps, width = values.get_shape()
+            if channels.size and not (0 <= channels.min() and channels.max() < width and 0 <= columns.min()
+                                      and columns.max() < n_timesteps):
+                raise ActivationStoreError(f"channels {channels.min()}..{channels.max()} at timestep columns "
+                                           f"{columns.min()}..{columns.max()} are outside {variant!r}'s "
+                                           f"{n_timesteps} timesteps x {width} channels")
+            for first in range(0, len(generation_ids), max_generations):
+                last = min(first + max_generations, len(generation_ids))
+                out = np.empty((last - first, channels.size), dtype=np.float32)
+                for column in np.unique(columns):
+                    picked = np.flatnonzero(columns == column)
+                    low, high = int(channels[picked].min()), int(channels[picked].max()) + 1
+                    part = values[first:last, int(column):int(column) + 1, low:high]
+                    out[:, picked] = part[:, 0, channels[picked] - low].astype(np.float32)
+                yield generation_ids[first:last], out
 
     def read_generations(self) -> pl.DataFrame:
         """The generations of the finished batches, sorted by ``generation_id`` (from the parts)."""

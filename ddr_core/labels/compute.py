@@ -43,9 +43,15 @@ class FeatureLabelsConfig(BaseModel):
                                                         "concept test (each feature's own null is exact)")
     bootstrap_resamples: int = Field(1000, ge=100, description="resamples of the bootstrap intervals")
     seed: int = Field(0, ge=0, description="seed of the splits, negatives, permutations and resamples")
+    memory_budget_mib: int = Field(
+        4096, ge=1024, le=1_048_576, description="peak memory (RSS, MiB) of the labels process, whatever the "
+        "variant's width: sets the block of features ranked at a time (ddr_core.labels.streaming); not part of the "
+        "results (nor of config_hash)")
 
     def config_hash(self) -> str:
-        return config_hash(self.model_dump(mode="json"))
+        """Without ``memory_budget_mib``, which changes how the labels are computed, never what they are (the
+        hashes of folders made before it existed hold)."""
+        return config_hash(self.model_dump(mode="json", exclude={"memory_budget_mib"}))
 
 
 SCHEMA: dict[str, Any] = {
@@ -57,12 +63,18 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _one_off(prompts: Sequence[str], labels: pl.DataFrame | None, families: Sequence[str]) -> set[str] | None:
-    """The labelled prompts that differ from one of ``prompts`` in exactly one family (``None`` without labels)."""
+def concept_values(labels: pl.DataFrame | None, families: Sequence[str]) -> dict[str, tuple[Any, ...]] | None:
+    """Labelled prompt -> its values of ``families`` (``None`` without labels): what :func:`_one_off` compares."""
     if labels is None or not families:
         return None
     table = labels.drop_nulls(list(families))
-    values = {row[0]: row[1:] for row in table.select("prompt", *families).iter_rows()}
+    return {row[0]: row[1:] for row in table.select("prompt", *families).iter_rows()}
+
+
+def _one_off(prompts: Sequence[str], values: dict[str, tuple[Any, ...]] | None) -> set[str] | None:
+    """The labelled prompts that differ from one of ``prompts`` in exactly one family (``None`` without labels)."""
+    if values is None:
+        return None
     anchors = [values[p] for p in prompts if p in values]
     return {p for p, v in values.items()
             if any(sum(a != b for a, b in zip(v, anchor, strict=True)) == 1 for anchor in anchors)}
@@ -91,30 +103,55 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
     Top prompts are among the ``n_top`` best those above the ``negative_quantile`` of the channel's per-prompt
     activations (the negatives' level). A channel with fewer than 4 such prompts with an image gets a row of nulls. ``q_value``:
     Benjamini-Hochberg over the variant's channels; ``significant``: ``q_value < alpha``.
-    """
-    from ddr_core.concept_stats import benjamini_hochberg
 
+    Holds every channel's rows of ``activations`` at once; the stage streams blocks of channels through
+    :func:`label_block` and corrects them together with :func:`with_q_values` (the same table).
+    """
     config = config or FeatureLabelsConfig()
-    with_images = activations.filter(pl.col("generation_id").is_in(list(row_of)))
-    groups = {int(key[0]): frame.sort(["activation", "generation_id"], descending=[True, False])
-              for key, frame in with_images.group_by("channel")}
+    block = label_block(activations, encoded, row_of, labeller, channels, config, labels=labels, families=families,
+                        concepts=concepts)
+    return with_q_values(block, config.alpha)
+
+
+def label_block(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[int, int], labeller: Any,
+                channels: Sequence[int], config: FeatureLabelsConfig, *, labels: pl.DataFrame | None = None,
+                families: Sequence[str] = (), concepts: dict[int, str] | None = None,
+                values: dict[str, tuple[Any, ...]] | None = None, presorted: bool = False) -> pl.DataFrame:
+    """:func:`label_features` of a block of ``channels`` before the Benjamini-Hochberg correction over the
+    variant (``q_value`` and ``significant`` null; :func:`with_q_values` fills them over every block).
+    ``values``: :func:`concept_values` of ``labels`` computed once for every block (default: from ``labels``).
+    ``presorted``: ``activations`` already in ``channel`` ascending, ``activation`` descending, ``generation_id``
+    ascending order (:mod:`ddr_core.labels.streaming`'s blocks): not sorted again (memory: no sorted copy)."""
+    if values is None:
+        values = concept_values(labels, families)
+    # one sorted table sliced per channel (no copy per channel): activation descending, ties to the lower id
+    with_image = activations["generation_id"].is_in(list(row_of))
+    if presorted:
+        ranked = activations if with_image.all() else activations.filter(with_image)
+    else:
+        ranked = activations.filter(with_image).sort(["channel", "activation", "generation_id"],
+                                                     descending=[False, True, False])
+    del with_image
+    keys = ranked["channel"].to_numpy().astype(np.int64)
+    wanted = np.asarray(list(channels), dtype=np.int64)
+    starts, stops = np.searchsorted(keys, wanted, side="left"), np.searchsorted(keys, wanted, side="right")
     rows: list[dict[str, Any]] = []
-    for channel in channels:
+    for channel, start, stop in zip(wanted.tolist(), starts.tolist(), stops.tolist(), strict=True):
         row: dict[str, Any] = {name: None for name in SCHEMA}
         row["channel"] = int(channel)
         concept = None if concepts is None else concepts.get(int(channel))
         row["concept"] = concept
-        frame = groups.get(int(channel))
-        if frame is None or frame.height < 4:
+        frame = ranked.slice(start, stop - start)
+        if frame.height < 4:
             rows.append(row)
             continue
         prompts = frame["prompt"].to_list()
-        values = frame["activation"].to_numpy()
+        values_of = frame["activation"].to_numpy()
         generation = dict(zip(prompts, frame["generation_id"].to_list(), strict=True))
         # top examples activate the feature: above the negatives' quantile (a sparse feature is 0 on most prompts,
         # and a prompt at the negatives' level is no positive; ties at 0 would be ordered by generation id)
-        cut = float(np.quantile(values, config.negative_quantile))
-        top = [p for p, value in zip(prompts[:config.n_top], values[:config.n_top], strict=True) if value > cut]
+        cut = float(np.quantile(values_of, config.negative_quantile))
+        top = [p for p, value in zip(prompts[:config.n_top], values_of[:config.n_top], strict=True) if value > cut]
         if len(top) < 4:
             rows.append(row)
             continue
@@ -123,7 +160,7 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
         hard, easy = choose_negatives(
             prompts, frame["activation"].to_list(), top, config.negatives_per_positive * len(held_out),
             quantile=config.negative_quantile, hard_share=config.hard_share, seed=config.seed + int(channel),
-            hard_candidates=_one_off(held_out, labels, families))
+            hard_candidates=_one_off(held_out, values))
         scored = held_out + hard + easy
         positive = np.asarray([True] * len(held_out) + [False] * (len(hard) + len(easy)))
         row.update({"label": label, "n_labelling": len(labelling), "n_hard": len(hard)})
@@ -145,11 +182,19 @@ def label_features(activations: pl.DataFrame, encoded: np.ndarray, row_of: dict[
         for key in ("score", "p_value", "score_low", "score_high", "tpr", "tnr", "tnr_hard", "tnr_easy"):
             if isinstance(row[key], float) and math.isnan(row[key]):
                 row[key] = None
-    q = benjamini_hochberg([np.nan if r["p_value"] is None else r["p_value"] for r in rows])
-    for row, value in zip(rows, q, strict=True):
-        row["q_value"] = None if math.isnan(value) else float(value)
-        row["significant"] = None if row["q_value"] is None else bool(row["q_value"] < config.alpha)
     return pl.DataFrame(rows, schema=SCHEMA, orient="row")
+
+
+def with_q_values(table: pl.DataFrame, alpha: float) -> pl.DataFrame:
+    """``table`` (rows of :func:`label_block`, every channel of the variant) with ``q_value``: Benjamini-Hochberg
+    over its ``p_value`` column, and ``significant``: ``q_value < alpha`` (null where there is no p-value)."""
+    from ddr_core.concept_stats import benjamini_hochberg
+
+    q = benjamini_hochberg([np.nan if p is None else p for p in table["p_value"].to_list()])
+    q_values = [None if math.isnan(value) else float(value) for value in q]
+    significant = [None if value is None else bool(value < alpha) for value in q_values]
+    return table.with_columns(pl.Series("q_value", q_values, dtype=pl.Float64),
+                              pl.Series("significant", significant, dtype=pl.Boolean))
 
 
 def match_test(labels: Sequence[str], concepts: Sequence[str], *, permutations: int = 10000,
