@@ -20,9 +20,14 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 class Basis(ABC):
@@ -186,6 +191,21 @@ BASES: dict[str, str] = {
 }
 """Config ``basis`` -> ``module:class`` of its :class:`Basis` (imported on first use). A new SAE kind is one module
 holding its format reader and its ``Basis`` subclass, plus its line here."""
+
+
+REQUIRED_HOOKS: dict[str, str | None] = {"raw": None, "sae": None, "sdxl-unbox": "residual"}
+"""Each kind's :attr:`Basis.required_hook`, readable without importing the kind's module (config validation runs
+in every process that loads the Dagster definitions; ``ddr_core.sae_unbox`` imports torch).
+``tests/test_lazy_imports.py`` checks it against the classes."""
+
+
+def basis_required_hook(kind: str) -> str | None:
+    """The hook point that a ``basis: kind`` must read (:data:`REQUIRED_HOOKS`), without importing the kind's module.
+
+    Raises ``ValueError`` listing the known kinds for an unknown ``kind``."""
+    if kind not in BASES:
+        raise ValueError(f"unknown basis {kind!r}; known: {', '.join(BASES)}")
+    return REQUIRED_HOOKS[kind]
 
 
 def basis_class(kind: str) -> type[Basis]:

@@ -7,17 +7,21 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
-from safetensors.torch import load_file, save_file
 
 from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_write_json
 from ddr_core.channel_store import DREAM_FILE, PRIOR_LATENTS_FILE, channel_dir, timestep_dir_name
 from ddr_core.channel_store import finished_channels as store_finished_channels
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def prior_latents_path(priors_dir: str | Path, channel: int) -> Path:
@@ -36,6 +40,8 @@ def load_prior_latents(priors_dir: str | Path, channel: int, n_results: int) -> 
             f"no prior latents for channel {channel} ({path} is missing): compute the priors stage for these "
             f"channels first, or set use_prior: false to start dreams from seeded noise"
         )
+    from safetensors.torch import load_file
+
     tensors = load_file(str(path))
     if "latents" not in tensors:
         raise ValueError(f"{path} has no 'latents' tensor; recompute the priors of channel {channel}")
@@ -91,6 +97,8 @@ def _write_channel(
 ) -> list[dict[str, Any]]:
     """Write one channel's folder atomically (``dream.json`` last); returns its failures."""
     destination = channel_dir(out_dir, plan.channel)
+    from safetensors.torch import save_file  # imports torch: here, not at the top
+
     failures: list[dict[str, Any]] = []
     per_timestep: dict[str, Any] = {}
     with atomic_dir(destination) as tmp:
