@@ -193,19 +193,23 @@ BASES: dict[str, str] = {
 holding its format reader and its ``Basis`` subclass, plus its line here."""
 
 
-REQUIRED_HOOKS: dict[str, str | None] = {"raw": None, "sae": None, "sdxl-unbox": "residual"}
-"""Each kind's :attr:`Basis.required_hook`, readable without importing the kind's module (config validation runs
-in every process that loads the Dagster definitions; ``ddr_core.sae_unbox`` imports torch).
-``tests/test_lazy_imports.py`` checks it against the classes."""
+REQUIRED_HOOKS: dict[str, str | None] = {"ddr_core.basis:RawChannels": None, "ddr_core.basis:TopKSaeBasis": None,
+                                         "ddr_core.sae_unbox:UnboxSaeBasis": "residual"}
+"""``module:class`` of a shipped :class:`Basis` -> its :attr:`Basis.required_hook`, read without importing its
+module: config validation runs in every process that loads the Dagster definitions, and ``ddr_core.sae_unbox``
+imports torch. A kind not listed here (a new one) is imported to read its class. ``tests/test_lazy_imports.py``
+checks this table against the classes."""
 
 
 def basis_required_hook(kind: str) -> str | None:
-    """The hook point that a ``basis: kind`` must read (:data:`REQUIRED_HOOKS`), without importing the kind's module.
+    """The hook point that a ``basis: kind`` must read, without importing the shipped kinds' modules.
 
     Raises ``ValueError`` listing the known kinds for an unknown ``kind``."""
     if kind not in BASES:
         raise ValueError(f"unknown basis {kind!r}; known: {', '.join(BASES)}")
-    return REQUIRED_HOOKS[kind]
+    if BASES[kind] in REQUIRED_HOOKS:
+        return REQUIRED_HOOKS[BASES[kind]]
+    return basis_class(kind).required_hook
 
 
 def basis_class(kind: str) -> type[Basis]:

@@ -81,9 +81,10 @@ def test_required_hooks_table_matches_the_basis_classes():
     """Config validation reads REQUIRED_HOOKS (no import of the SAE modules); the classes stay the authority."""
     from ddr_core.basis import BASES, REQUIRED_HOOKS, basis_class, basis_required_hook
 
-    assert set(REQUIRED_HOOKS) == set(BASES)
+    assert set(REQUIRED_HOOKS) == set(BASES.values())
     for kind in BASES:
         assert basis_required_hook(kind) == basis_class(kind).required_hook, kind
+    assert basis_required_hook("sdxl-unbox") == "residual"
     with pytest.raises(ValueError, match="unknown basis 'nope'; known: raw"):
         basis_required_hook("nope")
 
