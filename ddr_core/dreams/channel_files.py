@@ -24,6 +24,20 @@ else:
     torch = lazy_module("torch")
 
 
+def load_file(filename: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """:func:`safetensors.torch.load_file`, imported at the first call (it imports torch)."""
+    from safetensors.torch import load_file as load
+
+    return load(filename, device=device)
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """:func:`safetensors.torch.save_file`, imported at the first call (it imports torch)."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, filename, metadata=metadata)
+
+
 def prior_latents_path(priors_dir: str | Path, channel: int) -> Path:
     return channel_dir(priors_dir, channel) / PRIOR_LATENTS_FILE
 
@@ -40,8 +54,6 @@ def load_prior_latents(priors_dir: str | Path, channel: int, n_results: int) -> 
             f"no prior latents for channel {channel} ({path} is missing): compute the priors stage for these "
             f"channels first, or set use_prior: false to start dreams from seeded noise"
         )
-    from safetensors.torch import load_file
-
     tensors = load_file(str(path))
     if "latents" not in tensors:
         raise ValueError(f"{path} has no 'latents' tensor; recompute the priors of channel {channel}")
@@ -97,8 +109,6 @@ def _write_channel(
 ) -> list[dict[str, Any]]:
     """Write one channel's folder atomically (``dream.json`` last); returns its failures."""
     destination = channel_dir(out_dir, plan.channel)
-    from safetensors.torch import save_file  # imports torch: here, not at the top
-
     failures: list[dict[str, Any]] = []
     per_timestep: dict[str, Any] = {}
     with atomic_dir(destination) as tmp:

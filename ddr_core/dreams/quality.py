@@ -21,7 +21,7 @@ from ddr_core.atomic import TEMP_MARKER, atomic_path
 from ddr_core.basis import Basis, as_basis
 from ddr_core.channel_store import DREAM_FILE, channel_dir, timestep_dir_name
 from ddr_core.dream_verdict import NOISE_SD_MULTIPLE, VERDICT_SCHEMA, verdict_text, with_raised
-from ddr_core.dreams.channel_files import finished_channels
+from ddr_core.dreams.channel_files import finished_channels, load_file
 from ddr_core.dreams.config import DreamConfig, DreamObjective
 from ddr_core.dreams.optimise import element_generators, element_seed, measure_activations
 from ddr_core.lazy_imports import lazy_module
@@ -152,8 +152,6 @@ def _measure_dream_quality_locked(
         dream = json.loads((folder / DREAM_FILE).read_text(encoding="utf-8"))
         failed = {(f["timestep"], f["seed"]) for f in dream.get("failures", [])}
         for timestep in dream["timesteps"]:
-            from safetensors.torch import load_file
-
             tensors = load_file(str(folder / timestep_dir_name(timestep) / "latents.safetensors"))
             for index, seed in enumerate(int(s) for s in tensors["seeds"].tolist()):
                 example_timestep, example_activation = _nearest_example(examples.get(channel, []), timestep)
