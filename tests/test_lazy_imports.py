@@ -30,7 +30,8 @@ def _heavy_imported_by(statement: str) -> list[str]:
     return eval(out.stdout.strip().splitlines()[-1])  # a list of str printed by the child
 
 
-@pytest.mark.parametrize("module", ["dagster_project.definitions", "ddr_core.cli", "dagster_project.demo"])
+@pytest.mark.parametrize("module", ["dagster_project.definitions", "ddr_core.cli", "dagster_project.demo",
+                                    "dagster_project.launcher", "dagster_project.variant"])
 def test_loading_imports_no_heavy_library(module):
     heavy = _heavy_imported_by(f"import {module}")
     assert heavy == [], (
