@@ -40,19 +40,24 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ddr_core.activation_store import ActivationStore, VariantBatch
 from ddr_core.atomic import TEMP_MARKER, atomic_path, is_temp_name
 from ddr_core.config import config_hash
 from ddr_core.hooks import DEFAULT_DEVICE_BUFFER_BYTES
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.locks import OwnedFlock, PartitionLockedError, partition_lock
 from ddr_core.paths import check_output_folder, relative_to_data_root
 from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 LogFn = Callable[[str], None]
 PLAN_FILE = "capture_plan.json"
@@ -156,7 +161,7 @@ def resolve_dtype(name: str, device: torch.device, model_dir: str | Path | None 
             return torch.float16
         from ddr_core.families import family_of_folder
 
-        return family_of_folder(model_dir).cuda_auto_dtype
+        return getattr(torch, family_of_folder(model_dir).cuda_auto_dtype)
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
@@ -311,7 +316,7 @@ class CaptureResult:
         return self.seconds / self.images if self.images else float("nan")
 
 
-Reducer = Callable[[torch.Tensor], torch.Tensor]  # (batch, positions, channels) -> (batch, features)
+Reducer = Callable[["torch.Tensor"], "torch.Tensor"]  # (batch, positions, channels) -> (batch, features)
 
 
 def run_capture(

@@ -20,9 +20,14 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 class Basis(ABC):
@@ -186,6 +191,25 @@ BASES: dict[str, str] = {
 }
 """Config ``basis`` -> ``module:class`` of its :class:`Basis` (imported on first use). A new SAE kind is one module
 holding its format reader and its ``Basis`` subclass, plus its line here."""
+
+
+REQUIRED_HOOKS: dict[str, str | None] = {"ddr_core.basis:RawChannels": None, "ddr_core.basis:TopKSaeBasis": None,
+                                         "ddr_core.sae_unbox:UnboxSaeBasis": "residual"}
+"""``module:class`` of a shipped :class:`Basis` -> its :attr:`Basis.required_hook`, read without importing its
+module: config validation runs in every process that loads the Dagster definitions, and ``ddr_core.sae_unbox``
+imports torch. A kind not listed here (a new one) is imported to read its class. ``tests/test_lazy_imports.py``
+checks this table against the classes."""
+
+
+def basis_required_hook(kind: str) -> str | None:
+    """The hook point that a ``basis: kind`` must read, without importing the shipped kinds' modules.
+
+    Raises ``ValueError`` listing the known kinds for an unknown ``kind``."""
+    if kind not in BASES:
+        raise ValueError(f"unknown basis {kind!r}; known: {', '.join(BASES)}")
+    if BASES[kind] in REQUIRED_HOOKS:
+        return REQUIRED_HOOKS[BASES[kind]]
+    return basis_class(kind).required_hook
 
 
 def basis_class(kind: str) -> type[Basis]:

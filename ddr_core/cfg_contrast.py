@@ -37,16 +37,21 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import stats
 
 from ddr_core.activation_store import ActivationStore, ActivationStoreError
 from ddr_core.atomic import atomic_path, atomic_write_json
 from ddr_core.config import config_hash
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    from scipy import stats
+else:
+    stats = lazy_module("scipy.stats")
 
 CHANNELS_FILE = "channels.parquet"
 PROFILES_FILE = "profiles.parquet"

@@ -469,9 +469,9 @@ class VariantConfig(_Strict):
 
     @model_validator(mode="after")
     def _sae_given(self) -> VariantConfig:
-        from ddr_core.basis import basis_class
+        from ddr_core.basis import basis_required_hook
 
-        required = basis_class(self.basis).required_hook  # an unknown kind fails here, listing the known ones
+        required = basis_required_hook(self.basis)  # an unknown kind fails here, listing the known ones
         if self.basis != "raw" and not self.sae:
             raise ValueError(f"basis {self.basis!r} needs `sae: <name of an entry under saes>`")
         if required and self.hook != required:

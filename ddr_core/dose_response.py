@@ -38,13 +38,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.steering import (
     DEFAULT_WINDOW_HALF_WIDTH,
     TimestepWindow,
@@ -53,6 +53,11 @@ from ddr_core.steering import (
     steering_schedule,
     top_peaks,
 )
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 FORMAT = "ddr.dose_response/1"
 GRID_FILE = "grid.parquet"

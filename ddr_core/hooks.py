@@ -15,12 +15,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
-import torch
-from torch import nn
+from ddr_core.lazy_imports import lazy_module
 
-Reducer = Callable[[torch.Tensor], torch.Tensor]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
+
+Reducer = Callable[["torch.Tensor"], "torch.Tensor"]
 """Maps float32 tokens ``(batch, positions, channels)`` to per-image features ``(batch, features)``."""
 
 
@@ -417,7 +423,7 @@ def capture_activations(
 # --------------------------------------------------------------------------------------------------
 
 
-StrengthSchedule = torch.Tensor | Callable[[int], torch.Tensor]
+StrengthSchedule: TypeAlias = "torch.Tensor | Callable[[int], torch.Tensor]"
 
 
 def _strengths_at(strengths: StrengthSchedule, timestep: int, batch: int) -> torch.Tensor:
@@ -436,7 +442,7 @@ def _strengths_at(strengths: StrengthSchedule, timestep: int, batch: int) -> tor
     return values
 
 
-PositionGate = Callable[[torch.Tensor], torch.Tensor]
+PositionGate = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
 def _gate_positions(activation: torch.Tensor, steered: torch.Tensor, gate: PositionGate) -> torch.Tensor:

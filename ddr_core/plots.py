@@ -29,8 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
 from ddr_core.atomic import atomic_path, atomic_write_text, remove_temporaries_of
@@ -87,6 +85,9 @@ def plot_channel_activity(
     peak_timesteps = _as_peak_list(peaks)
     total = len(profile)
     x_full = np.arange(total)
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # here: loading the definitions stays light
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(14, 8), dpi=dpi)
     FigureCanvasAgg(figure)

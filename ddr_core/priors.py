@@ -94,17 +94,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json, remove_temp_files
 from ddr_core.channel_store import PRIOR_FILE, channel_dir, read_prior  # noqa: F401 - read_prior re-exported
 from ddr_core.channel_store import PRIOR_LATENTS_FILE as LATENTS_FILE
 from ddr_core.config import config_hash
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.locks import (  # noqa: F401  (claims live in locks; re-exported for callers of this module)
     ChannelsLockedError,
     claim_channels,
@@ -124,6 +124,11 @@ from ddr_core.steering import (  # noqa: F401 - steering_schedule / TimestepSele
     top_peaks,
 )
 from ddr_core.variant_inputs import channel_list, check_channels, load_variant_model, select_variant_channels
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 LogFn = Callable[[str], None]
 

@@ -22,11 +22,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeAlias
 
-import torch
-import torch.nn.functional as F
+from ddr_core.lazy_imports import lazy_module
 
-GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
+if TYPE_CHECKING:
+    import torch
+    import torch.nn.functional as F
+else:
+    torch = lazy_module("torch")
+    F = lazy_module("torch.nn.functional")
+
+GeneratorArg: TypeAlias = "torch.Generator | Sequence[torch.Generator] | None"
 """One generator for the whole batch, one per element (batch-independent draws), or ``None``."""
 
 AUGMENTATION_PRESETS: dict[int, tuple[int, float, float]] = {
@@ -324,8 +331,9 @@ def fourier_precondition(grad: torch.Tensor) -> torch.Tensor:
     return (filtered * factor[:, None, None, None]).to(grad.dtype)
 
 
-def gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Normalised 1-D Gaussian ``(kernel_size,)`` centred on the middle tap."""
+def gaussian_kernel1d(kernel_size: int, sigma: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Normalised 1-D Gaussian ``(kernel_size,)`` centred on the middle tap, in ``dtype`` (float32 if None)."""
+    dtype = torch.float32 if dtype is None else dtype
     offsets = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2.0
     weights = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return (weights / weights.sum()).to(dtype)

@@ -72,7 +72,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.signal import find_peaks
 
 from ddr_core.activation_store import ActivationStore, check_finite, topk_table
 from ddr_core.atomic import atomic_dir, atomic_path, atomic_write_json, recover_dir
@@ -222,6 +221,8 @@ def find_activity_peaks(
         return []
     pad = min(float(profile.min()), 0.0) - 1.0
     padded = np.concatenate([[pad], profile, [pad]])
+    from scipy.signal import find_peaks  # here, not at the top: loading the definitions stays light
+
     indices, properties = find_peaks(
         padded, height=peak_threshold, distance=peak_separation, plateau_size=1
     )

@@ -28,14 +28,19 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
-import torch
 
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.statistics import interpolate_profile, nearest_observed_timestep, read_summary
 from ddr_core.variant_inputs import channel_list
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 TimestepSelection = Literal["active_timesteps", "all_timesteps", "activity_peaks", "activity_window"]
 TIMESTEP_MODES: tuple[str, ...] = ("active_timesteps", "all_timesteps", "activity_peaks", "activity_window")

@@ -33,17 +33,22 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddr_core.atomic import atomic_path, atomic_write_json
 from ddr_core.channel_store import DREAM_FILE, channel_dir, channel_name, timestep_dir_name
 from ddr_core.dreams import QUALITY_FILE, DreamConfig, finished_channels, measure_dream_quality, run_dreams
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.paths import UnsafePathError, check_name
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 LogFn = Callable[[str], None]
 SWEEPS_STAGE = "dream_sweeps"

@@ -13,14 +13,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from ddr_core import families
 from ddr_core.activations import resolve_dtype
 from ddr_core.basis import Basis, check_weights_match_capture, load_basis
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def channel_list(channels: Sequence[int] | np.ndarray | torch.Tensor) -> list[int]:

@@ -7,17 +7,35 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
-from safetensors.torch import load_file, save_file
 
 from ddr_core.atomic import TEMP_MARKER, atomic_dir, atomic_write_json
 from ddr_core.channel_store import DREAM_FILE, PRIOR_LATENTS_FILE, channel_dir, timestep_dir_name
 from ddr_core.channel_store import finished_channels as store_finished_channels
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
+
+
+def load_file(filename: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """:func:`safetensors.torch.load_file`, imported at the first call (it imports torch)."""
+    from safetensors.torch import load_file as load
+
+    return load(filename, device=device)
+
+
+def save_file(tensors: dict[str, torch.Tensor], filename: str, metadata: dict[str, str] | None = None) -> None:
+    """:func:`safetensors.torch.save_file`, imported at the first call (it imports torch)."""
+    from safetensors.torch import save_file as save
+
+    save(tensors, filename, metadata=metadata)
 
 
 def prior_latents_path(priors_dir: str | Path, channel: int) -> Path:

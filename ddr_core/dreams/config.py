@@ -6,15 +6,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
 
 from ddr_core.basis import Basis, RawChannels, TopKSaeBasis
 from ddr_core.config import config_hash
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.regularisation import LatentAugmentation
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 LogFn = Callable[[str], None]
 TimestepKeyword = Literal["activity_peaks", "active_timesteps", "observed_peaks"]

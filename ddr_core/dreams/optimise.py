@@ -7,15 +7,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from ddr_core.dreams.config import STAT_NAMES, DreamConfig, DreamObjective
 from ddr_core.dreams.parameterisations import make_parameterisation
 from ddr_core.hooks import HookPoint
+from ddr_core.lazy_imports import lazy_module, no_grad
 from ddr_core.regularisation import (
     fourier_precondition,
     gaussian_smooth,
@@ -24,6 +23,13 @@ from ddr_core.regularisation import (
     smoothing_sigma,
     total_variation,
 )
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 
 @dataclass
@@ -244,7 +250,7 @@ def optimise_dreams(
     )
 
 
-@torch.no_grad()
+@no_grad
 def measure_activations(
     pipe: Any,
     layer: HookPoint | nn.Module | str,

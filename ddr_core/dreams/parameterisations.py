@@ -40,10 +40,14 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.utils.checkpoint import checkpoint
+from ddr_core.lazy_imports import lazy_module, no_grad
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 PARAMETERISATIONS: tuple[str, ...] = ("latent", "x0_prediction", "sampler", "maco")
 
@@ -78,8 +82,9 @@ def check_parameterisation(model: Any, name: str) -> None:
                          f"prediction_type {prediction!r}: use parameterisation: latent")
 
 
-def alpha_bar(model: Any, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``alpha_bar_t`` of the scheduler for each timestep ``(n,)``, ``dtype`` on the model's device."""
+def alpha_bar(model: Any, timesteps: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``alpha_bar_t`` of the scheduler for each timestep ``(n,)``, ``dtype`` (float32 if None) on the model's device."""
+    dtype = torch.float32 if dtype is None else dtype
     table = model.pipe.scheduler.alphas_cumprod.to(dtype=dtype)
     index = torch.as_tensor(timesteps, dtype=torch.long)
     # indexed where the timesteps are (no read of device timesteps by the host); copies up never wait for the GPU
@@ -130,6 +135,8 @@ def run_trajectory(model: Any, x: torch.Tensor, grid: torch.Tensor, conditioning
     for i in range(grid.shape[0] - 1):
         t, t_prev = grid[i].to(model.device, non_blocking=True), grid[i + 1].to(model.device, non_blocking=True)
         if use_checkpoint and x.requires_grad:
+            from torch.utils.checkpoint import checkpoint
+
             x = checkpoint(ddim_step, model, x, t, t_prev, conditioning, use_reentrant=False)
         else:
             x = ddim_step(model, x, t, t_prev, conditioning)
@@ -165,7 +172,7 @@ class Parameterisation(ABC):
         """One step's :class:`Rendered` of the elements ``rows`` (``params`` already indexed by ``rows``);
         ``generators``: the elements' own random streams (augmentation, schedule noise)."""
 
-    @torch.no_grad()
+    @no_grad
     def picture(self, params: torch.Tensor) -> torch.Tensor:
         """The clean latents ``(B, C, h, w)`` of all elements (the images written), without gradient."""
         rows = torch.arange(params.shape[0])
@@ -285,7 +292,7 @@ def maco_latent(phase: torch.Tensor, magnitude: torch.Tensor, signs: torch.Tenso
     return torch.fft.ifft2(spectrum, norm="ortho").real
 
 
-@torch.no_grad()
+@no_grad
 def reference_magnitude(model: Any, samples: int, steps: int, seed: int = 0) -> torch.Tensor:
     """The mean amplitude spectrum ``(C, h, w)`` (``ortho`` fft2) of ``samples`` of the model's own images:
     DDIM (``steps`` steps, empty prompt, no guidance) from noise seeded ``seed, seed + 1, ...``; symmetric in

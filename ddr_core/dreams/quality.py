@@ -12,22 +12,27 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
-import torch
-from safetensors.torch import load_file
-from torch import nn
 
 from ddr_core.atomic import TEMP_MARKER, atomic_path
 from ddr_core.basis import Basis, as_basis
 from ddr_core.channel_store import DREAM_FILE, channel_dir, timestep_dir_name
 from ddr_core.dream_verdict import NOISE_SD_MULTIPLE, VERDICT_SCHEMA, verdict_text, with_raised
-from ddr_core.dreams.channel_files import finished_channels
+from ddr_core.dreams.channel_files import finished_channels, load_file
 from ddr_core.dreams.config import DreamConfig, DreamObjective
 from ddr_core.dreams.optimise import element_generators, element_seed, measure_activations
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.locks import partition_lock, stage_locks_dir
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 __all__ = ["NOISE_SD_MULTIPLE", "QUALITY_FILE", "QUALITY_LOCK_FILE", "QUALITY_SCHEMA", "VERDICT_SCHEMA",
            "measure_dream_quality", "verdict_text", "with_raised", "write_quality_table"]

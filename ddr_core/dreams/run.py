@@ -9,11 +9,9 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
-import torch
-from torch import nn
 
 from ddr_core.basis import Basis, as_basis
 from ddr_core.channel_store import DREAM_FILE, channel_dir, prior_record_path
@@ -29,7 +27,15 @@ from ddr_core.dreams.config import STAT_NAMES, DreamConfig, DreamObjective, LogF
 from ddr_core.dreams.optimise import element_generators, element_seed, optimise_dreams
 from ddr_core.dreams.parameterisations import check_parameterisation, reference_magnitude
 from ddr_core.dreams.timesteps import _load_timestep_table, resolve_dream_timesteps, split_by_signal
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.locks import claim_channels, format_channels
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 
 @dataclass

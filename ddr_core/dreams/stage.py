@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ddr_core.channel_store import prior_record_path
 from ddr_core.dreams.channel_files import finished_channels
 from ddr_core.dreams.config import KEYWORD_TABLES, DreamConfig, LogFn
 from ddr_core.dreams.quality import QUALITY_FILE, measure_dream_quality
 from ddr_core.dreams.run import DreamsResult, run_dreams
+from ddr_core.lazy_imports import lazy_module
 from ddr_core.locks import format_channels
 from ddr_core.performance import PerformanceConfig, performance_config, tuned_denoiser
 from ddr_core.variant_inputs import load_variant_model, select_variant_channels
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 
 def dreams_for_variant(

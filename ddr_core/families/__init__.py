@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ddr_core.families.base import Conditioning, ModelFamily
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
 
 FAMILY_MODULES: dict[str, str] = {
     "sd": "ddr_core.families.sd:StableDiffusionFamily",
@@ -64,8 +68,10 @@ def family_of_folder(model_dir: str | Path) -> type[ModelFamily]:
 
 
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu",
-               dtype: torch.dtype = torch.float32) -> ModelFamily:
-    """Load a provisioned diffusers folder as its family (checked against its manifest first)."""
+               dtype: torch.dtype | None = None) -> ModelFamily:
+    """Load a provisioned diffusers folder as its family (checked against its manifest first), in ``dtype``
+    (float32 if None; a None default so that importing this module does not import torch)."""
+    dtype = torch.float32 if dtype is None else dtype
     from ddr_core.pipeline import check_provisioned_model
 
     check_provisioned_model(model_dir)

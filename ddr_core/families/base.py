@@ -32,12 +32,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from ddr_core.hooks import HookPoint
+from ddr_core.lazy_imports import lazy_module
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+    nn = lazy_module("torch.nn")
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,9 @@ class ModelFamily(ABC):
     pipeline_classes: ClassVar[tuple[str, ...]]
     cfg_batch_order: ClassVar[str] = "unconditional, conditional"
     """The layer's batch under classifier-free guidance (diffusers concatenates ``[negative; positive]``)."""
-    cuda_auto_dtype: ClassVar[torch.dtype] = torch.float16
-    """What a stage's ``dtype: auto`` means on a CUDA device (:func:`ddr_core.activations.resolve_dtype`)."""
+    cuda_auto_dtype: ClassVar[str] = "float16"
+    """What a stage's ``dtype: auto`` means on a CUDA device (:func:`ddr_core.activations.resolve_dtype`), as the
+    name of a ``torch`` dtype (a name, so that importing the families does not import torch)."""
 
     def __init__(self, pipe: Any):
         self.pipe = pipe
@@ -99,8 +105,8 @@ class ModelFamily(ABC):
     @classmethod
     @abstractmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> ModelFamily:
-        """Load the folder offline (safetensors only), in eval mode on ``device`` with ``dtype``."""
+             dtype: torch.dtype | None = None) -> ModelFamily:
+        """Load the folder offline (safetensors only), in eval mode on ``device`` with ``dtype`` (float32 if None)."""
 
     # ------------------------------------------------------------------------------------------- the denoiser
     @property
@@ -170,10 +176,12 @@ class ModelFamily(ABC):
             )
         return (self.latent_channels, height // scale, width // scale)
 
-    def initial_latents(self, seeds: Sequence[int], height: int, width: int, dtype: torch.dtype = torch.float32,
+    def initial_latents(self, seeds: Sequence[int], height: int, width: int, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> torch.Tensor:
-        """Starting noise ``(len(seeds), *latent_shape)``: row ``i`` from its own CPU generator seeded
-        ``seeds[i]``, so an image depends only on its seed (and prompt), never on its batch or device."""
+        """Starting noise ``(len(seeds), *latent_shape)`` in ``dtype`` (float32 if None): row ``i`` from its own CPU
+        generator seeded ``seeds[i]``, so an image depends only on its seed (and prompt), never on its batch or
+        device."""
+        dtype = torch.float32 if dtype is None else dtype
         shape = (1, *self.latent_shape(height, width))
         rows = [torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(seed))) for seed in seeds]
         if not rows:

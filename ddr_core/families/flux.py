@@ -239,7 +239,7 @@ class FluxFamily(ModelFamily):
     name: ClassVar[str] = "flux"
     pipeline_classes: ClassVar[tuple[str, ...]] = ("FluxPipeline",)
     cfg_batch_order: ClassVar[str] = "none: FLUX.1 has no classifier-free guidance batch (conditional only)"
-    cuda_auto_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    cuda_auto_dtype: ClassVar[str] = "bfloat16"
     """FLUX.1 is trained and released in bfloat16; its T5 encoder and transformer overflow in float16."""
 
     # ----------------------------------------------------------------------------------------- loading
@@ -254,11 +254,13 @@ class FluxFamily(ModelFamily):
 
     @classmethod
     def load(
-        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+        cls, model_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
     ) -> FluxFamily:
         from diffusers import FluxPipeline
 
         from ddr_core.pipeline import load_diffusers_folder
+
+        dtype = torch.float32 if dtype is None else dtype
 
         pipe = load_diffusers_folder(
             FluxPipeline,

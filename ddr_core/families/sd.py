@@ -135,10 +135,12 @@ class StableDiffusionFamily(UNetFamily):
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> StableDiffusionFamily:
+             dtype: torch.dtype | None = None) -> StableDiffusionFamily:
         from diffusers import StableDiffusionPipeline
 
         from ddr_core.pipeline import load_diffusers_folder
+
+        dtype = torch.float32 if dtype is None else dtype
 
         pipe = load_diffusers_folder(
             StableDiffusionPipeline, cls.check_folder(model_dir), device, dtype,

@@ -90,10 +90,12 @@ class StableDiffusionXLFamily(UNetFamily):
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> StableDiffusionXLFamily:
+             dtype: torch.dtype | None = None) -> StableDiffusionXLFamily:
         from diffusers import StableDiffusionXLPipeline
 
         from ddr_core.pipeline import load_diffusers_folder
+
+        dtype = torch.float32 if dtype is None else dtype
 
         root = cls.check_folder(model_dir)
         extra: dict[str, Any] = {"add_watermarker": False}
